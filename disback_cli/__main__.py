@@ -1,0 +1,3 @@
+from disback_cli.cli.app import main
+
+main()

@@ -1,0 +1,309 @@
+"""DisBack stage 2, distribution backtracking.
+
+The generator starts as G0. The fake score starts at path node N (fitted to G0) and is kept
+fitted to the generator by denoising score matching; the target starts at node N-1 and moves one
+node toward the teacher every `interval` iterations. `no_trajectory` runs the plain distillation
+baseline through the same loop: target = teacher throughout, fake score initialised as the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from disback_cli.checkpoint import load_denoiser, save_denoiser
+from disback_cli.config import BacktrackConfig
+from disback_cli.ema import ema_beta, update_ema
+from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
+from disback_cli.evaluation import training_evaluator
+from disback_cli.generator import OneStepGenerator
+from disback_cli.losses import edm_denoising_loss, make_generator_loss, sample_lognormal_sigma
+from disback_cli.record import config_changes, draw_labels, teacher_ref, with_teacher_sigma
+from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.schedule import target_node
+from disback_cli.statefile import load_state, save_state
+from disback_cli.teachers import Teacher, load_teacher
+from disback_cli.trajectory import (
+    MANIFEST,
+    BacktrackManifest,
+    FileRef,
+    StateRef,
+    TrajectoryManifest,
+    backtrack_dir,
+    now,
+    read_manifest,
+    write_manifest,
+)
+
+
+def load_path_node(
+    trajectory: Path, manifest: TrajectoryManifest, index: int, teacher: Teacher, device
+) -> nn.Module:
+    """Path node `index` as a frozen denoiser, checked against the manifest (0 = teacher)."""
+    node = manifest.nodes[index]
+    if node.file is None:
+        return teacher.denoiser
+    loaded = load_denoiser(trajectory / node.file, device)
+    if loaded.sha256 != node.sha256:
+        raise DisbackError(
+            f"{trajectory / node.file}: sha256 does not match the trajectory manifest"
+        )
+    if loaded.spec != teacher.spec:
+        raise DisbackError(f"{trajectory / node.file}: network differs from the teacher's")
+    return loaded.denoiser
+
+
+def open_trajectory(
+    trajectory: Path, teacher_override: str | None, device
+) -> tuple[TrajectoryManifest, Teacher]:
+    """A completed trajectory and its teacher, verified by sha256."""
+    manifest = read_manifest(trajectory, TrajectoryManifest)
+    if manifest.status != "complete":
+        step = manifest.state.step if manifest.state else 0
+        raise DisbackError(
+            f"{trajectory}: trajectory is still recording (iteration {step} of "
+            f"{manifest.config.iters}); finish it with `disback record` first"
+        )
+    teacher = load_teacher(teacher_override or manifest.teacher.source, device)
+    if teacher.sha256 != manifest.teacher.sha256:
+        raise DisbackError(
+            f"teacher {teacher.source} is not the one {trajectory} was recorded with "
+            "(sha256 differs)"
+        )
+    return manifest, teacher
+
+
+def _existing_run(
+    run_dir: Path, cfg: BacktrackConfig, path_sha: list[str], force: bool, reporter: Reporter
+) -> BacktrackManifest | None:
+    """The run to continue, or None to start fresh. A run may be extended to more iterations."""
+    if not (run_dir / MANIFEST).exists():
+        return None
+    manifest = read_manifest(run_dir, BacktrackManifest)
+    old, new = manifest.config.identity(), cfg.identity()
+    changes = config_changes({**old, "iters": None}, {**new, "iters": None})
+    if cfg.iters < manifest.step:
+        changes.append(
+            f"iters: {manifest.config.iters} -> {cfg.iters} (already at {manifest.step})"
+        )
+    if manifest.path_sha256 != path_sha:
+        changes.append("the trajectory's path nodes were re-recorded")
+    if not changes:
+        return manifest
+    if not force:
+        raise ConfigError(
+            f"{run_dir} was trained with another configuration ({'; '.join(changes)}); "
+            "pass --force to train it again from scratch, or choose another --name"
+        )
+    reporter.note(f"--force: discarding the previous run in {run_dir}")
+    shutil.rmtree(run_dir)
+    return None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the resume point: a resumed log equals an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["iteration"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class _Window:
+    """Running means of logged quantities between two log lines, kept on the device."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        out = {k: (v / self.count).item() for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def run_backtrack(
+    cfg: BacktrackConfig,
+    trajectory: str | Path,
+    name: str = "default",
+    *,
+    force: bool = False,
+    teacher_override: str | None = None,
+    reporter: Reporter | None = None,
+) -> BacktrackManifest:
+    """Train (or resume, or extend) the backtrack run `name` of `trajectory`."""
+    reporter = reporter or SilentReporter()
+    trajectory = Path(trajectory)
+    device = resolve_device(cfg.device)
+    traj, teacher = open_trajectory(trajectory, teacher_override, device)
+    cfg = with_teacher_sigma(cfg, teacher)
+    if cfg.eval_every and teacher.dataset is None:
+        raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
+    run_dir = backtrack_dir(trajectory, name)
+    path_sha = [node.sha256 for node in traj.nodes]
+    manifest = _existing_run(run_dir, cfg, path_sha, force, reporter)
+    if manifest is not None and manifest.status == "complete" and manifest.step == cfg.iters:
+        reporter.note(f"{run_dir}: already complete, nothing to do")
+        return manifest
+
+    last_node = traj.last_node
+    generator = OneStepGenerator(copy.deepcopy(teacher.denoiser), traj.generator_init.sigma_init)
+    generator.train().requires_grad_(True)
+    generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    fake_init = 0 if cfg.no_trajectory else last_node
+    fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device))
+    fake.train().requires_grad_(True)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=cfg.betas)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
+    optimizers = {"generator": opt_g, "fake": opt_f}
+
+    if manifest is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stamp = now()
+        manifest = BacktrackManifest(
+            created_at=stamp, updated_at=stamp, status="running", name=name,
+            teacher=teacher_ref(teacher), generator_init=traj.generator_init,
+            path_sha256=path_sha, config=cfg,
+        )  # fmt: skip
+        (run_dir / manifest.metrics).unlink(missing_ok=True)
+        write_manifest(run_dir, manifest)
+        step = 0
+    else:
+        step = 0
+        if manifest.state is not None:
+            step = load_state(
+                run_dir / manifest.state.file, manifest.state.sha256, modules, optimizers, rng
+            )
+            reporter.note(f"resuming {run_dir} from iteration {step}")
+        _truncate_metrics(run_dir / manifest.metrics, step)
+        manifest.status = "running"
+    manifest.config = cfg
+
+    loss_fn = make_generator_loss(cfg.loss, p_mean=cfg.p_mean, p_std=cfg.p_std)
+    evaluate = (
+        training_evaluator(teacher.dataset, cfg.eval_samples, teacher.spec.data_shape, device)
+        if cfg.eval_every
+        else None
+    )
+    shape = (cfg.batch, *teacher.spec.data_shape)
+    label_dim = teacher.spec.label_dim
+    clip = cfg.grad_clip or math.inf
+    window = _Window()
+    target_index, target = -1, teacher.denoiser
+    started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
+    metrics_file = open(run_dir / manifest.metrics, "a")  # noqa: SIM115 - closed in finally
+    try:
+        with stop_on_signals() as stop:
+            reporter.start(f"backtrack {name}", cfg.iters, step)
+            while step < cfg.iters:
+                wanted = 0 if cfg.no_trajectory else target_node(step, last_node, cfg.interval)
+                if wanted != target_index:
+                    target_index = wanted
+                    target = load_path_node(trajectory, traj, wanted, teacher, device)
+
+                # Generator step on (fake - target) at noised generator samples.
+                z = torch.randn(shape, generator=rng, device=device)
+                labels = draw_labels(cfg.batch, label_dim, rng, device)
+                x = generator(z, labels)
+                sigma = loss_fn.sample_sigma(cfg.batch, rng, device)
+                noise = torch.randn(shape, generator=rng, device=device)
+                out = loss_fn(x, sigma, noise, fake, target, labels)
+                opt_g.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm_g = nn.utils.clip_grad_norm_(generator.parameters(), clip)
+                opt_g.step()
+
+                # Keep the fake score fitted to the current generator.
+                for _ in range(cfg.fake_steps):
+                    z = torch.randn(shape, generator=rng, device=device)
+                    labels = draw_labels(cfg.batch, label_dim, rng, device)
+                    with torch.no_grad():
+                        x = generator(z, labels)
+                    sigma = sample_lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, rng, device)
+                    noise = torch.randn(shape, generator=rng, device=device)
+                    loss_fake = edm_denoising_loss(fake, x, sigma, noise, labels)
+                    opt_f.zero_grad(set_to_none=True)
+                    loss_fake.backward()
+                    grad_norm_fake = nn.utils.clip_grad_norm_(fake.parameters(), clip)
+                    opt_f.step()
+
+                step += 1
+                beta = ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
+                update_ema(generator_ema, generator, beta)
+                window.add(loss_g=out.loss, loss_fake=loss_fake, score_gap=out.score_gap,
+                           grad_norm_g=grad_norm_g, grad_norm_fake=grad_norm_fake)  # fmt: skip
+
+                line: dict = {}
+                if step % cfg.log_every == 0 or step == cfg.iters:
+                    seconds = elapsed_before + time.perf_counter() - started
+                    line.update(target_node=target_index, **window.means(), seconds=seconds)
+                    reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
+                if evaluate and (step % cfg.eval_every == 0 or step == cfg.iters):
+                    line["eval"] = evaluate(generator_ema)
+                if line:
+                    metrics_file.write(json.dumps({"iteration": step, **line}) + "\n")
+                    metrics_file.flush()
+                # Stops wait for a log boundary, so a resumed log equals an uninterrupted one.
+                periodic = cfg.save_every and step % cfg.save_every == 0
+                stopping = stop.requested and step % cfg.log_every == 0
+                if periodic or stopping or step == cfg.iters:
+                    metrics_file.flush()
+                    manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
+                    manifest.status = "complete" if step == cfg.iters else "running"
+                    _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng)
+                    if stopping and step < cfg.iters:
+                        raise InterruptedRun(
+                            f"{stop.signal_name} at iteration {step}: state saved in {run_dir}; "
+                            "run the same command again to resume"
+                        )
+    finally:
+        metrics_file.close()
+    return manifest
+
+
+def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng) -> None:
+    """Generator, EMA and training state for `step`; the manifest moves to them last."""
+    previous = [manifest.generator, manifest.generator_ema, manifest.state]
+    info = {
+        "role": "generator",
+        "sigma_init": manifest.generator_init.sigma_init,
+        "step": step,
+        "run": manifest.name,
+        "dataset": teacher.dataset,
+        "teacher_sha256": teacher.sha256,
+    }
+    refs = {}
+    for key, module_name in (("generator", "generator"), ("generator_ema", "generator_ema")):
+        file = f"checkpoints/{key.replace('_', '-')}-{step:08d}.safetensors"
+        weights = "ema" if key == "generator_ema" else "raw"
+        digest = save_denoiser(
+            run_dir / file,
+            modules[module_name].denoiser,
+            teacher.spec,
+            {**info, "weights": weights},
+        )
+        refs[key] = FileRef(file=file, sha256=digest)
+    state_file = f"checkpoints/state-{step:08d}.safetensors"
+    state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng)
+    manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
+    manifest.state = StateRef(file=state_file, sha256=state_sha, step=step)
+    manifest.step = step
+    write_manifest(run_dir, manifest)
+    current = {manifest.generator.file, manifest.generator_ema.file, state_file}
+    for ref in previous:
+        if ref is not None and ref.file not in current:
+            (run_dir / ref.file).unlink(missing_ok=True)

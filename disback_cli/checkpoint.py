@@ -1,0 +1,110 @@
+"""Denoiser files: safetensors weights with the network spec and provenance in the metadata.
+
+Used for teachers, path nodes and generators alike, so any of them can be loaded anywhere a
+denoiser is expected. Reading hashes the exact bytes it parses.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from disback_cli.errors import DisbackError
+from disback_cli.fileio import atomic_write_bytes, sha256_bytes
+from disback_cli.networks import NetworkSpec, build_denoiser
+
+FORMAT = "disback.denoiser"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DenoiserFile:
+    denoiser: nn.Module
+    spec: NetworkSpec
+    info: dict[str, Any]
+    sha256: str
+
+
+def tensors_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_denoiser(path: str | Path, denoiser: nn.Module, spec: NetworkSpec, info: dict) -> str:
+    """Write the denoiser's weights atomically; return the file's sha256."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "network": spec.model_dump_json(),
+        "info": json.dumps(info, sort_keys=True),
+    }
+    return atomic_write_bytes(path, safetensors.torch.save(tensors_of(denoiser), metadata))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Tensors, metadata and sha256 of a safetensors file, with one-line errors for bad files."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DisbackError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DisbackError(f"{path}: is a directory, expected a .safetensors file") from None
+    except OSError as exc:
+        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = safetensors.torch.load(data)
+    except Exception:
+        raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
+    return tensors, metadata, sha256_bytes(data)
+
+
+def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> DenoiserFile:
+    """Rebuild a denoiser from a disback denoiser file and load its weights strictly."""
+    tensors, metadata, digest = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise DisbackError(f"{path}: not a disback denoiser file (metadata 'format' missing)")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise DisbackError(
+            f"{path}: denoiser format version {version} is newer than this disback "
+            f"understands ({FORMAT_VERSION}); upgrade disback"
+        )
+    try:
+        spec = NetworkSpec.model_validate_json(metadata["network"])
+        info = json.loads(metadata.get("info", "{}"))
+    except (KeyError, ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise DisbackError(f"{path}: bad network metadata ({first})") from None
+    denoiser = build_denoiser(spec)
+    load_weights(denoiser, tensors, str(path))
+    return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, digest)
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a one-line explanation of any mismatch (keys or shapes)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise DisbackError(
+            f"{source}: weights do not match the network "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:2]})"
+        )
+    for key, value in tensors.items():
+        if value.shape != expected[key].shape:
+            raise DisbackError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the network expects "
+                f"{tuple(expected[key].shape)} (a file from another teacher?)"
+            )
+    module.load_state_dict(tensors, strict=True)

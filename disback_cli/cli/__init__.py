@@ -1,0 +1,1 @@
+"""The `disback` command line: thin commands over the library modules."""

@@ -1,0 +1,105 @@
+"""Options, output and progress shared by the commands."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from disback_cli.runtime import Reporter
+
+console = Console(stderr=True, highlight=False)  # progress and messages
+stdout = Console(highlight=False)  # results: tables and summaries
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML recipe; flags override its values.")
+]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Discard an existing run with another configuration.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} it/s" if task.speed else "- it/s", style="cyan")
+
+
+class RichReporter:
+    """Progress bar with it/s and the latest loss values, on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.task = progress, None
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+
+    def advance(self, completed: int, **fields: float) -> None:
+        info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        self.progress.update(self.task, completed=completed, info=info)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+class MessageReporter:
+    """No bar (not a terminal, or --json): notes only, on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        pass
+
+    def advance(self, completed: int, **fields: float) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            console.print(text)
+
+
+@contextlib.contextmanager
+def reporting(quiet: bool = False) -> Iterator[Reporter]:
+    if quiet or not console.is_terminal:
+        yield MessageReporter(quiet)
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+    )  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        yield RichReporter(progress)
+
+
+def describe(model: type, field: str) -> str:
+    """Help text of a config field with its default, so flags and recipes share one source."""
+    info = model.model_fields[field]
+    if info.is_required():
+        return f"{info.description} (required)"
+    default = info.get_default(call_default_factory=True)
+    shown = "none" if default is None else default
+    return f"{info.description} \\[default: {shown}]"

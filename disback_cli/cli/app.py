@@ -1,0 +1,82 @@
+"""The root `disback` command and its error handling.
+
+Exit codes: 0 success, 1 bad input or failed run, 2 bad flags or configuration,
+130 interrupted (state saved; rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from typer.exceptions import Abort, TyperException
+
+from disback_cli import __version__
+from disback_cli.cli import backtrack, evaluate, record, sample, teacher
+from disback_cli.errors import DisbackError, InterruptedRun
+
+app = typer.Typer(
+    name="disback",
+    help="Distill a diffusion teacher into a one-step generator with DisBack.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+app.command()(record.record)
+app.command()(backtrack.backtrack)
+app.command()(sample.sample)
+app.command()(evaluate.evaluate)
+app.add_typer(teacher.app, name="teacher")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"disback {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks (may also follow the command).")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Distill a diffusion teacher into a one-step generator with DisBack.
+
+    Stages: record (degradation path) -> backtrack (train the generator) -> sample -> evaluate.
+    """
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:  # accept --debug anywhere; the root option must come first
+        args = ["--debug", *(a for a in args if a != "--debug")]
+    try:
+        code = app(args=args, prog_name="disback", standalone_mode=False)
+    except InterruptedRun as exc:
+        _fail(str(exc), 130)
+    except DisbackError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except TyperException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", 1)
+    sys.exit(code or 0)

@@ -1,0 +1,103 @@
+"""`disback backtrack`: distribution backtracking (DisBack stage 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from disback_cli.backtrack import run_backtrack
+from disback_cli.cli._common import (
+    ConfigOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    describe,
+    emit_json,
+    reporting,
+    stdout,
+)  # fmt: skip
+from disback_cli.config import BacktrackConfig, build_config
+from disback_cli.trajectory import backtrack_dir
+
+
+def _h(field: str) -> str:
+    return describe(BacktrackConfig, field)
+
+
+def backtrack(
+    trajectory: Annotated[
+        Path, typer.Option("--trajectory", "-T", help="Trajectory directory from `disback record`.")
+    ] = Path("."),
+    name: Annotated[str, typer.Option(help="Run name: writes backtrack/NAME/.")] = "default",
+    iters: Annotated[int | None, typer.Option(help=_h("iters"))] = None,
+    interval: Annotated[int | None, typer.Option(help=_h("interval"))] = None,
+    no_trajectory: Annotated[
+        bool | None, typer.Option("--no-trajectory", help=_h("no_trajectory"))
+    ] = None,
+    loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
+    batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
+    lr_g: Annotated[float | None, typer.Option(help=_h("lr_g"))] = None,
+    lr_fake: Annotated[float | None, typer.Option(help=_h("lr_fake"))] = None,
+    fake_steps: Annotated[int | None, typer.Option(help=_h("fake_steps"))] = None,
+    ema_halflife_kimg: Annotated[float | None, typer.Option(help=_h("ema_halflife_kimg"))] = None,
+    grad_clip: Annotated[float | None, typer.Option(help=_h("grad_clip"))] = None,
+    p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
+    p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
+    save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
+    log_every: Annotated[int | None, typer.Option(help=_h("log_every"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help=_h("eval_every"))] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher location if it moved (checked by sha256).")
+    ] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a one-step generator along the recorded path, from node N back to the teacher.
+
+    The fake score starts at node N; the target starts at node N-1 and moves one node toward the
+    teacher every --interval iterations. --no-trajectory runs the plain distillation baseline
+    (target = teacher, fake = teacher) through the same loop. Rerunning resumes; a larger
+    --iters extends a finished run.
+
+    Example: disback backtrack --trajectory runs/t1 --iters 1500 --interval 100 --seed 0
+    """
+    flags = dict(iters=iters, interval=interval, no_trajectory=no_trajectory, loss=loss,
+                 batch=batch, lr_g=lr_g, lr_fake=lr_fake, fake_steps=fake_steps,
+                 ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
+                 p_std=p_std, save_every=save_every, log_every=log_every, eval_every=eval_every,
+                 seed=seed, device=device)  # fmt: skip
+    cfg = build_config(BacktrackConfig, config, "backtrack", flags)
+    with reporting(quiet or json_out) as reporter:
+        manifest = run_backtrack(
+            cfg, trajectory, name, force=force, teacher_override=teacher, reporter=reporter
+        )
+    run_dir = backtrack_dir(trajectory, name)
+    last = {}
+    metrics_path = run_dir / manifest.metrics
+    if metrics_path.exists():
+        lines = metrics_path.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    summary = {
+        "run": str(run_dir),
+        "status": manifest.status,
+        "step": manifest.step,
+        "elapsed_seconds": manifest.elapsed_seconds,
+        "generator_ema": manifest.generator_ema.file if manifest.generator_ema else None,
+        "last_metrics": last,
+    }
+    if json_out:
+        emit_json(summary)
+    elif not quiet:
+        stdout.print(
+            f"{run_dir}: {manifest.status} at iteration {manifest.step} "
+            f"({manifest.elapsed_seconds:.1f} s); generator: {summary['generator_ema']}"
+        )

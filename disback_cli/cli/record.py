@@ -1,0 +1,91 @@
+"""`disback record`: degradation recording (DisBack stage 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from disback_cli.cli._common import (
+    ConfigOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    describe,
+    emit_json,
+    reporting,
+    stdout,
+)  # fmt: skip
+from disback_cli.config import RecordConfig, build_config
+from disback_cli.record import run_record
+from disback_cli.teachers import BUILTIN_PREFIX
+
+
+def _h(field: str) -> str:
+    return describe(RecordConfig, field)
+
+
+def default_out(teacher: str) -> Path:
+    name = (
+        teacher[len(BUILTIN_PREFIX) :] if teacher.startswith(BUILTIN_PREFIX) else Path(teacher).stem
+    )
+    return Path("runs") / name
+
+
+def record(
+    teacher: Annotated[str | None, typer.Option("--teacher", "-t", help=_h("teacher"))] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Trajectory directory \\[default: runs/NAME]."),
+    ] = None,
+    iters: Annotated[int | None, typer.Option(help=_h("iters"))] = None,
+    nodes: Annotated[int | None, typer.Option(help=_h("nodes"))] = None,
+    batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
+    sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
+    p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
+    p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
+    save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Record the degradation path: fine-tune a teacher copy on samples of the frozen G0.
+
+    Node 0 is the teacher; nodes 1..N are saved evenly over the iterations. Rerunning the same
+    command resumes an interrupted recording and does nothing for a finished one.
+
+    Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
+    """
+    flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr,
+                 sigma_init=sigma_init, p_mean=p_mean, p_std=p_std, save_every=save_every,
+                 seed=seed, device=device)  # fmt: skip
+    cfg = build_config(RecordConfig, config, "record", flags)
+    out = out or default_out(cfg.teacher)
+    with reporting(quiet or json_out) as reporter:
+        manifest = run_record(cfg, out, force=force, reporter=reporter)
+    last = manifest.nodes[-1].dist_to_teacher or 1.0
+    nodes_out = [
+        {"index": n.index, "step": n.step, "file": n.file, "dist_to_teacher": n.dist_to_teacher}
+        for n in manifest.nodes
+    ]
+    if json_out:
+        emit_json({"trajectory": str(out), "status": manifest.status, "teacher": cfg.teacher,
+                   "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out})  # fmt: skip
+        return
+    if quiet:
+        return
+    table = Table(title=f"degradation path in {out}  ({manifest.elapsed_seconds:.1f} s)")
+    for column in ("node", "step", "mean |D_node - D_teacher|", "share of path"):
+        table.add_column(column, justify="right")
+    for n in manifest.nodes:
+        table.add_row(str(n.index), str(n.step), f"{n.dist_to_teacher:.4f}",
+                      f"{n.dist_to_teacher / last:.0%}")  # fmt: skip
+    stdout.print(table)

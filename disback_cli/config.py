@@ -1,0 +1,177 @@
+"""Run configurations: pydantic models filled from defaults, then a recipe file, then flags.
+
+The resolved model is stored in the run's manifest. Fields listed in `SESSION_FIELDS` only change
+how a run is carried out (logging, saving, device), so they may differ when a run is resumed;
+every other field defines the run, and a change to it is refused unless the run is restarted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from disback_cli.errors import ConfigError
+from disback_cli.losses import GENERATOR_LOSSES
+
+SESSION_FIELDS = {"save_every", "log_every", "eval_every", "eval_samples", "device"}
+
+Betas = tuple[float, float]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1', ... or 'auto'")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (everything but SESSION_FIELDS)."""
+        return self.model_dump(mode="json", exclude=SESSION_FIELDS)
+
+    @field_validator("betas", check_fields=False)
+    @classmethod
+    def _betas_in_range(cls, value: Betas) -> Betas:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("Adam betas must lie in [0, 1)")
+        return value
+
+
+class RecordConfig(_Config):
+    """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
+
+    teacher: str = Field(description="builtin:NAME or a .safetensors teacher file")
+    iters: PositiveInt = Field(1000, description="DSM iterations of the auxiliary model")
+    nodes: PositiveInt = Field(5, description="path nodes saved evenly over the iterations")
+    batch: PositiveInt = Field(256, description="G0 samples per iteration")
+    lr: PositiveFloat = Field(1e-4, description="Adam learning rate (keep ~10x below the fake lr)")
+    betas: Betas = Field((0.9, 0.999), description="Adam betas")
+    sigma_init: PositiveFloat = Field(2.5, description="G0(z) = D(sigma_init z, sigma_init)")
+    p_mean: float | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PositiveFloat | None = Field(
+        None, description="log-normal sigma std; none: the teacher's"
+    )
+    seed: NonNegativeInt = Field(0, description="random seed")
+    save_every: NonNegativeInt = Field(0, description="extra resume points every N iterations")
+
+    @model_validator(mode="after")
+    def _nodes_fit(self) -> RecordConfig:
+        if self.nodes > self.iters:
+            raise ValueError(f"nodes ({self.nodes}) must not exceed iters ({self.iters})")
+        return self
+
+
+class BacktrackConfig(_Config):
+    """Distribution backtracking: train the generator along the recorded path."""
+
+    iters: PositiveInt = Field(2000, description="generator iterations")
+    interval: PositiveInt = Field(100, description="iterations per intermediate target node")
+    no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    loss: str = Field("vsd", description="generator loss")
+    batch: PositiveInt = Field(256, description="generator samples per iteration")
+    lr_g: PositiveFloat = Field(1e-4, description="generator learning rate")
+    lr_fake: PositiveFloat = Field(1e-3, description="fake score learning rate")
+    betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
+    fake_steps: PositiveInt = Field(1, description="fake-score DSM steps per generator step")
+    ema_halflife_kimg: PositiveFloat = Field(10.0, description="generator EMA half-life, kimg")
+    ema_rampup: PositiveFloat | None = Field(0.05, description="EMA ramp-up ratio (none: off)")
+    grad_clip: PositiveFloat | None = Field(None, description="clip gradient norms (none: off)")
+    p_mean: float | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PositiveFloat | None = Field(
+        None, description="log-normal sigma std; none: the teacher's"
+    )
+    seed: NonNegativeInt = Field(0, description="random seed")
+    save_every: NonNegativeInt = Field(500, description="resume points every N iterations")
+    log_every: PositiveInt = Field(10, description="metrics.jsonl line every N iterations")
+    eval_every: NonNegativeInt = Field(0, description="ground-truth metrics every N (0: off)")
+    eval_samples: PositiveInt = Field(2000, description="samples per evaluation")
+
+    @model_validator(mode="after")
+    def _saves_on_log_lines(self) -> BacktrackConfig:
+        if self.save_every % self.log_every:
+            raise ValueError(
+                f"save-every ({self.save_every}) must be a multiple of log-every ({self.log_every})"
+            )
+        return self
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in GENERATOR_LOSSES:
+            raise ValueError(f"unknown loss {value!r} (known: {', '.join(GENERATOR_LOSSES)})")
+        return value
+
+
+class SampleConfig(_Config):
+    """One-step sampling from a trained generator."""
+
+    n: PositiveInt | None = Field(None, description="number of samples (seeds 0..n-1)")
+    seeds: str | None = Field(None, description="seed list, e.g. 0-999 (instead of -n)")
+    batch: PositiveInt = Field(1000, description="samples per forward pass")
+    weights: Literal["ema", "raw"] = Field("ema", description="generator weights to use")
+    format: Literal["npz"] = Field("npz", description="output format")
+    class_label: NonNegativeInt | None = Field(None, description="fixed class for all samples")
+
+
+class TeacherTrainConfig(_Config):
+    """Train a built-in teacher from scratch on its ground-truth data set."""
+
+    dataset: str = Field(description="ground-truth data set, e.g. ring2d")
+    arch: str = Field("mlp", description="network architecture")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="network kwargs")
+    sigma_data: PositiveFloat = Field(0.5, description="data standard deviation for EDM")
+    iters: PositiveInt = Field(10000, description="training iterations")
+    batch: PositiveInt = Field(512, description="batch size")
+    lr: PositiveFloat = Field(2e-3, description="peak learning rate (cosine decay to 0)")
+    p_mean: float = Field(-1.2, description="log-normal sigma mean")
+    p_std: PositiveFloat = Field(1.2, description="log-normal sigma std")
+    seed: NonNegativeInt = Field(0, description="random seed")
+
+
+ConfigT = TypeVar("ConfigT", bound=_Config)
+
+
+def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
+    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid TOML recipe ({exc})") from None
+    if section in data:
+        return data[section]
+    if any(isinstance(v, dict) for v in data.values()):
+        return {}
+    return data
+
+
+def build_config(
+    model: type[ConfigT], recipe: str | Path | None, section: str, flags: dict[str, Any]
+) -> ConfigT:
+    """Defaults < recipe < flags (flags left as None are not given)."""
+    values = read_recipe(recipe, section) if recipe else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where.replace('_', '-')}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

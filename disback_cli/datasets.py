@@ -1,0 +1,64 @@
+"""Ground-truth data sets of the built-in teachers: what they learned and are judged against."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from disback_cli.errors import DisbackError
+
+
+@dataclass(frozen=True)
+class GaussianMixture:
+    """Isotropic Gaussian mixture with equal-variance components; exact samples and denoiser."""
+
+    means: torch.Tensor  # (K, d)
+    std: float
+    weights: torch.Tensor  # (K,), sums to 1
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.means.shape[1],)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples and their component indices, drawn on the CPU from `generator`."""
+        component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.means.shape[1], generator=generator)
+        return self.means[component] + self.std * noise, component
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """E[x0 | x0 + sigma*eps = x], exact: posterior-weighted per-component Wiener filters."""
+        means = self.means.to(x)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
+        var = self.std**2 + sigma**2  # (B or 1, 1)
+        sq_dist = torch.cdist(x, means) ** 2  # (B, K)
+        logits = self.weights.to(x).log() - sq_dist / (2 * var)
+        resp = logits.softmax(dim=1)  # (B, K)
+        shrink = self.std**2 / var  # (B or 1, 1)
+        posterior_mean = means + shrink.unsqueeze(-1) * (x.unsqueeze(1) - means)  # (B, K, d)
+        return (resp.unsqueeze(-1) * posterior_mean).sum(dim=1)
+
+    def nearest_mode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index of the nearest component mean and the distance to it in units of `std`."""
+        dist = torch.cdist(x.to(torch.float64), self.means.to(torch.float64))
+        best, index = dist.min(dim=1)
+        return index, best / self.std
+
+
+def ring2d(num_modes: int = 8, radius: float = 2.0, std: float = 0.08) -> GaussianMixture:
+    """Eight Gaussians on a circle of radius 2: the classic mode-coverage toy."""
+    angle = torch.arange(num_modes, dtype=torch.float64) * (2 * math.pi / num_modes)
+    means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return GaussianMixture(means.float(), std, torch.full((num_modes,), 1.0 / num_modes))
+
+
+DATASETS = {"ring2d": ring2d}
+
+
+def get_dataset(name: str) -> GaussianMixture:
+    try:
+        return DATASETS[name]()
+    except KeyError:
+        raise DisbackError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})") from None

@@ -1,0 +1,242 @@
+"""DisBack stage 1, degradation recording.
+
+A copy of the teacher (the auxiliary model) is fine-tuned with the EDM denoising loss on samples of
+the frozen initial generator G0. Checkpoints saved along the way form the degradation path:
+node 0 is the teacher, node N fits G0.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disback_cli.checkpoint import save_denoiser
+from disback_cli.config import RecordConfig
+from disback_cli.errors import ConfigError, InterruptedRun
+from disback_cli.generator import OneStepGenerator
+from disback_cli.losses import edm_denoising_loss, sample_lognormal_sigma
+from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.schedule import node_steps
+from disback_cli.statefile import load_state, save_state
+from disback_cli.teachers import Teacher, load_teacher
+from disback_cli.trajectory import (
+    MANIFEST,
+    G0Spec,
+    NodeRecord,
+    StateRef,
+    TeacherRef,
+    TrajectoryManifest,
+    now,
+    read_manifest,
+    write_manifest,
+)
+
+PROBE_SAMPLES = 512
+PROBE_SEED = 20240828  # fixed, so node distances compare across runs and seeds
+
+
+def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
+    """G0: a frozen teacher copy used as the one-step map z -> D(sigma_init z, sigma_init)."""
+    g0 = OneStepGenerator(copy.deepcopy(teacher.denoiser), sigma_init)
+    return g0.eval().requires_grad_(False)
+
+
+def draw_labels(
+    n: int, label_dim: int, rng: torch.Generator, device: torch.device
+) -> torch.Tensor | None:
+    """Uniformly drawn one-hot class labels for conditional teachers, else None."""
+    if not label_dim:
+        return None
+    return F.one_hot(
+        torch.randint(label_dim, (n,), generator=rng, device=device), label_dim
+    ).float()
+
+
+def with_teacher_sigma(cfg, teacher: Teacher):
+    """Fill unset p_mean / p_std with the noise distribution the teacher was trained with."""
+    update = {k: teacher.train_sigma[k] for k in ("p_mean", "p_std") if getattr(cfg, k) is None}
+    return cfg.model_copy(update=update)
+
+
+def teacher_ref(teacher: Teacher) -> TeacherRef:
+    return TeacherRef(
+        source=teacher.source, sha256=teacher.sha256, network=teacher.spec, dataset=teacher.dataset
+    )
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)
+    ]
+
+
+class DistanceProbe:
+    """Mean |D(x_t) - D_teacher(x_t)| on a fixed set of noised G0 samples."""
+
+    def __init__(self, teacher: Teacher, g0: nn.Module, p_mean: float, p_std: float, device):
+        rng = torch.Generator(device).manual_seed(PROBE_SEED)
+        shape = (PROBE_SAMPLES, *teacher.spec.data_shape)
+        self.labels = draw_labels(PROBE_SAMPLES, teacher.spec.label_dim, rng, device)
+        with torch.no_grad():
+            x0 = g0(torch.randn(shape, generator=rng, device=device), self.labels)
+            self.sigma = sample_lognormal_sigma(PROBE_SAMPLES, p_mean, p_std, rng, device)
+            noise = torch.randn(shape, generator=rng, device=device)
+            self.x_t = x0 + self.sigma.reshape(-1, *[1] * (x0.ndim - 1)) * noise
+            self.reference = teacher.denoiser(self.x_t, self.sigma, self.labels)
+
+    @torch.no_grad()
+    def __call__(self, denoiser: nn.Module) -> float:
+        was_training = denoiser.training
+        denoiser.eval()
+        out = denoiser(self.x_t, self.sigma, self.labels)
+        denoiser.train(was_training)
+        return (out - self.reference).abs().mean().item()
+
+
+def _start_or_resume(
+    cfg: RecordConfig, out: Path, teacher: Teacher, force: bool, reporter: Reporter
+) -> TrajectoryManifest | None:
+    """The manifest to continue from, or None to start fresh (after --force cleanup)."""
+    if not (out / MANIFEST).exists():
+        return None
+    manifest = read_manifest(out, TrajectoryManifest)
+    changes = config_changes(manifest.config.identity(), cfg.identity())
+    if manifest.teacher.sha256 != teacher.sha256:
+        changes.append("teacher weights (sha256) differ")
+    if not changes:
+        return manifest
+    if not force:
+        raise ConfigError(
+            f"{out} was recorded with another configuration ({'; '.join(changes)}); "
+            "pass --force to record it again from scratch, or choose another --out"
+        )
+    if (out / "backtrack").exists() and any((out / "backtrack").iterdir()):
+        raise ConfigError(f"{out} has backtrack runs that depend on its path; choose another --out")
+    reporter.note(f"--force: discarding the previous recording in {out}")
+    for sub in ("nodes", "state"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / MANIFEST).unlink()
+    return None
+
+
+def run_record(
+    cfg: RecordConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> TrajectoryManifest:
+    """Record (or resume recording) the degradation path into the directory `out`."""
+    reporter = reporter or SilentReporter()
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, device)
+    cfg = with_teacher_sigma(cfg, teacher)
+    manifest = _start_or_resume(cfg, out, teacher, force, reporter)
+    if manifest is not None and manifest.status == "complete":
+        reporter.note(f"{out}: recording already complete, nothing to do")
+        return manifest
+
+    aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
+    g0 = initial_generator(teacher, cfg.sigma_init)
+    optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    probe = DistanceProbe(teacher, g0, cfg.p_mean, cfg.p_std, device)
+    saves = dict(enumerate(node_steps(cfg.iters, cfg.nodes)))
+    node_at_step = {s: i for i, s in saves.items() if i > 0}
+
+    if manifest is None:
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = now()
+        manifest = TrajectoryManifest(
+            created_at=stamp,
+            updated_at=stamp,
+            status="recording",
+            teacher=teacher_ref(teacher),
+            generator_init=G0Spec(sigma_init=cfg.sigma_init),
+            config=cfg,
+            nodes=[
+                NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256, dist_to_teacher=0)
+            ],
+        )
+        write_manifest(out, manifest)
+        step = 0
+    elif manifest.state is None:
+        step = 0
+        manifest.nodes = manifest.nodes[:1]
+    else:
+        step = load_state(
+            out / manifest.state.file, manifest.state.sha256, {"aux": aux}, {"aux": optimizer}, rng
+        )
+        reporter.note(f"resuming {out} from iteration {step}")
+    manifest.config = cfg
+
+    shape = (cfg.batch, *teacher.spec.data_shape)
+    started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
+    with stop_on_signals() as stop:
+        reporter.start("record", cfg.iters, step)
+        while step < cfg.iters:
+            z = torch.randn(shape, generator=rng, device=device)
+            labels = draw_labels(cfg.batch, teacher.spec.label_dim, rng, device)
+            with torch.no_grad():
+                x0 = g0(z, labels)
+            sigma = sample_lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, rng, device)
+            noise = torch.randn(shape, generator=rng, device=device)
+            loss = edm_denoising_loss(aux, x0, sigma, noise, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            reporter.advance(step, loss=loss.item())
+
+            node = node_at_step.get(step)
+            if node is not None:
+                file = f"nodes/node-{node:03d}.safetensors"
+                info = {
+                    "role": "path_node",
+                    "index": node,
+                    "step": step,
+                    "dataset": teacher.dataset,
+                    "train_sigma": teacher.train_sigma,
+                    "teacher_sha256": teacher.sha256,
+                }
+                digest = save_denoiser(out / file, aux, teacher.spec, info)
+                distance = probe(aux)
+                manifest.nodes.append(
+                    NodeRecord(
+                        index=node, step=step, file=file, sha256=digest, dist_to_teacher=distance
+                    )
+                )
+            periodic = cfg.save_every and step % cfg.save_every == 0
+            if (node is not None or periodic or stop.requested) and step < cfg.iters:
+                manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
+                _save_resume_point(out, manifest, step, aux, optimizer, rng)
+                if stop.requested:
+                    raise InterruptedRun(
+                        f"{stop.signal_name} at iteration {step}: state saved in {out}; "
+                        "run the same command again to resume"
+                    )
+
+    manifest.status = "complete"
+    manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
+    old_state, manifest.state = manifest.state, None
+    write_manifest(out, manifest)
+    if old_state is not None:
+        shutil.rmtree(out / "state", ignore_errors=True)
+    return manifest
+
+
+def _save_resume_point(out, manifest, step, aux, optimizer, rng) -> None:
+    """Write a new state file, point the manifest at it, then drop the previous one."""
+    file = f"state/record-{step:08d}.safetensors"
+    digest = save_state(out / file, step, {"aux": aux}, {"aux": optimizer}, rng)
+    previous, manifest.state = manifest.state, StateRef(file=file, sha256=digest, step=step)
+    write_manifest(out, manifest)
+    if previous is not None and previous.file != file:
+        (out / previous.file).unlink(missing_ok=True)

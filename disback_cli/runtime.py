@@ -1,0 +1,77 @@
+"""Run-time plumbing shared by the training commands: devices, progress reports, stop signals."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from disback_cli.errors import DisbackError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DisbackError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DisbackError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class Reporter(Protocol):
+    """What a long loop tells its caller: the CLI shows a progress bar, tests may inject faults."""
+
+    def start(self, description: str, total: int, completed: int) -> None: ...
+
+    def advance(self, completed: int, **fields: float) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, description: str, total: int, completed: int) -> None:
+        pass
+
+    def advance(self, completed: int, **fields: float) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; loops check it between iterations, save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if flag.requested:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        flag.signal_name = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,86 @@
+"""Resumable training state (weights, optimisers, random stream, step) as one safetensors file.
+
+One file per save, written atomically, so a crash leaves either the previous state or the new one.
+Optimiser tensors go into the tensor table, their scalars and hyper-parameters into the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from disback_cli.checkpoint import load_weights, read_safetensors, tensors_of
+from disback_cli.errors import DisbackError
+from disback_cli.fileio import atomic_write_bytes
+
+FORMAT = "disback.state"
+
+
+def _pack_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict) -> dict:
+    state_dict = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in state_dict["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unpack_optimizer(name: str, opt: torch.optim.Optimizer, packed: dict, tensors: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    prefix = f"optim.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for index, fields in packed["scalars"].items():
+        state.setdefault(int(index), {}).update(fields)
+    opt.load_state_dict({"state": state, "param_groups": packed["param_groups"]})
+
+
+def save_state(
+    path: str | Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    rng: torch.Generator,
+) -> str:
+    """Write the full training state at `step` atomically; return the file's sha256."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        tensors.update(tensors_of(module, prefix=f"module.{name}."))
+    optim = {name: _pack_optimizer(name, opt, tensors) for name, opt in optimizers.items()}
+    tensors["rng"] = rng.get_state().cpu()
+    metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim)}
+    return atomic_write_bytes(path, safetensors.torch.save(tensors, metadata))
+
+
+def load_state(
+    path: str | Path,
+    expected_sha256: str,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    rng: torch.Generator,
+) -> int:
+    """Restore modules, optimisers and the random stream in place; return the saved step."""
+    tensors, metadata, digest = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise DisbackError(f"{path}: not a disback training-state file")
+    if digest != expected_sha256:
+        raise DisbackError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
+    for name, module in modules.items():
+        prefix = f"module.{name}."
+        weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        load_weights(module, weights, f"{path} [{name}]")
+    optim = json.loads(metadata["optim"])
+    for name, opt in optimizers.items():
+        _unpack_optimizer(name, opt, optim[name], tensors)
+    rng.set_state(tensors["rng"])
+    return int(metadata["step"])
