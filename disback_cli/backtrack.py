@@ -282,7 +282,6 @@ def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng)
         "role": "generator",
         "sigma_init": manifest.generator_init.sigma_init,
         "step": step,
-        "run": manifest.name,
         "dataset": teacher.dataset,
         "teacher_sha256": teacher.sha256,
     }

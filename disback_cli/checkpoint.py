@@ -33,6 +33,30 @@ class DenoiserFile:
     sha256: str
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Safetensors bytes with a canonical header (sorted keys), so equal content gives equal
+    sha256; the reference writer orders its metadata randomly."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}  # fmt: skip
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
 def tensors_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -45,7 +69,7 @@ def save_denoiser(path: str | Path, denoiser: nn.Module, spec: NetworkSpec, info
         "network": spec.model_dump_json(),
         "info": json.dumps(info, sort_keys=True),
     }
-    return atomic_write_bytes(path, safetensors.torch.save(tensors_of(denoiser), metadata))
+    return atomic_write_bytes(path, encode_safetensors(tensors_of(denoiser), metadata))
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:

@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_weights, read_safetensors, tensors_of
+from disback_cli.checkpoint import encode_safetensors, load_weights, read_safetensors, tensors_of
 from disback_cli.errors import DisbackError
 from disback_cli.fileio import atomic_write_bytes
 
@@ -59,7 +58,7 @@ def save_state(
     optim = {name: _pack_optimizer(name, opt, tensors) for name, opt in optimizers.items()}
     tensors["rng"] = rng.get_state().cpu()
     metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim)}
-    return atomic_write_bytes(path, safetensors.torch.save(tensors, metadata))
+    return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
 
 
 def load_state(

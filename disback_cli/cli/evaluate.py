@@ -43,9 +43,8 @@ def evaluate(
         emit_json(report)
         return
     table = Table(title=f"{samples} vs exact {dataset} samples (n={report['n']})")
-    table.add_column("")
-    for key in report["metrics"]:
-        table.add_column(key, justify="right")
-    for row in ("metrics", "floor"):
-        table.add_row(row, *(f"{v:.4g}" for v in report[row].values()))
+    for column in ("metric", "samples", "floor (exact vs exact)"):
+        table.add_column(column, justify="right")
+    for key, value in report["metrics"].items():
+        table.add_row(key, f"{value:.4g}", f"{report['floor'][key]:.4g}")
     stdout.print(table)

@@ -1,0 +1,40 @@
+# `make demo` and `make test` bootstrap a virtual environment with the CPU build of torch.
+# GPU users: `make TORCH=torch` (or install your CUDA torch into .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+
+.PHONY: demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf $(RUN)
+	$(BIN)/disback record --config recipes/ring2d.toml --out $(RUN)
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RUN)
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RUN) --no-trajectory --name baseline
+	$(BIN)/disback sample --trajectory $(RUN) -n 2000 --out $(RUN)/disback.npz
+	$(BIN)/disback sample --trajectory $(RUN) --name baseline -n 2000 --out $(RUN)/baseline.npz
+	$(BIN)/disback evaluate $(RUN)/disback.npz
+	$(BIN)/disback evaluate $(RUN)/baseline.npz
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/ring2d_curves.py --seeds 0 1 2
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,57 @@
+"""Shared fixtures: a small recorded trajectory and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from disback_cli.cli.app import main
+from disback_cli.config import RecordConfig
+from disback_cli.record import run_record
+
+torch.set_num_threads(2)
+
+SMALL_RECORD = dict(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu")
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `disback ARGS...` in-process through the real entry point (error handling included)."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_trajectory(tmp_path_factory) -> Path:
+    """A 3-node ring2d trajectory (60 iterations); treat as read-only, copy it to modify."""
+    out = tmp_path_factory.mktemp("traj") / "t"
+    run_record(RecordConfig(**SMALL_RECORD), out)
+    return out
+
+
+def file_digests(directory: Path, pattern: str = "**/*.safetensors") -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.glob(pattern))
+    }

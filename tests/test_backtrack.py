@@ -1,0 +1,137 @@
+import json
+import os
+import shutil
+import signal
+
+import pytest
+
+from conftest import file_digests
+from disback_cli.backtrack import run_backtrack
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
+from disback_cli.record import run_record
+from disback_cli.runtime import SilentReporter
+from disback_cli.schedule import target_node
+from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+
+SMALL = dict(iters=60, interval=10, batch=64, save_every=20, log_every=10, device="cpu")
+
+
+class At(SilentReporter):
+    """Calls `action` when the loop reports iteration `step` (reports come on log lines)."""
+
+    def __init__(self, step: int, action) -> None:
+        self.step, self.action = step, action
+
+    def advance(self, completed: int, **fields: float) -> None:
+        if completed == self.step:
+            self.action()
+
+
+def crash() -> None:
+    raise RuntimeError("simulated crash")
+
+
+@pytest.fixture
+def trajectory(small_trajectory, tmp_path):
+    out = tmp_path / "t"
+    shutil.copytree(small_trajectory, out)
+    return out
+
+
+def metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]
+
+
+def test_target_walks_the_path_back_to_the_teacher(trajectory):
+    manifest = run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    assert manifest.status == "complete" and manifest.step == 60
+    lines = metrics(backtrack_dir(trajectory, "default"))
+    assert [ln["iteration"] for ln in lines] == [10, 20, 30, 40, 50, 60]
+    assert [ln["target_node"] for ln in lines] == [
+        target_node(i - 1, 3, 10) for i in range(10, 61, 10)
+    ]
+    assert [ln["target_node"] for ln in lines] == [2, 1, 0, 0, 0, 0]
+    assert all(ln["loss_fake"] > 0 and ln["grad_norm_g"] > 0 for ln in lines)
+
+
+def test_baseline_starts_with_fake_equal_to_target(trajectory):
+    cfg = dict(iters=2, batch=64, log_every=1, save_every=0, device="cpu")
+    run_backtrack(BacktrackConfig(**cfg, no_trajectory=True), trajectory, "base")
+    run_backtrack(BacktrackConfig(**cfg), trajectory, "disback")
+    base = metrics(backtrack_dir(trajectory, "base"))
+    disback = metrics(backtrack_dir(trajectory, "disback"))
+    assert base[0]["score_gap"] == 0.0 and [ln["target_node"] for ln in base] == [0, 0]
+    assert disback[0]["score_gap"] > 0.0 and disback[0]["target_node"] == 2
+
+
+def test_crash_then_resume_gives_identical_weights_and_log(trajectory, tmp_path):
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory, "broken", reporter=At(30, crash))
+    partial = read_manifest(backtrack_dir(trajectory, "broken"), BacktrackManifest)
+    assert partial.status == "running" and partial.step == 20
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "broken")
+    whole, broken = backtrack_dir(trajectory, "whole"), backtrack_dir(trajectory, "broken")
+    assert file_digests(whole) == file_digests(broken)
+    assert metrics(whole) == metrics(broken)
+
+
+def test_sigint_saves_state_and_rerun_resumes_identically(trajectory):
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "whole")
+    interrupt = At(30, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(InterruptedRun, match="SIGINT at iteration 30"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory, "stopped", reporter=interrupt)
+    assert read_manifest(backtrack_dir(trajectory, "stopped"), BacktrackManifest).step == 30
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "stopped")
+    whole, stopped = backtrack_dir(trajectory, "whole"), backtrack_dir(trajectory, "stopped")
+    assert file_digests(whole) == file_digests(stopped)
+
+
+def test_extending_a_finished_run_equals_a_longer_run(trajectory):
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 40}), trajectory, "short")
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "short")
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "long")
+    short, long = backtrack_dir(trajectory, "short"), backtrack_dir(trajectory, "long")
+    assert file_digests(short) == file_digests(long)
+    assert metrics(short) == metrics(long)
+
+
+def test_finished_run_is_a_no_op_and_changed_config_needs_force(trajectory):
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    run_dir = backtrack_dir(trajectory, "default")
+    before = (run_dir / "manifest.json").read_text()
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    assert (run_dir / "manifest.json").read_text() == before
+    with pytest.raises(ConfigError, match=r"lr_g.*--force"):
+        run_backtrack(BacktrackConfig(**{**SMALL, "lr_g": 1e-3}), trajectory)
+    assert (run_dir / "manifest.json").read_text() == before
+    manifest = run_backtrack(BacktrackConfig(**{**SMALL, "lr_g": 1e-3}), trajectory, force=True)
+    assert manifest.config.lr_g == 1e-3
+
+
+def test_backtrack_refuses_a_trajectory_still_recording(tmp_path):
+    class Stop(SilentReporter):
+        def advance(self, completed, **fields):
+            if completed == 25:
+                raise RuntimeError("stop")
+
+    cfg = RecordConfig(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu")
+    with pytest.raises(RuntimeError):
+        run_record(cfg, tmp_path / "t", reporter=Stop())
+    with pytest.raises(DisbackError, match="still recording"):
+        run_backtrack(BacktrackConfig(**SMALL), tmp_path / "t")
+
+
+def test_evaluation_during_training_needs_ground_truth_and_logs_metrics(trajectory):
+    cfg = BacktrackConfig(**{**SMALL, "iters": 20, "eval_every": 10, "eval_samples": 200})
+    run_backtrack(cfg, trajectory)
+    lines = metrics(backtrack_dir(trajectory, "default"))
+    assert set(lines[-1]["eval"]) == {"mmd2", "sliced_w2", "precision", "modes_covered",
+                                      "modes_total", "mode_tv"}  # fmt: skip
+
+
+def test_save_every_must_fall_on_log_lines():
+    with pytest.raises(ValueError, match="multiple of log-every"):
+        BacktrackConfig(save_every=15, log_every=10)

@@ -1,0 +1,116 @@
+"""The command line as a user and a shell script see it: exit codes, one-line errors, JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from disback_cli.cli.app import app
+
+COMMANDS = ["record", "backtrack", "sample", "evaluate"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_an_example(cli, command):
+    result = cli(command, "--help")
+    assert result.code == 0 and "Example: disback " + command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["record", "--teacher", "builtin:ring2d", "--iters", "-5"], 2, "iters"),
+        (["record", "--teacher", "builtin:ring2d", "--iters", "3", "--nodes", "5"], 2, "nodes (5)"),
+        (["record", "--teacher", "builtin:nope"], 1, "unknown built-in teacher"),
+        (["record", "--teacher", "missing.safetensors", "--out", "x"], 1, "no such file"),
+        (["record", "--teacher", "edm.pkl"], 1, "pickles are not supported yet"),
+        (["record", "--iters", "10"], 2, "teacher: Field required"),
+        (["record", "--bogus"], 2, "No such option"),
+        (["backtrack", "--trajectory", "nowhere"], 1, "not a disback run directory"),
+        (["backtrack", "--interval", "0"], 2, "interval"),
+        (["backtrack", "--loss", "gan"], 2, "unknown loss 'gan'"),
+        (["sample", "--trajectory", "nowhere"], 1, "no backtrack run named"),
+        (["sample", "-n", "0"], 2, "n: Input should be greater than 0"),
+        (["evaluate", "nothing.npz"], 1, "no such file"),
+        (["record", "--config", "missing.toml"], 2, "recipe file not found"),
+    ],
+)
+def test_bad_input_is_one_line_with_nonzero_exit(cli, tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args)
+    assert result.code == code, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_debug_shows_the_traceback(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("backtrack", "--trajectory", "nowhere", "--debug")
+    assert result.code == 1 and "Traceback" in result.stderr
+
+
+def test_recipe_values_apply_and_flags_override(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[record]\nteacher = "builtin:ring2d"\niters = 40\nnodes = 2\nbatch = 32\n')
+    result = cli("record", "--config", recipe, "--iters", "30", "--out", tmp_path / "t", "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert [n["step"] for n in summary["nodes"]] == [0, 15, 30]
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["config"]["batch"] == 32 and manifest["config"]["iters"] == 30
+
+
+def test_recipe_with_unknown_key_is_refused(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[record]\nteacher = "builtin:ring2d"\nlearning_rate = 1\n')
+    result = cli("record", "--config", recipe, "--out", tmp_path / "t")
+    assert result.code == 2 and "learning-rate: Extra inputs are not permitted" in result.stderr
+
+
+def test_the_documented_invocations_run_end_to_end(cli, tmp_path, monkeypatch):
+    """The five commands of the README (shortened) with --json output parsed by a script."""
+    monkeypatch.chdir(tmp_path)
+    steps = [
+        ["record", "--teacher", "builtin:ring2d", "--out", "runs/t1", "--iters", "60",
+         "--nodes", "3", "--seed", "0", "--json"],
+        ["backtrack", "--trajectory", "runs/t1", "--iters", "40", "--interval", "10",
+         "--seed", "0", "--json"],
+        ["backtrack", "--trajectory", "runs/t1", "--iters", "40", "--no-trajectory",
+         "--name", "baseline", "--seed", "0", "--json"],
+        ["sample", "--trajectory", "runs/t1", "-n", "500", "--out", "runs/t1/samples.npz",
+         "--json"],
+        ["evaluate", "runs/t1/samples.npz", "--json"],
+    ]  # fmt: skip
+    outputs = []
+    for args in steps:
+        result = cli(*args)
+        assert result.code == 0, (args, result.stderr)
+        outputs.append(json.loads(result.stdout))
+    assert outputs[0]["status"] == "complete" and len(outputs[0]["nodes"]) == 4
+    assert outputs[1]["step"] == 40 and outputs[2]["run"].endswith("baseline")
+    assert outputs[3]["n"] == 500
+    report = outputs[4]
+    assert report["dataset"] == "ring2d" and report["n"] == 500
+    assert set(report["metrics"]) == set(report["floor"])
+    again = cli("record", "--teacher", "builtin:ring2d", "--out", "runs/t1", "--iters", "60",
+                "--nodes", "3", "--seed", "0")  # fmt: skip
+    assert again.code == 0 and "already complete" in again.stderr
+
+
+def test_installed_entry_point_gives_clean_errors():
+    result = subprocess.run(
+        [sys.executable, "-m", "disback_cli", "record", "--teacher", "builtin:ring2d",
+         "--nodes", "0"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: invalid configuration: nodes")
+    assert "Traceback" not in result.stderr
+
+
+def test_app_registers_every_command():
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert set(COMMANDS) <= names

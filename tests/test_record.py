@@ -1,0 +1,72 @@
+import itertools
+import shutil
+
+import pytest
+
+from conftest import SMALL_RECORD, file_digests
+from disback_cli.config import RecordConfig
+from disback_cli.errors import ConfigError
+from disback_cli.record import run_record
+from disback_cli.runtime import SilentReporter
+from disback_cli.trajectory import TrajectoryManifest, read_manifest
+
+
+class CrashAt(SilentReporter):
+    """Raises inside the loop after iteration `step`, like a killed process."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def advance(self, completed: int, **fields: float) -> None:
+        if completed == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_nodes_are_distinct_and_move_away_from_the_teacher(small_trajectory):
+    manifest = read_manifest(small_trajectory, TrajectoryManifest)
+    assert [n.step for n in manifest.nodes] == [0, 20, 40, 60]
+    distances = [n.dist_to_teacher for n in manifest.nodes]
+    assert distances[0] == 0 and all(a < b for a, b in itertools.pairwise(distances))
+    assert len({n.sha256 for n in manifest.nodes}) == 4
+    assert manifest.state is None and not (small_trajectory / "state").exists()
+    assert manifest.config.p_mean == -0.5  # resolved from the teacher's training noise
+
+
+def test_interrupted_recording_resumes_to_identical_nodes(small_trajectory, tmp_path):
+    out = tmp_path / "t"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_record(RecordConfig(**SMALL_RECORD), out, reporter=CrashAt(31))
+    partial = read_manifest(out, TrajectoryManifest)
+    assert partial.status == "recording" and partial.state.step == 20
+    assert [n.index for n in partial.nodes] == [0, 1]
+    resumed = run_record(RecordConfig(**SMALL_RECORD), out)
+    assert resumed.status == "complete"
+    assert file_digests(out) == file_digests(small_trajectory)
+    original = read_manifest(small_trajectory, TrajectoryManifest)
+    assert [n.sha256 for n in resumed.nodes] == [n.sha256 for n in original.nodes]
+
+
+def test_finished_recording_is_a_no_op_and_changes_need_force(small_trajectory, tmp_path):
+    out = tmp_path / "t"
+    shutil.copytree(small_trajectory, out)
+    before = (out / "manifest.json").read_text()
+    run_record(RecordConfig(**SMALL_RECORD), out)
+    assert (out / "manifest.json").read_text() == before
+    changed = RecordConfig(**{**SMALL_RECORD, "lr": 3e-4})
+    with pytest.raises(ConfigError, match=r"lr: 0.0001 -> 0.0003.*--force"):
+        run_record(changed, out)
+    assert (out / "manifest.json").read_text() == before
+    redone = run_record(changed, out, force=True)
+    assert redone.config.lr == 3e-4 and redone.status == "complete"
+
+
+def test_session_options_may_change_on_rerun(small_trajectory, tmp_path):
+    out = tmp_path / "t"
+    shutil.copytree(small_trajectory, out)
+    manifest = run_record(RecordConfig(**{**SMALL_RECORD, "save_every": 7}), out)
+    assert manifest.status == "complete"
+
+
+def test_nodes_beyond_iterations_are_a_config_error():
+    with pytest.raises(ValueError, match="must not exceed iters"):
+        RecordConfig(teacher="builtin:ring2d", iters=3, nodes=5)
