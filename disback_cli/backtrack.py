@@ -134,6 +134,12 @@ class _Window:
         return out
 
 
+def make_optimizer(cfg: BacktrackConfig, params, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=cfg.betas)
+
+
 def run_backtrack(
     cfg: BacktrackConfig,
     trajectory: str | Path,
@@ -165,8 +171,8 @@ def run_backtrack(
     fake_init = 0 if cfg.no_trajectory else last_node
     fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device))
     fake.train().requires_grad_(True)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
-    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr_fake, betas=cfg.betas)
+    opt_g = make_optimizer(cfg, generator.parameters(), cfg.lr_g)
+    opt_f = make_optimizer(cfg, fake.parameters(), cfg.lr_fake)
     rng = torch.Generator(device).manual_seed(cfg.seed)
     modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
     optimizers = {"generator": opt_g, "fake": opt_f}

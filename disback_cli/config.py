@@ -82,7 +82,9 @@ class BacktrackConfig(_Config):
     batch: PositiveInt = Field(256, description="generator samples per iteration")
     lr_g: PositiveFloat = Field(1e-4, description="generator learning rate")
     lr_fake: PositiveFloat = Field(1e-3, description="fake score learning rate")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
     betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw only)")
     fake_steps: PositiveInt = Field(1, description="fake-score DSM steps per generator step")
     ema_halflife_kimg: PositiveFloat = Field(10.0, description="generator EMA half-life, kimg")
     ema_rampup: PositiveFloat | None = Field(0.05, description="EMA ramp-up ratio (none: off)")
@@ -103,6 +105,12 @@ class BacktrackConfig(_Config):
             raise ValueError(
                 f"save-every ({self.save_every}) must be a multiple of log-every ({self.log_every})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _decay_needs_adamw(self) -> BacktrackConfig:
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError("weight-decay needs --optimizer adamw")
         return self
 
     @field_validator("loss")
@@ -172,6 +180,7 @@ def build_config(
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where.replace('_', '-')}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in err["loc"]).replace("_", "-")
+        parts.append(f"{where}: {message}" if where else message)
     return "invalid configuration: " + "; ".join(parts)

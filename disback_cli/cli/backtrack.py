@@ -43,6 +43,9 @@ def backtrack(
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
     lr_g: Annotated[float | None, typer.Option(help=_h("lr_g"))] = None,
     lr_fake: Annotated[float | None, typer.Option(help=_h("lr_fake"))] = None,
+    optimizer: Annotated[str | None, typer.Option(help=_h("optimizer"))] = None,
+    betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_h("weight_decay"))] = None,
     fake_steps: Annotated[int | None, typer.Option(help=_h("fake_steps"))] = None,
     ema_halflife_kimg: Annotated[float | None, typer.Option(help=_h("ema_halflife_kimg"))] = None,
     grad_clip: Annotated[float | None, typer.Option(help=_h("grad_clip"))] = None,
@@ -71,7 +74,8 @@ def backtrack(
     Example: disback backtrack --trajectory runs/t1 --iters 1500 --interval 100 --seed 0
     """
     flags = dict(iters=iters, interval=interval, no_trajectory=no_trajectory, loss=loss,
-                 batch=batch, lr_g=lr_g, lr_fake=lr_fake, fake_steps=fake_steps,
+                 batch=batch, lr_g=lr_g, lr_fake=lr_fake, optimizer=optimizer, betas=betas,
+                 weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
                  p_std=p_std, save_every=save_every, log_every=log_every, eval_every=eval_every,
                  seed=seed, device=device)  # fmt: skip

@@ -46,6 +46,7 @@ def record(
     nodes: Annotated[int | None, typer.Option(help=_h("nodes"))] = None,
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
     lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
+    betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
@@ -64,7 +65,7 @@ def record(
 
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
-    flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr,
+    flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
                  sigma_init=sigma_init, p_mean=p_mean, p_std=p_std, save_every=save_every,
                  seed=seed, device=device)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags)
