@@ -24,9 +24,10 @@ from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
 from disback_cli.generator import OneStepGenerator
-from disback_cli.losses import edm_denoising_loss, make_generator_loss, sample_lognormal_sigma
-from disback_cli.record import config_changes, draw_labels, teacher_ref, with_teacher_sigma
+from disback_cli.losses import denoising_step, make_generator_loss
+from disback_cli.record import config_changes, teacher_ref, with_teacher_sigma
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.sampling import draw_labels
 from disback_cli.schedule import target_node
 from disback_cli.statefile import load_state, save_state
 from disback_cli.teachers import Teacher, load_teacher
@@ -235,17 +236,9 @@ def run_backtrack(
 
                 # Keep the fake score fitted to the current generator.
                 for _ in range(cfg.fake_steps):
-                    z = torch.randn(shape, generator=rng, device=device)
-                    labels = draw_labels(cfg.batch, label_dim, rng, device)
-                    with torch.no_grad():
-                        x = generator(z, labels)
-                    sigma = sample_lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, rng, device)
-                    noise = torch.randn(shape, generator=rng, device=device)
-                    loss_fake = edm_denoising_loss(fake, x, sigma, noise, labels)
-                    opt_f.zero_grad(set_to_none=True)
-                    loss_fake.backward()
-                    grad_norm_fake = nn.utils.clip_grad_norm_(fake.parameters(), clip)
-                    opt_f.step()
+                    loss_fake, grad_norm_fake = denoising_step(
+                        fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng, clip
+                    )
 
                 step += 1
                 beta = ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)

@@ -7,6 +7,7 @@ generator. The training loop only sees `GeneratorLoss`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,6 +16,7 @@ import torch
 
 from disback_cli.errors import DisbackError
 from disback_cli.precond import Denoiser, sigma_like
+from disback_cli.sampling import draw_labels
 
 
 def sample_lognormal_sigma(
@@ -37,6 +39,37 @@ def edm_denoising_loss(
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     denoised = denoiser(x0 + sigma * noise, sigma, class_labels)
     return (weight * (denoised - x0) ** 2).mean()
+
+
+def denoising_step(
+    denoiser: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.nn.Module,
+    shape: tuple[int, ...],
+    label_dim: int,
+    p_mean: float,
+    p_std: float,
+    rng: torch.Generator,
+    clip: float = math.inf,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One EDM denoising step of `denoiser` on fresh samples of `generator` (not trained here).
+
+    Fits the auxiliary model to G0 while recording and the fake score to G while backtracking.
+    Returns the loss and the gradient norm (before clipping to `clip`).
+    """
+    device = rng.device
+    z = torch.randn(shape, generator=rng, device=device)
+    labels = draw_labels(shape[0], label_dim, rng, device)
+    with torch.no_grad():
+        x0 = generator(z, labels)
+    sigma = sample_lognormal_sigma(shape[0], p_mean, p_std, rng, device)
+    noise = torch.randn(shape, generator=rng, device=device)
+    loss = edm_denoising_loss(denoiser, x0, sigma, noise, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), grad_norm
 
 
 @dataclass

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from disback_cli.checkpoint import save_denoiser
 from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError, InterruptedRun
 from disback_cli.generator import OneStepGenerator
-from disback_cli.losses import edm_denoising_loss, sample_lognormal_sigma
+from disback_cli.losses import denoising_step, sample_lognormal_sigma
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
 from disback_cli.statefile import load_state, save_state
 from disback_cli.teachers import Teacher, load_teacher
@@ -45,17 +45,6 @@ def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
     """G0: a frozen teacher copy used as the one-step map z -> D(sigma_init z, sigma_init)."""
     g0 = OneStepGenerator(copy.deepcopy(teacher.denoiser), sigma_init)
     return g0.eval().requires_grad_(False)
-
-
-def draw_labels(
-    n: int, label_dim: int, rng: torch.Generator, device: torch.device
-) -> torch.Tensor | None:
-    """Uniformly drawn one-hot class labels for conditional teachers, else None."""
-    if not label_dim:
-        return None
-    return F.one_hot(
-        torch.randint(label_dim, (n,), generator=rng, device=device), label_dim
-    ).float()
 
 
 def with_teacher_sigma(cfg, teacher: Teacher):
@@ -182,16 +171,8 @@ def run_record(
     with stop_on_signals() as stop:
         reporter.start("record", cfg.iters, step)
         while step < cfg.iters:
-            z = torch.randn(shape, generator=rng, device=device)
-            labels = draw_labels(cfg.batch, teacher.spec.label_dim, rng, device)
-            with torch.no_grad():
-                x0 = g0(z, labels)
-            sigma = sample_lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, rng, device)
-            noise = torch.randn(shape, generator=rng, device=device)
-            loss = edm_denoising_loss(aux, x0, sigma, noise, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _ = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
+                                     cfg.p_mean, cfg.p_std, rng)  # fmt: skip
             step += 1
             reporter.advance(step, loss=loss.item())
 

@@ -52,6 +52,17 @@ def seeded_noise(
     return torch.stack(z), one_hot
 
 
+def draw_labels(
+    n: int, label_dim: int, rng: torch.Generator, device: torch.device
+) -> torch.Tensor | None:
+    """Uniformly drawn one-hot class labels for conditional models during training, else None."""
+    if not label_dim:
+        return None
+    return F.one_hot(
+        torch.randint(label_dim, (n,), generator=rng, device=device), label_dim
+    ).float()
+
+
 def one_step_batches(
     generator: torch.nn.Module,
     seeds: Sequence[int],
