@@ -25,6 +25,7 @@ from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
 from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import denoising_step, make_generator_loss
+from disback_cli.networks import set_dropout
 from disback_cli.record import config_changes, teacher_ref, with_teacher_sigma
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
 from disback_cli.sampling import draw_labels
@@ -168,13 +169,16 @@ def run_backtrack(
     last_node = traj.last_node
     generator = OneStepGenerator(copy.deepcopy(teacher.denoiser), traj.generator_init.sigma_init)
     generator.train().requires_grad_(True)
+    set_dropout(generator, cfg.dropout)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     fake_init = 0 if cfg.no_trajectory else last_node
     fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device))
     fake.train().requires_grad_(True)
+    set_dropout(fake, cfg.dropout)
     opt_g = make_optimizer(cfg, generator.parameters(), cfg.lr_g)
     opt_f = make_optimizer(cfg, fake.parameters(), cfg.lr_fake)
     rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
     modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
     optimizers = {"generator": opt_g, "fake": opt_f}
 

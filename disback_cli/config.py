@@ -29,6 +29,7 @@ from disback_cli.losses import GENERATOR_LOSSES
 SESSION_FIELDS = {"save_every", "log_every", "eval_every", "eval_samples", "device"}
 
 Betas = tuple[float, float]
+DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
 
 
 class _Config(BaseModel):
@@ -62,6 +63,7 @@ class RecordConfig(_Config):
     p_std: PositiveFloat | None = Field(
         None, description="log-normal sigma std; none: the teacher's"
     )
+    dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_HELP)
     seed: NonNegativeInt = Field(0, description="random seed")
     save_every: NonNegativeInt = Field(0, description="extra resume points every N iterations")
 
@@ -93,6 +95,7 @@ class BacktrackConfig(_Config):
     p_std: PositiveFloat | None = Field(
         None, description="log-normal sigma std; none: the teacher's"
     )
+    dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_HELP)
     seed: NonNegativeInt = Field(0, description="random seed")
     save_every: NonNegativeInt = Field(500, description="resume points every N iterations")
     log_every: PositiveInt = Field(10, description="metrics.jsonl line every N iterations")
@@ -128,7 +131,9 @@ class SampleConfig(_Config):
     seeds: str | None = Field(None, description="seed list, e.g. 0-999 (instead of -n)")
     batch: PositiveInt = Field(1000, description="samples per forward pass")
     weights: Literal["ema", "raw"] = Field("ema", description="generator weights to use")
-    format: Literal["npz"] = Field("npz", description="output format")
+    format: Literal["auto", "npz", "png"] = Field(
+        "auto", description="npz, png (images: EDM folder layout), auto: png for images"
+    )
     class_label: NonNegativeInt | None = Field(None, description="fixed class for all samples")
 
 

@@ -15,9 +15,12 @@ from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.fileio import atomic_write_bytes
 from disback_cli.generator import OneStepGenerator
+from disback_cli.images import encode_png, grid, png_name, to_uint8
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device
 from disback_cli.sampling import one_step_batches, parse_seeds
 from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+
+GRID_IMAGES = 64
 
 
 def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
@@ -53,22 +56,37 @@ def sample_seeds(cfg: SampleConfig) -> list[int]:
 
 
 def write_samples(
-    cfg: SampleConfig, generator_path: Path, out: Path, expected_sha256: str | None = None,
+    cfg: SampleConfig,
+    generator_path: Path,
+    out: Path | None = None,
+    expected_sha256: str | None = None,
     reporter: Reporter | None = None,
-) -> dict:  # fmt: skip
-    """Sample one step per seed and write samples, seeds, labels and provenance to `out`."""
+    grid_path: Path | None = None,
+    default_dir: Path = Path("."),
+) -> dict:
+    """Sample one step per seed; write samples (or PNGs), seeds, labels and provenance.
+
+    Vectors go to an .npz (`samples` float32). Images become uint8 (x * 127.5 + 128) and go to a
+    PNG folder in EDM's layout with `dataset.json`, or to an .npz (`images` N,H,W,C uint8).
+    """
     reporter = reporter or SilentReporter()
     device = resolve_device(cfg.device)
     seeds = sample_seeds(cfg)
     generator, info = load_generator(generator_path, device, expected_sha256)
     denoiser = generator.denoiser
+    is_image = len(denoiser.data_shape) == 3
+    fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
+    if fmt == "png" and not is_image:
+        raise ConfigError("--format png needs an image generator; use npz for vector data")
     if cfg.class_label is not None and not cfg.class_label < denoiser.label_dim:
         raise ConfigError(
             f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
         )
-    chunks, labels = [], []
+    out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
+
+    chunks, grid_chunks, labels, done = [], [], [], 0
     reporter.start("sample", len(seeds), 0)
-    for x, y in one_step_batches(
+    batches = one_step_batches(
         generator,
         seeds,
         denoiser.data_shape,
@@ -76,11 +94,24 @@ def write_samples(
         cfg.batch,
         device,
         cfg.class_label,
-    ):
-        chunks.append(x)
-        if y is not None:
-            labels.append(y.argmax(dim=1))
-        reporter.advance(sum(len(c) for c in chunks))
+    )
+    for x, y in batches:
+        batch_labels = y.argmax(dim=1).numpy() if y is not None else None
+        if is_image:
+            x = to_uint8(x)
+            if fmt == "png":
+                batch_seeds = seeds[done : done + len(x)]
+                for image, seed in zip(x, batch_seeds, strict=True):
+                    atomic_write_bytes(out / png_name(seed), encode_png(image))
+        if fmt == "npz":
+            chunks.append(np.asarray(x))
+        if grid_path is not None and done < GRID_IMAGES:
+            grid_chunks.append(np.asarray(x[: GRID_IMAGES - done]))
+        if batch_labels is not None:
+            labels.append(batch_labels)
+        done += len(x)
+        reporter.advance(done)
+    all_labels = np.concatenate(labels).astype(np.int64) if labels else None
     meta = {
         "disback_version": __version__,
         "generator": info["file"],
@@ -90,17 +121,29 @@ def write_samples(
         "dataset": info.get("dataset"),
         "teacher_sha256": info.get("teacher_sha256"),
     }
-    arrays = {
-        "samples": torch.cat(chunks).numpy().astype(np.float32),
-        "seeds": np.asarray(seeds, dtype=np.int64),
-        "meta": np.asarray(json.dumps(meta)),
-    }
-    if labels:
-        arrays["labels"] = torch.cat(labels).numpy().astype(np.int64)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    digest = atomic_write_bytes(out, buffer.getvalue())
-    return {"out": str(out), "n": len(seeds), "sha256": digest, **meta}
+    summary = {"out": str(out), "format": fmt, "n": len(seeds), **meta}
+    if fmt == "png":
+        entries = None
+        if all_labels is not None:
+            entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
+        atomic_write_bytes(out / "dataset.json", json.dumps({"labels": entries}).encode())
+    else:
+        arrays = {
+            ("images" if is_image else "samples"): np.concatenate(chunks),
+            "seeds": np.asarray(seeds, dtype=np.int64),
+            "meta": np.asarray(json.dumps(meta)),
+        }
+        if all_labels is not None:
+            arrays["labels"] = all_labels
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        summary["sha256"] = atomic_write_bytes(out, buffer.getvalue())
+    if grid_path is not None:
+        if not is_image:
+            raise ConfigError("--grid needs an image generator")
+        atomic_write_bytes(grid_path, encode_png(grid(np.concatenate(grid_chunks))))
+        summary["grid"] = str(grid_path)
+    return summary
 
 
 def read_samples(path: Path) -> tuple[torch.Tensor, dict]:

@@ -20,6 +20,7 @@ from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError, InterruptedRun
 from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
+from disback_cli.networks import set_dropout
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
@@ -133,9 +134,11 @@ def run_record(
         return manifest
 
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
+    set_dropout(aux, cfg.dropout)
     g0 = initial_generator(teacher, cfg.sigma_init)
     optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
     rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
     probe = DistanceProbe(teacher, g0, cfg.p_mean, cfg.p_std, device)
     saves = dict(enumerate(node_steps(cfg.iters, cfg.nodes)))
     node_at_step = {s: i for i, s in saves.items() if i > 0}

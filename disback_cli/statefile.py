@@ -57,6 +57,9 @@ def save_state(
         tensors.update(tensors_of(module, prefix=f"module.{name}."))
     optim = {name: _pack_optimizer(name, opt, tensors) for name, opt in optimizers.items()}
     tensors["rng"] = rng.get_state().cpu()
+    tensors["rng.global"] = torch.get_rng_state()  # dropout draws from the global stream
+    if rng.device.type == "cuda":
+        tensors["rng.global_cuda"] = torch.cuda.get_rng_state(rng.device)
     metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim)}
     return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
 
@@ -82,4 +85,7 @@ def load_state(
     for name, opt in optimizers.items():
         _unpack_optimizer(name, opt, optim[name], tensors)
     rng.set_state(tensors["rng"])
+    torch.set_rng_state(tensors["rng.global"])
+    if "rng.global_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.global_cuda"], rng.device)
     return int(metadata["step"])

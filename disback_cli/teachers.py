@@ -1,17 +1,19 @@
-"""Teachers by spec: `builtin:NAME` or a disback teacher file (.safetensors)."""
+"""Teachers by spec: `builtin:NAME`, a disback teacher file (.safetensors) or an EDM .pkl."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser
+from disback_cli.checkpoint import load_denoiser, load_weights
+from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
-from disback_cli.networks import NetworkSpec
+from disback_cli.networks import NetworkSpec, build_denoiser
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TEACHERS = {"ring2d": "2-D ring of 8 Gaussians (MLP denoiser, 35k parameters)"}
@@ -23,9 +25,14 @@ class Teacher:
     denoiser: nn.Module
     spec: NetworkSpec
     source: str  # what the user passed, e.g. "builtin:ring2d"
-    sha256: str
+    sha256: str  # of the file it was read from
     dataset: str | None  # ground-truth data set name, if known
     train_sigma: dict[str, float]  # log-normal noise levels it was trained with
+    info: dict[str, Any]  # provenance from the file (role, EDM class, ...)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.denoiser.parameters())
 
 
 def builtin_path(name: str) -> Path:
@@ -38,17 +45,28 @@ def builtin_path(name: str) -> Path:
 def resolve_teacher_path(spec: str) -> Path:
     if spec.startswith(BUILTIN_PREFIX):
         return builtin_path(spec[len(BUILTIN_PREFIX) :])
-    path = Path(spec)
-    if path.suffix == ".pkl":
-        raise DisbackError(
-            f"{spec}: EDM network pickles are not supported yet; use a .safetensors teacher"
-        )
-    return path
+    return Path(spec)
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
-    """Load a frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode."""
-    loaded = load_denoiser(resolve_teacher_path(spec), device)
+    """A frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode.
+
+    EDM pickles are read with a restricted unpickler (no code from the file runs) into our own
+    network implementation, loaded strictly.
+    """
+    path = resolve_teacher_path(spec)
+    if path.suffix == ".pkl":
+        edm = read_edm_pickle(path)
+        denoiser = build_denoiser(edm.spec)
+        load_weights(denoiser, edm.state_dict, str(path))
+        info = {
+            "role": "teacher",
+            "edm": {"class_name": edm.class_name, "model_type": edm.model_type,
+                    "module_src_sha256": edm.module_src_sha256},
+        }  # fmt: skip
+        return Teacher(denoiser.to(device).eval().requires_grad_(False), edm.spec, spec,
+                       edm.sha256, None, EDM_DEFAULT_SIGMA, info)  # fmt: skip
+    loaded = load_denoiser(path, device)
     return Teacher(
         denoiser=loaded.denoiser,
         spec=loaded.spec,
@@ -56,4 +74,28 @@ def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
         sha256=loaded.sha256,
         dataset=loaded.info.get("dataset"),
         train_sigma=loaded.info.get("train_sigma", EDM_DEFAULT_SIGMA),
+        info=loaded.info,
     )
+
+
+def describe_teacher(teacher: Teacher) -> dict[str, Any]:
+    """What `disback teacher inspect` reports."""
+    spec = teacher.spec
+    image = len(spec.data_shape) == 3
+    return {
+        "source": teacher.source,
+        "sha256": teacher.sha256,
+        "format": "edm-pickle" if teacher.source.endswith(".pkl") else "disback",
+        "architecture": spec.arch,
+        "preconditioning": spec.precond,
+        "resolution": spec.data_shape[1] if image else None,
+        "channels": spec.data_shape[0] if image else None,
+        "data_shape": list(spec.data_shape),
+        "label_dim": spec.label_dim,
+        "parameters": teacher.parameter_count,
+        "use_fp16": bool(spec.precond_kwargs.get("use_fp16", False)),
+        "dropout": spec.arch_kwargs.get("dropout"),
+        "augment_dim": spec.arch_kwargs.get("augment_dim", 0),
+        "dataset": teacher.dataset,
+        "edm": teacher.info.get("edm"),
+    }

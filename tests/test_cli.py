@@ -24,7 +24,7 @@ def test_help_has_an_example(cli, command):
         (["record", "--teacher", "builtin:ring2d", "--iters", "3", "--nodes", "5"], 2, "nodes (5)"),
         (["record", "--teacher", "builtin:nope"], 1, "unknown built-in teacher"),
         (["record", "--teacher", "missing.safetensors", "--out", "x"], 1, "no such file"),
-        (["record", "--teacher", "edm.pkl"], 1, "pickles are not supported yet"),
+        (["record", "--teacher", "edm.pkl"], 1, "edm.pkl: no such file"),
         (["record", "--iters", "10"], 2, "teacher: Field required"),
         (["record", "--bogus"], 2, "No such option"),
         (["backtrack", "--trajectory", "nowhere"], 1, "not a disback run directory"),

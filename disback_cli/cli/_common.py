@@ -25,7 +25,7 @@ from rich.text import Text
 from disback_cli.runtime import Reporter
 
 console = Console(stderr=True, highlight=False)  # progress and messages
-stdout = Console(highlight=False)  # results: tables and summaries
+stdout = Console(highlight=False, soft_wrap=True)  # results: tables and summaries
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML recipe; flags override its values.")

@@ -51,6 +51,7 @@ def backtrack(
     grad_clip: Annotated[float | None, typer.Option(help=_h("grad_clip"))] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
+    dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
     save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
     log_every: Annotated[int | None, typer.Option(help=_h("log_every"))] = None,
     eval_every: Annotated[int | None, typer.Option(help=_h("eval_every"))] = None,
@@ -77,7 +78,8 @@ def backtrack(
                  batch=batch, lr_g=lr_g, lr_fake=lr_fake, optimizer=optimizer, betas=betas,
                  weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
-                 p_std=p_std, save_every=save_every, log_every=log_every, eval_every=eval_every,
+                 p_std=p_std, dropout=dropout, save_every=save_every, log_every=log_every,
+                 eval_every=eval_every,
                  seed=seed, device=device)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags)
     with reporting(quiet or json_out) as reporter:

@@ -50,6 +50,7 @@ def record(
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
+    dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
     save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -66,7 +67,8 @@ def record(
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
     flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
-                 sigma_init=sigma_init, p_mean=p_mean, p_std=p_std, save_every=save_every,
+                 sigma_init=sigma_init, p_mean=p_mean, p_std=p_std, dropout=dropout,
+                 save_every=save_every,
                  seed=seed, device=device)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags)
     out = out or default_out(cfg.teacher)

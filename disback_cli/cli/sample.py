@@ -41,7 +41,13 @@ def sample(
     format: Annotated[str | None, typer.Option("--format", help=_h("format"))] = None,
     class_label: Annotated[int | None, typer.Option("--class", help=_h("class_label"))] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output file [default: RUN/samples.npz].")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Output .npz or PNG folder \\[default: RUN/samples(.npz)]."
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="Also write a PNG grid of the first 64 images.")
     ] = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
@@ -51,18 +57,20 @@ def sample(
     """Draw one-step samples, one random stream per seed (results do not depend on --batch).
 
     Example: disback sample --trajectory runs/t1 -n 2000 --out runs/t1/samples.npz
+
+    Images: --format png writes EDM's layout (00000/img00000000.png, 1000 per folder, plus
+    dataset.json with labels); --format npz stores uint8 images; --class K fixes the class.
     """
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
                  class_label=class_label, device=device)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags)
-    expected = None
+    expected, default_dir = None, Path(".")
     if generator is None:
         generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
-        out = out or backtrack_dir(trajectory, name) / "samples.npz"
-    out = out or Path("samples.npz")
+        default_dir = backtrack_dir(trajectory, name)
     with reporting(quiet or json_out) as reporter:
-        summary = write_samples(cfg, generator, out, expected, reporter)
+        summary = write_samples(cfg, generator, out, expected, reporter, grid, default_dir)
     if json_out:
         emit_json(summary)
     elif not quiet:
-        stdout.print(f"wrote {summary['n']} samples to {out}")
+        stdout.print(f"wrote {summary['n']} samples to {summary['out']}")

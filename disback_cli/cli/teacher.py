@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from disback_cli.checkpoint import save_denoiser
 from disback_cli.cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -20,9 +21,57 @@ from disback_cli.cli._common import (
 )  # fmt: skip
 from disback_cli.config import TeacherTrainConfig, build_config
 from disback_cli.teacher_train import train_teacher
-from disback_cli.teachers import BUILTIN_PREFIX, BUILTIN_TEACHERS
+from disback_cli.teachers import BUILTIN_PREFIX, BUILTIN_TEACHERS, describe_teacher, load_teacher
 
-app = typer.Typer(help="Built-in teachers: list them, or train one from a recipe.")
+app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
+
+TeacherArg = Annotated[
+    str, typer.Argument(help="builtin:NAME, a .safetensors teacher or an EDM .pkl.")
+]
+
+
+@app.command("inspect")
+def inspect(teacher: TeacherArg, json_out: JsonOpt = False) -> None:
+    """Describe a teacher: architecture, preconditioning, shape, classes, parameters, sha256.
+
+    EDM pickles are read without running any code from them.
+
+    Example: disback teacher inspect edm-cifar10-32x32-uncond-vp.pkl --json
+    """
+    report = describe_teacher(load_teacher(teacher))
+    if json_out:
+        emit_json(report)
+        return
+    for key, value in report.items():
+        if value is not None:
+            stdout.print(f"{key:16s} {value}")
+
+
+@app.command("convert")
+def convert(
+    teacher: TeacherArg,
+    out: Annotated[Path, typer.Argument(help="Teacher file to write (.safetensors).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert a teacher (e.g. an EDM pickle) into a disback teacher file: safetensors weights with
+    the network spec in the metadata, so later stages need no pickle.
+
+    Example: disback teacher convert edm-cifar10-32x32-uncond-vp.pkl cifar10-vp.safetensors
+    """
+    loaded = load_teacher(teacher)
+    info = {
+        **loaded.info,
+        "role": "teacher",
+        "converted_from": Path(teacher).name,
+        "source_sha256": loaded.sha256,
+        "dataset": loaded.dataset,
+        "train_sigma": loaded.train_sigma,
+    }
+    digest = save_denoiser(out, loaded.denoiser, loaded.spec, info)
+    if json_out:
+        emit_json({"out": str(out), "sha256": digest, "source_sha256": loaded.sha256})
+    else:
+        stdout.print(f"wrote {out} (sha256 {digest})")
 
 
 @app.command("list")

@@ -9,11 +9,35 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from disback_cli.errors import DisbackError
+from disback_cli.networks.layers import UNetBlock
 from disback_cli.networks.mlp import MLP
-from disback_cli.precond import EDMPrecond
+from disback_cli.networks.unets import DhariwalUNet, SongUNet
+from disback_cli.precond import EDMPrecond, VEPrecond, VPPrecond
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
-PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {"edm": EDMPrecond}
+
+def _image_network(cls: type[nn.Module]) -> Callable[..., nn.Module]:
+    """Adapt an EDM image network to the (data_shape, label_dim, **kwargs) constructor."""
+
+    def build(data_shape: tuple[int, ...], label_dim: int = 0, **kwargs: Any) -> nn.Module:
+        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+            raise DisbackError(f"{cls.__name__} needs square images (C, H, H), got {data_shape}")
+        channels, resolution = data_shape[0], data_shape[1]
+        return cls(img_resolution=resolution, in_channels=channels, out_channels=channels,
+                   label_dim=label_dim, **kwargs)  # fmt: skip
+
+    return build
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "SongUNet": _image_network(SongUNet),
+    "DhariwalUNet": _image_network(DhariwalUNet),
+}
+PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
+    "edm": EDMPrecond,
+    "vp": VPPrecond,
+    "ve": VEPrecond,
+}
 
 
 class NetworkSpec(BaseModel):
@@ -21,12 +45,14 @@ class NetworkSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    arch: str  # Key of ARCHITECTURES.
-    arch_kwargs: dict[str, Any] = {}  # Constructor kwargs of the raw network.
-    precond: str = "edm"  # Key of PRECONDITIONINGS.
-    precond_kwargs: dict[str, float] = {}  # e.g. sigma_data, sigma_min, sigma_max.
-    data_shape: tuple[int, ...]  # Shape of one sample.
-    label_dim: int = 0  # Number of classes, 0 = unconditional.
+    # fmt: off
+    arch: str                               # Key of ARCHITECTURES.
+    arch_kwargs: dict[str, Any] = {}        # Constructor kwargs of the raw network.
+    precond: str = "edm"                    # Key of PRECONDITIONINGS.
+    precond_kwargs: dict[str, Any] = {}     # e.g. sigma_data, sigma_min, sigma_max, use_fp16.
+    data_shape: tuple[int, ...]             # Shape of one sample, (C, H, W) for images.
+    label_dim: int = 0                      # Number of classes, 0 = unconditional.
+    # fmt: on
 
     @field_validator("arch")
     @classmethod
@@ -43,6 +69,15 @@ class NetworkSpec(BaseModel):
                 f"unknown preconditioning {value!r} (known: {sorted(PRECONDITIONINGS)})"
             )
         return value
+
+
+def set_dropout(module: nn.Module, p: float | None) -> None:
+    """Set the dropout probability of every U-Net block (None leaves the network's own)."""
+    if p is None:
+        return
+    for block in module.modules():
+        if isinstance(block, UNetBlock):
+            block.dropout = p
 
 
 def build_denoiser(spec: NetworkSpec) -> nn.Module:
