@@ -22,7 +22,7 @@ from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig, read_recipe
 from disback_cli.evaluation import training_evaluator
 from disback_cli.record import initial_generator, run_record
-from disback_cli.teachers import load_teacher
+from disback_cli.teachers import open_teacher
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "ring2d.toml"
 METRICS = ("mmd2", "sliced_w2", "precision", "modes_covered", "mode_tv")
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write all curves to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    teacher = load_teacher("builtin:ring2d")
+    teacher = open_teacher("builtin:ring2d")
     evaluator = training_evaluator("ring2d", 2000, (2,), torch.device("cpu"))
     g0_metrics = evaluator(initial_generator(teacher, 2.5))
     with tempfile.TemporaryDirectory() as tmp:

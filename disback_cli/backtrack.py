@@ -31,7 +31,7 @@ from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_o
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import target_node
 from disback_cli.statefile import load_state, save_state
-from disback_cli.teachers import Teacher, load_teacher
+from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
     MANIFEST,
     BacktrackManifest,
@@ -73,7 +73,7 @@ def open_trajectory(
             f"{trajectory}: trajectory is still recording (iteration {step} of "
             f"{manifest.config.iters}); finish it with `disback record` first"
         )
-    teacher = load_teacher(teacher_override or manifest.teacher.source, device)
+    teacher = open_teacher(teacher_override or manifest.teacher.source, device)
     if teacher.sha256 != manifest.teacher.sha256:
         raise DisbackError(
             f"teacher {teacher.source} is not the one {trajectory} was recorded with "

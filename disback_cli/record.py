@@ -25,7 +25,7 @@ from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_o
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
 from disback_cli.statefile import load_state, save_state
-from disback_cli.teachers import Teacher, load_teacher
+from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
     MANIFEST,
     G0Spec,
@@ -126,7 +126,7 @@ def run_record(
     reporter = reporter or SilentReporter()
     out = Path(out)
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, device)
+    teacher = open_teacher(cfg.teacher, device)
     cfg = with_teacher_sigma(cfg, teacher)
     manifest = _start_or_resume(cfg, out, teacher, force, reporter)
     if manifest is not None and manifest.status == "complete":

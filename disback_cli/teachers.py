@@ -48,8 +48,13 @@ def resolve_teacher_path(spec: str) -> Path:
     return Path(spec)
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
-    """A frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode.
+def load_teacher(spec: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The teacher as a frozen module: `forward(x, sigma, class_labels=None)` -> denoised x."""
+    return open_teacher(spec, device).denoiser
+
+
+def open_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
+    """A frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode, with its provenance.
 
     EDM pickles are read with a restricted unpickler (no code from the file runs) into our own
     network implementation, loaded strictly.

@@ -11,7 +11,7 @@ from edm_fixtures import ARCHS, edm_pickle_bytes, tiny_network, write_edm_snapsh
 from disback_cli.checkpoint import load_denoiser
 from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
-from disback_cli.teachers import describe_teacher, load_teacher
+from disback_cli.teachers import describe_teacher, load_teacher, open_teacher
 
 SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 5.0, 20.0, 80.0])
 
@@ -32,7 +32,7 @@ def test_every_architecture_and_preconditioning_loads_strictly_with_equal_output
 ):
     net, init_kwargs = tiny_network(arch, precond, label_dim=10, augment_dim=9)
     path = write_edm_snapshot(tmp_path / "net.pkl", net, init_kwargs)
-    teacher = load_teacher(str(path))
+    teacher = open_teacher(str(path))
     assert teacher.spec.arch == ARCHS[arch][0] and teacher.spec.precond == precond
     assert set(teacher.denoiser.state_dict()) == set(net.state_dict())
     difference = (outputs(teacher.denoiser, 10) - outputs(net, 10)).abs().max().item()
@@ -40,11 +40,19 @@ def test_every_architecture_and_preconditioning_loads_strictly_with_equal_output
     assert "model.map_augment.weight" in teacher.denoiser.state_dict()  # present, fed nothing
 
 
+def test_python_api_load_teacher_returns_a_frozen_denoiser_module(tmp_path):
+    net, init_kwargs = tiny_network("ncsnpp", "edm", label_dim=10)
+    module = load_teacher(str(write_edm_snapshot(tmp_path / "n.pkl", net, init_kwargs)))
+    assert isinstance(module, torch.nn.Module) and not module.training
+    assert not any(p.requires_grad for p in module.parameters())
+    assert torch.equal(outputs(module, 10), outputs(net, 10))
+
+
 def test_bare_network_pickle_and_unconditional_model(tmp_path):
     net, init_kwargs = tiny_network("ddpmpp", "edm")
     path = tmp_path / "bare.pkl"
     path.write_bytes(edm_pickle_bytes(net, net, init_kwargs))
-    teacher = load_teacher(str(path))
+    teacher = open_teacher(str(path))
     assert teacher.spec.label_dim == 0
     assert torch.equal(outputs(teacher.denoiser, 0), outputs(net, 0))
 
@@ -91,7 +99,7 @@ def test_pickle_calling_os_system_is_refused_and_nothing_runs(tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({"ema": Exploit(marker)}))
     with pytest.raises(DisbackError, match=r"refusing posix\.system: not on the allow-list"):
-        load_teacher(str(path))
+        open_teacher(str(path))
     assert not marker.exists()
 
 
@@ -100,13 +108,13 @@ def test_hostile_module_source_is_never_executed(tmp_path):
     source = f"open({str(marker)!r}, 'w').write('ran')\nimport os\nos.system('touch {marker}')\n"
     net, init_kwargs = tiny_network("ddpmpp", "edm")
     path = write_edm_snapshot(tmp_path / "src.pkl", net, init_kwargs, module_src=source)
-    teacher = load_teacher(str(path))  # the weights are fine; the source is only hashed
+    teacher = open_teacher(str(path))  # the weights are fine; the source is only hashed
     assert not marker.exists()
     assert torch.equal(outputs(teacher.denoiser, 0), outputs(net, 0))
     evil = write_edm_snapshot(tmp_path / "cls.pkl", net, init_kwargs, module_src=source,
                               class_name="Backdoor")  # fmt: skip
     with pytest.raises(DisbackError, match="unsupported network class 'Backdoor'"):
-        load_teacher(str(evil))
+        open_teacher(str(evil))
     assert not marker.exists()
 
 
@@ -123,7 +131,7 @@ def test_garbage_pickles_are_one_line_errors(tmp_path, payload, message):
     path = tmp_path / "bad.pkl"
     path.write_bytes(payload)
     with pytest.raises(DisbackError, match=message) as info:
-        load_teacher(str(path))
+        open_teacher(str(path))
     assert "\n" not in str(info.value)
 
 
@@ -133,10 +141,10 @@ def test_truncated_pickle_is_refused(tmp_path):
     path = tmp_path / "cut.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DisbackError, match="not a readable EDM network pickle"):
-        load_teacher(str(path))
+        open_teacher(str(path))
 
 
 def test_describe_builtin_teacher():
-    report = describe_teacher(load_teacher("builtin:ring2d"))
+    report = describe_teacher(open_teacher("builtin:ring2d"))
     assert report["architecture"] == "mlp" and report["resolution"] is None
     assert report["dataset"] == "ring2d" and report["parameters"] > 30000

@@ -9,14 +9,14 @@ from disback_cli.evaluation import evaluate_vectors
 from disback_cli.generate import generator_file_of_run, read_samples, write_samples
 from disback_cli.record import initial_generator, run_record
 from disback_cli.sampling import seeded_noise
-from disback_cli.teachers import load_teacher
+from disback_cli.teachers import open_teacher
 
 
 @pytest.fixture(scope="module")
 def g0_metrics():
     z, _ = seeded_noise(range(2000), (2,))
     with torch.no_grad():
-        x = initial_generator(load_teacher("builtin:ring2d"), 2.5)(z)
+        x = initial_generator(open_teacher("builtin:ring2d"), 2.5)(z)
     return evaluate_vectors(x, "ring2d", floor=False)["metrics"]
 
 

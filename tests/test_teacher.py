@@ -6,11 +6,11 @@ from disback_cli.evaluation import evaluate_vectors
 from disback_cli.record import initial_generator
 from disback_cli.sampling import edm_sampler, seeded_noise
 from disback_cli.teacher_train import train_teacher
-from disback_cli.teachers import load_teacher
+from disback_cli.teachers import open_teacher
 
 
 def test_builtin_ring_teacher_samples_the_ring_with_heun_18():
-    teacher = load_teacher("builtin:ring2d")
+    teacher = open_teacher("builtin:ring2d")
     assert teacher.dataset == "ring2d" and teacher.spec.precond_kwargs["sigma_data"] == 1.4
     z, _ = seeded_noise(range(2000), (2,))
     report = evaluate_vectors(edm_sampler(teacher.denoiser, z).float(), "ring2d")
@@ -20,7 +20,7 @@ def test_builtin_ring_teacher_samples_the_ring_with_heun_18():
 
 
 def test_g0_is_far_from_the_ring():
-    teacher = load_teacher("builtin:ring2d")
+    teacher = open_teacher("builtin:ring2d")
     z, _ = seeded_noise(range(2000), (2,))
     with torch.no_grad():
         x = initial_generator(teacher, sigma_init=2.5)(z)

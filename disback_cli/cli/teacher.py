@@ -21,7 +21,7 @@ from disback_cli.cli._common import (
 )  # fmt: skip
 from disback_cli.config import TeacherTrainConfig, build_config
 from disback_cli.teacher_train import train_teacher
-from disback_cli.teachers import BUILTIN_PREFIX, BUILTIN_TEACHERS, describe_teacher, load_teacher
+from disback_cli.teachers import BUILTIN_PREFIX, BUILTIN_TEACHERS, describe_teacher, open_teacher
 
 app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
 
@@ -38,7 +38,7 @@ def inspect(teacher: TeacherArg, json_out: JsonOpt = False) -> None:
 
     Example: disback teacher inspect edm-cifar10-32x32-uncond-vp.pkl --json
     """
-    report = describe_teacher(load_teacher(teacher))
+    report = describe_teacher(open_teacher(teacher))
     if json_out:
         emit_json(report)
         return
@@ -58,7 +58,7 @@ def convert(
 
     Example: disback teacher convert edm-cifar10-32x32-uncond-vp.pkl cifar10-vp.safetensors
     """
-    loaded = load_teacher(teacher)
+    loaded = open_teacher(teacher)
     info = {
         **loaded.info,
         "role": "teacher",
