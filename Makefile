@@ -11,6 +11,7 @@ RUN    ?= runs/demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"  # its torchvision pin would replace torch
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

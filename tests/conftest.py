@@ -25,6 +25,14 @@ class CliResult:
     stderr: str
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path_factory):
+    """No test may download anything: detectors are looked up in an empty cache only."""
+    monkeypatch.setenv("DISBACK_OFFLINE", "1")
+    monkeypatch.setenv("DISBACK_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("DISBACK_INCEPTION", raising=False)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run `disback ARGS...` in-process through the real entry point (error handling included)."""

@@ -1,50 +1,177 @@
-"""`disback evaluate`: distances between samples and the ground truth."""
+"""`disback evaluate`: samples against ground truth (vectors) or reference statistics (images)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
 
-from disback_cli.cli._common import JsonOpt, emit_json, stdout
+from disback_cli import detectors
+from disback_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.datasets import DATASETS
-from disback_cli.errors import DisbackError
+from disback_cli.detectors import MODES, InceptionDetector, locate_inception
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.evaluation import evaluate_vectors
-from disback_cli.generate import read_samples
+from disback_cli.generate import generator_file_of_run, load_generator, read_samples
+from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
+from disback_cli.image_io import ImageSet, generated_images, open_images
+from disback_cli.runtime import resolve_device
+from disback_cli.sampling import one_step_batches, parse_seeds
 
 
-def evaluate(
-    samples: Annotated[Path, typer.Argument(help=".npz written by `disback sample`.")],
-    dataset: Annotated[
-        str | None,
-        typer.Option(help=f"Ground truth ({', '.join(DATASETS)}) [default: from the samples]."),
-    ] = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Compare samples with exact ground-truth samples: MMD, sliced W2, mode statistics.
+def _detector(mode: str | None, inception: Path | None, device, reference: Reference | None):
+    recorded = (reference.meta.get("detector") or {}) if reference else {}
+    mode = mode or recorded.get("mode") or "legacy_tensorflow"
+    path = locate_inception(inception)
+    return InceptionDetector(path, mode, device, expected_sha256=detectors.INCEPTION_SHA256)
 
-    The 'floor' row scores a second exact sample of the same size: the best a generator can
-    reach at this n.
 
-    Example: disback evaluate runs/t1/samples.npz --json
-    """
-    data, meta = read_samples(samples)
-    dataset = dataset or meta.get("dataset")
+def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict) -> dict:
+    dataset = dataset or provenance.get("dataset")
     if dataset is None:
-        raise DisbackError(f"{samples}: unknown ground truth; pass --dataset")
+        raise DisbackError("unknown ground truth for these samples; pass --dataset")
     if dataset not in DATASETS:
         raise DisbackError(
             f"no ground truth for data set {dataset!r} (known: {', '.join(DATASETS)})"
         )
-    report = {"samples": str(samples), **evaluate_vectors(data, dataset), "provenance": meta}
-    if json_out:
-        emit_json(report)
-        return
-    table = Table(title=f"{samples} vs exact {dataset} samples (n={report['n']})")
+    return {"kind": "vector", **evaluate_vectors(samples, dataset), "provenance": provenance}
+
+
+def _print_vector(report: dict, title: str) -> None:
+    table = Table(title=f"{title} vs exact {report['dataset']} samples (n={report['n']})")
     for column in ("metric", "samples", "floor (exact vs exact)"):
         table.add_column(column, justify="right")
     for key, value in report["metrics"].items():
         table.add_row(key, f"{value:.4g}", f"{report['floor'][key]:.4g}")
     stdout.print(table)
+
+
+def _print_images(report: dict) -> None:
+    key = report["metric"].lower().replace("-", "_")
+    detector = report["detector"]
+    title = f"{report['metric']} ({detector['name']}, {detector.get('mode')})"
+    table = Table(title=f"{title} vs {report['reference']['file']}")
+    for column in ("repeat", "n", report["metric"], "KID", "precision", "recall"):
+        table.add_column(column, justify="right")
+    for i, r in enumerate(report["results"]):
+        cells = [r[key], r["kid"], r["precision"], r["recall"]]
+        table.add_row(str(i + 1), str(r["n"]), *("-" if v is None else f"{v:.4g}" for v in cells))
+    stdout.print(table)
+    if report["repeats"] > 1:
+        best = report["summary"][key]
+        stdout.print(f"{report['metric']}: min {best['min']:.4g}, mean {best['mean']:.4g}")
+
+
+def _split(images: ImageSet, repeats: int) -> list[tuple[ImageSet, int, int, dict]]:
+    size = images.count // repeats
+    if size < 2:
+        raise ConfigError(f"{images.count} images cannot be split into {repeats} repeats")
+    return [(images, r * size, (r + 1) * size, {"images": [r * size, (r + 1) * size - 1]})
+            for r in range(repeats)]  # fmt: skip
+
+
+def evaluate(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="SAMPLES (folder, .npz or dataset .zip), or: ref DATA --out REF.npz"),
+    ] = None,
+    trajectory: Annotated[
+        Path | None, typer.Option("--trajectory", "-T", help="Sample a run on the fly instead.")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Backtrack run name (with --trajectory).")] = "default",
+    n: Annotated[int | None, typer.Option("-n", help="Samples per repeat (seeds from 0).")] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="Seeds of the first repeat, e.g. 0-49999.")
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Disjoint seed sets / parts; min and mean.")
+    ] = 1,
+    ref: Annotated[
+        Path | None, typer.Option(help="Reference .npz (EDM's or `evaluate ref`).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where `evaluate ref` writes.")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help=f"FID mode: {' or '.join(MODES)}.")] = None,
+    inception: Annotated[Path | None, typer.Option(help="Path of inception-2015-12-05.pt.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Ground truth for vector samples.")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Images per detector batch.")] = 64,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate samples: exact ground truth for vector data (MMD, sliced W2, modes); FID, KID and
+    precision/recall (k=3) on Inception features against reference statistics for images.
+
+    Example: disback evaluate runs/t1/samples.npz --json
+
+    Images: disback evaluate runs/c/backtrack/default/samples --ref cifar10-32x32.npz --repeats 3;
+    on the fly: disback evaluate -T runs/c -n 50000 --repeats 3 --ref cifar10-32x32.npz;
+    references: disback evaluate ref cifar10-32x32.zip --out ref.npz. The default mode is
+    legacy_tensorflow, which matches EDM's published numbers and reference files.
+    """
+    inputs = inputs or []
+    torch_device = resolve_device(device or "auto")
+    with reporting(quiet or json_out) as reporter:
+        if inputs[:1] == ["ref"]:
+            if len(inputs) != 2 or out is None:
+                raise ConfigError("usage: disback evaluate ref DATA --out REF.npz")
+            images = open_images(Path(inputs[1]))
+            if images is None:
+                raise DisbackError(f"{inputs[1]}: reference statistics need images")
+            detector = _detector(mode, inception, torch_device, None)
+            report = write_reference(images, detector, out, batch, n, reporter)
+        elif trajectory is not None:
+            if inputs:
+                raise ConfigError("give either SAMPLES or --trajectory, not both")
+            path, sha = generator_file_of_run(trajectory, name, "ema")
+            generator, info = load_generator(path, torch_device, sha)
+            first = parse_seeds(seeds) if seeds else list(range(n or 50_000))
+            sets = [[s + r * len(first) for s in first] for r in range(repeats)]
+            provenance = {"generator": str(path), "generator_sha256": sha, "step": info.get("step")}
+            if len(generator.denoiser.data_shape) != 3:
+                shape = generator.denoiser.data_shape
+                batches = one_step_batches(generator, sets[0], shape, 0, 1000, torch_device)
+                x = torch.cat([b for b, _ in batches])
+                report = _vector_report(x, dataset, {**provenance, "dataset": info.get("dataset")})
+            else:
+                reference = _reference(ref)
+                parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
+                          0, len(s), {"seeds": [s[0], s[-1]]}) for s in sets]  # fmt: skip
+                detector = _detector(mode, inception, torch_device, reference)
+                report = evaluate_images(parts, detector, reference, batch, reporter)
+                report["samples"] = {"run": str(trajectory), **provenance}
+        else:
+            if len(inputs) != 1:
+                raise ConfigError("give one SAMPLES path (or --trajectory, or: ref DATA --out F)")
+            images = open_images(Path(inputs[0]))
+            if images is None:
+                samples, meta = read_samples(Path(inputs[0]))
+                report = {"samples": inputs[0], **_vector_report(samples, dataset, meta)}
+            else:
+                reference = _reference(ref)
+                detector = _detector(mode, inception, torch_device, reference)
+                report = evaluate_images(
+                    _split(images, repeats), detector, reference, batch, reporter
+                )
+                report["samples"] = {"source": images.description, "count": images.count}
+    if json_out:
+        emit_json(report)
+    elif quiet:
+        return
+    elif inputs[:1] == ["ref"]:
+        stdout.print(f"wrote {report['out']}: {report['n']} images, {report['detector']['name']} "
+                     f"({report['detector']['mode']})")  # fmt: skip
+    elif report["kind"] == "vector":
+        _print_vector(report, str(inputs[0]) if inputs else f"run {trajectory}")
+    else:
+        _print_images(report)
+
+
+def _reference(path: Path | None) -> Reference:
+    if path is None:
+        raise ConfigError("image samples need --ref REF.npz (an EDM reference or `evaluate ref`)")
+    return load_reference(path)

@@ -1,0 +1,188 @@
+"""FID-style evaluation of image sets against reference statistics, EDM's protocol by default.
+
+References are EDM's `.npz` (`mu`, `sigma`) or ours, written by `disback evaluate ref`, which also
+records the detector, mode, image count and size and keeps a subset of features for KID and
+precision/recall. `repeats` evaluates disjoint parts (or seed sets) and reports min and mean, as EDM
+reports the minimum of three.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from disback_cli import __version__
+from disback_cli.detectors import Detector
+from disback_cli.errors import DisbackError
+from disback_cli.fileio import atomic_write_bytes, sha256_file
+from disback_cli.image_io import ImageSet
+from disback_cli.image_metrics import (
+    feature_stats,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
+from disback_cli.runtime import Reporter, SilentReporter
+
+REFERENCE_FEATURES = 10_000  # features kept in a reference for KID and precision/recall
+KID_SUBSETS, KID_SUBSET_SIZE, PR_K, PR_MAX = 100, 1000, 3, 10_000
+SUBSET_SEED = 0
+
+
+@dataclass
+class Reference:
+    path: Path
+    sha256: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None
+    meta: dict  # detector, n, image_shape, source; empty for EDM's files
+
+    def describe(self) -> dict:
+        return {"file": str(self.path), "sha256": self.sha256, "n": self.meta.get("n"),
+                "detector": self.meta.get("detector"), "image_shape": self.meta.get("image_shape"),
+                "has_features": self.features is not None}  # fmt: skip
+
+
+def extract_features(
+    images: ImageSet, detector: Detector, batch: int, reporter: Reporter, start: int = 0,
+    stop: int | None = None, label: str = "features",
+) -> np.ndarray:  # fmt: skip
+    stop = images.count if stop is None else stop
+    reporter.start(label, stop - start, 0)
+    chunks, done = [], 0
+    for chunk in images.batches(batch, start, stop):
+        chunks.append(detector.features(chunk))
+        done += len(chunk)
+        reporter.advance(done)
+    return np.concatenate(chunks)
+
+
+def _subset(features: np.ndarray, limit: int) -> np.ndarray:
+    if len(features) <= limit:
+        return features
+    keep = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(features), limit, replace=False))
+    return features[keep]
+
+
+def write_reference(
+    images: ImageSet, detector: Detector, out: Path, batch: int = 64, limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> dict:  # fmt: skip
+    """Statistics of (the first `limit` of) `images`: mu, sigma and up to 10k features."""
+    reporter = reporter or SilentReporter()
+    stop = images.count if limit is None else min(limit, images.count)
+    features = extract_features(images, detector, batch, reporter, 0, stop, "reference")
+    mu, sigma = feature_stats(features)
+    meta = {"detector": detector.describe(), "n": int(stop), "image_shape": list(images.shape()),
+            "source": images.description, "disback_version": __version__}  # fmt: skip
+    buffer = io.BytesIO()
+    kept = _subset(features, REFERENCE_FEATURES).astype(np.float32)
+    np.savez(buffer, mu=mu, sigma=sigma, features=kept, meta=np.asarray(json.dumps(meta)))
+    return {"out": str(out), "sha256": atomic_write_bytes(out, buffer.getvalue()), **meta}
+
+
+def load_reference(path: Path) -> Reference:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise DisbackError(f"{path}: a reference needs 'mu' and 'sigma' arrays")
+            features = np.asarray(data["features"]) if "features" in data else None
+            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except FileNotFoundError:
+        raise DisbackError(f"{path}: no such reference file") from None
+    except (OSError, ValueError) as exc:
+        raise DisbackError(f"{path}: not a readable reference .npz ({exc})") from None
+    if sigma.shape != (len(mu), len(mu)):
+        raise DisbackError(f"{path}: sigma has shape {sigma.shape}, expected {(len(mu), len(mu))}")
+    return Reference(path, sha256_file(path), mu, sigma, features, meta)
+
+
+def check_compatible(reference: Reference, detector: Detector, image_shape: tuple) -> None:
+    """Refuse comparisons that would silently be wrong: another detector, mode or image size."""
+    ours = detector.describe()
+    theirs = reference.meta.get("detector")
+    if theirs and (
+        theirs.get("sha256") != ours["sha256"] or theirs.get("mode") != ours.get("mode")
+    ):
+        raise DisbackError(
+            f"{reference.path} was computed with detector {theirs.get('name')} "
+            f"mode {theirs.get('mode')} (sha256 {str(theirs.get('sha256'))[:12]}...), not "
+            f"{ours['name']} mode {ours.get('mode')} ({ours['sha256'][:12]}...)"
+        )
+    shape = reference.meta.get("image_shape")
+    if shape and tuple(shape)[:2] != tuple(image_shape)[:2]:
+        raise DisbackError(
+            f"images are {image_shape[0]}x{image_shape[1]} but {reference.path} was computed "
+            f"on {shape[0]}x{shape[1]} images"
+        )
+    if len(reference.mu) != ours.get("feature_dim", len(reference.mu)):
+        raise DisbackError(
+            f"{reference.path}: {len(reference.mu)}-d statistics do not fit the detector"
+        )
+
+
+def score(features: np.ndarray, reference: Reference, metric_key: str) -> dict:
+    mu, sigma = feature_stats(features)
+    result = {
+        "n": len(features),
+        metric_key: frechet_distance(mu, sigma, reference.mu, reference.sigma),
+    }
+    if reference.features is not None:
+        ref = reference.features.astype(np.float64)
+        result["kid"] = kernel_inception_distance(
+            features, ref, KID_SUBSETS, KID_SUBSET_SIZE, SUBSET_SEED
+        )
+        result["precision"], result["recall"] = precision_recall(
+            _subset(ref, PR_MAX), _subset(features, PR_MAX), PR_K
+        )
+    else:
+        result.update(kid=None, precision=None, recall=None)
+    return result
+
+
+def evaluate_images(
+    parts: list[tuple[ImageSet, int, int, dict]],
+    detector: Detector,
+    reference: Reference,
+    batch: int = 64,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Score each (images, start, stop, provenance) part; report each and min/mean."""
+    reporter = reporter or SilentReporter()
+    described = detector.describe()
+    metric = described["metric"]
+    key = metric.lower().replace("-", "_")
+    check_compatible(reference, detector, parts[0][0].shape())
+    results = []
+    for i, (images, start, stop, provenance) in enumerate(parts):
+        features = extract_features(
+            images, detector, batch, reporter, start, stop, f"repeat {i + 1}"
+        )
+        results.append({**score(features, reference, key), **provenance})
+    summary = {}
+    for name in (key, "kid", "precision", "recall"):
+        values = [r[name] for r in results if r[name] is not None]
+        if values:
+            summary[name] = {"min": min(values), "mean": float(np.mean(values)), "max": max(values)}
+    return {
+        "kind": "image",
+        "metric": metric,
+        "detector": described,
+        "reference": reference.describe(),
+        "repeats": len(results),
+        "results": results,
+        "summary": summary,
+        "settings": {
+            "kid_subsets": KID_SUBSETS,
+            "kid_subset_size": KID_SUBSET_SIZE,
+            "pr_k": PR_K,
+            "pr_max_samples": PR_MAX,
+            "subset_seed": SUBSET_SEED,
+        },
+    }
