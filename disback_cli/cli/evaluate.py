@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,11 +23,13 @@ from disback_cli.runtime import resolve_device
 from disback_cli.sampling import one_step_batches, parse_seeds
 
 
-def _detector(mode: str | None, inception: Path | None, device, reference: Reference | None):
+def _detector(
+    mode: str | None, inception: Path | None, device, reference: Reference | None, workers: int
+) -> InceptionDetector:
     recorded = (reference.meta.get("detector") or {}) if reference else {}
     mode = mode or recorded.get("mode") or "legacy_tensorflow"
     path = locate_inception(inception)
-    return InceptionDetector(path, mode, device, expected_sha256=detectors.INCEPTION_SHA256)
+    return InceptionDetector(path, mode, device, detectors.INCEPTION_SHA256, workers)
 
 
 def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict) -> dict:
@@ -99,6 +102,9 @@ def evaluate(
     inception: Annotated[Path | None, typer.Option(help="Path of inception-2015-12-05.pt.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Ground truth for vector samples.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per detector batch.")] = 64,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Threads decoding/resizing images [default: min(4, cores)].")
+    ] = min(4, os.cpu_count() or 1),
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -122,7 +128,7 @@ def evaluate(
             images = open_images(Path(inputs[1]))
             if images is None:
                 raise DisbackError(f"{inputs[1]}: reference statistics need images")
-            detector = _detector(mode, inception, torch_device, None)
+            detector = _detector(mode, inception, torch_device, None, workers)
             report = write_reference(images, detector, out, batch, n, reporter)
         elif trajectory is not None:
             if inputs:
@@ -141,7 +147,7 @@ def evaluate(
                 reference = _reference(ref)
                 parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
                           0, len(s), {"seeds": [s[0], s[-1]]}) for s in sets]  # fmt: skip
-                detector = _detector(mode, inception, torch_device, reference)
+                detector = _detector(mode, inception, torch_device, reference, workers)
                 report = evaluate_images(parts, detector, reference, batch, reporter)
                 report["samples"] = {"run": str(trajectory), **provenance}
         else:
@@ -153,7 +159,7 @@ def evaluate(
                 report = {"samples": inputs[0], **_vector_report(samples, dataset, meta)}
             else:
                 reference = _reference(ref)
-                detector = _detector(mode, inception, torch_device, reference)
+                detector = _detector(mode, inception, torch_device, reference, workers)
                 report = evaluate_images(
                     _split(images, repeats), detector, reference, batch, reporter
                 )
