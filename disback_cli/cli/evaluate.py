@@ -103,7 +103,10 @@ def evaluate(
     dataset: Annotated[str | None, typer.Option(help="Ground truth for vector samples.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per detector batch.")] = 64,
     workers: Annotated[
-        int, typer.Option(min=1, help="Threads decoding/resizing images [default: min(4, cores)].")
+        int,
+        typer.Option(
+            min=1, help="Threads resizing images for the detector [default: min(4, cores)]."
+        ),
     ] = min(4, os.cpu_count() or 1),
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
