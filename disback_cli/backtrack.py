@@ -206,7 +206,13 @@ def run_backtrack(
 
     loss_fn = make_generator_loss(cfg.loss, p_mean=cfg.p_mean, p_std=cfg.p_std)
     evaluate = (
-        training_evaluator(teacher.dataset, cfg.eval_samples, teacher.spec.data_shape, device)
+        training_evaluator(
+            teacher.dataset,
+            cfg.eval_samples,
+            teacher.spec.data_shape,
+            teacher.spec.label_dim,
+            device,
+        )
         if cfg.eval_every
         else None
     )

@@ -149,6 +149,10 @@ class TeacherTrainConfig(_Config):
     lr: PositiveFloat = Field(2e-3, description="peak learning rate (cosine decay to 0)")
     p_mean: float = Field(-1.2, description="log-normal sigma mean")
     p_std: PositiveFloat = Field(1.2, description="log-normal sigma std")
+    conditional: bool = Field(False, description="condition on the data set's class labels")
+    warmup: NonNegativeInt = Field(0, description="linear learning-rate warm-up iterations")
+    ema_halflife_kimg: PositiveFloat | None = Field(None, description="EMA half-life (none: off)")
+    ema_rampup: PositiveFloat | None = Field(0.05, description="EMA ramp-up ratio")
     seed: NonNegativeInt = Field(0, description="random seed")
 
 

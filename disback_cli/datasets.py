@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
+from importlib import resources
 
+import numpy as np
 import torch
 
 from disback_cli.errors import DisbackError
@@ -40,6 +43,10 @@ class GaussianMixture:
         posterior_mean = means + shrink.unsqueeze(-1) * (x.unsqueeze(1) - means)  # (B, K, d)
         return (resp.unsqueeze(-1) * posterior_mean).sum(dim=1)
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.weights)
+
     def nearest_mode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of the nearest component mean and the distance to it in units of `std`."""
         dist = torch.cdist(x.to(torch.float64), self.means.to(torch.float64))
@@ -54,10 +61,42 @@ def ring2d(num_modes: int = 8, radius: float = 2.0, std: float = 0.08) -> Gaussi
     return GaussianMixture(means.float(), std, torch.full((num_modes,), 1.0 / num_modes))
 
 
-DATASETS = {"ring2d": ring2d}
+@dataclass(frozen=True)
+class ImageDataset:
+    """Labelled images in [-1, 1] (x / 127.5 - 1), sampled with replacement."""
+
+    images: torch.Tensor  # (N, C, H, W)
+    labels: torch.Tensor  # (N,)
+    num_classes: int
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(self.images), (n,), generator=generator)
+        return self.images[index], self.labels[index]
 
 
-def get_dataset(name: str) -> GaussianMixture:
+def digits_uint8(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The built-in 8x8 digits as uint8 (N, 8, 8, 1) and labels, split 'train' (1000) or
+    'heldout' (797). Source: scikit-learn's copy of the UCI digits (scripts/make_digits_data.py)."""
+    with resources.files("disback_cli").joinpath("builtin/digits.npz").open("rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        index = data[split]
+        return data["images"][index][..., None], data["labels"][index]
+
+
+def digits(split: str = "train") -> ImageDataset:
+    images, labels = digits_uint8(split)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ImageDataset(x, torch.from_numpy(labels), num_classes=10)
+
+
+DATASETS = {"ring2d": ring2d, "digits": digits}
+
+
+def get_dataset(name: str) -> GaussianMixture | ImageDataset:
     try:
         return DATASETS[name]()
     except KeyError:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from disback_cli.datasets import get_dataset
+from disback_cli.digits_metric import DigitsDetector, digits_scores, heldout_floor
+from disback_cli.images import to_uint8
 from disback_cli.metrics import vector_metrics
 from disback_cli.sampling import seeded_noise
 
@@ -39,17 +42,38 @@ def evaluate_vectors(samples: torch.Tensor, dataset: str, floor: bool = True) ->
     return report
 
 
+def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
+    """FD-digits and class coverage of uint8 (N, 8, 8, 1) digits, with the held-out floor."""
+    detector = DigitsDetector()
+    report = {
+        "kind": "digits",
+        "dataset": "digits",
+        "metric": "FD-digits",
+        "detector": detector.describe(),
+        "reference": {"kind": "train split of the built-in digits", "n": 1000},
+        "n": len(images),
+        "metrics": digits_scores(images, detector),
+    }
+    if floor:
+        report["floor"] = heldout_floor(detector, len(images))
+    return report
+
+
 def training_evaluator(
-    dataset: str, n: int, data_shape: tuple[int, ...], device: torch.device
+    dataset: str, n: int, data_shape: tuple[int, ...], label_dim: int, device: torch.device
 ) -> Callable[[torch.nn.Module], dict]:
     """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs."""
+    z, labels = seeded_noise(range(n), data_shape, label_dim)
+    z = z.to(device)
+    labels = labels.to(device) if labels is not None else None
+
+    def samples(generator: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return generator(z, labels).cpu()
+
+    if dataset == "digits":
+        detector = DigitsDetector()
+        return lambda generator: digits_scores(to_uint8(samples(generator)), detector)
     mixture = get_dataset(dataset)
     reference = reference_sample(dataset, n)
-    z = seeded_noise(range(n), data_shape)[0].to(device)
-
-    def evaluate(generator: torch.nn.Module) -> dict:
-        with torch.no_grad():
-            samples = generator(z).cpu()
-        return vector_metrics(samples, reference, mixture, seed=REFERENCE_SEED)
-
-    return evaluate
+    return lambda generator: vector_metrics(samples(generator), reference, mixture, REFERENCE_SEED)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from disback_cli import __version__
 from disback_cli.checkpoint import load_denoiser
@@ -17,10 +19,11 @@ from disback_cli.fileio import atomic_write_bytes
 from disback_cli.generator import OneStepGenerator
 from disback_cli.images import encode_png, grid, png_name, to_uint8
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device
-from disback_cli.sampling import one_step_batches, parse_seeds
+from disback_cli.sampling import edm_sampler, one_step_batches, parse_seeds
 from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
 
 GRID_IMAGES = 64
+PROVENANCE = "provenance.json"  # written next to PNG samples
 
 
 def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
@@ -64,15 +67,44 @@ def write_samples(
     grid_path: Path | None = None,
     default_dir: Path = Path("."),
 ) -> dict:
-    """Sample one step per seed; write samples (or PNGs), seeds, labels and provenance.
+    """Sample a generator file one step per seed (see `write_samples_of`)."""
+    device = resolve_device(cfg.device)
+    generator, info = load_generator(generator_path, device, expected_sha256)
+    return write_samples_of(generator, info, cfg, out, reporter, grid_path, default_dir)
+
+
+class HeunSampler(nn.Module):
+    """A teacher as a sampler z -> x by EDM's Heun method, for reference samples."""
+
+    def __init__(self, denoiser: nn.Module, steps: int = 18) -> None:
+        super().__init__()
+        self.denoiser, self.steps = denoiser, steps
+
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma_min = max(0.002, getattr(self.denoiser, "sigma_min", 0.0))
+        sigma_max = min(80.0, getattr(self.denoiser, "sigma_max", math.inf))
+        x = edm_sampler(self.denoiser, z, class_labels, self.steps, sigma_min, sigma_max)
+        return x.to(torch.float32)
+
+
+def write_samples_of(
+    generator: nn.Module,
+    info: dict,
+    cfg: SampleConfig,
+    out: Path | None = None,
+    reporter: Reporter | None = None,
+    grid_path: Path | None = None,
+    default_dir: Path = Path("."),
+) -> dict:
+    """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
 
     Vectors go to an .npz (`samples` float32). Images become uint8 (x * 127.5 + 128) and go to a
-    PNG folder in EDM's layout with `dataset.json`, or to an .npz (`images` N,H,W,C uint8).
+    PNG folder in EDM's layout with `dataset.json` and `provenance.json`, or to an .npz (`images`
+    N,H,W,C uint8).
     """
     reporter = reporter or SilentReporter()
     device = resolve_device(cfg.device)
     seeds = sample_seeds(cfg)
-    generator, info = load_generator(generator_path, device, expected_sha256)
     denoiser = generator.denoiser
     is_image = len(denoiser.data_shape) == 3
     fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
@@ -127,6 +159,7 @@ def write_samples(
         if all_labels is not None:
             entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
         atomic_write_bytes(out / "dataset.json", json.dumps({"labels": entries}).encode())
+        atomic_write_bytes(out / PROVENANCE, json.dumps(meta, indent=1).encode())
     else:
         arrays = {
             ("images" if is_image else "samples"): np.concatenate(chunks),
@@ -144,6 +177,21 @@ def write_samples(
         atomic_write_bytes(grid_path, encode_png(grid(np.concatenate(grid_chunks))))
         summary["grid"] = str(grid_path)
     return summary
+
+
+def read_provenance(path: Path) -> dict:
+    """What `disback sample` recorded about a sample set (empty for foreign files)."""
+    try:
+        if path.is_dir():
+            return (
+                json.loads((path / PROVENANCE).read_text()) if (path / PROVENANCE).exists() else {}
+            )
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return json.loads(str(data["meta"])) if "meta" in data else {}
+    except (OSError, ValueError):
+        return {}
+    return {}
 
 
 def read_samples(path: Path) -> tuple[torch.Tensor, dict]:

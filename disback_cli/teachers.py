@@ -16,7 +16,10 @@ from disback_cli.errors import DisbackError
 from disback_cli.networks import NetworkSpec, build_denoiser
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TEACHERS = {"ring2d": "2-D ring of 8 Gaussians (MLP denoiser, 35k parameters)"}
+BUILTIN_TEACHERS = {
+    "ring2d": "2-D ring of 8 Gaussians (MLP denoiser, 35k parameters)",
+    "digits": "8x8 handwritten digits, class-conditional (small SongUNet, EDM preconditioning)",
+}
 EDM_DEFAULT_SIGMA = {"p_mean": -1.2, "p_std": 1.2}
 
 

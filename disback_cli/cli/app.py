@@ -14,7 +14,7 @@ import typer
 from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
-from disback_cli.cli import backtrack, evaluate, record, sample, teacher
+from disback_cli.cli import backtrack, demo, evaluate, plot, record, sample, teacher
 from disback_cli.errors import DisbackError, InterruptedRun
 
 app = typer.Typer(
@@ -29,6 +29,8 @@ app.command()(record.record)
 app.command()(backtrack.backtrack)
 app.command()(sample.sample)
 app.command()(evaluate.evaluate)
+app.command()(plot.plot)
+app.command()(demo.demo)
 app.add_typer(teacher.app, name="teacher")
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 import typer
 from rich.table import Table
@@ -15,8 +16,13 @@ from disback_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, emit_json, rep
 from disback_cli.datasets import DATASETS
 from disback_cli.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.evaluation import evaluate_vectors
-from disback_cli.generate import generator_file_of_run, load_generator, read_samples
+from disback_cli.evaluation import evaluate_digits, evaluate_vectors
+from disback_cli.generate import (
+    generator_file_of_run,
+    load_generator,
+    read_provenance,
+    read_samples,
+)
 from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
 from disback_cli.image_io import ImageSet, generated_images, open_images
 from disback_cli.runtime import resolve_device
@@ -66,6 +72,19 @@ def _print_images(report: dict) -> None:
     if report["repeats"] > 1:
         best = report["summary"][key]
         stdout.print(f"{report['metric']}: min {best['min']:.4g}, mean {best['mean']:.4g}")
+
+
+def _print_digits(report: dict) -> None:
+    floor = report["floor"]
+    table = Table(
+        title=f"FD-digits ({report['detector']['name']}, not Inception) vs the train split"
+    )
+    table.add_column("metric", justify="right")
+    table.add_column(f"samples (n={report['n']})", justify="right")
+    table.add_column(f"held-out real (n={floor['n']})", justify="right")
+    for key in ("fd_digits", "classes_covered", "max_class_share", "confidence"):
+        table.add_row(key, f"{report['metrics'][key]:.4g}", f"{floor[key]:.4g}")
+    stdout.print(table)
 
 
 def _split(images: ImageSet, repeats: int) -> list[tuple[ImageSet, int, int, dict]]:
@@ -146,6 +165,10 @@ def evaluate(
                 batches = one_step_batches(generator, sets[0], shape, 0, 1000, torch_device)
                 x = torch.cat([b for b, _ in batches])
                 report = _vector_report(x, dataset, {**provenance, "dataset": info.get("dataset")})
+            elif ref is None and (dataset or info.get("dataset")) == "digits":
+                images = generated_images(generator, sets[0], batch, torch_device, "run")
+                report = evaluate_digits(np.concatenate(list(images.batches(1000))))
+                report["samples"] = {"run": str(trajectory), **provenance}
             else:
                 reference = _reference(ref)
                 parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
@@ -160,12 +183,17 @@ def evaluate(
             if images is None:
                 samples, meta = read_samples(Path(inputs[0]))
                 report = {"samples": inputs[0], **_vector_report(samples, dataset, meta)}
+            elif (
+                ref is None
+                and (dataset or read_provenance(Path(inputs[0])).get("dataset")) == "digits"
+            ):
+                report = evaluate_digits(np.concatenate(list(images.batches(1000))))
+                report["samples"] = {"source": images.description, "count": images.count}
             else:
                 reference = _reference(ref)
                 detector = _detector(mode, inception, torch_device, reference, workers)
-                report = evaluate_images(
-                    _split(images, repeats), detector, reference, batch, reporter
-                )
+                parts = _split(images, repeats)
+                report = evaluate_images(parts, detector, reference, batch, reporter)
                 report["samples"] = {"source": images.description, "count": images.count}
     if json_out:
         emit_json(report)
@@ -176,11 +204,16 @@ def evaluate(
                      f"({report['detector']['mode']})")  # fmt: skip
     elif report["kind"] == "vector":
         _print_vector(report, str(inputs[0]) if inputs else f"run {trajectory}")
+    elif report["kind"] == "digits":
+        _print_digits(report)
     else:
         _print_images(report)
 
 
 def _reference(path: Path | None) -> Reference:
     if path is None:
-        raise ConfigError("image samples need --ref REF.npz (an EDM reference or `evaluate ref`)")
+        raise ConfigError(
+            "image samples need --ref REF.npz (an EDM reference or `evaluate ref`), "
+            "or --dataset digits for the built-in digits"
+        )
     return load_reference(path)

@@ -18,7 +18,14 @@ from disback_cli.cli._common import (
     stdout,
 )  # fmt: skip
 from disback_cli.config import SampleConfig, build_config
-from disback_cli.generate import generator_file_of_run, write_samples
+from disback_cli.generate import (
+    HeunSampler,
+    generator_file_of_run,
+    write_samples,
+    write_samples_of,
+)
+from disback_cli.runtime import resolve_device
+from disback_cli.teachers import open_teacher
 from disback_cli.trajectory import backtrack_dir
 
 
@@ -34,6 +41,10 @@ def sample(
     generator: Annotated[
         Path | None, typer.Option(help="A generator .safetensors file instead of a run.")
     ] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Sample a teacher with EDM's Heun sampler instead.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=2, help="Heun steps for --teacher.")] = 18,
     n: Annotated[int | None, typer.Option("-n", help=_h("n"))] = None,
     seeds: Annotated[str | None, typer.Option(help=_h("seeds"))] = None,
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
@@ -58,18 +69,27 @@ def sample(
 
     Example: disback sample --trajectory runs/t1 -n 2000 --out runs/t1/samples.npz
 
+    Reference samples of a teacher: disback sample --teacher builtin:ring2d --steps 18 -n 2000
+
     Images: --format png writes EDM's layout (00000/img00000000.png, 1000 per folder, plus
     dataset.json with labels); --format npz stores uint8 images; --class K fixes the class.
     """
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
                  class_label=class_label, device=device)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags)
-    expected, default_dir = None, Path(".")
-    if generator is None:
-        generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
-        default_dir = backtrack_dir(trajectory, name)
     with reporting(quiet or json_out) as reporter:
-        summary = write_samples(cfg, generator, out, expected, reporter, grid, default_dir)
+        if teacher is not None:
+            loaded = open_teacher(teacher, resolve_device(cfg.device))
+            info = {"file": teacher, "sha256": loaded.sha256, "weights": f"heun-{steps}",
+                    "dataset": loaded.dataset, "teacher_sha256": loaded.sha256}  # fmt: skip
+            sampler = HeunSampler(loaded.denoiser, steps)
+            summary = write_samples_of(sampler, info, cfg, out, reporter, grid)
+        else:
+            expected, default_dir = None, Path(".")
+            if generator is None:
+                generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
+                default_dir = backtrack_dir(trajectory, name)
+            summary = write_samples(cfg, generator, out, expected, reporter, grid, default_dir)
     if json_out:
         emit_json(summary)
     elif not quiet:
