@@ -5,25 +5,31 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
+RING   ?= runs/ring
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo demo-ring test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"  # its torchvision pin would replace torch
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,plot]"
 	touch $@
 
 demo: $(VENV)/.installed
 	rm -rf $(RUN)
-	$(BIN)/disback record --config recipes/ring2d.toml --out $(RUN)
-	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RUN)
-	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RUN) --no-trajectory --name baseline
-	$(BIN)/disback sample --trajectory $(RUN) -n 2000 --out $(RUN)/disback.npz
-	$(BIN)/disback sample --trajectory $(RUN) --name baseline -n 2000 --out $(RUN)/baseline.npz
-	$(BIN)/disback evaluate $(RUN)/disback.npz
-	$(BIN)/disback evaluate $(RUN)/baseline.npz
+	$(BIN)/disback demo --out $(RUN)
+
+demo-ring: $(VENV)/.installed
+	rm -rf $(RING)
+	$(BIN)/disback record --config recipes/ring2d.toml --out $(RING)
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING)
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING) --no-trajectory --name baseline
+	$(BIN)/disback sample --trajectory $(RING) -n 2000 --out $(RING)/disback.npz
+	$(BIN)/disback sample --trajectory $(RING) --name baseline -n 2000 --out $(RING)/baseline.npz
+	$(BIN)/disback evaluate $(RING)/disback.npz
+	$(BIN)/disback evaluate $(RING)/baseline.npz
+	$(BIN)/disback plot $(RING)/backtrack/default $(RING)/backtrack/baseline --out $(RING)/curves.png
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
