@@ -99,14 +99,14 @@ def run_demo(
     path, sha = generator_file_of_run(out, "default", "ema")
     generator, _ = load_generator(path, torch_device, sha)
     samplers = {
-        "teacher (Heun, 18 steps, 35 NFE)": HeunSampler(teacher.denoiser, 18),
-        "G0 (1 step)": initial_generator(teacher, record_cfg.sigma_init),
-        "distilled generator (1 step)": generator,
+        "teacher, 18 Heun steps": HeunSampler(teacher.denoiser, 18),
+        "G0, 1 step": initial_generator(teacher, record_cfg.sigma_init),
+        "distilled, 1 step": generator,
     }
     rows, grids = [], []
     held_out, _ = digits_uint8("heldout")
     floor = evaluate_digits(held_out[:n], floor=False)["metrics"]
-    rows.append({"samples": "real held-out digits", **floor, "seconds": None})
+    rows.append({"samples": "held-out real", **floor, "seconds": None})
     for label, sampler in samplers.items():
         reporter.note(f"sampling {label}")
         images = _timed(times, label, lambda s=sampler: _images(s, range(n), torch_device))

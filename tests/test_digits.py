@@ -59,8 +59,8 @@ def test_teacher_heun_samples_are_recognisable_digits_of_the_requested_class(tea
 def test_quick_demo_improves_on_g0(tmp_path):
     summary = run_demo(tmp_path / "demo", quick=True, device="cpu")
     rows = {row["samples"]: row for row in summary["rows"]}
-    g0 = rows["G0 (1 step)"]["fd_digits"]
-    distilled = rows["distilled generator (1 step)"]["fd_digits"]
+    g0 = rows["G0, 1 step"]["fd_digits"]
+    distilled = rows["distilled, 1 step"]["fd_digits"]
     assert distilled < 0.5 * g0
     assert (tmp_path / "demo" / "grids.png").exists() and (
         tmp_path / "demo" / "curves.png"

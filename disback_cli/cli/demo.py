@@ -33,7 +33,7 @@ def demo(
     if quiet:
         return
     table = Table(title=f"builtin:digits, n={summary['n']} each, FD-digits vs the train split")
-    for column in ("samples", "FD-digits", "classes covered", "max class share", "sampling s"):
+    for column in ("samples", "FD-digits", "classes", "max share", "sampling s"):
         table.add_column(column, justify="right")
     for row in summary["rows"]:
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
