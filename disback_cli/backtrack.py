@@ -29,7 +29,7 @@ from disback_cli.networks import set_dropout
 from disback_cli.record import config_changes, teacher_ref, with_teacher_sigma
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
 from disback_cli.sampling import draw_labels
-from disback_cli.schedule import target_node
+from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
 from disback_cli.statefile import load_state, save_state
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
@@ -136,6 +136,15 @@ class _Window:
         return out
 
 
+def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:
+    """Which path node is the target: always the teacher for --no-trajectory, else the rule."""
+    if cfg.no_trajectory:
+        return FixedSchedule(last_node=1, interval=cfg.interval)  # node 0 from the start
+    if cfg.switch == "adaptive":
+        return AdaptiveSchedule(last_node, cfg.switch_patience, cfg.switch_tolerance, cfg.interval)
+    return FixedSchedule(last_node, cfg.interval)
+
+
 def make_optimizer(cfg: BacktrackConfig, params, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -182,6 +191,7 @@ def run_backtrack(
     modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
     optimizers = {"generator": opt_g, "fake": opt_f}
 
+    schedule = make_schedule(cfg, last_node)
     if manifest is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         stamp = now()
@@ -196,15 +206,16 @@ def run_backtrack(
     else:
         step = 0
         if manifest.state is not None:
-            step = load_state(
+            step, extra = load_state(
                 run_dir / manifest.state.file, manifest.state.sha256, modules, optimizers, rng
             )
+            schedule.load_state_dict(extra.get("schedule", {}))
             reporter.note(f"resuming {run_dir} from iteration {step}")
         _truncate_metrics(run_dir / manifest.metrics, step)
         manifest.status = "running"
     manifest.config = cfg
 
-    loss_fn = make_generator_loss(cfg.loss, p_mean=cfg.p_mean, p_std=cfg.p_std)
+    loss_fn = make_generator_loss(cfg)
     evaluate = (
         training_evaluator(
             teacher.dataset,
@@ -227,7 +238,7 @@ def run_backtrack(
         with stop_on_signals() as stop:
             reporter.start(f"backtrack {name}", cfg.iters, step)
             while step < cfg.iters:
-                wanted = 0 if cfg.no_trajectory else target_node(step, last_node, cfg.interval)
+                wanted = schedule.target(step)
                 if wanted != target_index:
                     target_index = wanted
                     target = load_path_node(trajectory, traj, wanted, teacher, device)
@@ -250,6 +261,7 @@ def run_backtrack(
                         fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng, clip
                     )
 
+                schedule.observe(out.score_gap)
                 step += 1
                 beta = ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
                 update_ema(generator_ema, generator, beta)
@@ -273,7 +285,10 @@ def run_backtrack(
                     metrics_file.flush()
                     manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
                     manifest.status = "complete" if step == cfg.iters else "running"
-                    _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng)
+                    extra = {"schedule": schedule.state_dict()}
+                    _save_checkpoint(
+                        run_dir, manifest, step, teacher, modules, optimizers, rng, extra
+                    )
                     if stopping and step < cfg.iters:
                         raise InterruptedRun(
                             f"{stop.signal_name} at iteration {step}: state saved in {run_dir}; "
@@ -284,7 +299,7 @@ def run_backtrack(
     return manifest
 
 
-def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng) -> None:
+def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng, extra) -> None:
     """Generator, EMA and training state for `step`; the manifest moves to them last."""
     previous = [manifest.generator, manifest.generator_ema, manifest.state]
     info = {
@@ -306,7 +321,7 @@ def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng)
         )
         refs[key] = FileRef(file=file, sha256=digest)
     state_file = f"checkpoints/state-{step:08d}.safetensors"
-    state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng)
+    state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng, extra)
     manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
     manifest.state = StateRef(file=state_file, sha256=state_sha, step=step)
     manifest.step = step

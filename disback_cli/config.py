@@ -78,9 +78,17 @@ class BacktrackConfig(_Config):
     """Distribution backtracking: train the generator along the recorded path."""
 
     iters: PositiveInt = Field(2000, description="generator iterations")
-    interval: PositiveInt = Field(100, description="iterations per intermediate target node")
+    interval: PositiveInt = Field(
+        100, description="iterations per intermediate target node (adaptive: the maximum)"
+    )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
-    loss: str = Field("vsd", description="generator loss")
+    loss: str = Field("vsd", description="generator loss: vsd, dmd or sid")
+    sid_alpha: float = Field(1.2, description="alpha of the SiD loss")
+    switch: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="target switching: every --interval, or when the score gap plateaus"
+    )
+    switch_patience: PositiveInt = Field(50, description="adaptive: iterations without progress")
+    switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
     batch: PositiveInt = Field(256, description="generator samples per iteration")
     lr_g: PositiveFloat = Field(1e-4, description="generator learning rate")
     lr_fake: PositiveFloat = Field(1e-3, description="fake score learning rate")

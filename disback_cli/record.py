@@ -163,7 +163,7 @@ def run_record(
         step = 0
         manifest.nodes = manifest.nodes[:1]
     else:
-        step = load_state(
+        step, _ = load_state(
             out / manifest.state.file, manifest.state.sha256, {"aux": aux}, {"aux": optimizer}, rng
         )
         reporter.note(f"resuming {out} from iteration {step}")

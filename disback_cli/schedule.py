@@ -20,3 +20,75 @@ def target_node(iteration: int, last_node: int, interval: int) -> int:
     if interval < 1:
         raise ValueError(f"interval must be >= 1, got {interval}")
     return max(last_node - 1 - iteration // interval, 0)
+
+
+class FixedSchedule:
+    """The paper's rule: one node every `interval` iterations (see `target_node`)."""
+
+    def __init__(self, last_node: int, interval: int) -> None:
+        self.last_node, self.interval = last_node, interval
+
+    def target(self, iteration: int) -> int:
+        return target_node(iteration, self.last_node, self.interval)
+
+    def observe(self, score_gap) -> None:
+        """Fixed switching ignores the score gap."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class AdaptiveSchedule:
+    """Advance when the fake score has caught up with the current target.
+
+    The score gap mean |D_fake - D_target| is smoothed (EMA, factor `smoothing`); when its smoothed
+    value has not fallen below (1 - tolerance) x its best on this node for `patience` iterations,
+    the target moves one node toward the teacher. `max_interval` caps the iterations per node.
+    """
+
+    def __init__(
+        self, last_node: int, patience: int, tolerance: float = 0.02, max_interval: int = 10**9,
+        smoothing: float = 0.9,
+    ) -> None:  # fmt: skip
+        self.patience, self.tolerance, self.max_interval = patience, tolerance, max_interval
+        self.smoothing = smoothing
+        self.node = max(last_node - 1, 0)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.smoothed: float | None = None
+        self.best = float("inf")
+        self.since_best = 0
+        self.on_node = 0
+
+    def target(self, iteration: int) -> int:
+        return self.node
+
+    def observe(self, score_gap) -> None:
+        if self.node == 0:
+            return
+        gap = float(score_gap)
+        self.smoothed = (
+            gap
+            if self.smoothed is None
+            else self.smoothing * self.smoothed + (1 - self.smoothing) * gap
+        )
+        self.on_node += 1
+        if self.smoothed < (1 - self.tolerance) * self.best:
+            self.best, self.since_best = self.smoothed, 0
+        else:
+            self.since_best += 1
+        if self.since_best >= self.patience or self.on_node >= self.max_interval:
+            self.node -= 1
+            self._reset()
+
+    def state_dict(self) -> dict:
+        return {"node": self.node, "smoothed": self.smoothed, "best": self.best,
+                "since_best": self.since_best, "on_node": self.on_node}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.node, self.smoothed, self.best = state["node"], state["smoothed"], state["best"]
+        self.since_best, self.on_node = state["since_best"], state["on_node"]

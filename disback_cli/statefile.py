@@ -50,8 +50,11 @@ def save_state(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     rng: torch.Generator,
+    extra: dict | None = None,
 ) -> str:
-    """Write the full training state at `step` atomically; return the file's sha256."""
+    """Write the full training state at `step` atomically; return the file's sha256.
+
+    `extra` is loop state that is neither weights nor optimiser (e.g. the switching rule's)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         tensors.update(tensors_of(module, prefix=f"module.{name}."))
@@ -60,7 +63,8 @@ def save_state(
     tensors["rng.global"] = torch.get_rng_state()  # dropout draws from the global stream
     if rng.device.type == "cuda":
         tensors["rng.global_cuda"] = torch.cuda.get_rng_state(rng.device)
-    metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim)}
+    metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim),
+                "extra": json.dumps(extra or {})}  # fmt: skip
     return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
 
 
@@ -70,8 +74,8 @@ def load_state(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     rng: torch.Generator,
-) -> int:
-    """Restore modules, optimisers and the random stream in place; return the saved step."""
+) -> tuple[int, dict]:
+    """Restore modules, optimisers and the random stream in place; return the step and extra."""
     tensors, metadata, digest = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback training-state file")
@@ -88,4 +92,4 @@ def load_state(
     torch.set_rng_state(tensors["rng.global"])
     if "rng.global_cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.global_cuda"], rng.device)
-    return int(metadata["step"])
+    return int(metadata["step"]), json.loads(metadata.get("extra", "{}"))

@@ -135,3 +135,24 @@ def test_evaluation_during_training_needs_ground_truth_and_logs_metrics(trajecto
 def test_save_every_must_fall_on_log_lines():
     with pytest.raises(ValueError, match="multiple of log-every"):
         BacktrackConfig(save_every=15, log_every=10)
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_every_loss_trains_through_the_same_loop(trajectory, loss):
+    manifest = run_backtrack(BacktrackConfig(**SMALL, loss=loss), trajectory, loss)
+    lines = metrics(backtrack_dir(trajectory, loss))
+    assert manifest.config.loss == loss and len(lines) == 6
+    assert all(ln["grad_norm_g"] > 0 for ln in lines)
+
+
+def test_adaptive_switching_resumes_exactly(trajectory):
+    cfg = BacktrackConfig(**SMALL, switch="adaptive", switch_patience=3)
+    run_backtrack(cfg, trajectory, "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_backtrack(cfg, trajectory, "broken", reporter=At(30, crash))
+    run_backtrack(cfg, trajectory, "broken")
+    whole, broken = backtrack_dir(trajectory, "whole"), backtrack_dir(trajectory, "broken")
+    assert metrics(whole) == metrics(broken)
+    assert file_digests(whole) == file_digests(broken)
+    targets = [ln["target_node"] for ln in metrics(whole)]
+    assert targets == sorted(targets, reverse=True) and targets[-1] == 0

@@ -72,7 +72,7 @@ def test_training_state_round_trip_restores_optimizer_and_random_stream(tmp_path
     net2 = build_denoiser(SPEC)
     opt2 = torch.optim.Adam(net2.parameters(), lr=1.0)
     rng2 = torch.Generator()
-    step = load_state(tmp_path / "s.safetensors", digest, {"net": net2}, {"net": opt2}, rng2)
+    step, _ = load_state(tmp_path / "s.safetensors", digest, {"net": net2}, {"net": opt2}, rng2)
     net, opt, rng = net2, opt2, rng2
     train_step()
     assert step == 3 and tuple(opt2.param_groups[0]["betas"]) == (0.0, 0.99)

@@ -40,6 +40,10 @@ def backtrack(
         bool | None, typer.Option("--no-trajectory", help=_h("no_trajectory"))
     ] = None,
     loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
+    sid_alpha: Annotated[float | None, typer.Option(help=_h("sid_alpha"))] = None,
+    switch: Annotated[str | None, typer.Option(help=_h("switch"))] = None,
+    switch_patience: Annotated[int | None, typer.Option(help=_h("switch_patience"))] = None,
+    switch_tolerance: Annotated[float | None, typer.Option(help=_h("switch_tolerance"))] = None,
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
     lr_g: Annotated[float | None, typer.Option(help=_h("lr_g"))] = None,
     lr_fake: Annotated[float | None, typer.Option(help=_h("lr_fake"))] = None,
@@ -75,6 +79,8 @@ def backtrack(
     Example: disback backtrack --trajectory runs/t1 --iters 1500 --interval 100 --seed 0
     """
     flags = dict(iters=iters, interval=interval, no_trajectory=no_trajectory, loss=loss,
+                 sid_alpha=sid_alpha, switch=switch, switch_patience=switch_patience,
+                 switch_tolerance=switch_tolerance,
                  batch=batch, lr_g=lr_g, lr_fake=lr_fake, optimizer=optimizer, betas=betas,
                  weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,

@@ -1,0 +1,113 @@
+"""Each generator loss's gradient on x against a hand-computed case with linear denoisers."""
+
+import pytest
+import torch
+from torch import nn
+
+from disback_cli.config import BacktrackConfig
+from disback_cli.losses import GENERATOR_LOSSES, karras_sigma, make_generator_loss
+from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
+
+
+class Linear(nn.Module):
+    """D(x, sigma) = a x, with a trainable `a` (its gradient must not be touched by SiD)."""
+
+    sigma_data = 0.5
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.a * x
+
+
+def case(seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, generator=rng).requires_grad_(True)
+    noise = torch.randn(4, 3, generator=rng)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    return x, noise, sigma
+
+
+def grad_of(loss_fn, x, sigma, noise, fake, target):
+    out = loss_fn(x, sigma, noise, fake, target, None)
+    (grad,) = torch.autograd.grad(out.loss, x)
+    return grad, out
+
+
+def test_vsd_gradient_is_fake_minus_target_at_x_t():
+    x, noise, sigma = case()
+    a_f, a_t = 0.7, 0.4
+    grad, out = grad_of(
+        GENERATOR_LOSSES["vsd"](-1.2, 1.2), x, sigma, noise, Linear(a_f), Linear(a_t)
+    )
+    x_t = x.detach() + sigma[:, None] * noise
+    torch.testing.assert_close(grad, (a_f - a_t) * x_t / 4)
+    torch.testing.assert_close(out.score_gap, ((a_f - a_t) * x_t).abs().mean())
+
+
+def test_dmd_gradient_is_normalised_per_sample():
+    x, noise, sigma = case(1)
+    a_f, a_t = 0.9, 0.2
+    grad, _ = grad_of(GENERATOR_LOSSES["dmd"](), x, sigma, noise, Linear(a_f), Linear(a_t))
+    x0 = x.detach()
+    x_t = x0 + sigma[:, None] * noise
+    scale = (x0 - a_t * x_t).abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(grad, (a_f - a_t) * x_t / scale / 4)
+
+
+def test_sid_gradient_goes_through_x_t_and_spares_the_fake_weights():
+    x, noise, sigma = case(2)
+    a_f, a_r, alpha = 0.3, 0.8, 1.2
+    fake = Linear(a_f)
+    grad, _ = grad_of(GENERATOR_LOSSES["sid"](alpha), x, sigma, noise, fake, Linear(a_r))
+    x0 = x.detach()
+    x_t = x0 + sigma[:, None] * noise
+    c = a_r - a_f
+    scale = (x0 - a_r * x_t).abs().mean(dim=1, keepdim=True)
+    # d/dx of sum c x_t (a_r x_t - x - alpha c x_t), with d x_t / d x = 1:
+    expected = c * (a_r * x_t - x0 - alpha * c * x_t) + c * x_t * (a_r - 1 - alpha * c)
+    torch.testing.assert_close(grad, expected / scale / 4)
+    assert fake.a.grad is None and fake.a.requires_grad
+
+
+def test_losses_sample_their_own_noise_levels():
+    rng = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    dmd = GENERATOR_LOSSES["dmd"]().sample_sigma(5000, rng, cpu)
+    sid = GENERATOR_LOSSES["sid"]().sample_sigma(5000, rng, cpu)
+    assert dmd.min() >= karras_sigma(torch.tensor(20 / 999)) and dmd.max() <= 80
+    assert sid.min() >= 0.002 and sid.max() <= karras_sigma(torch.tensor(0.8)) < 25
+
+
+@pytest.mark.parametrize("name", ["vsd", "dmd", "sid"])
+def test_losses_are_built_from_the_config(name):
+    loss = make_generator_loss(BacktrackConfig(loss=name, p_mean=-1.0, p_std=1.0, sid_alpha=1.0))
+    assert isinstance(loss, GENERATOR_LOSSES[name])
+
+
+def test_fixed_schedule_follows_target_node():
+    schedule = FixedSchedule(last_node=4, interval=10)
+    assert [schedule.target(i) for i in (0, 9, 10, 29, 30, 99)] == [3, 3, 2, 1, 0, 0]
+
+
+def test_adaptive_schedule_advances_when_the_gap_stops_falling():
+    schedule = AdaptiveSchedule(last_node=3, patience=5, tolerance=0.01, smoothing=0.0)
+    targets = []
+    for gap in [1.0, 0.8, 0.6, 0.5] + [0.5] * 5 + [2.0, 1.0, 0.5, 0.4] + [0.4] * 5 + [1.0] * 10:
+        targets.append(schedule.target(len(targets)))
+        schedule.observe(gap)
+    # node 2 while the gap falls, 5 flat steps -> node 1, again -> node 0 (the teacher) for good
+    assert targets[:9] == [2] * 9 and targets[9:18] == [1] * 9 and set(targets[18:]) == {0}
+
+
+def test_adaptive_schedule_respects_the_maximum_interval_and_round_trips():
+    schedule = AdaptiveSchedule(last_node=2, patience=100, max_interval=7)
+    for i in range(7):
+        assert schedule.target(i) == 1
+        schedule.observe(1.0 / (i + 1))  # still falling, but the cap is reached
+    assert schedule.target(7) == 0
+    copy = AdaptiveSchedule(last_node=2, patience=100, max_interval=7)
+    copy.load_state_dict(schedule.state_dict())
+    assert copy.state_dict() == schedule.state_dict()
