@@ -23,10 +23,9 @@ from disback_cli.config import BacktrackConfig
 from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
-from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
-from disback_cli.record import config_changes, teacher_ref, with_teacher_sigma
+from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
@@ -176,7 +175,7 @@ def run_backtrack(
         return manifest
 
     last_node = traj.last_node
-    generator = OneStepGenerator(copy.deepcopy(teacher.denoiser), traj.generator_init.sigma_init)
+    generator, generator_spec = build_g0(traj.generator_init, teacher, device)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
@@ -287,8 +286,9 @@ def run_backtrack(
                     manifest.status = "complete" if step == cfg.iters else "running"
                     extra = {"schedule": schedule.state_dict()}
                     _save_checkpoint(
-                        run_dir, manifest, step, teacher, modules, optimizers, rng, extra
-                    )
+                        run_dir, manifest, step, teacher, generator_spec, modules, optimizers,
+                        rng, extra,
+                    )  # fmt: skip
                     if stopping and step < cfg.iters:
                         raise InterruptedRun(
                             f"{stop.signal_name} at iteration {step}: state saved in {run_dir}; "
@@ -299,7 +299,9 @@ def run_backtrack(
     return manifest
 
 
-def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng, extra) -> None:
+def _save_checkpoint(
+    run_dir, manifest, step, teacher, generator_spec, modules, optimizers, rng, extra
+) -> None:
     """Generator, EMA and training state for `step`; the manifest moves to them last."""
     previous = [manifest.generator, manifest.generator_ema, manifest.state]
     info = {
@@ -316,7 +318,7 @@ def _save_checkpoint(run_dir, manifest, step, teacher, modules, optimizers, rng,
         digest = save_denoiser(
             run_dir / file,
             modules[module_name].denoiser,
-            teacher.spec,
+            generator_spec,
             {**info, "weights": weights},
         )
         refs[key] = FileRef(file=file, sha256=digest)

@@ -59,6 +59,13 @@ class RecordConfig(_Config):
     lr: PositiveFloat = Field(1e-4, description="Adam learning rate (keep ~10x below the fake lr)")
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
     sigma_init: PositiveFloat = Field(2.5, description="G0(z) = D(sigma_init z, sigma_init)")
+    placement: Literal["even", "distance"] = Field(
+        "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
+    )
+    student: str | None = Field(None, description="G0 from this denoiser file (default: teacher)")
+    student_arch_kwargs: dict[str, Any] | None = Field(
+        None, description="G0 = teacher architecture with these kwargs, randomly initialised"
+    )
     p_mean: float | None = Field(None, description="log-normal sigma mean; none: the teacher's")
     p_std: PositiveFloat | None = Field(
         None, description="log-normal sigma std; none: the teacher's"
@@ -71,6 +78,8 @@ class RecordConfig(_Config):
     def _nodes_fit(self) -> RecordConfig:
         if self.nodes > self.iters:
             raise ValueError(f"nodes ({self.nodes}) must not exceed iters ({self.iters})")
+        if self.student is not None and self.student_arch_kwargs is not None:
+            raise ValueError("give either student or student-arch-kwargs, not both")
         return self
 
 

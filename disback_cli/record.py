@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import save_denoiser
+from disback_cli.checkpoint import load_denoiser, save_denoiser
 from disback_cli.config import RecordConfig
-from disback_cli.errors import ConfigError, InterruptedRun
+from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
-from disback_cli.networks import set_dropout
+from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
@@ -44,8 +44,42 @@ PROBE_SEED = 20240828  # fixed, so node distances compare across runs and seeds
 
 def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
     """G0: a frozen teacher copy used as the one-step map z -> D(sigma_init z, sigma_init)."""
-    g0 = OneStepGenerator(copy.deepcopy(teacher.denoiser), sigma_init)
-    return g0.eval().requires_grad_(False)
+    device = next(teacher.denoiser.parameters()).device
+    return build_g0(G0Spec(sigma_init=sigma_init), teacher, device)[0]
+
+
+def g0_spec(cfg: RecordConfig, teacher: Teacher) -> G0Spec:
+    """Where G0 comes from: the teacher (default), a student file, or a random student."""
+    if cfg.student is not None:
+        return G0Spec(kind="file", sigma_init=cfg.sigma_init, file=str(Path(cfg.student).resolve()),
+                      sha256=load_denoiser(cfg.student).sha256)  # fmt: skip
+    if cfg.student_arch_kwargs is not None:
+        kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
+        network = teacher.spec.model_copy(update={"arch_kwargs": kwargs})
+        return G0Spec(kind="random", sigma_init=cfg.sigma_init, network=network, init_seed=cfg.seed)
+    return G0Spec(sigma_init=cfg.sigma_init)
+
+
+def build_g0(spec: G0Spec, teacher: Teacher, device) -> tuple[OneStepGenerator, NetworkSpec]:
+    """The frozen initial generator and its network spec (students may differ from the teacher)."""
+    if spec.kind == "file":
+        loaded = load_denoiser(spec.file, device)
+        if loaded.sha256 != spec.sha256:
+            raise DisbackError(f"{spec.file}: student weights changed since recording (sha256)")
+        if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
+                                                             teacher.spec.label_dim):  # fmt: skip
+            raise DisbackError(
+                f"{spec.file}: student data shape or classes differ from the teacher's"
+            )
+        denoiser, network = loaded.denoiser, loaded.spec
+    elif spec.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            denoiser, network = build_denoiser(spec.network).to(device), spec.network
+    else:
+        denoiser, network = copy.deepcopy(teacher.denoiser), teacher.spec
+    g0 = OneStepGenerator(denoiser, spec.sigma_init).eval().requires_grad_(False)
+    return g0, network
 
 
 def with_teacher_sigma(cfg, teacher: Teacher):
@@ -115,6 +149,48 @@ def _start_or_resume(
     return None
 
 
+PLAN_CHECKS = 100  # probe distances measured while planning nodes by distance
+
+
+def _fresh_run(cfg: RecordConfig, teacher: Teacher, device):
+    """Auxiliary model, optimiser and random streams exactly as at iteration 0."""
+    aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
+    set_dropout(aux, cfg.dropout)
+    optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
+    return aux, optimizer, rng
+
+
+def plan_by_distance(cfg: RecordConfig, teacher: Teacher, g0, probe, device, reporter) -> list[int]:
+    """Node steps such that node i is the first checkpoint at >= i/N of the final distance from
+    the teacher. A dry run of the (deterministic) recording measures the distances; the real run
+    repeats it and saves at the planned steps."""
+    aux, optimizer, rng = _fresh_run(cfg, teacher, device)
+    shape = (cfg.batch, *teacher.spec.data_shape)
+    every = max(1, cfg.iters // max(PLAN_CHECKS, 4 * cfg.nodes))
+    distances: list[tuple[int, float]] = []
+    reporter.start("plan nodes", cfg.iters, 0)
+    for step in range(1, cfg.iters + 1):
+        denoising_step(
+            aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std, rng
+        )
+        if step % every == 0 or step == cfg.iters:
+            distances.append((step, probe(aux)))
+            reporter.advance(step)
+    final = distances[-1][1]
+    plan, candidates = [], iter(distances)
+    for i in range(1, cfg.nodes + 1):
+        for step, distance in candidates:
+            if distance >= i / cfg.nodes * final or step == cfg.iters:
+                plan.append(step)
+                break
+    if len(plan) < cfg.nodes:
+        reporter.note("too few distinct checkpoints for placement by distance; placing evenly")
+        return node_steps(cfg.iters, cfg.nodes)[1:]
+    return plan
+
+
 def run_record(
     cfg: RecordConfig,
     out: str | Path,
@@ -133,15 +209,16 @@ def run_record(
         reporter.note(f"{out}: recording already complete, nothing to do")
         return manifest
 
-    aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
-    set_dropout(aux, cfg.dropout)
-    g0 = initial_generator(teacher, cfg.sigma_init)
-    optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
+    g0_init = manifest.generator_init if manifest is not None else g0_spec(cfg, teacher)
+    g0, _ = build_g0(g0_init, teacher, device)
     probe = DistanceProbe(teacher, g0, cfg.p_mean, cfg.p_std, device)
-    saves = dict(enumerate(node_steps(cfg.iters, cfg.nodes)))
-    node_at_step = {s: i for i, s in saves.items() if i > 0}
+    plan = manifest.node_plan if manifest is not None else None
+    if plan is None:
+        plan = node_steps(cfg.iters, cfg.nodes)[1:]
+        if cfg.placement == "distance":
+            plan = plan_by_distance(cfg, teacher, g0, probe, device, reporter)
+    node_at_step = {s: i for i, s in enumerate(plan, start=1)}
+    aux, optimizer, rng = _fresh_run(cfg, teacher, device)
 
     if manifest is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +228,8 @@ def run_record(
             updated_at=stamp,
             status="recording",
             teacher=teacher_ref(teacher),
-            generator_init=G0Spec(sigma_init=cfg.sigma_init),
+            generator_init=g0_init,
+            node_plan=plan,
             config=cfg,
             nodes=[
                 NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256, dist_to_teacher=0)
@@ -174,8 +252,9 @@ def run_record(
     with stop_on_signals() as stop:
         reporter.start("record", cfg.iters, step)
         while step < cfg.iters:
-            loss, _ = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
-                                     cfg.p_mean, cfg.p_std, rng)  # fmt: skip
+            loss, _ = denoising_step(
+                aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std, rng
+            )
             step += 1
             reporter.advance(step, loss=loss.item())
 

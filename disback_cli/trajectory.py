@@ -64,8 +64,14 @@ class TeacherRef(_Record):
 
 
 class G0Spec(_Record):
-    kind: Literal["teacher_copy"] = "teacher_copy"
-    sigma_init: float  # G0(z) = D_teacher(sigma_init z, sigma_init)
+    """The initial generator G0(z) = D(sigma_init z, sigma_init) and where D comes from."""
+
+    kind: Literal["teacher_copy", "file", "random"] = "teacher_copy"
+    sigma_init: float
+    file: str | None = None  # kind "file": a disback denoiser file ...
+    sha256: str | None = None  # ... with this hash
+    network: NetworkSpec | None = None  # kind "random": this network ...
+    init_seed: int | None = None  # ... initialised from this seed
 
 
 class _Manifest(_Record):
@@ -83,6 +89,7 @@ class TrajectoryManifest(_Manifest):
     config: RecordConfig
     nodes: list[NodeRecord]
     state: StateRef | None = None
+    node_plan: list[int] | None = None  # recording steps of nodes 1..N (placement by distance)
     elapsed_seconds: float = 0.0
 
     @property

@@ -156,3 +156,36 @@ def test_adaptive_switching_resumes_exactly(trajectory):
     assert file_digests(whole) == file_digests(broken)
     targets = [ln["target_node"] for ln in metrics(whole)]
     assert targets == sorted(targets, reverse=True) and targets[-1] == 0
+
+
+def test_random_student_smaller_than_the_teacher(tmp_path):
+    from disback_cli.checkpoint import load_denoiser
+    from disback_cli.trajectory import TrajectoryManifest
+
+    cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
+                       student_arch_kwargs={"hidden": 32})  # fmt: skip
+    traj = run_record(cfg, tmp_path / "t")
+    assert traj.generator_init.kind == "random"
+    assert traj.generator_init.network.arch_kwargs["hidden"] == 32
+    manifest = run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")
+    generator = load_denoiser(backtrack_dir(tmp_path / "t", "default") / manifest.generator.file)
+    node = load_denoiser(tmp_path / "t" / traj.nodes[-1].file)
+    assert generator.spec.arch_kwargs["hidden"] == 32 and node.spec.arch_kwargs["hidden"] == 128
+    assert read_manifest(tmp_path / "t", TrajectoryManifest).generator_init == traj.generator_init
+
+
+def test_student_from_a_file(tmp_path):
+    from disback_cli.checkpoint import save_denoiser
+    from disback_cli.networks import NetworkSpec, build_denoiser
+
+    spec = NetworkSpec(arch="mlp", arch_kwargs={"hidden": 16, "depth": 2},
+                       precond_kwargs={"sigma_data": 1.4}, data_shape=(2,))  # fmt: skip
+    save_denoiser(tmp_path / "student.safetensors", build_denoiser(spec), spec, {"role": "student"})
+    cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
+                       student=str(tmp_path / "student.safetensors"))  # fmt: skip
+    traj = run_record(cfg, tmp_path / "t")
+    assert traj.generator_init.kind == "file" and len(traj.generator_init.sha256) == 64
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")
+    (tmp_path / "student.safetensors").write_bytes(b"changed")
+    with pytest.raises(DisbackError, match="not a valid safetensors"):
+        run_backtrack(BacktrackConfig(**{**SMALL, "iters": 40}), tmp_path / "t")

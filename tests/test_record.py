@@ -70,3 +70,29 @@ def test_session_options_may_change_on_rerun(small_trajectory, tmp_path):
 def test_nodes_beyond_iterations_are_a_config_error():
     with pytest.raises(ValueError, match="must not exceed iters"):
         RecordConfig(teacher="builtin:ring2d", iters=3, nodes=5)
+
+
+def test_placement_by_distance_spreads_nodes_evenly_along_the_path(tmp_path):
+    cfg = RecordConfig(teacher="builtin:ring2d", iters=300, nodes=4, batch=64, device="cpu")
+    even = run_record(cfg, tmp_path / "even")
+    spread = run_record(cfg.model_copy(update={"placement": "distance"}), tmp_path / "spread")
+
+    def shares(manifest):
+        final = manifest.nodes[-1].dist_to_teacher
+        return [n.dist_to_teacher / final for n in manifest.nodes[1:]]
+
+    assert [n.step for n in even.nodes[1:]] == [75, 150, 225, 300]
+    assert spread.node_plan == [n.step for n in spread.nodes[1:]] and spread.node_plan[-1] == 300
+    assert spread.node_plan[0] < 75  # the path moves fastest at the start
+    deviation = [abs(s - (i + 1) / 4) for i, s in enumerate(shares(spread))]
+    assert max(deviation) < 0.08
+    assert max(deviation) < max(abs(s - (i + 1) / 4) for i, s in enumerate(shares(even)))
+
+
+def test_placement_by_distance_resumes_to_identical_nodes(tmp_path):
+    cfg = RecordConfig(**SMALL_RECORD, placement="distance")
+    run_record(cfg, tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_record(cfg, tmp_path / "broken", reporter=CrashAt(45))
+    run_record(cfg, tmp_path / "broken")
+    assert file_digests(tmp_path / "whole") == file_digests(tmp_path / "broken")

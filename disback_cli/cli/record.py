@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +22,25 @@ from disback_cli.cli._common import (
     stdout,
 )  # fmt: skip
 from disback_cli.config import RecordConfig, build_config
+from disback_cli.errors import ConfigError
 from disback_cli.record import run_record
 from disback_cli.teachers import BUILTIN_PREFIX
 
 
 def _h(field: str) -> str:
     return describe(RecordConfig, field)
+
+
+def _json(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--student-arch-kwargs is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--student-arch-kwargs must be a JSON object, e.g. '{\"hidden\": 32}'")
+    return value
 
 
 def default_out(teacher: str) -> Path:
@@ -48,6 +62,11 @@ def record(
     lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
     betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
+    placement: Annotated[str | None, typer.Option(help=_h("placement"))] = None,
+    student: Annotated[str | None, typer.Option(help=_h("student"))] = None,
+    student_arch_kwargs: Annotated[
+        str | None, typer.Option(help=_h("student_arch_kwargs") + " (JSON)")
+    ] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
@@ -67,7 +86,9 @@ def record(
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
     flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
-                 sigma_init=sigma_init, p_mean=p_mean, p_std=p_std, dropout=dropout,
+                 sigma_init=sigma_init, placement=placement, student=student,
+                 student_arch_kwargs=_json(student_arch_kwargs), p_mean=p_mean, p_std=p_std,
+                 dropout=dropout,
                  save_every=save_every,
                  seed=seed, device=device)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags)
