@@ -97,10 +97,17 @@ class DigitsDetector:
         load_weights(self.model, tensors, str(path))
         self.model.eval().requires_grad_(False)
         self.path = path
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None
 
     def describe(self) -> dict:
         return {"name": "digits-cnn", "metric": "FD-digits", "mode": None, "sha256": self.sha256,
                 "feature_dim": 64, "file": str(self.path)}  # fmt: skip
+
+    def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Feature mean and covariance of the train split, computed once per detector."""
+        if self._reference is None:
+            self._reference = feature_stats(self.features(digits_uint8("train")[0]))
+        return self._reference
 
     def _check(self, images: np.ndarray) -> None:
         if images.shape[1:] != (8, 8, 1):
@@ -121,8 +128,7 @@ class DigitsDetector:
 
 def digits_scores(images: np.ndarray, detector: DigitsDetector) -> dict:
     """FD-digits against the train split, class coverage and classifier confidence."""
-    reference, _ = digits_uint8("train")
-    mu_ref, sigma_ref = feature_stats(detector.features(reference))
+    mu_ref, sigma_ref = detector.reference_stats()
     mu, sigma = feature_stats(detector.features(images))
     probs = detector.probabilities(images)
     shares = np.bincount(probs.argmax(1), minlength=10) / len(images)
