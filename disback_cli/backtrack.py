@@ -18,15 +18,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser, save_denoiser
+from disback_cli.checkpoint import load_denoiser, save_denoiser, tensor_bytes
 from disback_cli.config import BacktrackConfig
 from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
+from disback_cli.fileio import atomic_write_bytes, ensure_free_space, sha256_file
+from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
 from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
-from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.runtime import (
+    Reporter,
+    SilentReporter,
+    check_finite,
+    last_good,
+    resolve_device,
+    stop_on_signals,
+)
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
 from disback_cli.statefile import load_state, save_state
@@ -40,31 +49,34 @@ from disback_cli.trajectory import (
     backtrack_dir,
     now,
     read_manifest,
+    remove_unlisted,
     write_manifest,
 )
 
 
 def load_path_node(
-    trajectory: Path, manifest: TrajectoryManifest, index: int, teacher: Teacher, device
+    trajectory: Path,
+    manifest: TrajectoryManifest,
+    index: int,
+    teacher: Teacher,
+    device,
+    verify: bool = True,
 ) -> nn.Module:
     """Path node `index` as a frozen denoiser, checked against the manifest (0 = teacher)."""
     node = manifest.nodes[index]
     if node.file is None:
         return teacher.denoiser
-    loaded = load_denoiser(trajectory / node.file, device)
-    if loaded.sha256 != node.sha256:
-        raise DisbackError(
-            f"{trajectory / node.file}: sha256 does not match the trajectory manifest"
-        )
+    loaded = load_denoiser(trajectory / node.file, device, node.sha256, verify)
     if loaded.spec != teacher.spec:
         raise DisbackError(f"{trajectory / node.file}: network differs from the teacher's")
     return loaded.denoiser
 
 
 def open_trajectory(
-    trajectory: Path, teacher_override: str | None, device
+    trajectory: Path, teacher_override: str | None, device, verify: bool = True
 ) -> tuple[TrajectoryManifest, Teacher]:
-    """A completed trajectory and its teacher, verified by sha256."""
+    """A completed trajectory and its teacher, verified by sha256 (node files too, up front, so
+    a bad node stops the run before it writes anything rather than at its target switch)."""
     manifest = read_manifest(trajectory, TrajectoryManifest)
     if manifest.status != "complete":
         step = manifest.state.step if manifest.state else 0
@@ -78,6 +90,17 @@ def open_trajectory(
             f"teacher {teacher.source} is not the one {trajectory} was recorded with "
             "(sha256 differs)"
         )
+    for node in manifest.nodes:
+        if node.file is None:
+            continue
+        path = trajectory / node.file
+        if not path.is_file():
+            raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
+        if verify and sha256_file(path) != node.sha256:
+            raise DisbackError(
+                f"{path}: sha256 does not match the manifest (file changed or corrupt; "
+                "--no-verify skips this check)"
+            )
     return manifest, teacher
 
 
@@ -109,11 +132,18 @@ def _existing_run(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the resume point: a resumed log equals an uninterrupted one."""
+    """Drop log lines written after the resume point (and a line cut short by a kill), so a
+    resumed log equals an uninterrupted one."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["iteration"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a partial last line
+    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
 class _Window:
@@ -163,11 +193,26 @@ def run_backtrack(
     reporter = reporter or SilentReporter()
     trajectory = Path(trajectory)
     device = resolve_device(cfg.device)
-    traj, teacher = open_trajectory(trajectory, teacher_override, device)
+    traj, teacher = open_trajectory(trajectory, teacher_override, device, cfg.verify)
     cfg = with_teacher_sigma(cfg, teacher)
     if cfg.eval_every and teacher.dataset is None:
         raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
     run_dir = backtrack_dir(trajectory, name)
+    with run_lock(run_dir, "backtrack", reporter):
+        return _backtrack(cfg, trajectory, traj, teacher, run_dir, name, device, force, reporter)
+
+
+def _backtrack(
+    cfg: BacktrackConfig,
+    trajectory: Path,
+    traj: TrajectoryManifest,
+    teacher: Teacher,
+    run_dir: Path,
+    name: str,
+    device,
+    force: bool,
+    reporter: Reporter,
+) -> BacktrackManifest:
     path_sha = [node.sha256 for node in traj.nodes]
     manifest = _existing_run(run_dir, cfg, path_sha, force, reporter)
     if manifest is not None and manifest.status == "complete" and manifest.step == cfg.iters:
@@ -180,7 +225,7 @@ def run_backtrack(
     set_dropout(generator, cfg.dropout)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     fake_init = 0 if cfg.no_trajectory else last_node
-    fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device))
+    fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device, cfg.verify))
     fake.train().requires_grad_(True)
     set_dropout(fake, cfg.dropout)
     opt_g = make_optimizer(cfg, generator.parameters(), cfg.lr_g)
@@ -192,7 +237,6 @@ def run_backtrack(
 
     schedule = make_schedule(cfg, last_node)
     if manifest is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         stamp = now()
         manifest = BacktrackManifest(
             created_at=stamp, updated_at=stamp, status="running", name=name,
@@ -205,14 +249,20 @@ def run_backtrack(
     else:
         step = 0
         if manifest.state is not None:
-            step, extra = load_state(
-                run_dir / manifest.state.file, manifest.state.sha256, modules, optimizers, rng
-            )
+            step, extra = load_state(run_dir / manifest.state.file, manifest.state.sha256,
+                                     modules, optimizers, rng, cfg.verify)  # fmt: skip
             schedule.load_state_dict(extra.get("schedule", {}))
             reporter.note(f"resuming {run_dir} from iteration {step}")
         _truncate_metrics(run_dir / manifest.metrics, step)
+        refs = (manifest.generator, manifest.generator_ema, manifest.state)
+        for path in remove_unlisted(run_dir, ("checkpoints",), {r.file for r in refs if r}):
+            reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
     manifest.config = cfg
+    # Room for two checkpoints (the previous one goes once the next is complete): generator,
+    # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
+    g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
+    ensure_free_space(run_dir, 2 * (5 * g_size + 3 * f_size), "two checkpoints")
 
     loss_fn = make_generator_loss(cfg)
     evaluate = (
@@ -240,7 +290,7 @@ def run_backtrack(
                 wanted = schedule.target(step)
                 if wanted != target_index:
                     target_index = wanted
-                    target = load_path_node(trajectory, traj, wanted, teacher, device)
+                    target = load_path_node(trajectory, traj, wanted, teacher, device, cfg.verify)
 
                 # Generator step on (fake - target) at noised generator samples.
                 z = torch.randn(shape, generator=rng, device=device)
@@ -260,8 +310,11 @@ def run_backtrack(
                         fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng, clip
                     )
 
-                schedule.observe(out.score_gap)
                 step += 1
+                check_finite(step, last_good(run_dir, manifest.state), loss_g=out.loss,
+                             grad_norm_g=grad_norm_g, loss_fake=loss_fake,
+                             grad_norm_fake=grad_norm_fake)  # fmt: skip
+                schedule.observe(out.score_gap)
                 beta = ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
                 update_ema(generator_ema, generator, beta)
                 window.add(loss_g=out.loss, loss_fake=loss_fake, score_gap=out.score_gap,

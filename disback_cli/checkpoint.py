@@ -61,6 +61,11 @@ def tensors_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes the module's state dict takes in a file (to check disk space before writing)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def save_denoiser(path: str | Path, denoiser: nn.Module, spec: NetworkSpec, info: dict) -> str:
     """Write the denoiser's weights atomically; return the file's sha256."""
     metadata = {
@@ -72,8 +77,13 @@ def save_denoiser(path: str | Path, denoiser: nn.Module, spec: NetworkSpec, info
     return atomic_write_bytes(path, encode_safetensors(tensors_of(denoiser), metadata))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """Tensors, metadata and sha256 of a safetensors file, with one-line errors for bad files."""
+def read_safetensors(
+    path: str | Path, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """Tensors, metadata and sha256 of a safetensors file, with one-line errors for bad files.
+
+    With `expected_sha256` the file must hash to it; `verify=False` skips hashing (and the check)
+    for huge trusted files and returns None as the hash."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -83,18 +93,30 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise DisbackError(f"{path}: is a directory, expected a .safetensors file") from None
     except OSError as exc:
         raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    digest = sha256_bytes(data) if verify else None
+    if verify and expected_sha256 is not None and digest != expected_sha256:
+        raise DisbackError(
+            f"{path}: sha256 does not match the manifest (file changed or corrupt; "
+            "--no-verify skips this check)"
+        )
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
         tensors = safetensors.torch.load(data)
     except Exception:
         raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
-    return tensors, metadata, sha256_bytes(data)
+    return tensors, metadata, digest
 
 
-def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> DenoiserFile:
-    """Rebuild a denoiser from a disback denoiser file and load its weights strictly."""
-    tensors, metadata, digest = read_safetensors(path)
+def load_denoiser(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    expected_sha256: str | None = None,
+    verify: bool = True,
+) -> DenoiserFile:
+    """Rebuild a denoiser from a disback denoiser file and load its weights strictly
+    (checked against `expected_sha256` unless `verify` is off; see `read_safetensors`)."""
+    tensors, metadata, digest = read_safetensors(path, expected_sha256, verify)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback denoiser file (metadata 'format' missing)")
     version = int(metadata.get("format_version", "0"))
@@ -111,7 +133,8 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu") -> Denoi
         raise DisbackError(f"{path}: bad network metadata ({first})") from None
     denoiser = build_denoiser(spec)
     load_weights(denoiser, tensors, str(path))
-    return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, digest)
+    sha256 = digest or expected_sha256 or ""
+    return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, sha256)
 
 
 def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

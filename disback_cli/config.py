@@ -26,7 +26,7 @@ from pydantic import (
 from disback_cli.errors import ConfigError
 from disback_cli.losses import GENERATOR_LOSSES
 
-SESSION_FIELDS = {"save_every", "log_every", "eval_every", "eval_samples", "device"}
+SESSION_FIELDS = {"save_every", "log_every", "eval_every", "eval_samples", "device", "verify"}
 
 Betas = tuple[float, float]
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
@@ -36,6 +36,7 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1', ... or 'auto'")
+    verify: bool = Field(True, description="check the sha256 of every file a manifest names")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the run (everything but SESSION_FIELDS)."""

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from disback_cli.errors import DisbackError
+
+DISK_MARGIN = 64 << 20  # keep this much free beyond what a write needs
+
+
+TMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" beside their target
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed process left under `directory`; return them."""
+    found = [p for p in Path(directory).rglob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -28,11 +45,41 @@ def _umask() -> int:
     return mask
 
 
+def free_bytes(directory: str | os.PathLike) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse before writing `needed` bytes into `directory` if the disk cannot hold them."""
+    where = _existing_ancestor(Path(directory))
+    free = free_bytes(where)
+    if free < needed + DISK_MARGIN:
+        raise DisbackError(
+            f"not enough disk space for {what} in {directory}: needs {_mib(needed)} "
+            f"(+{_mib(DISK_MARGIN)} margin), {_mib(free)} free; free some space and rerun"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write `data` to `path` via a temporary file, fsync and rename; return its sha256."""
+    """Write `data` to `path` via a temporary file, fsync and rename; return its sha256.
+
+    Checks free space first; a failed write removes its temporary file and leaves `path` as it
+    was."""
     path = Path(path)
+    ensure_free_space(path.parent, len(data), path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -40,6 +87,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = f"{path}: disk full while writing; the previous file is intact"
+            raise DisbackError(message) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -39,13 +39,11 @@ def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Pa
 
 
 def load_generator(
-    path: Path, device: torch.device, expected_sha256: str | None = None
+    path: Path, device: torch.device, expected_sha256: str | None = None, verify: bool = True
 ) -> tuple[OneStepGenerator, dict]:
-    loaded = load_denoiser(path, device)
+    loaded = load_denoiser(path, device, expected_sha256, verify)
     if loaded.info.get("role") != "generator":
         raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
-    if expected_sha256 is not None and loaded.sha256 != expected_sha256:
-        raise DisbackError(f"{path}: sha256 does not match the run manifest (file changed?)")
     generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]))
     return generator.eval(), {**loaded.info, "sha256": loaded.sha256, "file": str(path)}
 
@@ -69,7 +67,7 @@ def write_samples(
 ) -> dict:
     """Sample a generator file one step per seed (see `write_samples_of`)."""
     device = resolve_device(cfg.device)
-    generator, info = load_generator(generator_path, device, expected_sha256)
+    generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
     return write_samples_of(generator, info, cfg, out, reporter, grid_path, default_dir)
 
 

@@ -15,13 +15,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser, save_denoiser
+from disback_cli.checkpoint import load_denoiser, save_denoiser, tensor_bytes
 from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
+from disback_cli.fileio import ensure_free_space
 from disback_cli.generator import OneStepGenerator
+from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
 from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
-from disback_cli.runtime import Reporter, SilentReporter, resolve_device, stop_on_signals
+from disback_cli.runtime import (
+    Reporter,
+    SilentReporter,
+    check_finite,
+    last_good,
+    resolve_device,
+    stop_on_signals,
+)
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
 from disback_cli.statefile import load_state, save_state
@@ -35,6 +44,7 @@ from disback_cli.trajectory import (
     TrajectoryManifest,
     now,
     read_manifest,
+    remove_unlisted,
     write_manifest,
 )
 
@@ -60,12 +70,12 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher) -> G0Spec:
     return G0Spec(sigma_init=cfg.sigma_init)
 
 
-def build_g0(spec: G0Spec, teacher: Teacher, device) -> tuple[OneStepGenerator, NetworkSpec]:
+def build_g0(
+    spec: G0Spec, teacher: Teacher, device, verify: bool = True
+) -> tuple[OneStepGenerator, NetworkSpec]:
     """The frozen initial generator and its network spec (students may differ from the teacher)."""
     if spec.kind == "file":
-        loaded = load_denoiser(spec.file, device)
-        if loaded.sha256 != spec.sha256:
-            raise DisbackError(f"{spec.file}: student weights changed since recording (sha256)")
+        loaded = load_denoiser(spec.file, device, spec.sha256, verify)
         if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
                                                              teacher.spec.label_dim):  # fmt: skip
             raise DisbackError(
@@ -204,13 +214,18 @@ def run_record(
     device = resolve_device(cfg.device)
     teacher = open_teacher(cfg.teacher, device)
     cfg = with_teacher_sigma(cfg, teacher)
+    with run_lock(out, "record", reporter):
+        return _record(cfg, out, teacher, device, force, reporter)
+
+
+def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool, reporter):
     manifest = _start_or_resume(cfg, out, teacher, force, reporter)
     if manifest is not None and manifest.status == "complete":
         reporter.note(f"{out}: recording already complete, nothing to do")
         return manifest
 
     g0_init = manifest.generator_init if manifest is not None else g0_spec(cfg, teacher)
-    g0, _ = build_g0(g0_init, teacher, device)
+    g0, _ = build_g0(g0_init, teacher, device, cfg.verify)
     probe = DistanceProbe(teacher, g0, cfg.p_mean, cfg.p_std, device)
     plan = manifest.node_plan if manifest is not None else None
     if plan is None:
@@ -221,7 +236,6 @@ def run_record(
     aux, optimizer, rng = _fresh_run(cfg, teacher, device)
 
     if manifest is None:
-        out.mkdir(parents=True, exist_ok=True)
         stamp = now()
         manifest = TrajectoryManifest(
             created_at=stamp,
@@ -237,25 +251,34 @@ def run_record(
         )
         write_manifest(out, manifest)
         step = 0
-    elif manifest.state is None:
-        step = 0
-        manifest.nodes = manifest.nodes[:1]
     else:
-        step, _ = load_state(
-            out / manifest.state.file, manifest.state.sha256, {"aux": aux}, {"aux": optimizer}, rng
-        )
-        reporter.note(f"resuming {out} from iteration {step}")
+        if manifest.state is None:
+            step = 0
+            manifest.nodes = manifest.nodes[:1]
+        else:
+            step, _ = load_state(out / manifest.state.file, manifest.state.sha256,
+                                 {"aux": aux}, {"aux": optimizer}, rng, cfg.verify)  # fmt: skip
+            reporter.note(f"resuming {out} from iteration {step}")
+        keep = {n.file for n in manifest.nodes if n.file}
+        keep |= {manifest.state.file} if manifest.state else set()
+        for path in remove_unlisted(out, ("nodes", "state"), keep):
+            reporter.note(f"removed {path} (written after the last resume point)")
     manifest.config = cfg
+    # Room for the remaining nodes and two resume points (weights + two Adam moments each).
+    node_size = tensor_bytes(aux)
+    needed = node_size * (sum(s > step for s in plan) + 2 * 3)
+    ensure_free_space(out, needed, "the remaining path nodes and resume points")
 
     shape = (cfg.batch, *teacher.spec.data_shape)
     started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
     with stop_on_signals() as stop:
         reporter.start("record", cfg.iters, step)
         while step < cfg.iters:
-            loss, _ = denoising_step(
+            loss, grad_norm = denoising_step(
                 aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std, rng
             )
             step += 1
+            check_finite(step, last_good(out, manifest.state), loss=loss, grad_norm=grad_norm)
             reporter.advance(step, loss=loss.item())
 
             node = node_at_step.get(step)

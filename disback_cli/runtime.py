@@ -25,6 +25,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_finite(iteration: int, last_good: str, **values: torch.Tensor) -> None:
+    """Stop a run whose loss or gradient norm is NaN or infinite, before anything is saved.
+
+    One device-to-host sync per call; `last_good` says which checkpoint stays intact."""
+    flags = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if bool(torch.isfinite(flags).all()):
+        return
+    shown = ", ".join(f"{k} {v.item():.4g}" for k, v in values.items())
+    raise DisbackError(
+        f"diverged at iteration {iteration} ({shown}); nothing from it was saved; {last_good}; "
+        "lower the learning rate or set --grad-clip and restart with --force"
+    )
+
+
+def last_good(directory, state) -> str:
+    """Where a stopped run can be picked up: its latest resume point, if any."""
+    if state is None:
+        return "no checkpoint had been saved yet"
+    return f"last good checkpoint {directory / state.file} (iteration {state.step}) is intact"
+
+
 class Reporter(Protocol):
     """What a long loop tells its caller: the CLI shows a progress bar, tests may inject faults."""
 

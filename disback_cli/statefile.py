@@ -74,13 +74,12 @@ def load_state(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     rng: torch.Generator,
+    verify: bool = True,
 ) -> tuple[int, dict]:
     """Restore modules, optimisers and the random stream in place; return the step and extra."""
-    tensors, metadata, digest = read_safetensors(path)
+    tensors, metadata, _ = read_safetensors(path, expected_sha256, verify)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback training-state file")
-    if digest != expected_sha256:
-        raise DisbackError(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
     for name, module in modules.items():
         prefix = f"module.{name}."
         weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from disback_cli import __version__
 from disback_cli.config import BacktrackConfig, RecordConfig, describe_validation_error
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes
+from disback_cli.fileio import atomic_write_bytes, remove_temporaries
 from disback_cli.networks import NetworkSpec
 
 SCHEMA_VERSION = 1
@@ -149,6 +149,19 @@ def write_manifest(directory: str | Path, manifest: _Manifest) -> None:
     manifest.updated_at = now()
     text = manifest.model_dump_json(indent=2) + "\n"
     atomic_write_bytes(Path(directory) / MANIFEST, text.encode())
+
+
+def remove_unlisted(directory: Path, subdirs: tuple[str, ...], keep: set[str]) -> list[Path]:
+    """Delete files in `subdirs` that the manifest does not name (a killed run wrote them after
+    its last manifest update) and temporary files anywhere under `directory`."""
+    gone = remove_temporaries(directory)
+    for subdir in subdirs:
+        folder = directory / subdir
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.is_file() and f"{subdir}/{path.name}" not in keep:
+                path.unlink()
+                gone.append(path)
+    return gone
 
 
 def backtrack_dir(trajectory: str | Path, name: str) -> Path:

@@ -35,6 +35,13 @@ SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Discard an existing run with another configuration.")
 ]
+VerifyOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--verify/--no-verify",
+        help="Check the sha256 of every file a manifest names (skip for huge trusted files).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
 

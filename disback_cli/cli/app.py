@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code)
     except (Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
+    except OSError as exc:  # files we did not anticipate: name the file and the reason
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", 1)
     except Exception as exc:
         if debug:
             raise

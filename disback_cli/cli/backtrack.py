@@ -16,6 +16,7 @@ from disback_cli.cli._common import (
     JsonOpt,
     QuietOpt,
     SeedOpt,
+    VerifyOpt,
     describe,
     emit_json,
     reporting,
@@ -64,6 +65,7 @@ def backtrack(
     ] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    verify: VerifyOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -86,7 +88,7 @@ def backtrack(
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
                  p_std=p_std, dropout=dropout, save_every=save_every, log_every=log_every,
                  eval_every=eval_every,
-                 seed=seed, device=device)  # fmt: skip
+                 seed=seed, device=device, verify=verify)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(

@@ -12,7 +12,15 @@ import typer
 from rich.table import Table
 
 from disback_cli import detectors
-from disback_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
+from disback_cli.cli._common import (
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    VerifyOpt,
+    emit_json,
+    reporting,
+    stdout,
+)
 from disback_cli.datasets import DATASETS
 from disback_cli.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.errors import ConfigError, DisbackError
@@ -128,6 +136,7 @@ def evaluate(
         ),
     ] = min(4, os.cpu_count() or 1),
     device: DeviceOpt = None,
+    verify: VerifyOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -156,7 +165,7 @@ def evaluate(
             if inputs:
                 raise ConfigError("give either SAMPLES or --trajectory, not both")
             path, sha = generator_file_of_run(trajectory, name, "ema")
-            generator, info = load_generator(path, torch_device, sha)
+            generator, info = load_generator(path, torch_device, sha, verify is not False)
             first = parse_seeds(seeds) if seeds else list(range(n or 50_000))
             sets = [[s + r * len(first) for s in first] for r in range(repeats)]
             provenance = {"generator": str(path), "generator_sha256": sha, "step": info.get("step")}

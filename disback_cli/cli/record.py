@@ -16,6 +16,7 @@ from disback_cli.cli._common import (
     JsonOpt,
     QuietOpt,
     SeedOpt,
+    VerifyOpt,
     describe,
     emit_json,
     reporting,
@@ -73,6 +74,7 @@ def record(
     save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    verify: VerifyOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -90,7 +92,7 @@ def record(
                  student_arch_kwargs=_json(student_arch_kwargs), p_mean=p_mean, p_std=p_std,
                  dropout=dropout,
                  save_every=save_every,
-                 seed=seed, device=device)  # fmt: skip
+                 seed=seed, device=device, verify=verify)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags)
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:

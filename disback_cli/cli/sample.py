@@ -12,6 +12,7 @@ from disback_cli.cli._common import (
     DeviceOpt,
     JsonOpt,
     QuietOpt,
+    VerifyOpt,
     describe,
     emit_json,
     reporting,
@@ -61,6 +62,7 @@ def sample(
         Path | None, typer.Option(help="Also write a PNG grid of the first 64 images.")
     ] = None,
     device: DeviceOpt = None,
+    verify: VerifyOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -75,7 +77,7 @@ def sample(
     dataset.json with labels); --format npz stores uint8 images; --class K fixes the class.
     """
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
-                 class_label=class_label, device=device)  # fmt: skip
+                 class_label=class_label, device=device, verify=verify)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
