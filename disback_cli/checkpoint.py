@@ -131,14 +131,18 @@ def load_denoiser(
     except (KeyError, ValueError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
         raise DisbackError(f"{path}: bad network metadata ({first})") from None
-    denoiser = build_denoiser(spec)
-    load_weights(denoiser, tensors, str(path))
+    with torch.device("meta"):  # no init compute, no draws from the global random stream
+        denoiser = build_denoiser(spec)
+    load_weights(denoiser, tensors, str(path), assign=True)
     sha256 = digest or expected_sha256 or ""
     return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, sha256)
 
 
-def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a one-line explanation of any mismatch (keys or shapes)."""
+def load_weights(
+    module: nn.Module, tensors: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
+    """Strict load with a one-line explanation of any mismatch (keys or shapes); `assign` adopts
+    the tensors themselves (for modules built on the meta device)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -154,4 +158,4 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: st
                 f"{source}: tensor {key} has shape {tuple(value.shape)}, the network expects "
                 f"{tuple(expected[key].shape)} (a file from another teacher?)"
             )
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict(tensors, strict=True, assign=assign)

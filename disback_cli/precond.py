@@ -114,11 +114,12 @@ class VPPrecond(Precond):
     ) -> None:  # fmt: skip
         super().__init__(model, data_shape, label_dim, use_fp16)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        cpu = dict(device="cpu")  # explicit: networks may be built on the meta device
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, **cpu)))
+        self.sigma_max = float(self.sigma(torch.tensor(1, **cpu)))
 
     def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
-        t = torch.as_tensor(t)
+        t = t if torch.is_tensor(t) else torch.as_tensor(t)
         return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:

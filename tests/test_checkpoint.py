@@ -88,3 +88,19 @@ def test_training_state_with_wrong_hash_is_refused(tmp_path):
         load_state(
             tmp_path / "s.safetensors", "0" * 64, {"net": net}, {"net": opt}, torch.Generator()
         )
+
+
+@pytest.mark.parametrize("preconditioning", ["edm", "vp"])
+def test_loading_does_not_draw_from_the_global_random_stream(tmp_path, preconditioning):
+    """Loading a path node mid-run must not shift dropout noise (found by the SIGKILL test)."""
+    spec = NetworkSpec(arch="SongUNet", data_shape=(1, 8, 8), precond=preconditioning,
+                       arch_kwargs=dict(model_channels=8, channel_mult=[1], num_blocks=1,
+                                        attn_resolutions=[], embedding_type="fourier"))  # fmt: skip
+    torch.manual_seed(1)
+    net = build_denoiser(spec)
+    save_denoiser(tmp_path / "n.safetensors", net, spec, {})
+    before = torch.get_rng_state()
+    loaded = load_denoiser(tmp_path / "n.safetensors")
+    assert torch.equal(torch.get_rng_state(), before)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded.denoiser(x, 0.7), net.eval()(x, 0.7))

@@ -21,7 +21,7 @@ from disback_cli.cli._common import (
     reporting,
     stdout,
 )
-from disback_cli.datasets import DATASETS
+from disback_cli.datasets import DATASETS, get_dataset
 from disback_cli.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.evaluation import evaluate_digits, evaluate_vectors
@@ -53,6 +53,12 @@ def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict)
     if dataset not in DATASETS:
         raise DisbackError(
             f"no ground truth for data set {dataset!r} (known: {', '.join(DATASETS)})"
+        )
+    expected = get_dataset(dataset).data_shape
+    if tuple(samples.shape[1:]) != tuple(expected):
+        raise DisbackError(
+            f"samples of shape {tuple(samples.shape[1:])} cannot be scored against {dataset} "
+            f"(its samples have shape {tuple(expected)}); check --dataset"
         )
     return {"kind": "vector", **evaluate_vectors(samples, dataset), "provenance": provenance}
 
