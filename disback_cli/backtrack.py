@@ -236,6 +236,10 @@ def _backtrack(
     optimizers = {"generator": opt_g, "fake": opt_f}
 
     schedule = make_schedule(cfg, last_node)
+    # Room for two checkpoints (the previous one goes once the next is complete): generator,
+    # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
+    g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
+    ensure_free_space(run_dir, 2 * (5 * g_size + 3 * f_size), "two checkpoints")
     if manifest is None:
         stamp = now()
         manifest = BacktrackManifest(
@@ -259,10 +263,6 @@ def _backtrack(
             reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
     manifest.config = cfg
-    # Room for two checkpoints (the previous one goes once the next is complete): generator,
-    # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
-    g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
-    ensure_free_space(run_dir, 2 * (5 * g_size + 3 * f_size), "two checkpoints")
 
     loss_fn = make_generator_loss(cfg)
     evaluate = (

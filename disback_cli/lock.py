@@ -60,7 +60,7 @@ def run_lock(
 ) -> Iterator[None]:
     """Hold the lock of `directory` (created if needed; removed again if left empty)."""
     directory = Path(directory)
-    created = not directory.exists()
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -81,7 +81,9 @@ def run_lock(
             yield
         finally:
             lock_path.unlink(missing_ok=True)
-            if created and not any(directory.iterdir()):
-                directory.rmdir()
+            for path in created:  # innermost first; only what this lock created and left empty
+                if any(path.iterdir()):
+                    break
+                path.rmdir()
     finally:
         os.close(fd)  # releases the flock

@@ -234,6 +234,10 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
             plan = plan_by_distance(cfg, teacher, g0, probe, device, reporter)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
     aux, optimizer, rng = _fresh_run(cfg, teacher, device)
+    # Room for the remaining nodes and two resume points (weights + two Adam moments each).
+    start = manifest.state.step if manifest is not None and manifest.state else 0
+    needed = tensor_bytes(aux) * (sum(s > start for s in plan) + 2 * 3)
+    ensure_free_space(out, needed, "the remaining path nodes and resume points")
 
     if manifest is None:
         stamp = now()
@@ -264,10 +268,6 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
         for path in remove_unlisted(out, ("nodes", "state"), keep):
             reporter.note(f"removed {path} (written after the last resume point)")
     manifest.config = cfg
-    # Room for the remaining nodes and two resume points (weights + two Adam moments each).
-    node_size = tensor_bytes(aux)
-    needed = node_size * (sum(s > step for s in plan) + 2 * 3)
-    ensure_free_space(out, needed, "the remaining path nodes and resume points")
 
     shape = (cfg.batch, *teacher.spec.data_shape)
     started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
