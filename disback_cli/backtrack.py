@@ -8,6 +8,7 @@ baseline through the same loop: target = teacher throughout, fake score initiali
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser, save_denoiser, tensor_bytes
+from disback_cli.checkpoint import save_denoiser, tensor_bytes
 from disback_cli.config import BacktrackConfig
 from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
@@ -27,18 +28,13 @@ from disback_cli.fileio import atomic_write_bytes, ensure_free_space, sha256_fil
 from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
+from disback_cli.parallel import Execution, execution
+from disback_cli.path_nodes import PathNodes
 from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
-from disback_cli.runtime import (
-    Reporter,
-    SilentReporter,
-    check_finite,
-    last_good,
-    resolve_device,
-    stop_on_signals,
-)
+from disback_cli.runtime import Reporter, SilentReporter, check_finite, last_good, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
-from disback_cli.statefile import load_state, save_state
+from disback_cli.statefile import load_state, local_rng_state, save_state
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
     MANIFEST,
@@ -52,24 +48,6 @@ from disback_cli.trajectory import (
     remove_unlisted,
     write_manifest,
 )
-
-
-def load_path_node(
-    trajectory: Path,
-    manifest: TrajectoryManifest,
-    index: int,
-    teacher: Teacher,
-    device,
-    verify: bool = True,
-) -> nn.Module:
-    """Path node `index` as a frozen denoiser, checked against the manifest (0 = teacher)."""
-    node = manifest.nodes[index]
-    if node.file is None:
-        return teacher.denoiser
-    loaded = load_denoiser(trajectory / node.file, device, node.sha256, verify)
-    if loaded.spec != teacher.spec:
-        raise DisbackError(f"{trajectory / node.file}: network differs from the teacher's")
-    return loaded.denoiser
 
 
 def open_trajectory(
@@ -105,7 +83,12 @@ def open_trajectory(
 
 
 def _existing_run(
-    run_dir: Path, cfg: BacktrackConfig, path_sha: list[str], force: bool, reporter: Reporter
+    run_dir: Path,
+    cfg: BacktrackConfig,
+    path_sha: list[str],
+    ex: Execution,
+    force: bool,
+    reporter: Reporter,
 ) -> BacktrackManifest | None:
     """The run to continue, or None to start fresh. A run may be extended to more iterations."""
     if not (run_dir / MANIFEST).exists():
@@ -119,6 +102,8 @@ def _existing_run(
         )
     if manifest.path_sha256 != path_sha:
         changes.append("the trajectory's path nodes were re-recorded")
+    if manifest.world_size != ex.world_size:
+        changes.append(f"processes: {manifest.world_size} -> {ex.world_size} (global batch)")
     if not changes:
         return manifest
     if not force:
@@ -127,7 +112,9 @@ def _existing_run(
             "pass --force to train it again from scratch, or choose another --name"
         )
     reporter.note(f"--force: discarding the previous run in {run_dir}")
-    shutil.rmtree(run_dir)
+    ex.barrier()  # every rank has read the old manifest
+    if ex.is_main:
+        shutil.rmtree(run_dir)
     return None
 
 
@@ -159,10 +146,12 @@ class _Window:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
 
-    def means(self) -> dict[str, float]:
-        out = {k: (v / self.count).item() for k, v in self.sums.items()}
+    def means(self, ex: Execution) -> dict[str, float]:
+        """Means since the last call, averaged over the ranks of a data-parallel run."""
+        keys = list(self.sums)
+        values = ex.mean(torch.stack([self.sums[k] for k in keys]) / self.count).tolist()
         self.sums, self.count = {}, 0
-        return out
+        return dict(zip(keys, values, strict=True))
 
 
 def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:
@@ -189,17 +178,20 @@ def run_backtrack(
     teacher_override: str | None = None,
     reporter: Reporter | None = None,
 ) -> BacktrackManifest:
-    """Train (or resume, or extend) the backtrack run `name` of `trajectory`."""
-    reporter = reporter or SilentReporter()
+    """Train (or resume, or extend) the backtrack run `name` of `trajectory`.
+
+    Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     trajectory = Path(trajectory)
-    device = resolve_device(cfg.device)
-    traj, teacher = open_trajectory(trajectory, teacher_override, device, cfg.verify)
+    ex = execution(cfg)
+    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
     cfg = with_teacher_sigma(cfg, teacher)
     if cfg.eval_every and teacher.dataset is None:
         raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
     run_dir = backtrack_dir(trajectory, name)
-    with run_lock(run_dir, "backtrack", reporter):
-        return _backtrack(cfg, trajectory, traj, teacher, run_dir, name, device, force, reporter)
+    lock = run_lock(run_dir, "backtrack", reporter) if ex.is_main else contextlib.nullcontext()
+    with lock:
+        return _backtrack(cfg, trajectory, traj, teacher, run_dir, name, ex, force, reporter)
 
 
 def _backtrack(
@@ -209,29 +201,30 @@ def _backtrack(
     teacher: Teacher,
     run_dir: Path,
     name: str,
-    device,
+    ex: Execution,
     force: bool,
     reporter: Reporter,
 ) -> BacktrackManifest:
     path_sha = [node.sha256 for node in traj.nodes]
-    manifest = _existing_run(run_dir, cfg, path_sha, force, reporter)
+    manifest = _existing_run(run_dir, cfg, path_sha, ex, force, reporter)
     if manifest is not None and manifest.status == "complete" and manifest.step == cfg.iters:
         reporter.note(f"{run_dir}: already complete, nothing to do")
         return manifest
 
+    device, data_ndim = ex.device, 1 + len(teacher.spec.data_shape)
     last_node = traj.last_node
     generator, generator_spec = build_g0(traj.generator_init, teacher, device)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    fake_init = 0 if cfg.no_trajectory else last_node
-    fake = copy.deepcopy(load_path_node(trajectory, traj, fake_init, teacher, device, cfg.verify))
+    nodes = PathNodes(trajectory, traj, teacher, ex, cfg.verify)  # holds the teacher's weights
+    fake = copy.deepcopy(nodes.load(0 if cfg.no_trajectory else last_node))
     fake.train().requires_grad_(True)
     set_dropout(fake, cfg.dropout)
     opt_g = make_optimizer(cfg, generator.parameters(), cfg.lr_g)
     opt_f = make_optimizer(cfg, fake.parameters(), cfg.lr_fake)
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
+    rng = torch.Generator(device).manual_seed(cfg.seed)  # the same stream on every rank
+    torch.manual_seed(ex.rank_seed(cfg.seed))  # dropout: one stream per rank, saved with the state
     modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
     optimizers = {"generator": opt_g, "fake": opt_f}
 
@@ -239,83 +232,101 @@ def _backtrack(
     # Room for two checkpoints (the previous one goes once the next is complete): generator,
     # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
     g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
-    ensure_free_space(run_dir, 2 * (5 * g_size + 3 * f_size), "two checkpoints")
+    if ex.is_main:
+        ensure_free_space(run_dir, 2 * (5 * g_size + 3 * f_size), "two checkpoints")
+    step = 0
     if manifest is None:
         stamp = now()
         manifest = BacktrackManifest(
             created_at=stamp, updated_at=stamp, status="running", name=name,
             teacher=teacher_ref(teacher), generator_init=traj.generator_init,
-            path_sha256=path_sha, config=cfg,
+            path_sha256=path_sha, config=cfg, world_size=ex.world_size,
+            global_batch=ex.global_batch(cfg.batch),
         )  # fmt: skip
-        (run_dir / manifest.metrics).unlink(missing_ok=True)
-        write_manifest(run_dir, manifest)
-        step = 0
+        if ex.is_main:
+            (run_dir / manifest.metrics).unlink(missing_ok=True)
+            write_manifest(run_dir, manifest)
     else:
-        step = 0
         if manifest.state is not None:
             step, extra = load_state(run_dir / manifest.state.file, manifest.state.sha256,
-                                     modules, optimizers, rng, cfg.verify)  # fmt: skip
+                                     modules, optimizers, rng, cfg.verify, ex.rank)  # fmt: skip
             schedule.load_state_dict(extra.get("schedule", {}))
             reporter.note(f"resuming {run_dir} from iteration {step}")
-        _truncate_metrics(run_dir / manifest.metrics, step)
-        refs = (manifest.generator, manifest.generator_ema, manifest.state)
-        for path in remove_unlisted(run_dir, ("checkpoints",), {r.file for r in refs if r}):
-            reporter.note(f"removed {path} (written after the last checkpoint)")
+        if ex.is_main:
+            _truncate_metrics(run_dir / manifest.metrics, step)
+            refs = (manifest.generator, manifest.generator_ema, manifest.state)
+            for path in remove_unlisted(run_dir, ("checkpoints",), {r.file for r in refs if r}):
+                reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
     manifest.config = cfg
+    ex.prepare(generator.denoiser, data_ndim)
+    ex.prepare(fake, data_ndim)
 
+    try:
+        return _train(cfg, manifest, run_dir, name, teacher, generator_spec, nodes, modules,
+                      optimizers, schedule, rng, step, ex, reporter)  # fmt: skip
+    finally:
+        nodes.close()
+
+
+def _train(
+    cfg, manifest, run_dir, name, teacher, generator_spec, nodes, modules, optimizers, schedule,
+    rng, step, ex, reporter,
+) -> BacktrackManifest:  # fmt: skip
+    """The backtracking loop from `step` to `cfg.iters`, with saves, logs and stops."""
+    generator, generator_ema, fake = (modules[k] for k in ("generator", "generator_ema", "fake"))
+    opt_g, opt_f = optimizers["generator"], optimizers["fake"]
+    device, label_dim = ex.device, teacher.spec.label_dim
     loss_fn = make_generator_loss(cfg)
-    evaluate = (
-        training_evaluator(
-            teacher.dataset,
-            cfg.eval_samples,
-            teacher.spec.data_shape,
-            teacher.spec.label_dim,
-            device,
-        )
-        if cfg.eval_every
-        else None
-    )
+    evaluate = None
+    if cfg.eval_every and ex.is_main:
+        evaluate = training_evaluator(teacher.dataset, cfg.eval_samples, teacher.spec.data_shape,
+                                      label_dim, device)  # fmt: skip
     shape = (cfg.batch, *teacher.spec.data_shape)
-    label_dim = teacher.spec.label_dim
+    n = ex.global_batch(cfg.batch)
+    global_shape = (n, *teacher.spec.data_shape)
     clip = cfg.grad_clip or math.inf
     window = _Window()
-    target_index, target = -1, teacher.denoiser
+    target_index, target = -1, None
     started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
-    metrics_file = open(run_dir / manifest.metrics, "a")  # noqa: SIM115 - closed in finally
+    metrics_file = open(run_dir / manifest.metrics, "a") if ex.is_main else None  # noqa: SIM115
     try:
         with stop_on_signals() as stop:
             reporter.start(f"backtrack {name}", cfg.iters, step)
             while step < cfg.iters:
                 wanted = schedule.target(step)
                 if wanted != target_index:
-                    target_index = wanted
-                    target = load_path_node(trajectory, traj, wanted, teacher, device, cfg.verify)
+                    target_index, target = wanted, None  # free the old target first
+                    target = nodes.target(wanted)
 
-                # Generator step on (fake - target) at noised generator samples.
-                z = torch.randn(shape, generator=rng, device=device)
-                labels = draw_labels(cfg.batch, label_dim, rng, device)
-                x = generator(z, labels)
-                sigma = loss_fn.sample_sigma(cfg.batch, rng, device)
-                noise = torch.randn(shape, generator=rng, device=device)
-                out = loss_fn(x, sigma, noise, fake, target, labels)
+                # Generator step on (fake - target) at noised generator samples. Random numbers
+                # are drawn for the global batch; each rank keeps its slice.
+                z = ex.local(torch.randn(global_shape, generator=rng, device=device))
+                labels = ex.local(draw_labels(n, label_dim, rng, device))
+                with ex.autocast():
+                    x = generator(ex.to_input(z), labels)
+                    sigma = ex.local(loss_fn.sample_sigma(n, rng, device))
+                    noise = ex.local(torch.randn(global_shape, generator=rng, device=device))
+                    out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
                 opt_g.zero_grad(set_to_none=True)
                 out.loss.backward()
+                ex.average_gradients(generator.parameters())
                 grad_norm_g = nn.utils.clip_grad_norm_(generator.parameters(), clip)
                 opt_g.step()
 
                 # Keep the fake score fitted to the current generator.
                 for _ in range(cfg.fake_steps):
                     loss_fake, grad_norm_fake = denoising_step(
-                        fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng, clip
-                    )
+                        fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng,
+                        clip, ex,
+                    )  # fmt: skip
 
                 step += 1
-                check_finite(step, last_good(run_dir, manifest.state), loss_g=out.loss,
+                check_finite(step, last_good(run_dir, manifest.state), ex.any, loss_g=out.loss,
                              grad_norm_g=grad_norm_g, loss_fake=loss_fake,
                              grad_norm_fake=grad_norm_fake)  # fmt: skip
-                schedule.observe(out.score_gap)
-                beta = ema_beta(cfg.batch, step * cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup)
+                schedule.observe(ex.mean(out.score_gap))
+                beta = ema_beta(n, step * n, cfg.ema_halflife_kimg, cfg.ema_rampup)
                 update_ema(generator_ema, generator, beta)
                 window.add(loss_g=out.loss, loss_fake=loss_fake, score_gap=out.score_gap,
                            grad_norm_g=grad_norm_g, grad_norm_fake=grad_norm_fake)  # fmt: skip
@@ -323,37 +334,41 @@ def _backtrack(
                 line: dict = {}
                 if step % cfg.log_every == 0 or step == cfg.iters:
                     seconds = elapsed_before + time.perf_counter() - started
-                    line.update(target_node=target_index, **window.means(), seconds=seconds)
+                    line.update(target_node=target_index, **window.means(ex), seconds=seconds)
                     reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
                 if evaluate and (step % cfg.eval_every == 0 or step == cfg.iters):
                     line["eval"] = evaluate(generator_ema)
-                if line:
+                if line and metrics_file is not None:
                     metrics_file.write(json.dumps({"iteration": step, **line}) + "\n")
                     metrics_file.flush()
-                # Stops wait for a log boundary, so a resumed log equals an uninterrupted one.
+                # Stops wait for a log boundary, so a resumed log equals an uninterrupted one;
+                # all ranks agree on them.
                 periodic = cfg.save_every and step % cfg.save_every == 0
-                stopping = stop.requested and step % cfg.log_every == 0
+                stopping = step % cfg.log_every == 0 and ex.any(stop.requested)
                 if periodic or stopping or step == cfg.iters:
-                    metrics_file.flush()
                     manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
                     manifest.status = "complete" if step == cfg.iters else "running"
                     extra = {"schedule": schedule.state_dict()}
-                    _save_checkpoint(
-                        run_dir, manifest, step, teacher, generator_spec, modules, optimizers,
-                        rng, extra,
-                    )  # fmt: skip
+                    rank_rng = ex.gather(local_rng_state(device))
+                    if ex.is_main:
+                        metrics_file.flush()
+                        _save_checkpoint(
+                            run_dir, manifest, step, teacher, generator_spec, modules, optimizers,
+                            rng, extra, rank_rng,
+                        )  # fmt: skip
                     if stopping and step < cfg.iters:
                         raise InterruptedRun(
-                            f"{stop.signal_name} at iteration {step}: state saved in {run_dir}; "
-                            "run the same command again to resume"
+                            f"{stop.signal_name or 'a stop request'} at iteration {step}: state "
+                            f"saved in {run_dir}; run the same command again to resume"
                         )
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     return manifest
 
 
 def _save_checkpoint(
-    run_dir, manifest, step, teacher, generator_spec, modules, optimizers, rng, extra
+    run_dir, manifest, step, teacher, generator_spec, modules, optimizers, rng, extra, rank_rng
 ) -> None:
     """Generator, EMA and training state for `step`; the manifest moves to them last."""
     previous = [manifest.generator, manifest.generator_ema, manifest.state]
@@ -376,7 +391,7 @@ def _save_checkpoint(
         )
         refs[key] = FileRef(file=file, sha256=digest)
     state_file = f"checkpoints/state-{step:08d}.safetensors"
-    state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng, extra)
+    state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng, extra, rank_rng)
     manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
     manifest.state = StateRef(file=state_file, sha256=state_sha, step=step)
     manifest.step = step

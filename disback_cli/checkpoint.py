@@ -66,15 +66,25 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def save_denoiser(path: str | Path, denoiser: nn.Module, spec: NetworkSpec, info: dict) -> str:
-    """Write the denoiser's weights atomically; return the file's sha256."""
+def save_denoiser(
+    path: str | Path,
+    denoiser: nn.Module,
+    spec: NetworkSpec,
+    info: dict,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write the denoiser's weights atomically (floating tensors cast to `dtype` if given);
+    return the file's sha256."""
+    tensors = tensors_of(denoiser)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "network": spec.model_dump_json(),
         "info": json.dumps(info, sort_keys=True),
     }
-    return atomic_write_bytes(path, encode_safetensors(tensors_of(denoiser), metadata))
+    return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
 
 
 def read_safetensors(
@@ -131,11 +141,22 @@ def load_denoiser(
     except (KeyError, ValueError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
         raise DisbackError(f"{path}: bad network metadata ({first})") from None
-    with torch.device("meta"):  # no init compute, no draws from the global random stream
-        denoiser = build_denoiser(spec)
-    load_weights(denoiser, tensors, str(path), assign=True)
+    denoiser = build_with_weights(spec, tensors, str(path))
     sha256 = digest or expected_sha256 or ""
     return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, sha256)
+
+
+def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], source: str):
+    """The network of `spec` holding exactly `tensors` (as float32), loaded strictly.
+
+    Built on the meta device: no initialisation compute and no draws from the global random
+    stream, so loading a network mid-run does not shift dropout noise. Files may hold bf16
+    (`record --node-dtype bf16`) or fp16 (EDM pickles); computation uses float32 weights."""
+    with torch.device("meta"):
+        denoiser = build_denoiser(spec)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    load_weights(denoiser, tensors, source, assign=True)
+    return denoiser
 
 
 def load_weights(

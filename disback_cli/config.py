@@ -26,7 +26,10 @@ from pydantic import (
 from disback_cli.errors import ConfigError
 from disback_cli.losses import GENERATOR_LOSSES
 
-SESSION_FIELDS = {"save_every", "log_every", "eval_every", "eval_samples", "device", "verify"}
+SESSION_FIELDS = {
+    "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
+    "tf32", "compile", "channels_last",
+}  # fmt: skip
 
 Betas = tuple[float, float]
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
@@ -50,7 +53,20 @@ class _Config(BaseModel):
         return value
 
 
-class RecordConfig(_Config):
+class _Compute(_Config):
+    """How networks run: numeric precision and GPU speed switches."""
+
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast the networks, fp32 master weights and losses"
+    )
+    tf32: bool = Field(False, description="allow TF32 matmuls and convolutions (CUDA)")
+    compile: bool = Field(False, description="torch.compile the networks")
+    channels_last: bool | None = Field(
+        None, description="channels-last image tensors; none: on for images on CUDA"
+    )
+
+
+class RecordConfig(_Compute):
     """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
 
     teacher: str = Field(description="builtin:NAME or a .safetensors teacher file")
@@ -74,6 +90,9 @@ class RecordConfig(_Config):
     dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_HELP)
     seed: NonNegativeInt = Field(0, description="random seed")
     save_every: NonNegativeInt = Field(0, description="extra resume points every N iterations")
+    node_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of saved path nodes (bf16 halves their disk use)"
+    )
 
     @model_validator(mode="after")
     def _nodes_fit(self) -> RecordConfig:
@@ -84,7 +103,7 @@ class RecordConfig(_Config):
         return self
 
 
-class BacktrackConfig(_Config):
+class BacktrackConfig(_Compute):
     """Distribution backtracking: train the generator along the recorded path."""
 
     iters: PositiveInt = Field(2000, description="generator iterations")
@@ -142,7 +161,7 @@ class BacktrackConfig(_Config):
         return value
 
 
-class SampleConfig(_Config):
+class SampleConfig(_Compute):
     """One-step sampling from a trained generator."""
 
     n: PositiveInt | None = Field(None, description="number of samples (seeds 0..n-1)")

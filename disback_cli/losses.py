@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from disback_cli.errors import DisbackError
+from disback_cli.parallel import Execution
 from disback_cli.precond import Denoiser, sigma_like
 from disback_cli.sampling import draw_labels
 
@@ -50,22 +51,28 @@ def denoising_step(
     p_std: float,
     rng: torch.Generator,
     clip: float = math.inf,
+    ex: Execution | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One EDM denoising step of `denoiser` on fresh samples of `generator` (not trained here).
 
     Fits the auxiliary model to G0 while recording and the fake score to G while backtracking.
-    Returns the loss and the gradient norm (before clipping to `clip`).
+    `shape` is this rank's batch; the random numbers are drawn for the global batch (see
+    `parallel`). Returns the loss and the gradient norm (before clipping to `clip`).
     """
+    ex = ex or Execution(rng.device)
     device = rng.device
-    z = torch.randn(shape, generator=rng, device=device)
-    labels = draw_labels(shape[0], label_dim, rng, device)
-    with torch.no_grad():
-        x0 = generator(z, labels)
-    sigma = sample_lognormal_sigma(shape[0], p_mean, p_std, rng, device)
-    noise = torch.randn(shape, generator=rng, device=device)
-    loss = edm_denoising_loss(denoiser, x0, sigma, noise, labels)
+    n = ex.global_batch(shape[0])
+    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    labels = ex.local(draw_labels(n, label_dim, rng, device))
+    sigma = ex.local(sample_lognormal_sigma(n, p_mean, p_std, rng, device))
+    noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    with ex.autocast():
+        with torch.no_grad():
+            x0 = generator(ex.to_input(z), labels)
+        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    ex.average_gradients(denoiser.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
     optimizer.step()
     return loss.detach(), grad_norm

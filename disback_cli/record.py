@@ -7,6 +7,7 @@ node 0 is the teacher, node N fits G0.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import time
@@ -23,17 +24,11 @@ from disback_cli.generator import OneStepGenerator
 from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
 from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
-from disback_cli.runtime import (
-    Reporter,
-    SilentReporter,
-    check_finite,
-    last_good,
-    resolve_device,
-    stop_on_signals,
-)
+from disback_cli.parallel import Execution, execution
+from disback_cli.runtime import Reporter, SilentReporter, check_finite, last_good, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
-from disback_cli.statefile import load_state, save_state
+from disback_cli.statefile import load_state, local_rng_state, save_state
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
     MANIFEST,
@@ -134,7 +129,7 @@ class DistanceProbe:
 
 
 def _start_or_resume(
-    cfg: RecordConfig, out: Path, teacher: Teacher, force: bool, reporter: Reporter
+    cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force: bool, reporter: Reporter
 ) -> TrajectoryManifest | None:
     """The manifest to continue from, or None to start fresh (after --force cleanup)."""
     if not (out / MANIFEST).exists():
@@ -143,6 +138,8 @@ def _start_or_resume(
     changes = config_changes(manifest.config.identity(), cfg.identity())
     if manifest.teacher.sha256 != teacher.sha256:
         changes.append("teacher weights (sha256) differ")
+    if manifest.world_size != ex.world_size:
+        changes.append(f"processes: {manifest.world_size} -> {ex.world_size} (global batch)")
     if not changes:
         return manifest
     if not force:
@@ -153,38 +150,42 @@ def _start_or_resume(
     if (out / "backtrack").exists() and any((out / "backtrack").iterdir()):
         raise ConfigError(f"{out} has backtrack runs that depend on its path; choose another --out")
     reporter.note(f"--force: discarding the previous recording in {out}")
-    for sub in ("nodes", "state"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    (out / MANIFEST).unlink()
+    ex.barrier()  # every rank has read the old manifest
+    if ex.is_main:
+        for sub in ("nodes", "state"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / MANIFEST).unlink()
     return None
 
 
 PLAN_CHECKS = 100  # probe distances measured while planning nodes by distance
 
 
-def _fresh_run(cfg: RecordConfig, teacher: Teacher, device):
+def _fresh_run(cfg: RecordConfig, teacher: Teacher, ex: Execution):
     """Auxiliary model, optimiser and random streams exactly as at iteration 0."""
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
+    ex.prepare(aux, 1 + len(teacher.spec.data_shape))
     optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the global stream drives dropout; saved with the state
+    rng = torch.Generator(ex.device).manual_seed(cfg.seed)  # the same stream on every rank
+    torch.manual_seed(ex.rank_seed(cfg.seed))  # dropout: one stream per rank, saved with state
     return aux, optimizer, rng
 
 
-def plan_by_distance(cfg: RecordConfig, teacher: Teacher, g0, probe, device, reporter) -> list[int]:
+def plan_by_distance(
+    cfg: RecordConfig, teacher: Teacher, g0, probe, ex: Execution, reporter
+) -> list[int]:
     """Node steps such that node i is the first checkpoint at >= i/N of the final distance from
     the teacher. A dry run of the (deterministic) recording measures the distances; the real run
     repeats it and saves at the planned steps."""
-    aux, optimizer, rng = _fresh_run(cfg, teacher, device)
+    aux, optimizer, rng = _fresh_run(cfg, teacher, ex)
     shape = (cfg.batch, *teacher.spec.data_shape)
     every = max(1, cfg.iters // max(PLAN_CHECKS, 4 * cfg.nodes))
     distances: list[tuple[int, float]] = []
     reporter.start("plan nodes", cfg.iters, 0)
     for step in range(1, cfg.iters + 1):
-        denoising_step(
-            aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std, rng
-        )
+        denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std,
+                       rng, ex=ex)  # fmt: skip
         if step % every == 0 or step == cfg.iters:
             distances.append((step, probe(aux)))
             reporter.advance(step)
@@ -208,18 +209,22 @@ def run_record(
     force: bool = False,
     reporter: Reporter | None = None,
 ) -> TrajectoryManifest:
-    """Record (or resume recording) the degradation path into the directory `out`."""
-    reporter = reporter or SilentReporter()
+    """Record (or resume recording) the degradation path into the directory `out`.
+
+    Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     out = Path(out)
-    device = resolve_device(cfg.device)
-    teacher = open_teacher(cfg.teacher, device)
+    ex = execution(cfg)
+    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    teacher = open_teacher(cfg.teacher, ex.device)
     cfg = with_teacher_sigma(cfg, teacher)
-    with run_lock(out, "record", reporter):
-        return _record(cfg, out, teacher, device, force, reporter)
+    lock = run_lock(out, "record", reporter) if ex.is_main else contextlib.nullcontext()
+    with lock:
+        return _record(cfg, out, teacher, ex, force, reporter)
 
 
-def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool, reporter):
-    manifest = _start_or_resume(cfg, out, teacher, force, reporter)
+def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force: bool, reporter):
+    device = ex.device
+    manifest = _start_or_resume(cfg, out, teacher, ex, force, reporter)
     if manifest is not None and manifest.status == "complete":
         reporter.note(f"{out}: recording already complete, nothing to do")
         return manifest
@@ -231,13 +236,15 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
     if plan is None:
         plan = node_steps(cfg.iters, cfg.nodes)[1:]
         if cfg.placement == "distance":
-            plan = plan_by_distance(cfg, teacher, g0, probe, device, reporter)
+            plan = plan_by_distance(cfg, teacher, g0, probe, ex, reporter)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
-    aux, optimizer, rng = _fresh_run(cfg, teacher, device)
+    ex.prepare(g0.denoiser, 1 + len(teacher.spec.data_shape))
+    aux, optimizer, rng = _fresh_run(cfg, teacher, ex)
     # Room for the remaining nodes and two resume points (weights + two Adam moments each).
     start = manifest.state.step if manifest is not None and manifest.state else 0
     needed = tensor_bytes(aux) * (sum(s > start for s in plan) + 2 * 3)
-    ensure_free_space(out, needed, "the remaining path nodes and resume points")
+    if ex.is_main:
+        ensure_free_space(out, needed, "the remaining path nodes and resume points")
 
     if manifest is None:
         stamp = now()
@@ -252,8 +259,11 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
             nodes=[
                 NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256, dist_to_teacher=0)
             ],
+            world_size=ex.world_size,
+            global_batch=ex.global_batch(cfg.batch),
         )
-        write_manifest(out, manifest)
+        if ex.is_main:
+            write_manifest(out, manifest)
         step = 0
     else:
         if manifest.state is None:
@@ -261,24 +271,26 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
             manifest.nodes = manifest.nodes[:1]
         else:
             step, _ = load_state(out / manifest.state.file, manifest.state.sha256,
-                                 {"aux": aux}, {"aux": optimizer}, rng, cfg.verify)  # fmt: skip
+                                 {"aux": aux}, {"aux": optimizer}, rng, cfg.verify,
+                                 ex.rank)  # fmt: skip
             reporter.note(f"resuming {out} from iteration {step}")
         keep = {n.file for n in manifest.nodes if n.file}
         keep |= {manifest.state.file} if manifest.state else set()
-        for path in remove_unlisted(out, ("nodes", "state"), keep):
+        for path in remove_unlisted(out, ("nodes", "state"), keep) if ex.is_main else []:
             reporter.note(f"removed {path} (written after the last resume point)")
     manifest.config = cfg
 
     shape = (cfg.batch, *teacher.spec.data_shape)
+    node_dtype = torch.bfloat16 if cfg.node_dtype == "bf16" else None
     started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
     with stop_on_signals() as stop:
         reporter.start("record", cfg.iters, step)
         while step < cfg.iters:
-            loss, grad_norm = denoising_step(
-                aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std, rng
-            )
+            loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
+                                             cfg.p_mean, cfg.p_std, rng, ex=ex)  # fmt: skip
             step += 1
-            check_finite(step, last_good(out, manifest.state), loss=loss, grad_norm=grad_norm)
+            check_finite(step, last_good(out, manifest.state), ex.any, loss=loss,
+                         grad_norm=grad_norm)  # fmt: skip
             reporter.advance(step, loss=loss.item())
 
             node = node_at_step.get(step)
@@ -292,7 +304,9 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
                     "train_sigma": teacher.train_sigma,
                     "teacher_sha256": teacher.sha256,
                 }
-                digest = save_denoiser(out / file, aux, teacher.spec, info)
+                digest = ""  # known to rank 0, which writes the manifest
+                if ex.is_main:
+                    digest = save_denoiser(out / file, aux, teacher.spec, info, node_dtype)
                 distance = probe(aux)
                 manifest.nodes.append(
                     NodeRecord(
@@ -300,29 +314,36 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, device, force: bool,
                     )
                 )
             periodic = cfg.save_every and step % cfg.save_every == 0
-            if (node is not None or periodic or stop.requested) and step < cfg.iters:
+            stopping = ex.any(stop.requested)
+            if (node is not None or periodic or stopping) and step < cfg.iters:
                 manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
-                _save_resume_point(out, manifest, step, aux, optimizer, rng)
-                if stop.requested:
+                _save_resume_point(out, manifest, step, aux, optimizer, rng, ex)
+                if stopping:
                     raise InterruptedRun(
-                        f"{stop.signal_name} at iteration {step}: state saved in {out}; "
-                        "run the same command again to resume"
+                        f"{stop.signal_name or 'a stop request'} at iteration {step}: state "
+                        f"saved in {out}; run the same command again to resume"
                     )
 
     manifest.status = "complete"
     manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
     old_state, manifest.state = manifest.state, None
-    write_manifest(out, manifest)
-    if old_state is not None:
-        shutil.rmtree(out / "state", ignore_errors=True)
+    if ex.is_main:
+        write_manifest(out, manifest)
+        if old_state is not None:
+            shutil.rmtree(out / "state", ignore_errors=True)
     return manifest
 
 
-def _save_resume_point(out, manifest, step, aux, optimizer, rng) -> None:
+def _save_resume_point(out, manifest, step, aux, optimizer, rng, ex: Execution) -> None:
     """Write a new state file, point the manifest at it, then drop the previous one."""
     file = f"state/record-{step:08d}.safetensors"
-    digest = save_state(out / file, step, {"aux": aux}, {"aux": optimizer}, rng)
+    rank_rng = ex.gather(local_rng_state(ex.device))
+    digest = ""  # known to rank 0, which writes the files
+    if ex.is_main:
+        digest = save_state(out / file, step, {"aux": aux}, {"aux": optimizer}, rng, None,
+                            rank_rng)  # fmt: skip
     previous, manifest.state = manifest.state, StateRef(file=file, sha256=digest, step=step)
-    write_manifest(out, manifest)
-    if previous is not None and previous.file != file:
-        (out / previous.file).unlink(missing_ok=True)
+    if ex.is_main:
+        write_manifest(out, manifest)
+        if previous is not None and previous.file != file:
+            (out / previous.file).unlink(missing_ok=True)

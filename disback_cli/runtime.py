@@ -25,12 +25,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_finite(iteration: int, last_good: str, **values: torch.Tensor) -> None:
+def check_finite(
+    iteration: int, last_good: str, any_rank=lambda bad: bad, **values: torch.Tensor
+) -> None:
     """Stop a run whose loss or gradient norm is NaN or infinite, before anything is saved.
 
-    One device-to-host sync per call; `last_good` says which checkpoint stays intact."""
+    One device-to-host sync per call; `last_good` says which checkpoint stays intact;
+    `any_rank` makes all processes of a data-parallel run stop together."""
     flags = torch.stack([v.detach().float().reshape(()) for v in values.values()])
-    if bool(torch.isfinite(flags).all()):
+    if not any_rank(not bool(torch.isfinite(flags).all())):
         return
     shown = ", ".join(f"{k} {v.item():.4g}" for k, v in values.items())
     raise DisbackError(

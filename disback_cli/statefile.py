@@ -44,6 +44,19 @@ def _unpack_optimizer(name: str, opt: torch.optim.Optimizer, packed: dict, tenso
     opt.load_state_dict({"state": state, "param_groups": packed["param_groups"]})
 
 
+def local_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's global torch streams (dropout draws from them)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _rng_key(kind: str, rank: int) -> str:
+    base = "rng.global" if kind == "cpu" else "rng.global_cuda"
+    return base if rank == 0 else f"{base}.rank{rank}"
+
+
 def save_state(
     path: str | Path,
     step: int,
@@ -51,18 +64,21 @@ def save_state(
     optimizers: dict[str, torch.optim.Optimizer],
     rng: torch.Generator,
     extra: dict | None = None,
+    rank_rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> str:
     """Write the full training state at `step` atomically; return the file's sha256.
 
-    `extra` is loop state that is neither weights nor optimiser (e.g. the switching rule's)."""
+    `extra` is loop state that is neither weights nor optimiser (e.g. the switching rule's);
+    `rank_rng` holds the global streams of every rank of a data-parallel run (default: this
+    process's)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         tensors.update(tensors_of(module, prefix=f"module.{name}."))
     optim = {name: _pack_optimizer(name, opt, tensors) for name, opt in optimizers.items()}
     tensors["rng"] = rng.get_state().cpu()
-    tensors["rng.global"] = torch.get_rng_state()  # dropout draws from the global stream
-    if rng.device.type == "cuda":
-        tensors["rng.global_cuda"] = torch.cuda.get_rng_state(rng.device)
+    for rank, state in enumerate(rank_rng or [local_rng_state(rng.device)]):
+        for kind, value in state.items():
+            tensors[_rng_key(kind, rank)] = value.cpu()
     metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim),
                 "extra": json.dumps(extra or {})}  # fmt: skip
     return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
@@ -75,8 +91,10 @@ def load_state(
     optimizers: dict[str, torch.optim.Optimizer],
     rng: torch.Generator,
     verify: bool = True,
+    rank: int = 0,
 ) -> tuple[int, dict]:
-    """Restore modules, optimisers and the random stream in place; return the step and extra."""
+    """Restore modules, optimisers and the random streams (those of `rank` for the global ones)
+    in place; return the step and extra."""
     tensors, metadata, _ = read_safetensors(path, expected_sha256, verify)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback training-state file")
@@ -88,7 +106,9 @@ def load_state(
     for name, opt in optimizers.items():
         _unpack_optimizer(name, opt, optim[name], tensors)
     rng.set_state(tensors["rng"])
-    torch.set_rng_state(tensors["rng.global"])
-    if "rng.global_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.global_cuda"], rng.device)
+    if _rng_key("cpu", rank) not in tensors:
+        raise DisbackError(f"{path}: no random state for rank {rank} (saved with fewer ranks)")
+    torch.set_rng_state(tensors[_rng_key("cpu", rank)])
+    if _rng_key("cuda", rank) in tensors and rng.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[_rng_key("cuda", rank)], rng.device)
     return int(metadata["step"]), json.loads(metadata.get("extra", "{}"))

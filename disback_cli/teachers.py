@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser, load_weights
+from disback_cli.checkpoint import build_with_weights, load_denoiser
 from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
-from disback_cli.networks import NetworkSpec, build_denoiser
+from disback_cli.networks import NetworkSpec
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TEACHERS = {
@@ -65,8 +65,7 @@ def open_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
     path = resolve_teacher_path(spec)
     if path.suffix == ".pkl":
         edm = read_edm_pickle(path)
-        denoiser = build_denoiser(edm.spec)
-        load_weights(denoiser, edm.state_dict, str(path))
+        denoiser = build_with_weights(edm.spec, edm.state_dict, str(path))
         info = {
             "role": "teacher",
             "edm": {"class_name": edm.class_name, "model_type": edm.model_type,

@@ -91,6 +91,8 @@ class TrajectoryManifest(_Manifest):
     state: StateRef | None = None
     node_plan: list[int] | None = None  # recording steps of nodes 1..N (placement by distance)
     elapsed_seconds: float = 0.0
+    world_size: int = 1  # data-parallel processes; --batch is per process
+    global_batch: int | None = None  # batch x world_size
 
     @property
     def last_node(self) -> int:
@@ -111,6 +113,8 @@ class BacktrackManifest(_Manifest):
     state: StateRef | None = None
     metrics: str = "metrics.jsonl"
     elapsed_seconds: float = 0.0
+    world_size: int = 1  # data-parallel processes; --batch is per process
+    global_batch: int | None = None  # batch x world_size
 
 
 ManifestT = TypeVar("ManifestT", TrajectoryManifest, BacktrackManifest)
