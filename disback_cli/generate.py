@@ -18,7 +18,8 @@ from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.fileio import atomic_write_bytes
 from disback_cli.generator import OneStepGenerator
 from disback_cli.images import encode_png, grid, png_name, to_uint8
-from disback_cli.runtime import Reporter, SilentReporter, resolve_device
+from disback_cli.parallel import execution
+from disback_cli.runtime import Reporter, SilentReporter
 from disback_cli.sampling import edm_sampler, one_step_batches, parse_seeds
 from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
 
@@ -66,7 +67,7 @@ def write_samples(
     default_dir: Path = Path("."),
 ) -> dict:
     """Sample a generator file one step per seed (see `write_samples_of`)."""
-    device = resolve_device(cfg.device)
+    device = execution(cfg).device
     generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
     return write_samples_of(generator, info, cfg, out, reporter, grid_path, default_dir)
 
@@ -100,47 +101,55 @@ def write_samples_of(
     PNG folder in EDM's layout with `dataset.json` and `provenance.json`, or to an .npz (`images`
     N,H,W,C uint8).
     """
-    reporter = reporter or SilentReporter()
-    device = resolve_device(cfg.device)
+    ex = execution(cfg)
+    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
     seeds = sample_seeds(cfg)
+    generator = generator.to(ex.device)
     denoiser = generator.denoiser
     is_image = len(denoiser.data_shape) == 3
     fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
     if fmt == "png" and not is_image:
         raise ConfigError("--format png needs an image generator; use npz for vector data")
+    if grid_path is not None and not is_image:
+        raise ConfigError("--grid needs an image generator")
     if cfg.class_label is not None and not cfg.class_label < denoiser.label_dim:
         raise ConfigError(
             f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
         )
     out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
+    ex.prepare(denoiser, 1 + len(denoiser.data_shape))
 
-    chunks, grid_chunks, labels, done = [], [], [], 0
+    # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
+    # arrays (npz), labels and grid images to rank 0.
+    batches = [seeds[i : i + cfg.batch] for i in range(0, len(seeds), cfg.batch)]
+    mine: dict[int, tuple] = {}
     reporter.start("sample", len(seeds), 0)
-    batches = one_step_batches(
-        generator,
-        seeds,
-        denoiser.data_shape,
-        denoiser.label_dim,
-        cfg.batch,
-        device,
-        cfg.class_label,
-    )
-    for x, y in batches:
-        batch_labels = y.argmax(dim=1).numpy() if y is not None else None
-        if is_image:
-            x = to_uint8(x)
-            if fmt == "png":
-                batch_seeds = seeds[done : done + len(x)]
-                for image, seed in zip(x, batch_seeds, strict=True):
-                    atomic_write_bytes(out / png_name(seed), encode_png(image))
-        if fmt == "npz":
-            chunks.append(np.asarray(x))
-        if grid_path is not None and done < GRID_IMAGES:
-            grid_chunks.append(np.asarray(x[: GRID_IMAGES - done]))
-        if batch_labels is not None:
-            labels.append(batch_labels)
-        done += len(x)
-        reporter.advance(done)
+    for index in range(ex.rank, len(batches), ex.world_size):
+        batch_seeds = batches[index]
+        with ex.autocast():
+            x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
+                                         denoiser.label_dim, len(batch_seeds), ex.device,
+                                         cfg.class_label))  # fmt: skip
+        x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
+        if fmt == "png":
+            for image, seed in zip(x, batch_seeds, strict=True):
+                atomic_write_bytes(out / png_name(seed), encode_png(image))
+        first = index * cfg.batch
+        mine[index] = (
+            x if fmt == "npz" else None,
+            y.argmax(dim=1).numpy() if y is not None else None,
+            x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
+        )
+        reporter.advance(min(len(seeds), (index + 1) * cfg.batch))
+    gathered = ex.gather_to_main(mine)
+    summary = {"out": str(out), "format": fmt, "n": len(seeds)}
+    if gathered is None:  # other ranks: rank 0 writes the rest
+        return summary
+    parts = [part for rank_parts in gathered for part in rank_parts.items()]
+    ordered = [value for _, value in sorted(parts, key=lambda item: item[0])]
+    chunks = [c for c, _, _ in ordered if c is not None]
+    labels = [lab for _, lab, _ in ordered if lab is not None]
+    grid_chunks = [g for _, _, g in ordered if g is not None and len(g)]
     all_labels = np.concatenate(labels).astype(np.int64) if labels else None
     meta = {
         "disback_version": __version__,
@@ -151,7 +160,7 @@ def write_samples_of(
         "dataset": info.get("dataset"),
         "teacher_sha256": info.get("teacher_sha256"),
     }
-    summary = {"out": str(out), "format": fmt, "n": len(seeds), **meta}
+    summary.update(meta)
     if fmt == "png":
         entries = None
         if all_labels is not None:
@@ -170,8 +179,6 @@ def write_samples_of(
         np.savez(buffer, **arrays)
         summary["sha256"] = atomic_write_bytes(out, buffer.getvalue())
     if grid_path is not None:
-        if not is_image:
-            raise ConfigError("--grid needs an image generator")
         atomic_write_bytes(grid_path, encode_png(grid(np.concatenate(grid_chunks))))
         summary["grid"] = str(grid_path)
     return summary

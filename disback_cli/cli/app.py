@@ -16,6 +16,7 @@ from typer.exceptions import Abort, TyperException
 from disback_cli import __version__
 from disback_cli.cli import backtrack, demo, evaluate, plot, record, sample, teacher
 from disback_cli.errors import DisbackError, InterruptedRun
+from disback_cli.parallel import shutdown
 
 app = typer.Typer(
     name="disback",
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--debug", *(a for a in args if a != "--debug")]
     try:
         code = app(args=args, prog_name="disback", standalone_mode=False)
+        shutdown()
     except InterruptedRun as exc:
         _fail(str(exc), 130)
     except DisbackError as exc:

@@ -23,6 +23,7 @@ from disback_cli.cli._common import (
     stdout,
 )  # fmt: skip
 from disback_cli.config import BacktrackConfig, build_config
+from disback_cli.parallel import is_main_process
 from disback_cli.trajectory import backtrack_dir
 
 
@@ -94,6 +95,8 @@ def backtrack(
         manifest = run_backtrack(
             cfg, trajectory, name, force=force, teacher_override=teacher, reporter=reporter
         )
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return
     run_dir = backtrack_dir(trajectory, name)
     last = {}
     metrics_path = run_dir / manifest.metrics

@@ -33,6 +33,7 @@ from disback_cli.generate import (
 )
 from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
 from disback_cli.image_io import ImageSet, generated_images, open_images
+from disback_cli.parallel import is_main_process
 from disback_cli.runtime import resolve_device
 from disback_cli.sampling import one_step_batches, parse_seeds
 
@@ -157,6 +158,8 @@ def evaluate(
     legacy_tensorflow, which matches EDM's published numbers and reference files.
     """
     inputs = inputs or []
+    if not is_main_process():
+        return  # under torchrun, rank 0 evaluates alone (feature extraction is not split yet)
     torch_device = resolve_device(device or "auto")
     with reporting(quiet or json_out) as reporter:
         if inputs[:1] == ["ref"]:

@@ -24,6 +24,7 @@ from disback_cli.cli._common import (
 )  # fmt: skip
 from disback_cli.config import RecordConfig, build_config
 from disback_cli.errors import ConfigError
+from disback_cli.parallel import is_main_process
 from disback_cli.record import run_record
 from disback_cli.teachers import BUILTIN_PREFIX
 
@@ -102,6 +103,8 @@ def record(
         {"index": n.index, "step": n.step, "file": n.file, "dist_to_teacher": n.dist_to_teacher}
         for n in manifest.nodes
     ]
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return
     if json_out:
         emit_json({"trajectory": str(out), "status": manifest.status, "teacher": cfg.teacher,
                    "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out})  # fmt: skip

@@ -25,6 +25,7 @@ from disback_cli.generate import (
     write_samples,
     write_samples_of,
 )
+from disback_cli.parallel import is_main_process
 from disback_cli.runtime import resolve_device
 from disback_cli.teachers import open_teacher
 from disback_cli.trajectory import backtrack_dir
@@ -92,6 +93,8 @@ def sample(
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
             summary = write_samples(cfg, generator, out, expected, reporter, grid, default_dir)
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return
     if json_out:
         emit_json(summary)
     elif not quiet:

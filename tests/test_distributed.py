@@ -1,0 +1,121 @@
+"""torchrun with the gloo backend on 2 CPU processes: the same numbers as one process.
+
+A 2-process run with per-rank batch B draws the random numbers of the global batch 2B and
+averages gradients, so it must match a 1-process run with batch 2B up to float round-off; a
+2-process `sample` must write byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from disback_cli.checkpoint import load_denoiser
+from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in both launches
+RECORD = [
+    "record",
+    "--teacher",
+    "builtin:ring2d",
+    "--iters",
+    "40",
+    "--nodes",
+    "2",
+    "--seed",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+BACKTRACK = ["backtrack", "--iters", "30", "--interval", "10", "--seed", "1", "--save-every",
+             "10", "--log-every", "10", "--device", "cpu", "--quiet"]  # fmt: skip
+
+
+def disback(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "disback_cli"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={processes}", "-m", "disback_cli"]  # fmt: skip
+    result = subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                            text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_denoiser(path).denoiser.state_dict()
+
+
+def assert_close(a: dict, b: dict) -> float:
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    return worst
+
+
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    disback(*RECORD, "--batch", "64", "--out", "one", cwd=tmp_path)
+    disback(*RECORD, "--batch", "32", "--out", "two", processes=2, cwd=tmp_path)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["global_batch"] == 64
+    for node in ("node-001", "node-002"):
+        assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
+                     weights(tmp_path / "two/nodes" / f"{node}.safetensors"))  # fmt: skip
+
+    disback(*BACKTRACK, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
+    out = disback(*BACKTRACK, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
+                  cwd=tmp_path, )  # fmt: skip
+    assert "Traceback" not in out.stderr
+    single, pair = (read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
+                    for n in ("single", "pair"))  # fmt: skip
+    assert pair.world_size == 2 and pair.global_batch == 64 and pair.step == 30
+    for ref in ("generator", "generator_ema"):
+        assert_close(
+            weights(backtrack_dir(tmp_path / "one", "single") / getattr(single, ref).file),
+            weights(backtrack_dir(tmp_path / "one", "pair") / getattr(pair, ref).file),
+        )
+    logs = [
+        [json.loads(line) for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
+         .read_text().splitlines()]
+        for n in ("single", "pair")
+    ]  # fmt: skip
+    assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [10, 20, 30]
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss_g", "loss_fake", "score_gap", "grad_norm_g"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+    # A resumed 2-process run refuses another process count.
+    again = subprocess.run([sys.executable, "-m", "disback_cli", *BACKTRACK, "-T", "one",
+                            "--batch", "32", "--name", "pair", "--iters", "40"], cwd=tmp_path,
+                           env=ENV, capture_output=True, text=True, check=False)  # fmt: skip
+    assert again.returncode == 2 and "processes: 2 -> 1" in again.stderr
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_two_process_sampling_writes_the_same_files(tmp_path):
+    sample = ["sample", "--teacher", "builtin:digits", "--steps", "3", "--seeds", "5-41",
+              "--batch", "8", "--device", "cpu"]  # fmt: skip
+    one = disback(*sample, "--format", "png", "--out", "one", "--grid", "one.png", cwd=tmp_path)
+    two = disback(*sample, "--format", "png", "--out", "two", "--grid", "two.png", processes=2,
+                  cwd=tmp_path)  # fmt: skip
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+    assert len(list((tmp_path / "two").rglob("*.png"))) == 37
+    assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+    assert one.stdout.count("wrote 37 samples") == two.stdout.count("wrote 37 samples") == 1
+    disback(*sample, "--format", "npz", "--out", "one.npz", cwd=tmp_path)
+    disback(*sample, "--format", "npz", "--out", "two.npz", processes=2, cwd=tmp_path)
+    assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
