@@ -6,6 +6,8 @@ denoiser is expected. Reading hashes the exact bytes it parses.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -146,14 +148,20 @@ def load_denoiser(
     return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, sha256)
 
 
+@functools.lru_cache(maxsize=8)
+def _meta_network(spec_json: str) -> nn.Module:
+    """An uninitialised network (meta tensors) to copy: building one is slow, copying is not."""
+    with torch.device("meta"):
+        return build_denoiser(NetworkSpec.model_validate_json(spec_json))
+
+
 def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], source: str):
     """The network of `spec` holding exactly `tensors` (as float32), loaded strictly.
 
     Built on the meta device: no initialisation compute and no draws from the global random
     stream, so loading a network mid-run does not shift dropout noise. Files may hold bf16
     (`record --node-dtype bf16`) or fp16 (EDM pickles); computation uses float32 weights."""
-    with torch.device("meta"):
-        denoiser = build_denoiser(spec)
+    denoiser = copy.deepcopy(_meta_network(spec.model_dump_json()))
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     load_weights(denoiser, tensors, source, assign=True)
     return denoiser

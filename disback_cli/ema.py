@@ -20,5 +20,8 @@ def ema_beta(batch: int, images_seen: int, halflife_kimg: float, rampup: float |
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    ema_params, params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    if len(ema_params) != len(params):
+        raise ValueError("EMA and network have different parameter lists")
+    # ema <- p + beta (ema - p), the same value as p.lerp(ema, beta), in one fused call
+    torch._foreach_lerp_(ema_params, params, 1 - beta)

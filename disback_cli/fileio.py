@@ -71,11 +71,12 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> str:
     """Write `data` to `path` via a temporary file, fsync and rename; return its sha256.
 
     Checks free space first; a failed write removes its temporary file and leaves `path` as it
-    was."""
+    was. `durable=False` skips the fsyncs (still atomic for readers and against a crash of this
+    process) for many small files that the caller syncs once at the end, e.g. sample PNGs."""
     path = Path(path)
     ensure_free_space(path.parent, len(data), path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -96,11 +98,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return sha256_bytes(data)
 
 

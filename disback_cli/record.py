@@ -166,7 +166,7 @@ def _fresh_run(cfg: RecordConfig, teacher: Teacher, ex: Execution):
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
     ex.prepare(aux, 1 + len(teacher.spec.data_shape))
-    optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
     rng = torch.Generator(ex.device).manual_seed(cfg.seed)  # the same stream on every rank
     torch.manual_seed(ex.rank_seed(cfg.seed))  # dropout: one stream per rank, saved with state
     return aux, optimizer, rng

@@ -1,0 +1,239 @@
+"""How much of `backtrack` and `sample` is useful network work, and what a target switch costs.
+
+A fixed small SongUNet (3x16x16, random weights: throughput does not depend on what the weights
+learned) is recorded into a 6-node trajectory, then:
+
+1. Loop overhead: seconds per `backtrack` iteration (from metrics.jsonl, after warm-up) against
+   the sum of its parts timed alone with the same networks and batch: generator forward+backward,
+   target and fake forward, fake forward+backward (on generator samples made without gradient).
+   Optimiser steps and the EMA update are timed too and reported beside the ratio.
+2. Sampling: images/s of `disback sample` (npz and PNG) against a bare loop of batched forwards.
+3. Target switch: per-iteration times with a log line every iteration; the extra time of the
+   iterations at which the target changes, as a share of one interval, with the background
+   prefetch and with it switched off (synchronous loading).
+
+Not part of the test suite (a few minutes on 2 CPU cores):
+
+    python benchmarks/throughput.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from disback_cli import path_nodes
+from disback_cli.backtrack import run_backtrack
+from disback_cli.checkpoint import save_denoiser
+from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
+from disback_cli.generate import load_generator, write_samples_of
+from disback_cli.generator import OneStepGenerator
+from disback_cli.losses import denoising_step, make_generator_loss
+from disback_cli.networks import NetworkSpec, build_denoiser
+from disback_cli.record import run_record
+from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+
+SPEC = NetworkSpec(
+    arch="SongUNet",
+    data_shape=(3, 16, 16),
+    arch_kwargs=dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                     dropout=0.0, embedding_type="positional", encoder_type="standard",
+                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1]),
+)  # fmt: skip
+BATCH = 16
+WARMUP, MEASURED, REPEATS = 10, 60, 3
+
+
+def make_teacher(folder: Path) -> Path:
+    torch.manual_seed(0)
+    path = folder / "songunet-16.safetensors"
+    info = {"role": "teacher", "train_sigma": {"p_mean": -1.2, "p_std": 1.2}}
+    save_denoiser(path, build_denoiser(SPEC), SPEC, info)
+    return path
+
+
+def logged_seconds(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["seconds"] for r in rows}
+
+
+def per_iteration(run_dir: Path, start: int) -> list[float]:
+    """Durations of iterations start+1, start+2, ... (needs a log line every iteration)."""
+    times = logged_seconds(run_dir)
+    return [times[i] - times[i - 1] for i in sorted(times) if i - 1 in times and i > start]
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` calls after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def parts(trajectory: Path, cfg: BacktrackConfig) -> dict[str, float]:
+    """The work of one backtrack iteration, each piece timed alone."""
+    from disback_cli.checkpoint import load_denoiser
+
+    nodes = sorted((trajectory / "nodes").glob("*.safetensors"))
+    target = load_denoiser(nodes[-2]).denoiser
+    fake = copy.deepcopy(load_denoiser(nodes[-1]).denoiser).train().requires_grad_(True)
+    g_net = copy.deepcopy(load_denoiser(nodes[0]).denoiser).train().requires_grad_(True)
+    generator = OneStepGenerator(g_net, 2.5)
+    loss_fn = make_generator_loss(cfg.model_copy(update={"p_mean": -1.2, "p_std": 1.2}))
+    shape = (cfg.batch, *SPEC.data_shape)
+    rng = torch.Generator().manual_seed(0)
+    z, noise = torch.randn(shape), torch.randn(shape)
+    sigma = loss_fn.sample_sigma(cfg.batch, rng, torch.device("cpu"))
+    opt_g = torch.optim.Adam(g_net.parameters(), lr=1e-5, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-5, betas=(0.0, 0.999))
+
+    def g_forward_backward():
+        g_net.zero_grad(set_to_none=True)
+        generator(z).sum().backward()
+
+    with torch.no_grad():
+        x_t = generator(z) + sigma.reshape(-1, 1, 1, 1) * noise
+
+    def target_and_fake_forward():
+        with torch.no_grad():
+            fake(x_t, sigma)
+            target(x_t, sigma)
+
+    def fake_forward_backward():
+        with torch.no_grad():
+            x = generator(z)
+        fake.zero_grad(set_to_none=True)
+        ((fake(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma) - x) ** 2).mean().backward()
+
+    def optimiser_steps_and_ema():
+        g_forward_backward()
+        fake_forward_backward()
+        start = time.perf_counter()
+        opt_g.step()
+        opt_f.step()
+        with torch.no_grad():
+            for p in g_net.parameters():
+                p.lerp_(p, 0.999)
+        return time.perf_counter() - start
+
+    timings = {
+        "generator forward+backward": timed(g_forward_backward, 30),
+        "target and fake forward": timed(target_and_fake_forward, 30),
+        "fake forward+backward": timed(fake_forward_backward, 30),
+    }
+    timings["optimiser steps and EMA"] = statistics.median(
+        optimiser_steps_and_ema() for _ in range(20)
+    )
+    # denoising_step is what the loop calls for the fake score; time it whole as a cross-check
+    timings["(denoising_step as called by the loop)"] = timed(
+        lambda: denoising_step(fake, opt_f, generator, shape, 0, -1.2, 1.2, rng), 30
+    )
+    return timings
+
+
+def sampling(generator_file: Path, folder: Path, n: int, batch: int) -> dict[str, float]:
+    generator, info = load_generator(generator_file, torch.device("cpu"))
+
+    def bare():
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                generator(torch.randn(min(batch, n - start), *SPEC.data_shape))
+
+    out: dict[str, float] = {"bare forward loop": n / timed(bare, 3)}
+    for fmt in ("npz", "png"):
+        cfg = SampleConfig(n=n, batch=batch, format=fmt, device="cpu")
+        target = folder / f"samples-{fmt}" if fmt == "png" else folder / "samples.npz"
+        out[f"disback sample ({fmt})"] = n / timed(
+            lambda cfg=cfg, target=target: write_samples_of(generator, info, cfg, target), 3
+        )
+    return out
+
+
+def switch_cost(trajectory: Path, interval: int, prefetch: bool) -> dict[str, float]:
+    name = "switch-prefetch" if prefetch else "switch-sync"
+    if not prefetch:  # load every target synchronously at its switch
+        original = path_nodes.PathNodes.target
+        path_nodes.PathNodes.target = lambda self, index: self._prepare(index)
+    try:
+        cfg = BacktrackConfig(iters=interval * 5 + 1, interval=interval, batch=BATCH, log_every=1,
+                              save_every=0, device="cpu")  # fmt: skip
+        run_backtrack(cfg, trajectory, name)
+    finally:
+        if not prefetch:
+            path_nodes.PathNodes.target = original
+    run = backtrack_dir(trajectory, name)
+    durations = per_iteration(run, 1)  # durations[k] = time of iteration k + 2
+    switch_at = {interval * j + 1 for j in range(1, 5)}  # iteration that starts with a switch
+    after = 5  # a background load may slow the iterations after the switch: count them too
+    near = {s + k for s in switch_at for k in range(after)}
+    normal = statistics.median(d for k, d in enumerate(durations) if k + 2 not in near)
+    at_switch = [d for k, d in enumerate(durations) if k + 2 in switch_at]
+    windows = [sum(durations[s - 2 + k] - normal for k in range(after)) for s in switch_at]
+    stall, extra = statistics.median(at_switch) - normal, statistics.median(windows)
+    return {"iteration_s": normal, "switch_iteration_extra_s": stall,
+            f"extra_over_{after}_iterations_s": extra,
+            "share_of_interval": extra / (interval * normal)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "network": SPEC.model_dump(), "batch": BATCH}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        teacher = make_teacher(tmp)
+        trajectory = tmp / "t"
+        run_record(RecordConfig(teacher=str(teacher), iters=12, nodes=6, batch=BATCH,
+                                device="cpu"), trajectory)  # fmt: skip
+        cfg = BacktrackConfig(iters=WARMUP + MEASURED, interval=10_000, batch=BATCH, log_every=5,
+                              save_every=0, device="cpu")  # fmt: skip
+        loops = []
+        for repeat in range(REPEATS):  # the machine's speed drifts: median of a few runs
+            run_backtrack(cfg, trajectory, f"loop{repeat}")
+            times = logged_seconds(backtrack_dir(trajectory, f"loop{repeat}"))
+            loops.append((times[WARMUP + MEASURED] - times[WARMUP]) / MEASURED)
+        loop = statistics.median(loops)
+        pieces = parts(trajectory, cfg)
+        work = sum(pieces[k] for k in ("generator forward+backward", "target and fake forward",
+                                       "fake forward+backward"))  # fmt: skip
+        results["loop"] = {
+            "iteration_s": loop,
+            "iteration_s_runs": loops,
+            "parts_s": pieces,
+            "sum_of_parts_s": work,
+            "overhead_vs_parts": loop / work - 1,
+            "overhead_vs_parts_and_optimisers": loop / (work + pieces["optimiser steps and EMA"])
+            - 1,
+        }
+        run = backtrack_dir(trajectory, "loop0")
+        manifest = read_manifest(run, BacktrackManifest)
+        results["sampling_images_per_s"] = sampling(run / manifest.generator_ema.file, tmp, 512,
+                                                    128)  # fmt: skip
+        results["switch"] = {
+            "prefetch": switch_cost(trajectory, 20, prefetch=True),
+            "synchronous": switch_cost(trajectory, 20, prefetch=False),
+        }
+        node = sorted((trajectory / "nodes").glob("*.safetensors"))[0]
+        results["node_file_mb"] = node.stat().st_size / 1e6
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

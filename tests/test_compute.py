@@ -1,0 +1,127 @@
+"""Precision, compilation, memory layout and path-node prefetching, exercised on the CPU."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import weakref
+
+import pytest
+import safetensors
+import torch
+
+from disback_cli import path_nodes
+from disback_cli.backtrack import run_backtrack
+from disback_cli.checkpoint import load_denoiser
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.networks.layers import Conv2d
+from disback_cli.parallel import Execution
+from disback_cli.path_nodes import PathNodes
+from disback_cli.record import run_record
+from disback_cli.teachers import open_teacher
+from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, backtrack_dir
+from disback_cli.trajectory import read_manifest as read
+
+SMALL = dict(iters=30, interval=10, batch=64, save_every=10, log_every=10, device="cpu")
+
+
+@pytest.fixture
+def trajectory(small_trajectory, tmp_path):
+    shutil.copytree(small_trajectory, tmp_path / "t")
+    return tmp_path / "t"
+
+
+def final_generator(trajectory, name) -> dict[str, torch.Tensor]:
+    run = backtrack_dir(trajectory, name)
+    return load_denoiser(run / read(run, BacktrackManifest).generator.file).denoiser.state_dict()
+
+
+def first_conv(module: torch.nn.Module) -> Conv2d:
+    return next(m for m in module.modules() if isinstance(m, Conv2d) and m.weight is not None)
+
+
+def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_fp32_weights(trajectory):
+    teacher = open_teacher("builtin:digits")
+    seen = []
+    conv = first_conv(teacher.denoiser)
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(2, 1, 8, 8)
+    with Execution(torch.device("cpu"), "bf16").autocast():
+        out = teacher.denoiser(x, torch.full((2,), 0.5))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32  # fp32 at the output
+
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "fp32")
+    run_backtrack(BacktrackConfig(**SMALL, precision="bf16"), trajectory, "bf16")
+    a, b = final_generator(trajectory, "fp32"), final_generator(trajectory, "bf16")
+    assert all(t.dtype == torch.float32 for t in b.values())
+    difference = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(a[k].abs().max().item() for k in a)
+    assert 0 < difference < 0.02 * scale  # bf16 round-off shows, but it is the same training
+
+
+def test_compiled_networks_give_the_same_run(trajectory, monkeypatch):
+    monkeypatch.setenv("DISBACK_COMPILE_BACKEND", "aot_eager")  # inductor needs minutes here
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), trajectory, "eager")
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}, compile=True), trajectory, "compiled")
+    a, b = final_generator(trajectory, "eager"), final_generator(trajectory, "compiled")
+    assert a.keys() == b.keys()  # compiled in place: file layout unchanged
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_images_give_the_same_outputs():
+    teacher = open_teacher("builtin:digits")
+    x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 0.7)
+    reference = teacher.denoiser(x, sigma)
+    ex = Execution(torch.device("cpu"), channels_last=True)
+    ex.prepare(teacher.denoiser, 4)
+    conv = first_conv(teacher.denoiser)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(teacher.denoiser(ex.to_input(x), sigma), reference)
+
+
+def test_bf16_node_files_halve_the_disk_and_load_as_fp32(small_trajectory, tmp_path):
+    config = dict(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu")
+    run_record(RecordConfig(**config, node_dtype="bf16"), tmp_path / "t")
+    for node in ("node-001", "node-003"):
+        small = tmp_path / "t" / "nodes" / f"{node}.safetensors"
+        full = small_trajectory / "nodes" / f"{node}.safetensors"
+        assert small.stat().st_size < 0.6 * full.stat().st_size
+        with safetensors.safe_open(small, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.bfloat16}
+        loaded = load_denoiser(small).denoiser.state_dict()
+        reference = load_denoiser(full).denoiser.state_dict()
+        for key, value in loaded.items():
+            assert value.dtype == torch.float32
+            assert torch.equal(value, reference[key].to(torch.bfloat16).float())
+    run_backtrack(BacktrackConfig(**SMALL), tmp_path / "t")  # trains from bf16 nodes
+
+
+def test_next_node_loads_in_the_background_and_old_targets_are_freed(trajectory, monkeypatch):
+    traj = read(trajectory, TrajectoryManifest)
+    teacher = open_teacher(traj.teacher.source)
+    loads = []
+    real = path_nodes.load_path_node
+
+    def counting(trajectory, manifest, index, *args):
+        loads.append(index)
+        return real(trajectory, manifest, index, *args)
+
+    monkeypatch.setattr(path_nodes, "load_path_node", counting)
+    nodes = PathNodes(trajectory, traj, teacher, Execution(torch.device("cpu")))
+    assert teacher.denoiser is None  # taken over: freed once node 0 is not the target
+    alive, target = {}, None
+    try:
+        for index in (3, 2, 1, 0):
+            target = None  # as the training loop does: drop the old target first
+            target = nodes.target(index)
+            alive[index] = weakref.ref(target)
+            if index:
+                assert nodes.pending[0] == index - 1  # the next node is on its way
+                alive[index - 1] = weakref.ref(nodes.pending[1].result())
+            gc.collect()
+            live = sorted(i for i, ref in alive.items() if ref() is not None)
+            assert live == sorted({index, max(index - 1, 0)})  # current target and next node
+    finally:
+        nodes.close()
+    assert loads == [3, 2, 1]  # each node read once; node 0 read again from the teacher file
