@@ -8,9 +8,9 @@ learned) is recorded into a 6-node trajectory, then:
    target and fake forward, fake forward+backward (on generator samples made without gradient).
    Optimiser steps and the EMA update are timed too and reported beside the ratio.
 2. Sampling: images/s of `disback sample` (npz and PNG) against a bare loop of batched forwards.
-3. Target switch: per-iteration times with a log line every iteration; the extra time of the
-   iterations at which the target changes, as a share of one interval, with the background
-   prefetch and with it switched off (synchronous loading).
+3. Target switch: how long the training thread waits when the target changes, as a share of
+   one interval, with the background prefetch and with it switched off (synchronous loading);
+   and the run time with 4 switches against the same run without any.
 
 Not part of the test suite (a few minutes on 2 CPU cores):
 
@@ -62,12 +62,6 @@ def make_teacher(folder: Path) -> Path:
 def logged_seconds(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["iteration"]: r["seconds"] for r in rows}
-
-
-def per_iteration(run_dir: Path, start: int) -> list[float]:
-    """Durations of iterations start+1, start+2, ... (needs a log line every iteration)."""
-    times = logged_seconds(run_dir)
-    return [times[i] - times[i - 1] for i in sorted(times) if i - 1 in times and i > start]
 
 
 def timed(fn, repeats: int) -> float:
@@ -162,29 +156,34 @@ def sampling(generator_file: Path, folder: Path, n: int, batch: int) -> dict[str
 
 
 def switch_cost(trajectory: Path, interval: int, prefetch: bool) -> dict[str, float]:
-    name = "switch-prefetch" if prefetch else "switch-sync"
-    if not prefetch:  # load every target synchronously at its switch
-        original = path_nodes.PathNodes.target
-        path_nodes.PathNodes.target = lambda self, index: self._prepare(index)
+    """Time the main thread waits in a target switch (the stall), and the whole run's time
+    against a run without switches (what the background loading costs the training threads)."""
+    waits: list[float] = []
+    original = path_nodes.PathNodes.target
+
+    def timed_target(self, index):
+        start = time.perf_counter()
+        node = original(self, index) if prefetch else self._prepare(index)
+        waits.append(time.perf_counter() - start)
+        return node
+
+    iters = interval * 5
+    path_nodes.PathNodes.target = timed_target
     try:
-        cfg = BacktrackConfig(iters=interval * 5 + 1, interval=interval, batch=BATCH, log_every=1,
-                              save_every=0, device="cpu")  # fmt: skip
-        run_backtrack(cfg, trajectory, name)
+        name = f"switch-{'prefetch' if prefetch else 'sync'}"
+        run_backtrack(BacktrackConfig(iters=iters, interval=interval, batch=BATCH, log_every=5,
+                                      save_every=0, device="cpu"), trajectory, name)  # fmt: skip
     finally:
-        if not prefetch:
-            path_nodes.PathNodes.target = original
-    run = backtrack_dir(trajectory, name)
-    durations = per_iteration(run, 1)  # durations[k] = time of iteration k + 2
-    switch_at = {interval * j + 1 for j in range(1, 5)}  # iteration that starts with a switch
-    after = 5  # a background load may slow the iterations after the switch: count them too
-    near = {s + k for s in switch_at for k in range(after)}
-    normal = statistics.median(d for k, d in enumerate(durations) if k + 2 not in near)
-    at_switch = [d for k, d in enumerate(durations) if k + 2 in switch_at]
-    windows = [sum(durations[s - 2 + k] - normal for k in range(after)) for s in switch_at]
-    stall, extra = statistics.median(at_switch) - normal, statistics.median(windows)
-    return {"iteration_s": normal, "switch_iteration_extra_s": stall,
-            f"extra_over_{after}_iterations_s": extra,
-            "share_of_interval": extra / (interval * normal)}  # fmt: skip
+        path_nodes.PathNodes.target = original
+    switching = logged_seconds(backtrack_dir(trajectory, name))[iters]
+    stalls = waits[1:]  # the first target is loaded before training starts
+    return {
+        "switches": len(stalls),
+        "median_stall_s": statistics.median(stalls),
+        "max_stall_s": max(stalls),
+        "stall_share_of_interval": statistics.median(stalls) / (switching / iters * interval),
+        "run_s": switching,
+    }
 
 
 def main() -> None:
@@ -224,9 +223,13 @@ def main() -> None:
         manifest = read_manifest(run, BacktrackManifest)
         results["sampling_images_per_s"] = sampling(run / manifest.generator_ema.file, tmp, 512,
                                                     128)  # fmt: skip
+        steady = BacktrackConfig(iters=100, interval=10_000, batch=BATCH, log_every=5,
+                                 save_every=0, device="cpu")  # fmt: skip
+        run_backtrack(steady, trajectory, "no-switch")
         results["switch"] = {
             "prefetch": switch_cost(trajectory, 20, prefetch=True),
             "synchronous": switch_cost(trajectory, 20, prefetch=False),
+            "no_switch_run_s": logged_seconds(backtrack_dir(trajectory, "no-switch"))[100],
         }
         node = sorted((trajectory / "nodes").glob("*.safetensors"))[0]
         results["node_file_mb"] = node.stat().st_size / 1e6

@@ -69,7 +69,7 @@ class _Compute(_Config):
 class RecordConfig(_Compute):
     """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
 
-    teacher: str = Field(description="builtin:NAME or a .safetensors teacher file")
+    teacher: str = Field(description="builtin:NAME, an EDM .pkl or a disback .safetensors file")
     iters: PositiveInt = Field(1000, description="DSM iterations of the auxiliary model")
     nodes: PositiveInt = Field(5, description="path nodes saved evenly over the iterations")
     batch: PositiveInt = Field(256, description="G0 samples per iteration")

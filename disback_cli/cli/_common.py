@@ -42,6 +42,23 @@ VerifyOpt = Annotated[
         help="Check the sha256 of every file a manifest names (skip for huge trusted files).",
     ),
 ]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="fp32, or bf16: networks under bfloat16 autocast, fp32 weights and losses."),
+]
+Tf32Opt = Annotated[
+    bool | None, typer.Option("--tf32/--no-tf32", help="Allow TF32 on CUDA (default: off).")
+]
+CompileOpt = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help="torch.compile the networks.")
+]
+ChannelsLastOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="Channels-last image tensors (default: on for images on CUDA).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
 

@@ -10,12 +10,16 @@ import typer
 
 from disback_cli.backtrack import run_backtrack
 from disback_cli.cli._common import (
+    ChannelsLastOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    Tf32Opt,
     VerifyOpt,
     describe,
     emit_json,
@@ -67,6 +71,10 @@ def backtrack(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     verify: VerifyOpt = None,
+    precision: PrecisionOpt = None,
+    tf32: Tf32Opt = None,
+    compile_networks: CompileOpt = None,
+    channels_last: ChannelsLastOpt = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -89,7 +97,9 @@ def backtrack(
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
                  p_std=p_std, dropout=dropout, save_every=save_every, log_every=log_every,
                  eval_every=eval_every,
-                 seed=seed, device=device, verify=verify)  # fmt: skip
+                 seed=seed, device=device, verify=verify,
+                 precision=precision, tf32=tf32, compile=compile_networks,
+                 channels_last=channels_last)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(

@@ -10,12 +10,16 @@ import typer
 from rich.table import Table
 
 from disback_cli.cli._common import (
+    ChannelsLastOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    Tf32Opt,
     VerifyOpt,
     describe,
     emit_json,
@@ -76,6 +80,11 @@ def record(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     verify: VerifyOpt = None,
+    precision: PrecisionOpt = None,
+    tf32: Tf32Opt = None,
+    compile_networks: CompileOpt = None,
+    channels_last: ChannelsLastOpt = None,
+    node_dtype: Annotated[str | None, typer.Option(help=_h("node_dtype"))] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -93,7 +102,10 @@ def record(
                  student_arch_kwargs=_json(student_arch_kwargs), p_mean=p_mean, p_std=p_std,
                  dropout=dropout,
                  save_every=save_every,
-                 seed=seed, device=device, verify=verify)  # fmt: skip
+                 seed=seed, device=device, verify=verify,
+                 precision=precision, tf32=tf32, compile=compile_networks,
+                 channels_last=channels_last,
+                 node_dtype=node_dtype)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags)
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:

@@ -8,10 +8,14 @@ from typing import Annotated
 import typer
 
 from disback_cli.cli._common import (
+    ChannelsLastOpt,
+    CompileOpt,
     ConfigOpt,
     DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     QuietOpt,
+    Tf32Opt,
     VerifyOpt,
     describe,
     emit_json,
@@ -64,6 +68,10 @@ def sample(
     ] = None,
     device: DeviceOpt = None,
     verify: VerifyOpt = None,
+    precision: PrecisionOpt = None,
+    tf32: Tf32Opt = None,
+    compile_networks: CompileOpt = None,
+    channels_last: ChannelsLastOpt = None,
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -78,7 +86,9 @@ def sample(
     dataset.json with labels); --format npz stores uint8 images; --class K fixes the class.
     """
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
-                 class_label=class_label, device=device, verify=verify)  # fmt: skip
+                 class_label=class_label, device=device, verify=verify,
+                 precision=precision, tf32=tf32, compile=compile_networks,
+                 channels_last=channels_last)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
