@@ -66,8 +66,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 64
     for node in ("node-001", "node-002"):
-        assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
+        worst = assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
                      weights(tmp_path / "two/nodes" / f"{node}.safetensors"))  # fmt: skip
+        print(f"record {node}: max |1 process - 2 processes| = {worst:.2e}")
 
     disback(*BACKTRACK, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
     out = disback(*BACKTRACK, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
@@ -77,10 +78,11 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
                     for n in ("single", "pair"))  # fmt: skip
     assert pair.world_size == 2 and pair.global_batch == 64 and pair.step == 30
     for ref in ("generator", "generator_ema"):
-        assert_close(
+        worst = assert_close(
             weights(backtrack_dir(tmp_path / "one", "single") / getattr(single, ref).file),
             weights(backtrack_dir(tmp_path / "one", "pair") / getattr(pair, ref).file),
         )
+        print(f"backtrack {ref}: max |1 process - 2 processes| = {worst:.2e}")
     logs = [
         [json.loads(line) for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
          .read_text().splitlines()]

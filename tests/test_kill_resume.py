@@ -130,6 +130,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     resumed = _kill_and_resume([*RECORD, "--out", "killed"], tmp_path, tmp_path / "killed",
                                TrajectoryManifest, work, rng)  # fmt: skip
     assert any(resumed), "no kill landed after a resume point"
+    print(f"record: killed 3 times, resumed from iterations {resumed}")
     nodes = _digests(tmp_path / "ref", "nodes/*")
     assert len(nodes) == 4 and nodes == _digests(tmp_path / "killed", "nodes/*")
     assert not list((tmp_path / "killed").rglob(".*.tmp"))
@@ -142,6 +143,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     resumed = _kill_and_resume([*BACKTRACK, "-T", "ref2"], tmp_path, killed_run,
                                BacktrackManifest, work, rng)  # fmt: skip
     assert any(resumed), "no kill landed after a checkpoint"
+    print(f"backtrack: killed 3 times, resumed from iterations {resumed}")
     final = _digests(ref_run, "checkpoints/*")
     assert len(final) == 3 and final == _digests(killed_run, "checkpoints/*")
     assert _metrics(ref_run) == _metrics(killed_run)

@@ -29,8 +29,7 @@ from disback_cli.generate import (
     write_samples,
     write_samples_of,
 )
-from disback_cli.parallel import is_main_process
-from disback_cli.runtime import resolve_device
+from disback_cli.parallel import execution, is_main_process
 from disback_cli.teachers import open_teacher
 from disback_cli.trajectory import backtrack_dir
 
@@ -92,7 +91,7 @@ def sample(
     cfg = build_config(SampleConfig, config, "sample", flags)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
-            loaded = open_teacher(teacher, resolve_device(cfg.device))
+            loaded = open_teacher(teacher, execution(cfg).device)
             info = {"file": teacher, "sha256": loaded.sha256, "weights": f"heun-{steps}",
                     "dataset": loaded.dataset, "teacher_sha256": loaded.sha256}  # fmt: skip
             sampler = HeunSampler(loaded.denoiser, steps)
