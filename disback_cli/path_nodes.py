@@ -91,8 +91,11 @@ class PathNodes:
             node = self._prepare(index)
         if index > 0:
             self.held_teacher = None  # node 0 will be read again when its turn comes
-        if self.stream is not None:
-            torch.cuda.current_stream(self.ex.device).wait_stream(self.stream)
+        if self.stream is not None:  # the copy must finish before use, and the memory must not
+            current = torch.cuda.current_stream(self.ex.device)  # be reused while still read
+            current.wait_stream(self.stream)
+            for tensor in node.state_dict().values():
+                tensor.record_stream(current)
         self.pending = (index - 1, self.worker.submit(self._prepare, index - 1)) if index else None
         return node
 
