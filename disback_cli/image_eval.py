@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from disback_cli import __version__
 from disback_cli.detectors import Detector
@@ -26,6 +27,7 @@ from disback_cli.image_metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from disback_cli.parallel import Execution
 from disback_cli.runtime import Reporter, SilentReporter
 
 REFERENCE_FEATURES = 10_000  # features kept in a reference for KID and precision/recall
@@ -50,16 +52,26 @@ class Reference:
 
 def extract_features(
     images: ImageSet, detector: Detector, batch: int, reporter: Reporter, start: int = 0,
-    stop: int | None = None, label: str = "features",
-) -> np.ndarray:  # fmt: skip
+    stop: int | None = None, label: str = "features", ex: Execution | None = None,
+) -> np.ndarray | None:  # fmt: skip
+    """Detector features of images start..stop in order. Under torchrun the batches go
+    round-robin to the ranks and rank 0 receives them all; other ranks get None."""
+    ex = ex or Execution(torch.device("cpu"))
     stop = images.count if stop is None else stop
+    firsts = list(range(start, stop, batch))
     reporter.start(label, stop - start, 0)
-    chunks, done = [], 0
-    for chunk in images.batches(batch, start, stop):
-        chunks.append(detector.features(chunk))
+    mine, done = {}, 0
+    for index in range(ex.rank, len(firsts), ex.world_size):
+        first = firsts[index]
+        (chunk,) = images.batches(batch, first, min(first + batch, stop))
+        mine[index] = detector.features(chunk)
         done += len(chunk)
-        reporter.advance(done)
-    return np.concatenate(chunks)
+        reporter.advance(min(stop - start, done * ex.world_size))
+    gathered = ex.gather_to_main(mine)
+    if gathered is None:
+        return None
+    merged = {index: features for part in gathered for index, features in part.items()}
+    return np.concatenate([merged[index] for index in range(len(firsts))])
 
 
 def _subset(features: np.ndarray, limit: int) -> np.ndarray:
@@ -71,12 +83,15 @@ def _subset(features: np.ndarray, limit: int) -> np.ndarray:
 
 def write_reference(
     images: ImageSet, detector: Detector, out: Path, batch: int = 64, limit: int | None = None,
-    reporter: Reporter | None = None,
-) -> dict:  # fmt: skip
-    """Statistics of (the first `limit` of) `images`: mu, sigma and up to 10k features."""
+    reporter: Reporter | None = None, ex: Execution | None = None,
+) -> dict | None:  # fmt: skip
+    """Statistics of (the first `limit` of) `images`: mu, sigma and up to 10k features (written
+    by rank 0 under torchrun; None on the other ranks)."""
     reporter = reporter or SilentReporter()
     stop = images.count if limit is None else min(limit, images.count)
-    features = extract_features(images, detector, batch, reporter, 0, stop, "reference")
+    features = extract_features(images, detector, batch, reporter, 0, stop, "reference", ex)
+    if features is None:  # not rank 0: it writes the file
+        return None
     mu, sigma = feature_stats(features)
     meta = {"detector": detector.describe(), "n": int(stop), "image_shape": list(images.shape()),
             "source": images.description, "disback_version": __version__}  # fmt: skip
@@ -152,8 +167,10 @@ def evaluate_images(
     reference: Reference,
     batch: int = 64,
     reporter: Reporter | None = None,
-) -> dict:
-    """Score each (images, start, stop, provenance) part; report each and min/mean."""
+    ex: Execution | None = None,
+) -> dict | None:
+    """Score each (images, start, stop, provenance) part; report each and min/mean (on rank 0
+    under torchrun, None on the other ranks, which extract their share of the features)."""
     reporter = reporter or SilentReporter()
     described = detector.describe()
     metric = described["metric"]
@@ -162,9 +179,13 @@ def evaluate_images(
     results = []
     for i, (images, start, stop, provenance) in enumerate(parts):
         features = extract_features(
-            images, detector, batch, reporter, start, stop, f"repeat {i + 1}"
+            images, detector, batch, reporter, start, stop, f"repeat {i + 1}", ex
         )
+        if features is None:
+            continue
         results.append({**score(features, reference, key), **provenance})
+    if not results:
+        return None
     summary = {}
     for name in (key, "kid", "precision", "recall"):
         values = [r[name] for r in results if r[name] is not None]

@@ -121,3 +121,48 @@ def test_two_process_sampling_writes_the_same_files(tmp_path):
     disback(*sample, "--format", "npz", "--out", "one.npz", cwd=tmp_path)
     disback(*sample, "--format", "npz", "--out", "two.npz", processes=2, cwd=tmp_path)
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+
+
+def test_two_process_evaluation_gives_the_same_report(tmp_path):
+    """Inception features split across 2 ranks (a TorchScript stand-in for the real network,
+    trusted in the subprocesses through a sitecustomize hook) give rank 0 the same report."""
+    import numpy as np
+    from test_fid import StandInInception, images_like, write_folder, write_npz
+
+    from disback_cli.fileio import sha256_file
+
+    detector = tmp_path / "stand-in.pt"
+    torch.jit.script(StandInInception()).save(str(detector))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import disback_cli.detectors\n"
+        f"disback_cli.detectors.INCEPTION_SHA256 = {sha256_file(detector)!r}\n"
+    )
+    env = {**ENV, "PYTHONPATH": str(hook), "DISBACK_INCEPTION": str(detector)}
+    write_folder(tmp_path / "real", images_like(30, 1))
+    write_npz(tmp_path / "fake.npz", images_like(37, 2))
+
+    def run(processes: int, *args: str) -> subprocess.CompletedProcess:
+        launcher = [sys.executable, "-m", "disback_cli"]
+        if processes > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={processes}", "-m", "disback_cli"]  # fmt: skip
+        result = subprocess.run([*launcher, *args, "--batch", "4", "--device", "cpu"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run(1, "evaluate", "ref", "real", "--out", "ref1.npz")
+    run(2, "evaluate", "ref", "real", "--out", "ref2.npz")
+    with np.load(tmp_path / "ref1.npz") as a, np.load(tmp_path / "ref2.npz") as b:
+        for key in ("mu", "sigma", "features"):
+            np.testing.assert_array_equal(a[key], b[key])
+    reports = [
+        json.loads(run(k, "evaluate", "fake.npz", "--ref", "ref1.npz", "--repeats", "2",
+                       "--json").stdout)
+        for k in (1, 2)
+    ]  # fmt: skip
+    assert reports[0]["results"] == reports[1]["results"]
+    assert reports[0]["repeats"] == 2 and reports[0]["results"][0]["kid"] is not None

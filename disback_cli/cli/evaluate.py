@@ -21,6 +21,7 @@ from disback_cli.cli._common import (
     reporting,
     stdout,
 )
+from disback_cli.config import SampleConfig
 from disback_cli.datasets import DATASETS, get_dataset
 from disback_cli.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.errors import ConfigError, DisbackError
@@ -33,8 +34,7 @@ from disback_cli.generate import (
 )
 from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
 from disback_cli.image_io import ImageSet, generated_images, open_images
-from disback_cli.parallel import is_main_process
-from disback_cli.runtime import resolve_device
+from disback_cli.parallel import execution
 from disback_cli.sampling import one_step_batches, parse_seeds
 
 
@@ -158,10 +158,11 @@ def evaluate(
     legacy_tensorflow, which matches EDM's published numbers and reference files.
     """
     inputs = inputs or []
-    if not is_main_process():
-        return  # under torchrun, rank 0 evaluates alone (feature extraction is not split yet)
-    torch_device = resolve_device(device or "auto")
-    with reporting(quiet or json_out) as reporter:
+    # Under torchrun, Inception features are extracted by all ranks (batches round-robin) and
+    # scored on rank 0; the cheap vector and digits evaluations run on rank 0 alone.
+    ex = execution(SampleConfig(device=device or "auto"))
+    torch_device, report = ex.device, None
+    with reporting(quiet or json_out or not ex.is_main) as reporter:
         if inputs[:1] == ["ref"]:
             if len(inputs) != 2 or out is None:
                 raise ConfigError("usage: disback evaluate ref DATA --out REF.npz")
@@ -169,7 +170,7 @@ def evaluate(
             if images is None:
                 raise DisbackError(f"{inputs[1]}: reference statistics need images")
             detector = _detector(mode, inception, torch_device, None, workers)
-            report = write_reference(images, detector, out, batch, n, reporter)
+            report = write_reference(images, detector, out, batch, n, reporter, ex)
         elif trajectory is not None:
             if inputs:
                 raise ConfigError("give either SAMPLES or --trajectory, not both")
@@ -179,11 +180,15 @@ def evaluate(
             sets = [[s + r * len(first) for s in first] for r in range(repeats)]
             provenance = {"generator": str(path), "generator_sha256": sha, "step": info.get("step")}
             if len(generator.denoiser.data_shape) != 3:
+                if not ex.is_main:
+                    return
                 shape = generator.denoiser.data_shape
                 batches = one_step_batches(generator, sets[0], shape, 0, 1000, torch_device)
                 x = torch.cat([b for b, _ in batches])
                 report = _vector_report(x, dataset, {**provenance, "dataset": info.get("dataset")})
             elif ref is None and (dataset or info.get("dataset")) == "digits":
+                if not ex.is_main:
+                    return
                 images = generated_images(generator, sets[0], batch, torch_device, "run")
                 report = evaluate_digits(np.concatenate(list(images.batches(1000))))
                 report["samples"] = {"run": str(trajectory), **provenance}
@@ -192,27 +197,35 @@ def evaluate(
                 parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
                           0, len(s), {"seeds": [s[0], s[-1]]}) for s in sets]  # fmt: skip
                 detector = _detector(mode, inception, torch_device, reference, workers)
-                report = evaluate_images(parts, detector, reference, batch, reporter)
-                report["samples"] = {"run": str(trajectory), **provenance}
+                report = evaluate_images(parts, detector, reference, batch, reporter, ex)
+                if report is not None:
+                    report["samples"] = {"run": str(trajectory), **provenance}
         else:
             if len(inputs) != 1:
                 raise ConfigError("give one SAMPLES path (or --trajectory, or: ref DATA --out F)")
             images = open_images(Path(inputs[0]))
             if images is None:
+                if not ex.is_main:
+                    return
                 samples, meta = read_samples(Path(inputs[0]))
                 report = {"samples": inputs[0], **_vector_report(samples, dataset, meta)}
             elif (
                 ref is None
                 and (dataset or read_provenance(Path(inputs[0])).get("dataset")) == "digits"
             ):
+                if not ex.is_main:
+                    return
                 report = evaluate_digits(np.concatenate(list(images.batches(1000))))
                 report["samples"] = {"source": images.description, "count": images.count}
             else:
                 reference = _reference(ref)
                 detector = _detector(mode, inception, torch_device, reference, workers)
                 parts = _split(images, repeats)
-                report = evaluate_images(parts, detector, reference, batch, reporter)
-                report["samples"] = {"source": images.description, "count": images.count}
+                report = evaluate_images(parts, detector, reference, batch, reporter, ex)
+                if report is not None:
+                    report["samples"] = {"source": images.description, "count": images.count}
+    if report is None:  # other ranks of a torchrun launch: rank 0 reports
+        return
     if json_out:
         emit_json(report)
     elif quiet:
