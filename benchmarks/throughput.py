@@ -4,9 +4,10 @@ A fixed small SongUNet (3x16x16, random weights: throughput does not depend on w
 learned) is recorded into a 6-node trajectory, then:
 
 1. Loop overhead: seconds per `backtrack` iteration (from metrics.jsonl, after warm-up) against
-   the sum of its parts timed alone with the same networks and batch: generator forward+backward,
-   target and fake forward, fake forward+backward (on generator samples made without gradient).
-   Optimiser steps and the EMA update are timed too and reported beside the ratio.
+   the sum of its parts timed alone right after, with the same networks and batch: generator
+   forward+backward, target and fake forward, fake forward+backward (on generator samples made
+   without gradient). Optimiser steps and the EMA update are timed too and reported beside the
+   ratio. Three such rounds; the median ratio and the range are reported.
 2. Sampling: images/s of `disback sample` (npz and PNG) against a bare loop of batched forwards.
 3. Target switch: how long the training thread waits when the target changes, as a share of
    one interval, with the background prefetch and with it switched off (synchronous loading);
@@ -201,23 +202,38 @@ def main() -> None:
                                 device="cpu"), trajectory)  # fmt: skip
         cfg = BacktrackConfig(iters=WARMUP + MEASURED, interval=10_000, batch=BATCH, log_every=5,
                               save_every=0, device="cpu")  # fmt: skip
-        loops = []
-        for repeat in range(REPEATS):  # the machine's speed drifts: median of a few runs
+        rounds = []
+        for repeat in range(REPEATS):  # the machine's speed drifts: pair each loop with its parts
             run_backtrack(cfg, trajectory, f"loop{repeat}")
             times = logged_seconds(backtrack_dir(trajectory, f"loop{repeat}"))
-            loops.append((times[WARMUP + MEASURED] - times[WARMUP]) / MEASURED)
-        loop = statistics.median(loops)
-        pieces = parts(trajectory, cfg)
-        work = sum(pieces[k] for k in ("generator forward+backward", "target and fake forward",
-                                       "fake forward+backward"))  # fmt: skip
+            loop = (times[WARMUP + MEASURED] - times[WARMUP]) / MEASURED
+            pieces = parts(trajectory, cfg)
+            work = sum(
+                pieces[k]
+                for k in (
+                    "generator forward+backward",
+                    "target and fake forward",
+                    "fake forward+backward",
+                )
+            )
+            optimisers = pieces["optimiser steps and EMA"]
+            rounds.append(
+                {
+                    "iteration_s": loop,
+                    "parts_s": pieces,
+                    "sum_of_parts_s": work,
+                    "overhead_vs_parts": loop / work - 1,
+                    "overhead_vs_parts_and_optimisers": loop / (work + optimisers) - 1,
+                }
+            )
+        overheads = sorted(r["overhead_vs_parts"] for r in rounds)
         results["loop"] = {
-            "iteration_s": loop,
-            "iteration_s_runs": loops,
-            "parts_s": pieces,
-            "sum_of_parts_s": work,
-            "overhead_vs_parts": loop / work - 1,
-            "overhead_vs_parts_and_optimisers": loop / (work + pieces["optimiser steps and EMA"])
-            - 1,
+            "rounds": rounds,
+            "median_overhead_vs_parts": statistics.median(overheads),
+            "overhead_range": [overheads[0], overheads[-1]],
+            "median_overhead_vs_parts_and_optimisers": statistics.median(
+                r["overhead_vs_parts_and_optimisers"] for r in rounds
+            ),
         }
         run = backtrack_dir(trajectory, "loop0")
         manifest = read_manifest(run, BacktrackManifest)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from disback_cli.sampling import edm_sampler, one_step_batches, parse_seeds
 from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
 
 GRID_IMAGES = 64
+PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
 PROVENANCE = "provenance.json"  # written next to PNG samples
 
 
@@ -87,6 +89,10 @@ class HeunSampler(nn.Module):
         return x.to(torch.float32)
 
 
+def _write_png(path: Path, image: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_png(image), durable=False)
+
+
 def write_samples_of(
     generator: nn.Module,
     info: dict,
@@ -124,24 +130,28 @@ def write_samples_of(
     # arrays (npz), labels and grid images to rank 0.
     batches = [seeds[i : i + cfg.batch] for i in range(0, len(seeds), cfg.batch)]
     mine: dict[int, tuple] = {}
-    reporter.start("sample", len(seeds), 0)
-    for index in range(ex.rank, len(batches), ex.world_size):
-        batch_seeds = batches[index]
-        with ex.autocast():
-            x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
-                                         denoiser.label_dim, len(batch_seeds), ex.device,
-                                         cfg.class_label))  # fmt: skip
-        x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
-        if fmt == "png":
-            for image, seed in zip(x, batch_seeds, strict=True):
-                atomic_write_bytes(out / png_name(seed), encode_png(image), durable=False)
-        first = index * cfg.batch
-        mine[index] = (
-            x if fmt == "npz" else None,
-            y.argmax(dim=1).numpy() if y is not None else None,
-            x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
-        )
-        reporter.advance(min(len(seeds), (index + 1) * cfg.batch))
+    writes = []
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer:
+        reporter.start("sample", len(seeds), 0)
+        for index in range(ex.rank, len(batches), ex.world_size):
+            batch_seeds = batches[index]
+            with ex.autocast():
+                x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
+                                             denoiser.label_dim, len(batch_seeds), ex.device,
+                                             cfg.class_label))  # fmt: skip
+            x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
+            if fmt == "png":  # encoded and written on threads while the next batch is generated
+                writes += [writer.submit(_write_png, out / png_name(seed), image)
+                           for image, seed in zip(x, batch_seeds, strict=True)]  # fmt: skip
+            first = index * cfg.batch
+            mine[index] = (
+                x if fmt == "npz" else None,
+                y.argmax(dim=1).numpy() if y is not None else None,
+                x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
+            )
+            reporter.advance(min(len(seeds), (index + 1) * cfg.batch))
+    for write in writes:
+        write.result()  # re-raises a failed write (e.g. a full disk)
     if fmt == "png":
         os.sync()  # one flush for all images instead of an fsync per file
     gathered = ex.gather_to_main(mine)
