@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from disback_cli.checkpoint import save_denoiser, tensor_bytes
 from disback_cli.config import BacktrackConfig
@@ -26,7 +25,7 @@ from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
 from disback_cli.fileio import atomic_write_bytes, ensure_free_space, sha256_file
 from disback_cli.lock import run_lock
-from disback_cli.losses import denoising_step, make_generator_loss
+from disback_cli.losses import clip_gradients, denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
 from disback_cli.parallel import Execution, execution
 from disback_cli.path_nodes import PathNodes
@@ -314,7 +313,7 @@ def _train(
                 opt_g.zero_grad(set_to_none=True)
                 out.loss.backward()
                 ex.average_gradients(generator.parameters())
-                grad_norm_g = nn.utils.clip_grad_norm_(generator.parameters(), clip)
+                grad_norm_g = clip_gradients(generator.parameters(), clip)
                 opt_g.step()
 
                 # Keep the fake score fitted to the current generator.

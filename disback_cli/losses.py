@@ -41,6 +41,16 @@ def edm_denoising_loss(
     return (weight * (denoised - x0) ** 2).mean()
 
 
+def clip_gradients(parameters, clip: float = math.inf) -> torch.Tensor:
+    """Total gradient norm (logged, and watched by the divergence guard), clipping to `clip`;
+    without a finite `clip` the gradients are left untouched rather than multiplied by 1."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if math.isfinite(clip):
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
 def denoising_step(
     denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -73,7 +83,7 @@ def denoising_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     ex.average_gradients(denoiser.parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
+    grad_norm = clip_gradients(denoiser.parameters(), clip)
     optimizer.step()
     return loss.detach(), grad_norm
 
