@@ -213,7 +213,7 @@ def _backtrack(
         reporter.note(f"{run_dir}: already complete, nothing to do")
         return manifest
 
-    device, data_ndim = ex.device, 1 + len(teacher.spec.data_shape)
+    device = ex.device
     last_node = traj.last_node
     generator, generator_spec = build_g0(traj.generator_init, teacher, device)
     generator.train().requires_grad_(True)
@@ -261,8 +261,8 @@ def _backtrack(
                 reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
     manifest.config = cfg
-    ex.prepare(generator.denoiser, data_ndim)
-    ex.prepare(fake, data_ndim)
+    ex.prepare(generator.denoiser)
+    ex.prepare(fake)
 
     try:
         return _train(cfg, manifest, run_dir, name, teacher, generator_spec, nodes, modules,

@@ -124,7 +124,7 @@ def write_samples_of(
             f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
         )
     out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
-    ex.prepare(denoiser, 1 + len(denoiser.data_shape))
+    ex.prepare(denoiser)
 
     # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
     # arrays (npz), labels and grid images to rank 0.

@@ -75,14 +75,13 @@ class Execution:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def prepare(self, module: torch.nn.Module, data_ndim: int) -> torch.nn.Module:
-        """Memory format and compilation of a network this run evaluates (`data_ndim` counts
-        the batch dimension)."""
-        if self._channels_last(data_ndim):
-            module.to(memory_format=torch.channels_last)
+    def prepare(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """Memory format and compilation of a denoiser this run evaluates."""
+        if self._channels_last(1 + len(denoiser.data_shape)):
+            denoiser.to(memory_format=torch.channels_last)
         if self.compile:
-            module.compile(backend=os.environ.get("DISBACK_COMPILE_BACKEND", "inductor"))
-        return module
+            denoiser.compile(backend=os.environ.get("DISBACK_COMPILE_BACKEND", "inductor"))
+        return denoiser
 
     def rank_seed(self, seed: int) -> int:
         """Seed of this rank's global torch stream (dropout); rank 0 keeps the run seed."""

@@ -77,7 +77,7 @@ class PathNodes:
         else:
             with torch.cuda.stream(self.stream):
                 node = self._load(index)
-        return self.ex.prepare(node, 1 + len(self.teacher.spec.data_shape))
+        return self.ex.prepare(node)
 
     def load(self, index: int) -> nn.Module:
         """Node `index` now, without prefetching (e.g. to initialise the fake score)."""

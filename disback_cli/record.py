@@ -165,7 +165,7 @@ def _fresh_run(cfg: RecordConfig, teacher: Teacher, ex: Execution):
     """Auxiliary model, optimiser and random streams exactly as at iteration 0."""
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
-    ex.prepare(aux, 1 + len(teacher.spec.data_shape))
+    ex.prepare(aux)
     optimizer = torch.optim.Adam(aux.parameters(), lr=cfg.lr, betas=cfg.betas, foreach=True)
     rng = torch.Generator(ex.device).manual_seed(cfg.seed)  # the same stream on every rank
     torch.manual_seed(ex.rank_seed(cfg.seed))  # dropout: one stream per rank, saved with state
@@ -238,7 +238,7 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
         if cfg.placement == "distance":
             plan = plan_by_distance(cfg, teacher, g0, probe, ex, reporter)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
-    ex.prepare(g0.denoiser, 1 + len(teacher.spec.data_shape))
+    ex.prepare(g0.denoiser)
     aux, optimizer, rng = _fresh_run(cfg, teacher, ex)
     # Room for the remaining nodes and two resume points (weights + two Adam moments each).
     start = manifest.state.step if manifest is not None and manifest.state else 0

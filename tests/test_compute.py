@@ -74,7 +74,7 @@ def test_channels_last_images_give_the_same_outputs():
     x, sigma = torch.randn(4, 1, 8, 8), torch.full((4,), 0.7)
     reference = teacher.denoiser(x, sigma)
     ex = Execution(torch.device("cpu"), channels_last=True)
-    ex.prepare(teacher.denoiser, 4)
+    ex.prepare(teacher.denoiser)
     conv = first_conv(teacher.denoiser)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(teacher.denoiser(ex.to_input(x), sigma), reference)
