@@ -30,7 +30,7 @@ from disback_cli.networks import set_dropout
 from disback_cli.parallel import Execution, execution
 from disback_cli.path_nodes import PathNodes
 from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
-from disback_cli.runtime import Reporter, SilentReporter, check_finite, last_good, stop_on_signals
+from disback_cli.runtime import Reporter, SilentReporter, check_finite, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
 from disback_cli.statefile import load_state, local_rng_state, save_state
@@ -324,7 +324,7 @@ def _train(
                     )  # fmt: skip
 
                 step += 1
-                check_finite(step, last_good(run_dir, manifest.state), ex.any, loss_g=out.loss,
+                check_finite(step, run_dir, manifest.state, ex.any, loss_g=out.loss,
                              grad_norm_g=grad_norm_g, loss_fake=loss_fake,
                              grad_norm_fake=grad_norm_fake)  # fmt: skip
                 schedule.observe(ex.mean(out.score_gap))

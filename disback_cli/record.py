@@ -25,7 +25,7 @@ from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
 from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
 from disback_cli.parallel import Execution, execution
-from disback_cli.runtime import Reporter, SilentReporter, check_finite, last_good, stop_on_signals
+from disback_cli.runtime import Reporter, SilentReporter, check_finite, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
 from disback_cli.statefile import load_state, local_rng_state, save_state
@@ -289,8 +289,7 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
             loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
                                              cfg.p_mean, cfg.p_std, rng, ex=ex)  # fmt: skip
             step += 1
-            check_finite(step, last_good(out, manifest.state), ex.any, loss=loss,
-                         grad_norm=grad_norm)  # fmt: skip
+            check_finite(step, out, manifest.state, ex.any, loss=loss, grad_norm=grad_norm)
             reporter.advance(step, loss=loss.item())
 
             node = node_at_step.get(step)
