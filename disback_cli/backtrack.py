@@ -23,7 +23,7 @@ from disback_cli.config import BacktrackConfig
 from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
-from disback_cli.fileio import atomic_write_bytes, ensure_free_space, sha256_file
+from disback_cli.fileio import atomic_write_bytes, check_sha256, ensure_free_space, sha256_file
 from disback_cli.lock import run_lock
 from disback_cli.losses import clip_gradients, denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
@@ -73,11 +73,8 @@ def open_trajectory(
         path = trajectory / node.file
         if not path.is_file():
             raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
-        if verify and sha256_file(path) != node.sha256:
-            raise DisbackError(
-                f"{path}: sha256 does not match the manifest (file changed or corrupt; "
-                "--no-verify skips this check)"
-            )
+        if verify:
+            check_sha256(path, sha256_file(path), node.sha256)
     return manifest, teacher
 
 

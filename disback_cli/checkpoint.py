@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes, sha256_bytes
+from disback_cli.fileio import atomic_write_bytes, check_sha256, sha256_bytes
 from disback_cli.networks import NetworkSpec, build_denoiser
 
 FORMAT = "disback.denoiser"
@@ -106,11 +106,8 @@ def read_safetensors(
     except OSError as exc:
         raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
     digest = sha256_bytes(data) if verify else None
-    if verify and expected_sha256 is not None and digest != expected_sha256:
-        raise DisbackError(
-            f"{path}: sha256 does not match the manifest (file changed or corrupt; "
-            "--no-verify skips this check)"
-        )
+    if verify and expected_sha256 is not None:
+        check_sha256(path, digest, expected_sha256)
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}

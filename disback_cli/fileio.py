@@ -31,6 +31,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_sha256(path: str | os.PathLike, digest: str, expected: str) -> None:
+    """Refuse a file whose content no longer matches the sha256 its manifest recorded."""
+    if digest != expected:
+        raise DisbackError(
+            f"{path}: sha256 does not match the manifest (file changed or corrupt; "
+            "--no-verify skips this check)"
+        )
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,14 +98,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             message = f"{path}: disk full while writing; the previous file is intact"
             raise DisbackError(message) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY)
