@@ -39,7 +39,8 @@ from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import denoising_step, make_generator_loss
 from disback_cli.networks import NetworkSpec, build_denoiser
 from disback_cli.record import run_record
-from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+from disback_cli.rundir import backtrack_dir
+from disback_cli.trajectory import BacktrackManifest, read_manifest
 
 SPEC = NetworkSpec(
     arch="SongUNet",

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -27,24 +26,31 @@ from disback_cli.fileio import atomic_write_bytes, check_sha256, ensure_free_spa
 from disback_cli.lock import run_lock
 from disback_cli.losses import clip_gradients, denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
-from disback_cli.parallel import Execution, execution
+from disback_cli.parallel import Execution, check_batch_fits, execution
 from disback_cli.path_nodes import PathNodes
 from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
+from disback_cli.rundir import (
+    BACKTRACK,
+    MANIFEST,
+    METRICS,
+    backtrack_dir,
+    check_no_links,
+    checkpoint_file,
+    refuse_foreign,
+    remove_ours,
+)
 from disback_cli.runtime import Reporter, SilentReporter, check_finite, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
 from disback_cli.statefile import load_state, local_rng_state, save_state
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
-    MANIFEST,
     BacktrackManifest,
     FileRef,
     StateRef,
     TrajectoryManifest,
-    backtrack_dir,
     now,
     read_manifest,
-    remove_unlisted,
     write_manifest,
 )
 
@@ -61,16 +67,12 @@ def open_trajectory(
             f"{trajectory}: trajectory is still recording (iteration {step} of "
             f"{manifest.config.iters}); finish it with `disback record` first"
         )
-    teacher = open_teacher(teacher_override or manifest.teacher.source, device)
-    if teacher.sha256 != manifest.teacher.sha256:
-        raise DisbackError(
-            f"teacher {teacher.source} is not the one {trajectory} was recorded with "
-            "(sha256 differs)"
-        )
+    source = teacher_override or manifest.teacher.source
+    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
     for node in manifest.nodes:
         if node.file is None:
             continue
-        path = trajectory / node.file
+        path = check_no_links(trajectory, node.file)
         if not path.is_file():
             raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
         if verify:
@@ -86,10 +88,18 @@ def _existing_run(
     force: bool,
     reporter: Reporter,
 ) -> BacktrackManifest | None:
-    """The run to continue, or None to start fresh. A run may be extended to more iterations."""
-    if not (run_dir / MANIFEST).exists():
+    """The run to continue, or None to start fresh. A run may be extended to more iterations.
+
+    A fresh run needs a directory of its own; a resumed one only files disback wrote in its
+    sub-folder. Files disback did not write are never deleted: the run is refused instead."""
+    if not (run_dir / MANIFEST).exists() and not (run_dir / MANIFEST).is_symlink():
+        refuse_foreign(run_dir, BACKTRACK, whole=True)
+        ex.barrier()  # every rank has looked before rank 0 removes anything
+        for path in remove_ours(run_dir, BACKTRACK) if ex.is_main else []:
+            reporter.note(f"removed {path} (left by a run killed before it started)")
         return None
     manifest = read_manifest(run_dir, BacktrackManifest)
+    refuse_foreign(run_dir, BACKTRACK, whole=False)
     old, new = manifest.config.identity(), cfg.identity()
     changes = config_changes({**old, "iters": None}, {**new, "iters": None})
     if cfg.iters < manifest.step:
@@ -110,23 +120,28 @@ def _existing_run(
     reporter.note(f"--force: discarding the previous run in {run_dir}")
     ex.barrier()  # every rank has read the old manifest
     if ex.is_main:
-        shutil.rmtree(run_dir)
+        remove_ours(run_dir, BACKTRACK)  # the manifest first, then the log and checkpoints
     return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the resume point (and a line cut short by a kill), so a
-    resumed log equals an uninterrupted one."""
+    """Keep the log lines up to the resume point, up to the first line that is not one of ours
+    (a line cut short by a kill), so a resumed log equals an uninterrupted one."""
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            break  # a partial last line
-    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+    with open(path, "rb") as log:
+        for line in log:
+            try:
+                record = json.loads(line)
+                if not (isinstance(record, dict) and isinstance(record.get("iteration"), int)):
+                    break
+            except (ValueError, RecursionError):
+                break
+            if record["iteration"] > step:
+                break
+            keep.append(line.rstrip(b"\n") + b"\n")
+    atomic_write_bytes(path, b"".join(keep))
 
 
 class _Window:
@@ -185,9 +200,11 @@ def run_backtrack(
     reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
     cfg = with_teacher_sigma(cfg, teacher)
+    check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
         raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
     run_dir = backtrack_dir(trajectory, name)
+    check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     lock = run_lock(run_dir, "backtrack", reporter) if ex.is_main else contextlib.nullcontext()
     with lock:
         return _backtrack(cfg, trajectory, traj, teacher, run_dir, name, ex, force, reporter)
@@ -243,7 +260,6 @@ def _backtrack(
             global_batch=ex.global_batch(cfg.batch),
         )  # fmt: skip
         if ex.is_main:
-            (run_dir / manifest.metrics).unlink(missing_ok=True)
             write_manifest(run_dir, manifest)
     else:
         if manifest.state is not None:
@@ -254,7 +270,8 @@ def _backtrack(
         if ex.is_main:
             _truncate_metrics(run_dir / manifest.metrics, step)
             refs = (manifest.generator, manifest.generator_ema, manifest.state)
-            for path in remove_unlisted(run_dir, ("checkpoints",), {r.file for r in refs if r}):
+            keep = {MANIFEST, METRICS} | {r.file for r in refs if r}
+            for path in remove_ours(run_dir, BACKTRACK, keep):
                 reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
     manifest.config = cfg
@@ -288,7 +305,8 @@ def _train(
     window = _Window()
     target_index, target = -1, None
     started, elapsed_before = time.perf_counter(), manifest.elapsed_seconds
-    metrics_file = open(run_dir / manifest.metrics, "a") if ex.is_main else None  # noqa: SIM115
+    metrics_path = check_no_links(run_dir, METRICS)
+    metrics_file = open(metrics_path, "a") if ex.is_main else None  # noqa: SIM115
     try:
         with stop_on_signals() as stop:
             reporter.start(f"backtrack {name}", cfg.iters, step)
@@ -380,7 +398,7 @@ def _save_checkpoint(
     }
     refs = {}
     for key, module_name in (("generator", "generator"), ("generator_ema", "generator_ema")):
-        file = f"checkpoints/{key.replace('_', '-')}-{step:08d}.safetensors"
+        file = checkpoint_file(key.replace("_", "-"), step)
         weights = "ema" if key == "generator_ema" else "raw"
         digest = save_denoiser(
             run_dir / file,
@@ -389,7 +407,7 @@ def _save_checkpoint(
             {**info, "weights": weights},
         )
         refs[key] = FileRef(file=file, sha256=digest)
-    state_file = f"checkpoints/state-{step:08d}.safetensors"
+    state_file = checkpoint_file("state", step)
     state_sha = save_state(run_dir / state_file, step, modules, optimizers, rng, extra, rank_rng)
     manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
     manifest.state = StateRef(file=state_file, sha256=state_sha, step=step)

@@ -12,26 +12,62 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import safetensors.torch
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from disback_cli.config import describe_validation_error
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes, check_sha256, sha256_bytes
+from disback_cli.fileio import (
+    atomic_write_bytes,
+    check_sha256,
+    parse_json,
+    read_regular_file,
+    sha256_bytes,
+)
 from disback_cli.networks import NetworkSpec, build_denoiser
 
 FORMAT = "disback.denoiser"
 FORMAT_VERSION = 1
+MAX_DENOISER_BYTES = 32 << 30  # far above any network we run; refused unread beyond this
+
+
+class DenoiserInfo(BaseModel):
+    """Provenance in a denoiser file's metadata. Files come from anyone, so every value disback
+    uses is typed, finite and bounded here; other keys are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    role: str | None = Field(None, max_length=50)
+    dataset: str | None = Field(None, max_length=100)
+    train_sigma: dict[Literal["p_mean", "p_std"], Annotated[float, Field(ge=-20, le=20)]] | None = (
+        None
+    )
+    sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    step: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
+    index: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    weights: str | None = Field(None, max_length=50)
+    teacher_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _generator_has_sigma(self) -> DenoiserInfo:
+        if self.role == "generator" and self.sigma_init is None:
+            raise ValueError("a generator file needs sigma_init")
+        if self.train_sigma is not None and (
+            set(self.train_sigma) != {"p_mean", "p_std"} or self.train_sigma["p_std"] <= 0
+        ):  # fmt: skip
+            raise ValueError("train_sigma needs p_mean and a positive p_std")
+        return self
 
 
 @dataclass
 class DenoiserFile:
     denoiser: nn.Module
     spec: NetworkSpec
-    info: dict[str, Any]
+    info: dict[str, Any]  # validated by DenoiserInfo
     sha256: str
 
 
@@ -97,20 +133,15 @@ def read_safetensors(
     With `expected_sha256` the file must hash to it; `verify=False` skips hashing (and the check)
     for huge trusted files and returns None as the hash."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DisbackError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DisbackError(f"{path}: is a directory, expected a .safetensors file") from None
-    except OSError as exc:
-        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    data = read_regular_file(path, MAX_DENOISER_BYTES, ".safetensors file")
     digest = sha256_bytes(data) if verify else None
     if verify and expected_sha256 is not None:
         check_sha256(path, digest, expected_sha256)
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        metadata = parse_json(data[8 : 8 + header_len]).get("__metadata__") or {}
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("metadata values must be strings")
         tensors = safetensors.torch.load(data)
     except Exception:
         raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
@@ -128,21 +159,33 @@ def load_denoiser(
     tensors, metadata, digest = read_safetensors(path, expected_sha256, verify)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback denoiser file (metadata 'format' missing)")
-    version = int(metadata.get("format_version", "0"))
-    if version > FORMAT_VERSION:
+    version = metadata.get("format_version", "0")
+    if not version.isdigit() or int(version) < 1:
+        raise DisbackError(f"{path}: unknown denoiser format version {version!r:.20}")
+    if int(version) > FORMAT_VERSION:
         raise DisbackError(
             f"{path}: denoiser format version {version} is newer than this disback "
             f"understands ({FORMAT_VERSION}); upgrade disback"
         )
     try:
-        spec = NetworkSpec.model_validate_json(metadata["network"])
-        info = json.loads(metadata.get("info", "{}"))
+        spec = NetworkSpec.model_validate(parse_json(metadata["network"]))
     except (KeyError, ValueError, ValidationError) as exc:
-        first = str(exc).splitlines()[0]
-        raise DisbackError(f"{path}: bad network metadata ({first})") from None
+        raise DisbackError(f"{path}: bad network metadata ({_first_error(exc)})") from None
+    try:
+        info = DenoiserInfo.model_validate(parse_json(metadata.get("info", "{}")))
+    except (ValueError, ValidationError) as exc:
+        raise DisbackError(f"{path}: bad info metadata ({_first_error(exc)})") from None
     denoiser = build_with_weights(spec, tensors, str(path))
     sha256 = digest or expected_sha256 or ""
-    return DenoiserFile(denoiser.to(device).eval().requires_grad_(False), spec, info, sha256)
+    denoiser = denoiser.to(device).eval().requires_grad_(False)
+    return DenoiserFile(denoiser, spec, info.model_dump(exclude_none=True), sha256)
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc).removeprefix("invalid configuration: ")
+    text = str(exc).splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,29 +202,43 @@ def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], sour
     stream, so loading a network mid-run does not shift dropout noise. Files may hold bf16
     (`record --node-dtype bf16`) or fp16 (EDM pickles); computation uses float32 weights."""
     denoiser = copy.deepcopy(_meta_network(spec.model_dump_json()))
+    check_weights(denoiser.state_dict(), tensors, source)  # before any tensor is converted
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    load_weights(denoiser, tensors, source, assign=True)
+    denoiser.load_state_dict(tensors, strict=True, assign=True)
     return denoiser
 
 
-def load_weights(
-    module: nn.Module, tensors: dict[str, torch.Tensor], source: str, assign: bool = False
+def check_weights(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str
 ) -> None:
-    """Strict load with a one-line explanation of any mismatch (keys or shapes); `assign` adopts
-    the tensors themselves (for modules built on the meta device)."""
-    expected = module.state_dict()
+    """Names, shapes and kinds of `tensors` equal to the network's, and every value finite, or a
+    one-line explanation (a diverged or corrupt file must not sample NaN silently)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise DisbackError(
             f"{source}: weights do not match the network "
             f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-            f"e.g. {unexpected[:2]})"
+            f"e.g. {[name[:80] for name in unexpected[:2]]})"
         )
     for key, value in tensors.items():
-        if value.shape != expected[key].shape:
+        want = expected[key]
+        if value.shape != want.shape:
             raise DisbackError(
                 f"{source}: tensor {key} has shape {tuple(value.shape)}, the network expects "
-                f"{tuple(expected[key].shape)} (a file from another teacher?)"
+                f"{tuple(want.shape)} (a file from another teacher?)"
             )
-    module.load_state_dict(tensors, strict=True, assign=assign)
+        if value.is_floating_point() != want.is_floating_point() or (
+            not want.is_floating_point() and value.dtype != want.dtype
+        ):
+            raise DisbackError(f"{source}: tensor {key} is {value.dtype}, expected {want.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DisbackError(
+                f"{source}: tensor {key} holds NaN or infinite values (a diverged or corrupt file)"
+            )
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load into an existing module, checked first by `check_weights`."""
+    check_weights(module.state_dict(), tensors, source)
+    module.load_state_dict(tensors, strict=True)

@@ -8,37 +8,53 @@ every other field defines the run, and a change to it is refused unless the run 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from disback_cli.errors import ConfigError
+from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.fileio import read_regular_file
 from disback_cli.losses import GENERATOR_LOSSES
+from disback_cli.sampling import MAX_SAMPLES
 
 SESSION_FIELDS = {
     "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
     "tf32", "compile", "channels_last",
 }  # fmt: skip
 
+# Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
+# and read back, or whose tensors cannot fit in any memory, is refused at the flag.
+MAX_ITERS = 10**9
+MAX_BATCH = 1 << 20
+MAX_NODES = 999  # node files are named node-001 ... node-999
+
 Betas = tuple[float, float]
+Iters = Annotated[int, Field(ge=1, le=MAX_ITERS)]
+Count = Annotated[int, Field(ge=0, le=MAX_ITERS)]  # 0 = off
+Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Rate = Annotated[float, Field(gt=0, le=1)]  # learning rates
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+PMean = Annotated[float, Field(ge=-20, le=20)]
+PStd = Annotated[float, Field(gt=0, le=20)]
+Dropout = Annotated[float, Field(ge=0, lt=1)]
+PathText = Annotated[str, Field(min_length=1, max_length=4096)]
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:1', ... or 'auto'")
+    device: str = Field(
+        "auto", max_length=100, description="'cpu', 'cuda', 'cuda:1', ... or 'auto'"
+    )
     verify: bool = Field(True, description="check the sha256 of every file a manifest names")
 
     def identity(self) -> dict[str, Any]:
@@ -69,27 +85,33 @@ class _Compute(_Config):
 class RecordConfig(_Compute):
     """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
 
-    teacher: str = Field(description="builtin:NAME, an EDM .pkl or a disback .safetensors file")
-    iters: PositiveInt = Field(1000, description="DSM iterations of the auxiliary model")
-    nodes: PositiveInt = Field(5, description="path nodes saved evenly over the iterations")
-    batch: PositiveInt = Field(256, description="G0 samples per iteration")
-    lr: PositiveFloat = Field(1e-4, description="Adam learning rate (keep ~10x below the fake lr)")
+    teacher: PathText = Field(
+        description="builtin:NAME, an EDM .pkl or a disback .safetensors file"
+    )
+    iters: Iters = Field(1000, description="DSM iterations of the auxiliary model")
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = Field(
+        5, description="path nodes saved evenly over the iterations"
+    )
+    batch: Batch = Field(256, description="G0 samples per iteration")
+    lr: Rate = Field(1e-4, description="Adam learning rate (keep ~10x below the fake lr)")
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
-    sigma_init: PositiveFloat = Field(2.5, description="G0(z) = D(sigma_init z, sigma_init)")
+    sigma_init: Annotated[float, Field(gt=0, le=1e4)] = Field(
+        2.5, description="G0(z) = D(sigma_init z, sigma_init)"
+    )
     placement: Literal["even", "distance"] = Field(
         "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
     )
-    student: str | None = Field(None, description="G0 from this denoiser file (default: teacher)")
+    student: PathText | None = Field(
+        None, description="G0 from this denoiser file (default: teacher)"
+    )
     student_arch_kwargs: dict[str, Any] | None = Field(
         None, description="G0 = teacher architecture with these kwargs, randomly initialised"
     )
-    p_mean: float | None = Field(None, description="log-normal sigma mean; none: the teacher's")
-    p_std: PositiveFloat | None = Field(
-        None, description="log-normal sigma std; none: the teacher's"
-    )
-    dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_HELP)
-    seed: NonNegativeInt = Field(0, description="random seed")
-    save_every: NonNegativeInt = Field(0, description="extra resume points every N iterations")
+    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
+    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
+    seed: Seed = Field(0, description="random seed")
+    save_every: Count = Field(0, description="extra resume points every N iterations")
     node_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of saved path nodes (bf16 halves their disk use)"
     )
@@ -106,38 +128,48 @@ class RecordConfig(_Compute):
 class BacktrackConfig(_Compute):
     """Distribution backtracking: train the generator along the recorded path."""
 
-    iters: PositiveInt = Field(2000, description="generator iterations")
-    interval: PositiveInt = Field(
+    iters: Iters = Field(2000, description="generator iterations")
+    interval: Iters = Field(
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
-    loss: str = Field("vsd", description="generator loss: vsd, dmd or sid")
-    sid_alpha: float = Field(1.2, description="alpha of the SiD loss")
+    loss: str = Field("vsd", max_length=100, description="generator loss: vsd, dmd or sid")
+    sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
+        1.2, description="alpha of the SiD loss"
+    )
     switch: Literal["fixed", "adaptive"] = Field(
         "fixed", description="target switching: every --interval, or when the score gap plateaus"
     )
-    switch_patience: PositiveInt = Field(50, description="adaptive: iterations without progress")
+    switch_patience: Iters = Field(50, description="adaptive: iterations without progress")
     switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
-    batch: PositiveInt = Field(256, description="generator samples per iteration")
-    lr_g: PositiveFloat = Field(1e-4, description="generator learning rate")
-    lr_fake: PositiveFloat = Field(1e-3, description="fake score learning rate")
+    batch: Batch = Field(256, description="generator samples per iteration")
+    lr_g: Rate = Field(1e-4, description="generator learning rate")
+    lr_fake: Rate = Field(1e-3, description="fake score learning rate")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
     betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (adamw only)")
-    fake_steps: PositiveInt = Field(1, description="fake-score DSM steps per generator step")
-    ema_halflife_kimg: PositiveFloat = Field(10.0, description="generator EMA half-life, kimg")
-    ema_rampup: PositiveFloat | None = Field(0.05, description="EMA ramp-up ratio (none: off)")
-    grad_clip: PositiveFloat | None = Field(None, description="clip gradient norms (none: off)")
-    p_mean: float | None = Field(None, description="log-normal sigma mean; none: the teacher's")
-    p_std: PositiveFloat | None = Field(
-        None, description="log-normal sigma std; none: the teacher's"
+    weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled weight decay (adamw only)")
+    fake_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description="fake-score DSM steps per generator step"
     )
-    dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_HELP)
-    seed: NonNegativeInt = Field(0, description="random seed")
-    save_every: NonNegativeInt = Field(500, description="resume points every N iterations")
-    log_every: PositiveInt = Field(10, description="metrics.jsonl line every N iterations")
-    eval_every: NonNegativeInt = Field(0, description="ground-truth metrics every N (0: off)")
-    eval_samples: PositiveInt = Field(2000, description="samples per evaluation")
+    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] = Field(
+        10.0, description="generator EMA half-life, kimg"
+    )
+    ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
+        0.05, description="EMA ramp-up ratio (none: off)"
+    )
+    grad_clip: Annotated[float, Field(gt=0, le=1e12)] | None = Field(
+        None, description="clip gradient norms (none: off)"
+    )
+    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
+    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
+    seed: Seed = Field(0, description="random seed")
+    save_every: Count = Field(500, description="resume points every N iterations")
+    log_every: Iters = Field(10, description="metrics.jsonl line every N iterations")
+    eval_every: Count = Field(0, description="ground-truth metrics every N (0: off)")
+    eval_samples: Annotated[int, Field(ge=2, le=10**6)] = Field(
+        2000, description="samples per evaluation"
+    )
 
     @model_validator(mode="after")
     def _saves_on_log_lines(self) -> BacktrackConfig:
@@ -164,51 +196,77 @@ class BacktrackConfig(_Compute):
 class SampleConfig(_Compute):
     """One-step sampling from a trained generator."""
 
-    n: PositiveInt | None = Field(None, description="number of samples (seeds 0..n-1)")
-    seeds: str | None = Field(None, description="seed list, e.g. 0-999 (instead of -n)")
-    batch: PositiveInt = Field(1000, description="samples per forward pass")
+    n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = Field(
+        None, description="number of samples (seeds 0..n-1)"
+    )
+    seeds: str | None = Field(
+        None, max_length=10_000, description="seed list, e.g. 0-999 (instead of -n)"
+    )
+    batch: Batch = Field(1000, description="samples per forward pass")
     weights: Literal["ema", "raw"] = Field("ema", description="generator weights to use")
     format: Literal["auto", "npz", "png"] = Field(
         "auto", description="npz, png (images: EDM folder layout), auto: png for images"
     )
-    class_label: NonNegativeInt | None = Field(None, description="fixed class for all samples")
+    class_label: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
+        None, description="fixed class for all samples"
+    )
 
 
 class TeacherTrainConfig(_Config):
     """Train a built-in teacher from scratch on its ground-truth data set."""
 
-    dataset: str = Field(description="ground-truth data set, e.g. ring2d")
-    arch: str = Field("mlp", description="network architecture")
+    dataset: str = Field(max_length=100, description="ground-truth data set, e.g. ring2d")
+    arch: str = Field("mlp", max_length=100, description="network architecture")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="network kwargs")
-    sigma_data: PositiveFloat = Field(0.5, description="data standard deviation for EDM")
-    iters: PositiveInt = Field(10000, description="training iterations")
-    batch: PositiveInt = Field(512, description="batch size")
-    lr: PositiveFloat = Field(2e-3, description="peak learning rate (cosine decay to 0)")
-    p_mean: float = Field(-1.2, description="log-normal sigma mean")
-    p_std: PositiveFloat = Field(1.2, description="log-normal sigma std")
+    sigma_data: Annotated[float, Field(gt=0, le=1e3)] = Field(
+        0.5, description="data standard deviation for EDM"
+    )
+    iters: Iters = Field(10000, description="training iterations")
+    batch: Batch = Field(512, description="batch size")
+    lr: Rate = Field(2e-3, description="peak learning rate (cosine decay to 0)")
+    p_mean: PMean = Field(-1.2, description="log-normal sigma mean")
+    p_std: PStd = Field(1.2, description="log-normal sigma std")
     conditional: bool = Field(False, description="condition on the data set's class labels")
-    warmup: NonNegativeInt = Field(0, description="linear learning-rate warm-up iterations")
-    ema_halflife_kimg: PositiveFloat | None = Field(None, description="EMA half-life (none: off)")
-    ema_rampup: PositiveFloat | None = Field(0.05, description="EMA ramp-up ratio")
-    seed: NonNegativeInt = Field(0, description="random seed")
+    warmup: Count = Field(0, description="linear learning-rate warm-up iterations")
+    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
+        None, description="EMA half-life (none: off)"
+    )
+    ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
+        0.05, description="EMA ramp-up ratio"
+    )
+    seed: Seed = Field(0, description="random seed")
 
 
 ConfigT = TypeVar("ConfigT", bound=_Config)
 
 
+RECIPE_TABLES = ("record", "backtrack", "sample", "teacher_train")
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
-    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables."""
+    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables.
+
+    Tables other than the commands' and keys outside any table are refused, so a misspelt table
+    name cannot silently drop its settings."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(read_regular_file(path, MAX_RECIPE_BYTES, "recipe").decode())
+    except DisbackError as exc:
+        raise ConfigError(str(exc).replace("no such file", "recipe file not found")) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a valid TOML recipe ({exc})") from None
-    if section in data:
-        return data[section]
-    if any(isinstance(v, dict) for v in data.values()):
-        return {}
-    return data
+    tables = [k for k, v in data.items() if isinstance(v, dict)]
+    if not tables:
+        return data
+    unknown = [k for k in tables if k not in RECIPE_TABLES]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table [{unknown[0]}] (known: {', '.join(RECIPE_TABLES)})"
+        )
+    loose = [k for k in data if k not in tables]
+    if loose:
+        raise ConfigError(f"{path}: key {loose[0]!r} is outside any table; put it in one")
+    return data.get(section, {})
 
 
 def build_config(

@@ -25,10 +25,10 @@ from disback_cli.generate import HeunSampler, generator_file_of_run, load_genera
 from disback_cli.images import encode_png, grid, to_uint8
 from disback_cli.plot import plot_runs
 from disback_cli.record import initial_generator, run_record
+from disback_cli.rundir import backtrack_dir
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device
 from disback_cli.sampling import one_step_batches
 from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import backtrack_dir
 
 TEACHER = "builtin:digits"
 SAMPLES = 797  # as many as there are held-out real digits, so every row has the same n

@@ -9,6 +9,7 @@ import torch
 
 from disback_cli.datasets import get_dataset
 from disback_cli.digits_metric import DigitsDetector, digits_scores, heldout_floor
+from disback_cli.errors import DisbackError
 from disback_cli.images import to_uint8
 from disback_cli.metrics import vector_metrics
 from disback_cli.sampling import seeded_noise
@@ -44,6 +45,11 @@ def evaluate_vectors(samples: torch.Tensor, dataset: str, floor: bool = True) ->
 
 def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
     """FD-digits and class coverage of uint8 (N, 8, 8, 1) digits, with the held-out floor."""
+    if images.shape[1:] != (8, 8, 1) or len(images) < 2:
+        raise DisbackError(
+            f"FD-digits needs at least 2 images of 8x8x1, got {len(images)} of "
+            f"{'x'.join(map(str, images.shape[1:]))}"
+        )
     detector = DigitsDetector()
     report = {
         "kind": "digits",

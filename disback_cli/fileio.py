@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,60 @@ DISK_MARGIN = 64 << 20  # keep this much free beyond what a write needs
 TMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" beside their target
 
 
-def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete temporary files a killed process left under `directory`; return them."""
-    found = [p for p in Path(directory).rglob(f".*{TMP_SUFFIX}") if p.is_file()]
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
+def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> int:
+    """The size of a regular file of at most `max_bytes`, or a one-line refusal: checked before
+    reading, so a device (/dev/zero), a FIFO or a huge file named by a flag or a manifest cannot
+    hang the process or exhaust its memory."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise DisbackError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DisbackError(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        raise DisbackError(f"{path}: not a regular file, expected a {what}")
+    if info.st_size > max_bytes:
+        raise DisbackError(
+            f"{path}: {_mib(info.st_size)} is more than a {what} may hold ({_mib(max_bytes)})"
+        )
+    return info.st_size
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (see `check_regular_file`)."""
+    size = check_regular_file(path, max_bytes, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as exc:
+        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > size:  # grew after the check
+        raise DisbackError(f"{path}: changed while being read")
+    return data
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(text: bytes | str) -> Any:
+    """Strict JSON: NaN and Infinity are refused, as is nesting deep enough to exhaust the stack
+    (ValueError for both)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int, what: str) -> Any:
+    data = read_regular_file(path, max_bytes, what)
+    try:
+        return parse_json(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DisbackError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -38,6 +87,15 @@ def check_sha256(path: str | os.PathLike, digest: str, expected: str) -> None:
             f"{path}: sha256 does not match the manifest (file changed or corrupt; "
             "--no-verify skips this check)"
         )
+
+
+def hash_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> str:
+    """sha256 of a file checked by `check_regular_file`, read in blocks (nothing parsed)."""
+    check_regular_file(path, max_bytes, what)
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -111,7 +169,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
         finally:
             os.close(dir_fd)
     return sha256_bytes(data)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> str:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -20,26 +20,29 @@ from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.fileio import atomic_write_bytes
 from disback_cli.generator import OneStepGenerator
 from disback_cli.images import encode_png, grid, png_name, to_uint8
+from disback_cli.npzfile import read_meta, read_npz
 from disback_cli.parallel import execution
-from disback_cli.runtime import Reporter, SilentReporter
-from disback_cli.sampling import edm_sampler, one_step_batches, parse_seeds
-from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+from disback_cli.rundir import MANIFEST, backtrack_dir, check_no_links
+from disback_cli.runtime import Reporter, SilentReporter, check_fits_memory
+from disback_cli.samplefolder import LABELS, prepare_folder, read_record, write_record
+from disback_cli.sampling import MAX_SAMPLES, edm_sampler, one_step_batches, parse_seeds
+from disback_cli.trajectory import BacktrackManifest, read_manifest
 
 GRID_IMAGES = 64
 PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
-PROVENANCE = "provenance.json"  # written next to PNG samples
 
 
 def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
     """Latest generator file of a backtrack run and the sha256 its manifest gives for it."""
     run_dir = backtrack_dir(trajectory, name)
-    if not (run_dir / "manifest.json").exists():
+    manifest_path = check_no_links(trajectory, run_dir.relative_to(trajectory) / MANIFEST)
+    if not manifest_path.exists():
         raise DisbackError(f"{run_dir}: no backtrack run named {name!r} (run `disback backtrack`)")
     manifest = read_manifest(run_dir, BacktrackManifest)
     ref = manifest.generator_ema if weights == "ema" else manifest.generator
     if ref is None:
         raise DisbackError(f"{run_dir}: the run has not saved a generator yet")
-    return run_dir / ref.file, ref.sha256
+    return check_no_links(run_dir, ref.file), ref.sha256
 
 
 def load_generator(
@@ -105,8 +108,9 @@ def write_samples_of(
     """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
 
     Vectors go to an .npz (`samples` float32). Images become uint8 (x * 127.5 + 128) and go to a
-    PNG folder in EDM's layout with `dataset.json` and `provenance.json`, or to an .npz (`images`
-    N,H,W,C uint8).
+    PNG folder in EDM's layout with `dataset.json` and a completion record `provenance.json`
+    (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). Sizes whose arrays cannot fit
+    in memory are refused before anything is written.
     """
     ex = execution(cfg)
     reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
@@ -124,6 +128,30 @@ def write_samples_of(
             f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
         )
     out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
+    sample_bytes = math.prod(denoiser.data_shape) * (1 if is_image else 4)
+    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(denoiser.data_shape) * 4,
+                      ex.device)  # fmt: skip
+    if fmt == "npz":
+        check_fits_memory(f"{len(seeds)} samples in one .npz", len(seeds) * sample_bytes,
+                          torch.device("cpu"), "; write --format png or draw fewer")  # fmt: skip
+    meta = {
+        "disback_version": __version__,
+        "generator": info["file"],
+        "generator_sha256": info["sha256"],
+        "weights": info.get("weights"),
+        "step": info.get("step"),
+        "dataset": info.get("dataset"),
+        "teacher_sha256": info.get("teacher_sha256"),
+    }
+    if fmt == "png":  # every rank looks before rank 0 replaces an earlier sample's files
+        prepare_folder(out, MAX_SAMPLES, remove=False)
+        ex.barrier()
+        if ex.is_main:
+            removed = prepare_folder(out, MAX_SAMPLES, remove=True)
+            if removed:
+                reporter.note(f"{out}: replaced {removed} images of an earlier `disback sample`")
+            write_record(out, "writing", seeds, meta)
+        ex.barrier()
     ex.prepare(denoiser)
 
     # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
@@ -164,22 +192,13 @@ def write_samples_of(
     labels = [lab for _, lab, _ in ordered if lab is not None]
     grid_chunks = [g for _, _, g in ordered if g is not None and len(g)]
     all_labels = np.concatenate(labels).astype(np.int64) if labels else None
-    meta = {
-        "disback_version": __version__,
-        "generator": info["file"],
-        "generator_sha256": info["sha256"],
-        "weights": info.get("weights"),
-        "step": info.get("step"),
-        "dataset": info.get("dataset"),
-        "teacher_sha256": info.get("teacher_sha256"),
-    }
     summary.update(meta)
     if fmt == "png":
         entries = None
         if all_labels is not None:
             entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
-        atomic_write_bytes(out / "dataset.json", json.dumps({"labels": entries}).encode())
-        atomic_write_bytes(out / PROVENANCE, json.dumps(meta, indent=1).encode())
+        atomic_write_bytes(out / LABELS, json.dumps({"labels": entries}).encode())
+        write_record(out, "complete", seeds, meta)  # last: the folder is now complete
     else:
         arrays = {
             ("images" if is_image else "samples"): np.concatenate(chunks),
@@ -199,29 +218,28 @@ def write_samples_of(
 
 def read_provenance(path: Path) -> dict:
     """What `disback sample` recorded about a sample set (empty for foreign files)."""
-    try:
-        if path.is_dir():
-            return (
-                json.loads((path / PROVENANCE).read_text()) if (path / PROVENANCE).exists() else {}
-            )
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return json.loads(str(data["meta"])) if "meta" in data else {}
-    except (OSError, ValueError):
-        return {}
+    if path.is_dir():
+        return read_record(path, MAX_SAMPLES) or {}
+    if path.suffix == ".npz" and path.is_file():
+        return read_meta(read_npz(path), path)
     return {}
 
 
 def read_samples(path: Path) -> tuple[torch.Tensor, dict]:
-    """Samples and provenance from an .npz written by `disback sample` (or any `samples` array)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "samples" not in data:
-                raise DisbackError(f"{path}: no 'samples' array in this .npz")
-            samples = torch.from_numpy(np.array(data["samples"], dtype=np.float32))
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-    except FileNotFoundError:
-        raise DisbackError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise DisbackError(f"{path}: not a readable .npz file ({exc})") from None
-    return samples, meta
+    """Samples and provenance from an .npz written by `disback sample` (or any `samples` array):
+    at least two, all finite, each a vector."""
+    arrays = read_npz(path)
+    if "samples" not in arrays:
+        raise DisbackError(f"{path}: no 'samples' array in this .npz")
+    samples = arrays["samples"]
+    if samples.dtype.kind not in "biuf" or samples.ndim < 2:
+        raise DisbackError(
+            f"{path}: 'samples' must be numbers of shape (N, ...), got {samples.dtype} "
+            f"{samples.shape}"
+        )
+    if len(samples) < 2:
+        raise DisbackError(f"{path}: {len(samples)} samples; evaluation needs at least 2")
+    samples = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+    if not bool(torch.isfinite(samples).all()):
+        raise DisbackError(f"{path}: samples contain NaN or infinite values")
+    return samples, read_meta(arrays, path)

@@ -27,6 +27,7 @@ from disback_cli.image_metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from disback_cli.npzfile import read_meta, read_npz
 from disback_cli.parallel import Execution
 from disback_cli.runtime import Reporter, SilentReporter
 
@@ -102,20 +103,31 @@ def write_reference(
 
 
 def load_reference(path: Path) -> Reference:
+    """A reference .npz: `mu` and `sigma` of the detector's features (finite, matching shapes),
+    optionally `features` and our `meta`."""
+    if not path.exists():
+        raise DisbackError(f"{path}: no such reference file")
+    arrays = read_npz(path, "reference .npz")
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise DisbackError(f"{path}: a reference needs 'mu' and 'sigma' arrays")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise DisbackError(f"{path}: a reference needs 'mu' and 'sigma' arrays")
-            features = np.asarray(data["features"]) if "features" in data else None
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
-            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-    except FileNotFoundError:
-        raise DisbackError(f"{path}: no such reference file") from None
-    except (OSError, ValueError) as exc:
-        raise DisbackError(f"{path}: not a readable reference .npz ({exc})") from None
-    if sigma.shape != (len(mu), len(mu)):
-        raise DisbackError(f"{path}: sigma has shape {sigma.shape}, expected {(len(mu), len(mu))}")
-    return Reference(path, sha256_file(path), mu, sigma, features, meta)
+        mu, sigma = (np.asarray(arrays[k], np.float64) for k in ("mu", "sigma"))
+        features = arrays.get("features")
+        if features is not None and features.dtype.kind not in "iuf":
+            raise TypeError(f"features are {features.dtype}")
+    except (TypeError, ValueError) as exc:
+        raise DisbackError(f"{path}: reference arrays are not numbers ({exc})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise DisbackError(
+            f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit (expected (D,), (D, D))"
+        )
+    if features is not None and (features.ndim != 2 or features.shape[1] != len(mu)):
+        raise DisbackError(f"{path}: features {features.shape} do not fit mu {mu.shape}")
+    if not all(
+        np.isfinite(a).all() for a in (mu, sigma, *([] if features is None else [features]))
+    ):
+        raise DisbackError(f"{path}: the reference holds NaN or infinite values")
+    return Reference(path, sha256_file(path), mu, sigma, features, read_meta(arrays, path))
 
 
 def check_compatible(reference: Reference, detector: Detector, image_shape: tuple) -> None:

@@ -14,7 +14,9 @@ import torch
 
 from disback_cli.errors import DisbackError
 from disback_cli.images import to_uint8
-from disback_cli.sampling import one_step_batches
+from disback_cli.npzfile import read_npz
+from disback_cli.samplefolder import complete_images
+from disback_cli.sampling import MAX_SAMPLES, one_step_batches
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -56,8 +58,13 @@ def _stacked(items: list[np.ndarray], description: str) -> np.ndarray:
     return np.stack(items)
 
 
-def folder_images(path: Path) -> ImageSet:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS)
+def folder_images(path: Path, any_images: bool = True) -> ImageSet:
+    """The images of a folder: with `any_images` every image in it (a data set, another tool's
+    samples), else exactly those its `disback sample` completion record lists."""
+    if any_images:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    else:
+        files = complete_images(path, EXTENSIONS, MAX_SAMPLES)
     if not files:
         raise DisbackError(f"{path}: no images found (png, jpg, ...)")
 
@@ -86,19 +93,17 @@ def zip_images(path: Path) -> ImageSet:
 
 def npz_images(path: Path) -> ImageSet | None:
     """Images from `images` (ours) or `arr_0` (ADM style); None if the file holds vector samples."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "samples" in data and "images" not in data:
-                return None
-            key = "images" if "images" in data else "arr_0" if "arr_0" in data else None
-            if key is None:
-                raise DisbackError(f"{path}: no 'images' or 'arr_0' array in this .npz")
-            images = np.asarray(data[key])
-    except (OSError, ValueError) as exc:
-        raise DisbackError(f"{path}: not a readable .npz file ({exc})") from None
-    if images.dtype != np.uint8 or images.ndim != 4:
+    arrays = read_npz(path)
+    if "samples" in arrays and "images" not in arrays:
+        return None
+    key = "images" if "images" in arrays else "arr_0" if "arr_0" in arrays else None
+    if key is None:
+        raise DisbackError(f"{path}: no 'images' or 'arr_0' array in this .npz")
+    images = arrays[key]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DisbackError(
-            f"{path}: '{key}' must be uint8 images (N, H, W, C), got {images.dtype} {images.shape}"
+            f"{path}: '{key}' must be uint8 images (N, H, W, C) with C 1 or 3, got "
+            f"{images.dtype} {images.shape}"
         )
     return ImageSet(f"npz {path}", len(images), lambda a, b: images[a:b])
 
@@ -118,10 +123,11 @@ def generated_images(
     return ImageSet(description, len(seeds), read)
 
 
-def open_images(path: Path) -> ImageSet | None:
-    """The image set at `path`, or None for an .npz of vector samples."""
+def open_images(path: Path, any_images: bool = True) -> ImageSet | None:
+    """The image set at `path`, or None for an .npz of vector samples (`any_images`: see
+    `folder_images`)."""
     if path.is_dir():
-        return folder_images(path)
+        return folder_images(path, any_images)
     if not path.exists():
         raise DisbackError(f"{path}: no such file or folder")
     if path.suffix == ".zip":

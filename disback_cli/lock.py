@@ -8,24 +8,38 @@ a file left behind by a dead holder is stale and is taken over.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from disback_cli.errors import DisbackError
+from disback_cli.rundir import LOCK
 from disback_cli.runtime import Reporter
 
-LOCK_FILE = ".lock"
+LOCK_FILE = LOCK
 
 
-def _holder(lock_path: Path) -> dict:
+def _holder(fd: int) -> dict[str, str]:
+    """Who wrote the lock file (pid, host, command), as short printable strings; {} if unknown.
+
+    The file may come from anyone (a shared run directory), so it is read through the open
+    descriptor, capped, and every value is reduced to a short printable string."""
     try:
-        return json.loads(lock_path.read_text() or "{}")
-    except (OSError, ValueError):
+        raw = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        key: "".join(c for c in str(raw[key])[:80] if c.isprintable())
+        for key in ("pid", "host", "command")
+        if key in raw
+    }
 
 
 def _open_locked(directory: Path) -> int:
@@ -33,21 +47,29 @@ def _open_locked(directory: Path) -> int:
     lock_path = directory / LOCK_FILE
     while True:
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise DisbackError(
+                    f"{lock_path}: is a symbolic link; disback does not follow links inside a "
+                    "run directory"
+                ) from None
             raise DisbackError(f"{directory}: cannot write here ({exc.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise DisbackError(f"{lock_path}: not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _holder(fd)
             os.close(fd)
-            holder = _holder(lock_path)
             raise DisbackError(
                 f"{directory} is in use by pid {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')} ({holder.get('command', 'disback')}); wait for it "
                 "to finish or stop it first"
             ) from None
         try:
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+            if os.fstat(fd).st_ino == os.stat(lock_path, follow_symlinks=False).st_ino:
                 return fd
         except FileNotFoundError:
             pass
@@ -68,11 +90,11 @@ def run_lock(
     fd = _open_locked(directory)
     lock_path = directory / LOCK_FILE
     try:
-        stale = _holder(lock_path)
+        stale = _holder(fd)
         if stale and reporter is not None:
             reporter.note(
-                f"{directory}: taking over a stale lock of pid {stale.get('pid')} on "
-                f"{stale.get('host')} (that process is gone)"
+                f"{directory}: taking over a stale lock of pid {stale.get('pid', '?')} on "
+                f"{stale.get('host', '?')} (that process is gone)"
             )
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": f"disback {command}"}
         os.ftruncate(fd, 0)

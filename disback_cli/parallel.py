@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from disback_cli.runtime import resolve_device
+from disback_cli.runtime import check_fits_memory, resolve_device
 
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
 
@@ -178,3 +179,10 @@ def execution(cfg) -> Execution:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_batch_fits(batch: int, data_shape: tuple[int, ...], ex: Execution) -> None:
+    """Refuse a per-process batch whose training tensors alone cannot fit: every rank draws the
+    global batch's noise, and an iteration holds about 16 batch-sized float32 tensors."""
+    size = 16 * ex.global_batch(batch) * math.prod(data_shape) * 4
+    check_fits_memory(f"--batch {batch}", size, ex.device)

@@ -17,6 +17,7 @@ from torch import nn
 from disback_cli.checkpoint import load_denoiser
 from disback_cli.errors import DisbackError
 from disback_cli.parallel import Execution
+from disback_cli.rundir import check_no_links
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import TrajectoryManifest
 
@@ -31,9 +32,10 @@ def load_path_node(
 ) -> nn.Module:
     """Path node `index` (>= 1) as a frozen denoiser, checked against the manifest."""
     node = manifest.nodes[index]
-    loaded = load_denoiser(trajectory / node.file, device, node.sha256, verify)
+    path = check_no_links(trajectory, node.file)
+    loaded = load_denoiser(path, device, node.sha256, verify)
     if loaded.spec != teacher.spec:
-        raise DisbackError(f"{trajectory / node.file}: network differs from the teacher's")
+        raise DisbackError(f"{path}: network differs from the teacher's")
     return loaded.denoiser
 
 
@@ -63,10 +65,8 @@ class PathNodes:
         if index == 0:
             if self.held_teacher is not None:
                 return self.held_teacher
-            teacher = open_teacher(self.teacher.source, self.ex.device)
-            if teacher.sha256 != self.teacher.sha256:
-                raise DisbackError(f"teacher {self.teacher.source} changed during the run (sha256)")
-            return teacher.denoiser
+            source, sha256 = self.teacher.source, self.teacher.sha256
+            return open_teacher(source, self.ex.device, sha256, recorded_in="this run").denoiser
         return load_path_node(
             self.trajectory, self.manifest, index, self.teacher, self.ex.device, self.verify
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import time
 from pathlib import Path
 
@@ -24,14 +23,23 @@ from disback_cli.generator import OneStepGenerator
 from disback_cli.lock import run_lock
 from disback_cli.losses import denoising_step, sample_lognormal_sigma
 from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
-from disback_cli.parallel import Execution, execution
+from disback_cli.parallel import Execution, check_batch_fits, execution
+from disback_cli.rundir import (
+    BACKTRACK_FOLDER,
+    MANIFEST,
+    TRAJECTORY,
+    node_file,
+    record_state_file,
+    refuse_foreign,
+    remove_empty_folders,
+    remove_ours,
+)
 from disback_cli.runtime import Reporter, SilentReporter, check_finite, stop_on_signals
 from disback_cli.sampling import draw_labels
 from disback_cli.schedule import node_steps
 from disback_cli.statefile import load_state, local_rng_state, save_state
 from disback_cli.teachers import Teacher, open_teacher
 from disback_cli.trajectory import (
-    MANIFEST,
     G0Spec,
     NodeRecord,
     StateRef,
@@ -39,7 +47,6 @@ from disback_cli.trajectory import (
     TrajectoryManifest,
     now,
     read_manifest,
-    remove_unlisted,
     write_manifest,
 )
 
@@ -131,10 +138,18 @@ class DistanceProbe:
 def _start_or_resume(
     cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force: bool, reporter: Reporter
 ) -> TrajectoryManifest | None:
-    """The manifest to continue from, or None to start fresh (after --force cleanup)."""
-    if not (out / MANIFEST).exists():
+    """The manifest to continue from, or None to start fresh (after --force cleanup).
+
+    A fresh recording needs a directory of its own; a resumed one only files disback wrote in
+    its sub-folders. Files disback did not write are never deleted: the run is refused instead."""
+    if not (out / MANIFEST).exists() and not (out / MANIFEST).is_symlink():
+        refuse_foreign(out, TRAJECTORY, whole=True)
+        ex.barrier()  # every rank has looked before rank 0 removes anything
+        for path in remove_ours(out, TRAJECTORY) if ex.is_main else []:
+            reporter.note(f"removed {path} (left by a recording killed before it started)")
         return None
     manifest = read_manifest(out, TrajectoryManifest)
+    refuse_foreign(out, TRAJECTORY, whole=False)
     changes = config_changes(manifest.config.identity(), cfg.identity())
     if manifest.teacher.sha256 != teacher.sha256:
         changes.append("teacher weights (sha256) differ")
@@ -147,14 +162,13 @@ def _start_or_resume(
             f"{out} was recorded with another configuration ({'; '.join(changes)}); "
             "pass --force to record it again from scratch, or choose another --out"
         )
-    if (out / "backtrack").exists() and any((out / "backtrack").iterdir()):
+    runs = out / BACKTRACK_FOLDER
+    if runs.is_symlink() or (runs.is_dir() and any(runs.iterdir())):
         raise ConfigError(f"{out} has backtrack runs that depend on its path; choose another --out")
     reporter.note(f"--force: discarding the previous recording in {out}")
     ex.barrier()  # every rank has read the old manifest
     if ex.is_main:
-        for sub in ("nodes", "state"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / MANIFEST).unlink()
+        remove_ours(out, TRAJECTORY)  # the manifest first, then its nodes and states
     return None
 
 
@@ -217,6 +231,7 @@ def run_record(
     reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
     teacher = open_teacher(cfg.teacher, ex.device)
     cfg = with_teacher_sigma(cfg, teacher)
+    check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     lock = run_lock(out, "record", reporter) if ex.is_main else contextlib.nullcontext()
     with lock:
         return _record(cfg, out, teacher, ex, force, reporter)
@@ -274,9 +289,9 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
                                  {"aux": aux}, {"aux": optimizer}, rng, cfg.verify,
                                  ex.rank)  # fmt: skip
             reporter.note(f"resuming {out} from iteration {step}")
-        keep = {n.file for n in manifest.nodes if n.file}
+        keep = {MANIFEST} | {n.file for n in manifest.nodes if n.file}
         keep |= {manifest.state.file} if manifest.state else set()
-        for path in remove_unlisted(out, ("nodes", "state"), keep) if ex.is_main else []:
+        for path in remove_ours(out, TRAJECTORY, keep) if ex.is_main else []:
             reporter.note(f"removed {path} (written after the last resume point)")
     manifest.config = cfg
 
@@ -294,7 +309,7 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
 
             node = node_at_step.get(step)
             if node is not None:
-                file = f"nodes/node-{node:03d}.safetensors"
+                file = node_file(node)
                 info = {
                     "role": "path_node",
                     "index": node,
@@ -325,17 +340,17 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
 
     manifest.status = "complete"
     manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
-    old_state, manifest.state = manifest.state, None
+    manifest.state = None
     if ex.is_main:
         write_manifest(out, manifest)
-        if old_state is not None:
-            shutil.rmtree(out / "state", ignore_errors=True)
+        remove_ours(out, TRAJECTORY, {MANIFEST} | {n.file for n in manifest.nodes if n.file})
+        remove_empty_folders(out, TRAJECTORY)  # state/ goes if it held only resume points
     return manifest
 
 
 def _save_resume_point(out, manifest, step, aux, optimizer, rng, ex: Execution) -> None:
     """Write a new state file, point the manifest at it, then drop the previous one."""
-    file = f"state/record-{step:08d}.safetensors"
+    file = record_state_file(step)
     rank_rng = ex.gather(local_rng_state(ex.device))
     digest = ""  # known to rank 0, which writes the files
     if ex.is_main:

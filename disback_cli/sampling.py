@@ -8,13 +8,17 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.precond import Denoiser
+
+MAX_SAMPLES = 10**7  # seeds in one `sample` or `evaluate` call (200x EDM's 50k protocol)
+MAX_SEED = 1 << 62  # seeds of repeats are offset, and torch takes seeds below 2**64
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-999' or '1,5,10-12' -> list of seeds (ranges inclusive), in the order given."""
-    seeds: list[int] = []
+    """'0-999' or '1,5,10-12' -> list of seeds (ranges inclusive), in the order given; at most
+    MAX_SAMPLES of them, each below MAX_SEED (counted before any list is built)."""
+    parts: list[tuple[int, int]] = []
     for part in text.split(","):
         part = part.strip()
         try:
@@ -22,16 +26,19 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = (int(v) for v in part.split("-", 1))
                 if hi < lo:
                     raise DisbackError(f"seed range {part!r} is inverted")
-                seeds.extend(range(lo, hi + 1))
             else:
-                seeds.append(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise DisbackError(
-                f"bad seed list {text!r}: expected e.g. '0-999' or '1,5,10-12'"
+                f"bad seed list {text!r:.60}: expected e.g. '0-999' or '1,5,10-12'"
             ) from None
-    if not seeds or min(seeds) < 0:
-        raise DisbackError(f"bad seed list {text!r}: seeds must be non-negative integers")
-    return seeds
+        if lo < 0 or hi >= MAX_SEED:
+            raise DisbackError(f"bad seed list {text!r:.60}: seeds must lie in 0..{MAX_SEED - 1}")
+        parts.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > MAX_SAMPLES:
+        raise ConfigError(f"--seeds names {count} seeds, more than {MAX_SAMPLES} in one call")
+    return [seed for lo, hi in parts for seed in range(lo, hi + 1)]
 
 
 def seeded_noise(

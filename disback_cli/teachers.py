@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import build_with_weights, load_denoiser
+from disback_cli.checkpoint import MAX_DENOISER_BYTES, build_with_weights, load_denoiser
 from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
+from disback_cli.fileio import hash_regular_file
 from disback_cli.networks import NetworkSpec
 
 BUILTIN_PREFIX = "builtin:"
@@ -21,6 +22,7 @@ BUILTIN_TEACHERS = {
     "digits": "8x8 handwritten digits, class-conditional (small SongUNet, EDM preconditioning)",
 }
 EDM_DEFAULT_SIGMA = {"p_mean": -1.2, "p_std": 1.2}
+MAX_TEACHER_BYTES = MAX_DENOISER_BYTES  # EDM pickles are smaller than their safetensors
 
 
 @dataclass
@@ -56,13 +58,25 @@ def load_teacher(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     return open_teacher(spec, device).denoiser
 
 
-def open_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
+def open_teacher(
+    spec: str,
+    device: str | torch.device = "cpu",
+    expected_sha256: str | None = None,
+    recorded_in: str | Path | None = None,
+) -> Teacher:
     """A frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode, with its provenance.
 
     EDM pickles are read with a restricted unpickler (no code from the file runs) into our own
-    network implementation, loaded strictly.
+    network implementation, loaded strictly. With `expected_sha256` (a teacher named by the
+    trajectory `recorded_in`) the file is hashed before any of it is parsed.
     """
     path = resolve_teacher_path(spec)
+    if expected_sha256 is not None:
+        digest = hash_regular_file(path, MAX_TEACHER_BYTES, "teacher")
+        if digest != expected_sha256:
+            raise DisbackError(
+                f"teacher {spec} is not the one {recorded_in} was recorded with (sha256 differs)"
+            )
     if path.suffix == ".pkl":
         edm = read_edm_pickle(path)
         denoiser = build_with_weights(edm.spec, edm.state_dict, str(path))
@@ -80,7 +94,7 @@ def open_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
         source=spec,
         sha256=loaded.sha256,
         dataset=loaded.info.get("dataset"),
-        train_sigma=loaded.info.get("train_sigma", EDM_DEFAULT_SIGMA),
+        train_sigma=loaded.info.get("train_sigma") or EDM_DEFAULT_SIGMA,
         info=loaded.info,
     )
 

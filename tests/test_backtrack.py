@@ -10,9 +10,10 @@ from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.record import run_record
+from disback_cli.rundir import backtrack_dir
 from disback_cli.runtime import SilentReporter
 from disback_cli.schedule import target_node
-from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+from disback_cli.trajectory import BacktrackManifest, read_manifest
 
 SMALL = dict(iters=60, interval=10, batch=64, save_every=20, log_every=10, device="cpu")
 

@@ -18,8 +18,9 @@ from disback_cli.networks.layers import Conv2d
 from disback_cli.parallel import Execution
 from disback_cli.path_nodes import PathNodes
 from disback_cli.record import run_record
+from disback_cli.rundir import backtrack_dir
 from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, backtrack_dir
+from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest
 from disback_cli.trajectory import read_manifest as read
 
 SMALL = dict(iters=30, interval=10, batch=64, save_every=10, log_every=10, device="cpu")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from disback_cli.checkpoint import load_denoiser
-from disback_cli.trajectory import BacktrackManifest, backtrack_dir, read_manifest
+from disback_cli.rundir import backtrack_dir
+from disback_cli.trajectory import BacktrackManifest, read_manifest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in both launches
 RECORD = [

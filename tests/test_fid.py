@@ -107,7 +107,8 @@ def test_reference_round_trip_and_evaluation_report(trusted, tmp_path, cli):
         assert data["features"].shape == (24, 2048)
         assert json.loads(str(data["meta"]))["detector"]["sha256"] == sha256_file(trusted)
 
-    result = cli("evaluate", real, "--ref", tmp_path / "ref.npz", "--inception", trusted, "--json")
+    result = cli("evaluate", real, "--ref", tmp_path / "ref.npz", "--inception", trusted, "--json",
+                 "--any-images")  # fmt: skip
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["metric"] == "FID" and report["repeats"] == 1
@@ -118,7 +119,7 @@ def test_reference_round_trip_and_evaluation_report(trusted, tmp_path, cli):
 
     other = write_folder(tmp_path / "other", images_like(24, 3))
     result = cli("evaluate", other, "--ref", tmp_path / "ref.npz", "--inception", trusted,
-                 "--repeats", "2", "--json")  # fmt: skip
+                 "--repeats", "2", "--json", "--any-images")  # fmt: skip
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     fids = [r["fid"] for r in report["results"]]
@@ -147,7 +148,7 @@ def test_wrong_image_size_and_mode_are_refused(trusted, tmp_path, cli):
     result = cli("evaluate", big, "--ref", tmp_path / "ref.npz", "--inception", trusted)
     assert result.code == 1 and "16x16 but" in result.stderr and "8x8" in result.stderr
     result = cli("evaluate", tmp_path / "real", "--ref", tmp_path / "ref.npz", "--inception",
-                 trusted, "--mode", "clean")  # fmt: skip
+                 trusted, "--mode", "clean", "--any-images")  # fmt: skip
     assert result.code == 1 and "mode legacy_tensorflow" in result.stderr
 
 

@@ -17,8 +17,8 @@ from disback_cli.images import encode_png, grid, to_uint8
 from disback_cli.networks import set_dropout
 from disback_cli.networks.layers import UNetBlock
 from disback_cli.record import run_record
+from disback_cli.rundir import backtrack_dir
 from disback_cli.runtime import SilentReporter
-from disback_cli.trajectory import backtrack_dir
 
 BACKTRACK = dict(iters=6, interval=2, batch=4, save_every=2, log_every=2, device="cpu")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,8 +64,20 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on s
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and scripts parse our output."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON on stdout (no NaN or Infinity tokens)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 class _Rate(ProgressColumn):

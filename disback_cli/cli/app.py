@@ -56,8 +56,14 @@ def root(
     """
 
 
+def _one_line(message: str) -> str:
+    """Messages quote names and values from files anyone may write: keep them to one line of
+    printable characters (no terminal escapes, no forged extra lines)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {_one_line(message)}\n")
     sys.exit(code)
 
 

@@ -28,7 +28,7 @@ from disback_cli.cli._common import (
 )  # fmt: skip
 from disback_cli.config import BacktrackConfig, build_config
 from disback_cli.parallel import is_main_process
-from disback_cli.trajectory import backtrack_dir
+from disback_cli.rundir import backtrack_dir
 
 
 def _h(field: str) -> str:

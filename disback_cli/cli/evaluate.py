@@ -35,7 +35,7 @@ from disback_cli.generate import (
 from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
 from disback_cli.image_io import ImageSet, generated_images, open_images
 from disback_cli.parallel import execution
-from disback_cli.sampling import one_step_batches, parse_seeds
+from disback_cli.sampling import MAX_SEED, one_step_batches, parse_seeds
 
 
 def _detector(
@@ -135,6 +135,14 @@ def evaluate(
     mode: Annotated[str | None, typer.Option(help=f"FID mode: {' or '.join(MODES)}.")] = None,
     inception: Annotated[Path | None, typer.Option(help="Path of inception-2015-12-05.pt.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Ground truth for vector samples.")] = None,
+    any_images: Annotated[
+        bool,
+        typer.Option(
+            "--any-images",
+            help="Score every image of a folder, not only those a finished `disback sample` "
+            "recorded (a data set or another tool's samples).",
+        ),
+    ] = False,
     batch: Annotated[int, typer.Option(min=1, help="Images per detector batch.")] = 64,
     workers: Annotated[
         int,
@@ -177,6 +185,10 @@ def evaluate(
             path, sha = generator_file_of_run(trajectory, name, "ema")
             generator, info = load_generator(path, torch_device, sha, verify is not False)
             first = parse_seeds(seeds) if seeds else list(range(n or 50_000))
+            if len(first) < 2:
+                raise ConfigError(f"{len(first)} samples per repeat; evaluation needs at least 2")
+            if (max(first) + 1) * repeats > MAX_SEED:
+                raise ConfigError(f"seeds of {repeats} repeats would pass {MAX_SEED}")
             sets = [[s + r * len(first) for s in first] for r in range(repeats)]
             provenance = {"generator": str(path), "generator_sha256": sha, "step": info.get("step")}
             if len(generator.denoiser.data_shape) != 3:
@@ -203,7 +215,7 @@ def evaluate(
         else:
             if len(inputs) != 1:
                 raise ConfigError("give one SAMPLES path (or --trajectory, or: ref DATA --out F)")
-            images = open_images(Path(inputs[0]))
+            images = open_images(Path(inputs[0]), any_images)
             if images is None:
                 if not ex.is_main:
                     return

@@ -30,8 +30,8 @@ from disback_cli.generate import (
     write_samples_of,
 )
 from disback_cli.parallel import execution, is_main_process
+from disback_cli.rundir import backtrack_dir
 from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import backtrack_dir
 
 
 def _h(field: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import nn
 
 from disback_cli.errors import DisbackError
@@ -40,6 +42,50 @@ PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# A spec arrives in files anyone may write, so its sizes are bounded before anything is built:
+# a hostile `depth: 10**8` must be refused, not hang the process while it builds the network.
+MAX_KWARG_INT = 1 << 16
+MAX_COUNT = 256  # layers or blocks per resolution
+COUNT_KWARGS = ("depth", "num_blocks")
+MAX_LIST = 16
+MAX_DIM = 1 << 14
+MAX_SAMPLE_ELEMENTS = 1 << 26
+MAX_LABELS = 100_000
+MAX_PARAMETERS = 20 * 10**9
+
+
+def _check_json_like(value: Any, where: str, depth: int = 0) -> None:
+    """Constructor kwargs must be small JSON-like values: finite numbers, short lists and
+    strings, shallow dicts."""
+    if depth > 4:
+        raise ValueError(f"{where}: nested too deeply")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_KWARG_INT:
+            raise ValueError(f"{where}: {value} is out of range (|x| <= {MAX_KWARG_INT})")
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > 1e12:
+            raise ValueError(f"{where}: {value} is not a finite number of sensible size")
+    elif isinstance(value, str):
+        if len(value) > 256:
+            raise ValueError(f"{where}: string longer than 256 characters")
+    elif isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST:
+            raise ValueError(f"{where}: more than {MAX_LIST} items")
+        for i, item in enumerate(value):
+            _check_json_like(item, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        if len(value) > 64:
+            raise ValueError(f"{where}: more than 64 keys")
+        for key, item in value.items():
+            if not isinstance(key, str) or len(key) > 100:
+                raise ValueError(f"{where}: keys must be short strings")
+            _check_json_like(item, f"{where}.{key}", depth + 1)
+    else:
+        raise ValueError(f"{where}: unsupported value of type {type(value).__name__}")
+
+
 class NetworkSpec(BaseModel):
     """Everything needed to rebuild a denoiser before loading its weights strictly."""
 
@@ -70,6 +116,24 @@ class NetworkSpec(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _bounded(self) -> NetworkSpec:
+        if not 1 <= len(self.data_shape) <= 3 or not all(
+            1 <= d <= MAX_DIM for d in self.data_shape
+        ):  # fmt: skip
+            raise ValueError(f"data_shape {self.data_shape} is not 1 to 3 sizes in 1..{MAX_DIM}")
+        if math.prod(self.data_shape) > MAX_SAMPLE_ELEMENTS:
+            raise ValueError(f"data_shape {self.data_shape} is too large for one sample")
+        if not 0 <= self.label_dim <= MAX_LABELS:
+            raise ValueError(f"label_dim {self.label_dim} is not in 0..{MAX_LABELS}")
+        _check_json_like(self.arch_kwargs, "arch_kwargs")
+        _check_json_like(self.precond_kwargs, "precond_kwargs")
+        for key in COUNT_KWARGS:
+            count = self.arch_kwargs.get(key)
+            if isinstance(count, int) and not 0 <= count <= MAX_COUNT:
+                raise ValueError(f"arch_kwargs.{key}: {count} is not in 0..{MAX_COUNT}")
+        return self
+
 
 def set_dropout(module: nn.Module, p: float | None) -> None:
     """Set the dropout probability of every U-Net block (None leaves the network's own)."""
@@ -80,8 +144,7 @@ def set_dropout(module: nn.Module, p: float | None) -> None:
             block.dropout = p
 
 
-def build_denoiser(spec: NetworkSpec) -> nn.Module:
-    """A freshly initialised denoiser `D(x, sigma, class_labels)` for `spec`."""
+def _construct(spec: NetworkSpec) -> nn.Module:
     try:
         model = ARCHITECTURES[spec.arch](
             data_shape=spec.data_shape, label_dim=spec.label_dim, **spec.arch_kwargs
@@ -89,5 +152,27 @@ def build_denoiser(spec: NetworkSpec) -> nn.Module:
         return PRECONDITIONINGS[spec.precond](
             model, data_shape=spec.data_shape, label_dim=spec.label_dim, **spec.precond_kwargs
         )
-    except TypeError as exc:
-        raise DisbackError(f"network spec does not fit {spec.arch}/{spec.precond}: {exc}") from exc
+    except DisbackError:
+        raise
+    except Exception as exc:  # the spec is data from a file: any failure is a bad spec
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DisbackError(
+            f"network spec does not fit {spec.arch}/{spec.precond}: {first}"
+        ) from exc
+
+
+def parameter_count(spec: NetworkSpec) -> int:
+    """Parameters of the network of `spec`, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in _construct(spec).parameters())
+
+
+def build_denoiser(spec: NetworkSpec) -> nn.Module:
+    """A freshly initialised denoiser `D(x, sigma, class_labels)` for `spec` (its size checked
+    on the meta device first, so an absurd spec is refused instead of exhausting memory)."""
+    count = parameter_count(spec)
+    if count > MAX_PARAMETERS:
+        raise DisbackError(
+            f"network spec of {spec.arch} has {count:,} parameters, more than {MAX_PARAMETERS:,}"
+        )
+    return _construct(spec)

@@ -1,0 +1,191 @@
+"""What disback may touch in a run directory: the names it writes, confinement of the paths a
+manifest gives, no symbolic links, and cleanup limited to files it wrote.
+
+Run directories travel between people (a lab shares a trajectory), so everything read from one is
+treated as hostile. A path in a manifest must be one of the names below, in its sub-folder; no
+component below the run directory may be a symbolic link; files are deleted only if their names are
+names disback generates, in the folders it writes them to; a new run refuses a directory holding
+anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from disback_cli.errors import ConfigError, DisbackError
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
+BACKTRACK_FOLDER = "backtrack"
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")  # tempfile.mkstemp's random part
+SHOWN = 5  # foreign entries named in a refusal
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files disback writes in one kind of run directory."""
+
+    kind: str  # shown in messages
+    root_files: frozenset[str]  # names directly in the run directory
+    folders: dict[str, re.Pattern]  # sub-folder -> the names disback writes in it
+
+    def owns(self, relative: str) -> bool:
+        """Whether `relative` (e.g. 'nodes/node-001.safetensors') is a name disback writes."""
+        parts = PurePosixPath(relative).parts
+        if len(parts) == 1:
+            return parts[0] in self.root_files
+        pattern = self.folders.get(parts[0])
+        return len(parts) == 2 and pattern is not None and pattern.fullmatch(parts[1]) is not None
+
+    def owns_temporary(self, folder: str, name: str) -> bool:
+        """A temporary file of an atomic write of one of our names (a killed process left it)."""
+        match = TEMPORARY.fullmatch(name)
+        if match is None:
+            return False
+        inner = match["name"] if not folder else f"{folder}/{match['name']}"
+        return self.owns(inner)
+
+
+TRAJECTORY = Layout(
+    "trajectory",
+    frozenset({MANIFEST, LOCK}),
+    {"nodes": re.compile(r"node-\d{3}\.safetensors"),
+     "state": re.compile(r"record-\d{8}\.safetensors")},
+)  # fmt: skip
+BACKTRACK = Layout(
+    "backtrack run",
+    frozenset({MANIFEST, METRICS, LOCK}),
+    {"checkpoints": re.compile(r"(generator|generator-ema|state)-\d{8}\.safetensors")},
+)
+
+
+def node_file(index: int) -> str:
+    return f"nodes/node-{index:03d}.safetensors"
+
+
+def record_state_file(step: int) -> str:
+    return f"state/record-{step:08d}.safetensors"
+
+
+def checkpoint_file(kind: str, step: int) -> str:
+    """kind: 'generator', 'generator-ema' or 'state'."""
+    return f"checkpoints/{kind}-{step:08d}.safetensors"
+
+
+def check_run_name(name: str) -> str:
+    """A backtrack run name is one plain folder name: no separators, no '..', no hidden names."""
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"--name {name!r} is not a plain run name (letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 100 characters)"
+        )
+    return name
+
+
+def backtrack_dir(trajectory: str | Path, name: str) -> Path:
+    return Path(trajectory) / BACKTRACK_FOLDER / check_run_name(name)
+
+
+def check_no_links(root: Path, relative: str | Path) -> Path:
+    """`root / relative` after checking that no component below `root` is a symbolic link (so
+    nothing is read, written or deleted through a link planted in a shared run directory)."""
+    path = Path(root)
+    for part in PurePosixPath(relative).parts:
+        if part in ("..", "/") or not part:
+            raise DisbackError(
+                f"{root}: refusing the path {str(relative)!r} (leaves the directory)"
+            )
+        path = path / part
+        if path.is_symlink():
+            raise DisbackError(
+                f"{path}: is a symbolic link; disback does not follow links inside a run directory"
+            )
+    return path
+
+
+def _describe(entries: list[str]) -> str:
+    shown = ", ".join(entries[:SHOWN])
+    return shown + (f" and {len(entries) - SHOWN} more" if len(entries) > SHOWN else "")
+
+
+def foreign_entries(root: Path, layout: Layout, whole: bool) -> list[str]:
+    """Entries that disback did not write: in the owned sub-folders, and with `whole` also
+    directly in `root` (a new run needs a directory of its own)."""
+    foreign: list[str] = []
+    if whole and root.is_dir():
+        for entry in sorted(root.iterdir()):
+            name = entry.name
+            if entry.is_symlink():
+                foreign.append(name)
+            elif name in layout.folders and entry.is_dir():
+                continue
+            elif not (name in layout.root_files and entry.is_file()) and not (
+                entry.is_file() and layout.owns_temporary("", name)
+            ):
+                foreign.append(name + ("/" if entry.is_dir() else ""))
+    for folder in layout.folders:
+        path = root / folder
+        if path.is_symlink():
+            foreign.append(folder)
+            continue
+        if not path.is_dir():
+            if path.exists():
+                foreign.append(folder)
+            continue
+        for entry in sorted(path.iterdir()):
+            ours = layout.owns(f"{folder}/{entry.name}") or layout.owns_temporary(
+                folder, entry.name
+            )
+            if entry.is_symlink() or not entry.is_file() or not ours:
+                foreign.append(f"{folder}/{entry.name}" + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def refuse_foreign(root: Path, layout: Layout, whole: bool) -> None:
+    """Refuse, naming them, files in `root` that disback did not write (it never mixes its files
+    with others, and never deletes them)."""
+    for name in (MANIFEST, METRICS):
+        if (root / name).is_symlink():
+            raise DisbackError(
+                f"{root / name}: is a symbolic link; disback does not follow links inside a run "
+                "directory"
+            )
+    foreign = foreign_entries(root, layout, whole)
+    if foreign:
+        where = "holds" if whole else "has sub-folders holding"
+        raise DisbackError(
+            f"{root} {where} files disback did not write ({_describe(foreign)}); "
+            f"move them away or choose another directory for the {layout.kind}"
+        )
+
+
+def remove_ours(root: Path, layout: Layout, keep: set[str] = frozenset()) -> list[Path]:
+    """Delete the files disback writes in `root` except those in `keep` (relative names), and the
+    temporary files of its atomic writes; call `refuse_foreign` first. Returns what went."""
+    gone: list[Path] = []
+    candidates = [("", entry) for entry in sorted(root.iterdir())] if root.is_dir() else []
+    for folder in layout.folders:
+        path = root / folder
+        if path.is_dir() and not path.is_symlink():
+            candidates += [(folder, entry) for entry in sorted(path.iterdir())]
+    for folder, entry in candidates:
+        relative = f"{folder}/{entry.name}" if folder else entry.name
+        if entry.is_symlink() or not entry.is_file() or relative in keep or relative == LOCK:
+            continue
+        if layout.owns(relative) or layout.owns_temporary(folder, entry.name):
+            entry.unlink()
+            gone.append(entry)
+    return gone
+
+
+def remove_empty_folders(root: Path, layout: Layout) -> None:
+    """Remove owned sub-folders that are left empty (never a folder with anything in it)."""
+    for folder in layout.folders:
+        path = root / folder
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
