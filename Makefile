@@ -9,11 +9,14 @@ RING   ?= runs/ring
 
 .PHONY: demo demo-ring test lint format bench clean
 
+# clean-fid comes last and without its declared dependencies: its torchvision pin would replace
+# torch, and disback imports only its torchvision-free modules. Installed before another package,
+# it would make pip print a dependency-conflict ERROR that is no failure.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"  # its torchvision pin would replace torch
 	$(BIN)/pip install --quiet -e ".[dev,plot]"
+	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -263,9 +263,10 @@ def _backtrack(
             write_manifest(run_dir, manifest)
     else:
         if manifest.state is not None:
-            step, extra = load_state(run_dir / manifest.state.file, manifest.state.sha256,
-                                     modules, optimizers, rng, cfg.verify, ex.rank)  # fmt: skip
-            schedule.load_state_dict(extra.get("schedule", {}))
+            step, ref = manifest.state.step, manifest.state
+            extra = load_state(check_no_links(run_dir, ref.file), ref.sha256, step, modules,
+                               optimizers, rng, cfg.verify, ex.rank)  # fmt: skip
+            schedule.load_state_dict(extra.get("schedule", {}), f"{run_dir / ref.file}")
             reporter.note(f"resuming {run_dir} from iteration {step}")
         if ex.is_main:
             _truncate_metrics(run_dir / manifest.metrics, step)

@@ -5,20 +5,45 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 from pathlib import Path
 
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes
+from disback_cli.fileio import atomic_write_bytes, parse_json, read_regular_file
+from disback_cli.rundir import METRICS, check_no_links
 
 PREFERRED_METRICS = ("fd_digits", "mmd2", "fid")
 
 
+MAX_METRICS_BYTES = 1 << 30
+
+
+def _check_line(line: object) -> dict:
+    """A metrics line as `backtrack` writes it: an iteration, numbers, and an `eval` of numbers."""
+    if not isinstance(line, dict) or type(line.get("iteration")) is not int:
+        raise ValueError("not an object with an integer 'iteration'")
+    numbers = [v for k, v in line.items() if k != "eval"] + list(line.get("eval", {}).values())
+    if not isinstance(line.get("eval", {}), dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers
+    ):  # fmt: skip
+        raise ValueError("values must be numbers")
+    return line
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The lines of a run's metrics.jsonl, each checked (a malformed line is named)."""
+    path = check_no_links(Path(run_dir), METRICS)
     if not path.exists():
-        raise DisbackError(f"{run_dir}: no metrics.jsonl (is this a backtrack run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise DisbackError(f"{run_dir}: no {METRICS} (is this a backtrack run directory?)")
+    text = read_regular_file(path, MAX_METRICS_BYTES, "metrics log")
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(_check_line(parse_json(line)))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DisbackError(f"{path}: line {number} is not a metrics line ({exc})") from None
+    return lines
 
 
 def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dict:

@@ -28,6 +28,7 @@ from disback_cli.rundir import (
     BACKTRACK_FOLDER,
     MANIFEST,
     TRAJECTORY,
+    check_no_links,
     node_file,
     record_state_file,
     refuse_foreign,
@@ -285,9 +286,9 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
             step = 0
             manifest.nodes = manifest.nodes[:1]
         else:
-            step, _ = load_state(out / manifest.state.file, manifest.state.sha256,
-                                 {"aux": aux}, {"aux": optimizer}, rng, cfg.verify,
-                                 ex.rank)  # fmt: skip
+            step, ref = manifest.state.step, manifest.state
+            load_state(check_no_links(out, ref.file), ref.sha256, step, {"aux": aux},
+                       {"aux": optimizer}, rng, cfg.verify, ex.rank)  # fmt: skip
             reporter.note(f"resuming {out} from iteration {step}")
         keep = {MANIFEST} | {n.file for n in manifest.nodes if n.file}
         keep |= {manifest.state.file} if manifest.state else set()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from disback_cli.errors import DisbackError
+
 
 def node_steps(iters: int, nodes: int) -> list[int]:
     """Recording steps of path nodes 0..nodes, evenly spaced; node 0 (step 0) is the teacher."""
@@ -37,7 +41,7 @@ class FixedSchedule:
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str = "state") -> None:
         pass
 
 
@@ -86,9 +90,27 @@ class AdaptiveSchedule:
             self._reset()
 
     def state_dict(self) -> dict:
-        return {"node": self.node, "smoothed": self.smoothed, "best": self.best,
+        best = None if math.isinf(self.best) else self.best  # strict JSON has no infinity
+        return {"node": self.node, "smoothed": self.smoothed, "best": best,
                 "since_best": self.since_best, "on_node": self.on_node}  # fmt: skip
 
-    def load_state_dict(self, state: dict) -> None:
-        self.node, self.smoothed, self.best = state["node"], state["smoothed"], state["best"]
-        self.since_best, self.on_node = state["since_best"], state["on_node"]
+    def load_state_dict(self, state: dict, source: str = "state") -> None:
+        """Restore what `state_dict` saved, each value checked (it comes from a file)."""
+        try:
+            node, smoothed, best = state["node"], state["smoothed"], state["best"]
+            since_best, on_node = state["since_best"], state["on_node"]
+            counts = (node, since_best, on_node)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+                raise ValueError("counts must be non-negative integers")
+            if node > self.node:
+                raise ValueError(f"node {node} lies beyond this path")
+            for value in (smoothed, best):
+                if value is not None and not (
+                    isinstance(value, (int, float)) and (math.isfinite(value) or value == math.inf)
+                ):  # fmt: skip
+                    raise ValueError("gaps must be numbers")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DisbackError(f"{source}: malformed adaptive-switch state ({exc})") from None
+        self.node, self.smoothed = node, smoothed
+        self.best = math.inf if best is None else float(best)
+        self.since_best, self.on_node = since_best, on_node

@@ -1,8 +1,11 @@
 """SIGKILL at random moments, then resume: the final files equal an uninterrupted run's bitwise.
 
-Each stage runs as a real `python -m disback_cli` process. After every kill the directory must be
-consistent (manifest readable, every file it names present with its sha256), and the rerun must
-resume from a saved iteration.
+Each stage runs as a real `python -m disback_cli` process. Kills are placed without timing
+assumptions: the test watches the manifest until the run has saved past a given iteration, then
+waits a seeded random delay and kills, so it lands anywhere in the work that follows (a save
+included), however loaded the machine is. After every kill the directory must be consistent
+(manifest readable, every file it names present with its sha256), and the rerun must resume from
+the saved iteration.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,40 +43,68 @@ RECORD = [
     "--device",
     "cpu",
 ]
-BACKTRACK = ["backtrack", "--iters", "300", "--interval", "60", "--batch", "128",
+BACKTRACK = ["backtrack", "--iters", "400", "--interval", "60", "--batch", "128",
              "--save-every", str(SAVE_EVERY), "--log-every", str(SAVE_EVERY), "--seed", "3",
              "--device", "cpu"]  # fmt: skip
-KILLS = 3
+# Kill k comes after the run has saved at or past iteration KILL_AFTER[k]: far from the end (800
+# and 400 iterations), so the seeded delay that follows cannot outlast the run.
+RECORD_KILLS = (60, 200, 340)
+BACKTRACK_KILLS = (20, 80, 140)
+MAX_DELAY = 0.25  # seconds after the observed save
+
+
+HANG = 900  # seconds: only a guard against a hung process, far beyond any real run
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """The command as its own process, stderr to a file (a pipe could fill and stall it)."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     command = [sys.executable, "-m", "disback_cli", *args]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log
+    return proc
 
 
-def _wait_for_lock(proc: subprocess.Popen, directory: Path, timeout: float = 60) -> float:
-    """Block until `proc` holds the run lock (its imports and checks are done); return when."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if json.loads((directory / LOCK_FILE).read_text()).get("pid") == proc.pid:
-                return time.monotonic()
-        except (OSError, ValueError):
-            pass
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.005)
-    raise AssertionError(f"process {proc.pid} never took the lock of {directory}")
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
-def _run(args: list[str], cwd: Path, directory: Path) -> tuple[float, str]:
-    """Uninterrupted run; returns the seconds it worked after taking the lock, and stderr."""
+def _until(condition, proc: subprocess.Popen, what: str) -> None:
+    """Poll `condition` while `proc` lives; fail if it exits first (or hangs for HANG seconds)."""
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}: {_stderr(proc)}"
+        assert time.monotonic() < deadline, f"no progress towards {what} in {HANG} s"
+        time.sleep(0.002)
+
+
+def _holds_lock(proc: subprocess.Popen, directory: Path) -> bool:
+    try:
+        return json.loads((directory / LOCK_FILE).read_text()).get("pid") == proc.pid
+    except (OSError, ValueError):
+        return False
+
+
+def _saved_step(directory: Path, model) -> int:
+    """The iteration of the run's last save as its manifest names it (0 before the first)."""
+    try:
+        manifest = read_manifest(directory, model)
+    except Exception:  # not written yet, or being replaced this instant
+        return 0
+    if manifest.state is not None:
+        return manifest.state.step
+    return manifest.nodes[-1].step if model is TrajectoryManifest else manifest.step
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    """An uninterrupted run to the end; returns its stderr."""
     proc = _start(args, cwd)
-    started = _wait_for_lock(proc, directory)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=HANG)
+    err = _stderr(proc)
     assert proc.returncode == 0, err
-    return time.monotonic() - started, err
+    return err
 
 
 def _assert_consistent(directory: Path, model) -> int:
@@ -92,23 +124,26 @@ def _assert_consistent(directory: Path, model) -> int:
     return manifest.state.step if manifest.state else 0
 
 
-def _kill_and_resume(args, cwd, directory, model, work_seconds, rng) -> list[int]:
-    """KILLS runs killed at random moments, then one run to the end; returns resume points."""
+def _kill_and_resume(args, cwd, directory, model, kill_after, rng) -> list[int]:
+    """One run killed after each save point in `kill_after` (plus a seeded delay), then one run
+    to the end; returns the iterations the runs resumed from."""
     resumed_from = []
-    for _ in range(KILLS):
+    for threshold in kill_after:
         proc = _start(args, cwd)
-        _wait_for_lock(proc, directory)
-        time.sleep(rng.uniform(0.05, 0.9 / KILLS) * work_seconds)  # all kills within one run
+        _until(lambda: _holds_lock(proc, directory), proc, "taking the lock")  # noqa: B023
+        _until(lambda: _saved_step(directory, model) >= threshold, proc,  # noqa: B023
+               f"saving iteration {threshold}")  # fmt: skip
+        time.sleep(rng.uniform(0, MAX_DELAY))
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()
         proc.wait()
         saved = _assert_consistent(directory, model)
+        assert saved >= threshold
         assert saved % SAVE_EVERY == 0 or model is TrajectoryManifest
         resumed_from.append(saved)
-    _, err = _run(args, cwd, directory)
+    err = _run(args, cwd)
     assert "stale lock" in err  # the SIGKILLed holder's lock file was detected and taken over
-    if resumed_from[-1]:
-        assert f"from iteration {resumed_from[-1]}" in err
+    assert f"from iteration {resumed_from[-1]}" in err
     return resumed_from
 
 
@@ -126,10 +161,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     rng = random.Random(7)
-    work, _ = _run([*RECORD, "--out", "ref"], tmp_path, tmp_path / "ref")
+    _run([*RECORD, "--out", "ref"], tmp_path)
     resumed = _kill_and_resume([*RECORD, "--out", "killed"], tmp_path, tmp_path / "killed",
-                               TrajectoryManifest, work, rng)  # fmt: skip
-    assert any(resumed), "no kill landed after a resume point"
+                               TrajectoryManifest, RECORD_KILLS, rng)  # fmt: skip
     print(f"record: killed 3 times, resumed from iterations {resumed}")
     nodes = _digests(tmp_path / "ref", "nodes/*")
     assert len(nodes) == 4 and nodes == _digests(tmp_path / "killed", "nodes/*")
@@ -139,10 +173,9 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     # Backtrack both from the same (reference) trajectory.
     shutil.copytree(tmp_path / "ref", tmp_path / "ref2")
     ref_run, killed_run = (tmp_path / t / "backtrack" / "default" for t in ("ref", "ref2"))
-    work, _ = _run([*BACKTRACK, "-T", "ref"], tmp_path, ref_run)
+    _run([*BACKTRACK, "-T", "ref"], tmp_path)
     resumed = _kill_and_resume([*BACKTRACK, "-T", "ref2"], tmp_path, killed_run,
-                               BacktrackManifest, work, rng)  # fmt: skip
-    assert any(resumed), "no kill landed after a checkpoint"
+                               BacktrackManifest, BACKTRACK_KILLS, rng)  # fmt: skip
     print(f"backtrack: killed 3 times, resumed from iterations {resumed}")
     final = _digests(ref_run, "checkpoints/*")
     assert len(final) == 3 and final == _digests(killed_run, "checkpoints/*")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +27,7 @@ from disback_cli.cli._common import (
 )  # fmt: skip
 from disback_cli.config import BacktrackConfig, build_config
 from disback_cli.parallel import is_main_process
+from disback_cli.plot import read_metrics
 from disback_cli.rundir import backtrack_dir
 
 
@@ -108,11 +108,8 @@ def backtrack(
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     run_dir = backtrack_dir(trajectory, name)
-    last = {}
-    metrics_path = run_dir / manifest.metrics
-    if metrics_path.exists():
-        lines = metrics_path.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+    lines = read_metrics(run_dir)
+    last = lines[-1] if lines else {}
     summary = {
         "run": str(run_dir),
         "status": manifest.status,
