@@ -157,7 +157,7 @@ class TrajectoryManifest(_Manifest):
 class BacktrackManifest(_Manifest):
     kind: Literal["disback.backtrack"] = "disback.backtrack"
     status: Literal["running", "complete"]
-    name: str = Field(pattern=RUN_NAME.pattern)
+    name: str = Field(pattern=f"^{RUN_NAME.pattern}$")
     teacher: TeacherRef
     generator_init: G0Spec
     path_sha256: list[Sha256] = Field(min_length=2, max_length=100_001)  # nodes 0..N trained on

@@ -63,3 +63,11 @@ def file_digests(directory: Path, pattern: str = "**/*.safetensors") -> dict[str
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.glob(pattern))
     }
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """The bad-input corpus's world (see `corpus`); copied for every case, never changed."""
+    from corpus import build_template
+
+    return build_template(tmp_path_factory.mktemp("world"))

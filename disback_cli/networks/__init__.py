@@ -121,7 +121,10 @@ class NetworkSpec(BaseModel):
         if not 1 <= len(self.data_shape) <= 3 or not all(
             1 <= d <= MAX_DIM for d in self.data_shape
         ):  # fmt: skip
-            raise ValueError(f"data_shape {self.data_shape} is not 1 to 3 sizes in 1..{MAX_DIM}")
+            raise ValueError(
+                f"data_shape of {len(self.data_shape)} sizes {self.data_shape[:4]} is not 1 to "
+                f"3 sizes in 1..{MAX_DIM}"
+            )
         if math.prod(self.data_shape) > MAX_SAMPLE_ELEMENTS:
             raise ValueError(f"data_shape {self.data_shape} is too large for one sample")
         if not 0 <= self.label_dim <= MAX_LABELS:
