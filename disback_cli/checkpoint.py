@@ -201,7 +201,10 @@ def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], sour
     Built on the meta device: no initialisation compute and no draws from the global random
     stream, so loading a network mid-run does not shift dropout noise. Files may hold bf16
     (`record --node-dtype bf16`) or fp16 (EDM pickles); computation uses float32 weights."""
-    denoiser = copy.deepcopy(_meta_network(spec.model_dump_json()))
+    try:
+        denoiser = copy.deepcopy(_meta_network(spec.model_dump_json()))
+    except DisbackError as exc:
+        raise DisbackError(f"{source}: {exc}") from None
     check_weights(denoiser.state_dict(), tensors, source)  # before any tensor is converted
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     denoiser.load_state_dict(tensors, strict=True, assign=True)

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -41,3 +42,65 @@ def test_missing_and_garbage_manifests(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DisbackError, match="unreadable manifest"):
         read_manifest(tmp_path, TrajectoryManifest)
+
+
+def edge_values(model, which: str) -> dict:
+    """Every bounded number of a config model at its smallest or largest allowed value (the
+    bounds read from the model's JSON schema, so a new field is covered without editing here)."""
+    values = {}
+    for name, prop in model.model_json_schema()["properties"].items():
+        for option in prop.get("anyOf", [prop]):
+            kind = option.get("type")
+            if kind not in ("integer", "number"):
+                continue
+            inclusive, exclusive = ("minimum", "exclusiveMinimum") if which == "low" else (
+                "maximum", "exclusiveMaximum")  # fmt: skip
+            if inclusive in option:
+                values[name] = option[inclusive]
+            elif exclusive in option:
+                bound = option[exclusive]
+                direction = math.inf if which == "low" else -math.inf
+                values[name] = (bound + (1 if which == "low" else -1) if kind == "integer"
+                                else math.nextafter(bound, direction))  # fmt: skip
+    return values
+
+
+@pytest.mark.parametrize("which", ["low", "high"])
+def test_every_config_value_at_its_bounds_round_trips_through_a_manifest(
+    small_trajectory, tmp_path, which
+):
+    """A manifest disback writes is always one it can read again, whatever the flags were."""
+    from disback_cli.config import BacktrackConfig, RecordConfig
+    from disback_cli.trajectory import BacktrackManifest
+
+    trajectory = read_manifest(small_trajectory, TrajectoryManifest)
+    record = edge_values(RecordConfig, which)
+    backtrack = edge_values(BacktrackConfig, which)
+    assert {"lr", "sigma_init", "batch", "nodes", "p_std"} <= set(record)
+    assert {"lr_g", "grad_clip", "ema_halflife_kimg", "sid_alpha", "eval_samples"} <= set(backtrack)
+    trajectory.config = RecordConfig(teacher="builtin:ring2d", **record)
+    trajectory.status, trajectory.nodes, trajectory.node_plan = (
+        "recording",
+        trajectory.nodes[:1],
+        None,
+    )
+    trajectory.elapsed_seconds = 1e12 if which == "high" else 0.0
+    write_manifest(tmp_path, trajectory)
+    assert read_manifest(tmp_path, TrajectoryManifest).config == trajectory.config
+
+    run = BacktrackManifest(
+        created_at="x", updated_at="x", status="running", name="a" * 100,
+        teacher=trajectory.teacher, generator_init=trajectory.generator_init,
+        path_sha256=["0" * 64, "1" * 64], step=0, world_size=1 << 20, global_batch=1 << 40,
+        config=BacktrackConfig(optimizer="adamw", **backtrack),
+    )  # fmt: skip
+    write_manifest(tmp_path / "run", run)
+    assert read_manifest(tmp_path / "run", BacktrackManifest).config == run.config
+
+
+def test_a_manifest_that_would_not_read_back_is_not_written(small_trajectory, tmp_path):
+    manifest = read_manifest(small_trajectory, TrajectoryManifest)
+    manifest.nodes[1].dist_to_teacher = math.inf  # e.g. a probe that overflowed
+    with pytest.raises(DisbackError, match="it would not read back"):
+        write_manifest(tmp_path, manifest)
+    assert not (tmp_path / "manifest.json").exists()
