@@ -61,6 +61,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 seen[str(path.relative_to(root))] = "link -> " + os.readlink(path)
             elif path.is_dir():
                 seen[str(path.relative_to(root))] = "dir"
+            elif not path.is_file():  # a FIFO or device: never read
+                seen[str(path.relative_to(root))] = "special"
             else:
                 seen[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return seen

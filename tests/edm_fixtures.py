@@ -100,6 +100,7 @@ def edm_pickle_bytes(
     init_kwargs: dict,
     module_src: str = HARMLESS_SOURCE,
     class_name: str | None = None,
+    protocol: int = pickle.HIGHEST_PROTOCOL,
 ) -> bytes:
     """Pickle `payload` (a snapshot dict or the network) the way EDM's persistence would."""
     package, fake = _fake_persistence()
@@ -121,7 +122,7 @@ def edm_pickle_bytes(
 
     try:
         buffer = io.BytesIO()
-        Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(payload)
+        Pickler(buffer, protocol=protocol).dump(payload)
         return buffer.getvalue()
     finally:
         for key, value in saved.items():
