@@ -40,7 +40,8 @@ PRECOND_KWARGS = {
 }
 
 MAX_PICKLE_BYTES = 16 << 30  # the released EDM pickles are at most ~1.2 GB
-MAX_OPCODES = 10_000_000  # a 56M-parameter CIFAR-10 pickle has about 60 000
+MAX_OPCODES = 10_000_000  # a 56M-parameter CIFAR-10 pickle has about 45 000
+MAX_PICKLE_DEPTH = 1000  # real EDM pickles nest about 20 deep
 MAX_KWARGS_DEPTH = 16
 MAX_KWARGS_ITEMS = 10_000
 MAX_MODULES = 100_000
@@ -402,12 +403,51 @@ def _spec_from_kwargs(record: PersistentRecord, path: Path) -> tuple[NetworkSpec
     return spec, kwargs, model_type
 
 
+MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
+
+
 def _scan(data: bytes) -> None:
-    """Parse the opcodes without executing any (cheap: tensor data are a few large opcodes) and
-    refuse a malformed stream or more opcodes than any network needs."""
-    for count, _ in enumerate(pickletools.genops(data)):
-        if count >= MAX_OPCODES:
-            raise DisbackError(f"more than {MAX_OPCODES:,} pickle opcodes")
+    """Walk the opcodes without executing any, tracking how deeply each value on the pickle's
+    stack is nested, and refuse a malformed stream, more opcodes than any network needs, or
+    nesting beyond MAX_PICKLE_DEPTH: Python hashes nested tuples recursively in C, so a
+    million-deep tuple used as a dict key would overflow the stack while unpickling."""
+    stack: list[int] = []  # nesting depth of each value on the pickle's stack
+    marks: list[int] = []
+    memo: dict[Any, int] = {}
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if count >= MAX_OPCODES:
+                raise DisbackError(f"more than {MAX_OPCODES:,} pickle opcodes")
+            name = op.name
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in MEMO_PUTS or name == "MEMOIZE":
+                memo[arg if name in MEMO_PUTS else len(memo)] = stack[-1]
+            elif name in MEMO_GETS:
+                stack.append(memo.get(arg, 0))
+            elif name == "DUP":
+                stack.append(stack[-1])
+            else:
+                if pickletools.markobject in op.stack_before:
+                    start = marks.pop()
+                    popped, stack[start:] = stack[start:], []
+                else:
+                    size = len(op.stack_before)
+                    popped, stack[len(stack) - size :] = stack[len(stack) - size :], []
+                if name in MUTATORS:  # the container below the items gains their depth
+                    target = stack.pop() if pickletools.markobject in op.stack_before else None
+                    if target is None:
+                        target, popped = popped[0], popped[1:]
+                    stack.append(max([target, *(d + 1 for d in popped)]))
+                else:
+                    made = max(popped) + 1 if popped else int(name.startswith("EMPTY_"))
+                    stack.extend(made for _ in op.stack_after)
+            if stack and stack[-1] > MAX_PICKLE_DEPTH:
+                raise DisbackError(f"values nested more than {MAX_PICKLE_DEPTH} deep")
+    except (IndexError, ValueError) as exc:  # underflow or a malformed opcode stream
+        raise DisbackError(f"not a readable network pickle ({exc})") from None
 
 
 def read_edm_pickle(path: str | Path) -> EDMNetwork:

@@ -55,9 +55,10 @@ def _open_locked(directory: Path) -> int:
                     "run directory"
                 ) from None
             raise DisbackError(f"{directory}: cannot write here ({exc.strerror})") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise DisbackError(f"{lock_path}: not a regular file")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a hard link shares its
+            os.close(fd)  # content with a file elsewhere, which writing the holder would destroy
+            raise DisbackError(f"{lock_path}: not a regular file of its own (a link?)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

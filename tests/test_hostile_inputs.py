@@ -285,6 +285,11 @@ HOSTILE = [
     # 2. Symbolic links are not followed, replaced or deleted through.
     Case("lock file is a link to an outside file", lambda w: (link(w, str(RUN / ".lock"),
          VICTIM), EXTEND)[-1], ".lock: is a symbolic link"),
+    Case("lock file is a hard link to an outside file", lambda w: (os.link(w / VICTIM, w / RUN /
+         ".lock"), EXTEND)[-1], ".lock: not a regular file of its own"),
+    Case("pickle with a tuple nested a million deep as a dict key", lambda w: write_and(w /
+         "t.pkl", b"\x80\x02}K\x01" + b"\x85" * 1_000_000 + b"K\x02s.", ["teacher", "inspect",
+         "t.pkl"]), "values nested more than 1000 deep"),
     Case("nodes/ is a link to an outside folder", lambda w: (recording(w), link(w, "t/nodes",
          outside_folder_like(w, ["node-003.safetensors", "x.txt"])), RECORD_AGAIN)[-1],
          "has sub-folders holding files disback did not write (nodes)"),
