@@ -82,7 +82,16 @@ class _Compute(_Config):
     )
 
 
-class RecordConfig(_Compute):
+class _Training(_Compute):
+    """What both training stages share: noise levels, dropout of the trained copies, seed."""
+
+    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
+    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
+    seed: Seed = Field(0, description="random seed")
+
+
+class RecordConfig(_Training):
     """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
 
     teacher: PathText = Field(
@@ -107,10 +116,6 @@ class RecordConfig(_Compute):
     student_arch_kwargs: dict[str, Any] | None = Field(
         None, description="G0 = teacher architecture with these kwargs, randomly initialised"
     )
-    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
-    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
-    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
-    seed: Seed = Field(0, description="random seed")
     save_every: Count = Field(0, description="extra resume points every N iterations")
     node_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of saved path nodes (bf16 halves their disk use)"
@@ -125,7 +130,7 @@ class RecordConfig(_Compute):
         return self
 
 
-class BacktrackConfig(_Compute):
+class BacktrackConfig(_Training):
     """Distribution backtracking: train the generator along the recorded path."""
 
     iters: Iters = Field(2000, description="generator iterations")
@@ -160,10 +165,6 @@ class BacktrackConfig(_Compute):
     grad_clip: Annotated[float, Field(gt=0, le=1e12)] | None = Field(
         None, description="clip gradient norms (none: off)"
     )
-    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
-    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
-    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
-    seed: Seed = Field(0, description="random seed")
     save_every: Count = Field(500, description="resume points every N iterations")
     log_every: Iters = Field(10, description="metrics.jsonl line every N iterations")
     eval_every: Count = Field(0, description="ground-truth metrics every N (0: off)")
