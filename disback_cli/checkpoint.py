@@ -7,7 +7,6 @@ denoiser is expected. Reading hashes the exact bytes it parses.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from disback_cli.fileio import (
     read_regular_file,
     sha256_bytes,
 )
-from disback_cli.networks import NetworkSpec, build_denoiser
+from disback_cli.networks import NetworkSpec, meta_network
 
 FORMAT = "disback.denoiser"
 FORMAT_VERSION = 1
@@ -160,7 +159,7 @@ def load_denoiser(
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback denoiser file (metadata 'format' missing)")
     version = metadata.get("format_version", "0")
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isdigit() and len(version) < 6) or int(version) < 1:
         raise DisbackError(f"{path}: unknown denoiser format version {version!r:.20}")
     if int(version) > FORMAT_VERSION:
         raise DisbackError(
@@ -188,13 +187,6 @@ def _first_error(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-@functools.lru_cache(maxsize=8)
-def _meta_network(spec_json: str) -> nn.Module:
-    """An uninitialised network (meta tensors) to copy: building one is slow, copying is not."""
-    with torch.device("meta"):
-        return build_denoiser(NetworkSpec.model_validate_json(spec_json))
-
-
 def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], source: str):
     """The network of `spec` holding exactly `tensors` (as float32), loaded strictly.
 
@@ -202,7 +194,7 @@ def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], sour
     stream, so loading a network mid-run does not shift dropout noise. Files may hold bf16
     (`record --node-dtype bf16`) or fp16 (EDM pickles); computation uses float32 weights."""
     try:
-        denoiser = copy.deepcopy(_meta_network(spec.model_dump_json()))
+        denoiser = copy.deepcopy(meta_network(spec))  # building is slow, copying is not
     except DisbackError as exc:
         raise DisbackError(f"{source}: {exc}") from None
     check_weights(denoiser.state_dict(), tensors, source)  # before any tensor is converted

@@ -447,7 +447,7 @@ def _scan(data: bytes) -> None:
             if stack and stack[-1] > MAX_PICKLE_DEPTH:
                 raise DisbackError(f"values nested more than {MAX_PICKLE_DEPTH} deep")
     except (IndexError, ValueError) as exc:  # underflow or a malformed opcode stream
-        raise DisbackError(f"not a readable network pickle ({exc})") from None
+        raise DisbackError(f"not a readable EDM network pickle ({exc})") from None
 
 
 def read_edm_pickle(path: str | Path) -> EDMNetwork:

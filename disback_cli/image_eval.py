@@ -117,7 +117,7 @@ def load_reference(path: Path) -> Reference:
             raise TypeError(f"features are {features.dtype}")
     except (TypeError, ValueError) as exc:
         raise DisbackError(f"{path}: reference arrays are not numbers ({exc})") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+    if mu.ndim != 1 or not len(mu) or sigma.shape != (len(mu), len(mu)):
         raise DisbackError(
             f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit (expected (D,), (D, D))"
         )
@@ -127,6 +127,8 @@ def load_reference(path: Path) -> Reference:
         np.isfinite(a).all() for a in (mu, sigma, *([] if features is None else [features]))
     ):
         raise DisbackError(f"{path}: the reference holds NaN or infinite values")
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-8 * np.abs(sigma).max()):
+        raise DisbackError(f"{path}: sigma is not symmetric (not a covariance matrix)")
     return Reference(path, sha256_file(path), mu, sigma, features, read_meta(arrays, path))
 
 

@@ -20,7 +20,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DisbackError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DisbackError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DisbackError(f"device {name!r} requested but CUDA is not available")
     return device

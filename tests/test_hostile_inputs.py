@@ -405,6 +405,15 @@ HOSTILE = [
     Case("spec with absurd sigma_data", lambda w: spec_file(w, precond_kwargs={"sigma_data":
          1e300}), "not a finite number of sensible size"),
     Case("spec with 10**6 labels", lambda w: spec_file(w, label_dim=10**6), "label_dim"),
+    Case("spec with sigma_data a string", lambda w: spec_file(w, precond_kwargs={"sigma_data":
+         "half"}), "network spec of mlp does not run"),
+    Case("spec with a width of -1", lambda w: spec_file(w, arch_kwargs__hidden=-1),
+         "network spec does not fit mlp/edm"),
+    Case("denoiser format version of 5000 digits", lambda w: (rewrite_denoiser(generator_file(w),
+         format_version="9" * 5000), ["sample", "--generator", str(generator_file(w)), "-n",
+         "2", "-o", "x.npz"])[-1], "unknown denoiser format version"),
+    Case("device meta", lambda w: ["sample", "-T", "t", "-n", "2", "--device", "meta"],
+         "unknown device 'meta'"),
     # 5. Non-finite and absurd values are refused at the flag, before any file is written.
     Case("--lr inf", lambda w: ["record", "--teacher", "builtin:ring2d", "--lr", "inf"],
          "lr: Input should be a finite number", 2),
@@ -506,6 +515,11 @@ HOSTILE = [
     Case("reference with NaN", lambda w: (np.savez(w / "r.npz", mu=np.full(4, np.nan),
          sigma=np.eye(4)), [*sample_folder(w), "--ref", "r.npz"])[-1],
          "the reference holds NaN or infinite values"),
+    Case("reference sigma not symmetric", lambda w: (np.savez(w / "r.npz", mu=np.zeros(2),
+         sigma=np.array([[1.0, 5.0], [0.0, 1.0]])), [*sample_folder(w), "--ref", "r.npz"])[-1],
+         "sigma is not symmetric"),
+    Case("reference of zero features", lambda w: (np.savez(w / "r.npz", mu=np.zeros(0),
+         sigma=np.zeros((0, 0))), [*sample_folder(w), "--ref", "r.npz"])[-1], "do not fit"),
     Case("reference with mismatched shapes", lambda w: (np.savez(w / "r.npz", mu=np.zeros(4),
          sigma=np.eye(3)), [*sample_folder(w), "--ref", "r.npz"])[-1], "do not fit"),
     Case("on-the-fly evaluation of one sample", lambda w: ["evaluate", "-T", "t", "-n", "1"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -164,18 +165,39 @@ def _construct(spec: NetworkSpec) -> nn.Module:
         ) from exc
 
 
-def parameter_count(spec: NetworkSpec) -> int:
-    """Parameters of the network of `spec`, counted on the meta device (nothing allocated)."""
+@functools.lru_cache(maxsize=16)
+def _checked_template(spec_json: str) -> nn.Module:
+    spec = NetworkSpec.model_validate_json(spec_json)
     with torch.device("meta"):
-        return sum(p.numel() for p in _construct(spec).parameters())
+        network = _construct(spec).eval()
+        count = sum(p.numel() for p in network.parameters())
+        if count > MAX_PARAMETERS:
+            raise DisbackError(
+                f"network spec of {spec.arch} has {count:,} parameters, more than "
+                f"{MAX_PARAMETERS:,}"
+            )
+        x = torch.zeros(2, *spec.data_shape)
+        labels = torch.zeros(2, spec.label_dim) if spec.label_dim else None
+        try:
+            out = network(x, torch.ones(2), labels)
+        except Exception as exc:  # bad kwargs show only when the network runs
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DisbackError(f"network spec of {spec.arch} does not run: {first}") from exc
+    if out.shape != x.shape:
+        raise DisbackError(f"network spec of {spec.arch} maps {x.shape} to {out.shape}")
+    return network
+
+
+def meta_network(spec: NetworkSpec) -> nn.Module:
+    """The network of `spec` on the meta device (no memory, no random draws), after checking
+    that it is not absurdly large and that a forward pass runs and keeps the data's shape: a spec
+    from a file must fail here, in one line, rather than in the middle of training. Cached;
+    copy it before use."""
+    return _checked_template(spec.model_dump_json())
 
 
 def build_denoiser(spec: NetworkSpec) -> nn.Module:
-    """A freshly initialised denoiser `D(x, sigma, class_labels)` for `spec` (its size checked
-    on the meta device first, so an absurd spec is refused instead of exhausting memory)."""
-    count = parameter_count(spec)
-    if count > MAX_PARAMETERS:
-        raise DisbackError(
-            f"network spec of {spec.arch} has {count:,} parameters, more than {MAX_PARAMETERS:,}"
-        )
+    """A freshly initialised denoiser `D(x, sigma, class_labels)` for `spec` (checked by
+    `meta_network` first)."""
+    meta_network(spec)
     return _construct(spec)
