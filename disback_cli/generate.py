@@ -167,6 +167,11 @@ def write_samples_of(
                 x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
                                              denoiser.label_dim, len(batch_seeds), ex.device,
                                              cfg.class_label))  # fmt: skip
+            if not bool(torch.isfinite(x).all()):  # e.g. weights so large they overflow
+                raise DisbackError(
+                    f"the generator produced NaN or infinite values (seeds {batch_seeds[0]}.."
+                    f"{batch_seeds[-1]}); nothing more is written"
+                )
             x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
             if fmt == "png":  # encoded and written on threads while the next batch is generated
                 writes += [writer.submit(_write_png, out / png_name(seed), image)

@@ -162,6 +162,18 @@ def nan_generator(w: World) -> list[str]:
     return ["sample", "-T", "t", "-n", "5", "-o", "x.npz"]
 
 
+def overflowing_generator(w: World) -> list[str]:
+    """Finite weights so large that the one-step output overflows float32."""
+    path = generator_file(w)
+    tensors = {k: v.clone() for k, v in ring_tensors().items()}
+    for key in tensors:
+        if key.endswith("weight"):
+            tensors[key].fill_(1e30)
+    rewrite_denoiser(path, tensors)
+    rehash(w / RUN_MANIFEST, ["generator_ema", "sha256"], path)
+    return ["sample", "-T", "t", "-n", "5", "-o", "x.npz"]
+
+
 def generator_info(w: World, info: str) -> list[str]:
     path = generator_file(w)
     rewrite_denoiser(path, info=info)
@@ -473,6 +485,8 @@ HOSTILE = [
     # 6. Garbage in is refused, not turned into NaN samples or a mixed evaluation.
     Case("teacher with NaN weights", nan_weights, "holds NaN or infinite values"),
     Case("generator with an infinite weight", nan_generator, "holds NaN or infinite values"),
+    Case("generator whose output overflows", overflowing_generator,
+         "the generator produced NaN or infinite values (seeds 0..4)"),
     Case("generator sigma_init NaN", lambda w: generator_info(w, '{"role": "generator", '
          '"sigma_init": NaN}'), "bad info metadata (NaN is not a JSON number)"),
     Case("generator sigma_init a string", lambda w: generator_info(w, '{"role": "generator", '
