@@ -209,7 +209,7 @@ def read_manifest(directory: str | Path, model: type[ManifestT]) -> ManifestT:
         raise DisbackError(f"{path}: unknown schema_version {version!r:.40}")
     if version > SCHEMA_VERSION:
         raise DisbackError(
-            f"{path}: schema_version {version} was written by a newer disback "
+            f"{path}: schema_version {str(version)[:40]} was written by a newer disback "
             f"(this one reads up to {SCHEMA_VERSION}); upgrade disback"
         )
     try:
