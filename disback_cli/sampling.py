@@ -38,7 +38,10 @@ def parse_seeds(text: str) -> list[int]:
     count = sum(hi - lo + 1 for lo, hi in parts)
     if count > MAX_SAMPLES:
         raise ConfigError(f"--seeds names {count} seeds, more than {MAX_SAMPLES} in one call")
-    return [seed for lo, hi in parts for seed in range(lo, hi + 1)]
+    seeds = [seed for lo, hi in parts for seed in range(lo, hi + 1)]
+    if len(set(seeds)) != len(seeds):  # the same seed twice is the same sample twice
+        raise DisbackError(f"bad seed list {text!r:.60}: a seed appears more than once")
+    return seeds
 
 
 def seeded_noise(

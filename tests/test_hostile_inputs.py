@@ -426,6 +426,10 @@ HOSTILE = [
          "2", "-o", "x.npz"])[-1], "unknown denoiser format version"),
     Case("device meta", lambda w: ["sample", "-T", "t", "-n", "2", "--device", "meta"],
          "unknown device 'meta'"),
+    Case("device cpu:99", lambda w: ["sample", "-T", "t", "-n", "2", "--device", "cpu:99"],
+         "unknown device 'cpu:99'"),
+    Case("a seed given twice", lambda w: ["sample", "-T", "t", "--seeds", "5,5,5"],
+         "a seed appears more than once"),
     # 5. Non-finite and absurd values are refused at the flag, before any file is written.
     Case("--lr inf", lambda w: ["record", "--teacher", "builtin:ring2d", "--lr", "inf"],
          "lr: Input should be a finite number", 2),
