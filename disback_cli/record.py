@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from disback_cli.checkpoint import load_denoiser, save_denoiser, tensor_bytes
-from disback_cli.config import RecordConfig
+from disback_cli.config import RecordConfig, describe_validation_error
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.fileio import ensure_free_space
 from disback_cli.generator import OneStepGenerator
@@ -68,7 +69,12 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher) -> G0Spec:
                       sha256=load_denoiser(cfg.student).sha256)  # fmt: skip
     if cfg.student_arch_kwargs is not None:
         kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
-        network = teacher.spec.model_copy(update={"arch_kwargs": kwargs})
+        try:
+            network = NetworkSpec.model_validate(
+                {**teacher.spec.model_dump(), "arch_kwargs": kwargs}
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"--student-arch-kwargs: {describe_validation_error(exc)}") from None
         return G0Spec(kind="random", sigma_init=cfg.sigma_init, network=network, init_seed=cfg.seed)
     return G0Spec(sigma_init=cfg.sigma_init)
 

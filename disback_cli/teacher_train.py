@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from disback_cli import __version__
 from disback_cli.checkpoint import save_denoiser
-from disback_cli.config import TeacherTrainConfig
+from disback_cli.config import TeacherTrainConfig, describe_validation_error
 from disback_cli.datasets import get_dataset
 from disback_cli.ema import ema_beta, update_ema
+from disback_cli.errors import ConfigError
 from disback_cli.losses import edm_denoising_loss, sample_lognormal_sigma
 from disback_cli.networks import NetworkSpec, build_denoiser
 from disback_cli.runtime import Reporter, SilentReporter, resolve_device
@@ -25,14 +27,17 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, reporter: Reporter | None 
     device = resolve_device(cfg.device)
     dataset = get_dataset(cfg.dataset)
     label_dim = dataset.num_classes if cfg.conditional else 0
-    spec = NetworkSpec(
-        arch=cfg.arch,
-        arch_kwargs=cfg.arch_kwargs,
-        precond="edm",
-        precond_kwargs={"sigma_data": cfg.sigma_data},
-        data_shape=dataset.data_shape,
-        label_dim=label_dim,
-    )
+    try:
+        spec = NetworkSpec(
+            arch=cfg.arch,
+            arch_kwargs=cfg.arch_kwargs,
+            precond="edm",
+            precond_kwargs={"sigma_data": cfg.sigma_data},
+            data_shape=dataset.data_shape,
+            label_dim=label_dim,
+        )
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
     torch.manual_seed(cfg.seed)  # network initialisation and dropout
     denoiser = build_denoiser(spec).to(device).train()
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)

@@ -11,10 +11,12 @@ import traceback
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
 from disback_cli.cli import backtrack, demo, evaluate, plot, record, sample, teacher
+from disback_cli.config import describe_validation_error
 from disback_cli.errors import DisbackError, InterruptedRun
 from disback_cli.parallel import shutdown
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code)
     except (Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
+    except ValidationError as exc:  # a value checked where no one-line message was written
+        if debug:
+            raise
+        _fail(describe_validation_error(exc), 1)
     except OSError as exc:  # files we did not anticipate: name the file and the reason
         if debug:
             raise
