@@ -124,14 +124,18 @@ def generated_images(
 
 
 def open_images(path: Path, any_images: bool = True) -> ImageSet | None:
-    """The image set at `path`, or None for an .npz of vector samples (`any_images`: see
-    `folder_images`)."""
+    """The image set at `path` (at least 2 images), or None for an .npz of vector samples
+    (`any_images`: see `folder_images`)."""
     if path.is_dir():
-        return folder_images(path, any_images)
-    if not path.exists():
+        images = folder_images(path, any_images)
+    elif not path.exists():
         raise DisbackError(f"{path}: no such file or folder")
-    if path.suffix == ".zip":
-        return zip_images(path)
-    if path.suffix == ".npz":
-        return npz_images(path)
-    raise DisbackError(f"{path}: expected an image folder, an .npz or a dataset .zip")
+    elif path.suffix == ".zip":
+        images = zip_images(path)
+    elif path.suffix == ".npz":
+        images = npz_images(path)
+    else:
+        raise DisbackError(f"{path}: expected an image folder, an .npz or a dataset .zip")
+    if images is not None and images.count < 2:
+        raise DisbackError(f"{path}: {images.count} images; evaluation needs at least 2")
+    return images

@@ -51,6 +51,8 @@ def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict)
     dataset = dataset or provenance.get("dataset")
     if dataset is None:
         raise DisbackError("unknown ground truth for these samples; pass --dataset")
+    if not isinstance(dataset, str):
+        raise DisbackError("the samples' provenance names no data set; pass --dataset")
     if dataset not in DATASETS:
         raise DisbackError(
             f"no ground truth for data set {dataset!r} (known: {', '.join(DATASETS)})"
