@@ -22,12 +22,19 @@ from disback_cli.config import BacktrackConfig
 from disback_cli.ema import ema_beta, update_ema
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.evaluation import training_evaluator
-from disback_cli.fileio import atomic_write_bytes, check_sha256, ensure_free_space, sha256_file
+from disback_cli.fileio import (
+    atomic_write_bytes,
+    check_regular_file,
+    check_sha256,
+    ensure_free_space,
+    sha256_file,
+)
 from disback_cli.lock import run_lock
 from disback_cli.losses import clip_gradients, denoising_step, make_generator_loss
 from disback_cli.networks import set_dropout
 from disback_cli.parallel import Execution, check_batch_fits, execution
 from disback_cli.path_nodes import PathNodes
+from disback_cli.plot import MAX_METRICS_BYTES
 from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
 from disback_cli.rundir import (
     BACKTRACK,
@@ -129,6 +136,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     (a line cut short by a kill), so a resumed log equals an uninterrupted one."""
     if not path.exists():
         return
+    check_regular_file(path, MAX_METRICS_BYTES, "metrics log")  # a FIFO would block the read
     keep = []
     with open(path, "rb") as log:
         for line in log:

@@ -21,10 +21,11 @@ def _check_line(line: object) -> dict:
     """A metrics line as `backtrack` writes it: an iteration, numbers, and an `eval` of numbers."""
     if not isinstance(line, dict) or type(line.get("iteration")) is not int:
         raise ValueError("not an object with an integer 'iteration'")
-    numbers = [v for k, v in line.items() if k != "eval"] + list(line.get("eval", {}).values())
-    if not isinstance(line.get("eval", {}), dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers
-    ):  # fmt: skip
+    evaluation = line.get("eval", {})
+    if not isinstance(evaluation, dict):
+        raise ValueError("'eval' must be an object")
+    numbers = [v for k, v in line.items() if k != "eval"] + list(evaluation.values())
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise ValueError("values must be numbers")
     return line
 

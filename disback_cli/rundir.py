@@ -155,6 +155,8 @@ def refuse_foreign(root: Path, layout: Layout, whole: bool) -> None:
                 f"{root / name}: is a symbolic link; disback does not follow links inside a run "
                 "directory"
             )
+        if (root / name).exists() and not (root / name).is_file():
+            raise DisbackError(f"{root / name}: not a regular file")
     foreign = foreign_entries(root, layout, whole)
     if foreign:
         where = "holds" if whole else "has sub-folders holding"

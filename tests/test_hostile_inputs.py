@@ -604,6 +604,11 @@ HOSTILE = [
     Case("metrics.jsonl with a non-object line for plot", lambda w: write_and(w / RUN /
          "metrics.jsonl", "[1]\n", ["plot", str(RUN), "--out", "c.png"]),
          "line 1 is not a metrics line"),
+    Case("metrics line whose eval is a number", lambda w: write_and(w / RUN / "metrics.jsonl",
+         '{"iteration": 10, "eval": 3}\n', ["plot", str(RUN), "--out", "c.png"]),
+         "line 1 is not a metrics line ('eval' must be an object)"),
+    Case("metrics.jsonl that is a FIFO", lambda w: ((w / RUN / "metrics.jsonl").unlink(),
+         fifo(w, str(RUN / "metrics.jsonl"), EXTEND))[-1], "not a regular file"),
     Case("metrics.jsonl truncated for plot", lambda w: write_and(w / RUN / "metrics.jsonl",
          '{"iteration": 10}\n{"iterat', ["plot", str(RUN), "--out", "c.png"]),
          "line 2 is not a metrics line"),
