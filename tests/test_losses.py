@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from disback_cli.config import BacktrackConfig
-from disback_cli.losses import GENERATOR_LOSSES, karras_sigma, make_generator_loss
+from disback_cli.losses import (
+    GENERATOR_LOSSES,
+    LOSS_TRAINING_SIGMA,
+    TrainingSigma,
+    karras_sigma,
+    make_generator_loss,
+)
 from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
 
 
@@ -54,7 +60,28 @@ def test_dmd_gradient_is_normalised_per_sample():
     x0 = x.detach()
     x_t = x0 + sigma[:, None] * noise
     scale = (x0 - a_t * x_t).abs().mean(dim=1, keepdim=True)
-    torch.testing.assert_close(grad, (a_f - a_t) * x_t / scale / 4)
+    # a mean over all 4 x 3 elements, as DMD2's mse_loss(reduction="mean")
+    torch.testing.assert_close(grad, (a_f - a_t) * x_t / scale / 12)
+
+
+def test_dmd_loss_value_is_dmd2s_on_fixed_image_tensors():
+    """DMD2 (main/edm/edm_guidance.py): p_real = x - D_real, p_fake = x - D_fake,
+    grad = (p_real - p_fake) / mean|p_real| per sample, loss = 0.5 * mse_loss(x, sg(x - grad))."""
+    rng = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 4, 4, generator=rng).requires_grad_(True)
+    noise = torch.randn(3, 2, 4, 4, generator=rng)
+    sigma = torch.tensor([0.3, 2.0, 15.0])
+    fake, real = Linear(0.6), Linear(0.25)
+    out = GENERATOR_LOSSES["dmd"]()(x, sigma, noise, fake, real, None)
+    x0 = x.detach()
+    x_t = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+    p_real, p_fake = x0 - 0.25 * x_t, x0 - 0.6 * x_t
+    grad = (p_real - p_fake) / p_real.abs().mean(dim=[1, 2, 3], keepdim=True)
+    expected = 0.5 * torch.nn.functional.mse_loss(x0, x0 - grad, reduction="mean")
+    torch.testing.assert_close(out.loss, expected)
+    # ... and its gradient is DMD2's `grad` over the number of elements
+    (g,) = torch.autograd.grad(out.loss, x)
+    torch.testing.assert_close(g, grad / x.numel())
 
 
 def test_sid_gradient_goes_through_x_t_and_spares_the_fake_weights():
@@ -79,6 +106,19 @@ def test_losses_sample_their_own_noise_levels():
     sid = GENERATOR_LOSSES["sid"]().sample_sigma(5000, rng, cpu)
     assert dmd.min() >= karras_sigma(torch.tensor(20 / 999)) and dmd.max() <= 80
     assert sid.min() >= 0.002 and sid.max() <= karras_sigma(torch.tensor(0.8)) < 25
+
+
+def test_training_noise_levels_follow_each_losss_reference():
+    rng = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    karras = TrainingSigma("karras").sample(20000, rng, cpu)
+    lognormal = TrainingSigma("lognormal", -1.2, 1.2).sample(20000, rng, cpu)
+    # DMD2 trains its fake score at a uniform index of 1000 Karras levels: sigma > 10 about a
+    # third of the time; EDM's log-normal almost never goes there
+    assert 0.30 < (karras > 10).float().mean() < 0.34
+    assert (lognormal > 10).float().mean() < 0.005
+    assert karras.min() >= 0.002 * (1 - 1e-5) and karras.max() <= 80 * (1 + 1e-5)
+    assert LOSS_TRAINING_SIGMA == {"vsd": "lognormal", "dmd": "karras", "sid": "lognormal"}
 
 
 @pytest.mark.parametrize("name", ["vsd", "dmd", "sid"])

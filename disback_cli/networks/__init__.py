@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -137,6 +138,23 @@ class NetworkSpec(BaseModel):
             if isinstance(count, int) and not 0 <= count <= MAX_COUNT:
                 raise ValueError(f"arch_kwargs.{key}: {count} is not in 0..{MAX_COUNT}")
         return self
+
+
+def network_dropout(module: nn.Module) -> float:
+    """The dropout probability the network's U-Net blocks use (0 for networks without them)."""
+    rates = {block.dropout for block in module.modules() if isinstance(block, UNetBlock)}
+    return max(rates, default=0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Evaluate `module` without dropout, then restore the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def set_dropout(module: nn.Module, p: float | None) -> None:
