@@ -30,12 +30,13 @@ from disback_cli.fileio import (
     sha256_file,
 )
 from disback_cli.lock import run_lock
-from disback_cli.losses import clip_gradients, denoising_step, make_generator_loss
-from disback_cli.networks import set_dropout
+from disback_cli.losses import TrainingSigma, clip_gradients, denoising_step, make_generator_loss
+from disback_cli.networks import eval_mode, set_dropout
 from disback_cli.parallel import Execution, check_batch_fits, execution
 from disback_cli.path_nodes import PathNodes
 from disback_cli.plot import MAX_METRICS_BYTES
-from disback_cli.record import build_g0, config_changes, teacher_ref, with_teacher_sigma
+from disback_cli.record import build_g0, config_changes, teacher_ref
+from disback_cli.resolve import resolve_backtrack
 from disback_cli.rundir import (
     BACKTRACK,
     MANIFEST,
@@ -207,7 +208,8 @@ def run_backtrack(
     ex = execution(cfg)
     reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
-    cfg = with_teacher_sigma(cfg, teacher)
+    cfg, sources = resolve_backtrack(cfg, teacher)
+    check_path_noise_levels(cfg, traj, trajectory, force, reporter)
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
         raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
@@ -215,11 +217,33 @@ def run_backtrack(
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     lock = run_lock(run_dir, "backtrack", reporter) if ex.is_main else contextlib.nullcontext()
     with lock:
-        return _backtrack(cfg, trajectory, traj, teacher, run_dir, name, ex, force, reporter)
+        return _backtrack(cfg, sources, trajectory, traj, teacher, run_dir, name, ex, force,
+                          reporter)  # fmt: skip
+
+
+def check_path_noise_levels(
+    cfg: BacktrackConfig, traj: TrajectoryManifest, trajectory: Path, force: bool, reporter
+) -> None:
+    """The path nodes become targets, so they must have learned to denoise where this run's loss
+    and fake score look: a path recorded at other noise levels is refused unless --force."""
+    recorded = traj.config.dsm_sigma or "lognormal"  # recordings before 0.13 were log-normal
+    if cfg.no_trajectory or recorded == cfg.dsm_sigma:
+        return
+    message = (
+        f"{trajectory} was recorded at {recorded} noise levels, this run trains at "
+        f"{cfg.dsm_sigma} ones (loss {cfg.loss})"
+    )
+    if not force:
+        raise ConfigError(
+            f"{message}: record the path with --loss {cfg.loss}, or pass --dsm-sigma {recorded} "
+            "(or --force to use it as it is)"
+        )
+    reporter.note(f"--force: {message}")
 
 
 def _backtrack(
     cfg: BacktrackConfig,
+    sources: dict[str, str],
     trajectory: Path,
     traj: TrajectoryManifest,
     teacher: Teacher,
@@ -283,7 +307,7 @@ def _backtrack(
             for path in remove_ours(run_dir, BACKTRACK, keep):
                 reporter.note(f"removed {path} (written after the last checkpoint)")
         manifest.status = "running"
-    manifest.config = cfg
+    manifest.config, manifest.config_sources = cfg, sources
     ex.prepare(generator.denoiser)
     ex.prepare(fake)
 
@@ -302,11 +326,11 @@ def _train(
     generator, generator_ema, fake = (modules[k] for k in ("generator", "generator_ema", "fake"))
     opt_g, opt_f = optimizers["generator"], optimizers["fake"]
     device, label_dim = ex.device, teacher.spec.label_dim
-    loss_fn = make_generator_loss(cfg)
+    loss_fn, levels = make_generator_loss(cfg), TrainingSigma.of(cfg)
     evaluate = None
     if cfg.eval_every and ex.is_main:
         evaluate = training_evaluator(teacher.dataset, cfg.eval_samples, teacher.spec.data_shape,
-                                      label_dim, device)  # fmt: skip
+                                      label_dim, device, cfg.batch)  # fmt: skip
     shape = (cfg.batch, *teacher.spec.data_shape)
     n = ex.global_batch(cfg.batch)
     global_shape = (n, *teacher.spec.data_shape)
@@ -329,11 +353,14 @@ def _train(
                 # are drawn for the global batch; each rank keeps its slice.
                 z = ex.local(torch.randn(global_shape, generator=rng, device=device))
                 labels = ex.local(draw_labels(n, label_dim, rng, device))
+                # The fake score runs without dropout here, as the targets do (SiD's choice): at
+                # fake = target their difference is then exactly zero, not dropout noise.
                 with ex.autocast():
                     x = generator(ex.to_input(z), labels)
                     sigma = ex.local(loss_fn.sample_sigma(n, rng, device))
                     noise = ex.local(torch.randn(global_shape, generator=rng, device=device))
-                    out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
+                    with eval_mode(fake):
+                        out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
                 opt_g.zero_grad(set_to_none=True)
                 out.loss.backward()
                 ex.average_gradients(generator.parameters())
@@ -343,9 +370,8 @@ def _train(
                 # Keep the fake score fitted to the current generator.
                 for _ in range(cfg.fake_steps):
                     loss_fake, grad_norm_fake = denoising_step(
-                        fake, opt_f, generator, shape, label_dim, cfg.p_mean, cfg.p_std, rng,
-                        clip, ex,
-                    )  # fmt: skip
+                        fake, opt_f, generator, shape, label_dim, levels, rng, clip, ex
+                    )
 
                 step += 1
                 check_finite(step, run_dir, manifest.state, ex.any, loss_g=out.loss,

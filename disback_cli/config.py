@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -22,7 +23,7 @@ from pydantic import (
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.fileio import read_regular_file
-from disback_cli.losses import GENERATOR_LOSSES
+from disback_cli.losses import GENERATOR_LOSSES, SigmaKind
 from disback_cli.sampling import MAX_SAMPLES
 
 SESSION_FIELDS = {
@@ -48,6 +49,20 @@ Dropout = Annotated[float, Field(ge=0, lt=1)]
 PathText = Annotated[str, Field(min_length=1, max_length=4096)]
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
 
+# Defaults that depend on the teacher: the toy ring wants fast rates, EDM U-Nets the rates their
+# distillation papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
+TEACHER_FAMILIES = {
+    "vector": "built-in vector teachers",
+    "image": "small image teachers",
+    "edm": "EDM-size image teachers (an EDM pickle or >= 10 M parameters)",
+}
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
+    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
+    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5},
+    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0},
+}
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -56,10 +71,19 @@ class _Config(BaseModel):
         "auto", max_length=100, description="'cpu', 'cuda', 'cuda:1', ... or 'auto'"
     )
     verify: bool = Field(True, description="check the sha256 of every file a manifest names")
+    _recipe_keys: frozenset[str] = PrivateAttr(default=frozenset())  # set by build_config
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the run (everything but SESSION_FIELDS)."""
         return self.model_dump(mode="json", exclude=SESSION_FIELDS)
+
+    def given_sources(self) -> dict[str, str]:
+        """Where each explicitly set field came from: "recipe", or "flag" (also arguments given
+        from Python)."""
+        return {
+            field: "recipe" if field in self._recipe_keys else "flag"
+            for field in sorted(self.model_fields_set)
+        }
 
     @field_validator("betas", check_fields=False)
     @classmethod
@@ -83,12 +107,28 @@ class _Compute(_Config):
 
 
 class _Training(_Compute):
-    """What both training stages share: noise levels, dropout of the trained copies, seed."""
+    """What both training stages share: the loss the path serves, noise levels, dropout, seed."""
 
+    loss: str = Field(
+        "vsd", max_length=100, description="generator loss: vsd, dmd or sid (record: the one "
+        "the path is for; it sets the nodes' noise levels)"
+    )  # fmt: skip
+    dsm_sigma: SigmaKind | None = Field(
+        None, description="noise levels the fake score and path nodes train at: lognormal or "
+        "karras (uniform index of 1000 Karras levels); none: the loss's (dmd: karras, else "
+        "lognormal)",
+    )  # fmt: skip
     p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
     p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
     dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
     seed: Seed = Field(0, description="random seed")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in GENERATOR_LOSSES:
+            raise ValueError(f"unknown loss {value!r} (known: {', '.join(GENERATOR_LOSSES)})")
+        return value
 
 
 class RecordConfig(_Training):
@@ -102,11 +142,12 @@ class RecordConfig(_Training):
         5, description="path nodes saved evenly over the iterations"
     )
     batch: Batch = Field(256, description="G0 samples per iteration")
-    lr: Rate = Field(1e-4, description="Adam learning rate (keep ~10x below the fake lr)")
+    lr: Rate | None = Field(None, description="Adam learning rate")
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
-    sigma_init: Annotated[float, Field(gt=0, le=1e4)] = Field(
-        2.5, description="G0(z) = D(sigma_init z, sigma_init)"
-    )
+    sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
+        None, description="G0(z) = D(sigma_init z, sigma_init); none: the student file's own, "
+        "else 2.5"
+    )  # fmt: skip
     placement: Literal["even", "distance"] = Field(
         "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
     )
@@ -138,7 +179,6 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
-    loss: str = Field("vsd", max_length=100, description="generator loss: vsd, dmd or sid")
     sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
         1.2, description="alpha of the SiD loss"
     )
@@ -148,16 +188,16 @@ class BacktrackConfig(_Training):
     switch_patience: Iters = Field(50, description="adaptive: iterations without progress")
     switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
     batch: Batch = Field(256, description="generator samples per iteration")
-    lr_g: Rate = Field(1e-4, description="generator learning rate")
-    lr_fake: Rate = Field(1e-3, description="fake score learning rate")
+    lr_g: Rate | None = Field(None, description="generator learning rate")
+    lr_fake: Rate | None = Field(None, description="fake score learning rate")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
     betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
     weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled weight decay (adamw only)")
     fake_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
         1, description="fake-score DSM steps per generator step"
     )
-    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] = Field(
-        10.0, description="generator EMA half-life, kimg"
+    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
+        None, description="generator EMA half-life, kimg"
     )
     ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
         0.05, description="EMA ramp-up ratio (none: off)"
@@ -185,13 +225,6 @@ class BacktrackConfig(_Training):
         if self.weight_decay and self.optimizer != "adamw":
             raise ValueError("weight-decay needs --optimizer adamw")
         return self
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, value: str) -> str:
-        if value not in GENERATOR_LOSSES:
-            raise ValueError(f"unknown loss {value!r} (known: {', '.join(GENERATOR_LOSSES)})")
-        return value
 
 
 class SampleConfig(_Compute):
@@ -275,11 +308,15 @@ def build_config(
 ) -> ConfigT:
     """Defaults < recipe < flags (flags left as None are not given)."""
     values = read_recipe(recipe, section) if recipe else {}
-    values.update({k: v for k, v in flags.items() if v is not None})
+    from_recipe = set(values)
+    given = {k: v for k, v in flags.items() if v is not None}
+    values.update(given)
     try:
-        return model.model_validate(values)
+        cfg = model.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    cfg._recipe_keys = frozenset(from_recipe - set(given))
+    return cfg
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -92,7 +92,7 @@ def run_demo(
     record_cfg, backtrack_cfg, n = demo_configs(quick, device)
     torch_device = resolve_device(device)
     times: dict[str, float] = {}
-    _timed(times, "record", lambda: run_record(record_cfg, out, reporter=reporter))
+    trajectory = _timed(times, "record", lambda: run_record(record_cfg, out, reporter=reporter))
     _timed(times, "backtrack", lambda: run_backtrack(backtrack_cfg, out, reporter=reporter))
 
     teacher = open_teacher(TEACHER, torch_device)
@@ -100,7 +100,7 @@ def run_demo(
     generator, _ = load_generator(path, torch_device, sha)
     samplers = {
         "teacher, 18 Heun steps": HeunSampler(teacher.denoiser, 18),
-        "G0, 1 step": initial_generator(teacher, record_cfg.sigma_init),
+        "G0, 1 step": initial_generator(teacher, trajectory.generator_init.sigma_init),
         "distilled, 1 step": generator,
     }
     rows, grids = [], []

@@ -66,16 +66,21 @@ def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
 
 
 def training_evaluator(
-    dataset: str, n: int, data_shape: tuple[int, ...], label_dim: int, device: torch.device
-) -> Callable[[torch.nn.Module], dict]:
-    """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs."""
+    dataset: str, n: int, data_shape: tuple[int, ...], label_dim: int, device: torch.device,
+    chunk: int,
+) -> Callable[[torch.nn.Module], dict]:  # fmt: skip
+    """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs.
+    The generator sees them `chunk` at a time (the training batch), never all at once."""
     z, labels = seeded_noise(range(n), data_shape, label_dim)
     z = z.to(device)
     labels = labels.to(device) if labels is not None else None
 
     def samples(generator: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return generator(z, labels).cpu()
+            return torch.cat([
+                generator(z[i : i + chunk], None if labels is None else labels[i : i + chunk]).cpu()
+                for i in range(0, n, chunk)
+            ])  # fmt: skip
 
     if dataset == "digits":
         detector = DigitsDetector()

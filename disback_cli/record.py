@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -16,15 +17,16 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from disback_cli.checkpoint import load_denoiser, save_denoiser, tensor_bytes
+from disback_cli.checkpoint import DenoiserFile, load_denoiser, save_denoiser, tensor_bytes
 from disback_cli.config import RecordConfig, describe_validation_error
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
 from disback_cli.fileio import ensure_free_space
 from disback_cli.generator import OneStepGenerator
 from disback_cli.lock import run_lock
-from disback_cli.losses import denoising_step, sample_lognormal_sigma
-from disback_cli.networks import NetworkSpec, build_denoiser, set_dropout
+from disback_cli.losses import TrainingSigma, denoising_step, edm_loss_weight
+from disback_cli.networks import NetworkSpec, build_denoiser, eval_mode, set_dropout
 from disback_cli.parallel import Execution, check_batch_fits, execution
+from disback_cli.resolve import resolve_record
 from disback_cli.rundir import (
     BACKTRACK_FOLDER,
     MANIFEST,
@@ -62,11 +64,11 @@ def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
     return build_g0(G0Spec(sigma_init=sigma_init), teacher, device)[0]
 
 
-def g0_spec(cfg: RecordConfig, teacher: Teacher) -> G0Spec:
+def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:
     """Where G0 comes from: the teacher (default), a student file, or a random student."""
-    if cfg.student is not None:
+    if student is not None:
         return G0Spec(kind="file", sigma_init=cfg.sigma_init, file=str(Path(cfg.student).resolve()),
-                      sha256=load_denoiser(cfg.student).sha256)  # fmt: skip
+                      sha256=student.sha256)  # fmt: skip
     if cfg.student_arch_kwargs is not None:
         kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
         try:
@@ -101,12 +103,6 @@ def build_g0(
     return g0, network
 
 
-def with_teacher_sigma(cfg, teacher: Teacher):
-    """Fill unset p_mean / p_std with the noise distribution the teacher was trained with."""
-    update = {k: teacher.train_sigma[k] for k in ("p_mean", "p_std") if getattr(cfg, k) is None}
-    return cfg.model_copy(update=update)
-
-
 def teacher_ref(teacher: Teacher) -> TeacherRef:
     return TeacherRef(
         source=teacher.source, sha256=teacher.sha256, network=teacher.spec, dataset=teacher.dataset
@@ -119,27 +115,46 @@ def config_changes(old: dict, new: dict) -> list[str]:
     ]
 
 
-class DistanceProbe:
-    """Mean |D(x_t) - D_teacher(x_t)| on a fixed set of noised G0 samples."""
+class PathProbe:
+    """A fixed set of noised G0 samples on which the teacher and every node are measured: the
+    mean |D - D_teacher| (how far along the path a node is) and the EDM denoising loss against
+    the clean G0 samples (how well it fits G0). Networks see it in chunks of the training batch,
+    so it needs no more memory than a training step."""
 
-    def __init__(self, teacher: Teacher, g0: nn.Module, p_mean: float, p_std: float, device):
+    def __init__(self, teacher: Teacher, g0: nn.Module, levels: TrainingSigma, chunk: int, device):
         rng = torch.Generator(device).manual_seed(PROBE_SEED)
         shape = (PROBE_SAMPLES, *teacher.spec.data_shape)
+        self.chunk, self.sigma_data = chunk, teacher.denoiser.sigma_data
         self.labels = draw_labels(PROBE_SAMPLES, teacher.spec.label_dim, rng, device)
+        z = torch.randn(shape, generator=rng, device=device)
+        self.sigma = levels.sample(PROBE_SAMPLES, rng, device)
+        noise = torch.randn(shape, generator=rng, device=device)
         with torch.no_grad():
-            x0 = g0(torch.randn(shape, generator=rng, device=device), self.labels)
-            self.sigma = sample_lognormal_sigma(PROBE_SAMPLES, p_mean, p_std, rng, device)
-            noise = torch.randn(shape, generator=rng, device=device)
-            self.x_t = x0 + self.sigma.reshape(-1, *[1] * (x0.ndim - 1)) * noise
-            self.reference = teacher.denoiser(self.x_t, self.sigma, self.labels)
+            self.x0 = torch.cat([g0(z[i], self._labels(i)) for i in self._chunks()])
+        self.x_t = self.x0 + self.sigma.reshape(-1, *[1] * (self.x0.ndim - 1)) * noise
+        self.reference = self._denoise(teacher.denoiser)
+        self.teacher_loss = self._loss(self.reference)
+
+    def _chunks(self) -> list[slice]:
+        return [slice(i, i + self.chunk) for i in range(0, PROBE_SAMPLES, self.chunk)]
+
+    def _labels(self, rows: slice) -> torch.Tensor | None:
+        return None if self.labels is None else self.labels[rows]
 
     @torch.no_grad()
-    def __call__(self, denoiser: nn.Module) -> float:
-        was_training = denoiser.training
-        denoiser.eval()
-        out = denoiser(self.x_t, self.sigma, self.labels)
-        denoiser.train(was_training)
-        return (out - self.reference).abs().mean().item()
+    def _denoise(self, denoiser: nn.Module) -> torch.Tensor:
+        with eval_mode(denoiser):
+            return torch.cat([denoiser(self.x_t[i], self.sigma[i], self._labels(i))
+                              for i in self._chunks()])  # fmt: skip
+
+    def _loss(self, denoised: torch.Tensor) -> float:
+        weight = edm_loss_weight(self.sigma, self.sigma_data).reshape(-1, *[1] * (self.x0.ndim - 1))
+        return (weight * (denoised - self.x0) ** 2).mean().item()
+
+    def __call__(self, denoiser: nn.Module) -> tuple[float, float]:
+        """(mean |D - D_teacher|, denoising loss on G0) of `denoiser`."""
+        out = self._denoise(denoiser)
+        return (out - self.reference).abs().mean().item(), self._loss(out)
 
 
 def _start_or_resume(
@@ -205,10 +220,10 @@ def plan_by_distance(
     distances: list[tuple[int, float]] = []
     reporter.start("plan nodes", cfg.iters, 0)
     for step in range(1, cfg.iters + 1):
-        denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim, cfg.p_mean, cfg.p_std,
+        denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim, TrainingSigma.of(cfg),
                        rng, ex=ex)  # fmt: skip
         if step % every == 0 or step == cfg.iters:
-            distances.append((step, probe(aux)))
+            distances.append((step, probe(aux)[0]))
             reporter.advance(step)
     final = distances[-1][1]
     plan, candidates = [], iter(distances)
@@ -237,23 +252,28 @@ def run_record(
     ex = execution(cfg)
     reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
     teacher = open_teacher(cfg.teacher, ex.device)
-    cfg = with_teacher_sigma(cfg, teacher)
+    student = load_denoiser(cfg.student) if cfg.student is not None else None
+    cfg, sources = resolve_record(cfg, teacher, student)
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     lock = run_lock(out, "record", reporter) if ex.is_main else contextlib.nullcontext()
     with lock:
-        return _record(cfg, out, teacher, ex, force, reporter)
+        return _record(cfg, sources, out, teacher, student, ex, force, reporter)
 
 
-def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force: bool, reporter):
+def _record(
+    cfg: RecordConfig, sources: dict[str, str], out: Path, teacher: Teacher,
+    student: DenoiserFile | None, ex: Execution, force: bool, reporter: Reporter,
+) -> TrajectoryManifest:  # fmt: skip
     device = ex.device
     manifest = _start_or_resume(cfg, out, teacher, ex, force, reporter)
     if manifest is not None and manifest.status == "complete":
         reporter.note(f"{out}: recording already complete, nothing to do")
         return manifest
 
-    g0_init = manifest.generator_init if manifest is not None else g0_spec(cfg, teacher)
+    g0_init = manifest.generator_init if manifest is not None else g0_spec(cfg, teacher, student)
     g0, _ = build_g0(g0_init, teacher, device, cfg.verify)
-    probe = DistanceProbe(teacher, g0, cfg.p_mean, cfg.p_std, device)
+    levels = TrainingSigma.of(cfg)
+    probe = PathProbe(teacher, g0, levels, cfg.batch, device)
     plan = manifest.node_plan if manifest is not None else None
     if plan is None:
         plan = node_steps(cfg.iters, cfg.nodes)[1:]
@@ -262,6 +282,7 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
     ex.prepare(g0.denoiser)
     aux, optimizer, rng = _fresh_run(cfg, teacher, ex)
+    losses = LossMeans()
     # Room for the remaining nodes and two resume points (weights + two Adam moments each).
     start = manifest.state.step if manifest is not None and manifest.state else 0
     needed = tensor_bytes(aux) * (sum(s > start for s in plan) + 2 * 3)
@@ -269,6 +290,8 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
         ensure_free_space(out, needed, "the remaining path nodes and resume points")
 
     if manifest is None:
+        teacher_node = NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256,
+                                  dist_to_teacher=0, g0_loss=probe.teacher_loss)  # fmt: skip
         stamp = now()
         manifest = TrajectoryManifest(
             created_at=stamp,
@@ -278,9 +301,7 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
             generator_init=g0_init,
             node_plan=plan,
             config=cfg,
-            nodes=[
-                NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256, dist_to_teacher=0)
-            ],
+            nodes=[teacher_node],
             world_size=ex.world_size,
             global_batch=ex.global_batch(cfg.batch),
         )
@@ -293,14 +314,15 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
             manifest.nodes = manifest.nodes[:1]
         else:
             step, ref = manifest.state.step, manifest.state
-            load_state(check_no_links(out, ref.file), ref.sha256, step, {"aux": aux},
-                       {"aux": optimizer}, rng, cfg.verify, ex.rank)  # fmt: skip
+            extra = load_state(check_no_links(out, ref.file), ref.sha256, step, {"aux": aux},
+                               {"aux": optimizer}, rng, cfg.verify, ex.rank)  # fmt: skip
+            losses.load_state_dict(extra.get("losses", {}), str(out / ref.file))
             reporter.note(f"resuming {out} from iteration {step}")
         keep = {MANIFEST} | {n.file for n in manifest.nodes if n.file}
         keep |= {manifest.state.file} if manifest.state else set()
         for path in remove_ours(out, TRAJECTORY, keep) if ex.is_main else []:
             reporter.note(f"removed {path} (written after the last resume point)")
-    manifest.config = cfg
+    manifest.config, manifest.config_sources = cfg, sources
 
     shape = (cfg.batch, *teacher.spec.data_shape)
     node_dtype = torch.bfloat16 if cfg.node_dtype == "bf16" else None
@@ -309,9 +331,10 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
         reporter.start("record", cfg.iters, step)
         while step < cfg.iters:
             loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
-                                             cfg.p_mean, cfg.p_std, rng, ex=ex)  # fmt: skip
+                                             levels, rng, ex=ex)  # fmt: skip
             step += 1
             check_finite(step, out, manifest.state, ex.any, loss=loss, grad_norm=grad_norm)
+            losses.add(ex.mean(loss.detach()).item())
             reporter.advance(step, loss=loss.item())
 
             node = node_at_step.get(step)
@@ -328,17 +351,16 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
                 digest = ""  # known to rank 0, which writes the manifest
                 if ex.is_main:
                     digest = save_denoiser(out / file, aux, teacher.spec, info, node_dtype)
-                distance = probe(aux)
-                manifest.nodes.append(
-                    NodeRecord(
-                        index=node, step=step, file=file, sha256=digest, dist_to_teacher=distance
-                    )
-                )
+                distance, g0_loss = probe(aux)
+                record = NodeRecord(index=node, step=step, file=file, sha256=digest,
+                                    dist_to_teacher=distance, g0_loss=g0_loss,
+                                    train_loss=losses.take())  # fmt: skip
+                manifest.nodes.append(record)
             periodic = cfg.save_every and step % cfg.save_every == 0
             stopping = ex.any(stop.requested)
             if (node is not None or periodic or stopping) and step < cfg.iters:
                 manifest.elapsed_seconds = elapsed_before + time.perf_counter() - started
-                _save_resume_point(out, manifest, step, aux, optimizer, rng, ex)
+                _save_resume_point(out, manifest, step, aux, optimizer, rng, losses, ex)
                 if stopping:
                     raise InterruptedRun(
                         f"{stop.signal_name or 'a stop request'} at iteration {step}: state "
@@ -355,14 +377,60 @@ def _record(cfg: RecordConfig, out: Path, teacher: Teacher, ex: Execution, force
     return manifest
 
 
-def _save_resume_point(out, manifest, step, aux, optimizer, rng, ex: Execution) -> None:
+FIT_MARGIN = 0.95  # node N must cut the teacher's denoising loss on G0 by at least 5 %
+
+
+def fit_warning(nodes: list[NodeRecord]) -> str | None:
+    """One line when node N is not clearly closer to G0 than the teacher: the path then barely
+    leaves the teacher, and backtracking along it is plain distillation with extra steps.
+    (`disback record` prints it even with --json, on stderr, and lists it in its JSON.)"""
+    first, last = nodes[0].g0_loss, nodes[-1].g0_loss
+    if first is None or last is None or last <= FIT_MARGIN * first:
+        return None
+    return (
+        f"node {nodes[-1].index} is not clearly closer to G0 than the teacher "
+        f"(denoising loss on G0 samples {last:.4g} vs the teacher's {first:.4g}); "
+        "record with more --iters or a higher --lr"
+    )
+
+
+class LossMeans:
+    """Mean training loss between two nodes, carried across resume points."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total, self.count = self.total + value, self.count + 1
+
+    def take(self) -> float | None:
+        mean = self.total / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: object, where: str) -> None:
+        """`state` comes from a file: anything but a finite total and a count is refused. An
+        empty one (state files from before the means were kept) starts from nothing."""
+        state = state or {"total": 0.0, "count": 0}
+        ok = isinstance(state, dict) and set(state) == {"total", "count"}
+        total, count = (state["total"], state["count"]) if ok else (None, None)
+        if not (type(count) is int and 0 <= count <= 1 << 40 and type(total) in (int, float)
+                and math.isfinite(total) and total >= 0):  # fmt: skip
+            raise DisbackError(f"{where}: malformed loss means in the recording state")
+        self.total, self.count = float(total), count
+
+
+def _save_resume_point(out, manifest, step, aux, optimizer, rng, losses, ex: Execution) -> None:
     """Write a new state file, point the manifest at it, then drop the previous one."""
     file = record_state_file(step)
     rank_rng = ex.gather(local_rng_state(ex.device))
     digest = ""  # known to rank 0, which writes the files
     if ex.is_main:
-        digest = save_state(out / file, step, {"aux": aux}, {"aux": optimizer}, rng, None,
-                            rank_rng)  # fmt: skip
+        digest = save_state(out / file, step, {"aux": aux}, {"aux": optimizer}, rng,
+                            {"losses": losses.state_dict()}, rank_rng)  # fmt: skip
     previous, manifest.state = manifest.state, StateRef(file=file, sha256=digest, step=step)
     if ex.is_main:
         write_manifest(out, manifest)

@@ -42,6 +42,7 @@ MAX_MANIFEST_BYTES = 16 << 20  # far above any real manifest; a bigger one is re
 Sha256 = Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]  # empty only while being written
 Step = Annotated[int, Field(ge=0, le=1 << 40)]
 Seconds = Annotated[float, Field(ge=0, le=1e12)]
+Loss = Annotated[float, Field(ge=0, le=1e30)]
 
 
 def now() -> str:
@@ -68,6 +69,8 @@ class NodeRecord(_Record):
     sha256: Sha256
     dist_to_teacher: Annotated[float, Field(ge=0, le=1e30)]  # mean |D_node - D_teacher| on a
     # fixed probe of noised G0 samples
+    g0_loss: Loss | None = None  # EDM denoising loss on that probe (how well the node fits G0)
+    train_loss: Loss | None = None  # mean training loss since the previous node
 
     @model_validator(mode="after")
     def _named_as_written(self) -> NodeRecord:
@@ -108,6 +111,11 @@ class _Manifest(_Record):
     disback_version: str = Field(__version__, max_length=100)
     created_at: str = Field(max_length=100)
     updated_at: str = Field(max_length=100)
+    # Where each config value came from: flag, recipe, teacher, loss, student, default, ...
+    config_sources: dict[Annotated[str, Field(max_length=100)],
+                         Annotated[str, Field(max_length=100)]] = Field(
+        default_factory=dict, max_length=200
+    )  # fmt: skip
 
 
 class TrajectoryManifest(_Manifest):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,23 @@ def offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DISBACK_OFFLINE", "1")
     monkeypatch.setenv("DISBACK_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("DISBACK_INCEPTION", raising=False)
+
+
+def run_cli(*args: str) -> CliResult:
+    """`disback ARGS...` in-process with its own capture (for fixtures wider than one test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def cli_module():
+    return run_cli
 
 
 @pytest.fixture

@@ -53,14 +53,18 @@ ARCHS = {
 }
 
 
-def tiny_network(arch: str, precond: str, label_dim: int = 0, augment_dim: int = 0, channels=3):
+def tiny_network(
+    arch: str, precond: str, label_dim: int = 0, augment_dim: int = 0, channels=3, resolution=8,
+    **overrides: Any,
+):  # fmt: skip
     """Our network with EDM's structure, weights randomised so zero-initialised layers count."""
     model_type, kwargs = ARCHS[arch]
+    kwargs = {**kwargs, **overrides}
     spec = NetworkSpec(
         arch=model_type,
         arch_kwargs={**kwargs, "augment_dim": augment_dim},
         precond=precond,
-        data_shape=(channels, 8, 8),
+        data_shape=(channels, resolution, resolution),
         label_dim=label_dim,
     )
     torch.manual_seed(0)
@@ -69,7 +73,7 @@ def tiny_network(arch: str, precond: str, label_dim: int = 0, augment_dim: int =
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     init_kwargs = dict(
-        img_resolution=8,
+        img_resolution=resolution,
         img_channels=channels,
         label_dim=label_dim,
         use_fp16=False,

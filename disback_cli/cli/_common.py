@@ -23,6 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from disback_cli.config import FAMILY_DEFAULTS
 from disback_cli.runtime import Reporter
 
 console = Console(stderr=True, highlight=False)  # progress and messages
@@ -34,7 +35,12 @@ ConfigOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Discard an existing run with another configuration.")
+    bool,
+    typer.Option(
+        "--force",
+        help="Discard an existing run with another configuration (backtrack: also train on a "
+        "path recorded at other noise levels).",
+    ),
 ]
 VerifyOpt = Annotated[
     bool | None,
@@ -137,6 +143,10 @@ def describe(model: type, field: str) -> str:
     info = model.model_fields[field]
     if info.is_required():
         return f"{info.description} (required)"
+    if field in FAMILY_DEFAULTS:
+        by_family = ", ".join(f"{value:g} {family}" for family, value in
+                              FAMILY_DEFAULTS[field].items())  # fmt: skip
+        return f"{info.description} \\[default by teacher: {by_family}]"
     default = info.get_default(call_default_factory=True)
     shown = "none" if default is None else default
     return f"{info.description} \\[default: {shown}]"

@@ -47,6 +47,7 @@ def backtrack(
     ] = None,
     loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
     sid_alpha: Annotated[float | None, typer.Option(help=_h("sid_alpha"))] = None,
+    dsm_sigma: Annotated[str | None, typer.Option(help=_h("dsm_sigma"))] = None,
     switch: Annotated[str | None, typer.Option(help=_h("switch"))] = None,
     switch_patience: Annotated[int | None, typer.Option(help=_h("switch_patience"))] = None,
     switch_tolerance: Annotated[float | None, typer.Option(help=_h("switch_tolerance"))] = None,
@@ -90,8 +91,8 @@ def backtrack(
     Example: disback backtrack --trajectory runs/t1 --iters 1500 --interval 100 --seed 0
     """
     flags = dict(iters=iters, interval=interval, no_trajectory=no_trajectory, loss=loss,
-                 sid_alpha=sid_alpha, switch=switch, switch_patience=switch_patience,
-                 switch_tolerance=switch_tolerance,
+                 sid_alpha=sid_alpha, dsm_sigma=dsm_sigma, switch=switch,
+                 switch_patience=switch_patience, switch_tolerance=switch_tolerance,
                  batch=batch, lr_g=lr_g, lr_fake=lr_fake, optimizer=optimizer, betas=betas,
                  weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,

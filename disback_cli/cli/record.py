@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +30,7 @@ from disback_cli.cli._common import (
 from disback_cli.config import RecordConfig, build_config
 from disback_cli.errors import ConfigError
 from disback_cli.parallel import is_main_process
-from disback_cli.record import run_record
+from disback_cli.record import fit_warning, run_record
 from disback_cli.teachers import BUILTIN_PREFIX
 
 
@@ -47,6 +48,10 @@ def _json(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise ConfigError("--student-arch-kwargs must be a JSON object, e.g. '{\"hidden\": 32}'")
     return value
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def default_out(teacher: str) -> Path:
@@ -73,6 +78,8 @@ def record(
     student_arch_kwargs: Annotated[
         str | None, typer.Option(help=_h("student_arch_kwargs") + " (JSON)")
     ] = None,
+    loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
+    dsm_sigma: Annotated[str | None, typer.Option(help=_h("dsm_sigma"))] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
@@ -99,7 +106,8 @@ def record(
     """
     flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
                  sigma_init=sigma_init, placement=placement, student=student,
-                 student_arch_kwargs=_json(student_arch_kwargs), p_mean=p_mean, p_std=p_std,
+                 student_arch_kwargs=_json(student_arch_kwargs), loss=loss, dsm_sigma=dsm_sigma,
+                 p_mean=p_mean, p_std=p_std,
                  dropout=dropout,
                  save_every=save_every,
                  seed=seed, device=device, verify=verify,
@@ -112,21 +120,29 @@ def record(
         manifest = run_record(cfg, out, force=force, reporter=reporter)
     last = manifest.nodes[-1].dist_to_teacher or 1.0
     nodes_out = [
-        {"index": n.index, "step": n.step, "file": n.file, "dist_to_teacher": n.dist_to_teacher}
+        {"index": n.index, "step": n.step, "file": n.file, "dist_to_teacher": n.dist_to_teacher,
+         "g0_loss": n.g0_loss, "train_loss": n.train_loss}
         for n in manifest.nodes
-    ]
+    ]  # fmt: skip
     if not is_main_process():  # under torchrun, rank 0 reports
         return
+    warning = fit_warning(manifest.nodes)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
     if json_out:
         emit_json({"trajectory": str(out), "status": manifest.status, "teacher": cfg.teacher,
-                   "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out})  # fmt: skip
+                   "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out,
+                   "warnings": [warning] if warning else []})  # fmt: skip
         return
     if quiet:
         return
     table = Table(title=f"degradation path in {out}  ({manifest.elapsed_seconds:.1f} s)")
-    for column in ("node", "step", "mean |D_node - D_teacher|", "share of path"):
+    columns = ("node", "step", "mean |D_node - D_teacher|", "share of path", "loss on G0",
+               "training loss")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for n in manifest.nodes:
         table.add_row(str(n.index), str(n.step), f"{n.dist_to_teacher:.4f}",
-                      f"{n.dist_to_teacher / last:.0%}")  # fmt: skip
+                      f"{n.dist_to_teacher / last:.0%}", _number(n.g0_loss),
+                      _number(n.train_loss))  # fmt: skip
     stdout.print(table)
