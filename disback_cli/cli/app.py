@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
-from disback_cli.cli import backtrack, demo, evaluate, plot, record, sample, teacher
+from disback_cli.cli import backtrack, demo, doctor, evaluate, plot, record, sample, teacher
 from disback_cli.config import describe_validation_error
 from disback_cli.errors import DisbackError, InterruptedRun
 from disback_cli.parallel import shutdown
@@ -34,6 +34,7 @@ app.command()(sample.sample)
 app.command()(evaluate.evaluate)
 app.command()(plot.plot)
 app.command()(demo.demo)
+app.command()(doctor.doctor)
 app.add_typer(teacher.app, name="teacher")
 
 

@@ -1,0 +1,62 @@
+"""`disback doctor`: versions and a short self-check of this machine, for bug reports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from disback_cli.cli._common import DeviceOpt, JsonOpt, emit_json, stdout
+from disback_cli.doctor import CHECKS, Check, Workload, run_checks, versions
+from disback_cli.errors import ConfigError
+from disback_cli.runtime import resolve_device
+
+
+def _show_versions(info: dict[str, Any]) -> None:
+    for key, value in info.items():
+        if key == "gpus":
+            value = "; ".join(f"{g['index']}: {g['name']}, {g['memory_gib']} GiB" for g in value)
+            value = f"{len(info['gpus'])} ({value})" if value else "none"
+        stdout.print(f"{key:<14} {value}", markup=False)
+
+
+def _show(check: Check) -> None:
+    stdout.print(f"{check.name:<14} {check.status} ({check.detail})", markup=False)
+
+
+def doctor(
+    device: DeviceOpt = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Leave out a check (repeatable): {', '.join(CHECKS)}."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print versions and check this machine: bf16 autocast against fp32, torch.compile and
+    channels-last against eager, backtrack iterations per second, and 2-process data-parallel
+    gradients against one process. About a minute on a GPU; attach the output to bug reports.
+
+    Each check prints ok, failed (with the reason) or skipped; the exit code is 1 if one failed.
+    CUDA runs EDM's CIFAR-10 network at batch 64; the CPU a small one, so that it takes seconds.
+
+    Example: disback doctor --device cuda --json > doctor.json
+    """
+    unknown = [name for name in skip or [] if name not in CHECKS]
+    if unknown:
+        raise ConfigError(f"--skip {unknown[0]}: no such check (known: {', '.join(CHECKS)})")
+    resolved = resolve_device(device or "auto")
+    work = Workload.for_device(resolved)
+    info = versions()
+    if not json_out:
+        _show_versions({**info, "device": str(resolved), "network": work.describe()})
+    checks = []
+    for check in run_checks(work, resolved, skip or ()):
+        checks.append(check)
+        if not json_out:
+            _show(check)
+    ok = all(check.status != "failed" for check in checks)
+    if json_out:
+        emit_json({"versions": info, "device": str(resolved), "network": work.describe(),
+                   "checks": [check.to_json() for check in checks], "ok": ok})  # fmt: skip
+    if not ok:
+        raise typer.Exit(1)
