@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +22,7 @@ from torch import nn
 from disback_cli.config import describe_validation_error
 from disback_cli.errors import DisbackError
 from disback_cli.fileio import (
-    atomic_write_bytes,
+    atomic_write_chunks,
     check_sha256,
     parse_json,
     read_regular_file,
@@ -77,21 +78,37 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """Safetensors bytes with a canonical header (sorted keys), so equal content gives equal
-    sha256; the reference writer orders its metadata randomly."""
+def safetensors_chunks(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[int, Iterator[bytes | memoryview]]:
+    """A safetensors file as (size, pieces): the header, then each tensor's bytes as a view of
+    the tensor (moved to the CPU one at a time), for `atomic_write_chunks`. The header is
+    canonical (sorted keys), so equal content gives equal sha256; the reference writer orders
+    its metadata randomly."""
+    names = sorted(tensors)
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        end = offset + tensor.numel() * tensor.element_size()
         header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(data)]}  # fmt: skip
-        chunks.append(data)
-        offset += len(data)
+                        "data_offsets": [offset, end]}  # fmt: skip
+        offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(text)) + text
+        for name in names:
+            tensor = tensors[name].detach().cpu().contiguous()
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    return 8 + len(text) + offset, pieces()
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The whole file in memory (for small files and tests; checkpoints use the chunks)."""
+    return b"".join(safetensors_chunks(tensors, metadata)[1])
 
 
 def tensors_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -121,7 +138,7 @@ def save_denoiser(
         "network": spec.model_dump_json(),
         "info": json.dumps(info, sort_keys=True),
     }
-    return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
+    return atomic_write_chunks(path, *safetensors_chunks(tensors, metadata))
 
 
 def read_safetensors(

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disback_cli.checkpoint import encode_safetensors, load_weights, read_safetensors
+from disback_cli.checkpoint import load_weights, read_safetensors, safetensors_chunks
 from disback_cli.datasets import digits_uint8
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes
+from disback_cli.fileio import atomic_write_chunks
 from disback_cli.image_metrics import feature_stats, frechet_distance
 
 FORMAT = "disback.detector"
@@ -157,7 +157,7 @@ def main() -> None:
     train = {"seed": args.seed, "epochs": 30, "heldout_accuracy": accuracy}
     metadata = {"format": FORMAT, "name": "digits-cnn", "train": json.dumps(train)}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    digest = atomic_write_bytes(args.out, encode_safetensors(tensors, metadata))
+    digest = atomic_write_chunks(args.out, *safetensors_chunks(tensors, metadata))
     print(f"wrote {args.out} (sha256 {digest}); held-out accuracy {accuracy:.3f}")
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +140,34 @@ def _mib(n: int) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> str:
-    """Write `data` to `path` via a temporary file, fsync and rename; return its sha256.
+    """Write `data` to `path` atomically (see `atomic_write_chunks`); return its sha256."""
+    return atomic_write_chunks(path, len(data), [data], durable)
+
+
+def atomic_write_chunks(
+    path: str | os.PathLike, size: int, chunks: Iterable[bytes | memoryview], durable: bool = True
+) -> str:
+    """Write `chunks` (`size` bytes in all) to `path` via a temporary file, fsync and rename;
+    return the sha256 of what was written. The chunks are written and hashed one at a time, so a
+    checkpoint never needs a second copy of itself in memory.
 
     Checks free space first; a failed write removes its temporary file and leaves `path` as it
     was. `durable=False` skips the fsyncs (still atomic for readers and against a crash of this
     process) for many small files that the caller syncs once at the end, e.g. sample PNGs."""
     path = Path(path)
-    ensure_free_space(path.parent, len(data), path.name)
+    ensure_free_space(path.parent, size, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    digest, written = hashlib.sha256(), 0
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+                written += memoryview(chunk).nbytes
+            if written != size:
+                raise RuntimeError(f"{path}: wrote {written} bytes, expected {size}")
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -168,4 +184,4 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = Tru
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    return sha256_bytes(data)
+    return digest.hexdigest()

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from disback_cli.checkpoint import encode_safetensors, load_weights, read_safetensors, tensors_of
+from disback_cli.checkpoint import load_weights, read_safetensors, safetensors_chunks, tensors_of
 from disback_cli.errors import DisbackError
-from disback_cli.fileio import atomic_write_bytes
+from disback_cli.fileio import atomic_write_chunks
 
 FORMAT = "disback.state"
 
@@ -103,7 +103,7 @@ def save_state(
             tensors[_rng_key(kind, rank)] = value.cpu()
     metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim),
                 "extra": json.dumps(extra or {})}  # fmt: skip
-    return atomic_write_bytes(path, encode_safetensors(tensors, metadata))
+    return atomic_write_chunks(path, *safetensors_chunks(tensors, metadata))
 
 
 def load_state(
