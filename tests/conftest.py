@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,21 @@ from disback_cli.record import run_record
 
 torch.set_num_threads(2)
 
+# The checkout these tests belong to: its disback_cli, not an installed copy elsewhere, is what
+# they test, in this process (see test_cli) and in every subprocess (`checkout_env`).
+REPO = Path(__file__).resolve().parent.parent
+
 SMALL_RECORD = dict(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu")
+
+
+def checkout_env(*first: str | Path, **variables: str) -> dict[str, str]:
+    """The environment for a subprocess that must run this checkout's code: os.environ with
+    `variables` set and PYTHONPATH = `first` (e.g. a sitecustomize hook), the repository root,
+    then whatever PYTHONPATH held, so `python -m disback_cli` finds the checkout before any
+    installed copy, whatever the subprocess's working directory."""
+    old = os.environ.get("PYTHONPATH", "")
+    path = [*map(str, first), str(REPO), *([old] if old else [])]
+    return {**os.environ, **variables, "PYTHONPATH": os.pathsep.join(path)}
 
 
 @dataclass

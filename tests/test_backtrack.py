@@ -4,6 +4,7 @@ import shutil
 import signal
 
 import pytest
+from first_iteration import first_iteration
 
 from conftest import file_digests
 from disback_cli.backtrack import run_backtrack
@@ -140,11 +141,17 @@ def test_save_every_must_fall_on_log_lines():
 
 @pytest.mark.parametrize("loss", ["dmd", "sid"])
 def test_every_loss_trains_through_the_same_loop(trajectory, loss):
+    """The loop's first iteration logs the loss, score gap and gradient norm that the loss's
+    paper gives for the same networks and random numbers (see `first_iteration`)."""
     # the log-normal path serves dmd too when its noise levels are chosen explicitly
-    cfg = BacktrackConfig(**SMALL, loss=loss, dsm_sigma="lognormal")
+    cfg = BacktrackConfig(**{**SMALL, "log_every": 1}, loss=loss, dsm_sigma="lognormal")
     manifest = run_backtrack(cfg, trajectory, loss)
     lines = metrics(backtrack_dir(trajectory, loss))
-    assert manifest.config.loss == loss and len(lines) == 6
+    assert manifest.config.loss == loss and len(lines) == 60
+    assert [ln["target_node"] for ln in lines] == [2] * 10 + [1] * 10 + [0] * 40
+    expected = first_iteration(trajectory, backtrack_dir(trajectory, loss))
+    for key, value in expected.items():
+        assert lines[0][key] == pytest.approx(value, rel=1e-5), key
     assert all(ln["grad_norm_g"] > 0 for ln in lines)
 
 

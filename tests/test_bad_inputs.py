@@ -31,6 +31,7 @@ from corpus import (
 from test_edm import Exploit
 from test_fid import StandInInception, images_like, write_npz
 
+from conftest import checkout_env
 from disback_cli.checkpoint import save_denoiser
 from disback_cli.fileio import sha256_file
 from disback_cli.networks import build_denoiser
@@ -57,7 +58,8 @@ def held_lock(w: World) -> list[str]:
         f"with run_lock({str(run)!r}, 'backtrack'):\n    print('held', flush=True)\n"
         "    time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=checkout_env())  # fmt: skip
     w.processes.append(holder)
     assert holder.stdout.readline().strip() == "held"
     return ["backtrack", "-T", "t", "--iters", "40", "--batch", "64", "--save-every", "10"]

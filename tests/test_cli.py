@@ -1,11 +1,15 @@
 """The command line as a user and a shell script see it: exit codes, one-line errors, JSON."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import disback_cli
+from conftest import REPO, checkout_env
 from disback_cli.cli.app import app
 
 COMMANDS = ["record", "backtrack", "sample", "evaluate"]
@@ -75,7 +79,7 @@ def test_installed_entry_point_gives_clean_errors():
     result = subprocess.run(
         [sys.executable, "-m", "disback_cli", "record", "--teacher", "builtin:ring2d",
          "--nodes", "0"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=checkout_env(),
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("error: invalid configuration: nodes")
@@ -85,3 +89,23 @@ def test_installed_entry_point_gives_clean_errors():
 def test_app_registers_every_command():
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert set(COMMANDS) <= names
+
+
+def test_this_process_tests_the_checkout():
+    """The package under test is the one beside these tests, not an installed copy."""
+    assert Path(disback_cli.__file__).resolve().parent == REPO / "disback_cli"
+
+
+def test_subprocesses_run_the_checkout_from_any_folder(tmp_path):
+    """`checkout_env` (which every test that starts Python uses) puts this checkout first,
+    after extra entries such as a sitecustomize hook, and keeps what PYTHONPATH held."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os\nos.environ['HOOKED'] = '1'\n")
+    code = "import os, disback_cli; print(disback_cli.__file__); print(os.environ.get('HOOKED'))"
+    for env in (checkout_env(), checkout_env(hook, EXTRA="1")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        assert Path(out[0]).resolve().parent == REPO / "disback_cli"
+    assert out[1] == "1"  # the hook ran too
+    assert env["EXTRA"] == "1" and env["PYTHONPATH"].split(os.pathsep)[:2] == [str(hook), str(REPO)]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import weakref
 
 import pytest
 import safetensors
 import torch
+from first_iteration import first_iteration
 
 from disback_cli import path_nodes
 from disback_cli.backtrack import run_backtrack
@@ -89,13 +91,20 @@ def test_bf16_node_files_halve_the_disk_and_load_as_fp32(small_trajectory, tmp_p
         full = small_trajectory / "nodes" / f"{node}.safetensors"
         assert small.stat().st_size < 0.6 * full.stat().st_size
         with safetensors.safe_open(small, "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.bfloat16}
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
         loaded = load_denoiser(small).denoiser.state_dict()
         reference = load_denoiser(full).denoiser.state_dict()
         for key, value in loaded.items():
             assert value.dtype == torch.float32
             assert torch.equal(value, reference[key].to(torch.bfloat16).float())
-    run_backtrack(BacktrackConfig(**SMALL), tmp_path / "t")  # trains from bf16 nodes
+    # trains from the bf16 nodes, as float32 networks: its first iteration is the one computed
+    # from the nodes as `load_denoiser` reads them, and the targets walk the path as usual
+    run_backtrack(BacktrackConfig(**{**SMALL, "log_every": 1}), tmp_path / "t")
+    run = backtrack_dir(tmp_path / "t", "default")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["target_node"] for line in lines] == [2] * 10 + [1] * 10 + [0] * 10
+    for key, value in first_iteration(tmp_path / "t", run).items():
+        assert lines[0][key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_next_node_loads_in_the_background_and_old_targets_are_freed(trajectory, monkeypatch):

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from conftest import checkout_env
+from disback_cli import parallel
 from disback_cli.checkpoint import load_denoiser
+from disback_cli.parallel import Execution
 from disback_cli.rundir import backtrack_dir
 from disback_cli.trajectory import BacktrackManifest, read_manifest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in both launches
+ENV = checkout_env(OMP_NUM_THREADS="1")  # same arithmetic in both launches; this checkout
 RECORD = [
     "record",
     "--teacher",
@@ -61,15 +65,54 @@ def assert_close(a: dict, b: dict) -> float:
     return worst
 
 
+def fake_two_rank_world(monkeypatch) -> None:
+    """all_reduce (a sum) of a 2-rank world whose other rank holds v^2 + 1 wherever this one
+    holds v: different values everywhere, whatever the buckets look like."""
+
+    def all_reduce(tensor, op=None):
+        assert op is None  # the default, a sum
+        tensor += tensor**2 + 1
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+
+@pytest.mark.parametrize("bucket_elements", [4, parallel.BUCKET_ELEMENTS], ids=["small", "default"])
+def test_gradients_are_averaged_over_ranks_not_summed(monkeypatch, bucket_elements):
+    """Rank 0 of a (faked) 2-process world: every gradient, in every bucket, becomes the mean
+    (g + h) / 2 of its own g and the other rank's h; parameters without one are left alone."""
+    fake_two_rank_world(monkeypatch)
+    monkeypatch.setattr(parallel, "BUCKET_ELEMENTS", bucket_elements)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3,), (2, 2), (5,), (1,)]]
+    grads = [torch.linspace(-1, 2, p.numel()).reshape(p.shape) for p in params]
+    for p, g in zip(params[:3], grads, strict=False):
+        p.grad = g.clone()  # the last parameter has no gradient
+    Execution(torch.device("cpu"), rank=0, world_size=2).average_gradients(params)
+    for p, g in zip(params[:3], grads, strict=False):
+        torch.testing.assert_close(p.grad, (g + (g**2 + 1)) / 2)
+    assert params[3].grad is None
+    values = torch.tensor([0.5, 3.0])
+    torch.testing.assert_close(
+        Execution(torch.device("cpu"), rank=0, world_size=2).mean(values),
+        torch.tensor([(0.5 + 1.25) / 2, (3.0 + 10.0) / 2]),
+    )
+    assert torch.equal(values, torch.tensor([0.5, 3.0]))  # the caller's tensor is not reduced
+
+
+def test_each_rank_keeps_its_own_slice_of_the_global_batch():
+    drawn = torch.arange(8)
+    ranks = [Execution(torch.device("cpu"), rank=r, world_size=2) for r in (0, 1)]
+    assert [ex.local(drawn).tolist() for ex in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ranks[1].global_batch(4) == 8
+    assert Execution(torch.device("cpu")).local(drawn) is drawn
+
+
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    """Logged values first: they show an averaging bug plainly (summed gradients double the
+    gradient norms), where Adam's scale invariance leaves the weights within round-off."""
     disback(*RECORD, "--batch", "64", "--out", "one", cwd=tmp_path)
     disback(*RECORD, "--batch", "32", "--out", "two", processes=2, cwd=tmp_path)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 64
-    for node in ("node-001", "node-002"):
-        worst = assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
-                     weights(tmp_path / "two/nodes" / f"{node}.safetensors"))  # fmt: skip
-        print(f"record {node}: max |1 process - 2 processes| = {worst:.2e}")
 
     disback(*BACKTRACK, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
     out = disback(*BACKTRACK, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
@@ -78,12 +121,6 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     single, pair = (read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
                     for n in ("single", "pair"))  # fmt: skip
     assert pair.world_size == 2 and pair.global_batch == 64 and pair.step == 30
-    for ref in ("generator", "generator_ema"):
-        worst = assert_close(
-            weights(backtrack_dir(tmp_path / "one", "single") / getattr(single, ref).file),
-            weights(backtrack_dir(tmp_path / "one", "pair") / getattr(pair, ref).file),
-        )
-        print(f"backtrack {ref}: max |1 process - 2 processes| = {worst:.2e}")
     logs = [
         [json.loads(line) for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
          .read_text().splitlines()]
@@ -91,8 +128,22 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     ]  # fmt: skip
     assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [10, 20, 30]
     for a, b in zip(*logs, strict=True):
-        for key in ("loss_g", "loss_fake", "score_gap", "grad_norm_g"):
+        for key in ("loss_g", "loss_fake", "score_gap"):
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        # the gradient norms, relative: summed instead of averaged, they would double
+        for key in ("grad_norm_g", "grad_norm_fake"):
+            assert a[key] > 0 and math.isclose(a[key], b[key], rel_tol=1e-4), (key, a[key], b[key])
+
+    for node in ("node-001", "node-002"):
+        worst = assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
+                     weights(tmp_path / "two/nodes" / f"{node}.safetensors"))  # fmt: skip
+        print(f"record {node}: max |1 process - 2 processes| = {worst:.2e}")
+    for ref in ("generator", "generator_ema"):
+        worst = assert_close(
+            weights(backtrack_dir(tmp_path / "one", "single") / getattr(single, ref).file),
+            weights(backtrack_dir(tmp_path / "one", "pair") / getattr(pair, ref).file),
+        )
+        print(f"backtrack {ref}: max |1 process - 2 processes| = {worst:.2e}")
 
     # A resumed 2-process run refuses another process count.
     again = subprocess.run([sys.executable, "-m", "disback_cli", *BACKTRACK, "-T", "one",
@@ -140,7 +191,7 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
         "import disback_cli.detectors\n"
         f"disback_cli.detectors.INCEPTION_SHA256 = {sha256_file(detector)!r}\n"
     )
-    env = {**ENV, "PYTHONPATH": str(hook), "DISBACK_INCEPTION": str(detector)}
+    env = checkout_env(hook, OMP_NUM_THREADS="1", DISBACK_INCEPTION=str(detector))
     write_folder(tmp_path / "real", images_like(30, 1))
     write_npz(tmp_path / "fake.npz", images_like(37, 2))
 

@@ -36,6 +36,7 @@ from corpus import (
 from edm_fixtures import edm_pickle_bytes, tiny_network
 from test_bad_inputs import CASES as BASIC_CASES
 from test_fid import images_like, write_folder
+from test_unpickler import hostile_pickle
 
 from disback_cli.images import encode_png, png_name
 from disback_cli.samplefolder import write_record
@@ -116,6 +117,13 @@ def named_global_pickle(w: World, module: str, name: str) -> list[str]:
     marker = w / "PWNED"
     body = f"c{module}\n{name}\n(Vtouch {marker}\ntR.".encode()
     return write_and(w / "g.pkl", b"\x80\x02" + body, ["teacher", "inspect", "g.pkl"])
+
+
+def stack_global_pickle(w: World, module: str, name: str) -> list[str]:
+    """A protocol-4 pickle naming MODULE.NAME by STACK_GLOBAL, where dotted names resolve (so
+    torch + os.system is os.system), called so as to create PWNED (see `hostile_pickle`)."""
+    return write_and(w / "s.pkl", hostile_pickle(module, name, w / "PWNED"),
+                     ["teacher", "inspect", "s.pkl"])  # fmt: skip
 
 
 def deep_pickle(w: World) -> list[str]:
@@ -397,6 +405,21 @@ HOSTILE = [
     Case("builtins.eval", lambda w: named_global_pickle(w, "builtins", "eval"),
          "refusing builtins.eval"),
     Case("numpy.load", lambda w: named_global_pickle(w, "numpy", "load"), "refusing numpy.load"),
+    Case("torch + os.system by STACK_GLOBAL", lambda w: stack_global_pickle(w, "torch",
+         "os.system"), "refusing torch.os.system: not on the allow-list"),
+    Case("torch + storage._load_from_bytes (torch.load of a nested pickle)", lambda w:
+         stack_global_pickle(w, "torch", "storage._load_from_bytes"),
+         "refusing torch.storage._load_from_bytes: not on the allow-list"),
+    Case("torch._utils._import_dotted_name", lambda w: stack_global_pickle(w, "torch._utils",
+         "_import_dotted_name"), "refusing torch._utils._import_dotted_name: not on the"),
+    Case("torch.load by STACK_GLOBAL", lambda w: stack_global_pickle(w, "torch", "load"),
+         "refusing torch.load: not on the allow-list"),
+    Case("torch.hub.load by STACK_GLOBAL", lambda w: stack_global_pickle(w, "torch.hub", "load"),
+         "refusing torch.hub.load: not on the allow-list"),
+    Case("torch.serialization.load by STACK_GLOBAL", lambda w: stack_global_pickle(w,
+         "torch.serialization", "load"), "refusing torch.serialization.load: not on the"),
+    Case("builtins.eval by STACK_GLOBAL", lambda w: stack_global_pickle(w, "builtins", "eval"),
+         "refusing builtins.eval: not on the allow-list"),
     Case("stride-0 tensor asking for 4 TB", huge_tensor_pickle, "huge.pkl:"),
     Case("pickle nested 100 000 deep", deep_pickle, "deep.pkl:"),
     Case("pickle with a reference cycle in its kwargs", cyclic_pickle, "loop.pkl:"),

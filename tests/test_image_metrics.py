@@ -63,3 +63,33 @@ def test_precision_and_recall_separate_quality_from_coverage():
     assert precision > 0.95 and 0.4 < recall < 0.6
     assert precision_recall(real, real) == (1.0, 1.0)
     assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+def brute_force_unbiased_mmd2(x: list[list[float]], y: list[list[float]]) -> float:
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, one pair at a time."""
+    d = len(x[0])
+
+    def k(a, b):
+        return (sum(p * q for p, q in zip(a, b, strict=True)) / d + 1) ** 3
+
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_mmd2_of_the_cubic_kernel():
+    """With one subset of all samples (a permutation, which MMD^2 ignores) KID is the unbiased
+    estimator itself: within-set sums over i != j divided by m (m - 1), not m^2."""
+    a = [[0.0, 1.0, 2.0], [1.0, -1.0, 0.5], [2.0, 0.0, -1.0], [-0.5, 0.5, 1.5], [1.0, 1.0, 1.0]]
+    b = [[0.5, 0.0, 1.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.5, -0.5, 2.0], [0.5, 1.5, -1.0]]
+    expected = brute_force_unbiased_mmd2(b, a)
+    assert expected == pytest.approx(brute_force_unbiased_mmd2(a, b), rel=1e-12)  # symmetric
+    kid = kernel_inception_distance(np.array(a), np.array(b), subsets=1, subset_size=5)
+    assert kid == pytest.approx(expected, rel=1e-12)
+    # a set against itself: the cross term keeps the diagonal k(x, x), the within terms do not,
+    # so the estimate is negative (a biased one, all over m^2, would be exactly zero)
+    same = kernel_inception_distance(np.array(a), np.array(a), subsets=3, subset_size=5)
+    assert same == pytest.approx(brute_force_unbiased_mmd2(a, a), rel=1e-12)
+    assert same < -1

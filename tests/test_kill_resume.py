@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -22,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from conftest import checkout_env
 from disback_cli.lock import LOCK_FILE
 from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
 
@@ -58,7 +58,7 @@ HANG = 900  # seconds: only a guard against a hung process, far beyond any real 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     """The command as its own process, stderr to a file (a pipe could fill and stall it)."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = checkout_env(PYTHONHASHSEED="0")
     command = [sys.executable, "-m", "disback_cli", *args]
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log)

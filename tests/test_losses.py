@@ -9,6 +9,8 @@ from disback_cli.losses import (
     GENERATOR_LOSSES,
     LOSS_TRAINING_SIGMA,
     TrainingSigma,
+    edm_denoising_loss,
+    edm_loss_weight,
     karras_sigma,
     make_generator_loss,
 )
@@ -85,18 +87,63 @@ def test_dmd_loss_value_is_dmd2s_on_fixed_image_tensors():
 
 
 def test_sid_gradient_goes_through_x_t_and_spares_the_fake_weights():
+    """loss.backward() (as the training loop calls it, unlike autograd.grad, fills `.grad`): the
+    generator's parameter and its sample x get SiD's gradient, the fake score's weight none."""
     x, noise, sigma = case(2)
     a_f, a_r, alpha = 0.3, 0.8, 1.2
-    fake = Linear(a_f)
-    grad, _ = grad_of(GENERATOR_LOSSES["sid"](alpha), x, sigma, noise, fake, Linear(a_r))
-    x0 = x.detach()
-    x_t = x0 + sigma[:, None] * noise
+    generator_scale = nn.Parameter(torch.tensor(1.0))  # a one-parameter generator: x = s * z
+    z = x.detach()
+    sample = generator_scale * z
+    sample.retain_grad()
+    fake, target = Linear(a_f), Linear(a_r)
+    out = GENERATOR_LOSSES["sid"](alpha)(sample, sigma, noise, fake, target, None)
+    out.loss.backward()
+    assert fake.a.grad is None and fake.a.requires_grad  # frozen for the loss, then restored
+    x_t = z + sigma[:, None] * noise
     c = a_r - a_f
-    scale = (x0 - a_r * x_t).abs().mean(dim=1, keepdim=True)
+    scale = (z - a_r * x_t).abs().mean(dim=1, keepdim=True)
     # d/dx of sum c x_t (a_r x_t - x - alpha c x_t), with d x_t / d x = 1:
-    expected = c * (a_r * x_t - x0 - alpha * c * x_t) + c * x_t * (a_r - 1 - alpha * c)
-    torch.testing.assert_close(grad, expected / scale / 4)
-    assert fake.a.grad is None and fake.a.requires_grad
+    expected = (c * (a_r * x_t - z - alpha * c * x_t) + c * x_t * (a_r - 1 - alpha * c)) / scale / 4
+    torch.testing.assert_close(sample.grad, expected)
+    torch.testing.assert_close(generator_scale.grad, (expected * z).sum())
+    assert generator_scale.grad.abs() > 0
+
+
+def test_edm_loss_weight_is_one_over_sigma_squared_plus_one_over_sigma_data_squared():
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 at hand-computed points (sd = 0.5)."""
+    sigma = torch.tensor([0.5, 1.0, 2.0, 0.1])
+    # 1/sigma^2 + 1/sd^2 = 4 + 4, 1 + 4, 0.25 + 4, 100 + 4
+    torch.testing.assert_close(edm_loss_weight(sigma, 0.5), torch.tensor([8.0, 5.0, 4.25, 104.0]))
+    torch.testing.assert_close(edm_loss_weight(torch.tensor([2.0]), 1.0), torch.tensor([1.25]))
+
+
+class Shrink(nn.Module):
+    """D(x, sigma) = x / 2 with sigma_data 0.5; remembers the noised input it was given."""
+
+    sigma_data = 0.5
+
+    def forward(self, x, sigma, class_labels=None):
+        self.seen = (x.clone(), sigma.clone())
+        return x / 2
+
+
+def test_edm_denoising_loss_is_the_weighted_squared_error_at_several_sigmas():
+    """The loss of D(x) = x / 2 at x0 + sigma n, written out per element with plain floats."""
+    x0 = [[1.0, -2.0], [0.5, 3.0], [-1.0, 0.25]]
+    noise = [[0.3, -1.0], [2.0, 0.5], [-0.7, 1.5]]
+    sigma = [0.2, 1.7, 6.0]  # none is 1, so an unscaled noise would show
+    denoiser = Shrink()
+    loss = edm_denoising_loss(denoiser, torch.tensor(x0), torch.tensor(sigma), torch.tensor(noise))
+    total = 0.0
+    for row, n_row, s in zip(x0, noise, sigma, strict=True):
+        weight = (s * s + 0.25) / (s * 0.5) ** 2
+        for a, n in zip(row, n_row, strict=True):
+            total += weight * ((a + s * n) / 2 - a) ** 2
+    assert loss.item() == pytest.approx(total / 6, rel=1e-6)
+    seen_x, _ = denoiser.seen
+    torch.testing.assert_close(
+        seen_x, torch.tensor(x0) + torch.tensor(sigma)[:, None] * torch.tensor(noise)
+    )
 
 
 def test_losses_sample_their_own_noise_levels():

@@ -1,5 +1,7 @@
+import hashlib
 import itertools
 import shutil
+import time
 
 import pytest
 
@@ -61,10 +63,25 @@ def test_finished_recording_is_a_no_op_and_changes_need_force(small_trajectory, 
 
 
 def test_session_options_may_change_on_rerun(small_trajectory, tmp_path):
+    """A finished recording rerun with another session option is left exactly as it was: no
+    file rewritten (same bytes, same modification times), added or removed."""
     out = tmp_path / "t"
     shutil.copytree(small_trajectory, out)
+
+    def files():
+        return {
+            str(p.relative_to(out)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).digest())
+            for p in sorted(out.rglob("*"))
+            if p.is_file()
+        }
+
+    before = files()
+    assert len(before) == 4  # the manifest and three node files
+    time.sleep(0.02)  # a rewrite, even of the same bytes, would show in the modification times
     manifest = run_record(RecordConfig(**{**SMALL_RECORD, "save_every": 7}), out)
     assert manifest.status == "complete"
+    assert files() == before
+    assert manifest == read_manifest(small_trajectory, TrajectoryManifest)
 
 
 def test_nodes_beyond_iterations_are_a_config_error():

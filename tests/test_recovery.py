@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import file_digests
+from conftest import checkout_env, file_digests
 from disback_cli import backtrack as backtrack_module
 from disback_cli import fileio
 from disback_cli.backtrack import _truncate_metrics, run_backtrack
@@ -45,7 +45,7 @@ def trajectory(small_trajectory, tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(trajectory, tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], env=checkout_env())
     dead.wait()
     run_dir = backtrack_dir(trajectory, "default")
     run_dir.mkdir(parents=True)

@@ -4,13 +4,13 @@ recorded in the manifest with where they came from, and mismatches are refused."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from conftest import checkout_env
 from disback_cli.checkpoint import save_denoiser
 from disback_cli.config import FAMILY_DEFAULTS
 from disback_cli.errors import DisbackError
@@ -53,7 +53,7 @@ def test_recipe_values_are_recorded_as_such(small_trajectory, cli, tmp_path):
 
 
 def test_help_shows_the_defaults_of_each_teacher_family():
-    env = {**os.environ, "TERMINAL_WIDTH": "400"}  # one help line per flag
+    env = checkout_env(TERMINAL_WIDTH="400")  # one help line per flag
     text = subprocess.run([sys.executable, "-m", "disback_cli", "backtrack", "--help"], env=env,
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "default by teacher: 0.0001 vector, 5e-05 image, 1e-05 edm" in text

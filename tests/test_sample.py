@@ -1,3 +1,4 @@
+import itertools
 import json
 import shutil
 
@@ -9,7 +10,7 @@ from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.generate import generator_file_of_run, read_samples, write_samples
-from disback_cli.sampling import parse_seeds, seeded_noise
+from disback_cli.sampling import edm_sampler, parse_seeds, seeded_noise
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,40 @@ def test_n_and_seeds_together_are_refused(trained, tmp_path):
 def test_run_without_generator_is_an_error(small_trajectory):
     with pytest.raises(DisbackError, match="no backtrack run named"):
         generator_file_of_run(small_trajectory, "nope", "ema")
+
+
+class HalfDenoiser(torch.nn.Module):
+    """D(x, sigma) = x / 2; remembers every (sigma, x) it is asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[float, torch.Tensor]] = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls.append((float(sigma), x.clone()))
+        return x / 2
+
+
+def test_heun_sampler_uses_edms_18_step_schedule_and_35_evaluations():
+    """Karras et al. 2022, Algorithm 1 and eq. 5: sigma_i = (80^(1/7) + i/17 (0.002^(1/7) -
+    80^(1/7)))^7 for i = 0..17, then 0; one Euler evaluation per step and a correction at
+    sigma_{i+1} for all but the last step, which goes to 0."""
+    rho, n = 7, 18
+    hi, lo = 80 ** (1 / rho), 0.002 ** (1 / rho)
+    sigmas = [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
+    denoiser = HalfDenoiser()
+    latents = torch.tensor([[1.0, -0.5], [2.0, 0.25]])
+    out = edm_sampler(denoiser, latents)
+    seen = [sigma for sigma, _ in denoiser.calls]
+    assert len(seen) == 35
+    assert seen[0] == pytest.approx(80.0, rel=1e-12) and seen[-1] == pytest.approx(0.002, rel=1e-12)
+    expected = [sigmas[0]] + [s for s in sigmas[1:] for _ in range(2)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(denoiser.calls[0][1], latents.double() * 80)
+    # With D = x/2, dx/dsigma = x / (2 sigma): each Heun step multiplies x by a known factor,
+    # and the last (Euler to sigma = 0) halves it.
+    factor = 1.0
+    for t, t_next in itertools.pairwise(sigmas):
+        h = t_next - t
+        factor *= 1 + h / 2 * (1 / (2 * t) + (1 + h / (2 * t)) / (2 * t_next))
+    torch.testing.assert_close(out, latents.double() * 80 * factor / 2, rtol=1e-10, atol=0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import shlex
+import struct
 
 import numpy as np
 import pytest
@@ -142,3 +144,69 @@ def test_numpy_dtypes_other_than_plain_numbers_are_refused(tmp_path, args, state
 
     core = getattr(np, "_core", None) or np.core
     refused(tmp_path, {"ema": Call(core.multiarray.scalar, Dtype(), b"\0" * 8)}, "numpy dtype")
+
+
+# Hand-written hostile pickles (protocol 4, where the unpickler resolves dotted names such as
+# "os.system" inside a module). Each would run `touch MARKER` under an ordinary unpickler, or
+# under one that looks up anything from a `torch` module outside the allow-list.
+
+
+def text(value: str) -> bytes:
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def named(module: str, name: str, opcode: str) -> bytes:
+    """Push module.name by the GLOBAL or the STACK_GLOBAL opcode."""
+    if opcode == "GLOBAL":
+        return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+    return text(module) + text(name) + b"\x93"
+
+
+def called_with(argument: bytes) -> bytes:
+    """Call what is on the stack with one argument (pushed by `argument`): TUPLE1, REDUCE."""
+    return argument + b"\x85R"
+
+
+def hostile_pickle(module: str, name: str, marker, opcode: str = "STACK_GLOBAL") -> bytes:
+    """A pickle whose first global is module.name, called so as to create `marker`."""
+    shell = f"touch {shlex.quote(str(marker))}"
+    if (module, name) == ("torch._utils", "_import_dotted_name"):  # -> os.system -> shell
+        call = called_with(text("os.system")) + called_with(text(shell))
+    elif name.endswith("_load_from_bytes"):  # torch.load of a nested, unrestricted pickle
+        inner = b"\x80\x04" + named("os", "system", "STACK_GLOBAL") + called_with(text(shell))
+        call = called_with(b"B" + struct.pack("<I", len(inner) + 1) + inner + b".")
+    elif module == "builtins":  # eval / exec of Python source
+        call = called_with(text(f"__import__('os').system({shell!r})"))
+    else:
+        call = called_with(text(shell))
+    return b"\x80\x04" + named(module, name, opcode) + call + b"."
+
+
+HOSTILE_GLOBALS = [
+    ("torch", "os.system"),  # os reached through the torch module
+    ("torch", "load"),
+    ("torch", "storage._load_from_bytes"),  # torch's own, which runs torch.load, not ours
+    ("torch", "_utils._rebuild_tensor_v2"),  # an allowed function under another name
+    ("torch.hub", "load"),
+    ("torch._utils", "_import_dotted_name"),
+    ("torch.serialization", "load"),
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("os", "system"),
+    ("posix", "system"),
+]
+
+
+@pytest.mark.parametrize("opcode", ["GLOBAL", "STACK_GLOBAL"])
+@pytest.mark.parametrize(("module", "name"), HOSTILE_GLOBALS)
+def test_globals_off_the_allow_list_are_refused_before_they_run(tmp_path, module, name, opcode):
+    """No lookup outside the allow-list, in torch's own modules included: one line naming the
+    global, and the command the pickle carries never runs."""
+    marker, path = tmp_path / "PWNED", tmp_path / "hostile.pkl"
+    path.write_bytes(hostile_pickle(module, name, marker, opcode))
+    with pytest.raises(DisbackError) as info:
+        read_edm_pickle(path)
+    assert not marker.exists(), "the command in the pickle ran"
+    message = str(info.value)
+    assert f"refusing {module}.{name}: not on the allow-list" in message and "\n" not in message
