@@ -1,0 +1,167 @@
+"""Peak memory of each stage at the teachers' real shapes, next to what must be resident.
+
+Each stage runs in a fresh process on a teacher with the released network configuration and
+random weights (memory does not depend on what the weights learned):
+
+* cifar10: DDPM++ (SongUNet), 3x32x32, 10 classes, dropout 0.13 (edm-cifar10-32x32-cond-vp);
+* imagenet64: ADM (DhariwalUNet), 3x64x64, 1000 classes, dropout 0.1 (edm-imagenet-64x64-cond-adm).
+
+Stages: `load` (the teacher alone: the floor under every other number), `record` (2 iterations,
+1 node), `backtrack` (2 iterations) and `sample`. Reported per stage: peak host RSS (VmHWM) and,
+on CUDA, peak allocated device memory; beside them the arithmetic of the weight-sized copies the
+stage must hold. Not part of the test suite (CPU: tens of minutes for cifar10):
+
+    python benchmarks/memory.py --config cifar10 --device cpu --batch 2
+    python benchmarks/memory.py --config imagenet64 --device cuda --batch 16
+
+`--probe-samples` shrinks the recording's node probe (512 samples) to save time on a CPU; the
+probe runs in chunks of the batch, so only its stored inputs (a few MB) depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from disback_cli.networks import NetworkSpec
+
+SONG = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+            channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+            channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
+            augment_dim=9)  # fmt: skip
+ADM = dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
+           attn_resolutions=[32, 16, 8], dropout=0.1)  # fmt: skip
+CIFAR10 = NetworkSpec(arch="SongUNet", precond="vp", data_shape=(3, 32, 32), label_dim=10,
+                      arch_kwargs=SONG)  # fmt: skip
+IMAGENET64 = NetworkSpec(arch="DhariwalUNet", precond="edm", data_shape=(3, 64, 64), label_dim=1000,
+                         arch_kwargs=ADM)  # fmt: skip
+CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64}
+STAGES = ("load", "record", "backtrack", "sample")
+# Weight-sized tensors each stage must hold (the arithmetic beside the measurement).
+RESIDENT = {
+    "load": {"teacher": 1},
+    "record": {"teacher": 1, "G0 (teacher copy)": 1, "auxiliary model": 1, "its gradient": 1,
+               "two Adam moments": 2},
+    "backtrack": {"teacher": 1, "generator": 1, "generator gradient": 1, "generator EMA": 1,
+                  "fake score": 1, "fake gradient": 1, "target node": 1,
+                  "next node (prefetched)": 1, "two Adam moments x2": 4},
+    "sample": {"generator": 1},
+}  # fmt: skip
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def make_teacher(config: str, folder: Path) -> Path:
+    from disback_cli.checkpoint import save_denoiser
+    from disback_cli.networks import build_denoiser
+
+    path = folder / f"{config}.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        spec = CONFIGS[config]
+        info = {"role": "teacher", "train_sigma": {"p_mean": -1.2, "p_std": 1.2},
+                "edm": {"class_name": "benchmark", "model_type": spec.arch}}  # fmt: skip
+        save_denoiser(path, build_denoiser(spec), spec, info)
+    return path
+
+
+def run_stage(stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int) -> dict:
+    """One stage in this process; returns its measurements."""
+    from disback_cli import record as record_module
+    from disback_cli.backtrack import run_backtrack
+    from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
+    from disback_cli.generate import load_generator, write_samples_of
+    from disback_cli.rundir import backtrack_dir
+    from disback_cli.teachers import open_teacher
+    from disback_cli.trajectory import BacktrackManifest, read_manifest
+
+    record_module.PROBE_SAMPLES = probe
+    started = time.perf_counter()
+    trajectory = work / "trajectory"
+    if stage == "load":
+        open_teacher(str(teacher), device)
+    elif stage == "record":
+        cfg = RecordConfig(teacher=str(teacher), iters=2, nodes=1, batch=batch, device=device)
+        record_module.run_record(cfg, trajectory)
+    elif stage == "backtrack":
+        cfg = BacktrackConfig(iters=2, batch=batch, save_every=0, log_every=1, device=device)
+        run_backtrack(cfg, trajectory)
+    else:
+        run = backtrack_dir(trajectory, "default")
+        manifest = read_manifest(run, BacktrackManifest)
+        path = run / manifest.generator_ema.file
+        generator, info = load_generator(path, torch.device(device))
+        cfg = SampleConfig(n=2 * batch, batch=batch, format="npz", device=device)
+        write_samples_of(generator, info, cfg, work / "samples.npz")
+    result = {"stage": stage, "seconds": round(time.perf_counter() - started, 1),
+              "peak_rss_gb": peak_rss_bytes() / 1e9}  # fmt: skip
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cifar10")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=2, help="per-iteration batch of each stage")
+    parser.add_argument("--probe-samples", type=int, default=512)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--work", type=Path, help="folder for the teacher and runs (kept)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        result = run_stage(args.child, make_teacher(args.config, work), work, args.batch,
+                           args.device, args.probe_samples)  # fmt: skip
+        print(json.dumps(result))
+        return
+
+    from disback_cli.networks import build_denoiser
+
+    make_teacher(args.config, work)
+    params = sum(p.numel() for p in build_denoiser(CONFIGS[args.config]).parameters())
+    copy_gb = params * 4 / 1e9
+    print(
+        f"{args.config}: {params / 1e6:.1f} M parameters, {copy_gb:.3f} GB per fp32 copy; "
+        f"batch {args.batch}, probe {args.probe_samples} samples, device {args.device}"
+    )
+    rows = []
+    for stage in args.stages.split(","):
+        command = [sys.executable, __file__, "--child", stage, "--config", args.config,
+                   "--device", args.device, "--batch", str(args.batch), "--work", str(work),
+                   "--probe-samples", str(args.probe_samples)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"stage {stage} failed:\n{done.stderr}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["resident_copies"] = sum(RESIDENT[stage].values())
+        row["resident_gb"] = row["resident_copies"] * copy_gb
+        rows.append(row)
+        cuda = f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""
+        print(f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB{cuda}; must hold "
+              f"{row['resident_copies']} weight copies = {row['resident_gb']:.2f} GB "
+              f"({', '.join(RESIDENT[stage])}); {row['seconds']} s")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"config": args.config, "parameters": params,
+                                        "batch": args.batch, "device": args.device,
+                                        "probe_samples": args.probe_samples, "stages": rows},
+                                       indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
