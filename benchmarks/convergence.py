@@ -1,9 +1,10 @@
 """Does DisBack converge faster than the same distillation without the trajectory?
 
 For builtin:ring2d and builtin:digits, each loss (vsd, dmd, sid), DisBack vs --no-trajectory,
-3 seeds, the same generator-iteration budget and settings. Writes raw curves (JSON), a plot of
-median and range over seeds, and a markdown table: final metric, iterations to reach the
-baseline's final quality (DisBack also charged with its recording iterations), wall time.
+3 seeds, the same generator-iteration budget and settings. vsd and sid share one trajectory per
+seed; dmd gets its own, recorded at its noise levels (`record --loss dmd`). Writes raw curves
+(JSON), a plot of median and range over seeds, and a markdown table: final metric, iterations to
+reach the baseline's final quality (DisBack also charged with its recording iterations), wall time.
 Not part of the test suite; about 30 minutes on 2 CPU cores:
 
     python benchmarks/convergence.py --out benchmarks/results
@@ -22,6 +23,7 @@ import torch
 
 from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.losses import LOSS_TRAINING_SIGMA
 from disback_cli.record import run_record
 
 LOSSES = ("vsd", "dmd", "sid")
@@ -46,11 +48,15 @@ def run(dataset: str, seeds: list[int], workdir: Path) -> list[dict]:
     metric, _, record, backtrack = SETTINGS[dataset]
     results = []
     for seed in seeds:
-        trajectory = workdir / f"{dataset}-{seed}"
-        started = time.perf_counter()
-        run_record(RecordConfig(**record, seed=seed, device="cpu"), trajectory)
-        record_seconds = time.perf_counter() - started
+        recorded: dict[str, tuple[Path, float]] = {}  # one trajectory per noise-level kind
         for loss in LOSSES:
+            kind = LOSS_TRAINING_SIGMA[loss]
+            if kind not in recorded:
+                trajectory = workdir / f"{dataset}-{seed}-{kind}"
+                started = time.perf_counter()
+                run_record(RecordConfig(**record, loss=loss, seed=seed, device="cpu"), trajectory)
+                recorded[kind] = trajectory, time.perf_counter() - started
+            trajectory, record_seconds = recorded[kind]
             for method in ("disback", "baseline"):
                 cfg = BacktrackConfig(**backtrack, loss=loss, seed=seed, device="cpu",
                                       no_trajectory=method == "baseline")  # fmt: skip

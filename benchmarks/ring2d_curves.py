@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     teacher = open_teacher("builtin:ring2d")
-    evaluator = training_evaluator("ring2d", 2000, (2,), 0, torch.device("cpu"))
+    evaluator = training_evaluator("ring2d", 2000, (2,), 0, torch.device("cpu"), 2000)
     g0_metrics = evaluator(initial_generator(teacher, 2.5))
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_seed(seed, Path(tmp), g0_metrics) for seed in args.seeds]
