@@ -177,7 +177,11 @@ def execution(cfg) -> Execution:
 
 
 def shutdown() -> None:
+    """End the process group once every rank is done with it: a rank that tore down its gloo
+    threads while another still finished its work sometimes aborted at exit ("terminate called
+    without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
