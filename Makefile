@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 RING   ?= runs/ring
 
-.PHONY: demo demo-ring test lint format bench clean
+.PHONY: demo demo-ring test lint format bench mutation clean
 
 # clean-fid comes last and without its declared dependencies: its torchvision pin would replace
 # torch, and disback imports only its torchvision-free modules. Installed before another package,
@@ -38,6 +38,10 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# Does the suite catch planted bugs in the maths and the file formats? (~30 min; docs/testing.md)
+mutation: $(VENV)/.installed
+	$(BIN)/python benchmarks/mutation.py
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
