@@ -9,6 +9,7 @@ from disback_cli.losses import (
     GENERATOR_LOSSES,
     LOSS_TRAINING_SIGMA,
     TrainingSigma,
+    clip_gradients,
     edm_denoising_loss,
     edm_loss_weight,
     karras_sigma,
@@ -198,3 +199,12 @@ def test_adaptive_schedule_respects_the_maximum_interval_and_round_trips():
     copy = AdaptiveSchedule(last_node=2, patience=100, max_interval=7)
     copy.load_state_dict(schedule.state_dict())
     assert copy.state_dict() == schedule.state_dict()
+
+
+def test_gradients_are_clipped_to_the_total_norm_and_the_norm_before_is_returned():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # total norm 5
+    assert clip_gradients([a, b], clip=1.0).item() == pytest.approx(5.0)
+    assert torch.allclose(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.0, 0.8]), atol=1e-6)
+    assert clip_gradients([a, b]).item() == pytest.approx(1.0)  # no clip: left as they are
+    assert torch.allclose(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.0, 0.8]), atol=1e-6)

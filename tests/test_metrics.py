@@ -51,3 +51,11 @@ def test_mmd_in_blocks_equals_the_whole_matrix_and_large_sets_are_capped():
     assert abs(metrics.mmd2_rbf(x, y) - whole) < 1e-12
     big = torch.cat([x, x, x])
     assert metrics.mmd2_rbf(big, y) == metrics.mmd2_rbf(big[: metrics.MMD_MAX_SAMPLES], y)
+
+
+def test_sliced_w2_of_a_shifted_set_is_the_shift():
+    """In 1-D every projection is +-x, so the sliced W2 between a set and the set moved by c is
+    exactly |c| (a W2, not its square)."""
+    x = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0))
+    distance = sliced_wasserstein(x, x + 0.5, torch.Generator().manual_seed(1))
+    assert math.isclose(distance, 0.5, rel_tol=1e-9)

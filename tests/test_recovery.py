@@ -17,13 +17,14 @@ from conftest import checkout_env, file_digests
 from disback_cli import backtrack as backtrack_module
 from disback_cli import fileio
 from disback_cli.backtrack import _truncate_metrics, run_backtrack
-from disback_cli.checkpoint import save_denoiser
+from disback_cli.checkpoint import encode_safetensors, read_safetensors, save_denoiser
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import DisbackError
 from disback_cli.lock import LOCK_FILE, run_lock
 from disback_cli.record import run_record
 from disback_cli.rundir import backtrack_dir
 from disback_cli.runtime import SilentReporter
+from disback_cli.statefile import load_state, save_state
 from disback_cli.teachers import open_teacher
 from disback_cli.trajectory import BacktrackManifest, read_manifest
 
@@ -219,3 +220,32 @@ def test_full_disk_is_refused_before_backtracking(trajectory, monkeypatch, cli):
     result = cli("backtrack", "-T", trajectory, "--iters", "20")
     assert result.code == 1 and "not enough disk space for two checkpoints" in result.stderr
     assert not (trajectory / "backtrack").exists()
+
+
+def test_atomic_writes_give_files_the_usual_mode(tmp_path):
+    """A temporary file is private (0600) until renamed; the result has the mode any new file
+    gets under the umask, as `open` would give it."""
+    old = os.umask(0o027)
+    try:
+        fileio.atomic_write_bytes(tmp_path / "a", b"x")
+        fileio.atomic_write_chunks(tmp_path / "b", 2, [b"y", memoryview(b"z")])
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in "ab"] == [0o640, 0o640]
+    assert (tmp_path / "b").read_bytes() == b"yz"
+
+
+@pytest.mark.parametrize("field", ["exp_avg", "exp_avg_sq", "step"])
+def test_a_state_file_missing_part_of_an_optimiser_state_is_refused(tmp_path, field):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    rng = torch.Generator()
+    save_state(tmp_path / "s", 1, {"net": net}, {"net": opt}, rng)
+    tensors, metadata, _ = read_safetensors(tmp_path / "s")
+    del tensors[f"optim.net.0.{field}"]
+    digest = fileio.atomic_write_bytes(tmp_path / "s", encode_safetensors(tensors, metadata))
+    fresh = torch.optim.Adam(net.parameters())
+    with pytest.raises(DisbackError, match="incomplete optimiser state for net"):
+        load_state(tmp_path / "s", digest, 1, {"net": net}, {"net": fresh}, rng)

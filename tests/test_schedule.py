@@ -98,3 +98,11 @@ def test_every_field_of_the_adaptive_switch_state_changes_later_decisions():
             if part != full:
                 changed.append(name)
         assert changed, f"no scenario depends on {field}"
+
+
+def test_the_adaptive_switch_smooths_the_gap_with_weight_0_9_on_the_past():
+    schedule = AdaptiveSchedule(last_node=3, patience=100, smoothing=0.9)
+    for gap in (1.0, 0.5, 0.25):
+        schedule.observe(gap)
+    # s1 = 1, s2 = 0.9 * 1 + 0.1 * 0.5 = 0.95, s3 = 0.9 * 0.95 + 0.1 * 0.25 = 0.88
+    assert schedule.smoothed == pytest.approx(0.88, abs=1e-12)

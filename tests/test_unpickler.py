@@ -210,3 +210,26 @@ def test_globals_off_the_allow_list_are_refused_before_they_run(tmp_path, module
     assert not marker.exists(), "the command in the pickle ran"
     message = str(info.value)
     assert f"refusing {module}.{name}: not on the allow-list" in message and "\n" not in message
+
+
+def test_the_file_budget_counts_bytes_not_elements(tmp_path):
+    """Two float32 views of a 1024-element storage: 2048 elements fit in the ~5 KB file, their
+    8 KB do not."""
+    store = storage(legacy_storage(torch.zeros(1024)))
+    payload = pickle.dumps({"ema": [tensor(store, (1024,), (1,)) for _ in range(2)]}, protocol=4)
+    assert 2048 < len(payload) < 8192
+    refused(tmp_path, payload, "tensors larger than the file that holds them")
+
+
+def test_a_storage_with_bytes_beyond_its_elements_is_refused(tmp_path):
+    data = legacy_storage(torch.zeros(4)) + b"\x00" * 4
+    refused(tmp_path, {"ema": storage(data)}, "size does not match its bytes")
+
+
+def test_a_module_that_appears_twice_in_the_network_is_refused(tmp_path):
+    net, kwargs = tiny_network("ddpmpp", "vp")
+    net.model.shared = net.model.map_noise  # the same record under a second name
+    path = tmp_path / "shared.pkl"
+    write_edm_snapshot(path, net, kwargs)
+    with pytest.raises(DisbackError, match="appears twice"):
+        read_edm_pickle(path)
