@@ -35,7 +35,7 @@ from disback_cli.config import BacktrackConfig
 from disback_cli.generator import OneStepGenerator
 from disback_cli.losses import TrainingSigma, denoising_step, make_generator_loss
 from disback_cli.networks import NetworkSpec, build_denoiser, eval_mode
-from disback_cli.parallel import Execution
+from disback_cli.parallel import Execution, shutdown
 from disback_cli.sampling import draw_labels
 
 BF16_TOLERANCE = 0.05
@@ -445,13 +445,16 @@ def _rank_gradients(rank: int, backend: str, work: Workload) -> Check | None:
             ex = Execution(device, rank=rank, world_size=2)
             _forward_backward(model, tuple(ex.local(t) for t in inputs), ex)
             ex.average_gradients(model.parameters())
-            averaged = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-            if rank != 0:
-                return None
-            _, full = _forward_backward(model, inputs, Execution(device))
-            return gradients_match(averaged, full)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    shutdown()  # its barrier: neither rank leaves the group while the other still uses it
+    averaged = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    if rank != 0:
+        return None
+    with exact_fp32():
+        _, full = _forward_backward(model, inputs, Execution(device))
+    return gradients_match(averaged, full)
 
 
 CHECKS: dict[str, Callable[[Workload, torch.device], Check]] = {

@@ -107,7 +107,7 @@ def test_a_data_parallel_process_that_dies_fails_the_check(monkeypatch):
 
 
 def test_data_parallel_processes_that_hang_are_killed(monkeypatch):
-    monkeypatch.setattr(doctor, "RANK_COMMAND", "import time; time.sleep(60)")
+    monkeypatch.setattr(doctor, "RANK_COMMAND", "import threading; threading.Event().wait()")
     monkeypatch.setattr(doctor, "DATA_PARALLEL_TIMEOUT", 1.0)
     check = doctor.check_data_parallel(doctor.Workload.for_device(CPU), CPU)
     assert check.status == "failed" and "did not finish within 1 s" in check.detail
