@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.losses import LOSS_TRAINING_SIGMA
-from disback_cli.record import run_record
+from disback_cli.method.losses import LOSS_TRAINING_SIGMA
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
 
 LOSSES = ("vsd", "dmd", "sid")
 SETTINGS = {

@@ -13,10 +13,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
 
 
 def main() -> None:

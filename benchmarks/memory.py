@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from disback_cli.networks import NetworkSpec
+from disback_cli.models.networks import NetworkSpec
 
 SONG = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
             channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
@@ -64,8 +64,8 @@ def peak_rss_bytes() -> int:
 
 
 def make_teacher(config: str, folder: Path) -> Path:
-    from disback_cli.checkpoint import save_denoiser
-    from disback_cli.networks import build_denoiser
+    from disback_cli.models.denoiser_files import save_denoiser
+    from disback_cli.models.networks import build_denoiser
 
     path = folder / f"{config}.safetensors"
     if not path.exists():
@@ -79,13 +79,14 @@ def make_teacher(config: str, folder: Path) -> Path:
 
 def run_stage(stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int) -> dict:
     """One stage in this process; returns its measurements."""
-    from disback_cli import record as record_module
-    from disback_cli.backtrack import run_backtrack
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
-    from disback_cli.generate import load_generator, write_samples_of
-    from disback_cli.rundir import backtrack_dir
-    from disback_cli.teachers import open_teacher
-    from disback_cli.trajectory import BacktrackManifest, read_manifest
+    from disback_cli.method.generator import load_generator
+    from disback_cli.models.teachers import open_teacher
+    from disback_cli.stages import record as record_module
+    from disback_cli.stages.backtrack import run_backtrack
+    from disback_cli.stages.sample import write_samples_of
+    from disback_cli.store.layout import backtrack_dir
+    from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
     record_module.PROBE_SAMPLES = probe
     started = time.perf_counter()
@@ -131,7 +132,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from disback_cli.networks import build_denoiser
+    from disback_cli.models.networks import build_denoiser
 
     make_teacher(args.config, work)
     params = sum(p.numel() for p in build_denoiser(CONFIGS[args.config]).parameters())

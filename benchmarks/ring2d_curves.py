@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig, read_recipe
-from disback_cli.evaluation import training_evaluator
-from disback_cli.record import initial_generator, run_record
-from disback_cli.teachers import open_teacher
+from disback_cli.evaluation.ground_truth import training_evaluator
+from disback_cli.method.generator import initial_generator
+from disback_cli.models.teachers import open_teacher
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "ring2d.toml"
 METRICS = ("mmd2", "sliced_w2", "precision", "modes_covered", "mode_tv")

@@ -30,17 +30,18 @@ from pathlib import Path
 
 import torch
 
-from disback_cli import path_nodes
-from disback_cli.backtrack import run_backtrack
-from disback_cli.checkpoint import save_denoiser
 from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
-from disback_cli.generate import load_generator, write_samples_of
-from disback_cli.generator import OneStepGenerator
-from disback_cli.losses import denoising_step, make_generator_loss
-from disback_cli.networks import NetworkSpec, build_denoiser
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.trajectory import BacktrackManifest, read_manifest
+from disback_cli.method.dsm import denoising_step
+from disback_cli.method.generator import OneStepGenerator, load_generator
+from disback_cli.method.losses import make_generator_loss
+from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.networks import NetworkSpec, build_denoiser
+from disback_cli.stages import path_nodes
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.stages.sample import write_samples_of
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
 SPEC = NetworkSpec(
     arch="SongUNet",
@@ -80,7 +81,7 @@ def timed(fn, repeats: int) -> float:
 
 def parts(trajectory: Path, cfg: BacktrackConfig) -> dict[str, float]:
     """The work of one backtrack iteration, each piece timed alone."""
-    from disback_cli.checkpoint import load_denoiser
+    from disback_cli.models.denoiser_files import load_denoiser
 
     nodes = sorted((trajectory / "nodes").glob("*.safetensors"))
     target = load_denoiser(nodes[-2]).denoiser

@@ -14,7 +14,7 @@ import torch
 
 from disback_cli.cli.app import main
 from disback_cli.config import RecordConfig
-from disback_cli.record import run_record
+from disback_cli.stages.record import run_record
 
 torch.set_num_threads(2)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from disback_cli.checkpoint import encode_safetensors, read_safetensors
 from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
-from disback_cli.fileio import sha256_file
-from disback_cli.teachers import builtin_path
+from disback_cli.models.teachers import builtin_path
+from disback_cli.store.fileio import sha256_file
+from disback_cli.store.tensorfile import encode_safetensors, read_safetensors
 
 RING = builtin_path("ring2d")
 T = Path("t")
@@ -34,9 +34,9 @@ EXTEND = ["backtrack", "-T", "t", "--iters", "40", "--batch", "64", "--save-ever
 
 
 def build_template(root: Path) -> Path:
-    from disback_cli.backtrack import run_backtrack
-    from disback_cli.generate import write_samples
-    from disback_cli.record import run_record
+    from disback_cli.stages.backtrack import run_backtrack
+    from disback_cli.stages.record import run_record
+    from disback_cli.stages.sample import write_samples
 
     run_record(RecordConfig(teacher="builtin:ring2d", iters=60, nodes=3, batch=64,
                             device="cpu"), root / "t")  # fmt: skip

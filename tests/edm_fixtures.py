@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disback_cli.networks import NetworkSpec, build_denoiser
+from disback_cli.models.networks import NetworkSpec, build_denoiser
 
 HARMLESS_SOURCE = "# module source would be here; disback never runs it\n"
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from disback_cli.checkpoint import load_denoiser
-from disback_cli.record import build_g0
-from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.method.generator import build_g0
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.teachers import open_teacher
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 
 def karras(t: torch.Tensor) -> torch.Tensor:

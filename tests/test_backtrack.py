@@ -7,14 +7,14 @@ import pytest
 from first_iteration import first_iteration
 
 from conftest import file_digests
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import ConfigError, DisbackError, InterruptedRun
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.runtime import SilentReporter
-from disback_cli.schedule import target_node
-from disback_cli.trajectory import BacktrackManifest, read_manifest
+from disback_cli.method.schedule import target_node
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
 SMALL = dict(iters=60, interval=10, batch=64, save_every=20, log_every=10, device="cpu")
 
@@ -169,8 +169,8 @@ def test_adaptive_switching_resumes_exactly(trajectory):
 
 
 def test_random_student_smaller_than_the_teacher(tmp_path):
-    from disback_cli.checkpoint import load_denoiser
-    from disback_cli.trajectory import TrajectoryManifest
+    from disback_cli.models.denoiser_files import load_denoiser
+    from disback_cli.store.manifests import TrajectoryManifest
 
     cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
                        student_arch_kwargs={"hidden": 32})  # fmt: skip
@@ -185,8 +185,8 @@ def test_random_student_smaller_than_the_teacher(tmp_path):
 
 
 def test_student_from_a_file(tmp_path):
-    from disback_cli.checkpoint import save_denoiser
-    from disback_cli.networks import NetworkSpec, build_denoiser
+    from disback_cli.models.denoiser_files import save_denoiser
+    from disback_cli.models.networks import NetworkSpec, build_denoiser
 
     spec = NetworkSpec(arch="mlp", arch_kwargs={"hidden": 16, "depth": 2},
                        precond_kwargs={"sigma_data": 1.4}, data_shape=(2,))  # fmt: skip

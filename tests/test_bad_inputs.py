@@ -32,10 +32,10 @@ from test_edm import Exploit
 from test_fid import StandInInception, images_like, write_npz
 
 from conftest import checkout_env
-from disback_cli.checkpoint import save_denoiser
-from disback_cli.fileio import sha256_file
-from disback_cli.networks import build_denoiser
-from disback_cli.teachers import builtin_path, open_teacher
+from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.networks import build_denoiser
+from disback_cli.models.teachers import builtin_path, open_teacher
+from disback_cli.store.fileio import sha256_file
 
 
 def other_teacher_node(w: World) -> list[str]:
@@ -54,7 +54,7 @@ def held_lock(w: World) -> list[str]:
     """Another live process holds the lock of the run directory."""
     run = w / "t" / "backtrack" / "default"
     code = (
-        "import sys, time\nfrom disback_cli.lock import run_lock\n"
+        "import sys, time\nfrom disback_cli.store.lock import run_lock\n"
         f"with run_lock({str(run)!r}, 'backtrack'):\n    print('held', flush=True)\n"
         "    time.sleep(60)\n"
     )
@@ -70,7 +70,9 @@ def _stand_in_reference(w: World) -> list[str]:
     detector = w / "stand-in.pt"
     torch.jit.script(StandInInception()).save(str(detector))
     w.monkeypatch.setenv("DISBACK_INCEPTION", str(detector))
-    w.monkeypatch.setattr("disback_cli.detectors.INCEPTION_SHA256", sha256_file(detector))
+    w.monkeypatch.setattr(
+        "disback_cli.evaluation.detectors.INCEPTION_SHA256", sha256_file(detector)
+    )
     write_npz(w / "small.npz", images_like(6, 1, size=8))
     np.savez(w / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048),
              meta=np.asarray(json.dumps({"detector": {"name": "inception-2015-12-05",

@@ -4,10 +4,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from disback_cli.checkpoint import load_denoiser, save_denoiser
 from disback_cli.errors import DisbackError
-from disback_cli.networks import NetworkSpec, build_denoiser
-from disback_cli.statefile import load_state, save_state
+from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
+from disback_cli.models.networks import NetworkSpec, build_denoiser
+from disback_cli.store.statefile import load_state, save_state
 
 SPEC = NetworkSpec(arch="mlp", arch_kwargs={"hidden": 16, "depth": 2}, data_shape=(2,),
                    precond_kwargs={"sigma_data": 1.0})  # fmt: skip

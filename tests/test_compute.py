@@ -12,18 +12,18 @@ import safetensors
 import torch
 from first_iteration import first_iteration
 
-from disback_cli import path_nodes
-from disback_cli.backtrack import run_backtrack
-from disback_cli.checkpoint import load_denoiser
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.networks.layers import Conv2d
-from disback_cli.parallel import Execution
-from disback_cli.path_nodes import PathNodes
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest
-from disback_cli.trajectory import read_manifest as read
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.networks.layers import Conv2d
+from disback_cli.models.teachers import open_teacher
+from disback_cli.runtime.parallel import Execution
+from disback_cli.stages import path_nodes
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.path_nodes import PathNodes
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest
+from disback_cli.store.manifests import read_manifest as read
 
 SMALL = dict(iters=30, interval=10, batch=64, save_every=10, log_every=10, device="cpu")
 

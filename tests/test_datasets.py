@@ -1,8 +1,8 @@
 import torch
 
-from disback_cli.datasets import ring2d
-from disback_cli.metrics import mmd2_rbf
-from disback_cli.sampling import edm_sampler, seeded_noise
+from disback_cli.evaluation.datasets import ring2d
+from disback_cli.evaluation.vectors import mmd2_rbf
+from disback_cli.method.sampling import edm_sampler, seeded_noise
 
 
 def test_analytic_denoiser_matches_monte_carlo_posterior_mean():

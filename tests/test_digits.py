@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from disback_cli.datasets import digits, digits_uint8
-from disback_cli.demo import run_demo
-from disback_cli.digits_metric import DigitsDetector, digits_scores, heldout_floor
-from disback_cli.generate import HeunSampler
-from disback_cli.images import to_uint8
-from disback_cli.sampling import seeded_noise
-from disback_cli.teachers import open_teacher
+from disback_cli.evaluation.datasets import digits, digits_uint8
+from disback_cli.evaluation.digits import DigitsDetector, digits_scores, heldout_floor
+from disback_cli.method.sampling import HeunSampler, seeded_noise
+from disback_cli.models.teachers import open_teacher
+from disback_cli.stages.demo import run_demo
+from disback_cli.store.images import to_uint8
 
 
 def test_digits_data_splits_are_disjoint_and_complete():

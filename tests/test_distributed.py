@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from conftest import checkout_env
-from disback_cli import parallel
-from disback_cli.checkpoint import load_denoiser
-from disback_cli.parallel import Execution
-from disback_cli.rundir import backtrack_dir
-from disback_cli.trajectory import BacktrackManifest, read_manifest
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.runtime import parallel
+from disback_cli.runtime.parallel import Execution
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
 ENV = checkout_env(OMP_NUM_THREADS="1")  # same arithmetic in both launches; this checkout
 RECORD = [
@@ -181,15 +181,15 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
     import numpy as np
     from test_fid import StandInInception, images_like, write_folder, write_npz
 
-    from disback_cli.fileio import sha256_file
+    from disback_cli.store.fileio import sha256_file
 
     detector = tmp_path / "stand-in.pt"
     torch.jit.script(StandInInception()).save(str(detector))
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import disback_cli.detectors\n"
-        f"disback_cli.detectors.INCEPTION_SHA256 = {sha256_file(detector)!r}\n"
+        "import disback_cli.evaluation.detectors\n"
+        f"disback_cli.evaluation.detectors.INCEPTION_SHA256 = {sha256_file(detector)!r}\n"
     )
     env = checkout_env(hook, OMP_NUM_THREADS="1", DISBACK_INCEPTION=str(detector))
     write_folder(tmp_path / "real", images_like(30, 1))

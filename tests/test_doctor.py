@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from disback_cli import doctor
+from disback_cli.runtime import doctor
 
 CHECKS = list(doctor.CHECKS)
 CPU = torch.device("cpu")

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from disback_cli.backtrack import run_backtrack
-from disback_cli.checkpoint import load_denoiser, save_denoiser
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.generator import OneStepGenerator
-from disback_cli.losses import TrainingSigma, denoising_step
-from disback_cli.networks import NetworkSpec, build_denoiser, network_dropout
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.method.dsm import denoising_step
+from disback_cli.method.generator import OneStepGenerator
+from disback_cli.method.noise import TrainingSigma
+from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
+from disback_cli.models.networks import NetworkSpec, build_denoiser, network_dropout
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 DROPOUT = 0.13
 SPEC = NetworkSpec(

@@ -8,10 +8,10 @@ import pytest
 import torch
 from edm_fixtures import ARCHS, edm_pickle_bytes, tiny_network, write_edm_snapshot
 
-from disback_cli.checkpoint import load_denoiser
-from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
-from disback_cli.teachers import describe_teacher, load_teacher, open_teacher
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.edm_pickle import read_edm_pickle
+from disback_cli.models.teachers import describe_teacher, load_teacher, open_teacher
 
 SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 1.0, 5.0, 20.0, 80.0])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from disback_cli.ema import ema_beta, update_ema
+from disback_cli.method.ema import ema_beta, update_ema
 
 
 def pair(ema_values, net_values):

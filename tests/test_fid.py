@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disback_cli.detectors import InceptionDetector
-from disback_cli.fileio import sha256_file
-from disback_cli.image_eval import extract_features
-from disback_cli.image_io import folder_images, npz_images
-from disback_cli.images import encode_png, png_name
-from disback_cli.runtime import SilentReporter
+from disback_cli.evaluation.detectors import InceptionDetector
+from disback_cli.evaluation.image_eval import extract_features
+from disback_cli.evaluation.image_io import folder_images, npz_images
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.store.fileio import sha256_file
+from disback_cli.store.images import encode_png, png_name
 
 
 class StandInLayers(nn.Module):
@@ -51,7 +51,7 @@ def stand_in(tmp_path_factory) -> str:
 @pytest.fixture
 def trusted(stand_in, monkeypatch):
     """Let the CLI accept the stand-in's hash (the real file's hash is checked otherwise)."""
-    monkeypatch.setattr("disback_cli.detectors.INCEPTION_SHA256", sha256_file(stand_in))
+    monkeypatch.setattr("disback_cli.evaluation.detectors.INCEPTION_SHA256", sha256_file(stand_in))
     return stand_in
 
 

@@ -20,11 +20,12 @@ from corpus import RING
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from disback_cli.checkpoint import load_denoiser, read_safetensors
-from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
-from disback_cli.rundir import BACKTRACK, TRAJECTORY
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.edm_pickle import read_edm_pickle
+from disback_cli.store.layout import BACKTRACK, TRAJECTORY
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.store.tensorfile import read_safetensors
 
 settings.register_profile(
     "suite", max_examples=150, derandomize=True, deadline=None, database=None,

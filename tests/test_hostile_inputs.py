@@ -38,8 +38,8 @@ from test_bad_inputs import CASES as BASIC_CASES
 from test_fid import images_like, write_folder
 from test_unpickler import hostile_pickle
 
-from disback_cli.images import encode_png, png_name
-from disback_cli.samplefolder import write_record
+from disback_cli.store.images import encode_png, png_name
+from disback_cli.store.samples import write_record
 
 TRAJ = T / "manifest.json"
 RUN_MANIFEST = RUN / "manifest.json"
@@ -211,7 +211,7 @@ def state_metadata(w: World, **metadata: str) -> list[str]:
 
 
 def state_tensor(w: World, key: str, value) -> list[str]:
-    from disback_cli.checkpoint import encode_safetensors, read_safetensors
+    from disback_cli.store.tensorfile import encode_safetensors, read_safetensors
 
     manifest = json.loads((w / RUN_MANIFEST).read_text())
     path = w / RUN / manifest["state"]["file"]
@@ -252,7 +252,7 @@ def npz_header(w: World, shape: tuple, dtype: str = "<f4") -> list[str]:
 
 def small_memory(w: World, command: list[str]) -> list[str]:
     """A machine with 64 MiB: sizes that cannot fit are refused before anything is written."""
-    w.monkeypatch.setattr("disback_cli.runtime.physical_memory", lambda: 64 << 20)
+    w.monkeypatch.setattr("disback_cli.runtime.devices.physical_memory", lambda: 64 << 20)
     return command
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from disback_cli.image_metrics import (
+from disback_cli.evaluation.image_metrics import (
     feature_stats,
     frechet_distance,
     kernel_inception_distance,

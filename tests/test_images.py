@@ -11,14 +11,14 @@ import torch
 from edm_fixtures import tiny_network, write_edm_snapshot
 
 from conftest import file_digests
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.images import encode_png, grid, to_uint8
-from disback_cli.networks import set_dropout
-from disback_cli.networks.layers import UNetBlock
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.runtime import SilentReporter
+from disback_cli.models.networks import set_dropout
+from disback_cli.models.networks.layers import UNetBlock
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store.images import encode_png, grid, to_uint8
+from disback_cli.store.layout import backtrack_dir
 
 BACKTRACK = dict(iters=6, interval=2, batch=4, save_every=2, log_every=2, device="cpu")
 
@@ -98,7 +98,7 @@ def test_dropout_is_kept_by_default_and_switchable(image_trajectory, tmp_path, m
         set_dropout(module, p)
         seen.append({b.dropout for b in module.modules() if isinstance(b, UNetBlock)})
 
-    monkeypatch.setattr("disback_cli.backtrack.set_dropout", spy)
+    monkeypatch.setattr("disback_cli.stages.backtrack.set_dropout", spy)
     run_backtrack(BacktrackConfig(**BACKTRACK), trajectory, "keep")
     run_backtrack(BacktrackConfig(**BACKTRACK, dropout=0.0), trajectory, "off")
     assert seen == [{0.1}, {0.1}, {0.0}, {0.0}]  # generator and fake score of each run

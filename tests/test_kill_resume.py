@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from conftest import checkout_env
-from disback_cli.lock import LOCK_FILE
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.store.lock import LOCK_FILE
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 SAVE_EVERY = 10
 RECORD = [

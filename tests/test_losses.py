@@ -5,17 +5,10 @@ import torch
 from torch import nn
 
 from disback_cli.config import BacktrackConfig
-from disback_cli.losses import (
-    GENERATOR_LOSSES,
-    LOSS_TRAINING_SIGMA,
-    TrainingSigma,
-    clip_gradients,
-    edm_denoising_loss,
-    edm_loss_weight,
-    karras_sigma,
-    make_generator_loss,
-)
-from disback_cli.schedule import AdaptiveSchedule, FixedSchedule
+from disback_cli.method.dsm import clip_gradients, edm_denoising_loss, edm_loss_weight
+from disback_cli.method.losses import GENERATOR_LOSSES, LOSS_TRAINING_SIGMA, make_generator_loss
+from disback_cli.method.noise import TrainingSigma, karras_sigma
+from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule
 
 
 class Linear(nn.Module):

@@ -4,7 +4,12 @@ import math
 import pytest
 
 from disback_cli.errors import DisbackError
-from disback_cli.trajectory import SCHEMA_VERSION, TrajectoryManifest, read_manifest, write_manifest
+from disback_cli.store.manifests import (
+    SCHEMA_VERSION,
+    TrajectoryManifest,
+    read_manifest,
+    write_manifest,
+)
 
 
 def test_manifest_round_trip(small_trajectory, tmp_path):
@@ -71,7 +76,7 @@ def test_every_config_value_at_its_bounds_round_trips_through_a_manifest(
 ):
     """A manifest disback writes is always one it can read again, whatever the flags were."""
     from disback_cli.config import BacktrackConfig, RecordConfig
-    from disback_cli.trajectory import BacktrackManifest
+    from disback_cli.store.manifests import BacktrackManifest
 
     trajectory = read_manifest(small_trajectory, TrajectoryManifest)
     record = edge_values(RecordConfig, which)

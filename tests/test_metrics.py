@@ -2,8 +2,12 @@ import math
 
 import torch
 
-from disback_cli.datasets import ring2d
-from disback_cli.metrics import mmd2_rbf, mode_statistics, sliced_wasserstein
+from disback_cli.evaluation.datasets import ring2d
+from disback_cli.evaluation.vectors import (
+    mmd2_rbf,
+    mode_statistics,
+    sliced_wasserstein,
+)
 
 
 def test_mmd_is_near_zero_for_same_law_and_large_for_different():
@@ -36,7 +40,7 @@ def test_mode_statistics_detect_dropped_modes_and_imprecise_samples():
 def test_mmd_in_blocks_equals_the_whole_matrix_and_large_sets_are_capped():
     """Sets larger than one block are summed block by block (memory stays flat: 200 000 samples
     once asked for 320 GB); beyond MMD_MAX_SAMPLES only the first samples count."""
-    from disback_cli import metrics
+    from disback_cli.evaluation import vectors as metrics
 
     rng = torch.Generator().manual_seed(0)
     x, y = torch.randn(5000, 2, generator=rng), torch.randn(4500, 2, generator=rng) + 0.2

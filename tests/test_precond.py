@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from disback_cli.networks import NetworkSpec, build_denoiser
-from disback_cli.precond import EDMPrecond, VEPrecond, VPPrecond
+from disback_cli.models.networks import NetworkSpec, build_denoiser
+from disback_cli.models.precond import EDMPrecond, VEPrecond, VPPrecond
 
 
 class Recorder(nn.Module):

@@ -3,13 +3,16 @@
 import pytest
 import torch
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
-from disback_cli.evaluation import evaluate_vectors
-from disback_cli.generate import generator_file_of_run, read_samples, write_samples
-from disback_cli.record import initial_generator, run_record
-from disback_cli.sampling import seeded_noise
-from disback_cli.teachers import open_teacher
+from disback_cli.evaluation.ground_truth import evaluate_vectors
+from disback_cli.method.generator import initial_generator
+from disback_cli.method.sampling import seeded_noise
+from disback_cli.models.teachers import open_teacher
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.stages.sample import write_samples
+from disback_cli.store.manifests import generator_file_of_run
+from disback_cli.store.samples import read_samples
 
 
 @pytest.fixture(scope="module")

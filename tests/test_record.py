@@ -8,9 +8,9 @@ import pytest
 from conftest import SMALL_RECORD, file_digests
 from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError
-from disback_cli.record import run_record
-from disback_cli.runtime import SilentReporter
-from disback_cli.trajectory import TrajectoryManifest, read_manifest
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.stages.record import run_record
+from disback_cli.store.manifests import TrajectoryManifest, read_manifest
 
 
 class CrashAt(SilentReporter):

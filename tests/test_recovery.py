@@ -14,19 +14,21 @@ import pytest
 import torch
 
 from conftest import checkout_env, file_digests
-from disback_cli import backtrack as backtrack_module
-from disback_cli import fileio
-from disback_cli.backtrack import _truncate_metrics, run_backtrack
-from disback_cli.checkpoint import encode_safetensors, read_safetensors, save_denoiser
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import DisbackError
-from disback_cli.lock import LOCK_FILE, run_lock
-from disback_cli.record import run_record
-from disback_cli.rundir import backtrack_dir
-from disback_cli.runtime import SilentReporter
-from disback_cli.statefile import load_state, save_state
-from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import BacktrackManifest, read_manifest
+from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.teachers import open_teacher
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.stages import backtrack as backtrack_module
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store import fileio
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.lock import LOCK_FILE, run_lock
+from disback_cli.store.manifests import BacktrackManifest, read_manifest
+from disback_cli.store.metrics_log import _truncate_metrics
+from disback_cli.store.statefile import load_state, save_state
+from disback_cli.store.tensorfile import encode_safetensors, read_safetensors
 
 SMALL = dict(iters=60, interval=10, batch=64, save_every=20, log_every=10, device="cpu")
 

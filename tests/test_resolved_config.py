@@ -11,13 +11,13 @@ import sys
 import pytest
 
 from conftest import checkout_env
-from disback_cli.checkpoint import save_denoiser
 from disback_cli.config import FAMILY_DEFAULTS
 from disback_cli.errors import DisbackError
-from disback_cli.record import LossMeans
-from disback_cli.rundir import backtrack_dir
-from disback_cli.teachers import open_teacher
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.teachers import open_teacher
+from disback_cli.stages.record import LossMeans
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 RING = ["--teacher", "builtin:ring2d", "--iters", "20", "--nodes", "2", "--batch", "32",
         "--device", "cpu"]  # fmt: skip

@@ -9,11 +9,17 @@ import shutil
 
 from test_fid import images_like, write_folder
 
-from disback_cli.fileio import atomic_write_bytes
-from disback_cli.images import png_name
-from disback_cli.record import run_record
-from disback_cli.rundir import BACKTRACK, TRAJECTORY, backtrack_dir, foreign_entries, remove_ours
-from disback_cli.samplefolder import read_record
+from disback_cli.stages.record import run_record
+from disback_cli.store.fileio import atomic_write_bytes
+from disback_cli.store.images import png_name
+from disback_cli.store.layout import (
+    BACKTRACK,
+    TRAJECTORY,
+    backtrack_dir,
+    foreign_entries,
+    remove_ours,
+)
+from disback_cli.store.samples import read_record
 
 
 def files(root) -> dict[str, str]:

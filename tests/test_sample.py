@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.config import BacktrackConfig, SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.generate import generator_file_of_run, read_samples, write_samples
-from disback_cli.sampling import edm_sampler, parse_seeds, seeded_noise
+from disback_cli.method.sampling import edm_sampler, parse_seeds, seeded_noise
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.sample import write_samples
+from disback_cli.store.manifests import generator_file_of_run
+from disback_cli.store.samples import read_samples
 
 
 @pytest.fixture(scope="module")

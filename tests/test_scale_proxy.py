@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from edm_fixtures import tiny_network, write_edm_snapshot
 
-from disback_cli.rundir import backtrack_dir
-from disback_cli.trajectory import BacktrackManifest, TrajectoryManifest, read_manifest
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 CIFAR_DROPOUT = 0.13
 QUICK = ["--batch", "8", "--log-every", "1", "--save-every", "0", "--device", "cpu"]

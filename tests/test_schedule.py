@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from disback_cli.schedule import AdaptiveSchedule, node_steps, target_node
+from disback_cli.method.schedule import AdaptiveSchedule, node_steps, target_node
 
 
 def test_node_steps_even_and_start_with_teacher():

@@ -1,12 +1,12 @@
 import torch
 
-from disback_cli.checkpoint import load_denoiser
 from disback_cli.config import TeacherTrainConfig
-from disback_cli.evaluation import evaluate_vectors
-from disback_cli.record import initial_generator
-from disback_cli.sampling import edm_sampler, seeded_noise
-from disback_cli.teacher_train import train_teacher
-from disback_cli.teachers import open_teacher
+from disback_cli.evaluation.ground_truth import evaluate_vectors
+from disback_cli.method.generator import initial_generator
+from disback_cli.method.sampling import edm_sampler, seeded_noise
+from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.teachers import open_teacher
+from disback_cli.stages.train_teacher import train_teacher
 
 
 def test_builtin_ring_teacher_samples_the_ring_with_heun_18():

@@ -15,9 +15,9 @@ import pytest
 import torch
 from edm_fixtures import edm_pickle_bytes, tiny_network, write_edm_snapshot
 
-from disback_cli import edm_pickle
-from disback_cli.edm_pickle import read_edm_pickle
 from disback_cli.errors import DisbackError
+from disback_cli.models import edm_pickle
+from disback_cli.models.edm_pickle import read_edm_pickle
 
 
 def legacy_storage(values: torch.Tensor) -> bytes:

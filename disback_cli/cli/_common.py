@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.text import Text
 
 from disback_cli.config import FAMILY_DEFAULTS
-from disback_cli.runtime import Reporter
+from disback_cli.runtime.reporting import Reporter
 
 console = Console(stderr=True, highlight=False)  # progress and messages
 stdout = Console(highlight=False, soft_wrap=True)  # results: tables and summaries

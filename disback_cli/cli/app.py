@@ -16,9 +16,8 @@ from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
 from disback_cli.cli import backtrack, demo, doctor, evaluate, plot, record, sample, teacher
-from disback_cli.config import describe_validation_error
-from disback_cli.errors import DisbackError, InterruptedRun
-from disback_cli.parallel import shutdown
+from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error
+from disback_cli.runtime.parallel import shutdown
 
 app = typer.Typer(
     name="disback",

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from disback_cli.backtrack import run_backtrack
 from disback_cli.cli._common import (
     ChannelsLastOpt,
     CompileOpt,
@@ -24,11 +23,12 @@ from disback_cli.cli._common import (
     emit_json,
     reporting,
     stdout,
-)  # fmt: skip
+)
 from disback_cli.config import BacktrackConfig, build_config
-from disback_cli.parallel import is_main_process
-from disback_cli.plot import read_metrics
-from disback_cli.rundir import backtrack_dir
+from disback_cli.runtime.parallel import is_main_process
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.metrics_log import read_metrics
 
 
 def _h(field: str) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from disback_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
-from disback_cli.demo import run_demo
+from disback_cli.stages.demo import run_demo
 
 
 def demo(

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 import typer
 
 from disback_cli.cli._common import DeviceOpt, JsonOpt, emit_json, stdout
-from disback_cli.doctor import CHECKS, Check, Workload, run_checks, versions
 from disback_cli.errors import ConfigError
-from disback_cli.runtime import resolve_device
+from disback_cli.runtime.devices import resolve_device
+from disback_cli.runtime.doctor import CHECKS, Check, Workload, run_checks, versions
 
 
 def _show_versions(info: dict[str, Any]) -> None:

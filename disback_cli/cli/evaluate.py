@@ -11,7 +11,6 @@ import torch
 import typer
 from rich.table import Table
 
-from disback_cli import detectors
 from disback_cli.cli._common import (
     DeviceOpt,
     JsonOpt,
@@ -22,20 +21,23 @@ from disback_cli.cli._common import (
     stdout,
 )
 from disback_cli.config import SampleConfig
-from disback_cli.datasets import DATASETS, get_dataset
-from disback_cli.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.evaluation import evaluate_digits, evaluate_vectors
-from disback_cli.generate import (
-    generator_file_of_run,
-    load_generator,
-    read_provenance,
-    read_samples,
+from disback_cli.evaluation import detectors
+from disback_cli.evaluation.datasets import DATASETS, get_dataset
+from disback_cli.evaluation.detectors import MODES, InceptionDetector, locate_inception
+from disback_cli.evaluation.ground_truth import evaluate_digits, evaluate_vectors
+from disback_cli.evaluation.image_eval import (
+    Reference,
+    evaluate_images,
+    load_reference,
+    write_reference,
 )
-from disback_cli.image_eval import Reference, evaluate_images, load_reference, write_reference
-from disback_cli.image_io import ImageSet, generated_images, open_images
-from disback_cli.parallel import execution
-from disback_cli.sampling import MAX_SEED, one_step_batches, parse_seeds
+from disback_cli.evaluation.image_io import ImageSet, generated_images, open_images
+from disback_cli.method.generator import load_generator
+from disback_cli.method.sampling import MAX_SEED, one_step_batches, parse_seeds
+from disback_cli.runtime.parallel import execution
+from disback_cli.store.manifests import generator_file_of_run
+from disback_cli.store.samples import read_provenance, read_samples
 
 
 def _detector(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from disback_cli.cli._common import JsonOpt, emit_json, stdout
-from disback_cli.plot import plot_runs
+from disback_cli.evaluation.plot import plot_runs
 
 
 def plot(

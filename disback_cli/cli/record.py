@@ -26,12 +26,12 @@ from disback_cli.cli._common import (
     emit_json,
     reporting,
     stdout,
-)  # fmt: skip
+)
 from disback_cli.config import RecordConfig, build_config
 from disback_cli.errors import ConfigError
-from disback_cli.parallel import is_main_process
-from disback_cli.record import fit_warning, run_record
-from disback_cli.teachers import BUILTIN_PREFIX
+from disback_cli.models.teachers import BUILTIN_PREFIX
+from disback_cli.runtime.parallel import is_main_process
+from disback_cli.stages.record import fit_warning, run_record
 
 
 def _h(field: str) -> str:

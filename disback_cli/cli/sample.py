@@ -21,17 +21,14 @@ from disback_cli.cli._common import (
     emit_json,
     reporting,
     stdout,
-)  # fmt: skip
-from disback_cli.config import SampleConfig, build_config
-from disback_cli.generate import (
-    HeunSampler,
-    generator_file_of_run,
-    write_samples,
-    write_samples_of,
 )
-from disback_cli.parallel import execution, is_main_process
-from disback_cli.rundir import backtrack_dir
-from disback_cli.teachers import open_teacher
+from disback_cli.config import SampleConfig, build_config
+from disback_cli.method.sampling import HeunSampler
+from disback_cli.models.teachers import open_teacher
+from disback_cli.runtime.parallel import execution, is_main_process
+from disback_cli.stages.sample import write_samples, write_samples_of
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import generator_file_of_run
 
 
 def _h(field: str) -> str:

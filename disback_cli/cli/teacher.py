@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from disback_cli.checkpoint import save_denoiser
 from disback_cli.cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -18,10 +17,16 @@ from disback_cli.cli._common import (
     emit_json,
     reporting,
     stdout,
-)  # fmt: skip
+)
 from disback_cli.config import TeacherTrainConfig, build_config
-from disback_cli.teacher_train import train_teacher
-from disback_cli.teachers import BUILTIN_PREFIX, BUILTIN_TEACHERS, describe_teacher, open_teacher
+from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.teachers import (
+    BUILTIN_PREFIX,
+    BUILTIN_TEACHERS,
+    describe_teacher,
+    open_teacher,
+)
+from disback_cli.stages.train_teacher import train_teacher
 
 app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
 

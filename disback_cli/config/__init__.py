@@ -1,0 +1,320 @@
+"""Run configurations: pydantic models filled from defaults, then a recipe file, then flags.
+
+The resolved model is stored in the run's manifest. Fields listed in `SESSION_FIELDS` only change
+how a run is carried out (logging, saving, device), so they may differ when a run is resumed;
+every other field defines the run, and a change to it is refused unless the run is restarted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
+from disback_cli.method.losses import GENERATOR_LOSSES
+from disback_cli.method.noise import SigmaKind
+from disback_cli.method.sampling import MAX_SAMPLES
+from disback_cli.store.fileio import read_regular_file
+
+SESSION_FIELDS = {
+    "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
+    "tf32", "compile", "channels_last",
+}  # fmt: skip
+
+# Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
+# and read back, or whose tensors cannot fit in any memory, is refused at the flag.
+MAX_ITERS = 10**9
+MAX_BATCH = 1 << 20
+MAX_NODES = 999  # node files are named node-001 ... node-999
+
+Betas = tuple[float, float]
+Iters = Annotated[int, Field(ge=1, le=MAX_ITERS)]
+Count = Annotated[int, Field(ge=0, le=MAX_ITERS)]  # 0 = off
+Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Rate = Annotated[float, Field(gt=0, le=1)]  # learning rates
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+PMean = Annotated[float, Field(ge=-20, le=20)]
+PStd = Annotated[float, Field(gt=0, le=20)]
+Dropout = Annotated[float, Field(ge=0, lt=1)]
+PathText = Annotated[str, Field(min_length=1, max_length=4096)]
+DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
+
+# Defaults that depend on the teacher: the toy ring wants fast rates, EDM U-Nets the rates their
+# distillation papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
+TEACHER_FAMILIES = {
+    "vector": "built-in vector teachers",
+    "image": "small image teachers",
+    "edm": "EDM-size image teachers (an EDM pickle or >= 10 M parameters)",
+}
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
+    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
+    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5},
+    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0},
+}
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    device: str = Field(
+        "auto", max_length=100, description="'cpu', 'cuda', 'cuda:1', ... or 'auto'"
+    )
+    verify: bool = Field(True, description="check the sha256 of every file a manifest names")
+    _recipe_keys: frozenset[str] = PrivateAttr(default=frozenset())  # set by build_config
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (everything but SESSION_FIELDS)."""
+        return self.model_dump(mode="json", exclude=SESSION_FIELDS)
+
+    def given_sources(self) -> dict[str, str]:
+        """Where each explicitly set field came from: "recipe", or "flag" (also arguments given
+        from Python)."""
+        return {
+            field: "recipe" if field in self._recipe_keys else "flag"
+            for field in sorted(self.model_fields_set)
+        }
+
+    @field_validator("betas", check_fields=False)
+    @classmethod
+    def _betas_in_range(cls, value: Betas) -> Betas:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("Adam betas must lie in [0, 1)")
+        return value
+
+
+class _Compute(_Config):
+    """How networks run: numeric precision and GPU speed switches."""
+
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast the networks, fp32 master weights and losses"
+    )
+    tf32: bool = Field(False, description="allow TF32 matmuls and convolutions (CUDA)")
+    compile: bool = Field(False, description="torch.compile the networks")
+    channels_last: bool | None = Field(
+        None, description="channels-last image tensors; none: on for images on CUDA"
+    )
+
+
+class _Training(_Compute):
+    """What both training stages share: the loss the path serves, noise levels, dropout, seed."""
+
+    loss: str = Field(
+        "vsd", max_length=100, description="generator loss: vsd, dmd or sid (record: the one "
+        "the path is for; it sets the nodes' noise levels)"
+    )  # fmt: skip
+    dsm_sigma: SigmaKind | None = Field(
+        None, description="noise levels the fake score and path nodes train at: lognormal or "
+        "karras (uniform index of 1000 Karras levels); none: the loss's (dmd: karras, else "
+        "lognormal)",
+    )  # fmt: skip
+    p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
+    p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
+    dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
+    seed: Seed = Field(0, description="random seed")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in GENERATOR_LOSSES:
+            raise ValueError(f"unknown loss {value!r} (known: {', '.join(GENERATOR_LOSSES)})")
+        return value
+
+
+class RecordConfig(_Training):
+    """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
+
+    teacher: PathText = Field(
+        description="builtin:NAME, an EDM .pkl or a disback .safetensors file"
+    )
+    iters: Iters = Field(1000, description="DSM iterations of the auxiliary model")
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = Field(
+        5, description="path nodes saved evenly over the iterations"
+    )
+    batch: Batch = Field(256, description="G0 samples per iteration")
+    lr: Rate | None = Field(None, description="Adam learning rate")
+    betas: Betas = Field((0.9, 0.999), description="Adam betas")
+    sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
+        None, description="G0(z) = D(sigma_init z, sigma_init); none: the student file's own, "
+        "else 2.5"
+    )  # fmt: skip
+    placement: Literal["even", "distance"] = Field(
+        "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
+    )
+    student: PathText | None = Field(
+        None, description="G0 from this denoiser file (default: teacher)"
+    )
+    student_arch_kwargs: dict[str, Any] | None = Field(
+        None, description="G0 = teacher architecture with these kwargs, randomly initialised"
+    )
+    save_every: Count = Field(0, description="extra resume points every N iterations")
+    node_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of saved path nodes (bf16 halves their disk use)"
+    )
+
+    @model_validator(mode="after")
+    def _nodes_fit(self) -> RecordConfig:
+        if self.nodes > self.iters:
+            raise ValueError(f"nodes ({self.nodes}) must not exceed iters ({self.iters})")
+        if self.student is not None and self.student_arch_kwargs is not None:
+            raise ValueError("give either student or student-arch-kwargs, not both")
+        return self
+
+
+class BacktrackConfig(_Training):
+    """Distribution backtracking: train the generator along the recorded path."""
+
+    iters: Iters = Field(2000, description="generator iterations")
+    interval: Iters = Field(
+        100, description="iterations per intermediate target node (adaptive: the maximum)"
+    )
+    no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
+        1.2, description="alpha of the SiD loss"
+    )
+    switch: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="target switching: every --interval, or when the score gap plateaus"
+    )
+    switch_patience: Iters = Field(50, description="adaptive: iterations without progress")
+    switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
+    batch: Batch = Field(256, description="generator samples per iteration")
+    lr_g: Rate | None = Field(None, description="generator learning rate")
+    lr_fake: Rate | None = Field(None, description="fake score learning rate")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
+    betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled weight decay (adamw only)")
+    fake_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description="fake-score DSM steps per generator step"
+    )
+    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
+        None, description="generator EMA half-life, kimg"
+    )
+    ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
+        0.05, description="EMA ramp-up ratio (none: off)"
+    )
+    grad_clip: Annotated[float, Field(gt=0, le=1e12)] | None = Field(
+        None, description="clip gradient norms (none: off)"
+    )
+    save_every: Count = Field(500, description="resume points every N iterations")
+    log_every: Iters = Field(10, description="metrics.jsonl line every N iterations")
+    eval_every: Count = Field(0, description="ground-truth metrics every N (0: off)")
+    eval_samples: Annotated[int, Field(ge=2, le=10**6)] = Field(
+        2000, description="samples per evaluation"
+    )
+
+    @model_validator(mode="after")
+    def _saves_on_log_lines(self) -> BacktrackConfig:
+        if self.save_every % self.log_every:
+            raise ValueError(
+                f"save-every ({self.save_every}) must be a multiple of log-every ({self.log_every})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _decay_needs_adamw(self) -> BacktrackConfig:
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError("weight-decay needs --optimizer adamw")
+        return self
+
+
+class SampleConfig(_Compute):
+    """One-step sampling from a trained generator."""
+
+    n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = Field(
+        None, description="number of samples (seeds 0..n-1)"
+    )
+    seeds: str | None = Field(
+        None, max_length=10_000, description="seed list, e.g. 0-999 (instead of -n)"
+    )
+    batch: Batch = Field(1000, description="samples per forward pass")
+    weights: Literal["ema", "raw"] = Field("ema", description="generator weights to use")
+    format: Literal["auto", "npz", "png"] = Field(
+        "auto", description="npz, png (images: EDM folder layout), auto: png for images"
+    )
+    class_label: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
+        None, description="fixed class for all samples"
+    )
+
+
+class TeacherTrainConfig(_Config):
+    """Train a built-in teacher from scratch on its ground-truth data set."""
+
+    dataset: str = Field(max_length=100, description="ground-truth data set, e.g. ring2d")
+    arch: str = Field("mlp", max_length=100, description="network architecture")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="network kwargs")
+    sigma_data: Annotated[float, Field(gt=0, le=1e3)] = Field(
+        0.5, description="data standard deviation for EDM"
+    )
+    iters: Iters = Field(10000, description="training iterations")
+    batch: Batch = Field(512, description="batch size")
+    lr: Rate = Field(2e-3, description="peak learning rate (cosine decay to 0)")
+    p_mean: PMean = Field(-1.2, description="log-normal sigma mean")
+    p_std: PStd = Field(1.2, description="log-normal sigma std")
+    conditional: bool = Field(False, description="condition on the data set's class labels")
+    warmup: Count = Field(0, description="linear learning-rate warm-up iterations")
+    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
+        None, description="EMA half-life (none: off)"
+    )
+    ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
+        0.05, description="EMA ramp-up ratio"
+    )
+    seed: Seed = Field(0, description="random seed")
+
+
+ConfigT = TypeVar("ConfigT", bound=_Config)
+
+
+RECIPE_TABLES = ("record", "backtrack", "sample", "teacher_train")
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
+    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables.
+
+    Tables other than the commands' and keys outside any table are refused, so a misspelt table
+    name cannot silently drop its settings."""
+    try:
+        data = tomllib.loads(read_regular_file(path, MAX_RECIPE_BYTES, "recipe").decode())
+    except DisbackError as exc:
+        raise ConfigError(str(exc).replace("no such file", "recipe file not found")) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not a valid TOML recipe ({exc})") from None
+    tables = [k for k, v in data.items() if isinstance(v, dict)]
+    if not tables:
+        return data
+    unknown = [k for k in tables if k not in RECIPE_TABLES]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table [{unknown[0]}] (known: {', '.join(RECIPE_TABLES)})"
+        )
+    loose = [k for k in data if k not in tables]
+    if loose:
+        raise ConfigError(f"{path}: key {loose[0]!r} is outside any table; put it in one")
+    return data.get(section, {})
+
+
+def build_config(
+    model: type[ConfigT], recipe: str | Path | None, section: str, flags: dict[str, Any]
+) -> ConfigT:
+    """Defaults < recipe < flags (flags left as None are not given)."""
+    values = read_recipe(recipe, section) if recipe else {}
+    from_recipe = set(values)
+    given = {k: v for k, v in flags.items() if v is not None}
+    values.update(given)
+    try:
+        cfg = model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    cfg._recipe_keys = frozenset(from_recipe - set(given))
+    return cfg

@@ -1,0 +1,90 @@
+"""Ground-truth evaluation of vector samples, used by `disback evaluate` and during training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from disback_cli.errors import DisbackError
+from disback_cli.evaluation.datasets import get_dataset
+from disback_cli.evaluation.digits import DigitsDetector, digits_scores, heldout_floor
+from disback_cli.evaluation.vectors import vector_metrics
+from disback_cli.method.sampling import seeded_noise
+from disback_cli.store.images import to_uint8
+
+REFERENCE_SEED = 987654321  # ground-truth reference sample; the floor uses REFERENCE_SEED + 1
+
+
+def reference_sample(dataset: str, n: int, seed: int = REFERENCE_SEED) -> torch.Tensor:
+    samples, _ = get_dataset(dataset).sample(n, torch.Generator().manual_seed(seed))
+    return samples
+
+
+def evaluate_vectors(samples: torch.Tensor, dataset: str, floor: bool = True) -> dict:
+    """Metrics of `samples` against an equally large exact sample of `dataset`.
+
+    With `floor`, the same metrics for a second exact sample: what a perfect generator would score
+    at this sample size, so that small numbers can be read honestly.
+    """
+    mixture = get_dataset(dataset)
+    n = len(samples)
+    reference = reference_sample(dataset, n)
+    report = {
+        "dataset": dataset,
+        "n": n,
+        "reference": {"kind": "exact samples", "n": n, "seed": REFERENCE_SEED},
+        "metrics": vector_metrics(samples.float(), reference, mixture, seed=REFERENCE_SEED),
+    }
+    if floor:
+        exact = reference_sample(dataset, n, REFERENCE_SEED + 1)
+        report["floor"] = vector_metrics(exact, reference, mixture, seed=REFERENCE_SEED)
+    return report
+
+
+def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
+    """FD-digits and class coverage of uint8 (N, 8, 8, 1) digits, with the held-out floor."""
+    if images.shape[1:] != (8, 8, 1) or len(images) < 2:
+        raise DisbackError(
+            f"FD-digits needs at least 2 images of 8x8x1, got {len(images)} of "
+            f"{'x'.join(map(str, images.shape[1:]))}"
+        )
+    detector = DigitsDetector()
+    report = {
+        "kind": "digits",
+        "dataset": "digits",
+        "metric": "FD-digits",
+        "detector": detector.describe(),
+        "reference": {"kind": "train split of the built-in digits", "n": 1000},
+        "n": len(images),
+        "metrics": digits_scores(images, detector),
+    }
+    if floor:
+        report["floor"] = heldout_floor(detector, len(images))
+    return report
+
+
+def training_evaluator(
+    dataset: str, n: int, data_shape: tuple[int, ...], label_dim: int, device: torch.device,
+    chunk: int,
+) -> Callable[[torch.nn.Module], dict]:  # fmt: skip
+    """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs.
+    The generator sees them `chunk` at a time (the training batch), never all at once."""
+    z, labels = seeded_noise(range(n), data_shape, label_dim)
+    z = z.to(device)
+    labels = labels.to(device) if labels is not None else None
+
+    def samples(generator: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([
+                generator(z[i : i + chunk], None if labels is None else labels[i : i + chunk]).cpu()
+                for i in range(0, n, chunk)
+            ])  # fmt: skip
+
+    if dataset == "digits":
+        detector = DigitsDetector()
+        return lambda generator: digits_scores(to_uint8(samples(generator)), detector)
+    mixture = get_dataset(dataset)
+    reference = reference_sample(dataset, n)
+    return lambda generator: vector_metrics(samples(generator), reference, mixture, REFERENCE_SEED)

@@ -1,0 +1,141 @@
+"""Image sets to evaluate: a PNG/JPEG folder (EDM layout or flat), an .npz of uint8 images, an EDM
+dataset zip, or a generator sampled on the fly. Each yields uint8 (N, H, W, C) batches."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from disback_cli.errors import DisbackError
+from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches
+from disback_cli.store.images import to_uint8
+from disback_cli.store.npzfile import read_npz
+from disback_cli.store.samples import complete_images
+
+EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _decode(data: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("L" if image.mode in ("L", "1", "I;16") else "RGB"))
+    except Exception as exc:
+        raise DisbackError(f"{name}: not a readable image ({exc})") from None
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+@dataclass
+class ImageSet:
+    """`count` images, read in index order by `read(start, stop)`."""
+
+    description: str
+    count: int
+    read: Callable[[int, int], np.ndarray]
+
+    def batches(self, batch: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        stop = self.count if stop is None else stop
+        for first in range(start, stop, batch):
+            images = self.read(first, min(first + batch, stop))
+            if images.dtype != np.uint8 or images.ndim != 4:
+                raise DisbackError(f"{self.description}: expected uint8 images (N, H, W, C)")
+            yield images
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.read(0, 1).shape[1:])
+
+
+def _stacked(items: list[np.ndarray], description: str) -> np.ndarray:
+    if len({item.shape for item in items}) > 1:
+        raise DisbackError(f"{description}: images have different sizes")
+    return np.stack(items)
+
+
+def folder_images(path: Path, any_images: bool = True) -> ImageSet:
+    """The images of a folder: with `any_images` every image in it (a data set, another tool's
+    samples), else exactly those its `disback sample` completion record lists."""
+    if any_images:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS)
+    else:
+        files = complete_images(path, EXTENSIONS, MAX_SAMPLES)
+    if not files:
+        raise DisbackError(f"{path}: no images found (png, jpg, ...)")
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return _stacked([_decode(f.read_bytes(), str(f)) for f in files[start:stop]], str(path))
+
+    return ImageSet(f"folder {path}", len(files), read)
+
+
+def zip_images(path: Path) -> ImageSet:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DisbackError(f"{path}: not a readable zip ({exc})") from None
+    names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in EXTENSIONS)
+    if not names:
+        raise DisbackError(f"{path}: no images in the zip")
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return _stacked(
+            [_decode(archive.read(n), f"{path}:{n}") for n in names[start:stop]], str(path)
+        )
+
+    return ImageSet(f"dataset zip {path}", len(names), read)
+
+
+def npz_images(path: Path) -> ImageSet | None:
+    """Images from `images` (ours) or `arr_0` (ADM style); None if the file holds vector samples."""
+    arrays = read_npz(path)
+    if "samples" in arrays and "images" not in arrays:
+        return None
+    key = "images" if "images" in arrays else "arr_0" if "arr_0" in arrays else None
+    if key is None:
+        raise DisbackError(f"{path}: no 'images' or 'arr_0' array in this .npz")
+    images = arrays[key]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DisbackError(
+            f"{path}: '{key}' must be uint8 images (N, H, W, C) with C 1 or 3, got "
+            f"{images.dtype} {images.shape}"
+        )
+    return ImageSet(f"npz {path}", len(images), lambda a, b: images[a:b])
+
+
+def generated_images(
+    generator: torch.nn.Module, seeds: Sequence[int], batch: int, device: torch.device,
+    description: str,
+) -> ImageSet:  # fmt: skip
+    """Images sampled on the fly, one random stream per seed (nothing written to disk)."""
+    denoiser = generator.denoiser
+
+    def read(start: int, stop: int) -> np.ndarray:
+        chunks = one_step_batches(generator, seeds[start:stop], denoiser.data_shape,
+                                  denoiser.label_dim, batch, device)  # fmt: skip
+        return np.concatenate([to_uint8(x) for x, _ in chunks])
+
+    return ImageSet(description, len(seeds), read)
+
+
+def open_images(path: Path, any_images: bool = True) -> ImageSet | None:
+    """The image set at `path` (at least 2 images), or None for an .npz of vector samples
+    (`any_images`: see `folder_images`)."""
+    if path.is_dir():
+        images = folder_images(path, any_images)
+    elif not path.exists():
+        raise DisbackError(f"{path}: no such file or folder")
+    elif path.suffix == ".zip":
+        images = zip_images(path)
+    elif path.suffix == ".npz":
+        images = npz_images(path)
+    else:
+        raise DisbackError(f"{path}: expected an image folder, an .npz or a dataset .zip")
+    if images is not None and images.count < 2:
+        raise DisbackError(f"{path}: {images.count} images; evaluation needs at least 2")
+    return images

@@ -1,0 +1,80 @@
+"""Denoising score matching with EDM's loss: how the auxiliary model and the fake score learn."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from disback_cli.method.noise import TrainingSigma
+from disback_cli.method.sampling import draw_labels
+from disback_cli.models.networks import eval_mode
+from disback_cli.models.precond import Denoiser, sigma_like
+from disback_cli.runtime.parallel import Execution
+
+
+def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (DMD2's 1/sigma^2 + 1/sd^2)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_denoising_loss(
+    denoiser: Denoiser,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EDM loss: lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 (lambda: `edm_loss_weight`)."""
+    sigma = sigma_like(sigma, x0)
+    weight = edm_loss_weight(sigma, denoiser.sigma_data)
+    denoised = denoiser(x0 + sigma * noise, sigma, class_labels)
+    return (weight * (denoised - x0) ** 2).mean()
+
+
+def clip_gradients(parameters, clip: float = math.inf) -> torch.Tensor:
+    """Total gradient norm (logged, and watched by the divergence guard), clipping to `clip`;
+    without a finite `clip` the gradients are left untouched rather than multiplied by 1."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if math.isfinite(clip):
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+def denoising_step(
+    denoiser: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.nn.Module,
+    shape: tuple[int, ...],
+    label_dim: int,
+    levels: TrainingSigma,
+    rng: torch.Generator,
+    clip: float = math.inf,
+    ex: Execution | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One EDM denoising step of `denoiser` on fresh samples of `generator` (not trained here).
+
+    Fits the auxiliary model to G0 while recording and the fake score to G while backtracking.
+    The samples come from the generator in eval mode, as `disback sample` draws them (SiD and
+    Diff-Instruct do the same), so dropout in a generator being trained does not leak into
+    what the fake score learns. `shape` is this rank's batch; the random numbers are drawn for
+    the global batch (see `parallel`). Returns the loss and the gradient norm (before clipping).
+    """
+    ex = ex or Execution(rng.device)
+    device = rng.device
+    n = ex.global_batch(shape[0])
+    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    labels = ex.local(draw_labels(n, label_dim, rng, device))
+    sigma = ex.local(levels.sample(n, rng, device))
+    noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    with ex.autocast():
+        with torch.no_grad(), eval_mode(generator):
+            x0 = generator(ex.to_input(z), labels)
+        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ex.average_gradients(denoiser.parameters())
+    grad_norm = clip_gradients(denoiser.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), grad_norm

@@ -1,0 +1,84 @@
+"""The one-step generator: a denoiser used as the map z -> D(sigma_init z, sigma_init)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from disback_cli.config import RecordConfig
+from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
+from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
+from disback_cli.models.networks import NetworkSpec, build_denoiser
+from disback_cli.models.teachers import Teacher
+from disback_cli.store.manifests import G0Spec
+
+
+class OneStepGenerator(nn.Module):
+    """G(z) = D(sigma_init * z, sigma_init), the initialisation of Diff-Instruct, SiD and DMD."""
+
+    def __init__(self, denoiser: nn.Module, sigma_init: float) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigma_init = sigma_init
+
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoiser(z * self.sigma_init, self.sigma_init, class_labels)
+
+
+def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
+    """G0: a frozen teacher copy used as the one-step map z -> D(sigma_init z, sigma_init)."""
+    device = next(teacher.denoiser.parameters()).device
+    return build_g0(G0Spec(sigma_init=sigma_init), teacher, device)[0]
+
+
+def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:
+    """Where G0 comes from: the teacher (default), a student file, or a random student."""
+    if student is not None:
+        return G0Spec(kind="file", sigma_init=cfg.sigma_init, file=str(Path(cfg.student).resolve()),
+                      sha256=student.sha256)  # fmt: skip
+    if cfg.student_arch_kwargs is not None:
+        kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
+        try:
+            network = NetworkSpec.model_validate(
+                {**teacher.spec.model_dump(), "arch_kwargs": kwargs}
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"--student-arch-kwargs: {describe_validation_error(exc)}") from None
+        return G0Spec(kind="random", sigma_init=cfg.sigma_init, network=network, init_seed=cfg.seed)
+    return G0Spec(sigma_init=cfg.sigma_init)
+
+
+def build_g0(
+    spec: G0Spec, teacher: Teacher, device, verify: bool = True
+) -> tuple[OneStepGenerator, NetworkSpec]:
+    """The frozen initial generator and its network spec (students may differ from the teacher)."""
+    if spec.kind == "file":
+        loaded = load_denoiser(spec.file, device, spec.sha256, verify)
+        if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
+                                                             teacher.spec.label_dim):  # fmt: skip
+            raise DisbackError(
+                f"{spec.file}: student data shape or classes differ from the teacher's"
+            )
+        denoiser, network = loaded.denoiser, loaded.spec
+    elif spec.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            denoiser, network = build_denoiser(spec.network).to(device), spec.network
+    else:
+        denoiser, network = copy.deepcopy(teacher.denoiser), teacher.spec
+    g0 = OneStepGenerator(denoiser, spec.sigma_init).eval().requires_grad_(False)
+    return g0, network
+
+
+def load_generator(
+    path: Path, device: torch.device, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[OneStepGenerator, dict]:
+    loaded = load_denoiser(path, device, expected_sha256, verify)
+    if loaded.info.get("role") != "generator":
+        raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
+    generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]))
+    return generator.eval(), {**loaded.info, "sha256": loaded.sha256, "file": str(path)}

@@ -1,0 +1,134 @@
+"""Seeds, per-seed noise, one-step generation and EDM's Heun sampler for multi-step teachers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.models.precond import Denoiser
+
+MAX_SAMPLES = 10**7  # seeds in one `sample` or `evaluate` call (200x EDM's 50k protocol)
+MAX_SEED = 1 << 62  # seeds of repeats are offset, and torch takes seeds below 2**64
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-999' or '1,5,10-12' -> list of seeds (ranges inclusive), in the order given; at most
+    MAX_SAMPLES of them, each below MAX_SEED (counted before any list is built)."""
+    parts: list[tuple[int, int]] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise DisbackError(f"seed range {part!r} is inverted")
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise DisbackError(
+                f"bad seed list {text!r:.60}: expected e.g. '0-999' or '1,5,10-12'"
+            ) from None
+        if lo < 0 or hi >= MAX_SEED:
+            raise DisbackError(f"bad seed list {text!r:.60}: seeds must lie in 0..{MAX_SEED - 1}")
+        parts.append((lo, hi))
+    count = sum(hi - lo + 1 for lo, hi in parts)
+    if count > MAX_SAMPLES:
+        raise ConfigError(f"--seeds names {count} seeds, more than {MAX_SAMPLES} in one call")
+    seeds = [seed for lo, hi in parts for seed in range(lo, hi + 1)]
+    if len(set(seeds)) != len(seeds):  # the same seed twice is the same sample twice
+        raise DisbackError(f"bad seed list {text!r:.60}: a seed appears more than once")
+    return seeds
+
+
+def seeded_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], label_dim: int = 0, class_label: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise z (and one-hot labels) with one CPU random stream per seed.
+
+    Sample i depends only on seeds[i], so results do not depend on batch size or device.
+    """
+    z, labels = [], []
+    for seed in seeds:
+        rng = torch.Generator().manual_seed(seed)
+        z.append(torch.randn(shape, generator=rng))
+        if label_dim:
+            label = torch.randint(label_dim, (), generator=rng).item()
+            labels.append(label if class_label is None else class_label)
+    one_hot = F.one_hot(torch.tensor(labels), label_dim).float() if label_dim else None
+    return torch.stack(z), one_hot
+
+
+def draw_labels(
+    n: int, label_dim: int, rng: torch.Generator, device: torch.device
+) -> torch.Tensor | None:
+    """Uniformly drawn one-hot class labels for conditional models during training, else None."""
+    if not label_dim:
+        return None
+    return F.one_hot(
+        torch.randint(label_dim, (n,), generator=rng, device=device), label_dim
+    ).float()
+
+
+def one_step_batches(
+    generator: torch.nn.Module,
+    seeds: Sequence[int],
+    data_shape: tuple[int, ...],
+    label_dim: int,
+    batch: int,
+    device: torch.device,
+    class_label: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (samples, labels) on the CPU for consecutive chunks of `seeds`."""
+    for start in range(0, len(seeds), batch):
+        z, labels = seeded_noise(seeds[start : start + batch], data_shape, label_dim, class_label)
+        labels_dev = labels.to(device) if labels is not None else None
+        with torch.no_grad():
+            x = generator(z.to(device), labels_dev)
+        yield x.cpu(), labels
+
+
+def edm_sampler(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    num_steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> torch.Tensor:
+    """Deterministic Heun sampler of Karras et al. 2022 (Algorithm 1), in float64."""
+    step = torch.arange(num_steps, dtype=torch.float64, device=latents.device)
+    t_steps = (
+        sigma_max ** (1 / rho)
+        + step / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(itertools.pairwise(t_steps)):
+        x_cur = x_next
+        d_cur = (x_cur - denoiser(x_cur, t_cur, class_labels).to(torch.float64)) / t_cur
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - denoiser(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+class HeunSampler(nn.Module):
+    """A teacher as a sampler z -> x by EDM's Heun method, for reference samples."""
+
+    def __init__(self, denoiser: nn.Module, steps: int = 18) -> None:
+        super().__init__()
+        self.denoiser, self.steps = denoiser, steps
+
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma_min = max(0.002, getattr(self.denoiser, "sigma_min", 0.0))
+        sigma_max = min(80.0, getattr(self.denoiser, "sigma_max", math.inf))
+        x = edm_sampler(self.denoiser, z, class_labels, self.steps, sigma_min, sigma_max)
+        return x.to(torch.float32)

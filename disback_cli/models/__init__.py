@@ -1,0 +1,1 @@
+"""Denoisers: networks, EDM preconditioning, conditioning, teachers and denoiser files."""

@@ -1,0 +1,49 @@
+"""Run-time plumbing shared by the training commands: devices, progress reports, stop signals."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from disback_cli.errors import ConfigError, DisbackError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if (
+        device is None
+        or device.type not in ("cpu", "cuda")
+        or (device.type == "cpu" and device.index not in (None, 0))
+    ):
+        raise DisbackError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DisbackError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return physical_memory()
+
+
+def check_fits_memory(what: str, nbytes: int, device: torch.device, hint: str = "") -> None:
+    """Refuse, before anything is written, a size whose tensors alone exceed the memory of
+    `device` (a typo such as `--batch 1000000000` must not end in an out-of-memory kill)."""
+    total = device_memory(device)
+    if nbytes > total:
+        raise ConfigError(
+            f"{what} needs {nbytes / 2**30:.1f} GiB for its tensors alone, more than the "
+            f"{total / 2**30:.1f} GiB of {device.type}{hint}"
+        )

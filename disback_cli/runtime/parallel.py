@@ -1,0 +1,192 @@
+"""How a run executes: device, precision and data parallelism across torchrun processes.
+
+Data parallelism is designed so that K processes with per-rank batch B compute what one process
+with batch K*B computes: every rank draws the random numbers of the *global* batch from the shared
+stream and keeps its own slice, gradients are averaged across ranks before clipping, and logged
+values are averaged too. Only dropout (the global torch stream) is seeded per rank. Gradients are
+all-reduced in buckets after the backward pass rather than through DistributedDataParallel: the
+fake score is evaluated both inside the generator's loss (frozen) and in its own step, which DDP's
+hooks do not model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from disback_cli.runtime.devices import check_fits_memory, resolve_device
+
+BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: the one that prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class Execution:
+    device: torch.device
+    precision: str = "fp32"  # "bf16": networks under bfloat16 autocast, fp32 weights and losses
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool | None = None  # None: on for images on CUDA
+    compile: bool = False  # torch.compile the networks (in place: state-dict names unchanged)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+
+    def global_batch(self, per_rank: int) -> int:
+        return per_rank * self.world_size
+
+    def local(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's slice of a tensor drawn for the global batch."""
+        if x is None or not self.distributed:
+            return x
+        n = x.shape[0] // self.world_size
+        return x[self.rank * n : (self.rank + 1) * n]
+
+    def _channels_last(self, ndim: int) -> bool:
+        on = self.device.type == "cuda" if self.channels_last is None else self.channels_last
+        return on and ndim == 4
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in channels-last layout when that is on (it helps convolutions on CUDA)."""
+        if self._channels_last(x.ndim):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def prepare(self, denoiser: torch.nn.Module) -> torch.nn.Module:
+        """Memory format and compilation of a denoiser this run evaluates."""
+        if self._channels_last(1 + len(denoiser.data_shape)):
+            denoiser.to(memory_format=torch.channels_last)
+        if self.compile:
+            denoiser.compile(backend=os.environ.get("DISBACK_COMPILE_BACKEND", "inductor"))
+        return denoiser
+
+    def rank_seed(self, seed: int) -> int:
+        """Seed of this rank's global torch stream (dropout); rank 0 keeps the run seed."""
+        if self.rank == 0:
+            return seed
+        return int(hashlib.sha256(f"{seed}:{self.rank}".encode()).hexdigest()[:15], 16)
+
+    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        if not self.distributed:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        for bucket in _buckets(grads):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for grad, synced in zip(
+                bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True
+            ):
+                grad.copy_(synced)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average of a tensor over ranks (the value a single process would have computed)."""
+        if not self.distributed:
+            return values
+        values = values.clone()
+        dist.all_reduce(values)
+        return values / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on one (stop requests must be agreed on)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """One picklable object from every rank, in rank order (used for small state only)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's object on rank 0 (in rank order); None elsewhere."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        if bucket and size + grad.numel() > BUCKET_ELEMENTS:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        yield bucket
+
+
+def execution(cfg) -> Execution:
+    """The execution of this process for a config with device and compute fields; joins the
+    torchrun process group when launched by it (NCCL on CUDA, gloo on CPU, one GPU per local
+    rank)."""
+    device = cfg.device
+    rank, world_size = 0, 1
+    if launched_by_torchrun():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            resolved = torch.device("cuda", local_rank)
+            torch.cuda.set_device(resolved)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return Execution(resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile)
+
+
+def shutdown() -> None:
+    """End the process group once every rank is done with it: a rank that tore down its gloo
+    threads while another still finished its work sometimes aborted at exit ("terminate called
+    without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def check_batch_fits(batch: int, data_shape: tuple[int, ...], ex: Execution) -> None:
+    """Refuse a per-process batch whose training tensors alone cannot fit: every rank draws the
+    global batch's noise, and an iteration holds about 16 batch-sized float32 tensors."""
+    size = 16 * ex.global_batch(batch) * math.prod(data_shape) * 4
+    check_fits_memory(f"--batch {batch}", size, ex.device)

@@ -1,0 +1,26 @@
+"""What a long loop tells its caller: the CLI shows a progress bar, tests may inject faults."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    """What a long loop tells its caller: the CLI shows a progress bar, tests may inject faults."""
+
+    def start(self, description: str, total: int, completed: int) -> None: ...
+
+    def advance(self, completed: int, **fields: float) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, description: str, total: int, completed: int) -> None:
+        pass
+
+    def advance(self, completed: int, **fields: float) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass

@@ -1,0 +1,181 @@
+"""One-step sampling from a trained generator into an .npz file."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from disback_cli import __version__
+from disback_cli.config import SampleConfig
+from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.method.generator import load_generator
+from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds
+from disback_cli.runtime.devices import check_fits_memory
+from disback_cli.runtime.parallel import execution
+from disback_cli.runtime.reporting import Reporter, SilentReporter
+from disback_cli.store.fileio import atomic_write_bytes
+from disback_cli.store.images import encode_png, grid, png_name, to_uint8
+from disback_cli.store.samples import LABELS, prepare_folder, write_record
+
+GRID_IMAGES = 64
+PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
+
+
+def sample_seeds(cfg: SampleConfig) -> list[int]:
+    if cfg.seeds is not None and cfg.n is not None:
+        raise ConfigError("give either -n or --seeds, not both")
+    if cfg.seeds is not None:
+        return parse_seeds(cfg.seeds)
+    return list(range(cfg.n if cfg.n is not None else 1000))
+
+
+def write_samples(
+    cfg: SampleConfig,
+    generator_path: Path,
+    out: Path | None = None,
+    expected_sha256: str | None = None,
+    reporter: Reporter | None = None,
+    grid_path: Path | None = None,
+    default_dir: Path = Path("."),
+) -> dict:
+    """Sample a generator file one step per seed (see `write_samples_of`)."""
+    device = execution(cfg).device
+    generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
+    return write_samples_of(generator, info, cfg, out, reporter, grid_path, default_dir)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_png(image), durable=False)
+
+
+def write_samples_of(
+    generator: nn.Module,
+    info: dict,
+    cfg: SampleConfig,
+    out: Path | None = None,
+    reporter: Reporter | None = None,
+    grid_path: Path | None = None,
+    default_dir: Path = Path("."),
+) -> dict:
+    """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
+
+    Vectors go to an .npz (`samples` float32). Images become uint8 (x * 127.5 + 128) and go to a
+    PNG folder in EDM's layout with `dataset.json` and a completion record `provenance.json`
+    (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). Sizes whose arrays cannot fit
+    in memory are refused before anything is written.
+    """
+    ex = execution(cfg)
+    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    seeds = sample_seeds(cfg)
+    generator = generator.to(ex.device)
+    denoiser = generator.denoiser
+    is_image = len(denoiser.data_shape) == 3
+    fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
+    if fmt == "png" and not is_image:
+        raise ConfigError("--format png needs an image generator; use npz for vector data")
+    if grid_path is not None and not is_image:
+        raise ConfigError("--grid needs an image generator")
+    if cfg.class_label is not None and not cfg.class_label < denoiser.label_dim:
+        raise ConfigError(
+            f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
+        )
+    out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
+    sample_bytes = math.prod(denoiser.data_shape) * (1 if is_image else 4)
+    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(denoiser.data_shape) * 4,
+                      ex.device)  # fmt: skip
+    if fmt == "npz":
+        check_fits_memory(f"{len(seeds)} samples in one .npz", len(seeds) * sample_bytes,
+                          torch.device("cpu"), "; write --format png or draw fewer")  # fmt: skip
+    meta = {
+        "disback_version": __version__,
+        "generator": info["file"],
+        "generator_sha256": info["sha256"],
+        "weights": info.get("weights"),
+        "step": info.get("step"),
+        "dataset": info.get("dataset"),
+        "teacher_sha256": info.get("teacher_sha256"),
+    }
+    if fmt == "png":  # every rank looks before rank 0 replaces an earlier sample's files
+        prepare_folder(out, MAX_SAMPLES, remove=False)
+        ex.barrier()
+        if ex.is_main:
+            removed = prepare_folder(out, MAX_SAMPLES, remove=True)
+            if removed:
+                reporter.note(f"{out}: replaced {removed} images of an earlier `disback sample`")
+            write_record(out, "writing", seeds, meta)
+        ex.barrier()
+    ex.prepare(denoiser)
+
+    # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
+    # arrays (npz), labels and grid images to rank 0.
+    batches = [seeds[i : i + cfg.batch] for i in range(0, len(seeds), cfg.batch)]
+    mine: dict[int, tuple] = {}
+    writes = []
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer:
+        reporter.start("sample", len(seeds), 0)
+        for index in range(ex.rank, len(batches), ex.world_size):
+            batch_seeds = batches[index]
+            with ex.autocast():
+                x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
+                                             denoiser.label_dim, len(batch_seeds), ex.device,
+                                             cfg.class_label))  # fmt: skip
+            if not bool(torch.isfinite(x).all()):  # e.g. weights so large they overflow
+                raise DisbackError(
+                    f"the generator produced NaN or infinite values (seeds {batch_seeds[0]}.."
+                    f"{batch_seeds[-1]}); nothing more is written"
+                )
+            x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
+            if fmt == "png":  # encoded and written on threads while the next batch is generated
+                writes += [writer.submit(_write_png, out / png_name(seed), image)
+                           for image, seed in zip(x, batch_seeds, strict=True)]  # fmt: skip
+            first = index * cfg.batch
+            mine[index] = (
+                x if fmt == "npz" else None,
+                y.argmax(dim=1).numpy() if y is not None else None,
+                x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
+            )
+            reporter.advance(min(len(seeds), (index + 1) * cfg.batch))
+    for write in writes:
+        write.result()  # re-raises a failed write (e.g. a full disk)
+    if fmt == "png":
+        os.sync()  # one flush for all images instead of an fsync per file
+    gathered = ex.gather_to_main(mine)
+    summary = {"out": str(out), "format": fmt, "n": len(seeds)}
+    if gathered is None:  # other ranks: rank 0 writes the rest
+        return summary
+    parts = [part for rank_parts in gathered for part in rank_parts.items()]
+    ordered = [value for _, value in sorted(parts, key=lambda item: item[0])]
+    chunks = [c for c, _, _ in ordered if c is not None]
+    labels = [lab for _, lab, _ in ordered if lab is not None]
+    grid_chunks = [g for _, _, g in ordered if g is not None and len(g)]
+    all_labels = np.concatenate(labels).astype(np.int64) if labels else None
+    summary.update(meta)
+    if fmt == "png":
+        entries = None
+        if all_labels is not None:
+            entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
+        atomic_write_bytes(out / LABELS, json.dumps({"labels": entries}).encode())
+        write_record(out, "complete", seeds, meta)  # last: the folder is now complete
+    else:
+        arrays = {
+            ("images" if is_image else "samples"): np.concatenate(chunks),
+            "seeds": np.asarray(seeds, dtype=np.int64),
+            "meta": np.asarray(json.dumps(meta)),
+        }
+        if all_labels is not None:
+            arrays["labels"] = all_labels
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        summary["sha256"] = atomic_write_bytes(out, buffer.getvalue())
+    if grid_path is not None:
+        atomic_write_bytes(grid_path, encode_png(grid(np.concatenate(grid_chunks))))
+        summary["grid"] = str(grid_path)
+    return summary

@@ -1,0 +1,281 @@
+"""The on-disk trajectory directory and its versioned manifests.
+
+    runs/t1/
+      manifest.json                 TrajectoryManifest: teacher, G0, config, path nodes, status
+      nodes/node-001.safetensors    path node i (node 0 is the teacher, referenced, not copied)
+      state/record-*.safetensors    resume state while recording
+      backtrack/<name>/
+        manifest.json               BacktrackManifest: config, step, latest files, status
+        metrics.jsonl               one JSON object per logged iteration
+        checkpoints/                generator(-ema)-<step>.safetensors, state-<step>.safetensors
+
+Manifests are written last, after every file they name, and name each file with its sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from disback_cli import __version__
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.errors import DisbackError, describe_validation_error
+from disback_cli.models.networks import NetworkSpec
+from disback_cli.models.teachers import Teacher, open_teacher
+from disback_cli.store.fileio import atomic_write_bytes, check_sha256, read_json_file, sha256_file
+from disback_cli.store.layout import (
+    MANIFEST,
+    METRICS,
+    RUN_NAME,
+    backtrack_dir,
+    check_no_links,
+    checkpoint_file,
+    node_file,
+    record_state_file,
+)
+
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # far above any real manifest; a bigger one is refused unread
+
+Sha256 = Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]  # empty only while being written
+Step = Annotated[int, Field(ge=0, le=1 << 40)]
+Seconds = Annotated[float, Field(ge=0, le=1e12)]
+Loss = Annotated[float, Field(ge=0, le=1e30)]
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FileRef(_Record):
+    file: str = Field(max_length=200)  # relative to the directory holding the manifest
+    sha256: Sha256
+
+
+class StateRef(FileRef):
+    step: Step
+
+
+class NodeRecord(_Record):
+    index: Annotated[int, Field(ge=0, le=100_000)]  # 0 = teacher ... N = fitted to G0
+    step: Step  # recording iteration at which it was saved
+    file: str | None  # None for node 0: the teacher itself
+    sha256: Sha256
+    dist_to_teacher: Annotated[float, Field(ge=0, le=1e30)]  # mean |D_node - D_teacher| on a
+    # fixed probe of noised G0 samples
+    g0_loss: Loss | None = None  # EDM denoising loss on that probe (how well the node fits G0)
+    train_loss: Loss | None = None  # mean training loss since the previous node
+
+    @model_validator(mode="after")
+    def _named_as_written(self) -> NodeRecord:
+        expected = None if self.index == 0 else node_file(self.index)
+        if self.file != expected:
+            raise ValueError(f"node {self.index} must be file {expected!r}, not {self.file!r}")
+        return self
+
+
+class TeacherRef(_Record):
+    source: str = Field(max_length=4096)  # outside the run directory: read only, sha256 first
+    sha256: Sha256
+    network: NetworkSpec
+    dataset: str | None = Field(max_length=100)
+
+
+class G0Spec(_Record):
+    """The initial generator G0(z) = D(sigma_init z, sigma_init) and where D comes from."""
+
+    kind: Literal["teacher_copy", "file", "random"] = "teacher_copy"
+    sigma_init: Annotated[float, Field(gt=0, le=1e4)]
+    file: str | None = Field(None, max_length=4096)  # kind "file": a disback denoiser file ...
+    sha256: Sha256 | None = None  # ... with this hash (checked before the file is parsed)
+    network: NetworkSpec | None = None  # kind "random": this network ...
+    init_seed: Annotated[int, Field(ge=0, lt=1 << 63)] | None = None  # ... from this seed
+
+    @model_validator(mode="after")
+    def _complete(self) -> G0Spec:
+        if self.kind == "file" and not (self.file and self.sha256):
+            raise ValueError("a G0 of kind 'file' needs file and sha256")
+        if self.kind == "random" and (self.network is None or self.init_seed is None):
+            raise ValueError("a G0 of kind 'random' needs network and init_seed")
+        return self
+
+
+class _Manifest(_Record):
+    schema_version: int = SCHEMA_VERSION
+    disback_version: str = Field(__version__, max_length=100)
+    created_at: str = Field(max_length=100)
+    updated_at: str = Field(max_length=100)
+    # Where each config value came from: flag, recipe, teacher, loss, student, default, ...
+    config_sources: dict[Annotated[str, Field(max_length=100)],
+                         Annotated[str, Field(max_length=100)]] = Field(
+        default_factory=dict, max_length=200
+    )  # fmt: skip
+
+
+class TrajectoryManifest(_Manifest):
+    kind: Literal["disback.trajectory"] = "disback.trajectory"
+    status: Literal["recording", "complete"]
+    teacher: TeacherRef
+    generator_init: G0Spec
+    config: RecordConfig
+    nodes: list[NodeRecord] = Field(min_length=1)
+    state: StateRef | None = None
+    node_plan: list[Step] | None = None  # recording steps of nodes 1..N (placement by distance)
+    elapsed_seconds: Seconds = 0.0
+    world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
+    global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
+
+    @property
+    def last_node(self) -> int:
+        return self.nodes[-1].index
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrajectoryManifest:
+        """The node list and resume point are exactly what `record` writes for this config."""
+        nodes, wanted = self.nodes, self.config.nodes
+        if [n.index for n in nodes] != list(range(len(nodes))):
+            raise ValueError("nodes must be numbered 0, 1, 2, ... in order")
+        if len(nodes) > wanted + 1 or (self.status == "complete" and len(nodes) != wanted + 1):
+            raise ValueError(f"{len(nodes) - 1} path nodes recorded, the config asks for {wanted}")
+        if nodes[0].sha256 != self.teacher.sha256 or nodes[0].step != 0:
+            raise ValueError("node 0 must be the teacher (its sha256, step 0)")
+        steps = [n.step for n in nodes]
+        if steps != sorted(set(steps)) or steps[-1] > self.config.iters:
+            raise ValueError("node steps must increase and stay within iters")
+        plan = self.node_plan
+        if plan is not None and (
+            len(plan) != wanted or plan != sorted(set(plan)) or plan[0] < 1
+            or plan[-1] > self.config.iters
+        ):  # fmt: skip
+            raise ValueError(f"node_plan must list {wanted} increasing steps within iters")
+        if self.state is not None:
+            if self.status == "complete" or not 0 < self.state.step < self.config.iters:
+                raise ValueError("a resume point must lie inside a recording in progress")
+            if self.state.file != record_state_file(self.state.step):
+                raise ValueError(f"state file must be {record_state_file(self.state.step)!r}")
+        return self
+
+
+class BacktrackManifest(_Manifest):
+    kind: Literal["disback.backtrack"] = "disback.backtrack"
+    status: Literal["running", "complete"]
+    name: str = Field(pattern=f"^{RUN_NAME.pattern}$")
+    teacher: TeacherRef
+    generator_init: G0Spec
+    path_sha256: list[Sha256] = Field(min_length=2, max_length=100_001)  # nodes 0..N trained on
+    config: BacktrackConfig
+    step: Step = 0
+    generator: FileRef | None = None
+    generator_ema: FileRef | None = None
+    state: StateRef | None = None
+    metrics: Literal["metrics.jsonl"] = METRICS
+    elapsed_seconds: Seconds = 0.0
+    world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
+    global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BacktrackManifest:
+        """Checkpoint names and steps are exactly what `backtrack` writes."""
+        if self.step > self.config.iters:
+            raise ValueError(f"step {self.step} is beyond iters {self.config.iters}")
+        if self.status == "complete" and self.generator is None:
+            raise ValueError("a complete run must name its generator")
+        refs = (("generator", self.generator), ("generator-ema", self.generator_ema),
+                ("state", self.state))  # fmt: skip
+        if any(ref is None for _, ref in refs) and any(ref is not None for _, ref in refs):
+            raise ValueError("generator, generator_ema and state are saved together")
+        for kind, ref in refs:
+            if ref is not None and ref.file != checkpoint_file(kind, self.step):
+                raise ValueError(f"{kind} file must be {checkpoint_file(kind, self.step)!r}")
+        if self.state is not None and self.state.step != self.step:
+            raise ValueError("the state's step must equal the run's step")
+        return self
+
+
+ManifestT = TypeVar("ManifestT", TrajectoryManifest, BacktrackManifest)
+
+
+def read_manifest(directory: str | Path, model: type[ManifestT]) -> ManifestT:
+    """Read and validate `directory/manifest.json`, refusing other kinds and newer schemas, and
+    any path, name or number outside what disback itself writes."""
+    path = check_no_links(Path(directory), MANIFEST)
+    if not path.exists():
+        raise DisbackError(f"{directory}: no {MANIFEST} here (not a disback run directory)")
+    raw = read_json_file(path, MAX_MANIFEST_BYTES, "manifest")
+    expected_kind = model.model_fields["kind"].default
+    if not isinstance(raw, dict) or raw.get("kind") != expected_kind:
+        found = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
+        raise DisbackError(f"{path}: expected a {expected_kind} manifest, found {found!r:.80}")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DisbackError(f"{path}: unknown schema_version {version!r:.40}")
+    if version > SCHEMA_VERSION:
+        raise DisbackError(
+            f"{path}: schema_version {str(version)[:40]} was written by a newer disback "
+            f"(this one reads up to {SCHEMA_VERSION}); upgrade disback"
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise DisbackError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def write_manifest(directory: str | Path, manifest: _Manifest) -> None:
+    """Write atomically, after checking that this disback can read the result back (so no run is
+    ever left with a manifest that no command accepts)."""
+    manifest.updated_at = now()
+    text = manifest.model_dump_json(indent=2) + "\n"
+    try:
+        type(manifest).model_validate(json.loads(text))
+    except ValidationError as exc:
+        raise DisbackError(
+            f"refusing to write {Path(directory) / MANIFEST}: it would not read back "
+            f"({describe_validation_error(exc)})"
+        ) from None
+    atomic_write_bytes(check_no_links(Path(directory), MANIFEST), text.encode())
+
+
+def open_trajectory(
+    trajectory: Path, teacher_override: str | None, device, verify: bool = True
+) -> tuple[TrajectoryManifest, Teacher]:
+    """A completed trajectory and its teacher, verified by sha256 (node files too, up front, so
+    a bad node stops the run before it writes anything rather than at its target switch)."""
+    manifest = read_manifest(trajectory, TrajectoryManifest)
+    if manifest.status != "complete":
+        step = manifest.state.step if manifest.state else 0
+        raise DisbackError(
+            f"{trajectory}: trajectory is still recording (iteration {step} of "
+            f"{manifest.config.iters}); finish it with `disback record` first"
+        )
+    source = teacher_override or manifest.teacher.source
+    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
+    for node in manifest.nodes:
+        if node.file is None:
+            continue
+        path = check_no_links(trajectory, node.file)
+        if not path.is_file():
+            raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
+        if verify:
+            check_sha256(path, sha256_file(path), node.sha256)
+    return manifest, teacher
+
+
+def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
+    """Latest generator file of a backtrack run and the sha256 its manifest gives for it."""
+    run_dir = backtrack_dir(trajectory, name)
+    manifest_path = check_no_links(trajectory, run_dir.relative_to(trajectory) / MANIFEST)
+    if not manifest_path.exists():
+        raise DisbackError(f"{run_dir}: no backtrack run named {name!r} (run `disback backtrack`)")
+    manifest = read_manifest(run_dir, BacktrackManifest)
+    ref = manifest.generator_ema if weights == "ema" else manifest.generator
+    if ref is None:
+        raise DisbackError(f"{run_dir}: the run has not saved a generator yet")
+    return check_no_links(run_dir, ref.file), ref.sha256

@@ -1,0 +1,69 @@
+"""metrics.jsonl of a backtrack run: one JSON object per logged iteration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from disback_cli.errors import DisbackError
+from disback_cli.store.fileio import (
+    atomic_write_bytes,
+    check_regular_file,
+    parse_json,
+    read_regular_file,
+)
+from disback_cli.store.layout import METRICS, check_no_links
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the log lines up to the resume point, up to the first line that is not one of ours
+    (a line cut short by a kill), so a resumed log equals an uninterrupted one."""
+    if not path.exists():
+        return
+    check_regular_file(path, MAX_METRICS_BYTES, "metrics log")  # a FIFO would block the read
+    keep = []
+    with open(path, "rb") as log:
+        for line in log:
+            try:
+                record = json.loads(line)
+                if not (isinstance(record, dict) and isinstance(record.get("iteration"), int)):
+                    break
+            except (ValueError, RecursionError):
+                break
+            if record["iteration"] > step:
+                break
+            keep.append(line.rstrip(b"\n") + b"\n")
+    atomic_write_bytes(path, b"".join(keep))
+
+
+MAX_METRICS_BYTES = 1 << 30
+
+
+def _check_line(line: object) -> dict:
+    """A metrics line as `backtrack` writes it: an iteration, numbers, and an `eval` of numbers."""
+    if not isinstance(line, dict) or type(line.get("iteration")) is not int:
+        raise ValueError("not an object with an integer 'iteration'")
+    evaluation = line.get("eval", {})
+    if not isinstance(evaluation, dict):
+        raise ValueError("'eval' must be an object")
+    numbers = [v for k, v in line.items() if k != "eval"] + list(evaluation.values())
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ValueError("values must be numbers")
+    return line
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl, each checked (a malformed line is named)."""
+    path = check_no_links(Path(run_dir), METRICS)
+    if not path.exists():
+        raise DisbackError(f"{run_dir}: no {METRICS} (is this a backtrack run directory?)")
+    text = read_regular_file(path, MAX_METRICS_BYTES, "metrics log")
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(_check_line(parse_json(line)))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DisbackError(f"{path}: line {number} is not a metrics line ({exc})") from None
+    return lines

@@ -1,0 +1,88 @@
+"""safetensors files written canonically and read with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from disback_cli.errors import DisbackError
+from disback_cli.store.fileio import check_sha256, parse_json, read_regular_file, sha256_bytes
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+MAX_SAFETENSORS_BYTES = 32 << 30  # far above any network we run; refused unread beyond this
+
+
+def safetensors_chunks(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[int, Iterator[bytes | memoryview]]:
+    """A safetensors file as (size, pieces): the header, then each tensor's bytes as a view of
+    the tensor (moved to the CPU one at a time), for `atomic_write_chunks`. The header is
+    canonical (sorted keys), so equal content gives equal sha256; the reference writer orders
+    its metadata randomly."""
+    names = sorted(tensors)
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, end]}  # fmt: skip
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(text)) + text
+        for name in names:
+            tensor = tensors[name].detach().cpu().contiguous()
+            yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    return 8 + len(text) + offset, pieces()
+
+
+def encode_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The whole file in memory (for small files and tests; checkpoints use the chunks)."""
+    return b"".join(safetensors_chunks(tensors, metadata)[1])
+
+
+def tensors_of(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes the module's state dict takes in a file (to check disk space before writing)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def read_safetensors(
+    path: str | Path, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """Tensors, metadata and sha256 of a safetensors file, with one-line errors for bad files.
+
+    With `expected_sha256` the file must hash to it; `verify=False` skips hashing (and the check)
+    for huge trusted files and returns None as the hash."""
+    path = Path(path)
+    data = read_regular_file(path, MAX_SAFETENSORS_BYTES, ".safetensors file")
+    digest = sha256_bytes(data) if verify else None
+    if verify and expected_sha256 is not None:
+        check_sha256(path, digest, expected_sha256)
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        metadata = parse_json(data[8 : 8 + header_len]).get("__metadata__") or {}
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("metadata values must be strings")
+        tensors = safetensors.torch.load(data)
+    except Exception:
+        raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
+    return tensors, metadata, digest
