@@ -63,7 +63,11 @@ TESTS = {
 M = Mutant
 MUTANTS = [
     # --- losses: noise levels, EDM weighting, the three generator losses -------------------
-    M("method/noise:lognormal-mean-std-swapped", "* p_std + p_mean).exp()", "* p_mean + p_std).exp()"),
+    M(
+        "method/noise:lognormal-mean-std-swapped",
+        "* p_std + p_mean).exp()",
+        "* p_mean + p_std).exp()",
+    ),
     M(
         "method/noise:karras-reversed",
         "return (lo + t * (hi - lo)) ** rho",
@@ -144,13 +148,21 @@ MUTANTS = [
         "torch.rand(n, generator=rng, device=device) * self.t_max",
         "torch.rand(n, generator=rng, device=device)",
     ),
-    M("method/losses:sid-fake-weights-trained", "p.requires_grad_(False)", "p.requires_grad_(True)"),
+    M(
+        "method/losses:sid-fake-weights-trained",
+        "p.requires_grad_(False)",
+        "p.requires_grad_(True)",
+    ),
     M(
         "method/losses:dmd-trains-lognormal",
         '"vsd": "lognormal", "dmd": "karras"',
         '"vsd": "lognormal", "dmd": "lognormal"',
     ),
-    M("method/dsm:clip-ignored", "torch.nn.utils.clip_grads_with_norm_(params, clip, norm)", "pass"),
+    M(
+        "method/dsm:clip-ignored",
+        "torch.nn.utils.clip_grads_with_norm_(params, clip, norm)",
+        "pass",
+    ),
     # --- preconditioning: Karras et al. 2022, Table 1 --------------------------------------
     M(
         "models/precond:edm-c-skip",
@@ -162,7 +174,11 @@ MUTANTS = [
         "c_out = sigma * sd / (sigma**2 + sd**2).sqrt()",
         "c_out = sigma / (sigma**2 + sd**2).sqrt()",
     ),
-    M("models/precond:edm-c-in", "c_in = 1 / (sd**2 + sigma**2).sqrt()", "c_in = 1 / (sd**2 + sigma**2)"),
+    M(
+        "models/precond:edm-c-in",
+        "c_in = 1 / (sd**2 + sigma**2).sqrt()",
+        "c_in = 1 / (sd**2 + sigma**2)",
+    ),
     M("models/precond:edm-c-noise", "sigma.log() / 4", "sigma.log() / 2"),
     M(
         "models/precond:vp-c-noise-M",
@@ -181,7 +197,11 @@ MUTANTS = [
         "2 * self.beta_d * (1 + sigma).log()",
     ),
     M("models/precond:ve-c-noise", "(0.5 * sigma).log()", "sigma.log()"),
-    M("models/precond:c-in-skipped", "f = self.model((c_in * x).to(dtype)", "f = self.model(x.to(dtype)"),
+    M(
+        "models/precond:c-in-skipped",
+        "f = self.model((c_in * x).to(dtype)",
+        "f = self.model(x.to(dtype)",
+    ),
     # --- EMA ----------------------------------------------------------------------------------
     M(
         "method/ema:beta-swapped",
@@ -240,7 +260,11 @@ MUTANTS = [
         "np.cov(features, rowvar=False)",
         "np.cov(features.T, rowvar=False)",
     ),
-    M("evaluation/image_metrics:knn-self", "dist.kthvalue(k + 1, dim=1)", "dist.kthvalue(k, dim=1)"),
+    M(
+        "evaluation/image_metrics:knn-self",
+        "dist.kthvalue(k + 1, dim=1)",
+        "dist.kthvalue(k, dim=1)",
+    ),
     M(
         "evaluation/image_metrics:coverage-all",
         "(dist <= radii[None, :]).any(dim=1)",
@@ -253,7 +277,11 @@ MUTANTS = [
     ),
     # --- vector metrics -----------------------------------------------------------------------
     M("evaluation/vectors:mmd-biased", "total += xx / (n * (n - 1))", "total += xx / (n * n)"),
-    M("evaluation/vectors:mmd-block-diagonal", "kernel.diagonal(offset=start)", "kernel.diagonal(offset=0)"),
+    M(
+        "evaluation/vectors:mmd-block-diagonal",
+        "kernel.diagonal(offset=start)",
+        "kernel.diagonal(offset=0)",
+    ),
     M(
         "evaluation/vectors:rbf-bandwidth",
         "torch.exp(-squared / (2 * h * h))",
@@ -318,11 +346,23 @@ MUTANTS = [
         "        return values / self.world_size\n",
         "        return values\n",
     ),
-    M("runtime/parallel:global-batch-local", "return per_rank * self.world_size", "return per_rank"),
+    M(
+        "runtime/parallel:global-batch-local",
+        "return per_rank * self.world_size",
+        "return per_rank",
+    ),
     # --- training-state files -----------------------------------------------------------------
     M("store/statefile:sampler-stream-not-restored", '    rng.set_state(tensors["rng"])\n', ""),
-    M("store/statefile:dropout-stream-not-restored", "    torch.set_rng_state(tensors[cpu_key])\n", ""),
-    M("store/statefile:step-unchecked", 'if metadata.get("step") != str(expected_step):', "if False:"),
+    M(
+        "store/statefile:dropout-stream-not-restored",
+        "    torch.set_rng_state(tensors[cpu_key])\n",
+        "",
+    ),
+    M(
+        "store/statefile:step-unchecked",
+        'if metadata.get("step") != str(expected_step):',
+        "if False:",
+    ),
     M(
         "store/statefile:negative-moments-accepted",
         'field != "exp_avg" and bool((value < 0).any())',
@@ -382,7 +422,11 @@ MUTANTS = [
         "if state is None:",
     ),
     M("models/edm_pickle:depth-unbounded", "MAX_PICKLE_DEPTH = 1000", "MAX_PICKLE_DEPTH = 10**9"),
-    M("models/edm_pickle:kwargs-int-unbounded", "if abs(value) >= 2**31:", "if abs(value) >= 2**63:"),
+    M(
+        "models/edm_pickle:kwargs-int-unbounded",
+        "if abs(value) >= 2**31:",
+        "if abs(value) >= 2**63:",
+    ),
     M("models/edm_pickle:kwargs-nan-accepted", "if math.isnan(value):", "if False:"),
     M(
         "models/edm_pickle:module-cycle",

@@ -42,7 +42,7 @@ def first_iteration(trajectory, run_dir) -> dict[str, float]:
     network = traj.teacher.network
     assert network.label_dim == 0 and len(network.data_shape) == 1, "unconditional vectors only"
     teacher = open_teacher(traj.teacher.source)
-    generator, _ = build_g0(traj.generator_init, teacher, torch.device("cpu"))
+    generator, _ = build_g0(traj.g0, teacher, torch.device("cpu"))
     generator.requires_grad_(True)
     fake = frozen(trajectory / traj.nodes[-1].file)
     previous = traj.nodes[-2]  # node N - 1: the teacher itself (no file) when N = 1

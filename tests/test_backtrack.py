@@ -175,13 +175,13 @@ def test_random_student_smaller_than_the_teacher(tmp_path):
     cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
                        student_arch_kwargs={"hidden": 32})  # fmt: skip
     traj = run_record(cfg, tmp_path / "t")
-    assert traj.generator_init.kind == "random"
-    assert traj.generator_init.network.arch_kwargs["hidden"] == 32
+    assert traj.g0.kind == "random"
+    assert traj.g0.network.arch_kwargs["hidden"] == 32
     manifest = run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")
     generator = load_denoiser(backtrack_dir(tmp_path / "t", "default") / manifest.generator.file)
     node = load_denoiser(tmp_path / "t" / traj.nodes[-1].file)
     assert generator.spec.arch_kwargs["hidden"] == 32 and node.spec.arch_kwargs["hidden"] == 128
-    assert read_manifest(tmp_path / "t", TrajectoryManifest).generator_init == traj.generator_init
+    assert read_manifest(tmp_path / "t", TrajectoryManifest).g0 == traj.g0
 
 
 def test_student_from_a_file(tmp_path):
@@ -194,7 +194,7 @@ def test_student_from_a_file(tmp_path):
     cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
                        student=str(tmp_path / "student.safetensors"))  # fmt: skip
     traj = run_record(cfg, tmp_path / "t")
-    assert traj.generator_init.kind == "file" and len(traj.generator_init.sha256) == 64
+    assert traj.g0.kind == "file" and len(traj.g0.sha256) == 64
     run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")
     (tmp_path / "student.safetensors").write_bytes(b"changed")
     with pytest.raises(DisbackError, match="sha256 does not match"):

@@ -95,7 +95,7 @@ def test_every_config_value_at_its_bounds_round_trips_through_a_manifest(
 
     run = BacktrackManifest(
         created_at="x", updated_at="x", status="running", name="a" * 100,
-        teacher=trajectory.teacher, generator_init=trajectory.generator_init,
+        teacher=trajectory.teacher, g0=trajectory.g0,
         path_sha256=["0" * 64, "1" * 64], step=0, world_size=1 << 20, global_batch=1 << 40,
         config=BacktrackConfig(optimizer="adamw", **backtrack),
     )  # fmt: skip

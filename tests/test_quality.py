@@ -5,13 +5,13 @@ import torch
 
 from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
 from disback_cli.evaluation.ground_truth import evaluate_vectors
-from disback_cli.method.generator import initial_generator
+from disback_cli.method.generator import build_g0
 from disback_cli.method.sampling import seeded_noise
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.stages.sample import write_samples
-from disback_cli.store.manifests import generator_file_of_run
+from disback_cli.store.manifests import G0Spec, generator_file_of_run
 from disback_cli.store.samples import read_samples
 
 
@@ -19,7 +19,7 @@ from disback_cli.store.samples import read_samples
 def g0_metrics():
     z, _ = seeded_noise(range(2000), (2,))
     with torch.no_grad():
-        x = initial_generator(open_teacher("builtin:ring2d"), 2.5)(z)
+        x = build_g0(G0Spec(sigma_init=2.5), open_teacher("builtin:ring2d"), "cpu")[0](z)
     return evaluate_vectors(x, "ring2d", floor=False)["metrics"]
 
 

@@ -26,7 +26,7 @@ from disback_cli.store import fileio
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.lock import LOCK_FILE, run_lock
 from disback_cli.store.manifests import BacktrackManifest, read_manifest
-from disback_cli.store.metrics_log import _truncate_metrics
+from disback_cli.store.metrics_log import truncate_metrics
 from disback_cli.store.statefile import load_state, save_state
 from disback_cli.store.tensorfile import encode_safetensors, read_safetensors
 
@@ -195,7 +195,7 @@ def test_no_verify_accepts_a_changed_node_that_verify_refuses(trajectory, cli):
 def test_metrics_cut_mid_line_by_a_kill_are_repaired(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"iteration": 10}\n{"iteration": 20}\n{"iteration": 30}\n{"itera')
-    _truncate_metrics(log, 20)
+    truncate_metrics(log, 20)
     assert log.read_text() == '{"iteration": 10}\n{"iteration": 20}\n'
 
 

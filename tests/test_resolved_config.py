@@ -71,7 +71,7 @@ def test_a_students_own_sigma_init_is_used_and_a_conflicting_flag_refused(cli, t
     assert not (tmp_path / "a").exists()
     assert cli("record", *RING, "--student", student, "--out", tmp_path / "b").code == 0
     manifest = read_manifest(tmp_path / "b", TrajectoryManifest)
-    assert manifest.generator_init.sigma_init == 1.5
+    assert manifest.g0.sigma_init == 1.5
     assert manifest.config_sources["sigma_init"] == "student"
     same = cli("record", *RING, "--student", student, "--sigma-init", "1.5", "--out",
                tmp_path / "c")  # fmt: skip

@@ -2,11 +2,12 @@ import torch
 
 from disback_cli.config import TeacherTrainConfig
 from disback_cli.evaluation.ground_truth import evaluate_vectors
-from disback_cli.method.generator import initial_generator
+from disback_cli.method.generator import build_g0
 from disback_cli.method.sampling import edm_sampler, seeded_noise
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.train_teacher import train_teacher
+from disback_cli.store.manifests import G0Spec
 
 
 def test_builtin_ring_teacher_samples_the_ring_with_heun_18():
@@ -23,7 +24,7 @@ def test_g0_is_far_from_the_ring():
     teacher = open_teacher("builtin:ring2d")
     z, _ = seeded_noise(range(2000), (2,))
     with torch.no_grad():
-        x = initial_generator(teacher, sigma_init=2.5)(z)
+        x = build_g0(G0Spec(sigma_init=2.5), teacher, "cpu")[0](z)
     metrics = evaluate_vectors(x, "ring2d", floor=False)["metrics"]
     assert metrics["mmd2"] > 0.3 and metrics["precision"] < 0.05
 

@@ -1,4 +1,4 @@
-"""The one-step generator: a denoiser used as the map z -> D(sigma_init z, sigma_init)."""
+"""The one-step generator G(z) = D(sigma_init z, sigma_init), and G0, the one it starts from."""
 
 from __future__ import annotations
 
@@ -27,12 +27,6 @@ class OneStepGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.denoiser(z * self.sigma_init, self.sigma_init, class_labels)
-
-
-def initial_generator(teacher: Teacher, sigma_init: float) -> OneStepGenerator:
-    """G0: a frozen teacher copy used as the one-step map z -> D(sigma_init z, sigma_init)."""
-    device = next(teacher.denoiser.parameters()).device
-    return build_g0(G0Spec(sigma_init=sigma_init), teacher, device)[0]
 
 
 def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:

@@ -1,4 +1,4 @@
-"""Denoising score matching and the generator losses of score distillation.
+"""The generator losses of score distillation, and the generator step that uses them.
 
 Generator losses are plug-ins: each samples its own noise levels and turns the fake and target
 denoisers' opinions about a noised generator sample into a scalar whose gradient moves the
@@ -7,12 +7,14 @@ generator. The training loop only sees `GeneratorLoss`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from disback_cli.errors import DisbackError
+from disback_cli.method.dsm import clip_gradients
 from disback_cli.method.noise import (
     KARRAS_LEVELS,
     SigmaKind,
@@ -20,7 +22,10 @@ from disback_cli.method.noise import (
     sample_karras_index_sigma,
     sample_lognormal_sigma,
 )
+from disback_cli.method.sampling import draw_labels
+from disback_cli.models.networks import eval_mode
 from disback_cli.models.precond import Denoiser, sigma_like
+from disback_cli.runtime.parallel import Execution
 
 
 @dataclass
@@ -142,3 +147,40 @@ def make_generator_loss(cfg) -> GeneratorLoss:
     if cfg.loss not in GENERATOR_LOSSES:
         raise DisbackError(f"unknown loss {cfg.loss!r} (known: {', '.join(GENERATOR_LOSSES)})")
     return GENERATOR_LOSSES[cfg.loss].from_config(cfg)
+
+
+def generator_step(
+    generator: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: GeneratorLoss,
+    fake: Denoiser,
+    target: Denoiser,
+    shape: tuple[int, ...],
+    label_dim: int,
+    rng: torch.Generator,
+    clip: float = math.inf,
+    ex: Execution | None = None,
+) -> tuple[GeneratorLossOutput, torch.Tensor]:
+    """One step of the generator on `loss_fn` at noised samples x_t = G(z) + sigma n.
+
+    The fake score runs without dropout here, as the targets do (SiD's choice): at fake = target
+    their difference is then exactly zero, not dropout noise. `shape` is this rank's batch; the
+    random numbers are drawn for the global batch (see `parallel`). Returns the loss output and
+    the gradient norm (before clipping)."""
+    ex = ex or Execution(rng.device)
+    device = rng.device
+    n = ex.global_batch(shape[0])
+    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    labels = ex.local(draw_labels(n, label_dim, rng, device))
+    with ex.autocast():
+        x = generator(ex.to_input(z), labels)
+        sigma = ex.local(loss_fn.sample_sigma(n, rng, device))
+        noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+        with eval_mode(fake):
+            out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    ex.average_gradients(generator.parameters())
+    grad_norm = clip_gradients(generator.parameters(), clip)
+    optimizer.step()
+    return out, grad_norm

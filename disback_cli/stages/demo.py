@@ -20,7 +20,7 @@ from disback_cli.errors import DisbackError
 from disback_cli.evaluation.datasets import digits_uint8
 from disback_cli.evaluation.ground_truth import evaluate_digits
 from disback_cli.evaluation.plot import plot_runs
-from disback_cli.method.generator import initial_generator, load_generator
+from disback_cli.method.generator import build_g0, load_generator
 from disback_cli.method.sampling import HeunSampler, one_step_batches
 from disback_cli.models.teachers import open_teacher
 from disback_cli.runtime.devices import resolve_device
@@ -102,7 +102,7 @@ def run_demo(
     generator, _ = load_generator(path, torch_device, sha)
     samplers = {
         "teacher, 18 Heun steps": HeunSampler(teacher.denoiser, 18),
-        "G0, 1 step": initial_generator(teacher, trajectory.generator_init.sigma_init),
+        "G0, 1 step": build_g0(trajectory.g0, teacher, torch_device)[0],
         "distilled, 1 step": generator,
     }
     rows, grids = [], []

@@ -60,6 +60,7 @@ class PathNodes:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disback-prefetch")
         self.stream = torch.cuda.Stream(ex.device) if ex.device.type == "cuda" else None
         self.pending: tuple[int, Future] | None = None
+        self.current: tuple[int, nn.Module] | None = None
 
     def _load(self, index: int) -> nn.Module:
         if index == 0:
@@ -82,6 +83,14 @@ class PathNodes:
     def load(self, index: int) -> nn.Module:
         """Node `index` now, without prefetching (e.g. to initialise the fake score)."""
         return self._load(index)
+
+    def at(self, index: int) -> nn.Module:
+        """The target node `index`: the current one again, or (at a switch) the next one, after
+        letting go of the old one so that at most two nodes are held."""
+        if self.current is None or self.current[0] != index:
+            self.current = None
+            self.current = (index, self.target(index))
+        return self.current[1]
 
     def target(self, index: int) -> nn.Module:
         """Node `index`, then start loading node `index - 1`."""

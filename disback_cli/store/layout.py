@@ -11,6 +11,7 @@ anything else.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -33,6 +34,7 @@ class Layout:
     kind: str  # shown in messages
     root_files: frozenset[str]  # names directly in the run directory
     folders: dict[str, re.Pattern]  # sub-folder -> the names disback writes in it
+    state_file: Callable[[int], str]  # name of the resume point at a step
 
     def owns(self, relative: str) -> bool:
         """Whether `relative` (e.g. 'nodes/node-001.safetensors') is a name disback writes."""
@@ -51,19 +53,6 @@ class Layout:
         return self.owns(inner)
 
 
-TRAJECTORY = Layout(
-    "trajectory",
-    frozenset({MANIFEST, LOCK}),
-    {"nodes": re.compile(r"node-\d{3}\.safetensors"),
-     "state": re.compile(r"record-\d{8}\.safetensors")},
-)  # fmt: skip
-BACKTRACK = Layout(
-    "backtrack run",
-    frozenset({MANIFEST, METRICS, LOCK}),
-    {"checkpoints": re.compile(r"(generator|generator-ema|state)-\d{8}\.safetensors")},
-)
-
-
 def node_file(index: int) -> str:
     return f"nodes/node-{index:03d}.safetensors"
 
@@ -75,6 +64,21 @@ def record_state_file(step: int) -> str:
 def checkpoint_file(kind: str, step: int) -> str:
     """kind: 'generator', 'generator-ema' or 'state'."""
     return f"checkpoints/{kind}-{step:08d}.safetensors"
+
+
+TRAJECTORY = Layout(
+    "trajectory",
+    frozenset({MANIFEST, LOCK}),
+    {"nodes": re.compile(r"node-\d{3}\.safetensors"),
+     "state": re.compile(r"record-\d{8}\.safetensors")},
+    record_state_file,
+)  # fmt: skip
+BACKTRACK = Layout(
+    "backtrack run",
+    frozenset({MANIFEST, METRICS, LOCK}),
+    {"checkpoints": re.compile(r"(generator|generator-ema|state)-\d{8}\.safetensors")},
+    lambda step: checkpoint_file("state", step),
+)
 
 
 def check_run_name(name: str) -> str:

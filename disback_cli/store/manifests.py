@@ -52,7 +52,7 @@ def now() -> str:
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
 class FileRef(_Record):
@@ -87,6 +87,11 @@ class TeacherRef(_Record):
     sha256: Sha256
     network: NetworkSpec
     dataset: str | None = Field(max_length=100)
+
+    @classmethod
+    def of(cls, teacher: Teacher) -> TeacherRef:
+        return cls(source=teacher.source, sha256=teacher.sha256, network=teacher.spec,
+                   dataset=teacher.dataset)  # fmt: skip
 
 
 class G0Spec(_Record):
@@ -124,7 +129,7 @@ class TrajectoryManifest(_Manifest):
     kind: Literal["disback.trajectory"] = "disback.trajectory"
     status: Literal["recording", "complete"]
     teacher: TeacherRef
-    generator_init: G0Spec
+    g0: G0Spec = Field(alias="generator_init")  # the file's name for G0's spec
     config: RecordConfig
     nodes: list[NodeRecord] = Field(min_length=1)
     state: StateRef | None = None
@@ -136,6 +141,11 @@ class TrajectoryManifest(_Manifest):
     @property
     def last_node(self) -> int:
         return self.nodes[-1].index
+
+    def files(self) -> set[str]:
+        """The files of the directory this manifest names (node 0 is the teacher, elsewhere)."""
+        named = {n.file for n in self.nodes if n.file}
+        return named | ({self.state.file} if self.state else set())
 
     @model_validator(mode="after")
     def _consistent(self) -> TrajectoryManifest:
@@ -169,7 +179,7 @@ class BacktrackManifest(_Manifest):
     status: Literal["running", "complete"]
     name: str = Field(pattern=f"^{RUN_NAME.pattern}$")
     teacher: TeacherRef
-    generator_init: G0Spec
+    g0: G0Spec = Field(alias="generator_init")  # the file's name for G0's spec
     path_sha256: list[Sha256] = Field(min_length=2, max_length=100_001)  # nodes 0..N trained on
     config: BacktrackConfig
     step: Step = 0
@@ -180,6 +190,10 @@ class BacktrackManifest(_Manifest):
     elapsed_seconds: Seconds = 0.0
     world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
     global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
+
+    def files(self) -> set[str]:
+        """The checkpoint files this manifest names (metrics.jsonl is always the run's)."""
+        return {ref.file for ref in (self.generator, self.generator_ema, self.state) if ref}
 
     @model_validator(mode="after")
     def _consistent(self) -> BacktrackManifest:
@@ -232,7 +246,7 @@ def write_manifest(directory: str | Path, manifest: _Manifest) -> None:
     """Write atomically, after checking that this disback can read the result back (so no run is
     ever left with a manifest that no command accepts)."""
     manifest.updated_at = now()
-    text = manifest.model_dump_json(indent=2) + "\n"
+    text = manifest.model_dump_json(indent=2, by_alias=True) + "\n"
     try:
         type(manifest).model_validate(json.loads(text))
     except ValidationError as exc:

@@ -1,4 +1,6 @@
-"""metrics.jsonl of a backtrack run: one JSON object per logged iteration."""
+"""metrics.jsonl of a backtrack run: one JSON object per logged iteration, appended as training
+goes, cut back to the resume point when a run resumes (so a resumed log equals an uninterrupted
+one), and read back checked."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from disback_cli.store.fileio import (
 )
 from disback_cli.store.layout import METRICS, check_no_links
 
+MAX_METRICS_BYTES = 1 << 30
 
-def _truncate_metrics(path: Path, step: int) -> None:
+
+def truncate_metrics(path: Path, step: int) -> None:
     """Keep the log lines up to the resume point, up to the first line that is not one of ours
-    (a line cut short by a kill), so a resumed log equals an uninterrupted one."""
+    (a line cut short by a kill)."""
     if not path.exists():
         return
     check_regular_file(path, MAX_METRICS_BYTES, "metrics log")  # a FIFO would block the read
@@ -34,9 +38,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 break
             keep.append(line.rstrip(b"\n") + b"\n")
     atomic_write_bytes(path, b"".join(keep))
-
-
-MAX_METRICS_BYTES = 1 << 30
 
 
 def _check_line(line: object) -> dict:
@@ -67,3 +68,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except (UnicodeDecodeError, ValueError) as exc:
             raise DisbackError(f"{path}: line {number} is not a metrics line ({exc})") from None
     return lines
+
+
+class MetricsLog:
+    """Appends lines to a run's metrics.jsonl; a no-op on ranks other than 0."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.file = open(path, "a") if enabled else None  # noqa: SIM115 (closed by close())
+
+    def write(self, iteration: int, line: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"iteration": iteration, **line}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

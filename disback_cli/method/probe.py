@@ -1,0 +1,58 @@
+"""Where a denoiser stands on the degradation path: measured on one fixed probe of noised G0
+samples, so that the numbers compare across nodes, runs and seeds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from disback_cli.method.dsm import edm_loss_weight
+from disback_cli.method.noise import TrainingSigma
+from disback_cli.method.sampling import draw_labels
+from disback_cli.models.networks import eval_mode
+from disback_cli.models.teachers import Teacher
+
+PROBE_SAMPLES = 512
+PROBE_SEED = 20240828  # fixed, so node distances compare across runs and seeds
+
+
+class PathProbe:
+    """A fixed set of noised G0 samples on which the teacher and every node are measured: the
+    mean |D - D_teacher| (how far along the path a node is) and the EDM denoising loss against
+    the clean G0 samples (how well it fits G0). Networks see it in chunks of the training batch,
+    so it needs no more memory than a training step."""
+
+    def __init__(self, teacher: Teacher, g0: nn.Module, levels: TrainingSigma, chunk: int, device):
+        rng = torch.Generator(device).manual_seed(PROBE_SEED)
+        shape = (PROBE_SAMPLES, *teacher.spec.data_shape)
+        self.chunk, self.sigma_data = chunk, teacher.denoiser.sigma_data
+        self.labels = draw_labels(PROBE_SAMPLES, teacher.spec.label_dim, rng, device)
+        z = torch.randn(shape, generator=rng, device=device)
+        self.sigma = levels.sample(PROBE_SAMPLES, rng, device)
+        noise = torch.randn(shape, generator=rng, device=device)
+        with torch.no_grad():
+            self.x0 = torch.cat([g0(z[i], self._labels(i)) for i in self._chunks()])
+        self.x_t = self.x0 + self.sigma.reshape(-1, *[1] * (self.x0.ndim - 1)) * noise
+        self.reference = self._denoise(teacher.denoiser)
+        self.teacher_loss = self._loss(self.reference)
+
+    def _chunks(self) -> list[slice]:
+        return [slice(i, i + self.chunk) for i in range(0, PROBE_SAMPLES, self.chunk)]
+
+    def _labels(self, rows: slice) -> torch.Tensor | None:
+        return None if self.labels is None else self.labels[rows]
+
+    @torch.no_grad()
+    def _denoise(self, denoiser: nn.Module) -> torch.Tensor:
+        with eval_mode(denoiser):
+            return torch.cat([denoiser(self.x_t[i], self.sigma[i], self._labels(i))
+                              for i in self._chunks()])  # fmt: skip
+
+    def _loss(self, denoised: torch.Tensor) -> float:
+        weight = edm_loss_weight(self.sigma, self.sigma_data).reshape(-1, *[1] * (self.x0.ndim - 1))
+        return (weight * (denoised - self.x0) ** 2).mean().item()
+
+    def __call__(self, denoiser: nn.Module) -> tuple[float, float]:
+        """(mean |D - D_teacher|, denoising loss on G0) of `denoiser`."""
+        out = self._denoise(denoiser)
+        return (out - self.reference).abs().mean().item(), self._loss(out)
