@@ -90,8 +90,8 @@ MUTANTS = [
     ),
     M(
         "method/dsm:dsm-unnoised",
-        "denoiser(x0 + sigma * noise, sigma, class_labels)",
-        "denoiser(x0 + noise, sigma, class_labels)",
+        "denoiser(x0 + sigma * noise, sigma, **cond)",
+        "denoiser(x0 + noise, sigma, **cond)",
     ),
     M(
         "method/dsm:fake-samples-with-dropout",
@@ -100,8 +100,8 @@ MUTANTS = [
     ),
     M(
         "method/losses:vsd-sign",
-        "gap = fake(x_t, sigma, class_labels) - target(x_t, sigma, class_labels)",
-        "gap = target(x_t, sigma, class_labels) - fake(x_t, sigma, class_labels)",
+        "gap = fake(x_t, sigma, **cond) - target(x_t, sigma, **cond)",
+        "gap = target(x_t, sigma, **cond) - fake(x_t, sigma, **cond)",
     ),
     M(
         "method/losses:vsd-batch-sum",

@@ -21,6 +21,7 @@ import torch
 from disback_cli.config import BacktrackConfig, RecordConfig, read_recipe
 from disback_cli.evaluation.ground_truth import training_evaluator
 from disback_cli.method.generator import build_g0
+from disback_cli.models.conditioning import Unconditional
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     teacher = open_teacher("builtin:ring2d")
-    evaluator = training_evaluator("ring2d", 2000, (2,), 0, torch.device("cpu"), 2000)
+    evaluator = training_evaluator("ring2d", 2000, (2,), Unconditional(), torch.device("cpu"), 2000)
     g0_metrics = evaluator(build_g0(G0Spec(sigma_init=2.5), teacher, "cpu")[0])
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_seed(seed, Path(tmp), g0_metrics) for seed in args.seeds]

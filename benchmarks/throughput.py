@@ -34,6 +34,8 @@ from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import OneStepGenerator, load_generator
 from disback_cli.method.losses import make_generator_loss
+from disback_cli.method.noise import TrainingSigma
+from disback_cli.models.conditioning import Unconditional
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser
 from disback_cli.stages import path_nodes
@@ -135,7 +137,10 @@ def parts(trajectory: Path, cfg: BacktrackConfig) -> dict[str, float]:
     )
     # denoising_step is what the loop calls for the fake score; time it whole as a cross-check
     timings["(denoising_step as called by the loop)"] = timed(
-        lambda: denoising_step(fake, opt_f, generator, shape, 0, -1.2, 1.2, rng), 30
+        lambda: denoising_step(
+            fake, opt_f, generator, shape, Unconditional(), TrainingSigma("lognormal"), rng
+        ),
+        30,
     )
     return timings
 

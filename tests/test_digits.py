@@ -9,6 +9,7 @@ import torch
 from disback_cli.evaluation.datasets import digits, digits_uint8
 from disback_cli.evaluation.digits import DigitsDetector, digits_scores, heldout_floor
 from disback_cli.method.sampling import HeunSampler, seeded_noise
+from disback_cli.models.conditioning import condition_source
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.demo import run_demo
 from disback_cli.store.images import to_uint8
@@ -38,10 +39,10 @@ def test_fd_digits_separates_real_from_broken_images():
 @pytest.fixture(scope="module")
 def teacher_samples():
     teacher = open_teacher("builtin:digits")
-    z, labels = seeded_noise(range(300), (1, 8, 8), label_dim=10)
+    z, cond = seeded_noise(range(300), (1, 8, 8), condition_source(10))
     with torch.no_grad():
-        images = to_uint8(HeunSampler(teacher.denoiser, 18)(z, labels))
-    return images, labels.argmax(1).numpy()
+        images = to_uint8(HeunSampler(teacher.denoiser, 18)(z, **cond))
+    return images, cond["class_labels"].argmax(1).numpy()
 
 
 def test_teacher_heun_samples_are_recognisable_digits_of_the_requested_class(teacher_samples):

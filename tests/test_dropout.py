@@ -15,6 +15,7 @@ from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import OneStepGenerator
 from disback_cli.method.noise import TrainingSigma
+from disback_cli.models.conditioning import condition_source
 from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser, network_dropout
 from disback_cli.stages.backtrack import run_backtrack
@@ -87,8 +88,9 @@ def test_the_fake_score_learns_from_generator_samples_drawn_without_dropout():
         optimizer = torch.optim.Adam(fake.parameters(), lr=1e-3)
         rng = torch.Generator().manual_seed(0)
         torch.manual_seed(0)  # the fake score's own dropout draws the same masks in both runs
-        denoising_step(fake, optimizer, generator, (8, *SPEC.data_shape), SPEC.label_dim,
-                       TrainingSigma("lognormal"), rng)  # fmt: skip
+        denoising_step(fake, optimizer, generator, (8, *SPEC.data_shape),
+                       condition_source(SPEC.label_dim), TrainingSigma("lognormal"),
+                       rng)  # fmt: skip
         results.append(torch.cat([p.detach().flatten() for p in fake.parameters()]))
     assert generator.training is False  # restored to what it was (eval, the last mode set)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

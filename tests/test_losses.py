@@ -9,6 +9,7 @@ from disback_cli.method.dsm import clip_gradients, edm_denoising_loss, edm_loss_
 from disback_cli.method.losses import GENERATOR_LOSSES, LOSS_TRAINING_SIGMA, make_generator_loss
 from disback_cli.method.noise import TrainingSigma, karras_sigma
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule
+from disback_cli.models.conditioning import NO_CONDITIONS
 
 
 class Linear(nn.Module):
@@ -33,7 +34,7 @@ def case(seed=0):
 
 
 def grad_of(loss_fn, x, sigma, noise, fake, target):
-    out = loss_fn(x, sigma, noise, fake, target, None)
+    out = loss_fn(x, sigma, noise, fake, target, NO_CONDITIONS)
     (grad,) = torch.autograd.grad(out.loss, x)
     return grad, out
 
@@ -68,7 +69,7 @@ def test_dmd_loss_value_is_dmd2s_on_fixed_image_tensors():
     noise = torch.randn(3, 2, 4, 4, generator=rng)
     sigma = torch.tensor([0.3, 2.0, 15.0])
     fake, real = Linear(0.6), Linear(0.25)
-    out = GENERATOR_LOSSES["dmd"]()(x, sigma, noise, fake, real, None)
+    out = GENERATOR_LOSSES["dmd"]()(x, sigma, noise, fake, real, NO_CONDITIONS)
     x0 = x.detach()
     x_t = x0 + sigma.reshape(-1, 1, 1, 1) * noise
     p_real, p_fake = x0 - 0.25 * x_t, x0 - 0.6 * x_t
@@ -90,7 +91,7 @@ def test_sid_gradient_goes_through_x_t_and_spares_the_fake_weights():
     sample = generator_scale * z
     sample.retain_grad()
     fake, target = Linear(a_f), Linear(a_r)
-    out = GENERATOR_LOSSES["sid"](alpha)(sample, sigma, noise, fake, target, None)
+    out = GENERATOR_LOSSES["sid"](alpha)(sample, sigma, noise, fake, target, NO_CONDITIONS)
     out.loss.backward()
     assert fake.a.grad is None and fake.a.requires_grad  # frozen for the loss, then restored
     x_t = z + sigma[:, None] * noise

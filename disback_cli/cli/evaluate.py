@@ -35,6 +35,7 @@ from disback_cli.evaluation.image_eval import (
 from disback_cli.evaluation.image_io import ImageSet, generated_images, open_images
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SEED, one_step_batches, parse_seeds
+from disback_cli.models.conditioning import Unconditional
 from disback_cli.runtime.parallel import execution
 from disback_cli.store.manifests import generator_file_of_run
 from disback_cli.store.samples import read_provenance, read_samples
@@ -199,7 +200,9 @@ def evaluate(
                 if not ex.is_main:
                     return
                 shape = generator.denoiser.data_shape
-                batches = one_step_batches(generator, sets[0], shape, 0, 1000, torch_device)
+                batches = one_step_batches(
+                    generator, sets[0], shape, Unconditional(), 1000, torch_device
+                )
                 x = torch.cat([b for b, _ in batches])
                 report = _vector_report(x, dataset, {**provenance, "dataset": info.get("dataset")})
             elif ref is None and (dataset or info.get("dataset")) == "digits":

@@ -12,6 +12,7 @@ from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.evaluation.digits import DigitsDetector, digits_scores, heldout_floor
 from disback_cli.evaluation.vectors import vector_metrics
 from disback_cli.method.sampling import seeded_noise
+from disback_cli.models.conditioning import ConditionSource
 from disback_cli.store.images import to_uint8
 
 REFERENCE_SEED = 987654321  # ground-truth reference sample; the floor uses REFERENCE_SEED + 1
@@ -66,19 +67,18 @@ def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
 
 
 def training_evaluator(
-    dataset: str, n: int, data_shape: tuple[int, ...], label_dim: int, device: torch.device,
-    chunk: int,
+    dataset: str, n: int, data_shape: tuple[int, ...], conditions: ConditionSource,
+    device: torch.device, chunk: int,
 ) -> Callable[[torch.nn.Module], dict]:  # fmt: skip
     """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs.
     The generator sees them `chunk` at a time (the training batch), never all at once."""
-    z, labels = seeded_noise(range(n), data_shape, label_dim)
-    z = z.to(device)
-    labels = labels.to(device) if labels is not None else None
+    z, cond = seeded_noise(range(n), data_shape, conditions)
+    z, cond = z.to(device), cond.to(device)
 
     def samples(generator: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat([
-                generator(z[i : i + chunk], None if labels is None else labels[i : i + chunk]).cpu()
+                generator(z[i : i + chunk], **cond.rows(slice(i, i + chunk))).cpu()
                 for i in range(0, n, chunk)
             ])  # fmt: skip
 

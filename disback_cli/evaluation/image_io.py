@@ -14,6 +14,7 @@ import torch
 
 from disback_cli.errors import DisbackError
 from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches
+from disback_cli.models.conditioning import condition_source
 from disback_cli.store.images import to_uint8
 from disback_cli.store.npzfile import read_npz
 from disback_cli.store.samples import complete_images
@@ -117,7 +118,7 @@ def generated_images(
 
     def read(start: int, stop: int) -> np.ndarray:
         chunks = one_step_batches(generator, seeds[start:stop], denoiser.data_shape,
-                                  denoiser.label_dim, batch, device)  # fmt: skip
+                                  condition_source(denoiser.label_dim), batch, device)  # fmt: skip
         return np.concatenate([to_uint8(x) for x, _ in chunks])
 
     return ImageSet(description, len(seeds), read)

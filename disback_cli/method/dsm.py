@@ -7,7 +7,7 @@ import math
 import torch
 
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.sampling import draw_labels
+from disback_cli.models.conditioning import NO_CONDITIONS, Conditioning, ConditionSource
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.precond import Denoiser, sigma_like
 from disback_cli.runtime.parallel import Execution
@@ -23,12 +23,12 @@ def edm_denoising_loss(
     x0: torch.Tensor,
     sigma: torch.Tensor,
     noise: torch.Tensor,
-    class_labels: torch.Tensor | None = None,
+    cond: Conditioning = NO_CONDITIONS,
 ) -> torch.Tensor:
     """EDM loss: lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 (lambda: `edm_loss_weight`)."""
     sigma = sigma_like(sigma, x0)
     weight = edm_loss_weight(sigma, denoiser.sigma_data)
-    denoised = denoiser(x0 + sigma * noise, sigma, class_labels)
+    denoised = denoiser(x0 + sigma * noise, sigma, **cond)
     return (weight * (denoised - x0) ** 2).mean()
 
 
@@ -47,7 +47,7 @@ def denoising_step(
     optimizer: torch.optim.Optimizer,
     generator: torch.nn.Module,
     shape: tuple[int, ...],
-    label_dim: int,
+    conditions: ConditionSource,
     levels: TrainingSigma,
     rng: torch.Generator,
     clip: float = math.inf,
@@ -65,13 +65,13 @@ def denoising_step(
     device = rng.device
     n = ex.global_batch(shape[0])
     z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    labels = ex.local(draw_labels(n, label_dim, rng, device))
+    cond = conditions.draw(n, rng, device).map(ex.local)
     sigma = ex.local(levels.sample(n, rng, device))
     noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
     with ex.autocast():
         with torch.no_grad(), eval_mode(generator):
-            x0 = generator(ex.to_input(z), labels)
-        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), labels)
+            x0 = generator(ex.to_input(z), **cond)
+        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), cond)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     ex.average_gradients(denoiser.parameters())

@@ -25,8 +25,8 @@ class OneStepGenerator(nn.Module):
         self.denoiser = denoiser
         self.sigma_init = sigma_init
 
-    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.denoiser(z * self.sigma_init, self.sigma_init, class_labels)
+    def forward(self, z: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(z * self.sigma_init, self.sigma_init, **cond)
 
 
 def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:

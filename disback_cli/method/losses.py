@@ -22,7 +22,7 @@ from disback_cli.method.noise import (
     sample_karras_index_sigma,
     sample_lognormal_sigma,
 )
-from disback_cli.method.sampling import draw_labels
+from disback_cli.models.conditioning import Conditioning, ConditionSource
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.precond import Denoiser, sigma_like
 from disback_cli.runtime.parallel import Execution
@@ -44,7 +44,7 @@ class GeneratorLoss(Protocol):
         noise: torch.Tensor,
         fake: Denoiser,
         target: Denoiser,
-        class_labels: torch.Tensor | None,
+        cond: Conditioning,
     ) -> GeneratorLossOutput: ...
 
 
@@ -66,10 +66,10 @@ class VSDLoss:
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         return sample_lognormal_sigma(n, self.p_mean, self.p_std, rng, device)
 
-    def __call__(self, x, sigma, noise, fake, target, class_labels) -> GeneratorLossOutput:
+    def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         with torch.no_grad():
             x_t = x + sigma_like(sigma, x) * noise
-            gap = fake(x_t, sigma, class_labels) - target(x_t, sigma, class_labels)
+            gap = fake(x_t, sigma, **cond) - target(x_t, sigma, **cond)
         loss = (gap * x).flatten(1).sum(dim=1).mean()
         return GeneratorLossOutput(loss, gap.abs().mean())
 
@@ -91,11 +91,11 @@ class DMDLoss:
         low, high = round(self.low * KARRAS_LEVELS), round(self.high * KARRAS_LEVELS)
         return sample_karras_index_sigma(n, rng, device, low, high)
 
-    def __call__(self, x, sigma, noise, fake, target, class_labels) -> GeneratorLossOutput:
+    def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         with torch.no_grad():
             x_t = x + sigma_like(sigma, x) * noise
-            d_target = target(x_t, sigma, class_labels)
-            gap = fake(x_t, sigma, class_labels) - d_target
+            d_target = target(x_t, sigma, **cond)
+            gap = fake(x_t, sigma, **cond) - d_target
             scale = (x - d_target).abs().flatten(1).mean(dim=1).clamp(min=1e-5)
             direction = gap / sigma_like(scale, x)
         loss = 0.5 * ((x - (x - direction).detach()) ** 2).mean()
@@ -117,15 +117,15 @@ class SiDLoss:
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         return karras_sigma(torch.rand(n, generator=rng, device=device) * self.t_max)
 
-    def __call__(self, x, sigma, noise, fake, target, class_labels) -> GeneratorLossOutput:
+    def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         x_t = x + sigma_like(sigma, x) * noise
         trainable = [p for p in fake.parameters() if p.requires_grad]
         for p in trainable:  # gradients flow through the fake score's input, not its weights
             p.requires_grad_(False)
         try:  # each reads its own copy of x_t: their input gradients then meet in a single
             # sum, which is exactly zero when fake = target (interleaved, it leaves rounding)
-            d_fake = fake(x_t.clone(), sigma, class_labels)
-            d_target = target(x_t.clone(), sigma, class_labels)
+            d_fake = fake(x_t.clone(), sigma, **cond)
+            d_target = target(x_t.clone(), sigma, **cond)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
@@ -156,7 +156,7 @@ def generator_step(
     fake: Denoiser,
     target: Denoiser,
     shape: tuple[int, ...],
-    label_dim: int,
+    conditions: ConditionSource,
     rng: torch.Generator,
     clip: float = math.inf,
     ex: Execution | None = None,
@@ -171,13 +171,13 @@ def generator_step(
     device = rng.device
     n = ex.global_batch(shape[0])
     z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    labels = ex.local(draw_labels(n, label_dim, rng, device))
+    cond = conditions.draw(n, rng, device).map(ex.local)
     with ex.autocast():
-        x = generator(ex.to_input(z), labels)
+        x = generator(ex.to_input(z), **cond)
         sigma = ex.local(loss_fn.sample_sigma(n, rng, device))
         noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
         with eval_mode(fake):
-            out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
+            out = loss_fn(x, sigma, ex.to_input(noise), fake, target, cond)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     ex.average_gradients(generator.parameters())

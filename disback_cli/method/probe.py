@@ -8,7 +8,6 @@ from torch import nn
 
 from disback_cli.method.dsm import edm_loss_weight
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.sampling import draw_labels
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.teachers import Teacher
 
@@ -26,12 +25,12 @@ class PathProbe:
         rng = torch.Generator(device).manual_seed(PROBE_SEED)
         shape = (PROBE_SAMPLES, *teacher.spec.data_shape)
         self.chunk, self.sigma_data = chunk, teacher.denoiser.sigma_data
-        self.labels = draw_labels(PROBE_SAMPLES, teacher.spec.label_dim, rng, device)
+        self.cond = teacher.conditions.draw(PROBE_SAMPLES, rng, device)
         z = torch.randn(shape, generator=rng, device=device)
         self.sigma = levels.sample(PROBE_SAMPLES, rng, device)
         noise = torch.randn(shape, generator=rng, device=device)
         with torch.no_grad():
-            self.x0 = torch.cat([g0(z[i], self._labels(i)) for i in self._chunks()])
+            self.x0 = torch.cat([g0(z[i], **self.cond.rows(i)) for i in self._chunks()])
         self.x_t = self.x0 + self.sigma.reshape(-1, *[1] * (self.x0.ndim - 1)) * noise
         self.reference = self._denoise(teacher.denoiser)
         self.teacher_loss = self._loss(self.reference)
@@ -39,13 +38,10 @@ class PathProbe:
     def _chunks(self) -> list[slice]:
         return [slice(i, i + self.chunk) for i in range(0, PROBE_SAMPLES, self.chunk)]
 
-    def _labels(self, rows: slice) -> torch.Tensor | None:
-        return None if self.labels is None else self.labels[rows]
-
     @torch.no_grad()
     def _denoise(self, denoiser: nn.Module) -> torch.Tensor:
         with eval_mode(denoiser):
-            return torch.cat([denoiser(self.x_t[i], self.sigma[i], self._labels(i))
+            return torch.cat([denoiser(self.x_t[i], self.sigma[i], **self.cond.rows(i))
                               for i in self._chunks()])  # fmt: skip
 
     def _loss(self, denoised: torch.Tensor) -> float:

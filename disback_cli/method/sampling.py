@@ -1,4 +1,5 @@
-"""Seeds, per-seed noise, one-step generation and EDM's Heun sampler for multi-step teachers."""
+"""Seeds, per-seed noise and conditions, one-step generation, and EDM's Heun sampler for
+multi-step teachers."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.models.conditioning import (
+    NO_CONDITIONS,
+    Conditioning,
+    ConditionSource,
+    Unconditional,
+)
 from disback_cli.models.precond import Denoiser
 
 MAX_SAMPLES = 10**7  # seeds in one `sample` or `evaluate` call (200x EDM's 50k protocol)
@@ -47,56 +53,40 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def seeded_noise(
-    seeds: Sequence[int], shape: tuple[int, ...], label_dim: int = 0, class_label: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise z (and one-hot labels) with one CPU random stream per seed.
+    seeds: Sequence[int], shape: tuple[int, ...], conditions: ConditionSource = Unconditional()
+) -> tuple[torch.Tensor, Conditioning]:
+    """Noise z and conditions, with one CPU random stream per seed.
 
     Sample i depends only on seeds[i], so results do not depend on batch size or device.
     """
-    z, labels = [], []
+    z, cond = [], []
     for seed in seeds:
         rng = torch.Generator().manual_seed(seed)
         z.append(torch.randn(shape, generator=rng))
-        if label_dim:
-            label = torch.randint(label_dim, (), generator=rng).item()
-            labels.append(label if class_label is None else class_label)
-    one_hot = F.one_hot(torch.tensor(labels), label_dim).float() if label_dim else None
-    return torch.stack(z), one_hot
-
-
-def draw_labels(
-    n: int, label_dim: int, rng: torch.Generator, device: torch.device
-) -> torch.Tensor | None:
-    """Uniformly drawn one-hot class labels for conditional models during training, else None."""
-    if not label_dim:
-        return None
-    return F.one_hot(
-        torch.randint(label_dim, (n,), generator=rng, device=device), label_dim
-    ).float()
+        cond.append(conditions.of_seed(rng))
+    return torch.stack(z), Conditioning.cat(cond)
 
 
 def one_step_batches(
     generator: torch.nn.Module,
     seeds: Sequence[int],
     data_shape: tuple[int, ...],
-    label_dim: int,
+    conditions: ConditionSource,
     batch: int,
     device: torch.device,
-    class_label: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (samples, labels) on the CPU for consecutive chunks of `seeds`."""
+) -> Iterator[tuple[torch.Tensor, Conditioning]]:
+    """Yield (samples, conditions) on the CPU for consecutive chunks of `seeds`."""
     for start in range(0, len(seeds), batch):
-        z, labels = seeded_noise(seeds[start : start + batch], data_shape, label_dim, class_label)
-        labels_dev = labels.to(device) if labels is not None else None
+        z, cond = seeded_noise(seeds[start : start + batch], data_shape, conditions)
         with torch.no_grad():
-            x = generator(z.to(device), labels_dev)
-        yield x.cpu(), labels
+            x = generator(z.to(device), **cond.to(device))
+        yield x.cpu(), cond
 
 
 def edm_sampler(
     denoiser: Denoiser,
     latents: torch.Tensor,
-    class_labels: torch.Tensor | None = None,
+    cond: Conditioning = NO_CONDITIONS,
     num_steps: int = 18,
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
@@ -112,10 +102,10 @@ def edm_sampler(
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(itertools.pairwise(t_steps)):
         x_cur = x_next
-        d_cur = (x_cur - denoiser(x_cur, t_cur, class_labels).to(torch.float64)) / t_cur
+        d_cur = (x_cur - denoiser(x_cur, t_cur, **cond).to(torch.float64)) / t_cur
         x_next = x_cur + (t_next - t_cur) * d_cur
         if i < num_steps - 1:
-            d_prime = (x_next - denoiser(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            d_prime = (x_next - denoiser(x_next, t_next, **cond).to(torch.float64)) / t_next
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
@@ -127,8 +117,8 @@ class HeunSampler(nn.Module):
         super().__init__()
         self.denoiser, self.steps = denoiser, steps
 
-    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         sigma_min = max(0.002, getattr(self.denoiser, "sigma_min", 0.0))
         sigma_max = min(80.0, getattr(self.denoiser, "sigma_max", math.inf))
-        x = edm_sampler(self.denoiser, z, class_labels, self.steps, sigma_min, sigma_max)
+        x = edm_sampler(self.denoiser, z, Conditioning(cond), self.steps, sigma_min, sigma_max)
         return x.to(torch.float32)

@@ -22,7 +22,7 @@ class Denoiser(Protocol):
     label_dim: int
 
     def __call__(
-        self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None
+        self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: torch.Tensor
     ) -> torch.Tensor: ...
 
 
@@ -60,8 +60,13 @@ class Precond(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        **cond: torch.Tensor,
     ) -> torch.Tensor:
+        """`cond` beyond class labels (see `conditioning`) goes to the raw network as keywords."""
         x = x.to(torch.float32)
         sigma = sigma_like(sigma, x)
         if self.label_dim and class_labels is None:
@@ -70,7 +75,7 @@ class Precond(nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         dtype = torch.bfloat16 if self.use_fp16 and x.device.type == "cuda" else torch.float32
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels)
+        f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, **cond)
         return c_skip * x + c_out * f.to(torch.float32)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
+from disback_cli.models.conditioning import ConditionSource, condition_source
 from disback_cli.models.denoiser_files import build_with_weights, load_denoiser
 from disback_cli.models.edm_pickle import read_edm_pickle
 from disback_cli.models.networks import NetworkSpec
@@ -37,6 +38,11 @@ class Teacher:
     info: dict[str, Any]  # provenance from the file (role, EDM class, ...)
 
     @property
+    def conditions(self) -> ConditionSource:
+        """What the teacher is conditioned on during training (its classes, if any)."""
+        return condition_source(self.spec.label_dim)
+
+    @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.denoiser.parameters())
 
@@ -55,7 +61,7 @@ def resolve_teacher_path(spec: str) -> Path:
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The teacher as a frozen module: `forward(x, sigma, class_labels=None)` -> denoised x."""
+    """The teacher as a frozen module: `forward(x, sigma, **cond)` -> denoised x."""
     return open_teacher(spec, device).denoiser
 
 
@@ -65,7 +71,7 @@ def open_teacher(
     expected_sha256: str | None = None,
     recorded_in: str | Path | None = None,
 ) -> Teacher:
-    """A frozen teacher denoiser `D(x, sigma, class_labels)` in eval mode, with its provenance.
+    """A frozen teacher denoiser `D(x, sigma, **cond)` in eval mode, with its provenance.
 
     EDM pickles are read with a restricted unpickler (no code from the file runs) into our own
     network implementation, loaded strictly. With `expected_sha256` (a teacher named by the

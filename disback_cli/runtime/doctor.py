@@ -34,10 +34,10 @@ from disback_cli import __version__
 from disback_cli.config import BacktrackConfig
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import OneStepGenerator
-from disback_cli.method.losses import make_generator_loss
+from disback_cli.method.losses import generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.sampling import draw_labels
-from disback_cli.models.networks import NetworkSpec, build_denoiser, eval_mode
+from disback_cli.models.conditioning import condition_source
+from disback_cli.models.networks import NetworkSpec, build_denoiser
 from disback_cli.runtime.parallel import Execution, shutdown
 
 BF16_TOLERANCE = 0.05
@@ -308,21 +308,12 @@ def _backtrack_rate(work: Workload, ex: Execution) -> float:
     opt_g = torch.optim.Adam(generator.parameters(), lr=1e-5, betas=cfg.betas)
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-5, betas=cfg.betas)
     rng = torch.Generator(device).manual_seed(0)
-    n, shape = cfg.batch, (cfg.batch, *spec.data_shape)
+    shape, conditions = (cfg.batch, *spec.data_shape), condition_source(spec.label_dim)
 
     def iteration() -> torch.Tensor:
-        z = torch.randn(shape, generator=rng, device=device)
-        labels = draw_labels(n, spec.label_dim, rng, device)
-        with ex.autocast():
-            x = generator(ex.to_input(z), labels)
-            sigma = loss_fn.sample_sigma(n, rng, device)
-            noise = torch.randn(shape, generator=rng, device=device)
-            with eval_mode(fake):
-                out = loss_fn(x, sigma, ex.to_input(noise), fake, target, labels)
-        opt_g.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt_g.step()
-        loss_fake, _ = denoising_step(fake, opt_f, generator, shape, spec.label_dim, levels, rng,
+        out, _ = generator_step(generator, opt_g, loss_fn, fake, target, shape, conditions, rng,
+                                ex=ex)  # fmt: skip
+        loss_fake, _ = denoising_step(fake, opt_f, generator, shape, conditions, levels, rng,
                                       ex=ex)  # fmt: skip
         return out.loss.detach() + loss_fake
 

@@ -183,7 +183,7 @@ def backtrack(
     generator, generator_ema, fake = modules["generator"], modules["generator_ema"], modules["fake"]
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
     loss_fn, levels = make_generator_loss(cfg), TrainingSigma.of(cfg)
-    shape, label_dim = (cfg.batch, *teacher.spec.data_shape), teacher.spec.label_dim
+    shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
     for step in run.iterations(f"backtrack {run.directory.name}", start, cfg.iters,
                                cfg.save_every, stop_every=cfg.log_every, outputs=save):  # fmt: skip
@@ -192,10 +192,10 @@ def backtrack(
         # Generator step on (fake - target) at noised generator samples (not holding the
         # target here: at a switch the old one is freed before the next is read).
         out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, targets.at(node),
-                                          shape, label_dim, rng, clip, ex)  # fmt: skip
+                                          shape, conditions, rng, clip, ex)  # fmt: skip
         # Keep the fake score fitted to the current generator.
         for _ in range(cfg.fake_steps):
-            loss_fake, grad_norm_fake = denoising_step(fake, opt_f, generator, shape, label_dim,
+            loss_fake, grad_norm_fake = denoising_step(fake, opt_f, generator, shape, conditions,
                                                        levels, rng, clip, ex)  # fmt: skip
         run.check_finite(step, loss_g=out.loss, grad_norm_g=grad_norm_g, loss_fake=loss_fake,
                          grad_norm_fake=grad_norm_fake)  # fmt: skip
@@ -221,8 +221,8 @@ class TrainingLog:
         self.evaluate = None
         if cfg.eval_every and run.ex.is_main:
             self.evaluate = training_evaluator(
-                teacher.dataset, cfg.eval_samples, teacher.spec.data_shape,
-                teacher.spec.label_dim, run.ex.device, cfg.batch,
+                teacher.dataset, cfg.eval_samples, teacher.spec.data_shape, teacher.conditions,
+                run.ex.device, cfg.batch,
             )  # fmt: skip
         self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
 

@@ -22,6 +22,7 @@ from disback_cli.evaluation.ground_truth import evaluate_digits
 from disback_cli.evaluation.plot import plot_runs
 from disback_cli.method.generator import build_g0, load_generator
 from disback_cli.method.sampling import HeunSampler, one_step_batches
+from disback_cli.models.conditioning import condition_source
 from disback_cli.models.teachers import open_teacher
 from disback_cli.runtime.devices import resolve_device
 from disback_cli.runtime.reporting import Reporter, SilentReporter
@@ -56,8 +57,8 @@ def demo_configs(quick: bool, device: str) -> tuple[RecordConfig, BacktrackConfi
 
 def _images(sampler: torch.nn.Module, seeds, device) -> np.ndarray:
     denoiser = sampler.denoiser
-    batches = one_step_batches(sampler, list(seeds), denoiser.data_shape, denoiser.label_dim,
-                               200, device)  # fmt: skip
+    batches = one_step_batches(sampler, list(seeds), denoiser.data_shape,
+                               condition_source(denoiser.label_dim), 200, device)  # fmt: skip
     return np.concatenate([to_uint8(x) for x, _ in batches])
 
 

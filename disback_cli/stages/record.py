@@ -26,13 +26,7 @@ from disback_cli.models.networks import set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.runtime.parallel import Execution, check_batch_fits, execution
 from disback_cli.runtime.reporting import Reporter, SilentReporter
-from disback_cli.stages.lifecycle import (
-    RECORDING,
-    Run,
-    TrainingState,
-    make_optimizer,
-    seed_streams,
-)
+from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
 from disback_cli.store.manifests import NodeRecord, TeacherRef, TrajectoryManifest, now
 from disback_cli.store.tensorfile import tensor_bytes
@@ -118,8 +112,8 @@ def record_path(
     for step in run.iterations("record", start, cfg.iters, cfg.save_every):
         # The auxiliary model takes one EDM denoising step on x0 = G0(z) noised to x0 + sigma n:
         # it drifts from the teacher's distribution toward G0's.
-        loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim,
-                                         levels, state.rng, ex=run.ex)  # fmt: skip
+        loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.conditions, levels,
+                                         state.rng, ex=run.ex)  # fmt: skip
         run.check_finite(step, loss=loss, grad_norm=grad_norm)
         losses.add(run.ex.mean(loss.detach()).item())
         run.reporter.advance(step, loss=loss.item())
@@ -186,7 +180,7 @@ def plan_by_distance(
     distances: list[tuple[int, float]] = []
     reporter.start("plan nodes", cfg.iters, 0)
     for step in range(1, cfg.iters + 1):
-        denoising_step(aux, optimizer, g0, shape, teacher.spec.label_dim, TrainingSigma.of(cfg),
+        denoising_step(aux, optimizer, g0, shape, teacher.conditions, TrainingSigma.of(cfg),
                        state.rng, ex=ex)  # fmt: skip
         if step % every == 0 or step == cfg.iters:
             distances.append((step, probe(aux)[0]))

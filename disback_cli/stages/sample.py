@@ -18,6 +18,7 @@ from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds
+from disback_cli.models.conditioning import condition_source
 from disback_cli.runtime.devices import check_fits_memory
 from disback_cli.runtime.parallel import execution
 from disback_cli.runtime.reporting import Reporter, SilentReporter
@@ -113,6 +114,7 @@ def write_samples_of(
             write_record(out, "writing", seeds, meta)
         ex.barrier()
     ex.prepare(denoiser)
+    conditions = condition_source(denoiser.label_dim, cfg.class_label)
 
     # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
     # arrays (npz), labels and grid images to rank 0.
@@ -124,9 +126,9 @@ def write_samples_of(
         for index in range(ex.rank, len(batches), ex.world_size):
             batch_seeds = batches[index]
             with ex.autocast():
-                x, y = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
-                                             denoiser.label_dim, len(batch_seeds), ex.device,
-                                             cfg.class_label))  # fmt: skip
+                x, cond = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
+                                                conditions, len(batch_seeds),
+                                                ex.device))  # fmt: skip
             if not bool(torch.isfinite(x).all()):  # e.g. weights so large they overflow
                 raise DisbackError(
                     f"the generator produced NaN or infinite values (seeds {batch_seeds[0]}.."
@@ -139,7 +141,7 @@ def write_samples_of(
             first = index * cfg.batch
             mine[index] = (
                 x if fmt == "npz" else None,
-                y.argmax(dim=1).numpy() if y is not None else None,
+                conditions.labels(cond),
                 x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
             )
             reporter.advance(min(len(seeds), (index + 1) * cfg.batch))

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 
 from disback_cli import __version__
@@ -17,6 +16,7 @@ from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.method.dsm import edm_denoising_loss
 from disback_cli.method.ema import ema_beta, update_ema
 from disback_cli.method.noise import sample_lognormal_sigma
+from disback_cli.models.conditioning import NO_CONDITIONS, ClassLabels
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser
 from disback_cli.runtime.devices import resolve_device
@@ -56,10 +56,10 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, reporter: Reporter | None 
     for step in range(1, cfg.iters + 1):
         x0, classes = dataset.sample(cfg.batch, data_rng)
         x0 = x0.to(device)
-        labels = F.one_hot(classes, label_dim).float().to(device) if label_dim else None
+        cond = ClassLabels(label_dim).one_hot(classes).to(device) if label_dim else NO_CONDITIONS
         sigma = sample_lognormal_sigma(cfg.batch, cfg.p_mean, cfg.p_std, rng, device)
         noise = torch.randn(x0.shape, generator=rng, device=device)
-        loss = edm_denoising_loss(denoiser, x0, sigma, noise, labels)
+        loss = edm_denoising_loss(denoiser, x0, sigma, noise, cond)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

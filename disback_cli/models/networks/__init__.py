@@ -215,7 +215,7 @@ def meta_network(spec: NetworkSpec) -> nn.Module:
 
 
 def build_denoiser(spec: NetworkSpec) -> nn.Module:
-    """A freshly initialised denoiser `D(x, sigma, class_labels)` for `spec` (checked by
+    """A freshly initialised denoiser `D(x, sigma, **cond)` for `spec` (checked by
     `meta_network` first)."""
     meta_network(spec)
     return _construct(spec)
