@@ -32,6 +32,9 @@ def _image_network(cls: type[nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
+# Raw networks F(x, c_noise, class_labels=None, **cond) by name, and the preconditionings that make
+# them denoisers D(x, sigma, **cond). Both are the adapter point for model families that are not
+# ours: see `register_architecture`.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "SongUNet": _image_network(SongUNet),
@@ -42,6 +45,30 @@ PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
     "vp": VPPrecond,
     "ve": VEPrecond,
 }
+
+
+def register_architecture(name: str, build: Callable[..., nn.Module]) -> None:
+    """Make `name` a `NetworkSpec.arch`: `build(data_shape=..., label_dim=..., **arch_kwargs)`
+    returns a raw network F(x, c_noise, class_labels=None, **cond).
+
+    This is how a foreign model family plugs in: its adapter builds (or wraps) the foreign network
+    behind that call, and a preconditioning (ours, or one given to `register_preconditioning`)
+    turns it into a denoiser. Its teachers, path nodes and generators are then files like any
+    other, a spec naming the adapter plus the weights, and every stage runs on them."""
+    _register(ARCHITECTURES, "architecture", name, build)
+
+
+def register_preconditioning(name: str, build: Callable[..., nn.Module]) -> None:
+    """Make `name` a `NetworkSpec.precond`: `build(model, data_shape=..., label_dim=...,
+    **precond_kwargs)` returns a denoiser, usually a `Precond` subclass giving the coefficients
+    of the family's parameterisation (e.g. a discrete DDPM's epsilon or v prediction)."""
+    _register(PRECONDITIONINGS, "preconditioning", name, build)
+
+
+def _register(registry: dict, what: str, name: str, build: Callable[..., nn.Module]) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= 100 or name in registry:
+        raise ValueError(f"{what} name {name!r} is taken or not a short string")
+    registry[name] = build
 
 
 # A spec arrives in files anyone may write, so its sizes are bounded before anything is built:
