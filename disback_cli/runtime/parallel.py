@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from disback_cli.runtime.devices import check_fits_memory, resolve_device
+from disback_cli.runtime.reporting import Reporter, SilentReporter
 
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
 
@@ -174,6 +175,13 @@ def execution(cfg) -> Execution:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     return Execution(resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile)
+
+
+def process_of(cfg, reporter: Reporter | None = None) -> tuple[Execution, Reporter]:
+    """This process's execution (see `execution`) and what it reports through: rank 0 reports,
+    the other ranks of a torchrun launch stay silent."""
+    ex = execution(cfg)
+    return ex, (reporter or SilentReporter()) if ex.is_main else SilentReporter()
 
 
 def shutdown() -> None:

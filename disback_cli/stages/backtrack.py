@@ -28,8 +28,8 @@ from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, set_dropout
 from disback_cli.models.teachers import Teacher
-from disback_cli.runtime.parallel import check_batch_fits, execution
-from disback_cli.runtime.reporting import Reporter, SilentReporter
+from disback_cli.runtime.parallel import check_batch_fits, process_of
+from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
     Run,
@@ -64,8 +64,7 @@ def run_backtrack(
 
     Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     trajectory = Path(trajectory)
-    ex = execution(cfg)
-    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    ex, reporter = process_of(cfg, reporter)
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
     cfg, sources = resolve_backtrack(cfg, teacher)
     check_path_noise_levels(cfg, traj, trajectory, force, reporter)

@@ -24,8 +24,8 @@ from disback_cli.method.schedule import node_steps
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser, save_denoiser
 from disback_cli.models.networks import set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
-from disback_cli.runtime.parallel import Execution, check_batch_fits, execution
-from disback_cli.runtime.reporting import Reporter, SilentReporter
+from disback_cli.runtime.parallel import Execution, check_batch_fits, process_of
+from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
 from disback_cli.store.manifests import NodeRecord, TeacherRef, TrajectoryManifest, now
@@ -43,8 +43,7 @@ def run_record(
 
     Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     out = Path(out)
-    ex = execution(cfg)
-    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    ex, reporter = process_of(cfg, reporter)
     teacher = open_teacher(cfg.teacher, ex.device)
     student = load_denoiser(cfg.student) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)

@@ -20,8 +20,8 @@ from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds
 from disback_cli.models.conditioning import condition_source
 from disback_cli.runtime.devices import check_fits_memory
-from disback_cli.runtime.parallel import execution
-from disback_cli.runtime.reporting import Reporter, SilentReporter
+from disback_cli.runtime.parallel import execution, process_of
+from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, grid, png_name, to_uint8
 from disback_cli.store.samples import LABELS, prepare_folder, write_record
@@ -73,8 +73,7 @@ def write_samples_of(
     (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). Sizes whose arrays cannot fit
     in memory are refused before anything is written.
     """
-    ex = execution(cfg)
-    reporter = (reporter or SilentReporter()) if ex.is_main else SilentReporter()
+    ex, reporter = process_of(cfg, reporter)
     seeds = sample_seeds(cfg)
     generator = generator.to(ex.device)
     denoiser = generator.denoiser
