@@ -1,4 +1,4 @@
-"""Run-time plumbing shared by the training commands: devices, progress reports, stop signals."""
+"""Devices and their memory: which device a name means, and sizes refused before they are tried."""
 
 from __future__ import annotations
 

@@ -186,13 +186,14 @@ def backtrack(
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
     for step in run.iterations(f"backtrack {run.directory.name}", start, cfg.iters,
                                cfg.save_every, stop_every=cfg.log_every, outputs=save):  # fmt: skip
-        # The target: path node N-1, then one node closer to the teacher per switch.
+        # The target walks the path back: node N-1, then one node closer to the teacher per
+        # switch (every --interval iterations, or when the score gap plateaus), then node 0.
         node = schedule.target(step - 1)
-        # Generator step on (fake - target) at noised generator samples (not holding the
-        # target here: at a switch the old one is freed before the next is read).
+        # Eq. (8): a generator step on (fake - target) at noised generator samples. (The
+        # target is not held here: at a switch the old node is freed before the next is read.)
         out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, targets.at(node),
                                           shape, conditions, rng, clip, ex)  # fmt: skip
-        # Keep the fake score fitted to the current generator.
+        # Eq. (5): the fake score's denoising step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
             loss_fake, grad_norm_fake = denoising_step(fake, opt_f, generator, shape, conditions,
                                                        levels, rng, clip, ex)  # fmt: skip

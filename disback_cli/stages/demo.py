@@ -30,7 +30,7 @@ from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, grid, to_uint8
-from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.layout import MANIFEST, backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
 TEACHER = "builtin:digits"
@@ -90,7 +90,7 @@ def run_demo(
     """Run the whole demo into `out`; return the table as a dict (also written to demo.json)."""
     reporter = reporter or SilentReporter()
     out = Path(out)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         raise DisbackError(f"{out} already holds a trajectory; choose another --out or remove it")
     record_cfg, backtrack_cfg, n = demo_configs(quick, device)
     torch_device = resolve_device(device)

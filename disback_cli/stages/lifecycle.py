@@ -50,6 +50,7 @@ from disback_cli.store.layout import (
 from disback_cli.store.lock import run_lock
 from disback_cli.store.manifests import (
     BacktrackManifest,
+    RunManifest,
     StateRef,
     TrajectoryManifest,
     read_manifest,
@@ -64,7 +65,7 @@ class RunKind:
     """What differs between stages in their run directories, and in the words about them."""
 
     layout: Layout  # the files the stage writes
-    manifest: type  # its manifest model
+    manifest: type[RunManifest]  # its manifest model
     command: str  # names the lock holder
     noun: str  # "the previous recording in ..."
     past: str  # "... was recorded with another configuration"
@@ -158,7 +159,7 @@ class Run:
 
     def __init__(self, directory: Path, kind: RunKind, ex: Execution, reporter: Reporter) -> None:
         self.directory, self.kind, self.ex, self.reporter = Path(directory), kind, ex, reporter
-        self.manifest: Any = None
+        self.manifest: Any = None  # the stage's RunManifest, once `begin` has run
         self.state: TrainingState | None = None
         self._resuming = False
         self._save_requested = False

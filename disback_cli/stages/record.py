@@ -109,15 +109,15 @@ def record_path(
     shape, levels = (cfg.batch, *teacher.spec.data_shape), TrainingSigma.of(cfg)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
     for step in run.iterations("record", start, cfg.iters, cfg.save_every):
-        # The auxiliary model takes one EDM denoising step on x0 = G0(z) noised to x0 + sigma n:
-        # it drifts from the teacher's distribution toward G0's.
+        # Eq. (7): one denoising-score-matching step of the auxiliary model on x0 = G0(z),
+        # noised to x0 + sigma n; it drifts from the teacher's distribution toward G0's.
         loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.conditions, levels,
                                          state.rng, ex=run.ex)  # fmt: skip
         run.check_finite(step, loss=loss, grad_norm=grad_norm)
         losses.add(run.ex.mean(loss.detach()).item())
         run.reporter.advance(step, loss=loss.item())
-        # At the planned steps it becomes the next path node (node N fits G0), and a resume
-        # point follows so that a resumed recording never saves a node twice.
+        # Every iters/N iterations (or as planned) it is saved as the next path node; node N
+        # fits G0. A resume point follows, so a resumed recording never saves a node twice.
         if step in node_at_step:
             node = save_node(run, aux, node_at_step[step], step, teacher, probe, losses, cfg)
             run.manifest.nodes.append(node)

@@ -1,4 +1,5 @@
-"""One-step sampling from a trained generator into an .npz file."""
+"""One-step sampling from a trained generator (or a teacher's Heun sampler) into an .npz file or
+an EDM-layout PNG folder."""
 
 from __future__ import annotations
 

@@ -9,7 +9,9 @@
         metrics.jsonl               one JSON object per logged iteration
         checkpoints/                generator(-ema)-<step>.safetensors, state-<step>.safetensors
 
-Manifests are written last, after every file they name, and name each file with its sha256.
+Manifests are written last, after every file they name, and name each file with its sha256
+(file names themselves come from `layout`). `open_trajectory` and `generator_file_of_run` are how
+the other stages read what `record` and `backtrack` wrote.
 """
 
 from __future__ import annotations
@@ -125,25 +127,34 @@ class _Manifest(_Record):
     )  # fmt: skip
 
 
-class TrajectoryManifest(_Manifest):
-    kind: Literal["disback.trajectory"] = "disback.trajectory"
-    status: Literal["recording", "complete"]
+class RunManifest(_Manifest):
+    """What every training stage's manifest holds; `stages.lifecycle` reads and writes it."""
+
     teacher: TeacherRef
     g0: G0Spec = Field(alias="generator_init")  # the file's name for G0's spec
-    config: RecordConfig
-    nodes: list[NodeRecord] = Field(min_length=1)
-    state: StateRef | None = None
-    node_plan: list[Step] | None = None  # recording steps of nodes 1..N (placement by distance)
+    state: StateRef | None = None  # the latest resume point
     elapsed_seconds: Seconds = 0.0
     world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
     global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
+
+    def files(self) -> set[str]:
+        """The files of the run directory this manifest names."""
+        raise NotImplementedError
+
+
+class TrajectoryManifest(RunManifest):
+    kind: Literal["disback.trajectory"] = "disback.trajectory"
+    status: Literal["recording", "complete"]
+    config: RecordConfig
+    nodes: list[NodeRecord] = Field(min_length=1)
+    node_plan: list[Step] | None = None  # recording steps of nodes 1..N (placement by distance)
 
     @property
     def last_node(self) -> int:
         return self.nodes[-1].index
 
     def files(self) -> set[str]:
-        """The files of the directory this manifest names (node 0 is the teacher, elsewhere)."""
+        """Path nodes 1..N and the resume point (node 0 is the teacher, elsewhere)."""
         named = {n.file for n in self.nodes if n.file}
         return named | ({self.state.file} if self.state else set())
 
@@ -174,25 +185,19 @@ class TrajectoryManifest(_Manifest):
         return self
 
 
-class BacktrackManifest(_Manifest):
+class BacktrackManifest(RunManifest):
     kind: Literal["disback.backtrack"] = "disback.backtrack"
     status: Literal["running", "complete"]
     name: str = Field(pattern=f"^{RUN_NAME.pattern}$")
-    teacher: TeacherRef
-    g0: G0Spec = Field(alias="generator_init")  # the file's name for G0's spec
     path_sha256: list[Sha256] = Field(min_length=2, max_length=100_001)  # nodes 0..N trained on
     config: BacktrackConfig
     step: Step = 0
     generator: FileRef | None = None
     generator_ema: FileRef | None = None
-    state: StateRef | None = None
     metrics: Literal["metrics.jsonl"] = METRICS
-    elapsed_seconds: Seconds = 0.0
-    world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
-    global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
 
     def files(self) -> set[str]:
-        """The checkpoint files this manifest names (metrics.jsonl is always the run's)."""
+        """The latest checkpoint's files (metrics.jsonl is always the run's)."""
         return {ref.file for ref in (self.generator, self.generator_ema, self.state) if ref}
 
     @model_validator(mode="after")

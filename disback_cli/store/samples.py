@@ -1,4 +1,4 @@
-"""PNG sample folders and their completion record.
+"""Sample sets on disk: PNG folders with their completion record, and .npz files of samples.
 
 `disback sample --format png` writes `provenance.json` (kind `disback.samples`) twice: first with
 status `writing` and the seeds it is about to write, last with status `complete`. So `evaluate`
