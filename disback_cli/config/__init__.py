@@ -50,13 +50,9 @@ Dropout = Annotated[float, Field(ge=0, lt=1)]
 PathText = Annotated[str, Field(min_length=1, max_length=4096)]
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
 
-# Defaults that depend on the teacher: the toy ring wants fast rates, EDM U-Nets the rates their
-# distillation papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
-TEACHER_FAMILIES = {
-    "vector": "built-in vector teachers",
-    "image": "small image teachers",
-    "edm": "EDM-size image teachers (an EDM pickle or >= 10 M parameters)",
-}
+# Defaults that depend on the teacher family (`resolve.teacher_family`: vector, small image, or
+# EDM-size image teachers): the toy ring wants fast rates, EDM U-Nets the rates their distillation
+# papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
     "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
