@@ -163,8 +163,8 @@ def digests(folder: Path) -> dict[str, str]:
 def test_two_process_sampling_writes_the_same_files(tmp_path):
     sample = ["sample", "--teacher", "builtin:digits", "--steps", "3", "--seeds", "5-41",
               "--batch", "8", "--device", "cpu"]  # fmt: skip
-    one = disback(*sample, "--format", "png", "--out", "one", "--grid", "one.png", cwd=tmp_path)
-    two = disback(*sample, "--format", "png", "--out", "two", "--grid", "two.png", processes=2,
+    one = disback(*sample, "--format", "png", "--out", "one", "--grid-out", "one.png", cwd=tmp_path)
+    two = disback(*sample, "--format", "png", "--out", "two", "--grid-out", "two.png", processes=2,
                   cwd=tmp_path)  # fmt: skip
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
     assert len(list((tmp_path / "two").rglob("*.png"))) == 37

@@ -70,7 +70,7 @@ def test_record_backtrack_sample_png_grid_end_to_end(cli, tmp_path):
                  "--save-every", "2", "--log-every", "2", "--device", "cpu")  # fmt: skip
     assert result.code == 0, result.stderr
     result = cli("sample", "-T", trajectory, "--seeds", "998-1001", "--format", "png",
-                 "--grid", tmp_path / "grid.png", "--json")  # fmt: skip
+                 "--grid", "--json")  # fmt: skip
     assert result.code == 0, result.stderr
     out = backtrack_dir(trajectory, "default") / "samples"
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
@@ -79,7 +79,11 @@ def test_record_backtrack_sample_png_grid_end_to_end(cli, tmp_path):
     assert decode_png((out / names[0]).read_bytes()).shape == (8, 8, 3)
     labels = json.loads((out / "dataset.json").read_text())["labels"]
     assert [entry[0] for entry in labels] == names and all(0 <= y < 10 for _, y in labels)
-    assert decode_png((tmp_path / "grid.png").read_bytes()).shape == (19, 19, 3)
+    # 2 x 2 tiles of 8 pixels with 1-pixel borders (19 pixels), enlarged 27 times to reach 512,
+    # beside the output folder
+    grid_png = decode_png((out.parent / "samples-grid.png").read_bytes())
+    assert grid_png.shape == (19 * 27, 19 * 27, 3)
+    assert (grid_png[:27, :27] == 128).all()  # the border, one enlarged pixel
 
     result = cli("sample", "-T", trajectory, "-n", "3", "--format", "npz", "--class", "7",
                  "--out", tmp_path / "s.npz")  # fmt: skip

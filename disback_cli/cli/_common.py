@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,14 @@ from rich.progress import (
 from rich.text import Text
 
 from disback_cli.config import FAMILY_DEFAULTS
+from disback_cli.method.losses import GENERATOR_LOSSES
 from disback_cli.runtime.reporting import Reporter
+
+
+def Flag(*names: str, **kwargs: Any) -> Any:
+    """An option that takes no value: shown without a `<bool>` metavar."""
+    return typer.Option(*names, metavar="", **kwargs)
+
 
 console = Console(stderr=True, highlight=False)  # progress and messages
 stdout = Console(highlight=False, soft_wrap=True)  # results: tables and summaries
@@ -36,7 +44,7 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto."
 SeedOpt = Annotated[int | None, typer.Option(help="Random seed.")]
 ForceOpt = Annotated[
     bool,
-    typer.Option(
+    Flag(
         "--force",
         help="Discard an existing run with another configuration (backtrack: also train on a "
         "path recorded at other noise levels).",
@@ -44,30 +52,33 @@ ForceOpt = Annotated[
 ]
 VerifyOpt = Annotated[
     bool | None,
-    typer.Option(
+    Flag(
         "--verify/--no-verify",
         help="Check the sha256 of every file a manifest names (skip for huge trusted files).",
     ),
 ]
 PrecisionOpt = Annotated[
     str | None,
-    typer.Option(help="fp32, or bf16: networks under bfloat16 autocast, fp32 weights and losses."),
+    typer.Option(
+        metavar="<fp32|bf16>",
+        help="fp32, or bf16: networks under bfloat16 autocast, fp32 weights and losses.",
+    ),
 ]
 Tf32Opt = Annotated[
-    bool | None, typer.Option("--tf32/--no-tf32", help="Allow TF32 on CUDA (default: off).")
+    bool | None, Flag("--tf32/--no-tf32", help="Allow TF32 on CUDA (default: off).")
 ]
 CompileOpt = Annotated[
-    bool | None, typer.Option("--compile/--no-compile", help="torch.compile the networks.")
+    bool | None, Flag("--compile/--no-compile", help="torch.compile the networks.")
 ]
 ChannelsLastOpt = Annotated[
     bool | None,
-    typer.Option(
+    Flag(
         "--channels-last/--no-channels-last",
         help="Channels-last image tensors (default: on for images on CUDA).",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or messages.")]
+JsonOpt = Annotated[bool, Flag("--json", help="Print a JSON summary on stdout.")]
+QuietOpt = Annotated[bool, Flag("--quiet", "-q", help="No progress bar or messages.")]
 
 
 def _finite(obj: Any) -> Any:
@@ -136,6 +147,17 @@ def reporting(quiet: bool = False) -> Iterator[Reporter]:
     )  # fmt: skip
     with Progress(*columns, console=console) as progress:
         yield RichReporter(progress)
+
+
+def choices(model: type, field: str) -> str:
+    """The metavar listing a config field's choices, e.g. `<even|distance>` (the values are
+    checked by the config model, so recipes and flags get the same message)."""
+    if field == "loss":
+        values = list(GENERATOR_LOSSES)
+    else:
+        values = [v for arg in typing.get_args(model.model_fields[field].annotation)
+                  for v in (typing.get_args(arg) or [arg]) if isinstance(v, str)]  # fmt: skip
+    return "<" + "|".join(values) + ">"
 
 
 def describe(model: type, field: str) -> str:

@@ -16,6 +16,7 @@ from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
 from disback_cli.cli import backtrack, demo, doctor, evaluate, plot, record, sample, teacher
+from disback_cli.cli._common import Flag
 from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error
 from disback_cli.runtime.parallel import shutdown
 
@@ -46,10 +47,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks (may also follow the command).")
+        bool, Flag("--debug", help="Show tracebacks (may also follow the command).")
     ] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool, Flag("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """Distill a diffusion teacher into a one-step generator with DisBack.

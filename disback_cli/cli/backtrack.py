@@ -12,6 +12,7 @@ from disback_cli.cli._common import (
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
+    Flag,
     ForceOpt,
     JsonOpt,
     PrecisionOpt,
@@ -19,6 +20,7 @@ from disback_cli.cli._common import (
     SeedOpt,
     Tf32Opt,
     VerifyOpt,
+    choices,
     describe,
     emit_json,
     reporting,
@@ -35,6 +37,10 @@ def _h(field: str) -> str:
     return describe(BacktrackConfig, field)
 
 
+def _c(field: str) -> str:
+    return choices(BacktrackConfig, field)
+
+
 def backtrack(
     trajectory: Annotated[
         Path, typer.Option("--trajectory", "-T", help="Trajectory directory from `disback record`.")
@@ -42,19 +48,21 @@ def backtrack(
     name: Annotated[str, typer.Option(help="Run name: writes backtrack/NAME/.")] = "default",
     iters: Annotated[int | None, typer.Option(help=_h("iters"))] = None,
     interval: Annotated[int | None, typer.Option(help=_h("interval"))] = None,
-    no_trajectory: Annotated[
-        bool | None, typer.Option("--no-trajectory", help=_h("no_trajectory"))
-    ] = None,
-    loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
+    no_trajectory: Annotated[bool | None, Flag("--no-trajectory", help=_h("no_trajectory"))] = None,
+    loss: Annotated[str | None, typer.Option(metavar=_c("loss"), help=_h("loss"))] = None,
     sid_alpha: Annotated[float | None, typer.Option(help=_h("sid_alpha"))] = None,
-    dsm_sigma: Annotated[str | None, typer.Option(help=_h("dsm_sigma"))] = None,
-    switch: Annotated[str | None, typer.Option(help=_h("switch"))] = None,
+    dsm_sigma: Annotated[
+        str | None, typer.Option(metavar=_c("dsm_sigma"), help=_h("dsm_sigma"))
+    ] = None,
+    switch: Annotated[str | None, typer.Option(metavar=_c("switch"), help=_h("switch"))] = None,
     switch_patience: Annotated[int | None, typer.Option(help=_h("switch_patience"))] = None,
     switch_tolerance: Annotated[float | None, typer.Option(help=_h("switch_tolerance"))] = None,
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
     lr_g: Annotated[float | None, typer.Option(help=_h("lr_g"))] = None,
     lr_fake: Annotated[float | None, typer.Option(help=_h("lr_fake"))] = None,
-    optimizer: Annotated[str | None, typer.Option(help=_h("optimizer"))] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(metavar=_c("optimizer"), help=_h("optimizer"))
+    ] = None,
     betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=_h("weight_decay"))] = None,
     fake_steps: Annotated[int | None, typer.Option(help=_h("fake_steps"))] = None,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from disback_cli.cli._common import DeviceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
+from disback_cli.cli._common import DeviceOpt, Flag, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.stages.demo import run_demo
 
 
@@ -16,7 +16,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run.")] = Path(
         "runs/demo"
     ),
-    quick: Annotated[bool, typer.Option("--quick", help="A much shorter version (tests).")] = False,
+    quick: Annotated[bool, Flag("--quick", help="A much shorter version (tests).")] = False,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from disback_cli.cli._common import (
     DeviceOpt,
+    Flag,
     JsonOpt,
     QuietOpt,
     VerifyOpt,
@@ -137,12 +138,14 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where `evaluate ref` writes.")
     ] = None,
-    mode: Annotated[str | None, typer.Option(help=f"FID mode: {' or '.join(MODES)}.")] = None,
+    mode: Annotated[
+        str | None, typer.Option(metavar="<" + "|".join(MODES) + ">", help="FID mode.")
+    ] = None,
     inception: Annotated[Path | None, typer.Option(help="Path of inception-2015-12-05.pt.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Ground truth for vector samples.")] = None,
     any_images: Annotated[
         bool,
-        typer.Option(
+        Flag(
             "--any-images",
             help="Score every image of a folder, not only those a finished `disback sample` "
             "recorded (a data set or another tool's samples).",
@@ -152,7 +155,9 @@ def evaluate(
     workers: Annotated[
         int,
         typer.Option(
-            min=1, help="Threads resizing images for the detector [default: min(4, cores)]."
+            min=1,
+            show_default=False,
+            help="Threads resizing images for the detector \\[default: min(4, cores)].",
         ),
     ] = min(4, os.cpu_count() or 1),
     device: DeviceOpt = None,
@@ -171,6 +176,8 @@ def evaluate(
     legacy_tensorflow, which matches EDM's published numbers and reference files.
     """
     inputs = inputs or []
+    if dataset is not None and dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r}: no such data set (known: {', '.join(DATASETS)})")
     # Under torchrun, Inception features are extracted by all ranks (batches round-robin) and
     # scored on rank 0; the cheap vector and digits evaluations run on rank 0 alone.
     ex = execution(SampleConfig(device=device or "auto"))

@@ -22,6 +22,7 @@ from disback_cli.cli._common import (
     SeedOpt,
     Tf32Opt,
     VerifyOpt,
+    choices,
     describe,
     emit_json,
     reporting,
@@ -36,6 +37,10 @@ from disback_cli.stages.record import fit_warning, run_record
 
 def _h(field: str) -> str:
     return describe(RecordConfig, field)
+
+
+def _c(field: str) -> str:
+    return choices(RecordConfig, field)
 
 
 def _json(text: str | None) -> dict | None:
@@ -73,13 +78,17 @@ def record(
     lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
     betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
-    placement: Annotated[str | None, typer.Option(help=_h("placement"))] = None,
+    placement: Annotated[
+        str | None, typer.Option(metavar=_c("placement"), help=_h("placement"))
+    ] = None,
     student: Annotated[str | None, typer.Option(help=_h("student"))] = None,
     student_arch_kwargs: Annotated[
         str | None, typer.Option(help=_h("student_arch_kwargs") + " (JSON)")
     ] = None,
-    loss: Annotated[str | None, typer.Option(help=_h("loss"))] = None,
-    dsm_sigma: Annotated[str | None, typer.Option(help=_h("dsm_sigma"))] = None,
+    loss: Annotated[str | None, typer.Option(metavar=_c("loss"), help=_h("loss"))] = None,
+    dsm_sigma: Annotated[
+        str | None, typer.Option(metavar=_c("dsm_sigma"), help=_h("dsm_sigma"))
+    ] = None,
     p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
     p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
@@ -91,7 +100,9 @@ def record(
     tf32: Tf32Opt = None,
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
-    node_dtype: Annotated[str | None, typer.Option(help=_h("node_dtype"))] = None,
+    node_dtype: Annotated[
+        str | None, typer.Option(metavar=_c("node_dtype"), help=_h("node_dtype"))
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,

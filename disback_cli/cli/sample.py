@@ -12,11 +12,13 @@ from disback_cli.cli._common import (
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
+    Flag,
     JsonOpt,
     PrecisionOpt,
     QuietOpt,
     Tf32Opt,
     VerifyOpt,
+    choices,
     describe,
     emit_json,
     reporting,
@@ -47,11 +49,21 @@ def sample(
         str | None, typer.Option(help="Sample a teacher with EDM's Heun sampler instead.")
     ] = None,
     steps: Annotated[int, typer.Option(min=2, help="Heun steps for --teacher.")] = 18,
-    n: Annotated[int | None, typer.Option("-n", help=_h("n"))] = None,
+    n: Annotated[
+        int | None,
+        typer.Option(
+            "-n", help="Number of samples, seeds 0..n-1 \\[default: 1000 unless --seeds]."
+        ),
+    ] = None,
     seeds: Annotated[str | None, typer.Option(help=_h("seeds"))] = None,
     batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
-    weights: Annotated[str | None, typer.Option(help=_h("weights"))] = None,
-    format: Annotated[str | None, typer.Option("--format", help=_h("format"))] = None,
+    weights: Annotated[
+        str | None, typer.Option(metavar=choices(SampleConfig, "weights"), help=_h("weights"))
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", metavar=choices(SampleConfig, "format"), help=_h("format")),
+    ] = None,
     class_label: Annotated[int | None, typer.Option("--class", help=_h("class_label"))] = None,
     out: Annotated[
         Path | None,
@@ -60,7 +72,15 @@ def sample(
         ),
     ] = None,
     grid: Annotated[
-        Path | None, typer.Option(help="Also write a PNG grid of the first 64 images.")
+        bool,
+        Flag(
+            "--grid",
+            help="Also write a PNG grid of the first 64 images, enlarged to at least "
+            "512 pixels a side, beside the output (OUT-grid.png).",
+        ),
+    ] = False,
+    grid_out: Annotated[
+        Path | None, typer.Option(help="Write the grid here instead (implies --grid).")
     ] = None,
     device: DeviceOpt = None,
     verify: VerifyOpt = None,
@@ -92,16 +112,19 @@ def sample(
             info = {"file": teacher, "sha256": loaded.sha256, "weights": f"heun-{steps}",
                     "dataset": loaded.dataset, "teacher_sha256": loaded.sha256}  # fmt: skip
             sampler = HeunSampler(loaded.denoiser, steps)
-            summary = write_samples_of(sampler, info, cfg, out, reporter, grid)
+            summary = write_samples_of(sampler, info, cfg, out, reporter, grid_out or grid)
         else:
             expected, default_dir = None, Path(".")
             if generator is None:
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
-            summary = write_samples(cfg, generator, out, expected, reporter, grid, default_dir)
+            summary = write_samples(
+                cfg, generator, out, expected, reporter, grid_out or grid, default_dir
+            )
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     if json_out:
         emit_json(summary)
     elif not quiet:
-        stdout.print(f"wrote {summary['n']} samples to {summary['out']}")
+        stdout.print(f"wrote {summary['n']} samples to {summary['out']} "
+                     f"({summary['samples_per_second']:.0f} samples/s)")  # fmt: skip

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.errors import ConfigError
 from disback_cli.models.conditioning import (
     NO_CONDITIONS,
     Conditioning,
@@ -33,22 +33,22 @@ def parse_seeds(text: str) -> list[int]:
             if "-" in part[1:]:
                 lo, hi = (int(v) for v in part.split("-", 1))
                 if hi < lo:
-                    raise DisbackError(f"seed range {part!r} is inverted")
+                    raise ConfigError(f"seed range {part!r} is inverted")
             else:
                 lo = hi = int(part)
         except ValueError:
-            raise DisbackError(
+            raise ConfigError(
                 f"bad seed list {text!r:.60}: expected e.g. '0-999' or '1,5,10-12'"
             ) from None
         if lo < 0 or hi >= MAX_SEED:
-            raise DisbackError(f"bad seed list {text!r:.60}: seeds must lie in 0..{MAX_SEED - 1}")
+            raise ConfigError(f"bad seed list {text!r:.60}: seeds must lie in 0..{MAX_SEED - 1}")
         parts.append((lo, hi))
     count = sum(hi - lo + 1 for lo, hi in parts)
     if count > MAX_SAMPLES:
         raise ConfigError(f"--seeds names {count} seeds, more than {MAX_SAMPLES} in one call")
     seeds = [seed for lo, hi in parts for seed in range(lo, hi + 1)]
     if len(set(seeds)) != len(seeds):  # the same seed twice is the same sample twice
-        raise DisbackError(f"bad seed list {text!r:.60}: a seed appears more than once")
+        raise ConfigError(f"bad seed list {text!r:.60}: a seed appears more than once")
     return seeds
 
 

@@ -45,6 +45,35 @@ class FixedSchedule:
         pass
 
 
+class TargetHistory:
+    """The node the last iteration trained against, so the log can say at which iteration the
+    target moved (the rule's own state cannot: the adaptive rule has moved on by then). Saved with
+    the training state, so a resumed run logs the switches an uninterrupted one does."""
+
+    def __init__(self) -> None:
+        self.node: int | None = None
+        self.switched_at: int | None = None  # iterations done before the latest switch
+
+    def used(self, iteration: int, node: int) -> None:
+        """Iteration `iteration` (0-based) trained against `node`."""
+        if self.node is not None and node != self.node:
+            self.switched_at = iteration
+        self.node = node
+
+    def take_switch(self) -> int | None:
+        switched, self.switched_at = self.switched_at, None
+        return switched
+
+    def state_dict(self) -> dict:
+        return {"node": self.node}
+
+    def load_state_dict(self, state: dict, source: str = "state") -> None:
+        node = (state or {}).get("node")  # state files from before the history start afresh
+        if node is not None and (type(node) is not int or not 0 <= node <= 100_000):
+            raise DisbackError(f"{source}: malformed target history ({node!r:.40})")
+        self.node, self.switched_at = node, None
+
+
 class AdaptiveSchedule:
     """Advance when the fake score has caught up with the current target.
 

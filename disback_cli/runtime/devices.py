@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
         or device.type not in ("cpu", "cuda")
         or (device.type == "cpu" and device.index not in (None, 0))
     ):
-        raise DisbackError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
+        raise ConfigError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DisbackError(f"device {name!r} requested but CUDA is not available")
     return device

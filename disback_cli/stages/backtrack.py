@@ -24,7 +24,7 @@ from disback_cli.method.ema import ema_beta, update_ema
 from disback_cli.method.generator import build_g0
 from disback_cli.method.losses import generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule
+from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, set_dropout
 from disback_cli.models.teachers import Teacher
@@ -146,7 +146,8 @@ def _backtrack(
         modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
         rng = seed_streams(cfg.seed, ex)
         schedule = make_schedule(cfg, traj.last_node)
-        state = TrainingState(modules, optimizers, rng, {"schedule": schedule})
+        history = TargetHistory()
+        state = TrainingState(modules, optimizers, rng, {"schedule": schedule, "targets": history})
         # Room for two checkpoints (the previous one goes once the next is complete): generator,
         # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
         g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
@@ -189,6 +190,7 @@ def backtrack(
         # The target walks the path back: node N-1, then one node closer to the teacher per
         # switch (every --interval iterations, or when the score gap plateaus), then node 0.
         node = schedule.target(step - 1)
+        state.loop["targets"].used(step - 1, node)
         # Eq. (8): a generator step on (fake - target) at noised generator samples. (The
         # target is not held here: at a switch the old node is freed before the next is read.)
         out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, targets.at(node),
@@ -244,6 +246,9 @@ class TrainingLog:
         last = step == cfg.iters
         if step % cfg.log_every == 0 or last:
             line.update(target_node=target_node, **self._means(), seconds=self.run.elapsed())
+            switched = self.run.state.loop["targets"].take_switch()
+            if switched is not None:  # the target moved after this many iterations
+                line["target_switch_at"] = switched
             self.run.reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
         if self.evaluate and (step % cfg.eval_every == 0 or last):
             line["eval"] = self.evaluate(generator_ema)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from disback_cli.runtime.devices import check_fits_memory
 from disback_cli.runtime.parallel import execution, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import atomic_write_bytes
-from disback_cli.store.images import encode_png, grid, png_name, to_uint8
+from disback_cli.store.images import encode_png, grid, png_name, to_uint8, upscale
 from disback_cli.store.samples import LABELS, prepare_folder, write_record
 
 GRID_IMAGES = 64
@@ -45,13 +46,13 @@ def write_samples(
     out: Path | None = None,
     expected_sha256: str | None = None,
     reporter: Reporter | None = None,
-    grid_path: Path | None = None,
+    grid_out: Path | bool = False,
     default_dir: Path = Path("."),
 ) -> dict:
     """Sample a generator file one step per seed (see `write_samples_of`)."""
     device = execution(cfg).device
     generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
-    return write_samples_of(generator, info, cfg, out, reporter, grid_path, default_dir)
+    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir)
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -64,7 +65,7 @@ def write_samples_of(
     cfg: SampleConfig,
     out: Path | None = None,
     reporter: Reporter | None = None,
-    grid_path: Path | None = None,
+    grid_out: Path | bool = False,
     default_dir: Path = Path("."),
 ) -> dict:
     """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
@@ -82,13 +83,18 @@ def write_samples_of(
     fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
     if fmt == "png" and not is_image:
         raise ConfigError("--format png needs an image generator; use npz for vector data")
-    if grid_path is not None and not is_image:
+    if grid_out and not is_image:
         raise ConfigError("--grid needs an image generator")
     if cfg.class_label is not None and not cfg.class_label < denoiser.label_dim:
         raise ConfigError(
             f"--class {cfg.class_label} is out of range for {denoiser.label_dim} classes"
         )
     out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
+    grid_path = None  # grid_out: a path, or True for OUT-grid.png beside the output
+    if grid_out:
+        grid_path = (
+            grid_out if isinstance(grid_out, Path) else out.with_name(f"{out.stem}-grid.png")
+        )
     sample_bytes = math.prod(denoiser.data_shape) * (1 if is_image else 4)
     check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(denoiser.data_shape) * 4,
                       ex.device)  # fmt: skip
@@ -121,6 +127,7 @@ def write_samples_of(
     batches = [seeds[i : i + cfg.batch] for i in range(0, len(seeds), cfg.batch)]
     mine: dict[int, tuple] = {}
     writes = []
+    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer:
         reporter.start("sample", len(seeds), 0)
         for index in range(ex.rank, len(batches), ex.world_size):
@@ -150,7 +157,9 @@ def write_samples_of(
     if fmt == "png":
         os.sync()  # one flush for all images instead of an fsync per file
     gathered = ex.gather_to_main(mine)
-    summary = {"out": str(out), "format": fmt, "n": len(seeds)}
+    seconds = time.perf_counter() - started  # generating and writing, all ranks together
+    summary = {"out": str(out.absolute()), "format": fmt, "n": len(seeds), "seconds": seconds,
+               "samples_per_second": len(seeds) / seconds}  # fmt: skip
     if gathered is None:  # other ranks: rank 0 writes the rest
         return summary
     parts = [part for rank_parts in gathered for part in rank_parts.items()]
@@ -178,6 +187,6 @@ def write_samples_of(
         np.savez(buffer, **arrays)
         summary["sha256"] = atomic_write_bytes(out, buffer.getvalue())
     if grid_path is not None:
-        atomic_write_bytes(grid_path, encode_png(grid(np.concatenate(grid_chunks))))
-        summary["grid"] = str(grid_path)
+        atomic_write_bytes(grid_path, encode_png(upscale(grid(np.concatenate(grid_chunks)))))
+        summary["grid"] = str(grid_path.absolute())
     return summary

@@ -48,6 +48,13 @@ def png_name(seed: int) -> str:
     return f"{seed:08d}"[:5] + f"/img{seed:08d}.png"
 
 
+def upscale(image: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """Enlarge by the smallest whole factor that makes the shorter side at least `min_side`
+    (nearest neighbour: every pixel stays a crisp square)."""
+    factor = max(1, math.ceil(min_side / min(image.shape[:2])))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     """Tile (N, H, W, C) images row by row into one image, with a 1-pixel grey border."""
     n, height, width, channels = images.shape

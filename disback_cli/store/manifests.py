@@ -27,9 +27,10 @@ from disback_cli import __version__
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import DisbackError, describe_validation_error
 from disback_cli.models.networks import NetworkSpec
-from disback_cli.models.teachers import Teacher, open_teacher
+from disback_cli.models.teachers import BUILTIN_PREFIX, Teacher, open_teacher, resolve_teacher_path
 from disback_cli.store.fileio import atomic_write_bytes, check_sha256, read_json_file, sha256_file
 from disback_cli.store.layout import (
+    BACKTRACK_FOLDER,
     MANIFEST,
     METRICS,
     RUN_NAME,
@@ -92,7 +93,12 @@ class TeacherRef(_Record):
 
     @classmethod
     def of(cls, teacher: Teacher) -> TeacherRef:
-        return cls(source=teacher.source, sha256=teacher.sha256, network=teacher.spec,
+        """A file teacher is named by its absolute path, so the trajectory finds it from any
+        working directory (its sha256 still decides whether it is the same teacher)."""
+        source = teacher.source
+        if not source.startswith(BUILTIN_PREFIX):
+            source = str(Path(source).absolute())
+        return cls(source=source, sha256=teacher.sha256, network=teacher.spec,
                    dataset=teacher.dataset)  # fmt: skip
 
 
@@ -275,6 +281,11 @@ def open_trajectory(
             f"{manifest.config.iters}); finish it with `disback record` first"
         )
     source = teacher_override or manifest.teacher.source
+    if teacher_override is None and not resolve_teacher_path(source).exists():
+        raise DisbackError(
+            f"{trajectory}: its teacher {source} is not there any more; pass --teacher PATH "
+            "(the file is checked against the recorded sha256)"
+        )
     teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
     for node in manifest.nodes:
         if node.file is None:
@@ -287,12 +298,41 @@ def open_trajectory(
     return manifest, teacher
 
 
+def run_names(trajectory: Path) -> list[str]:
+    """Names of the backtrack runs of a trajectory (folders with a manifest, no links)."""
+    runs = Path(trajectory) / BACKTRACK_FOLDER
+    if runs.is_symlink() or not runs.is_dir():
+        return []
+
+    def is_run(entry: Path) -> bool:
+        manifest = entry / MANIFEST
+        named = RUN_NAME.fullmatch(entry.name) is not None
+        return named and entry.is_dir() and not entry.is_symlink() and manifest.is_file() \
+            and not manifest.is_symlink()  # fmt: skip
+
+    return sorted(entry.name for entry in runs.iterdir() if is_run(entry))
+
+
+def _not_a_trajectory_hint(trajectory: Path) -> str:
+    """What to pass instead when -T names a backtrack run rather than its trajectory."""
+    if (trajectory / MANIFEST).is_file() and trajectory.parent.name == BACKTRACK_FOLDER:
+        return (f"; {trajectory} is a backtrack run: pass -T {trajectory.parent.parent} "
+                f"--name {trajectory.name}")  # fmt: skip
+    return ""
+
+
 def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
     """Latest generator file of a backtrack run and the sha256 its manifest gives for it."""
+    trajectory = Path(trajectory)
     run_dir = backtrack_dir(trajectory, name)
     manifest_path = check_no_links(trajectory, run_dir.relative_to(trajectory) / MANIFEST)
     if not manifest_path.exists():
-        raise DisbackError(f"{run_dir}: no backtrack run named {name!r} (run `disback backtrack`)")
+        existing = run_names(trajectory)
+        listed = f"runs here: {', '.join(existing)}" if existing else "it has no runs yet"
+        raise DisbackError(
+            f"{run_dir}: no backtrack run named {name!r} ({listed}; run `disback backtrack`)"
+            + _not_a_trajectory_hint(trajectory)
+        )
     manifest = read_manifest(run_dir, BacktrackManifest)
     ref = manifest.generator_ema if weights == "ema" else manifest.generator
     if ref is None:
