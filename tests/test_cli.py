@@ -68,8 +68,8 @@ def test_the_documented_invocations_run_end_to_end(cli, tmp_path, monkeypatch):
     assert outputs[1]["step"] == 40 and outputs[2]["run"].endswith("baseline")
     assert outputs[3]["n"] == 500
     report = outputs[4]
-    assert report["dataset"] == "ring2d" and report["n"] == 500
-    assert set(report["metrics"]) == set(report["floor"])
+    assert report["dataset"] == "ring2d" and report["results"][0]["n"] == 500
+    assert set(report["results"][0]) - {"samples"} == set(report["floor"])
     again = cli("record", "--teacher", "builtin:ring2d", "--out", "runs/t1", "--iters", "60",
                 "--nodes", "3", "--seed", "0")  # fmt: skip
     assert again.code == 0 and "already complete" in again.stderr

@@ -35,7 +35,8 @@ def Flag(*names: str, **kwargs: Any) -> Any:
 
 
 console = Console(stderr=True, highlight=False)  # progress and messages
-stdout = Console(highlight=False, soft_wrap=True)  # results: tables and summaries
+# results: tables and summaries (wide when piped, so a sweep's table is not squeezed to 80)
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML recipe; flags override its values.")
@@ -78,6 +79,14 @@ ChannelsLastOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, Flag("--json", help="Print a JSON summary on stdout.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Any config key, also those without a flag (e.g. --set ema_rampup=0.3); repeatable.",
+    ),
+]
 QuietOpt = Annotated[bool, Flag("--quiet", "-q", help="No progress bar or messages.")]
 
 

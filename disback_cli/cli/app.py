@@ -15,7 +15,17 @@ from pydantic import ValidationError
 from typer.exceptions import Abort, TyperException
 
 from disback_cli import __version__
-from disback_cli.cli import backtrack, demo, doctor, evaluate, plot, record, sample, teacher
+from disback_cli.cli import (
+    backtrack,
+    demo,
+    doctor,
+    evaluate,
+    plot,
+    record,
+    runs,
+    sample,
+    teacher,
+)
 from disback_cli.cli._common import Flag
 from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error
 from disback_cli.runtime.parallel import shutdown
@@ -33,6 +43,7 @@ app.command()(backtrack.backtrack)
 app.command()(sample.sample)
 app.command()(evaluate.evaluate)
 app.command()(plot.plot)
+app.command()(runs.runs)
 app.command()(demo.demo)
 app.command()(doctor.doctor)
 app.add_typer(teacher.app, name="teacher")

@@ -18,6 +18,7 @@ from disback_cli.cli._common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    SetOpt,
     Tf32Opt,
     VerifyOpt,
     choices,
@@ -85,6 +86,7 @@ def backtrack(
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
     config: ConfigOpt = None,
+    settings: SetOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -109,23 +111,31 @@ def backtrack(
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last)  # fmt: skip
-    cfg = build_config(BacktrackConfig, config, "backtrack", flags)
+    cfg = build_config(BacktrackConfig, config, "backtrack", flags, settings)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(
             cfg, trajectory, name, force=force, teacher_override=teacher, reporter=reporter
         )
     if not is_main_process():  # under torchrun, rank 0 reports
         return
-    run_dir = backtrack_dir(trajectory, name)
+    run_dir = backtrack_dir(trajectory, name).absolute()
     lines = read_metrics(run_dir)
-    last = lines[-1] if lines else {}
     summary = {
         "run": str(run_dir),
+        "trajectory": str(Path(trajectory).absolute()),
+        "name": name,
         "status": manifest.status,
         "step": manifest.step,
+        **manifest.session,
         "elapsed_seconds": manifest.elapsed_seconds,
-        "generator_ema": manifest.generator_ema.file if manifest.generator_ema else None,
-        "last_metrics": last,
+        "generator": str(run_dir / manifest.generator.file) if manifest.generator else None,
+        "generator_ema": str(run_dir / manifest.generator_ema.file)
+        if manifest.generator_ema
+        else None,
+        "metrics": str(run_dir / manifest.metrics),
+        "last_metrics": lines[-1] if lines else {},
+        "config": manifest.config.model_dump(mode="json"),
+        "config_sources": manifest.config_sources,
     }
     if json_out:
         emit_json(summary)

@@ -37,7 +37,8 @@ def demo(
         table.add_column(column, justify="right")
     for row in summary["rows"]:
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
-        table.add_row(row["samples"], f"{row['fd_digits']:.2f}", f"{row['classes_covered']:.0%}",
+        table.add_row(row["samples"], f"{row['fd_digits']:.2f}",
+                      f"{row['classes_covered']}/{row['classes_total']}",
                       f"{row['max_class_share']:.1%}", seconds)  # fmt: skip
     stdout.print(table)
     times = summary["stage_seconds"]

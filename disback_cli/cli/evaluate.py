@@ -26,7 +26,7 @@ from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.evaluation import detectors
 from disback_cli.evaluation.datasets import DATASETS, get_dataset
 from disback_cli.evaluation.detectors import MODES, InceptionDetector, locate_inception
-from disback_cli.evaluation.ground_truth import evaluate_digits, evaluate_vectors
+from disback_cli.evaluation.ground_truth import digits_report, vector_report
 from disback_cli.evaluation.image_eval import (
     Reference,
     evaluate_images,
@@ -36,7 +36,7 @@ from disback_cli.evaluation.image_eval import (
 from disback_cli.evaluation.image_io import ImageSet, generated_images, open_images
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SEED, one_step_batches, parse_seeds
-from disback_cli.models.conditioning import Unconditional
+from disback_cli.models.conditioning import condition_source
 from disback_cli.runtime.parallel import execution
 from disback_cli.store.manifests import generator_file_of_run
 from disback_cli.store.samples import read_provenance, read_samples
@@ -51,10 +51,12 @@ def _detector(
     return InceptionDetector(path, mode, device, detectors.INCEPTION_SHA256, workers)
 
 
-def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict) -> dict:
+def _vector_dataset(samples: torch.Tensor, dataset: str | None, provenance: dict) -> str | None:
+    """The ground truth of vector samples: --dataset, else their provenance's; checked against
+    their shape. None only with a reference given (then mode statistics are left out)."""
     dataset = dataset or provenance.get("dataset")
     if dataset is None:
-        raise DisbackError("unknown ground truth for these samples; pass --dataset")
+        return None
     if not isinstance(dataset, str):
         raise DisbackError("the samples' provenance names no data set; pass --dataset")
     if dataset not in DATASETS:
@@ -67,53 +69,80 @@ def _vector_report(samples: torch.Tensor, dataset: str | None, provenance: dict)
             f"samples of shape {tuple(samples.shape[1:])} cannot be scored against {dataset} "
             f"(its samples have shape {tuple(expected)}); check --dataset"
         )
-    return {"kind": "vector", **evaluate_vectors(samples, dataset), "provenance": provenance}
+    return dataset
 
 
-def _print_vector(report: dict, title: str) -> None:
-    table = Table(title=f"{title} vs exact {report['dataset']} samples (n={report['n']})")
-    for column in ("metric", "samples", "floor (exact vs exact)"):
+def _vector_evaluation(
+    parts: list[tuple[torch.Tensor, dict]], dataset: str | None, provenance: dict,
+    ref: Path | None,
+) -> dict:  # fmt: skip
+    dataset = _vector_dataset(parts[0][0], dataset, provenance)
+    reference = None
+    if ref is not None:
+        samples, meta = read_samples(ref)
+        if tuple(samples.shape[1:]) != tuple(parts[0][0].shape[1:]):
+            raise DisbackError(
+                f"{ref}: reference samples of shape {tuple(samples.shape[1:])}, the samples are "
+                f"{tuple(parts[0][0].shape[1:])}"
+            )
+        reference = (samples, {"file": str(ref.absolute()), "provenance": meta})
+    elif dataset is None:
+        raise DisbackError("unknown ground truth for these samples; pass --dataset or --ref")
+    return vector_report(parts, dataset, reference)
+
+
+def _parts(count: int, repeats: int, what: str) -> list[tuple[int, int]]:
+    """`repeats` disjoint, equal, consecutive ranges of `count` items."""
+    size = count // repeats
+    if size < 2:
+        raise ConfigError(f"{count} {what} cannot be split into {repeats} repeats of 2 or more")
+    return [(r * size, (r + 1) * size) for r in range(repeats)]
+
+
+def _cell(result: dict, key: str) -> str:
+    value = result.get(key)
+    if value is None:
+        return "-"
+    if key in ("classes_covered", "modes_covered"):
+        return f"{value}/{result[key.replace('covered', 'total')]}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _print_report(report: dict, title: str) -> None:
+    """One table for every kind: a row per sample set, then real data at the same n."""
+    results = report["results"]
+    keys = [k for k, v in results[0].items() if isinstance(v, (int, float))
+            and not isinstance(v, bool) and k != "n" and not k.endswith("_total")]  # fmt: skip
+    detector = f" ({report['detector']['name']})" if report["detector"] else ""
+    table = Table(title=f"{title}: {report['metric']}{detector} vs {_described(report)}")
+    for column in ("set", "n", *keys):
         table.add_column(column, justify="right")
-    for key, value in report["metrics"].items():
-        table.add_row(key, f"{value:.4g}", f"{report['floor'][key]:.4g}")
-    stdout.print(table)
-
-
-def _print_images(report: dict) -> None:
-    key = report["metric"].lower().replace("-", "_")
-    detector = report["detector"]
-    title = f"{report['metric']} ({detector['name']}, {detector.get('mode')})"
-    table = Table(title=f"{title} vs {report['reference']['file']}")
-    for column in ("repeat", "n", report["metric"], "KID", "precision", "recall"):
-        table.add_column(column, justify="right")
-    for i, r in enumerate(report["results"]):
-        cells = [r[key], r["kid"], r["precision"], r["recall"]]
-        table.add_row(str(i + 1), str(r["n"]), *("-" if v is None else f"{v:.4g}" for v in cells))
+    for i, result in enumerate(results, start=1):
+        table.add_row(str(i), str(result["n"]), *(_cell(result, k) for k in keys))
+        if "at_floor_n" in result:
+            first = result["at_floor_n"]
+            table.add_row(f"{i}, first {first['n']}", str(first["n"]),
+                          *(_cell(first, k) for k in keys))  # fmt: skip
+    floor = report["floor"]
+    if floor is not None:
+        what = "held-out real" if report["kind"] == "digits" else "exact samples"
+        table.add_row(what, str(floor["n"]), *(_cell(floor, k) for k in keys), style="dim")
     stdout.print(table)
     if report["repeats"] > 1:
-        best = report["summary"][key]
+        best = report["summary"][report["key"]]
         stdout.print(f"{report['metric']}: min {best['min']:.4g}, mean {best['mean']:.4g}")
 
 
-def _print_digits(report: dict) -> None:
-    floor = report["floor"]
-    table = Table(
-        title=f"FD-digits ({report['detector']['name']}, not Inception) vs the train split"
-    )
-    table.add_column("metric", justify="right")
-    table.add_column(f"samples (n={report['n']})", justify="right")
-    table.add_column(f"held-out real (n={floor['n']})", justify="right")
-    for key in ("fd_digits", "classes_covered", "max_class_share", "confidence"):
-        table.add_row(key, f"{report['metrics'][key]:.4g}", f"{floor[key]:.4g}")
-    stdout.print(table)
+def _described(report: dict) -> str:
+    reference = report["reference"]
+    if reference.get("file"):
+        return str(reference["file"])
+    return f"{reference['kind']} (n={reference['n']})"
 
 
 def _split(images: ImageSet, repeats: int) -> list[tuple[ImageSet, int, int, dict]]:
-    size = images.count // repeats
-    if size < 2:
-        raise ConfigError(f"{images.count} images cannot be split into {repeats} repeats")
-    return [(images, r * size, (r + 1) * size, {"images": [r * size, (r + 1) * size - 1]})
-            for r in range(repeats)]  # fmt: skip
+    return [(images, a, b, {"images": [a, b - 1]})
+            for a, b in _parts(images.count, repeats, "images")]  # fmt: skip
 
 
 def evaluate(
@@ -203,53 +232,60 @@ def evaluate(
                 raise ConfigError(f"seeds of {repeats} repeats would pass {MAX_SEED}")
             sets = [[s + r * len(first) for s in first] for r in range(repeats)]
             provenance = {"generator": str(path), "generator_sha256": sha, "step": info.get("step")}
-            if len(generator.denoiser.data_shape) != 3:
+            run = {"run": str(Path(trajectory).absolute()), "name": name, **provenance}
+            denoiser = generator.denoiser
+            if len(denoiser.data_shape) != 3:
                 if not ex.is_main:
                     return
-                shape = generator.denoiser.data_shape
-                batches = one_step_batches(
-                    generator, sets[0], shape, Unconditional(), 1000, torch_device
-                )
-                x = torch.cat([b for b, _ in batches])
-                report = _vector_report(x, dataset, {**provenance, "dataset": info.get("dataset")})
+                conditions = condition_source(denoiser.label_dim)
+                parts = [(torch.cat([b for b, _ in one_step_batches(
+                    generator, seeds_, denoiser.data_shape, conditions, 1000, torch_device)]),
+                          {"seeds": [seeds_[0], seeds_[-1]]}) for seeds_ in sets]  # fmt: skip
+                report = _vector_evaluation(parts, dataset, {"dataset": info.get("dataset")}, ref)
             elif ref is None and (dataset or info.get("dataset")) == "digits":
                 if not ex.is_main:
                     return
-                images = generated_images(generator, sets[0], batch, torch_device, "run")
-                report = evaluate_digits(np.concatenate(list(images.batches(1000))))
-                report["samples"] = {"run": str(trajectory), **provenance}
+                parts = [(np.concatenate(list(generated_images(
+                    generator, seeds_, batch, torch_device, "run").batches(1000))),
+                          {"seeds": [seeds_[0], seeds_[-1]]}) for seeds_ in sets]  # fmt: skip
+                report = digits_report(parts)
             else:
                 reference = _reference(ref)
                 parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
                           0, len(s), {"seeds": [s[0], s[-1]]}) for s in sets]  # fmt: skip
                 detector = _detector(mode, inception, torch_device, reference, workers)
                 report = evaluate_images(parts, detector, reference, batch, reporter, ex)
-                if report is not None:
-                    report["samples"] = {"run": str(trajectory), **provenance}
+            if report is not None:
+                report["samples"] = {**run, "count": sum(len(s) for s in sets)}
         else:
             if len(inputs) != 1:
                 raise ConfigError("give one SAMPLES path (or --trajectory, or: ref DATA --out F)")
-            images = open_images(Path(inputs[0]), any_images)
+            source = Path(inputs[0])
+            images = open_images(source, any_images)
             if images is None:
                 if not ex.is_main:
                     return
-                samples, meta = read_samples(Path(inputs[0]))
-                report = {"samples": inputs[0], **_vector_report(samples, dataset, meta)}
-            elif (
-                ref is None
-                and (dataset or read_provenance(Path(inputs[0])).get("dataset")) == "digits"
-            ):
+                samples, meta = read_samples(source)
+                parts = [(samples[a:b], {"samples": [a, b - 1]})
+                         for a, b in _parts(len(samples), repeats, "samples")]  # fmt: skip
+                report = _vector_evaluation(parts, dataset, meta, ref)
+                count = len(samples)
+            elif ref is None and (dataset or read_provenance(source).get("dataset")) == "digits":
                 if not ex.is_main:
                     return
-                report = evaluate_digits(np.concatenate(list(images.batches(1000))))
-                report["samples"] = {"source": images.description, "count": images.count}
+                every = np.concatenate(list(images.batches(1000)))
+                parts = [(every[a:b], {"images": [a, b - 1]})
+                         for a, b in _parts(len(every), repeats, "images")]  # fmt: skip
+                report = digits_report(parts)
+                count = images.count
             else:
                 reference = _reference(ref)
                 detector = _detector(mode, inception, torch_device, reference, workers)
                 parts = _split(images, repeats)
                 report = evaluate_images(parts, detector, reference, batch, reporter, ex)
-                if report is not None:
-                    report["samples"] = {"source": images.description, "count": images.count}
+                count = images.count
+            if report is not None:
+                report["samples"] = {"source": str(source.absolute()), "count": count}
     if report is None:  # other ranks of a torchrun launch: rank 0 reports
         return
     if json_out:
@@ -259,12 +295,8 @@ def evaluate(
     elif inputs[:1] == ["ref"]:
         stdout.print(f"wrote {report['out']}: {report['n']} images, {report['detector']['name']} "
                      f"({report['detector']['mode']})")  # fmt: skip
-    elif report["kind"] == "vector":
-        _print_vector(report, str(inputs[0]) if inputs else f"run {trajectory}")
-    elif report["kind"] == "digits":
-        _print_digits(report)
     else:
-        _print_images(report)
+        _print_report(report, str(inputs[0]) if inputs else f"run {trajectory}")
 
 
 def _reference(path: Path | None) -> Reference:

@@ -20,6 +20,7 @@ from disback_cli.cli._common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    SetOpt,
     Tf32Opt,
     VerifyOpt,
     choices,
@@ -104,6 +105,7 @@ def record(
         str | None, typer.Option(metavar=_c("node_dtype"), help=_h("node_dtype"))
     ] = None,
     config: ConfigOpt = None,
+    settings: SetOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -125,14 +127,15 @@ def record(
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last,
                  node_dtype=node_dtype)  # fmt: skip
-    cfg = build_config(RecordConfig, config, "record", flags)
+    cfg = build_config(RecordConfig, config, "record", flags, settings)
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:
         manifest = run_record(cfg, out, force=force, reporter=reporter)
     last = manifest.nodes[-1].dist_to_teacher or 1.0
+    where = out.absolute()
     nodes_out = [
-        {"index": n.index, "step": n.step, "file": n.file, "dist_to_teacher": n.dist_to_teacher,
-         "g0_loss": n.g0_loss, "train_loss": n.train_loss}
+        {"index": n.index, "step": n.step, "file": str(where / n.file) if n.file else None,
+         "dist_to_teacher": n.dist_to_teacher, "g0_loss": n.g0_loss, "train_loss": n.train_loss}
         for n in manifest.nodes
     ]  # fmt: skip
     if not is_main_process():  # under torchrun, rank 0 reports
@@ -141,8 +144,11 @@ def record(
     if warning:
         print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
     if json_out:
-        emit_json({"trajectory": str(out), "status": manifest.status, "teacher": cfg.teacher,
+        emit_json({"trajectory": str(where), "status": manifest.status,
+                   "teacher": manifest.teacher.source, **manifest.session,
                    "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out,
+                   "config": manifest.config.model_dump(mode="json"),
+                   "config_sources": manifest.config_sources,
                    "warnings": [warning] if warning else []})  # fmt: skip
         return
     if quiet:

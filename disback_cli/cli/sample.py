@@ -16,6 +16,7 @@ from disback_cli.cli._common import (
     JsonOpt,
     PrecisionOpt,
     QuietOpt,
+    SetOpt,
     Tf32Opt,
     VerifyOpt,
     choices,
@@ -89,6 +90,7 @@ def sample(
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
     config: ConfigOpt = None,
+    settings: SetOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -105,7 +107,7 @@ def sample(
                  class_label=class_label, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last)  # fmt: skip
-    cfg = build_config(SampleConfig, config, "sample", flags)
+    cfg = build_config(SampleConfig, config, "sample", flags, settings)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
             loaded = open_teacher(teacher, execution(cfg).device)

@@ -13,6 +13,7 @@ from disback_cli.cli._common import (
     JsonOpt,
     QuietOpt,
     SeedOpt,
+    SetOpt,
     describe,
     emit_json,
     reporting,
@@ -99,6 +100,7 @@ def train(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
+    settings: SetOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -107,7 +109,7 @@ def train(
     Example: disback teacher train --config recipes/teacher-ring2d.toml --out ring2d.safetensors
     """
     flags = dict(dataset=dataset, iters=iters, seed=seed, device=device)
-    cfg = build_config(TeacherTrainConfig, config, "teacher_train", flags)
+    cfg = build_config(TeacherTrainConfig, config, "teacher_train", flags, settings)
     with reporting(quiet or json_out) as reporter:
         digest = train_teacher(cfg, out, reporter)
     if json_out:

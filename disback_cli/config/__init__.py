@@ -300,13 +300,47 @@ def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
     return data.get(section, {})
 
 
+MAX_SETTINGS = 200  # --set options in one command
+
+
+def parse_settings(settings: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` options as config values: VALUE is read as TOML (`0.3`, `true`,
+    `[0.9, 0.99]`, `"text"`), or taken as text when it is not TOML (`--set device=cpu`). Keys may
+    use '-' for '_'; each key once."""
+    values: dict[str, Any] = {}
+    for setting in (settings or [])[: MAX_SETTINGS + 1]:
+        key, sep, text = setting.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--set {setting!r:.80}: expected KEY=VALUE, e.g. ema_rampup=0.3")
+        if key in values:
+            raise ConfigError(f"--set {key}: given twice")
+        try:
+            values[key] = tomllib.loads(f"value = {text}")["value"]
+        except (tomllib.TOMLDecodeError, RecursionError):
+            values[key] = text
+    if len(values) > MAX_SETTINGS:
+        raise ConfigError(f"more than {MAX_SETTINGS} --set options")
+    return values
+
+
 def build_config(
-    model: type[ConfigT], recipe: str | Path | None, section: str, flags: dict[str, Any]
+    model: type[ConfigT],
+    recipe: str | Path | None,
+    section: str,
+    flags: dict[str, Any],
+    settings: list[str] | None = None,
 ) -> ConfigT:
-    """Defaults < recipe < flags (flags left as None are not given)."""
+    """Defaults < recipe < flags and `--set KEY=VALUE` (flags left as None are not given; a key
+    set both ways is refused)."""
     values = read_recipe(recipe, section) if recipe else {}
     from_recipe = set(values)
     given = {k: v for k, v in flags.items() if v is not None}
+    extra = parse_settings(settings)
+    both = sorted(set(given) & set(extra))
+    if both:
+        raise ConfigError(f"--set {both[0]} and its own flag were both given; keep one")
+    given.update(extra)
     values.update(given)
     try:
         cfg = model.model_validate(values)

@@ -136,7 +136,8 @@ def digits_scores(images: np.ndarray, detector: DigitsDetector) -> dict:
     return {
         "n": len(images),
         "fd_digits": frechet_distance(mu, sigma, mu_ref, sigma_ref),
-        "classes_covered": float((shares >= COVERAGE_SHARE).mean()),
+        "classes_covered": int((shares >= COVERAGE_SHARE).sum()),
+        "classes_total": len(shares),
         "max_class_share": float(shares.max()),
         "confidence": float(probs.max(1).mean()),
     }

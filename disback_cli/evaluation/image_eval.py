@@ -26,6 +26,7 @@ from disback_cli.evaluation.image_metrics import (
     kernel_inception_distance,
     precision_recall,
 )
+from disback_cli.evaluation.reports import make_report
 from disback_cli.runtime.parallel import Execution
 from disback_cli.runtime.reporting import Reporter, SilentReporter
 from disback_cli.store.fileio import atomic_write_bytes, sha256_file
@@ -200,24 +201,7 @@ def evaluate_images(
         results.append({**score(features, reference, key), **provenance})
     if not results:
         return None
-    summary = {}
-    for name in (key, "kid", "precision", "recall"):
-        values = [r[name] for r in results if r[name] is not None]
-        if values:
-            summary[name] = {"min": min(values), "mean": float(np.mean(values)), "max": max(values)}
-    return {
-        "kind": "image",
-        "metric": metric,
-        "detector": described,
-        "reference": reference.describe(),
-        "repeats": len(results),
-        "results": results,
-        "summary": summary,
-        "settings": {
-            "kid_subsets": KID_SUBSETS,
-            "kid_subset_size": KID_SUBSET_SIZE,
-            "pr_k": PR_K,
-            "pr_max_samples": PR_MAX,
-            "subset_seed": SUBSET_SEED,
-        },
-    }
+    settings = {"kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE, "pr_k": PR_K,
+                "pr_max_samples": PR_MAX, "subset_seed": SUBSET_SEED}  # fmt: skip
+    return make_report("image", metric, key, results, dataset=None, reference=reference.describe(),
+                       samples={}, detector=described, settings=settings)  # fmt: skip

@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.store.catalog import unique_labels
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.metrics_log import read_metrics
 
@@ -15,17 +16,6 @@ PREFERRED_METRICS = ("fd_digits", "mmd2", "fid")
 # Metrics that live in [0, 1] (or count a few modes): drawn on a linear axis, the rest on a log one.
 BOUNDED_METRICS = {"precision", "mode_tv", "modes_covered", "classes_covered", "max_class_share",
                    "confidence", "recall"}  # fmt: skip
-
-
-def run_labels(run_dirs: list[Path]) -> list[str]:
-    """The shortest trailing parts of each path that tell the runs apart (two seeds' `default`
-    runs are `s0/backtrack/default` and `s1/backtrack/default`, not both `default`)."""
-    parts = [Path(r).absolute().parts for r in run_dirs]
-    for length in range(1, max(map(len, parts)) + 1):
-        labels = ["/".join(p[-length:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [str(r) for r in run_dirs]  # the same directory twice
 
 
 def switch_iterations(lines: list[dict]) -> list[int]:
@@ -42,7 +32,8 @@ def switch_iterations(lines: list[dict]) -> list[int]:
 def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dict:
     """Write a two-panel PNG; return which metric was drawn. An unknown `metric` is refused with
     the metrics these runs logged."""
-    runs = dict(zip(run_labels(run_dirs), (read_metrics(r) for r in run_dirs), strict=True))
+    labels = unique_labels([str(Path(r).absolute()) for r in run_dirs])
+    runs = dict(zip(labels, (read_metrics(r) for r in run_dirs), strict=True))
     available = sorted({k for lines in runs.values() for ln in lines for k in ln.get("eval", {})})
     if metric is not None and metric not in available:
         known = ", ".join(available) or "none: the runs had no --eval-every"

@@ -77,12 +77,13 @@ def mode_statistics(x: torch.Tensor, mixture: GaussianMixture, within: float = 3
 
 
 def vector_metrics(
-    samples: torch.Tensor, reference: torch.Tensor, mixture: GaussianMixture, seed: int
+    samples: torch.Tensor, reference: torch.Tensor, mixture: GaussianMixture | None, seed: int
 ) -> dict:
-    """All vector metrics of `samples` against a ground-truth `reference` sample."""
+    """All vector metrics of `samples` against a `reference` sample; the mode statistics need the
+    ground truth's `mixture` (without it, only the distances)."""
     generator = torch.Generator().manual_seed(seed)
     return {
         "mmd2": mmd2_rbf(samples, reference),
         "sliced_w2": sliced_wasserstein(samples, reference, generator),
-        **mode_statistics(samples, mixture),
+        **(mode_statistics(samples, mixture) if mixture is not None else {}),
     }

@@ -230,6 +230,7 @@ class Run:
         if any(getattr(manifest.config, k) != getattr(cfg, k) for k in self.kind.extendable):
             return False
         self.note(f"{self.directory}: {self.kind.noun} already complete, nothing to do")
+        manifest.session.update(noop=True, iterations_run=0)
         return True
 
     def ensure_space(self, needed: int, what: str) -> None:
@@ -290,10 +291,12 @@ class Run:
         `stop_every` iterations, agreed on by all ranks), which then ends the run. `outputs(step)`
         writes the stage's own files of a resume point (rank 0). At `total` the run is complete."""
         self._clock = (self.manifest.elapsed_seconds, time.perf_counter())
+        self.manifest.session.update(noop=False, resumed_from=start, iterations_run=0)
         stop = self._exits.enter_context(stop_on_signals())
         self.reporter.start(description, total, start)
         for step in range(start + 1, total + 1):
             yield step
+            self.manifest.session["iterations_run"] = step - start
             last = step == total
             stopping = step % stop_every == 0 and self.ex.any(stop.requested)
             periodic = bool(save_every) and step % save_every == 0

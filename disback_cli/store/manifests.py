@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from disback_cli import __version__
 from disback_cli.config import BacktrackConfig, RecordConfig
@@ -142,6 +142,14 @@ class RunManifest(_Manifest):
     elapsed_seconds: Seconds = 0.0
     world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process
     global_batch: Annotated[int, Field(ge=1, le=1 << 40)] | None = None  # batch x world_size
+
+    # What this process did to the run (not stored): {"noop": True} for a finished run rerun,
+    # else {"noop": False, "resumed_from": step, "iterations_run": n}. Read by --json summaries.
+    _session: dict = PrivateAttr(default_factory=dict)
+
+    @property
+    def session(self) -> dict:
+        return self._session
 
     def files(self) -> set[str]:
         """The files of the run directory this manifest names."""
