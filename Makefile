@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 RING   ?= runs/ring
 
-.PHONY: demo demo-ring test lint format bench mutation clean
+.PHONY: venv demo demo-ring test lint format bench mutation clean
 
 # clean-fid comes last and without its declared dependencies: its torchvision pin would replace
 # torch, and disback imports only its torchvision-free modules. Installed before another package,
@@ -15,9 +15,11 @@ RING   ?= runs/ring
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,plot]"
+	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,wandb]"
 	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"
 	touch $@
+
+venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	rm -rf $(RUN)
@@ -26,13 +28,14 @@ demo: $(VENV)/.installed
 demo-ring: $(VENV)/.installed
 	rm -rf $(RING)
 	$(BIN)/disback record --config recipes/ring2d.toml --out $(RING)
-	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING)
-	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING) --no-trajectory --name baseline
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING) --eval-every 100
+	$(BIN)/disback backtrack --config recipes/ring2d.toml --trajectory $(RING) --eval-every 100 --no-trajectory --name baseline
 	$(BIN)/disback sample --trajectory $(RING) -n 2000 --out $(RING)/disback.npz
 	$(BIN)/disback sample --trajectory $(RING) --name baseline -n 2000 --out $(RING)/baseline.npz
 	$(BIN)/disback evaluate $(RING)/disback.npz
 	$(BIN)/disback evaluate $(RING)/baseline.npz
 	$(BIN)/disback plot $(RING)/backtrack/default $(RING)/backtrack/baseline --out $(RING)/curves.png
+	$(BIN)/disback runs $(RING)
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

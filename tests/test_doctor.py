@@ -124,4 +124,4 @@ def test_bad_flags_are_one_line_errors(cli):
     unknown = cli("doctor", "--skip", "speed")
     assert unknown.code == 2 and unknown.stderr.startswith("error: --skip speed: no such check")
     device = cli("doctor", "--device", "tpu")
-    assert device.code == 1 and device.stderr.startswith("error: unknown device 'tpu'")
+    assert device.code == 2 and device.stderr.startswith("error: unknown device 'tpu'")

@@ -78,6 +78,14 @@ ChannelsLastOpt = Annotated[
         help="Channels-last image tensors (default: on for images on CUDA).",
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads per process \\[default: OMP_NUM_THREADS, else the cores available "
+        "divided by the processes on this host].",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, Flag("--json", help="Print a JSON summary on stdout.")]
 SetOpt = Annotated[
     list[str] | None,

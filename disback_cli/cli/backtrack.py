@@ -20,6 +20,7 @@ from disback_cli.cli._common import (
     SeedOpt,
     SetOpt,
     Tf32Opt,
+    ThreadsOpt,
     VerifyOpt,
     choices,
     describe,
@@ -75,6 +76,10 @@ def backtrack(
     save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
     log_every: Annotated[int | None, typer.Option(help=_h("log_every"))] = None,
     eval_every: Annotated[int | None, typer.Option(help=_h("eval_every"))] = None,
+    log_to: Annotated[
+        list[str] | None,
+        typer.Option(metavar="<tensorboard|wandb>", help=_h("log_to") + " (repeatable)"),
+    ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="Teacher location if it moved (checked by sha256).")
     ] = None,
@@ -85,6 +90,7 @@ def backtrack(
     tf32: Tf32Opt = None,
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
     settings: SetOpt = None,
     force: ForceOpt = False,
@@ -107,10 +113,10 @@ def backtrack(
                  weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
                  p_std=p_std, dropout=dropout, save_every=save_every, log_every=log_every,
-                 eval_every=eval_every,
+                 eval_every=eval_every, log_to=log_to,
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last)  # fmt: skip
+                 channels_last=channels_last, threads=threads)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags, settings)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(

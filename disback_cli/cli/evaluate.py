@@ -285,7 +285,8 @@ def evaluate(
                 report = evaluate_images(parts, detector, reference, batch, reporter, ex)
                 count = images.count
             if report is not None:
-                report["samples"] = {"source": str(source.absolute()), "count": count}
+                report["samples"] = {"source": str(source.absolute()), "count": count,
+                                     "provenance": read_provenance(source)}  # fmt: skip
     if report is None:  # other ranks of a torchrun launch: rank 0 reports
         return
     if json_out:

@@ -22,6 +22,7 @@ from disback_cli.cli._common import (
     SeedOpt,
     SetOpt,
     Tf32Opt,
+    ThreadsOpt,
     VerifyOpt,
     choices,
     describe,
@@ -101,6 +102,7 @@ def record(
     tf32: Tf32Opt = None,
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
+    threads: ThreadsOpt = None,
     node_dtype: Annotated[
         str | None, typer.Option(metavar=_c("node_dtype"), help=_h("node_dtype"))
     ] = None,
@@ -125,7 +127,7 @@ def record(
                  save_every=save_every,
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last,
+                 channels_last=channels_last, threads=threads,
                  node_dtype=node_dtype)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags, settings)
     out = out or default_out(cfg.teacher)

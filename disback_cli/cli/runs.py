@@ -49,7 +49,7 @@ def runs(
         str | None,
         typer.Option(
             help="Comma-separated row keys for the text table [default: run, status, "
-            "step, method, loss, no_trajectory, interval, seed, seconds, final_*]."
+            "step, method, loss, interval, seed, seconds, final_*]."
         ),
     ] = None,
     csv_out: Annotated[bool, Flag("--csv", help="Every row key as CSV on stdout.")] = False,
@@ -78,7 +78,7 @@ def runs(
         emit_json(rows)
     elif csv_out:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())

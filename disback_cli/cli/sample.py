@@ -18,6 +18,7 @@ from disback_cli.cli._common import (
     QuietOpt,
     SetOpt,
     Tf32Opt,
+    ThreadsOpt,
     VerifyOpt,
     choices,
     describe,
@@ -89,6 +90,7 @@ def sample(
     tf32: Tf32Opt = None,
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
+    threads: ThreadsOpt = None,
     config: ConfigOpt = None,
     settings: SetOpt = None,
     json_out: JsonOpt = False,
@@ -106,7 +108,7 @@ def sample(
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
                  class_label=class_label, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last)  # fmt: skip
+                 channels_last=channels_last, threads=threads)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags, settings)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
@@ -126,7 +128,7 @@ def sample(
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     if json_out:
-        emit_json(summary)
+        emit_json({**summary, "config": cfg.model_dump(mode="json")})
     elif not quiet:
         stdout.print(f"wrote {summary['n']} samples to {summary['out']} "
                      f"({summary['samples_per_second']:.0f} samples/s)")  # fmt: skip

@@ -29,7 +29,7 @@ from disback_cli.store.fileio import read_regular_file
 
 SESSION_FIELDS = {
     "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
-    "tf32", "compile", "channels_last",
+    "tf32", "compile", "channels_last", "threads", "log_to",
 }  # fmt: skip
 
 # Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
@@ -101,6 +101,10 @@ class _Compute(_Config):
     channels_last: bool | None = Field(
         None, description="channels-last image tensors; none: on for images on CUDA"
     )
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="CPU threads per process; none: OMP_NUM_THREADS if set, else the "
+        "cores this process may use divided by the processes on this host"
+    )  # fmt: skip
 
 
 class _Training(_Compute):
@@ -208,6 +212,10 @@ class BacktrackConfig(_Training):
     eval_samples: Annotated[int, Field(ge=2, le=10**6)] = Field(
         2000, description="samples per evaluation"
     )
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, max_length=2,
+        description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _saves_on_log_lines(self) -> BacktrackConfig:

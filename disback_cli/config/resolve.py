@@ -7,6 +7,8 @@ rates and the EMA half-life default by teacher family (see `config.FAMILY_DEFAUL
 
 from __future__ import annotations
 
+import os
+
 from disback_cli.config import FAMILY_DEFAULTS, BacktrackConfig, RecordConfig
 from disback_cli.errors import ConfigError
 from disback_cli.method.losses import LOSS_TRAINING_SIGMA
@@ -38,6 +40,10 @@ def _resolve(cfg, teacher: Teacher, update: dict, sources: dict) -> tuple:
     for key, by_family in FAMILY_DEFAULTS.items():
         if key in type(cfg).model_fields and getattr(cfg, key) is None:
             update[key], sources[key] = by_family[family], f"default for {family} teachers"
+    if cfg.threads is None and family == "vector" and not os.environ.get("OMP_NUM_THREADS"):
+        # benchmarks/threads.py: the ring's MLP is no faster on 2 threads than on 1 on a quiet
+        # machine, and 6x slower beside a busy process; image networks do gain from more.
+        update["threads"], sources["threads"] = 1, "default for vector teachers"
     for key in type(cfg).model_fields:
         sources.setdefault(key, "default")
     return cfg.model_copy(update=update), dict(sorted(sources.items()))

@@ -75,4 +75,5 @@ def load_generator(
     if loaded.info.get("role") != "generator":
         raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
     generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]))
-    return generator.eval(), {**loaded.info, "sha256": loaded.sha256, "file": str(path)}
+    return generator.eval(), {**loaded.info, "sha256": loaded.sha256,
+                              "file": str(Path(path).absolute())}  # fmt: skip

@@ -174,7 +174,21 @@ def execution(cfg) -> Execution:
     if resolved.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.set_num_threads(cpu_threads(cfg.threads))
     return Execution(resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile)
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """Intra-op threads for this process: `requested`, else OMP_NUM_THREADS when the user set it,
+    else the cores this process may run on (its affinity, not the machine's count) shared among
+    the processes torchrun started on this host, so that they do not oversubscribe the cores."""
+    if requested:
+        return requested
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(processes, 1))
 
 
 def process_of(cfg, reporter: Reporter | None = None) -> tuple[Execution, Reporter]:

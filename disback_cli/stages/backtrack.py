@@ -28,8 +28,9 @@ from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetH
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, set_dropout
 from disback_cli.models.teachers import Teacher
-from disback_cli.runtime.parallel import check_batch_fits, process_of
+from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
+from disback_cli.runtime.tracking import open_trackers
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
     Run,
@@ -67,6 +68,7 @@ def run_backtrack(
     ex, reporter = process_of(cfg, reporter)
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
     cfg, sources = resolve_backtrack(cfg, teacher)
+    torch.set_num_threads(cpu_threads(cfg.threads))
     check_path_noise_levels(cfg, traj, trajectory, force, reporter)
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
@@ -227,6 +229,10 @@ class TrainingLog:
                 run.ex.device, cfg.batch,
             )  # fmt: skip
         self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
+        self.trackers = []
+        if run.ex.is_main:
+            self.trackers = open_trackers(cfg.log_to, run.directory, cfg.model_dump(mode="json"),
+                                          run.manifest.created_at)  # fmt: skip
 
     def add(self, **values: torch.Tensor) -> None:
         for key, value in values.items():
@@ -254,9 +260,13 @@ class TrainingLog:
             line["eval"] = self.evaluate(generator_ema)
         if line:
             self.log.write(step, line)
+            for tracker in self.trackers:
+                tracker.log(step, line)
 
     def close(self) -> None:
         self.log.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def generator_files(run: Run, teacher: Teacher, spec: NetworkSpec) -> Callable[[int], None]:

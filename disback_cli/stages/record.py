@@ -24,7 +24,7 @@ from disback_cli.method.schedule import node_steps
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser, save_denoiser
 from disback_cli.models.networks import set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
-from disback_cli.runtime.parallel import Execution, check_batch_fits, process_of
+from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
@@ -47,6 +47,7 @@ def run_record(
     teacher = open_teacher(cfg.teacher, ex.device)
     student = load_denoiser(cfg.student) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
+    torch.set_num_threads(cpu_threads(cfg.threads))
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     with Run(out, RECORDING, ex, reporter) as run:
         return _record(run, cfg, sources, teacher, student, force)

@@ -1,0 +1,100 @@
+"""Experiment trackers researchers already use, fed the same lines as metrics.jsonl.
+
+metrics.jsonl stays the source of truth (resume cuts it back to the resume point, `plot` and `runs`
+read it); a tracker mirrors each line as it is written. Both are optional extras:
+
+    pip install "disback[tensorboard]"   # event files in RUN/tensorboard/
+    pip install "disback[wandb]"         # a W&B run; WANDB_MODE=offline keeps it on disk
+
+A resumed run continues the same W&B run (its id comes from the run directory and creation
+time) and writes its TensorBoard events into the same folder, `tensorboard/<creation time>/`,
+which TensorBoard shows as one run; a run restarted with `--force` is a new run in both. Lines
+written after the last resume point and before a kill are sent again on resume: trackers show
+those iterations twice, metrics.jsonl once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+from disback_cli.errors import ConfigError
+
+TRACKERS = ("tensorboard", "wandb")
+TENSORBOARD_FOLDER = "tensorboard"
+WANDB_FOLDER = "wandb"
+
+
+class Tracker(Protocol):
+    def log(self, iteration: int, line: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars(line: dict) -> dict[str, float]:
+    """A metrics line as flat scalar tags: `loss_g`, `eval/mmd2`, ..."""
+    flat = {k: v for k, v in line.items() if k != "eval"}
+    flat.update({f"eval/{k}": v for k, v in line.get("eval", {}).items()})
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float))}
+
+
+class TensorBoardTracker:
+    def __init__(self, run_dir: Path, config: dict, created_at: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--log-to tensorboard needs the tensorboard package: "
+                "pip install 'disback[tensorboard]'"
+            ) from None
+        started = "".join(c for c in created_at[:19] if c.isdigit() or c == "T")
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_FOLDER / started))
+        self.writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", 0)
+
+    def log(self, iteration: int, line: dict) -> None:
+        for tag, value in scalars(line).items():
+            self.writer.add_scalar(tag, value, iteration)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    def __init__(self, run_dir: Path, config: dict, created_at: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                "--log-to wandb needs the wandb package: pip install 'disback[wandb]'"
+            ) from None
+        identity = f"{run_dir.absolute()}|{created_at}".encode()
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "disback"),
+            name=f"{run_dir.parent.parent.name}/{run_dir.name}",
+            id=hashlib.sha256(identity).hexdigest()[:16],
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
+
+    def log(self, iteration: int, line: dict) -> None:
+        self.run.log(scalars(line), step=iteration)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(names: list[str], run_dir: Path, config: dict, created_at: str) -> list[Tracker]:
+    trackers: list[Tracker] = []
+    for name in dict.fromkeys(names):
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(run_dir, config, created_at))
+        elif name == "wandb":
+            trackers.append(WandbTracker(run_dir, config, created_at))
+        else:
+            raise ConfigError(f"--log-to {name!r}: unknown tracker (known: {', '.join(TRACKERS)})")
+    return trackers
