@@ -1,8 +1,9 @@
-"""Teachers by spec: `builtin:NAME`, a disback teacher file (.safetensors) or an EDM .pkl."""
+"""Teachers by spec: `builtin:NAME`, a disback teacher file (.safetensors), an EDM .pkl, or a
+Stable Diffusion model folder in the diffusers layout."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import ConditionSource, condition_source
 from disback_cli.models.denoiser_files import build_with_weights, load_denoiser
 from disback_cli.models.edm_pickle import read_edm_pickle
 from disback_cli.models.networks import NetworkSpec
+from disback_cli.models.text_to_image.folder import (
+    DiffusersFolder,
+    is_diffusers_folder,
+    read_folder,
+    unet_tensors,
+)
 from disback_cli.store.fileio import hash_regular_file
-from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES, read_safetensors
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TEACHERS = {
@@ -36,11 +43,25 @@ class Teacher:
     dataset: str | None  # ground-truth data set name, if known
     train_sigma: dict[str, float]  # log-normal noise levels it was trained with
     info: dict[str, Any]  # provenance from the file (role, EDM class, ...)
+    folder: DiffusersFolder | None = None  # text-to-image teachers: their model folder
+    prompt_source: ConditionSource | None = None  # text-to-image teachers: the training prompts
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.folder is not None
 
     @property
     def conditions(self) -> ConditionSource:
-        """What the teacher is conditioned on during training (its classes, if any)."""
+        """What the teacher is conditioned on during training: its classes, if any, or the
+        prompts given to a text-to-image teacher (`with_prompts`)."""
+        if self.prompt_source is not None:
+            return self.prompt_source
+        if self.text_to_image:
+            raise ConfigError("a text-to-image teacher needs --prompts FILE")
         return condition_source(self.spec.label_dim)
+
+    def with_prompts(self, source: ConditionSource) -> Teacher:
+        return replace(self, prompt_source=source)
 
     @property
     def parameter_count(self) -> int:
@@ -78,6 +99,8 @@ def open_teacher(
     trajectory `recorded_in`) the file is hashed before any of it is parsed.
     """
     path = resolve_teacher_path(spec)
+    if is_diffusers_folder(path):
+        return _open_folder(spec, path, device, expected_sha256, recorded_in)
     if expected_sha256 is not None:
         digest = hash_regular_file(path, MAX_TEACHER_BYTES, "teacher")
         if digest != expected_sha256:
@@ -106,6 +129,26 @@ def open_teacher(
     )
 
 
+def _open_folder(spec: str, path: Path, device, expected_sha256, recorded_in) -> Teacher:
+    """A diffusers model folder's UNet as a frozen denoiser; the text encoders and the VAE are
+    loaded where they are needed (`text_to_image.text`, `text_to_image.vae`)."""
+    folder = read_folder(path)
+    if expected_sha256 is not None and folder.digest() != expected_sha256:
+        raise DisbackError(
+            f"teacher {spec} is not the one {recorded_in} was recorded with (sha256 differs)"
+        )
+    weights = folder.weights["unet"]
+    tensors, _, digest = read_safetensors(weights)
+    rel = str(weights.relative_to(folder.root))
+    if folder.files.setdefault(rel, digest) != digest:
+        raise DisbackError(f"{weights}: changed while being read")
+    network = folder.spec()
+    denoiser = build_with_weights(network, unet_tensors(tensors), str(weights))
+    info = {"role": "teacher", "text_to_image": {"pipeline": folder.pipeline, "xl": folder.xl}}
+    return Teacher(denoiser.to(device).eval().requires_grad_(False), network, spec,
+                   folder.digest(), None, EDM_DEFAULT_SIGMA, info, folder)  # fmt: skip
+
+
 def describe_teacher(teacher: Teacher) -> dict[str, Any]:
     """What `disback teacher inspect` reports."""
     spec = teacher.spec
@@ -113,7 +156,11 @@ def describe_teacher(teacher: Teacher) -> dict[str, Any]:
     return {
         "source": teacher.source,
         "sha256": teacher.sha256,
-        "format": "edm-pickle" if teacher.source.endswith(".pkl") else "disback",
+        "format": "edm-pickle"
+        if teacher.source.endswith(".pkl")
+        else "diffusers"
+        if teacher.text_to_image
+        else "disback",
         "architecture": spec.arch,
         "preconditioning": spec.precond,
         "resolution": spec.data_shape[1] if image else None,

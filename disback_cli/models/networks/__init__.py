@@ -13,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import nn
 
 from disback_cli.errors import DisbackError
+from disback_cli.models.discrete_ddpm import DiscreteDDPMPrecond
 from disback_cli.models.networks.layers import UNetBlock
 from disback_cli.models.networks.mlp import MLP
 from disback_cli.models.networks.unets import DhariwalUNet, SongUNet
 from disback_cli.models.precond import EDMPrecond, VEPrecond, VPPrecond
+from disback_cli.models.text_to_image import unet as t2i_unet
 
 
 def _image_network(cls: type[nn.Module]) -> Callable[..., nn.Module]:
@@ -39,11 +41,18 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "SongUNet": _image_network(SongUNet),
     "DhariwalUNet": _image_network(DhariwalUNet),
+    t2i_unet.ARCH: t2i_unet.DiffusersUNet,
 }
 PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
     "edm": EDMPrecond,
     "vp": VPPrecond,
     "ve": VEPrecond,
+    "ddpm": DiscreteDDPMPrecond,
+}
+# Conditions an architecture cannot run without (zeros of the right shapes), by name: the check
+# that a spec's network runs (`meta_network`) passes them.
+EXAMPLE_CONDITIONS: dict[str, Callable[[NetworkSpec, int], dict[str, torch.Tensor]]] = {
+    t2i_unet.ARCH: lambda spec, n: t2i_unet.example_conditions(spec.arch_kwargs, n),
 }
 
 
@@ -75,7 +84,7 @@ def _register(registry: dict, what: str, name: str, build: Callable[..., nn.Modu
 # a hostile `depth: 10**8` must be refused, not hang the process while it builds the network.
 MAX_KWARG_INT = 1 << 16
 MAX_COUNT = 256  # layers or blocks per resolution
-COUNT_KWARGS = ("depth", "num_blocks")
+COUNT_KWARGS = ("depth", "num_blocks", "layers_per_block")
 MAX_LIST = 16
 MAX_DIM = 1 << 14
 MAX_SAMPLE_ELEMENTS = 1 << 26
@@ -223,8 +232,10 @@ def _checked_template(spec_json: str) -> nn.Module:
             )
         x = torch.zeros(2, *spec.data_shape)
         labels = torch.zeros(2, spec.label_dim) if spec.label_dim else None
+        needed = EXAMPLE_CONDITIONS.get(spec.arch)
+        cond = needed(spec, 2) if needed is not None else {}
         try:
-            out = network(x, torch.ones(2), labels)
+            out = network(x, torch.ones(2), labels, **cond)
         except Exception as exc:  # bad kwargs show only when the network runs
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DisbackError(f"network spec of {spec.arch} does not run: {first}") from exc

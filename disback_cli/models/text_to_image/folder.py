@@ -1,0 +1,221 @@
+"""A Stable Diffusion model folder in the diffusers layout, read as a teacher.
+
+    model_index.json        the pipeline's class and its components
+    unet/                   config.json + diffusion_pytorch_model[.fp16].safetensors
+    scheduler/              scheduler_config.json (only its noise schedule is read)
+    vae/                    config.json + diffusion_pytorch_model[.fp16].safetensors
+    text_encoder/, tokenizer/          CLIP (SD 1.x, 2.x; SDXL's first encoder)
+    text_encoder_2/, tokenizer_2/      OpenCLIP bigG with projection (SDXL)
+
+Only configuration JSON, tokenizer vocabularies and safetensors weights are read: a component
+whose weights exist only as a pickle (`.bin`, `.ckpt`, `.pt`, `.pth`, `.pkl`) is refused, naming
+the file, because unpickling can run code. The teacher's sha256 is that of a canonical list of
+every file read with its own sha256, so a path node or generator names exactly these files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disback_cli.errors import DisbackError
+from disback_cli.models.networks import NetworkSpec
+from disback_cli.models.text_to_image.unet import ARCH, unet_config
+from disback_cli.store.fileio import (
+    check_regular_file,
+    hash_regular_file,
+    read_json_file,
+    sha256_bytes,
+)
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
+
+INDEX = "model_index.json"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_TOKENIZER_BYTES = 64 << 20
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
+# The classes a component may name in model_index.json; nothing else is built.
+COMPONENT_CLASSES = {
+    "unet": {"UNet2DConditionModel"},
+    "vae": {"AutoencoderKL"},
+    "text_encoder": {"CLIPTextModel", "CLIPTextModelWithProjection"},
+    "text_encoder_2": {"CLIPTextModelWithProjection", "CLIPTextModel"},
+    "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
+    "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
+}
+NEEDED = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+NEEDED_XL = ("text_encoder_2", "tokenizer_2")
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / INDEX).exists()
+
+
+@dataclass
+class DiffusersFolder:
+    """What a model folder holds, checked, before any weight is loaded."""
+
+    root: Path
+    pipeline: str  # model_index.json's _class_name, e.g. StableDiffusionXLPipeline
+    xl: bool  # two text encoders, pooled embeddings and time ids (SDXL)
+    zeros_for_empty_prompt: bool  # SDXL's unconditional embedding is all zeros
+    unet: dict[str, Any]  # the UNet's config (constructor kwargs)
+    schedule: dict[str, Any]  # beta schedule and prediction type of the scheduler
+    vae: dict[str, Any]  # the VAE's config
+    weights: dict[str, Path] = field(default_factory=dict)  # component -> safetensors file
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, once hashed
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.get("sample_size", 64)
+        size = size if isinstance(size, int) else size[0]
+        return (self.unet.get("in_channels", 4), size, size)
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent along each axis."""
+        return 2 ** (len(self.vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+    def spec(self) -> NetworkSpec:
+        """The UNet as our network: the `ddpm` preconditioning with the scheduler's noise."""
+        return NetworkSpec(arch=ARCH, arch_kwargs=self.unet, precond="ddpm",
+                           precond_kwargs=self.schedule, data_shape=self.latent_shape)  # fmt: skip
+
+    def component_files(self, component: str) -> list[Path]:
+        """Every file of `component` that loading it reads (config, vocabularies, weights)."""
+        folder = self.root / component
+        if component.startswith("tokenizer"):
+            return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in
+                          (".json", ".txt", ".model"))  # fmt: skip
+        config = "scheduler_config.json" if component == "scheduler" else "config.json"
+        files = [folder / config]
+        if component in self.weights:
+            files.append(self.weights[component])
+        return files
+
+    def hash_files(self, components: tuple[str, ...] | None = None) -> dict[str, str]:
+        """sha256 of every file the given components (default: all) read, by relative path."""
+        components = components or self.components
+        for component in components:
+            for path in self.component_files(component):
+                rel = str(path.relative_to(self.root))
+                if rel not in self.files:
+                    self.files[rel] = hash_regular_file(path, MAX_SAFETENSORS_BYTES, "model file")
+        self.files.setdefault(INDEX, hash_regular_file(self.root / INDEX, MAX_CONFIG_BYTES,
+                                                      "model_index.json"))  # fmt: skip
+        return {k: self.files[k] for k in sorted(self.files)}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return NEEDED + (NEEDED_XL if self.xl else ())
+
+    def digest(self) -> str:
+        """The teacher's sha256: of the sorted list of its files and their sha256."""
+        listing = json.dumps(self.hash_files(), sort_keys=True, separators=(",", ":"))
+        return sha256_bytes(listing.encode())
+
+
+def read_config(path: Path, what: str) -> dict[str, Any]:
+    data = read_json_file(path, MAX_CONFIG_BYTES, what)
+    if not isinstance(data, dict):
+        raise DisbackError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def find_weights(folder: Path, stem: str) -> Path:
+    """The safetensors weights of a component (the full-precision file, else the fp16 variant),
+    or a refusal naming the pickle file that is there instead."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).exists():
+            check_regular_file(folder / name, MAX_SAFETENSORS_BYTES, "safetensors file")
+            return folder / name
+    if any(folder.glob(f"{stem}*.safetensors.index.json")):
+        raise DisbackError(f"{folder}: sharded weights are not supported; merge the shards "
+                           "into one .safetensors file")  # fmt: skip
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise DisbackError(
+            f"{pickles[0]}: weights stored as a pickle, which can run code when loaded; "
+            "disback reads only .safetensors (convert the file first)"
+        )
+    raise DisbackError(f"{folder}: no {stem}.safetensors weights")
+
+
+def _scheduler(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The noise schedule of a scheduler config, as `DiscreteDDPMPrecond` kwargs."""
+    if config.get("trained_betas") is not None:
+        raise DisbackError(f"{path}: trained_betas are not supported")
+    if config.get("rescale_betas_zero_snr"):
+        raise DisbackError(f"{path}: zero-terminal-SNR schedules are not supported")
+    schedule = {
+        "prediction_type": config.get("prediction_type", "epsilon"),
+        "beta_start": config.get("beta_start", 0.0001),
+        "beta_end": config.get("beta_end", 0.02),
+        "beta_schedule": config.get("beta_schedule", "linear"),
+        "num_train_timesteps": config.get("num_train_timesteps", 1000),
+    }
+    types = (str, float, float, str, int)
+    for (key, value), kind in zip(schedule.items(), types, strict=True):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DisbackError(f"{path}: {key} must be a {kind.__name__}")
+    return schedule
+
+
+def read_folder(root: str | Path) -> DiffusersFolder:
+    """Check a diffusers model folder and read its configurations (no weights yet): every
+    needed component present, of a known class, with safetensors weights."""
+    root = Path(root)
+    index = read_config(root / INDEX, "model_index.json")
+    pipeline = index.get("_class_name")
+    if not isinstance(pipeline, str) or "Pipeline" not in pipeline:
+        raise DisbackError(f"{root / INDEX}: not a diffusers pipeline index")
+    unet_index = index.get("unet")
+    if not (isinstance(unet_index, list) and len(unet_index) == 2):
+        raise DisbackError(f"{root / INDEX}: names no unet")
+    for component, allowed in COMPONENT_CLASSES.items():
+        entry = index.get(component)
+        if entry is None:
+            continue
+        name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+        if name is not None and name not in allowed:
+            raise DisbackError(f"{root / INDEX}: {component} is a {name!r:.60}, not one of "
+                               f"{', '.join(sorted(allowed))}")  # fmt: skip
+    unet = unet_config(read_config(root / "unet" / "config.json", "UNet config")) if (
+        root / "unet").is_dir() else None  # fmt: skip
+    xl = unet is not None and unet.get("addition_embed_type") == "text_time"
+    for component in NEEDED + (NEEDED_XL if xl else ()):
+        if not (root / component).is_dir() or index.get(component) in (None, [None, None]):
+            raise DisbackError(f"{root}: the model folder has no {component}/ component")
+    folder = DiffusersFolder(
+        root=root, pipeline=pipeline, xl=xl,
+        zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", xl)),
+        unet=unet,
+        schedule=_scheduler(read_config(root / "scheduler" / "scheduler_config.json",
+                                    "scheduler config"), root / "scheduler"),
+        vae=read_config(root / "vae" / "config.json", "VAE config"),
+    )  # fmt: skip
+    folder.weights["unet"] = find_weights(root / "unet", DIFFUSERS_WEIGHTS)
+    folder.weights["vae"] = find_weights(root / "vae", DIFFUSERS_WEIGHTS)
+    for encoder in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
+        folder.weights[encoder] = find_weights(root / encoder, TRANSFORMERS_WEIGHTS)
+    for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        for path in folder.component_files(tokenizer):
+            check_regular_file(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+    try:
+        folder.spec()
+    except ValueError as exc:  # pydantic: the UNet config breaks a NetworkSpec bound
+        first = str(exc).splitlines()
+        raise DisbackError(f"{root / 'unet' / 'config.json'}: {first[-1].strip()}") from None
+    return folder
+
+
+def unet_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' UNet state dict as the tensors of our denoiser (DiscreteDDPMPrecond holding
+    DiffusersUNet holding the UNet): every name under `model.unet.`."""
+    return {f"model.unet.{k}": v for k, v in tensors.items()}

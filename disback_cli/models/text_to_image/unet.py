@@ -1,0 +1,91 @@
+"""Stable Diffusion's UNet (diffusers' UNet2DConditionModel) behind our raw-network call.
+
+Registered as architecture `diffusers.UNet2DConditionModel`: a `NetworkSpec` naming it, with the
+UNet's config as `arch_kwargs` and the `ddpm` preconditioning (`discrete_ddpm`), plus the weights,
+is a teacher, path node or generator file like any other. The UNet is built from its config by
+diffusers (no code from a model folder runs); weights come from safetensors only.
+
+Text conditions arrive as keywords (see `text_to_image.text`): `encoder_hidden_states` and, for
+SDXL, `text_embeds` (pooled) and `time_ids`. Keys starting with `uncond_` are the unconditional
+twins that classifier-free guidance (`method.guidance`) swaps in; the UNet itself ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from disback_cli.errors import DisbackError
+
+ARCH = "diffusers.UNet2DConditionModel"
+UNCOND_PREFIX = "uncond_"
+TOKENS = 77  # CLIP's context length: prompts are padded to it
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise DisbackError(
+            'text-to-image teachers need the diffusers extra: pip install -e ".[diffusers]"'
+        ) from None
+    return diffusers
+
+
+class DiffusersUNet(nn.Module):
+    """F(x, c_noise = timestep, **text conditions) of a UNet2DConditionModel."""
+
+    def __init__(self, data_shape: tuple[int, ...], label_dim: int = 0, **config: Any) -> None:
+        super().__init__()
+        if label_dim:
+            raise DisbackError(f"{ARCH} takes text conditions, not class labels")
+        if len(data_shape) != 3 or data_shape[0] != config.get("in_channels", 4):
+            raise DisbackError(
+                f"{ARCH}: latents of shape {data_shape} do not match in_channels "
+                f"{config.get('in_channels', 4)}"
+            )
+        self.unet = _diffusers().UNet2DConditionModel.from_config(config)
+        self.text_time = self.unet.config.addition_embed_type == "text_time"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        **others: torch.Tensor,
+    ) -> torch.Tensor:
+        unknown = [k for k in others if not k.startswith(UNCOND_PREFIX)]
+        if unknown:
+            raise TypeError(f"{ARCH} got unknown conditions {unknown}")
+        added = None
+        if self.text_time:
+            if text_embeds is None or time_ids is None:
+                raise DisbackError(f"{ARCH} (SDXL) needs text_embeds and time_ids")
+            added = {"text_embeds": text_embeds.to(x.dtype), "time_ids": time_ids.to(x.dtype)}
+        return self.unet(x, c_noise, encoder_hidden_states.to(x.dtype),
+                         added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+
+
+def example_conditions(config: dict[str, Any], batch: int) -> dict[str, torch.Tensor]:
+    """Zero conditions of the right shapes, for checking that a spec's network runs."""
+    width = config.get("cross_attention_dim", 1280)
+    width = width[0] if isinstance(width, (list, tuple)) else width
+    cond = {"encoder_hidden_states": torch.zeros(batch, TOKENS, width)}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = (
+            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        )
+        cond.update(text_embeds=torch.zeros(batch, pooled), time_ids=torch.zeros(batch, 6))
+    return cond
+
+
+def unet_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A UNet config.json as constructor kwargs: diffusers' bookkeeping keys (`_class_name`,
+    `_diffusers_version`, `_use_default_values`, ...) dropped, lists kept as lists."""
+    return {k: v for k, v in raw.items() if not k.startswith("_")}

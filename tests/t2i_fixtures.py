@@ -1,0 +1,95 @@
+"""Tiny random Stable Diffusion model folders (SD 1.x-like and SDXL-like) in the diffusers
+layout, written with `save_pretrained` as real ones are, for tests that must not download."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+LATENT = 8  # latent size; images are 16x16 (the tiny VAE halves once)
+VOCAB = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+for _c in string.ascii_lowercase:
+    VOCAB[_c] = len(VOCAB)
+for _c in string.ascii_lowercase:
+    VOCAB[_c + "</w>"] = len(VOCAB)
+MERGES = [("c", "a"), ("d", "o"), ("r", "e")]
+for _a, _b in MERGES:
+    VOCAB[_a + _b] = len(VOCAB)
+
+PROMPTS = ["a red cat", "a dog on a road", "blue sea", "a cat and a dog", "green tree"]
+
+
+def _tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer(vocab=dict(VOCAB), merges=list(MERGES), model_max_length=77).save_pretrained(
+        folder
+    )
+
+
+def _text_encoder(folder: Path, hidden: int, projection: int | None) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=77, projection_dim=projection or hidden,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    cls(config).save_pretrained(folder)
+
+
+def make_sd_folder(
+    root: Path, *, xl: bool = False, prediction: str = "epsilon", seed: int = 0
+) -> Path:
+    """A complete tiny model folder at `root` (SD 1.x-like, or SDXL-like with `xl`)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True)
+    cross = 16
+    extra = {}
+    if xl:  # two encoders (8 + 8 = 16 wide), pooled projection of 8, six time ids of 4
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
+                     projection_class_embeddings_input_dim=6 * 4 + 8)  # fmt: skip
+    UNet2DConditionModel(
+        sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross,
+        attention_head_dim=2, norm_num_groups=4, **extra,
+    ).save_pretrained(root / "unet")  # fmt: skip
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+        latent_channels=4, norm_num_groups=4, sample_size=2 * LATENT,
+        scaling_factor=0.13025 if xl else 0.18215,
+    ).save_pretrained(root / "vae")  # fmt: skip
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type=prediction).save_pretrained(root / "scheduler")  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    if xl:
+        _text_encoder(root / "text_encoder", 8, None)
+        _text_encoder(root / "text_encoder_2", 8, 8)
+        _tokenizer(root / "tokenizer_2")
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"],
+                     force_zeros_for_empty_prompt=True)  # fmt: skip
+    else:
+        _text_encoder(root / "text_encoder", cross, None)
+    _tokenizer(root / "tokenizer")
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return root
+
+
+def write_prompts(path: Path, prompts: list[str] = PROMPTS) -> Path:
+    path.write_text("\n".join(prompts) + "\n")
+    return path

@@ -1,0 +1,149 @@
+"""Text-to-image teachers (issue 17), model level: a diffusers folder read as our denoiser, its
+text conditions, classifier-free guidance. Tiny random models made by `t2i_fixtures`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+
+from t2i_fixtures import PROMPTS, make_sd_folder, write_prompts
+
+from disback_cli.errors import DisbackError
+from disback_cli.method.guidance import Guided, guided
+from disback_cli.models.discrete_ddpm import ddpm_sigmas
+from disback_cli.models.teachers import open_teacher
+from disback_cli.models.text_to_image.text import TextEncoder, read_prompts
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("models") / "sd")
+
+
+@pytest.fixture(scope="module")
+def sd_v(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("models") / "sd-v", prediction="v_prediction")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("models") / "sdxl", xl=True)
+
+
+def scheduler_x0(folder, x0, noise, t, hidden, added=None):
+    """x0 as a diffusers user computes it: the scheduler noises x0 at integer timestep t, the
+    UNet predicts epsilon or v, and the scheduler's alphas turn that back into x0."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    a = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1).float()
+    x_t = scheduler.add_noise(x0, noise, t)
+    with torch.no_grad():
+        out = unet(x_t, t, hidden, added_cond_kwargs=added).sample
+    if scheduler.config.prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+    return a.sqrt() * x_t - (1 - a).sqrt() * out
+
+
+@pytest.mark.parametrize("which", ["sd", "sd_v", "sdxl"])
+def test_our_denoiser_equals_the_scheduler_based_x0(which, request):
+    folder = request.getfixturevalue(which)
+    teacher = open_teacher(str(folder), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=gen)
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 400, 990])
+    hidden = torch.randn(3, 77, 16, generator=gen)
+    cond, added = {"encoder_hidden_states": hidden}, None
+    if which == "sdxl":
+        added = {"text_embeds": torch.randn(3, 8, generator=gen),
+                 "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(3, 6)}  # fmt: skip
+        cond.update(added)
+    expected = scheduler_x0(folder, x0, noise, t, hidden, added)
+    sigma = teacher.denoiser.sigmas[t]
+    ours = teacher.denoiser(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, **cond)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sigmas_and_timesteps_follow_the_schedule(sd):
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler.from_pretrained(sd / "scheduler").alphas_cumprod.double()
+    sigmas = ddpm_sigmas(0.00085, 0.012, "scaled_linear", 1000)
+    # diffusers computes its alphas in float32, we in float64
+    torch.testing.assert_close(sigmas, ((1 - alphas) / alphas).sqrt(), rtol=1e-4, atol=0)
+    denoiser = open_teacher(str(sd), "cpu").denoiser
+    t = denoiser.timestep(denoiser.sigmas[[0, 399, 999]])
+    torch.testing.assert_close(t, torch.tensor([0.0, 399.0, 999.0]), rtol=0, atol=1e-3)
+    between = (denoiser.sigmas[399].log() + denoiser.sigmas[400].log()) / 2
+    assert abs(float(denoiser.timestep(between.exp().reshape(1))) - 399.5) < 1e-3
+    beyond = denoiser.timestep(torch.tensor([1e-4, 1e4]))  # clamped to the trained range
+    assert beyond.tolist() == [0.0, 999.0]
+
+
+def test_sd_prompts_are_encoded_as_the_pipeline_does(sd):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    teacher = open_teacher(str(sd), "cpu")
+    encoder = TextEncoder(teacher.folder, "cpu")
+    cond = encoder.encode(PROMPTS[:2])
+    tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+    model = CLIPTextModel.from_pretrained(sd / "text_encoder").eval()
+
+    def last_hidden(prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return model(ids)[0]
+
+    torch.testing.assert_close(cond["encoder_hidden_states"], last_hidden(PROMPTS[:2]))
+    torch.testing.assert_close(cond["uncond_encoder_hidden_states"],
+                               last_hidden(["", ""]))  # fmt: skip
+    assert set(cond) == {"encoder_hidden_states", "uncond_encoder_hidden_states"}
+
+
+def test_sdxl_prompts_concatenate_penultimate_states_and_zero_the_unconditional(sdxl):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    teacher = open_teacher(str(sdxl), "cpu")
+    cond = TextEncoder(teacher.folder, "cpu").encode(PROMPTS[:3])
+    ids = CLIPTokenizer.from_pretrained(sdxl / "tokenizer")(
+        PROMPTS[:3], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        one = CLIPTextModel.from_pretrained(sdxl / "text_encoder")(ids, output_hidden_states=True)
+        two = CLIPTextModelWithProjection.from_pretrained(sdxl / "text_encoder_2")(
+            ids, output_hidden_states=True
+        )
+    hidden = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)
+    torch.testing.assert_close(cond["encoder_hidden_states"], hidden)
+    torch.testing.assert_close(cond["text_embeds"], two.text_embeds)
+    assert not cond["uncond_encoder_hidden_states"].any() and not cond["uncond_text_embeds"].any()
+    assert cond["time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 3
+
+
+def test_guidance_is_uncond_plus_scale_times_the_difference(sd):
+    teacher = open_teacher(str(sd), "cpu")
+    cond = TextEncoder(teacher.folder, "cpu").encode(PROMPTS[:2])
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 3.0])
+    d = teacher.denoiser
+    plain = d(x, sigma, **cond)
+    uncond = d(x, sigma, encoder_hidden_states=cond["uncond_encoder_hidden_states"])
+    torch.testing.assert_close(Guided(d, 3.0)(x, sigma, **cond), uncond + 3 * (plain - uncond),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert guided(d, 1.0) is d and guided(d, None) is d  # scale 1: the unguided target itself
+
+
+def test_prompt_files_are_lines_or_a_json_list(tmp_path):
+    assert read_prompts(write_prompts(tmp_path / "p.txt", ["a", "", " b "]))[0] == ["a", "b"]
+    (tmp_path / "p.json").write_text('["x", "y z"]')
+    assert read_prompts(tmp_path / "p.json")[0] == ["x", "y z"]
+    (tmp_path / "bad.json").write_text('["x", 3]')
+    with pytest.raises(DisbackError, match="list of strings"):
+        read_prompts(tmp_path / "bad.json")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DisbackError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
