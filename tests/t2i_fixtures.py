@@ -93,3 +93,23 @@ def make_sd_folder(
 def write_prompts(path: Path, prompts: list[str] = PROMPTS) -> Path:
     path.write_text("\n".join(prompts) + "\n")
     return path
+
+
+def make_clip_folder(root: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP model folder (transformers layout) for CLIP-score tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=8),
+        projection_dim=8,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(root)
+    _tokenizer(root)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+                       ).save_pretrained(root)  # fmt: skip
+    return root

@@ -86,6 +86,15 @@ ThreadsOpt = Annotated[
         show_default=False,
     ),
 ]
+CheckpointingOpt = Annotated[
+    bool | None,
+    Flag("--gradient-checkpointing/--no-gradient-checkpointing",
+         help="Recompute activations of trained text-to-image UNets in the backward pass."),
+]  # fmt: skip
+PromptsOpt = Annotated[
+    str | None,
+    typer.Option(help="Prompt file (one a line, or a JSON list) of a text-to-image teacher."),
+]
 JsonOpt = Annotated[bool, Flag("--json", help="Print a JSON summary on stdout.")]
 SetOpt = Annotated[
     list[str] | None,

@@ -9,6 +9,7 @@ import typer
 
 from disback_cli.cli._common import (
     ChannelsLastOpt,
+    CheckpointingOpt,
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
@@ -16,6 +17,7 @@ from disback_cli.cli._common import (
     ForceOpt,
     JsonOpt,
     PrecisionOpt,
+    PromptsOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -53,6 +55,8 @@ def backtrack(
     no_trajectory: Annotated[bool | None, Flag("--no-trajectory", help=_h("no_trajectory"))] = None,
     loss: Annotated[str | None, typer.Option(metavar=_c("loss"), help=_h("loss"))] = None,
     sid_alpha: Annotated[float | None, typer.Option(help=_h("sid_alpha"))] = None,
+    prompts: PromptsOpt = None,
+    guidance_scale: Annotated[float | None, typer.Option(help=_h("guidance_scale"))] = None,
     dsm_sigma: Annotated[
         str | None, typer.Option(metavar=_c("dsm_sigma"), help=_h("dsm_sigma"))
     ] = None,
@@ -91,6 +95,7 @@ def backtrack(
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
     threads: ThreadsOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
     config: ConfigOpt = None,
     settings: SetOpt = None,
     force: ForceOpt = False,
@@ -116,7 +121,9 @@ def backtrack(
                  eval_every=eval_every, log_to=log_to,
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last, threads=threads)  # fmt: skip
+                 channels_last=channels_last, threads=threads, prompts=prompts,
+                 guidance_scale=guidance_scale,
+                 gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags, settings)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(

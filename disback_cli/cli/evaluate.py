@@ -24,6 +24,7 @@ from disback_cli.cli._common import (
 from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.evaluation import detectors
+from disback_cli.evaluation.clip_score import ClipScorer, clip_scores, read_prompt_listing
 from disback_cli.evaluation.datasets import DATASETS, get_dataset
 from disback_cli.evaluation.detectors import MODES, InceptionDetector, locate_inception
 from disback_cli.evaluation.ground_truth import digits_report, vector_report
@@ -34,12 +35,13 @@ from disback_cli.evaluation.image_eval import (
     write_reference,
 )
 from disback_cli.evaluation.image_io import ImageSet, generated_images, open_images
+from disback_cli.evaluation.reports import make_report, summarize
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SEED, one_step_batches, parse_seeds
 from disback_cli.models.conditioning import condition_source
 from disback_cli.runtime.parallel import execution
 from disback_cli.store.manifests import generator_file_of_run
-from disback_cli.store.samples import read_provenance, read_samples
+from disback_cli.store.samples import read_provenance, read_samples, seed_ranges
 
 
 def _detector(
@@ -180,6 +182,16 @@ def evaluate(
             "recorded (a data set or another tool's samples).",
         ),
     ] = False,
+    clip: Annotated[
+        Path | None,
+        typer.Option(
+            help="CLIP score of a `sample --prompts` folder with this local "
+            "transformers CLIP model folder (beside FID with --ref)."
+        ),
+    ] = None,
+    clip_sha256: Annotated[
+        str | None, typer.Option(help="Expected sha256 of the CLIP model's weights file.")
+    ] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per detector batch.")] = 64,
     workers: Annotated[
         int,
@@ -279,14 +291,18 @@ def evaluate(
                 report = digits_report(parts)
                 count = images.count
             else:
-                reference = _reference(ref)
-                detector = _detector(mode, inception, torch_device, reference, workers)
-                parts = _split(images, repeats)
-                report = evaluate_images(parts, detector, reference, batch, reporter, ex)
+                if ref is not None or clip is None:
+                    reference = _reference(ref)
+                    detector = _detector(mode, inception, torch_device, reference, workers)
+                    parts = _split(images, repeats)
+                    report = evaluate_images(parts, detector, reference, batch, reporter, ex)
                 count = images.count
+                if clip is not None and ex.is_main:
+                    report = _with_clip_score(report, source, clip, clip_sha256, torch_device,
+                                              batch, repeats, reporter)  # fmt: skip
             if report is not None:
                 report["samples"] = {"source": str(source.absolute()), "count": count,
-                                     "provenance": read_provenance(source)}  # fmt: skip
+                                     "provenance": _provenance(source)}  # fmt: skip
     if report is None:  # other ranks of a torchrun launch: rank 0 reports
         return
     if json_out:
@@ -298,6 +314,37 @@ def evaluate(
                      f"({report['detector']['mode']})")  # fmt: skip
     else:
         _print_report(report, str(inputs[0]) if inputs else f"run {trajectory}")
+
+
+def _with_clip_score(
+    report: dict | None, folder: Path, clip: Path, sha256: str | None, device, batch: int,
+    repeats: int, reporter,
+) -> dict:  # fmt: skip
+    """CLIP score of each part of a `sample --prompts` folder: beside the FID report's metrics
+    when there is one, else as a report of its own."""
+    pairs = read_prompt_listing(folder)
+    scorer = ClipScorer(clip, device, sha256)
+    scores = clip_scores(scorer, pairs, batch, reporter)
+    ranges = _parts(len(scores), repeats, "images")
+    if report is None:
+        results = [{"n": b - a, "clip_score": float(scores[a:b].mean()), "images": [a, b - 1]}
+                   for a, b in ranges]  # fmt: skip
+        return make_report("image", "CLIP score", "clip_score", results, dataset=None,
+                           reference={"kind": "each image's prompt", "n": len(scores)},
+                           samples={}, detector=scorer.describe)  # fmt: skip
+    for result, (a, b) in zip(report["results"], ranges, strict=True):
+        result["clip_score"] = float(scores[a:b].mean())
+    report["summary"] = summarize(report["results"])
+    report["clip"] = scorer.describe
+    return report
+
+
+def _provenance(source: Path) -> dict:
+    """What `disback sample` recorded about the samples, seeds as [first, last] ranges."""
+    provenance = read_provenance(source)
+    if isinstance(provenance.get("seeds"), list):
+        provenance["seeds"] = seed_ranges(provenance["seeds"])
+    return provenance
 
 
 def _reference(path: Path | None) -> Reference:

@@ -12,12 +12,14 @@ from rich.table import Table
 
 from disback_cli.cli._common import (
     ChannelsLastOpt,
+    CheckpointingOpt,
     CompileOpt,
     ConfigOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
     PrecisionOpt,
+    PromptsOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -80,6 +82,8 @@ def record(
     lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
     betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
+    prompts: PromptsOpt = None,
+    timestep: Annotated[int | None, typer.Option(help=_h("timestep"))] = None,
     placement: Annotated[
         str | None, typer.Option(metavar=_c("placement"), help=_h("placement"))
     ] = None,
@@ -103,6 +107,7 @@ def record(
     compile_networks: CompileOpt = None,
     channels_last: ChannelsLastOpt = None,
     threads: ThreadsOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
     node_dtype: Annotated[
         str | None, typer.Option(metavar=_c("node_dtype"), help=_h("node_dtype"))
     ] = None,
@@ -120,7 +125,8 @@ def record(
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
     flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
-                 sigma_init=sigma_init, placement=placement, student=student,
+                 sigma_init=sigma_init, prompts=prompts, timestep=timestep,
+                 placement=placement, student=student,
                  student_arch_kwargs=_json(student_arch_kwargs), loss=loss, dsm_sigma=dsm_sigma,
                  p_mean=p_mean, p_std=p_std,
                  dropout=dropout,
@@ -128,6 +134,7 @@ def record(
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last, threads=threads,
+                 gradient_checkpointing=gradient_checkpointing,
                  node_dtype=node_dtype)  # fmt: skip
     cfg = build_config(RecordConfig, config, "record", flags, settings)
     out = out or default_out(cfg.teacher)

@@ -27,8 +27,12 @@ from disback_cli.cli._common import (
     stdout,
 )
 from disback_cli.config import SampleConfig, build_config
+from disback_cli.errors import ConfigError
+from disback_cli.method.guidance import guided
 from disback_cli.method.sampling import HeunSampler
 from disback_cli.models.teachers import open_teacher
+from disback_cli.models.text_to_image.text import TextEncoder
+from disback_cli.models.text_to_image.vae import LatentDecoder
 from disback_cli.runtime.parallel import execution, is_main_process
 from disback_cli.stages.sample import write_samples, write_samples_of
 from disback_cli.store.layout import backtrack_dir
@@ -51,6 +55,17 @@ def sample(
         str | None, typer.Option(help="Sample a teacher with EDM's Heun sampler instead.")
     ] = None,
     steps: Annotated[int, typer.Option(min=2, help="Heun steps for --teacher.")] = 18,
+    prompts: Annotated[str | None, typer.Option(help=_h("prompts"))] = None,
+    guidance_scale: Annotated[
+        float,
+        typer.Option(min=0, max=100, help="Classifier-free guidance of a text-to-image --teacher."),
+    ] = 1.0,
+    model_folder: Annotated[
+        str | None,
+        typer.Option(
+            help="A text-to-image generator's model folder, if it moved (checked by sha256)."
+        ),
+    ] = None,
     n: Annotated[
         int | None,
         typer.Option(
@@ -104,27 +119,37 @@ def sample(
 
     Images: --format png writes EDM's layout (00000/img00000000.png, 1000 per folder, plus
     dataset.json with labels); --format npz stores uint8 images; --class K fixes the class.
+
+    Text-to-image: --prompts FILE draws -n images per prompt (seeds 0..n-1 for every prompt),
+    decoded by the teacher's VAE; prompts.json lists each image's prompt and seed.
     """
-    flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format,
+    flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format, prompts=prompts,
                  class_label=class_label, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last, threads=threads)  # fmt: skip
     cfg = build_config(SampleConfig, config, "sample", flags, settings)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
-            loaded = open_teacher(teacher, execution(cfg).device)
+            device = execution(cfg).device
+            loaded = open_teacher(teacher, device)
             info = {"file": teacher, "sha256": loaded.sha256, "weights": f"heun-{steps}",
                     "dataset": loaded.dataset, "teacher_sha256": loaded.sha256}  # fmt: skip
-            sampler = HeunSampler(loaded.denoiser, steps)
-            summary = write_samples_of(sampler, info, cfg, out, reporter, grid_out or grid)
+            text = None
+            if loaded.text_to_image:
+                text = (TextEncoder(loaded.folder, device), LatentDecoder(loaded.folder, device))
+                info["weights"] += f"-guidance-{guidance_scale:g}"
+            elif guidance_scale != 1:
+                raise ConfigError("--guidance-scale is for text-to-image teachers")
+            sampler = HeunSampler(guided(loaded.denoiser, guidance_scale), steps)
+            summary = write_samples_of(sampler, info, cfg, out, reporter, grid_out or grid,
+                                       text=text)  # fmt: skip
         else:
             expected, default_dir = None, Path(".")
             if generator is None:
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
-            summary = write_samples(
-                cfg, generator, out, expected, reporter, grid_out or grid, default_dir
-            )
+            summary = write_samples(cfg, generator, out, expected, reporter, grid_out or grid,
+                                    default_dir, model_folder)  # fmt: skip
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     if json_out:

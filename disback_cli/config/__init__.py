@@ -29,7 +29,7 @@ from disback_cli.store.fileio import read_regular_file
 
 SESSION_FIELDS = {
     "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
-    "tf32", "compile", "channels_last", "threads", "log_to",
+    "tf32", "compile", "channels_last", "threads", "log_to", "gradient_checkpointing",
 }  # fmt: skip
 
 # Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
@@ -53,11 +53,12 @@ DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, S
 # Defaults that depend on the teacher family (`resolve.teacher_family`: vector, small image, or
 # EDM-size image teachers): the toy ring wants fast rates, EDM U-Nets the rates their distillation
 # papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
+# Text-to-image teachers (Stable Diffusion): the DisBack SDXL release's 5e-7 for every network.
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
-    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
-    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5},
-    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0},
+    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5, "text": 5e-7},  # record
+    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5, "text": 5e-7},
+    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5, "text": 5e-7},
+    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0, "text": 10.0},
 }
 
 
@@ -115,14 +116,23 @@ class _Training(_Compute):
         "the path is for; it sets the nodes' noise levels)"
     )  # fmt: skip
     dsm_sigma: SigmaKind | None = Field(
-        None, description="noise levels the fake score and path nodes train at: lognormal or "
-        "karras (uniform index of 1000 Karras levels); none: the loss's (dmd: karras, else "
-        "lognormal)",
+        None, description="noise levels the fake score and path nodes train at: lognormal, "
+        "karras (uniform index of 1000 Karras levels) or discrete (uniform over a text-to-image "
+        "teacher's own timesteps); none: the loss's (dmd: karras, else lognormal), discrete for "
+        "text-to-image teachers",
     )  # fmt: skip
     p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
     p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
     dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
     seed: Seed = Field(0, description="random seed")
+    prompts: PathText | None = Field(
+        None, description="prompt file (one a line, or a JSON list) of a text-to-image teacher; "
+        "backtrack: none uses the trajectory's"
+    )  # fmt: skip
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass of trained "
+        "text-to-image UNets (less memory, ~30 % slower)"
+    )  # fmt: skip
 
     @field_validator("loss")
     @classmethod
@@ -147,7 +157,15 @@ class RecordConfig(_Training):
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
     sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
         None, description="G0(z) = D(sigma_init z, sigma_init); none: the student file's own, "
-        "else 2.5"
+        "else 2.5 (text-to-image teachers: --timestep)"
+    )  # fmt: skip
+    timestep: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
+        None, description="text-to-image teachers: G0 maps pure noise, read as the DDPM input "
+        "at this timestep, to x0 (DMD2, DisBack SDXL: 399; DMD2 SD1.5: 999); none: 999"
+    )  # fmt: skip
+    lora_rank: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="text-to-image teachers: record path nodes as low-rank adapters of "
+        "this rank (peft) instead of full weights"
     )  # fmt: skip
     placement: Literal["even", "distance"] = Field(
         "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
@@ -180,6 +198,10 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None, description="classifier-free guidance of the target (text-to-image teachers; the "
+        "fake score is unguided); none: 1.75 for SD 1.x/2.x (DMD2), 8 for SDXL (DMD2, DisBack)"
+    )  # fmt: skip
     sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
         1.2, description="alpha of the SiD loss"
     )
@@ -248,6 +270,9 @@ class SampleConfig(_Compute):
     )
     class_label: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
         None, description="fixed class for all samples"
+    )
+    prompts: PathText | None = Field(
+        None, description="text-to-image generators: a prompt file; -n images per prompt"
     )
 
 

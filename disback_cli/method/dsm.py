@@ -18,6 +18,13 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def denoising_weight(denoiser: Denoiser, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda(sigma) of the denoiser's own training loss: EDM's, unless its parameterisation
+    says otherwise (a DDPM's epsilon or v MSE: `DiscreteDDPMPrecond.loss_weight`)."""
+    weight = getattr(denoiser, "loss_weight", None)
+    return weight(sigma) if weight is not None else edm_loss_weight(sigma, denoiser.sigma_data)
+
+
 def edm_denoising_loss(
     denoiser: Denoiser,
     x0: torch.Tensor,
@@ -25,9 +32,9 @@ def edm_denoising_loss(
     noise: torch.Tensor,
     cond: Conditioning = NO_CONDITIONS,
 ) -> torch.Tensor:
-    """EDM loss: lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 (lambda: `edm_loss_weight`)."""
+    """EDM loss: lambda(sigma) |D(x0 + sigma n, sigma) - x0|^2 (lambda: `denoising_weight`)."""
     sigma = sigma_like(sigma, x0)
-    weight = edm_loss_weight(sigma, denoiser.sigma_data)
+    weight = denoising_weight(denoiser, sigma)
     denoised = denoiser(x0 + sigma * noise, sigma, **cond)
     return (weight * (denoised - x0) ** 2).mean()
 

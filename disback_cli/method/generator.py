@@ -1,8 +1,9 @@
-"""The one-step generator G(z) = D(sigma_init z, sigma_init), and G0, the one it starts from."""
+"""The one-step generator G(z) = D(input_scale z, sigma_init), and G0, the one it starts from."""
 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -18,22 +19,31 @@ from disback_cli.store.manifests import G0Spec
 
 
 class OneStepGenerator(nn.Module):
-    """G(z) = D(sigma_init * z, sigma_init), the initialisation of Diff-Instruct, SiD and DMD."""
+    """G(z) = D(sigma_init * z, sigma_init), the initialisation of Diff-Instruct, SiD and DMD;
+    with `input_scale` s, G(z) = D(s z, sigma_init): DMD2 feeds a discrete-time teacher pure
+    noise as its input at a timestep, which is s = sqrt(1 + sigma^2) in EDM's coordinates."""
 
-    def __init__(self, denoiser: nn.Module, sigma_init: float) -> None:
+    def __init__(
+        self, denoiser: nn.Module, sigma_init: float, input_scale: float | None = None
+    ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.sigma_init = sigma_init
+        self.input_scale = sigma_init if input_scale is None else input_scale
 
     def forward(self, z: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(z * self.sigma_init, self.sigma_init, **cond)
+        return self.denoiser(z * self.input_scale, self.sigma_init, **cond)
 
 
 def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:
-    """Where G0 comes from: the teacher (default), a student file, or a random student."""
+    """Where G0 comes from: the teacher (default), a student file, or a random student; for a
+    text-to-image teacher fed pure noise at `cfg.timestep`."""
+    scale = None
+    if cfg.timestep is not None:
+        scale = math.sqrt(1 + cfg.sigma_init**2)
     if student is not None:
-        return G0Spec(kind="file", sigma_init=cfg.sigma_init, file=str(Path(cfg.student).resolve()),
-                      sha256=student.sha256)  # fmt: skip
+        return G0Spec(kind="file", sigma_init=cfg.sigma_init, input_scale=scale,
+                      file=str(Path(cfg.student).resolve()), sha256=student.sha256)  # fmt: skip
     if cfg.student_arch_kwargs is not None:
         kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
         try:
@@ -42,8 +52,9 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
             )
         except ValidationError as exc:
             raise ConfigError(f"--student-arch-kwargs: {describe_validation_error(exc)}") from None
-        return G0Spec(kind="random", sigma_init=cfg.sigma_init, network=network, init_seed=cfg.seed)
-    return G0Spec(sigma_init=cfg.sigma_init)
+        return G0Spec(kind="random", sigma_init=cfg.sigma_init, input_scale=scale, network=network,
+                      init_seed=cfg.seed)  # fmt: skip
+    return G0Spec(sigma_init=cfg.sigma_init, input_scale=scale)
 
 
 def build_g0(
@@ -64,7 +75,8 @@ def build_g0(
             denoiser, network = build_denoiser(spec.network).to(device), spec.network
     else:
         denoiser, network = copy.deepcopy(teacher.denoiser), teacher.spec
-    g0 = OneStepGenerator(denoiser, spec.sigma_init).eval().requires_grad_(False)
+    g0 = OneStepGenerator(denoiser, spec.sigma_init, spec.input_scale)
+    g0.eval().requires_grad_(False)
     return g0, network
 
 
@@ -74,6 +86,7 @@ def load_generator(
     loaded = load_denoiser(path, device, expected_sha256, verify)
     if loaded.info.get("role") != "generator":
         raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
-    generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]))
+    generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]),
+                                 loaded.info.get("input_scale"))  # fmt: skip
     return generator.eval(), {**loaded.info, "sha256": loaded.sha256,
                               "file": str(Path(path).absolute())}  # fmt: skip

@@ -17,6 +17,7 @@ from disback_cli.errors import DisbackError
 from disback_cli.method.dsm import clip_gradients
 from disback_cli.method.noise import (
     KARRAS_LEVELS,
+    DiscreteSigma,
     SigmaKind,
     karras_sigma,
     sample_karras_index_sigma,
@@ -142,11 +143,29 @@ LOSS_TRAINING_SIGMA: dict[str, SigmaKind] = {
 }  # fmt: skip
 
 
-def make_generator_loss(cfg) -> GeneratorLoss:
-    """The loss named by `cfg.loss`, built from the fields of the config it needs."""
+class AtLevels:
+    """A generator loss queried at other noise levels than its reference's: a discrete-time
+    teacher knows only its own timesteps, where every loss queries it at DMD2's 2 %..98 %."""
+
+    def __init__(self, loss: GeneratorLoss, levels) -> None:
+        self.loss, self.levels = loss, levels
+
+    def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        return self.levels.sample(n, rng, device)
+
+    def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
+        return self.loss(x, sigma, noise, fake, target, cond)
+
+
+def make_generator_loss(cfg, teacher: Denoiser | None = None) -> GeneratorLoss:
+    """The loss named by `cfg.loss`, built from the fields of the config it needs; for a
+    discrete-time `teacher` (dsm_sigma "discrete") queried at its generator timesteps."""
     if cfg.loss not in GENERATOR_LOSSES:
         raise DisbackError(f"unknown loss {cfg.loss!r} (known: {', '.join(GENERATOR_LOSSES)})")
-    return GENERATOR_LOSSES[cfg.loss].from_config(cfg)
+    loss = GENERATOR_LOSSES[cfg.loss].from_config(cfg)
+    if cfg.dsm_sigma == "discrete":
+        return AtLevels(loss, DiscreteSigma.generator_levels(teacher.sigmas))
+    return loss
 
 
 def generator_step(

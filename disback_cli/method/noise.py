@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-SigmaKind = Literal["lognormal", "karras"]
+from disback_cli.errors import ConfigError
+
+SigmaKind = Literal["lognormal", "karras", "discrete"]
 
 
 KARRAS_LEVELS = 1000  # DMD2's grid of training noise levels
@@ -37,21 +39,55 @@ def sample_karras_index_sigma(
 
 
 @dataclass(frozen=True)
+class DiscreteSigma:
+    """Noise levels of a discrete-time teacher: its sigma_t at a timestep drawn uniformly from
+    `low <= t < high` (default: all of them, as DMD2 trains its fake score on SD)."""
+
+    table: torch.Tensor  # sigma_t of timesteps 0..T-1
+    low: int = 0
+    high: int | None = None
+
+    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        high = len(self.table) if self.high is None else self.high
+        index = torch.randint(self.low, high, (n,), generator=rng, device=device)
+        return self.table.to(device)[index]
+
+    @classmethod
+    def generator_levels(cls, table: torch.Tensor) -> DiscreteSigma:
+        """Where DMD2 queries the scores of an SD teacher for the generator: timesteps
+        int(0.02 T) .. int(0.98 T), both included."""
+        steps = len(table)
+        return cls(table, int(0.02 * steps), int(0.98 * steps) + 1)
+
+
+@dataclass(frozen=True)
 class TrainingSigma:
     """Where the fake score and the path nodes learn to denoise. Each generator loss queries
     them at its own noise levels, so they are trained there: log-normal for VSD and SiD (as
-    Diff-Instruct and SiD train their fake score), DMD2's uniform Karras index for DMD."""
+    Diff-Instruct and SiD train their fake score), DMD2's uniform Karras index for DMD, and a
+    discrete-time teacher's own timesteps for text-to-image teachers."""
 
     kind: SigmaKind
     p_mean: float = -1.2  # log-normal only
     p_std: float = 1.2
+    table: torch.Tensor | None = field(default=None, compare=False)  # discrete only
 
     def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         if self.kind == "karras":
             return sample_karras_index_sigma(n, rng, device)
+        if self.kind == "discrete":
+            return DiscreteSigma(self.table).sample(n, rng, device)
         return sample_lognormal_sigma(n, self.p_mean, self.p_std, rng, device)
 
     @classmethod
-    def of(cls, cfg) -> TrainingSigma:
-        """From a resolved record or backtrack config."""
-        return cls(cfg.dsm_sigma, cfg.p_mean, cfg.p_std)
+    def of(cls, cfg, denoiser=None) -> TrainingSigma:
+        """From a resolved record or backtrack config (and, for discrete levels, the teacher's
+        denoiser, whose timesteps they are)."""
+        table = None
+        if cfg.dsm_sigma == "discrete":
+            table = getattr(denoiser, "sigmas", None)
+            if table is None:
+                raise ConfigError(
+                    "discrete noise levels need a discrete-time (text-to-image) teacher"
+                )
+        return cls(cfg.dsm_sigma, cfg.p_mean, cfg.p_std, table)

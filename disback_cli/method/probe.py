@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from disback_cli.method.dsm import edm_loss_weight
+from disback_cli.method.dsm import denoising_weight
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.teachers import Teacher
@@ -24,14 +24,16 @@ class PathProbe:
     def __init__(self, teacher: Teacher, g0: nn.Module, levels: TrainingSigma, chunk: int, device):
         rng = torch.Generator(device).manual_seed(PROBE_SEED)
         shape = (PROBE_SAMPLES, *teacher.spec.data_shape)
-        self.chunk, self.sigma_data = chunk, teacher.denoiser.sigma_data
+        self.chunk = chunk
         self.cond = teacher.conditions.draw(PROBE_SAMPLES, rng, device)
         z = torch.randn(shape, generator=rng, device=device)
         self.sigma = levels.sample(PROBE_SAMPLES, rng, device)
         noise = torch.randn(shape, generator=rng, device=device)
         with torch.no_grad():
             self.x0 = torch.cat([g0(z[i], **self.cond.rows(i)) for i in self._chunks()])
-        self.x_t = self.x0 + self.sigma.reshape(-1, *[1] * (self.x0.ndim - 1)) * noise
+        shape = (-1, *[1] * (self.x0.ndim - 1))
+        self.x_t = self.x0 + self.sigma.reshape(shape) * noise
+        self.weight = denoising_weight(teacher.denoiser, self.sigma).reshape(shape)
         self.reference = self._denoise(teacher.denoiser)
         self.teacher_loss = self._loss(self.reference)
 
@@ -45,8 +47,7 @@ class PathProbe:
                               for i in self._chunks()])  # fmt: skip
 
     def _loss(self, denoised: torch.Tensor) -> float:
-        weight = edm_loss_weight(self.sigma, self.sigma_data).reshape(-1, *[1] * (self.x0.ndim - 1))
-        return (weight * (denoised - self.x0) ** 2).mean().item()
+        return (self.weight * (denoised - self.x0) ** 2).mean().item()
 
     def __call__(self, denoiser: nn.Module) -> tuple[float, float]:
         """(mean |D - D_teacher|, denoising loss on G0) of `denoiser`."""

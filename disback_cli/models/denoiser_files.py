@@ -37,6 +37,7 @@ class DenoiserInfo(BaseModel):
         None
     )
     sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    input_scale: Annotated[float, Field(gt=0, le=1e4)] | None = None
     step: Annotated[int, Field(ge=0, le=1 << 40)] | None = None
     index: Annotated[int, Field(ge=0, le=100_000)] | None = None
     weights: str | None = Field(None, max_length=50)

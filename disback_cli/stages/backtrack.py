@@ -22,12 +22,14 @@ from disback_cli.evaluation.ground_truth import training_evaluator
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.ema import ema_beta, update_ema
 from disback_cli.method.generator import build_g0
-from disback_cli.method.losses import generator_step, make_generator_loss
+from disback_cli.method.guidance import guided
+from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
 from disback_cli.models.denoiser_files import save_denoiser
-from disback_cli.models.networks import NetworkSpec, set_dropout
+from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.teachers import Teacher
+from disback_cli.models.text_to_image.sampling import sampling_info
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.runtime.tracking import open_trackers
@@ -39,10 +41,12 @@ from disback_cli.stages.lifecycle import (
     seed_streams,
 )
 from disback_cli.stages.path_nodes import PathNodes
+from disback_cli.stages.prompts import with_training_prompts
 from disback_cli.store.layout import METRICS, backtrack_dir, check_no_links, checkpoint_file
 from disback_cli.store.manifests import (
     BacktrackManifest,
     FileRef,
+    PromptsRef,
     TeacherRef,
     TrajectoryManifest,
     now,
@@ -69,6 +73,9 @@ def run_backtrack(
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
     cfg, sources = resolve_backtrack(cfg, teacher)
     torch.set_num_threads(cpu_threads(cfg.threads))
+    prompts = None
+    if teacher.text_to_image:
+        cfg, sources, teacher, prompts = _training_prompts(cfg, sources, traj, teacher, ex.device)
     check_path_noise_levels(cfg, traj, trajectory, force, reporter)
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
@@ -76,7 +83,7 @@ def run_backtrack(
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
-        return _backtrack(run, cfg, sources, trajectory, traj, teacher, name, force)
+        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, name, force)
 
 
 def check_path_noise_levels(
@@ -99,6 +106,22 @@ def check_path_noise_levels(
     reporter.note(f"--force: {message}")
 
 
+def _training_prompts(
+    cfg: BacktrackConfig, sources: dict, traj: TrajectoryManifest, teacher: Teacher, device
+) -> tuple[BacktrackConfig, dict, Teacher, PromptsRef]:
+    """A text-to-image run trains on --prompts, or else on the prompts its path was recorded
+    with (checked by sha256)."""
+    expected = None
+    if cfg.prompts is None:
+        if traj.prompts is None:
+            raise ConfigError("a text-to-image teacher needs --prompts FILE")
+        cfg = cfg.model_copy(update={"prompts": traj.prompts.file})
+        sources = {**sources, "prompts": "trajectory"}
+        expected = traj.prompts.sha256
+    teacher, ref = with_training_prompts(teacher, cfg.prompts, device, expected)
+    return cfg, sources, teacher, ref
+
+
 def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:
     """Which path node is the target: always the teacher for --no-trajectory, else the rule."""
     if cfg.no_trajectory:
@@ -110,7 +133,8 @@ def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | Adapt
 
 def _backtrack(
     run: Run, cfg: BacktrackConfig, sources: dict[str, str], trajectory: Path,
-    traj: TrajectoryManifest, teacher: Teacher, name: str, force: bool,
+    traj: TrajectoryManifest, teacher: Teacher, prompts: PromptsRef | None, name: str,
+    force: bool,
 ) -> BacktrackManifest:  # fmt: skip
     """Set up (or restore) everything the backtracking loop needs, then run it."""
     ex = run.ex
@@ -124,6 +148,8 @@ def _backtrack(
             )
         if manifest.path_sha256 != path_sha:
             found.append("the trajectory's path nodes were re-recorded")
+        if manifest.prompts != prompts:
+            found.append("prompt file (sha256) differs")
         return found
 
     previous = run.start_or_resume(cfg, force, changes)
@@ -133,12 +159,20 @@ def _backtrack(
     generator, generator_spec = build_g0(traj.g0, teacher, ex.device)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
+    # Noise levels from the teacher's denoiser before `PathNodes` takes its weights.
+    loss_fn, levels = (
+        make_generator_loss(cfg, teacher.denoiser),
+        TrainingSigma.of(cfg, teacher.denoiser),
+    )
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     targets = PathNodes(trajectory, traj, teacher, ex, cfg.verify)  # holds the teacher's weights
     try:
         fake = copy.deepcopy(targets.load(0 if cfg.no_trajectory else traj.last_node))
         fake.train().requires_grad_(True)
         set_dropout(fake, cfg.dropout)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(generator)
+            enable_checkpointing(fake)
         optimizers = {
             "generator": make_optimizer(generator.parameters(), cfg.lr_g, cfg.betas,
                                         cfg.optimizer, cfg.weight_decay),
@@ -158,7 +192,7 @@ def _backtrack(
             stamp = now()
             previous = BacktrackManifest(
                 created_at=stamp, updated_at=stamp, status="running", name=name,
-                teacher=TeacherRef.of(teacher), g0=traj.g0,
+                teacher=TeacherRef.of(teacher), g0=traj.g0, prompts=prompts,
                 path_sha256=path_sha, config=cfg, world_size=ex.world_size,
                 global_batch=ex.global_batch(cfg.batch),
             )  # fmt: skip
@@ -168,7 +202,8 @@ def _backtrack(
         log = TrainingLog(run, cfg, teacher)
         try:
             save = generator_files(run, teacher, generator_spec)
-            return backtrack(run, cfg, teacher, state, schedule, targets, log, save, step)
+            return backtrack(run, cfg, teacher, state, schedule, targets, (loss_fn, levels), log,
+                             save, step)  # fmt: skip
         finally:
             log.close()
     finally:
@@ -177,14 +212,16 @@ def _backtrack(
 
 def backtrack(
     run: Run, cfg: BacktrackConfig, teacher: Teacher, state: TrainingState, schedule,
-    targets: PathNodes, log: TrainingLog, save: Callable[[int], None], start: int,
+    targets: PathNodes, losses: tuple[GeneratorLoss, TrainingSigma], log: TrainingLog,
+    save: Callable[[int], None], start: int,
 ) -> BacktrackManifest:  # fmt: skip
-    """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`."""
+    """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
+    `losses`: the generator loss and the noise levels of the fake score's denoising steps."""
     ex, rng = run.ex, state.rng
     modules = state.modules
     generator, generator_ema, fake = modules["generator"], modules["generator_ema"], modules["fake"]
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
-    loss_fn, levels = make_generator_loss(cfg), TrainingSigma.of(cfg)
+    loss_fn, levels = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
     for step in run.iterations(f"backtrack {run.directory.name}", start, cfg.iters,
@@ -193,10 +230,12 @@ def backtrack(
         # switch (every --interval iterations, or when the score gap plateaus), then node 0.
         node = schedule.target(step - 1)
         state.loop["targets"].used(step - 1, node)
-        # Eq. (8): a generator step on (fake - target) at noised generator samples. (The
-        # target is not held here: at a switch the old node is freed before the next is read.)
-        out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, targets.at(node),
-                                          shape, conditions, rng, clip, ex)  # fmt: skip
+        # Eq. (8): a generator step on (fake - target) at noised generator samples, the target
+        # with classifier-free guidance for text-to-image teachers. (The target is not held
+        # here: at a switch the old node is freed before the next is read.)
+        target = guided(targets.at(node), cfg.guidance_scale)
+        out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, target, shape,
+                                          conditions, rng, clip, ex)  # fmt: skip
         # Eq. (5): the fake score's denoising step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
             loss_fake, grad_norm_fake = denoising_step(fake, opt_f, generator, shape, conditions,
@@ -278,6 +317,10 @@ def generator_files(run: Run, teacher: Teacher, spec: NetworkSpec) -> Callable[[
         info = {"role": "generator", "sigma_init": manifest.g0.sigma_init,
                 "step": step, "dataset": teacher.dataset,
                 "teacher_sha256": teacher.sha256}  # fmt: skip
+        if manifest.g0.input_scale is not None:
+            info["input_scale"] = manifest.g0.input_scale
+        if teacher.text_to_image:  # the text encoders and VAE `sample` needs
+            info["text_to_image"] = sampling_info(teacher.folder)
         refs = {}
         for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
             file = checkpoint_file(key.replace("_", "-"), step)

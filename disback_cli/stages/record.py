@@ -22,13 +22,14 @@ from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.probe import PathProbe
 from disback_cli.method.schedule import node_steps
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser, save_denoiser
-from disback_cli.models.networks import set_dropout
+from disback_cli.models.networks import enable_checkpointing, set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
+from disback_cli.stages.prompts import with_training_prompts
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
-from disback_cli.store.manifests import NodeRecord, TeacherRef, TrajectoryManifest, now
+from disback_cli.store.manifests import NodeRecord, PromptsRef, TeacherRef, TrajectoryManifest, now
 from disback_cli.store.tensorfile import tensor_bytes
 
 
@@ -49,20 +50,26 @@ def run_record(
     cfg, sources = resolve_record(cfg, teacher, student)
     torch.set_num_threads(cpu_threads(cfg.threads))
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
+    prompts = None
+    if teacher.text_to_image:
+        teacher, prompts = with_training_prompts(teacher, cfg.prompts, ex.device)
     with Run(out, RECORDING, ex, reporter) as run:
-        return _record(run, cfg, sources, teacher, student, force)
+        return _record(run, cfg, sources, teacher, student, prompts, force)
 
 
 def _record(
     run: Run, cfg: RecordConfig, sources: dict[str, str], teacher: Teacher,
-    student: DenoiserFile | None, force: bool,
+    student: DenoiserFile | None, prompts: PromptsRef | None, force: bool,
 ) -> TrajectoryManifest:  # fmt: skip
     """Set up (or restore) everything the recording loop needs, then run it."""
     ex = run.ex
 
     def changes(manifest: TrajectoryManifest) -> list[str]:
-        same = manifest.teacher.sha256 == teacher.sha256
-        return [] if same else ["teacher weights (sha256) differ"]
+        found = [] if manifest.teacher.sha256 == teacher.sha256 else [
+            "teacher weights (sha256) differ"]  # fmt: skip
+        if manifest.prompts != prompts:
+            found.append("prompt file (sha256) differs")
+        return found
 
     previous = run.start_or_resume(cfg, force, changes, lambda: _refuse_if_used(run.directory))
     if run.finished(previous, cfg):
@@ -70,7 +77,7 @@ def _record(
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify)
-    probe = PathProbe(teacher, g0, TrainingSigma.of(cfg), cfg.batch, ex.device)
+    probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
     if plan is None:
         plan = node_steps(cfg.iters, cfg.nodes)[1:]
@@ -90,7 +97,7 @@ def _record(
         stamp = now()
         manifest = TrajectoryManifest(
             created_at=stamp, updated_at=stamp, status="recording",
-            teacher=TeacherRef.of(teacher), g0=g0_of, node_plan=plan, config=cfg,
+            teacher=TeacherRef.of(teacher), g0=g0_of, prompts=prompts, node_plan=plan, config=cfg,
             nodes=[teacher_node], world_size=ex.world_size, global_batch=ex.global_batch(cfg.batch),
         )  # fmt: skip
     else:
@@ -107,7 +114,7 @@ def record_path(
 ) -> TrajectoryManifest:  # fmt: skip
     """Algorithm 1, degradation recording, from iteration `start` to `cfg.iters`."""
     aux, optimizer, losses = state.modules["aux"], state.optimizers["aux"], state.loop["losses"]
-    shape, levels = (cfg.batch, *teacher.spec.data_shape), TrainingSigma.of(cfg)
+    shape, levels = (cfg.batch, *teacher.spec.data_shape), TrainingSigma.of(cfg, teacher.denoiser)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
     for step in run.iterations("record", start, cfg.iters, cfg.save_every):
         # Eq. (7): one denoising-score-matching step of the auxiliary model on x0 = G0(z),
@@ -149,6 +156,8 @@ def _training_state(cfg: RecordConfig, teacher: Teacher, ex: Execution) -> Train
     exactly as at iteration 0."""
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(aux)
     ex.prepare(aux)
     optimizer = make_optimizer(aux.parameters(), cfg.lr, cfg.betas)
     rng = seed_streams(cfg.seed, ex)
@@ -180,8 +189,8 @@ def plan_by_distance(
     distances: list[tuple[int, float]] = []
     reporter.start("plan nodes", cfg.iters, 0)
     for step in range(1, cfg.iters + 1):
-        denoising_step(aux, optimizer, g0, shape, teacher.conditions, TrainingSigma.of(cfg),
-                       state.rng, ex=ex)  # fmt: skip
+        denoising_step(aux, optimizer, g0, shape, teacher.conditions,
+                       TrainingSigma.of(cfg, teacher.denoiser), state.rng, ex=ex)  # fmt: skip
         if step % every == 0 or step == cfg.iters:
             distances.append((step, probe(aux)[0]))
             reporter.advance(step)

@@ -19,14 +19,17 @@ from disback_cli import __version__
 from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.method.generator import load_generator
-from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds
+from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds, seeded_noise
 from disback_cli.models.conditioning import condition_source
+from disback_cli.models.text_to_image.sampling import open_sampling
+from disback_cli.models.text_to_image.text import TextEncoder, read_prompts
+from disback_cli.models.text_to_image.vae import LatentDecoder
 from disback_cli.runtime.devices import check_fits_memory
 from disback_cli.runtime.parallel import execution, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, grid, png_name, to_uint8, upscale
-from disback_cli.store.samples import LABELS, prepare_folder, write_record
+from disback_cli.store.samples import LABELS, PROMPTS, prepare_folder, write_record
 
 GRID_IMAGES = 64
 PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
@@ -48,11 +51,16 @@ def write_samples(
     reporter: Reporter | None = None,
     grid_out: Path | bool = False,
     default_dir: Path = Path("."),
+    model_folder: str | None = None,
 ) -> dict:
-    """Sample a generator file one step per seed (see `write_samples_of`)."""
+    """Sample a generator file one step per seed (see `write_samples_of`); a text-to-image
+    generator with the text encoders and VAE its file names (from `model_folder` if moved)."""
     device = execution(cfg).device
     generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
-    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir)
+    text = None
+    if "text_to_image" in info:
+        text = open_sampling(info["text_to_image"], device, cfg.verify, model_folder)
+    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir, text)
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -67,19 +75,35 @@ def write_samples_of(
     reporter: Reporter | None = None,
     grid_out: Path | bool = False,
     default_dir: Path = Path("."),
+    text: tuple[TextEncoder, LatentDecoder] | None = None,
 ) -> dict:
     """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
 
     Vectors go to an .npz (`samples` float32). Images become uint8 (x * 127.5 + 128) and go to a
     PNG folder in EDM's layout with `dataset.json` and a completion record `provenance.json`
-    (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). Sizes whose arrays cannot fit
+    (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). A text-to-image generator
+    (`text`: its text encoder and VAE) draws `-n` images per prompt of `cfg.prompts`, decodes
+    them, and lists each image's prompt and seed in `prompts.json`. Sizes whose arrays cannot fit
     in memory are refused before anything is written.
     """
     ex, reporter = process_of(cfg, reporter)
     seeds = sample_seeds(cfg)
     generator = generator.to(ex.device)
     denoiser = generator.denoiser
-    is_image = len(denoiser.data_shape) == 3
+    if (text is None) != (cfg.prompts is None):
+        raise ConfigError("--prompts is for text-to-image generators" if text is None
+                          else "a text-to-image generator needs --prompts FILE")  # fmt: skip
+    prompts, prompts_sha256 = read_prompts(cfg.prompts) if text else ([], None)
+    # (image name, seed, prompt index) of every image, in the order they are written
+    items = [(j * len(seeds) + i, seed, j) for j in range(len(prompts))
+             for i, seed in enumerate(seeds)] if text else [(s, s, -1) for s in seeds]  # fmt: skip
+    if len(items) > MAX_SAMPLES:
+        raise ConfigError(f"{len(items)} images in one call, more than {MAX_SAMPLES}")
+    shape = denoiser.data_shape
+    if text:
+        _, height, width = shape
+        shape = (3, height * text[0].folder.vae_scale, width * text[0].folder.vae_scale)
+    is_image = len(shape) == 3
     fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
     if fmt == "png" and not is_image:
         raise ConfigError("--format png needs an image generator; use npz for vector data")
@@ -95,11 +119,11 @@ def write_samples_of(
         grid_path = (
             grid_out if isinstance(grid_out, Path) else out.with_name(f"{out.stem}-grid.png")
         )
-    sample_bytes = math.prod(denoiser.data_shape) * (1 if is_image else 4)
-    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(denoiser.data_shape) * 4,
+    sample_bytes = math.prod(shape) * (1 if is_image else 4)
+    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(shape) * 4,
                       ex.device)  # fmt: skip
     if fmt == "npz":
-        check_fits_memory(f"{len(seeds)} samples in one .npz", len(seeds) * sample_bytes,
+        check_fits_memory(f"{len(items)} samples in one .npz", len(items) * sample_bytes,
                           torch.device("cpu"), "; write --format png or draw fewer")  # fmt: skip
     meta = {
         "disback_version": __version__,
@@ -110,6 +134,10 @@ def write_samples_of(
         "dataset": info.get("dataset"),
         "teacher_sha256": info.get("teacher_sha256"),
     }
+    if text:
+        meta.update(prompts=str(Path(cfg.prompts).absolute()), prompts_sha256=prompts_sha256,
+                    per_prompt=len(seeds))  # fmt: skip
+    names = [name for name, _, _ in items]
     if fmt == "png":  # every rank looks before rank 0 replaces an earlier sample's files
         prepare_folder(out, MAX_SAMPLES, remove=False)
         ex.barrier()
@@ -117,49 +145,62 @@ def write_samples_of(
             removed = prepare_folder(out, MAX_SAMPLES, remove=True)
             if removed:
                 reporter.note(f"{out}: replaced {removed} images of an earlier `disback sample`")
-            write_record(out, "writing", seeds, meta)
+            write_record(out, "writing", names, meta)
         ex.barrier()
     ex.prepare(denoiser)
     conditions = condition_source(denoiser.label_dim, cfg.class_label)
 
-    # Batches of seeds go round-robin to the ranks; each rank writes its own PNGs and sends
+    def draw(batch_items: list[tuple[int, int, int]]) -> tuple[torch.Tensor, np.ndarray | None]:
+        """One batch of images (or vectors) on the CPU and their class labels."""
+        batch_seeds = [seed for _, seed, _ in batch_items]
+        with ex.autocast():
+            if text is None:
+                x, cond = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
+                                                conditions, len(batch_seeds),
+                                                ex.device))  # fmt: skip
+                return x, conditions.labels(cond)
+            encoder, decoder = text
+            z, _ = seeded_noise(batch_seeds, denoiser.data_shape)
+            cond = encoder.encode([prompts[j] for _, _, j in batch_items])
+            with torch.no_grad():
+                latents = generator(z.to(ex.device), **cond.to(ex.device))
+        return decoder(latents).cpu(), None
+
+    # Batches of images go round-robin to the ranks; each rank writes its own PNGs and sends
     # arrays (npz), labels and grid images to rank 0.
-    batches = [seeds[i : i + cfg.batch] for i in range(0, len(seeds), cfg.batch)]
+    batches = [items[i : i + cfg.batch] for i in range(0, len(items), cfg.batch)]
     mine: dict[int, tuple] = {}
     writes = []
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=PNG_WRITERS) as writer:
-        reporter.start("sample", len(seeds), 0)
+        reporter.start("sample", len(items), 0)
         for index in range(ex.rank, len(batches), ex.world_size):
-            batch_seeds = batches[index]
-            with ex.autocast():
-                x, cond = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
-                                                conditions, len(batch_seeds),
-                                                ex.device))  # fmt: skip
+            batch_items = batches[index]
+            x, labels = draw(batch_items)
             if not bool(torch.isfinite(x).all()):  # e.g. weights so large they overflow
                 raise DisbackError(
-                    f"the generator produced NaN or infinite values (seeds {batch_seeds[0]}.."
-                    f"{batch_seeds[-1]}); nothing more is written"
+                    f"the generator produced NaN or infinite values (seeds {batch_items[0][1]}.."
+                    f"{batch_items[-1][1]}); nothing more is written"
                 )
             x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
             if fmt == "png":  # encoded and written on threads while the next batch is generated
-                writes += [writer.submit(_write_png, out / png_name(seed), image)
-                           for image, seed in zip(x, batch_seeds, strict=True)]  # fmt: skip
+                writes += [writer.submit(_write_png, out / png_name(name), image)
+                           for image, (name, _, _) in zip(x, batch_items, strict=True)]  # fmt: skip
             first = index * cfg.batch
             mine[index] = (
                 x if fmt == "npz" else None,
-                conditions.labels(cond),
+                labels,
                 x[: max(0, GRID_IMAGES - first)] if grid_path is not None else None,
             )
-            reporter.advance(min(len(seeds), (index + 1) * cfg.batch))
+            reporter.advance(min(len(items), (index + 1) * cfg.batch))
     for write in writes:
         write.result()  # re-raises a failed write (e.g. a full disk)
     if fmt == "png":
         os.sync()  # one flush for all images instead of an fsync per file
     gathered = ex.gather_to_main(mine)
     seconds = time.perf_counter() - started  # generating and writing, all ranks together
-    summary = {"out": str(out.absolute()), "format": fmt, "n": len(seeds), "seconds": seconds,
-               "samples_per_second": len(seeds) / seconds}  # fmt: skip
+    summary = {"out": str(out.absolute()), "format": fmt, "n": len(items), "seconds": seconds,
+               "samples_per_second": len(items) / seconds}  # fmt: skip
     if gathered is None:  # other ranks: rank 0 writes the rest
         return summary
     parts = [part for rank_parts in gathered for part in rank_parts.items()]
@@ -174,15 +215,21 @@ def write_samples_of(
         if all_labels is not None:
             entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
         atomic_write_bytes(out / LABELS, json.dumps({"labels": entries}).encode())
-        write_record(out, "complete", seeds, meta)  # last: the folder is now complete
+        if text:
+            listing = [{"file": png_name(name), "prompt": prompts[j], "seed": seed}
+                       for name, seed, j in items]  # fmt: skip
+            atomic_write_bytes(out / PROMPTS, json.dumps({"images": listing}, indent=0).encode())
+        write_record(out, "complete", names, meta)  # last: the folder is now complete
     else:
         arrays = {
             ("images" if is_image else "samples"): np.concatenate(chunks),
-            "seeds": np.asarray(seeds, dtype=np.int64),
+            "seeds": np.asarray([seed for _, seed, _ in items], dtype=np.int64),
             "meta": np.asarray(json.dumps(meta)),
         }
         if all_labels is not None:
             arrays["labels"] = all_labels
+        if text:
+            arrays["prompts"] = np.asarray([prompts[j] for _, _, j in items])
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         summary["sha256"] = atomic_write_bytes(out, buffer.getvalue())

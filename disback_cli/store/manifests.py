@@ -102,12 +102,25 @@ class TeacherRef(_Record):
                    dataset=teacher.dataset)  # fmt: skip
 
 
+class PromptsRef(_Record):
+    """The prompt file a text-to-image run trained on (outside the run directory: read only,
+    checked by sha256)."""
+
+    file: str = Field(max_length=4096)
+    sha256: Sha256
+    count: Annotated[int, Field(ge=1, le=10**7)]
+
+
 class G0Spec(_Record):
-    """The initial generator G0(z) = D(sigma_init z, sigma_init) and where D comes from."""
+    """The initial generator G0(z) = D(input_scale z, sigma_init) and where D comes from."""
 
     kind: Literal["teacher_copy", "file", "random"] = "teacher_copy"
     sigma_init: Annotated[float, Field(gt=0, le=1e4)]
-    file: str | None = Field(None, max_length=4096)  # kind "file": a disback denoiser file ...
+    # None: sigma_init (EDM's convention). Pure noise read as a DDPM input at sigma_init's
+    # timestep is sqrt(1 + sigma_init^2) z in EDM's coordinates (DMD2, DisBack SDXL).
+    input_scale: Annotated[float, Field(gt=0, le=1e4)] | None = None
+    file: str | None = Field(None, max_length=4096)  # kind "file": a disback denoiser file
+    # or a diffusers UNet folder ...
     sha256: Sha256 | None = None  # ... with this hash (checked before the file is parsed)
     network: NetworkSpec | None = None  # kind "random": this network ...
     init_seed: Annotated[int, Field(ge=0, lt=1 << 63)] | None = None  # ... from this seed
@@ -138,6 +151,7 @@ class RunManifest(_Manifest):
 
     teacher: TeacherRef
     g0: G0Spec = Field(alias="generator_init")  # the file's name for G0's spec
+    prompts: PromptsRef | None = None  # text-to-image teachers
     state: StateRef | None = None  # the latest resume point
     elapsed_seconds: Seconds = 0.0
     world_size: Annotated[int, Field(ge=1, le=1 << 20)] = 1  # processes; --batch is per process

@@ -25,6 +25,7 @@ from disback_cli.store.npzfile import read_meta, read_npz
 
 RECORD = "provenance.json"
 LABELS = "dataset.json"  # EDM's labels file
+PROMPTS = "prompts.json"  # text-to-image samples: each image's prompt and seed
 KIND = "disback.samples"
 SUBFOLDER = re.compile(r"\d{5}")
 MAX_RECORD_BYTES = 64 << 20
@@ -92,7 +93,7 @@ def _ours(record: dict | None) -> set[str]:
     written before anything else)."""
     if record is None:
         return set()
-    return {RECORD, LABELS} | {png_name(seed) for seed in record["seeds"]}
+    return {RECORD, LABELS, PROMPTS} | {png_name(seed) for seed in record["seeds"]}
 
 
 def _is_ours(entry: str, folder: Path, ours: set[str]) -> bool:

@@ -202,6 +202,16 @@ def set_dropout(module: nn.Module, p: float | None) -> None:
             block.dropout = p
 
 
+def enable_checkpointing(module: nn.Module) -> None:
+    """Recompute activations in the backward pass of every sub-network that supports it (the
+    UNets of text-to-image teachers)."""
+    found = [m for m in module.modules() if hasattr(m, "enable_gradient_checkpointing")]
+    if not found:
+        raise DisbackError("--gradient-checkpointing: this network does not support it")
+    for m in found:
+        m.enable_gradient_checkpointing()
+
+
 def _construct(spec: NetworkSpec) -> nn.Module:
     try:
         model = ARCHITECTURES[spec.arch](
