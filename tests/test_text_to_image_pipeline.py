@@ -1,0 +1,233 @@
+"""Text-to-image teachers (issue 17) through every stage, on tiny random diffusers models:
+record -> backtrack (each loss) -> sample --prompts -> evaluate --clip, resume bit for bit,
+guidance, and the refusals (one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+
+from t2i_fixtures import PROMPTS, make_clip_folder, make_sd_folder, write_prompts
+from test_backtrack import At, crash
+
+from conftest import file_digests, run_cli
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
+
+RECORD = dict(iters=8, nodes=2, batch=2, lr=1e-3, device="cpu")
+BACKTRACK = dict(iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2,
+                 log_every=1, device="cpu")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    return {
+        "sd": make_sd_folder(root / "sd"),
+        "sdxl": make_sd_folder(root / "sdxl", xl=True),
+        "prompts": write_prompts(root / "prompts.txt"),
+        "clip": make_clip_folder(root / "clip"),
+    }
+
+
+@pytest.fixture(scope="module")
+def sd_path(models, tmp_path_factory):
+    """A recorded 2-node path of the tiny SD teacher (treat as read-only)."""
+    out = tmp_path_factory.mktemp("paths") / "sd"
+    run_record(RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), **RECORD),
+               out)  # fmt: skip
+    return out
+
+
+def copy_of(path, tmp_path):
+    shutil.copytree(path, tmp_path / "t")
+    return tmp_path / "t"
+
+
+def metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]
+
+
+def test_recording_moves_away_from_the_teacher_on_its_own_timesteps(sd_path, models):
+    manifest = read_manifest(sd_path, TrajectoryManifest)
+    assert manifest.status == "complete" and [n.index for n in manifest.nodes] == [0, 1, 2]
+    distances = [n.dist_to_teacher for n in manifest.nodes]
+    assert distances[0] == 0 < distances[1] < distances[2]
+    assert manifest.config.dsm_sigma == "discrete" and manifest.config.timestep == 999
+    assert manifest.config_sources["sigma_init"] == "timestep"
+    denoiser_sigma_999 = manifest.config.sigma_init
+    assert manifest.g0.input_scale == pytest.approx((1 + denoiser_sigma_999**2) ** 0.5)
+    assert manifest.prompts.count == len(PROMPTS) and manifest.prompts.file.endswith("prompts.txt")
+
+
+@pytest.mark.parametrize("loss", ["vsd", "dmd", "sid"])
+def test_every_loss_backtracks_to_the_teacher_with_guidance(sd_path, tmp_path, loss):
+    traj = copy_of(sd_path, tmp_path)
+    manifest = run_backtrack(BacktrackConfig(loss=loss, **BACKTRACK), traj, "run")
+    assert manifest.status == "complete" and manifest.config.guidance_scale == 1.75
+    assert manifest.config_sources["prompts"] == "trajectory"
+    lines = metrics(backtrack_dir(traj, "run"))
+    assert [ln["target_node"] for ln in lines] == [1, 1, 0, 0, 0, 0]
+    for line in lines:
+        assert all(np.isfinite(v) for v in line.values() if isinstance(v, float))
+
+
+def test_guidance_scale_one_is_the_unguided_target(sd_path, tmp_path):
+    """The baseline starts with fake = target = teacher: the score gap is exactly zero when the
+    target is unguided (scale 1), and not when guidance pulls the target away."""
+    traj = copy_of(sd_path, tmp_path)
+    first = dict(BACKTRACK, iters=1, save_every=0, no_trajectory=True)
+    run_backtrack(BacktrackConfig(guidance_scale=1.0, **first), traj, "plain")
+    run_backtrack(BacktrackConfig(guidance_scale=4.0, **first), traj, "guided")
+    assert metrics(backtrack_dir(traj, "plain"))[0]["score_gap"] == 0.0
+    assert metrics(backtrack_dir(traj, "guided"))[0]["score_gap"] > 0.0
+
+
+def test_a_crashed_run_resumes_bit_for_bit(sd_path, tmp_path):
+    traj = copy_of(sd_path, tmp_path)
+    cfg = BacktrackConfig(loss="dmd", **BACKTRACK)
+    run_backtrack(cfg, traj, "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_backtrack(cfg, traj, "broken", reporter=At(5, crash))
+    assert read_manifest(backtrack_dir(traj, "broken"), BacktrackManifest).step == 4
+    run_backtrack(cfg, traj, "broken")
+    whole, broken = backtrack_dir(traj, "whole"), backtrack_dir(traj, "broken")
+    assert file_digests(whole) == file_digests(broken)
+    assert metrics(whole) == metrics(broken)
+
+
+def test_a_crashed_recording_resumes_to_identical_nodes(sd_path, models, tmp_path):
+    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), save_every=2,
+                       **RECORD)  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_record(cfg, tmp_path / "t", reporter=At(7, crash))
+    run_record(cfg, tmp_path / "t")
+    assert file_digests(tmp_path / "t") == file_digests(sd_path)
+
+
+def test_sample_decodes_n_images_per_prompt_and_clip_scores_them(sd_path, models, tmp_path):
+    traj = copy_of(sd_path, tmp_path)
+    run_backtrack(BacktrackConfig(**BACKTRACK), traj, "run")
+    out = tmp_path / "images"
+    result = run_cli("sample", "-T", traj, "--name", "run", "--prompts", models["prompts"],
+                     "-n", "2", "--out", out, "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    listing = json.loads((out / "prompts.json").read_text())["images"]
+    assert len(listing) == 2 * len(PROMPTS) == json.loads(result.stdout)["n"]
+    assert [(e["prompt"], e["seed"]) for e in listing[:3]] == [
+        (PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0)]  # fmt: skip
+    from PIL import Image
+
+    with Image.open(out / listing[0]["file"]) as image:
+        assert image.size == (16, 16) and image.mode == "RGB"  # decoded by the VAE
+    scored = run_cli("evaluate", out, "--clip", models["clip"], "--json")
+    assert scored.code == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["metric"] == "CLIP score" and report["results"][0]["n"] == len(listing)
+    assert report["results"][0]["clip_score"] == pytest.approx(
+        independent_clip_score(models["clip"], out, listing), rel=1e-4, abs=1e-4
+    )
+    sha = report["detector"]["sha256"]
+    wrong = run_cli("evaluate", out, "--clip", models["clip"], "--clip-sha256", "0" * 64)
+    assert wrong.code == 1 and wrong.stderr.count("\n") == 1 and sha not in wrong.stderr
+
+
+def independent_clip_score(folder, images_dir, listing) -> float:
+    """Mean of 100 cos(image, prompt), computed with transformers' own loaders."""
+    import transformers
+    from PIL import Image
+
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    processor = transformers.CLIPImageProcessorPil.from_pretrained(folder)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    images = [np.asarray(Image.open(images_dir / e["file"]).convert("RGB")) for e in listing]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    ids = tokenizer([e["prompt"] for e in listing], padding="max_length", max_length=77,
+                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        a = model.get_image_features(pixel_values=pixels)
+        b = model.get_text_features(input_ids=ids)
+    a, b = getattr(a, "pooler_output", a), getattr(b, "pooler_output", b)
+    return float((100 * torch.cosine_similarity(a, b, dim=-1)).mean())
+
+
+def test_sdxl_teacher_records_backtracks_and_samples(models, tmp_path):
+    traj = tmp_path / "xl"
+    run_record(RecordConfig(teacher=str(models["sdxl"]), prompts=str(models["prompts"]),
+                            timestep=399, **RECORD), traj)  # fmt: skip
+    manifest = run_backtrack(BacktrackConfig(loss="dmd", **BACKTRACK), traj, "run")
+    assert manifest.config.guidance_scale == 8.0 and manifest.status == "complete"
+    assert all(np.isfinite(ln["loss_g"]) for ln in metrics(backtrack_dir(traj, "run")))
+    result = run_cli("sample", "-T", traj, "--name", "run", "--prompts", models["prompts"],
+                     "-n", "1", "--out", tmp_path / "images")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert len(list((tmp_path / "images").rglob("*.png"))) == len(PROMPTS)
+
+
+# --- refusals: one line, the right exit code, nothing written ----------------------------------
+
+
+def refused(args: list, code: int, *phrases: str, out=None) -> None:
+    result = run_cli(*args)
+    assert result.code == code, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    if out is not None:
+        assert not out.exists()
+
+
+def test_pickle_weights_and_missing_components_are_refused(models, tmp_path):
+    bad = tmp_path / "pickled"
+    shutil.copytree(models["sd"], bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    out = tmp_path / "out"
+    refused(["record", "--teacher", bad, "--prompts", models["prompts"], "--out", out], 1,
+            "diffusion_pytorch_model.bin", "pickle", out=out)  # fmt: skip
+    missing = tmp_path / "missing"
+    shutil.copytree(models["sdxl"], missing)
+    shutil.rmtree(missing / "tokenizer_2")
+    refused(["record", "--teacher", missing, "--prompts", models["prompts"], "--out", out], 1,
+            "tokenizer_2", out=out)  # fmt: skip
+    foreign = tmp_path / "foreign"
+    shutil.copytree(models["sd"], foreign)
+    index = json.loads((foreign / "model_index.json").read_text())
+    index["text_encoder"] = ["mylib", "EvilEncoder"]
+    (foreign / "model_index.json").write_text(json.dumps(index))
+    refused(["record", "--teacher", foreign, "--prompts", models["prompts"], "--out", out], 1,
+            "EvilEncoder", out=out)  # fmt: skip
+
+
+def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path):
+    out = tmp_path / "out"
+    sd = ["record", "--teacher", models["sd"], "--out", out, "--iters", "2", "--nodes", "1"]
+    refused(sd, 2, "--prompts", out=out)
+    refused([*sd, "--prompts", models["prompts"], "--dsm-sigma", "lognormal"], 2, "discrete",
+            out=out)  # fmt: skip
+    refused([*sd, "--prompts", models["prompts"], "--timestep", "1000"], 2, "0..999", out=out)
+    ring = ["record", "--teacher", "builtin:ring2d", "--out", out, "--iters", "2", "--nodes", "1"]
+    refused([*ring, "--timestep", "399"], 2, "text-to-image", out=out)
+    refused([*ring, "--prompts", models["prompts"]], 2, "text-to-image", out=out)
+    traj = copy_of(sd_path, tmp_path)
+    (tmp_path / "changed.txt").write_text(models["prompts"].read_text() + "one more\n")
+    manifest = json.loads((traj / "manifest.json").read_text())
+    manifest["prompts"]["file"] = str(tmp_path / "changed.txt")  # as if the file were edited
+    (traj / "manifest.json").write_text(json.dumps(manifest))
+    before = file_digests(traj, "**/*.*")
+    refused(["backtrack", "-T", traj, "--prompts", tmp_path / "nope.txt"], 1, "nope.txt")
+    refused(["backtrack", "-T", traj, "--iters", "2"], 1, "sha256", "--prompts")
+    assert file_digests(traj, "**/*.*") == before and not (traj / "backtrack").exists()
+    other = write_prompts(tmp_path / "other.txt", ["a new prompt"])
+    assert run_cli("backtrack", "-T", traj, "--prompts", other, "--iters", "1", "--batch", "2",
+                   "--device", "cpu").code == 0  # fmt: skip
