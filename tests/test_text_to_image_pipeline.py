@@ -231,3 +231,68 @@ def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path
     other = write_prompts(tmp_path / "other.txt", ["a new prompt"])
     assert run_cli("backtrack", "-T", traj, "--prompts", other, "--iters", "1", "--batch", "2",
                    "--device", "cpu").code == 0  # fmt: skip
+
+
+# --- path nodes as low-rank adapters -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_path(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("paths") / "lora"
+    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), lora_rank=4,
+                       **{**RECORD, "lr": 1e-2})  # fmt: skip
+    run_record(cfg, out)
+    return out
+
+
+def test_lora_nodes_are_small_and_move_along_the_path(lora_path, sd_path):
+    manifest = read_manifest(lora_path, TrajectoryManifest)
+    distances = [n.dist_to_teacher for n in manifest.nodes]
+    assert distances[0] == 0 < distances[1] < distances[2]
+    lora_size = (lora_path / "nodes" / "node-001.safetensors").stat().st_size
+    full_size = (sd_path / "nodes" / "node-001.safetensors").stat().st_size
+    assert lora_size * 5 < full_size  # rank 4 on a 52k-parameter UNet: ~2.7k parameters
+
+
+def test_lora_targets_are_the_recorded_nodes_and_merge_into_plain_weights(lora_path, models):
+    from disback_cli.models.teachers import open_teacher
+    from disback_cli.runtime.parallel import Execution
+    from disback_cli.stages.path_nodes import LoraPathNodes
+
+    traj = read_manifest(lora_path, TrajectoryManifest)
+    teacher = open_teacher(str(models["sd"]))
+    gen = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([0.3, 4.0])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 16, generator=gen)}
+    reference = teacher.denoiser(x, sigma, **cond)  # before the nodes adapt the teacher in place
+    nodes = LoraPathNodes(lora_path, traj, teacher, Execution(torch.device("cpu")))
+    assert torch.equal(nodes.at(0)(x, sigma, **cond), reference)  # zero adapters: the teacher
+    adapted = nodes.at(2)(x, sigma, **cond)
+    assert (adapted - reference).abs().max() > 1e-3
+    merged = nodes.copy_of(2)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert set(merged.state_dict()) == set(open_teacher(str(models["sd"])).denoiser.state_dict())
+    torch.testing.assert_close(merged(x, sigma, **cond), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_recording_resumes_bit_for_bit_from_adapter_only_state(lora_path, models, tmp_path):
+    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), lora_rank=4,
+                       save_every=2, **{**RECORD, "lr": 1e-2})  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_record(cfg, tmp_path / "t", reporter=At(7, crash))
+    (state,) = (tmp_path / "t" / "state").iterdir()
+    unet = models["sd"] / "unet" / "diffusion_pytorch_model.safetensors"
+    assert state.stat().st_size < unet.stat().st_size  # full weights + Adam would be 3x it
+    run_record(cfg, tmp_path / "t")
+    assert file_digests(tmp_path / "t") == file_digests(lora_path)
+
+
+def test_backtracking_along_lora_nodes(lora_path, tmp_path):
+    traj = copy_of(lora_path, tmp_path)
+    first = dict(BACKTRACK, iters=1, save_every=0, guidance_scale=1.0)
+    run_backtrack(BacktrackConfig(no_trajectory=True, **first), traj, "base")
+    assert metrics(backtrack_dir(traj, "base"))[0]["score_gap"] == 0.0
+    manifest = run_backtrack(BacktrackConfig(**BACKTRACK), traj, "run")
+    lines = metrics(backtrack_dir(traj, "run"))
+    assert manifest.status == "complete" and lines[0]["score_gap"] > 0
+    assert [ln["target_node"] for ln in lines] == [1, 1, 0, 0, 0, 0]

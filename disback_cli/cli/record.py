@@ -84,6 +84,7 @@ def record(
     sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
     prompts: PromptsOpt = None,
     timestep: Annotated[int | None, typer.Option(help=_h("timestep"))] = None,
+    lora_rank: Annotated[int | None, typer.Option(help=_h("lora_rank"))] = None,
     placement: Annotated[
         str | None, typer.Option(metavar=_c("placement"), help=_h("placement"))
     ] = None,
@@ -125,7 +126,7 @@ def record(
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
     flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
-                 sigma_init=sigma_init, prompts=prompts, timestep=timestep,
+                 sigma_init=sigma_init, prompts=prompts, timestep=timestep, lora_rank=lora_rank,
                  placement=placement, student=student,
                  student_arch_kwargs=_json(student_arch_kwargs), loss=loss, dsm_sigma=dsm_sigma,
                  p_mean=p_mean, p_std=p_std,

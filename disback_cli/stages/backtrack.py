@@ -40,7 +40,7 @@ from disback_cli.stages.lifecycle import (
     make_optimizer,
     seed_streams,
 )
-from disback_cli.stages.path_nodes import PathNodes
+from disback_cli.stages.path_nodes import LoraPathNodes, PathNodes, path_nodes
 from disback_cli.stages.prompts import with_training_prompts
 from disback_cli.store.layout import METRICS, backtrack_dir, check_no_links, checkpoint_file
 from disback_cli.store.manifests import (
@@ -165,9 +165,9 @@ def _backtrack(
         TrainingSigma.of(cfg, teacher.denoiser),
     )
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    targets = PathNodes(trajectory, traj, teacher, ex, cfg.verify)  # holds the teacher's weights
+    targets = path_nodes(trajectory, traj, teacher, ex, cfg.verify)  # the teacher's weights too
     try:
-        fake = copy.deepcopy(targets.load(0 if cfg.no_trajectory else traj.last_node))
+        fake = targets.copy_of(0 if cfg.no_trajectory else traj.last_node)
         fake.train().requires_grad_(True)
         set_dropout(fake, cfg.dropout)
         if cfg.gradient_checkpointing:
@@ -212,8 +212,8 @@ def _backtrack(
 
 def backtrack(
     run: Run, cfg: BacktrackConfig, teacher: Teacher, state: TrainingState, schedule,
-    targets: PathNodes, losses: tuple[GeneratorLoss, TrainingSigma], log: TrainingLog,
-    save: Callable[[int], None], start: int,
+    targets: PathNodes | LoraPathNodes, losses: tuple[GeneratorLoss, TrainingSigma],
+    log: TrainingLog, save: Callable[[int], None], start: int,
 ) -> BacktrackManifest:  # fmt: skip
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
     `losses`: the generator loss and the noise levels of the fake score's denoising steps."""

@@ -8,6 +8,7 @@ is the teacher; it is kept only if it is the first target, and otherwise read ag
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.models.teachers import Teacher, open_teacher
+from disback_cli.models.text_to_image.lora import add_lora, merged, read_lora, set_lora
 from disback_cli.runtime.parallel import Execution
 from disback_cli.store.layout import check_no_links
 from disback_cli.store.manifests import TrajectoryManifest
@@ -80,9 +82,9 @@ class PathNodes:
                 node = self._load(index)
         return self.ex.prepare(node)
 
-    def load(self, index: int) -> nn.Module:
-        """Node `index` now, without prefetching (e.g. to initialise the fake score)."""
-        return self._load(index)
+    def copy_of(self, index: int) -> nn.Module:
+        """A copy of node `index` to train (the fake score starts from one)."""
+        return copy.deepcopy(self._load(index))
 
     def at(self, index: int) -> nn.Module:
         """The target node `index`: the current one again, or (at a switch) the next one, after
@@ -110,3 +112,61 @@ class PathNodes:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True, cancel_futures=True)
+
+
+class LoraPathNodes:
+    """Targets of a path recorded as low-rank adapters (`record --lora-rank`): one adapted copy
+    of the teacher, whose adapters are replaced by the next node's at each switch (node 0: zero
+    adapters, exactly the teacher). Targets then hold one UNet's memory, and reading a node is
+    reading a few megabytes, so nothing is prefetched."""
+
+    def __init__(
+        self,
+        trajectory: Path,
+        manifest: TrajectoryManifest,
+        teacher: Teacher,
+        ex: Execution,
+        verify: bool = True,
+    ) -> None:
+        self.trajectory, self.manifest, self.verify = trajectory, manifest, verify
+        self.target = teacher.denoiser  # takes over the teacher's weights
+        teacher.denoiser = None
+        add_lora(self.target, manifest.config.lora_rank, seed=0)  # factors are set before use
+        self.target.eval().requires_grad_(False)
+        ex.prepare(self.target)
+        self.current: int | None = None
+
+    def _set(self, index: int) -> None:
+        if index == self.current:
+            return
+        tensors, source = None, "the teacher"
+        if index > 0:
+            node = self.manifest.nodes[index]
+            path = check_no_links(self.trajectory, node.file)
+            tensors, info = read_lora(path, node.sha256, self.verify)
+            if info["rank"] != self.manifest.config.lora_rank:
+                raise DisbackError(f"{path}: LoRA rank {info['rank']}, the trajectory records "
+                                   f"{self.manifest.config.lora_rank}")  # fmt: skip
+            source = str(path)
+        set_lora(self.target, tensors, source)
+        self.current = index
+
+    def copy_of(self, index: int) -> nn.Module:
+        """Node `index` merged into plain weights, to train (the fake score starts from one)."""
+        self._set(index)
+        return merged(self.target)
+
+    def at(self, index: int) -> nn.Module:
+        self._set(index)
+        return self.target
+
+    def close(self) -> None:
+        pass
+
+
+def path_nodes(
+    trajectory: Path, manifest: TrajectoryManifest, teacher: Teacher, ex: Execution, verify: bool
+) -> PathNodes | LoraPathNodes:
+    """The targets of a trajectory, as its nodes were recorded (full weights or adapters)."""
+    kind = LoraPathNodes if manifest.config.lora_rank else PathNodes
+    return kind(trajectory, manifest, teacher, ex, verify)

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from disback_cli.config import RecordConfig
 from disback_cli.config.resolve import resolve_record
@@ -24,6 +25,7 @@ from disback_cli.method.schedule import node_steps
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser, save_denoiser
 from disback_cli.models.networks import enable_checkpointing, set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
+from disback_cli.models.text_to_image.lora import LoraFactors, add_lora, save_lora
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
@@ -84,11 +86,19 @@ def _record(
         if cfg.placement == "distance":
             plan = plan_by_distance(cfg, teacher, g0, probe, ex, run.reporter)
     ex.prepare(g0.denoiser)
-    state = _training_state(cfg, teacher, ex)
+    state, aux = _training_state(cfg, teacher, ex)
     start = previous.state.step if previous is not None and previous.state else 0
     # Room for the remaining nodes and two resume points (weights + two Adam moments each).
     aux_bytes = tensor_bytes(state.modules["aux"])
-    run.ensure_space(aux_bytes * (sum(s > start for s in plan) + 2 * 3),
+    node_bytes = aux_bytes // 2 if cfg.node_dtype == "bf16" and not cfg.lora_rank else aux_bytes
+    remaining = sum(s > start for s in plan)
+    run.reporter.note(
+        f"disk: {remaining} path nodes x {node_bytes / 2**20:,.1f} MiB "
+        f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else cfg.node_dtype + ' weights'})"
+        f" = {remaining * node_bytes / 2**30:,.2f} GiB, and resume points of "
+        f"{3 * aux_bytes / 2**30:,.2f} GiB"
+    )
+    run.ensure_space(node_bytes * remaining + aux_bytes * 2 * 3,
                      "the remaining path nodes and resume points")  # fmt: skip
 
     if previous is None:
@@ -105,15 +115,16 @@ def _record(
         if manifest.state is None:  # killed before its first resume point: start over
             manifest.nodes = manifest.nodes[:1]
     step = run.begin(manifest, state, cfg, sources)
-    return record_path(run, cfg, teacher, g0, probe, plan, state, step)
+    return record_path(run, cfg, teacher, g0, probe, plan, state, aux, step)
 
 
 def record_path(
     run: Run, cfg: RecordConfig, teacher: Teacher, g0, probe: PathProbe, plan: list[int],
-    state: TrainingState, start: int,
+    state: TrainingState, aux: nn.Module, start: int,
 ) -> TrajectoryManifest:  # fmt: skip
-    """Algorithm 1, degradation recording, from iteration `start` to `cfg.iters`."""
-    aux, optimizer, losses = state.modules["aux"], state.optimizers["aux"], state.loop["losses"]
+    """Algorithm 1, degradation recording, from iteration `start` to `cfg.iters`, training the
+    auxiliary model `aux` (whose trained parameters `state` holds)."""
+    optimizer, losses = state.optimizers["aux"], state.loop["losses"]
     shape, levels = (cfg.batch, *teacher.spec.data_shape), TrainingSigma.of(cfg, teacher.denoiser)
     node_at_step = {s: i for i, s in enumerate(plan, start=1)}
     for step in run.iterations("record", start, cfg.iters, cfg.save_every):
@@ -143,7 +154,10 @@ def save_node(
     info = {"role": "path_node", "index": index, "step": step, "dataset": teacher.dataset,
             "train_sigma": teacher.train_sigma, "teacher_sha256": teacher.sha256}  # fmt: skip
     digest = ""  # known to rank 0, which writes the manifest
-    if run.ex.is_main:
+    if run.ex.is_main and cfg.lora_rank:
+        digest = save_lora(run.directory / file, aux, cfg.lora_rank,
+                           teacher.spec.model_dump_json(), info)  # fmt: skip
+    elif run.ex.is_main:
         dtype = torch.bfloat16 if cfg.node_dtype == "bf16" else None
         digest = save_denoiser(run.directory / file, aux, teacher.spec, info, dtype)
     distance, g0_loss = probe(aux)
@@ -151,17 +165,25 @@ def save_node(
                       g0_loss=g0_loss, train_loss=losses.take())  # fmt: skip
 
 
-def _training_state(cfg: RecordConfig, teacher: Teacher, ex: Execution) -> TrainingState:
-    """The auxiliary model (a trainable teacher copy), its optimiser and the random streams,
-    exactly as at iteration 0."""
+def _training_state(
+    cfg: RecordConfig, teacher: Teacher, ex: Execution
+) -> tuple[TrainingState, nn.Module]:
+    """The auxiliary model (a trainable teacher copy, or with --lora-rank a frozen copy with
+    trainable adapters), the state of what trains (weights, optimiser, random streams) exactly
+    as at iteration 0."""
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
+    trained: nn.Module = aux
+    if cfg.lora_rank:
+        add_lora(aux, cfg.lora_rank, cfg.seed)
+        trained = LoraFactors(aux)
     if cfg.gradient_checkpointing:
         enable_checkpointing(aux)
     ex.prepare(aux)
-    optimizer = make_optimizer(aux.parameters(), cfg.lr, cfg.betas)
+    optimizer = make_optimizer(trained.parameters(), cfg.lr, cfg.betas)
     rng = seed_streams(cfg.seed, ex)
-    return TrainingState({"aux": aux}, {"aux": optimizer}, rng, {"losses": LossMeans()})
+    state = TrainingState({"aux": trained}, {"aux": optimizer}, rng, {"losses": LossMeans()})
+    return state, aux
 
 
 def _refuse_if_used(trajectory: Path) -> None:
@@ -182,8 +204,8 @@ def plan_by_distance(
     """Node steps such that node i is the first checkpoint at >= i/N of the final distance from
     the teacher. A dry run of the (deterministic) recording measures the distances; the real run
     repeats it and saves at the planned steps."""
-    state = _training_state(cfg, teacher, ex)
-    aux, optimizer = state.modules["aux"], state.optimizers["aux"]
+    state, aux = _training_state(cfg, teacher, ex)
+    optimizer = state.optimizers["aux"]
     shape = (cfg.batch, *teacher.spec.data_shape)
     every = max(1, cfg.iters // max(PLAN_CHECKS, 4 * cfg.nodes))
     distances: list[tuple[int, float]] = []

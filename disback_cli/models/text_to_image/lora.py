@@ -1,0 +1,136 @@
+"""Path nodes as low-rank adapters (LoRA, Hu et al. 2021) of the teacher's UNet.
+
+A full SDXL node is ~5 GB in bf16; as a rank-r adapter of the attention projections it is a few
+MB. `record --lora-rank R` trains only the adapters of the auxiliary model (peft's layers on
+to_q, to_k, to_v and to_out.0, alpha = r, B initialised to zero so node 0 is exactly the
+teacher) and saves them; `backtrack` swaps each node's adapters into one adapted teacher copy, so
+targets cost one UNet in memory, and merges node N into plain weights to start the fake score:
+W' = W + (alpha / r) B A.
+
+Files: `disback.lora` safetensors holding `<layer>.lora_A.weight` and `<layer>.lora_B.weight`
+for every adapted layer of the denoiser, with the rank, alpha and target names in the metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from disback_cli.errors import DisbackError
+from disback_cli.store.fileio import atomic_write_chunks, parse_json
+from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks
+
+FORMAT = "disback.lora"
+FORMAT_VERSION = 1
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (diffusers' LoRA default)
+ADAPTER = "default"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise DisbackError('--lora-rank needs peft: pip install -e ".[diffusers]"') from None
+    return peft
+
+
+def add_lora(denoiser: nn.Module, rank: int, seed: int) -> None:
+    """Adapters of `rank` on the UNet's attention projections, in place; only they train. A is
+    drawn from `seed` (the global random stream is left as it was), B is zero."""
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS),
+                             init_lora_weights=True)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft.inject_adapter_in_model(config, denoiser)
+    if not _layers(denoiser):
+        raise DisbackError("--lora-rank: the network has no attention projections to adapt")
+
+
+def _layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """The adapted layers by name (those with a base layer and LoRA factors)."""
+    return {name: m for name, m in denoiser.named_modules()
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A")}  # fmt: skip
+
+
+def lora_parameters(denoiser: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' factors under file names: `<layer>.lora_A.weight`, `<layer>.lora_B.weight`."""
+    found = {}
+    for name, layer in _layers(denoiser).items():
+        found[f"{name}.lora_A.weight"] = layer.lora_A[ADAPTER].weight
+        found[f"{name}.lora_B.weight"] = layer.lora_B[ADAPTER].weight
+    return found
+
+
+class LoraFactors(nn.Module):
+    """The adapters' factors as a module of their own (the same parameters, not copies): what a
+    resume point saves and restores of an adapted model, and what its optimiser steps."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.names = list(lora_parameters(denoiser))
+        self.factors = nn.ParameterList(lora_parameters(denoiser).values())
+
+
+def set_lora(denoiser: nn.Module, tensors: dict[str, torch.Tensor] | None, source: str) -> None:
+    """Load a node's factors into the adapted `denoiser` (None: zeros, i.e. the teacher)."""
+    params = lora_parameters(denoiser)
+    if tensors is not None and set(tensors) != set(params):
+        missing = sorted(set(params) - set(tensors))[:2]
+        raise DisbackError(f"{source}: adapters do not match the network (e.g. {missing})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors is None:
+                param.zero_()
+            else:
+                if tensors[name].shape != param.shape:
+                    raise DisbackError(f"{source}: {name} has shape {tuple(tensors[name].shape)}")
+                param.copy_(tensors[name])
+
+
+def merged(denoiser: nn.Module) -> nn.Module:
+    """A plain copy of an adapted denoiser with its current adapters merged into the weights."""
+    plain = copy.deepcopy(denoiser)
+    for name, layer in _layers(plain).items():
+        base = layer.base_layer
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        with torch.no_grad():
+            base.weight += layer.scaling[ADAPTER] * (b @ a).reshape(base.weight.shape)
+        parent_name, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent_name), child, base)
+    return plain.requires_grad_(False)
+
+
+def save_lora(path: Path, denoiser: nn.Module, rank: int, network_json: str, info: dict) -> str:
+    """Write the adapters of `denoiser` atomically; return the file's sha256."""
+    tensors = {k: v.detach() for k, v in lora_parameters(denoiser).items()}
+    lora = {"rank": rank, "alpha": rank, "targets": list(TARGETS)}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "network": network_json,
+            "info": json.dumps({**info, "lora": lora}, sort_keys=True)}  # fmt: skip
+    return atomic_write_chunks(path, *safetensors_chunks(tensors, meta))
+
+
+def read_lora(
+    path: Path, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A node's adapters and info, checked: the format, the rank the config asked for, finite
+    values (which factors exist is checked against the network by `set_lora`)."""
+    tensors, metadata, _ = read_safetensors(path, expected_sha256, verify)
+    if metadata.get("format") != FORMAT:
+        raise DisbackError(f"{path}: not a disback LoRA node (metadata 'format' missing)")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise DisbackError(f"{path}: unknown LoRA format version "
+                           f"{metadata.get('format_version')!r:.20}")  # fmt: skip
+    try:
+        info = parse_json(metadata.get("info", "{}"))
+        rank = info["lora"]["rank"]
+    except (ValueError, KeyError, TypeError):
+        raise DisbackError(f"{path}: bad LoRA metadata") from None
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise DisbackError(f"{path}: tensor {name} is not finite floating point")
+    return {k: v.float() for k, v in tensors.items()}, {**info, "rank": rank}
