@@ -296,3 +296,20 @@ def test_backtracking_along_lora_nodes(lora_path, tmp_path):
     lines = metrics(backtrack_dir(traj, "run"))
     assert manifest.status == "complete" and lines[0]["score_gap"] > 0
     assert [ln["target_node"] for ln in lines] == [1, 1, 0, 0, 0, 0]
+
+
+def test_a_one_step_unet_folder_is_g0_at_its_timestep(models, tmp_path):
+    """As the DisBack SDXL release starts from DMD2's one-step UNet fed pure noise at t=399."""
+    student = tmp_path / "one-step-unet"
+    shutil.copytree(models["sd"] / "unet", student)
+    traj = tmp_path / "t"
+    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]),
+                       student=str(student), timestep=399, **RECORD)  # fmt: skip
+    manifest = run_record(cfg, traj)
+    assert manifest.g0.kind == "file" and manifest.g0.file == str(student)
+    sigma = manifest.g0.sigma_init
+    assert manifest.g0.input_scale == pytest.approx((1 + sigma**2) ** 0.5) and 0.5 < sigma < 2
+    assert run_backtrack(BacktrackConfig(**BACKTRACK), traj, "run").status == "complete"
+    weights = student / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the student changed since
+    refused(["backtrack", "-T", traj, "--name", "again", "--iters", "2"], 1, "sha256")

@@ -12,9 +12,10 @@ from torch import nn
 
 from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
-from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
+from disback_cli.models.denoiser_files import DenoiserFile, build_with_weights, load_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser
 from disback_cli.models.teachers import Teacher
+from disback_cli.models.text_to_image.folder import is_unet_folder, read_unet_folder
 from disback_cli.store.manifests import G0Spec
 
 
@@ -39,7 +40,9 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
     """Where G0 comes from: the teacher (default), a student file, or a random student; for a
     text-to-image teacher fed pure noise at `cfg.timestep`."""
     scale = None
-    if cfg.timestep is not None:
+    if student is not None and student.info.get("input_scale") is not None:
+        scale = student.info["input_scale"]  # a generator file trained with its own input scale
+    elif cfg.timestep is not None:
         scale = math.sqrt(1 + cfg.sigma_init**2)
     if student is not None:
         return G0Spec(kind="file", sigma_init=cfg.sigma_init, input_scale=scale,
@@ -62,7 +65,7 @@ def build_g0(
 ) -> tuple[OneStepGenerator, NetworkSpec]:
     """The frozen initial generator and its network spec (students may differ from the teacher)."""
     if spec.kind == "file":
-        loaded = load_denoiser(spec.file, device, spec.sha256, verify)
+        loaded = load_student(spec.file, teacher, device, spec.sha256, verify)
         if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
                                                              teacher.spec.label_dim):  # fmt: skip
             raise DisbackError(
@@ -78,6 +81,22 @@ def build_g0(
     g0 = OneStepGenerator(denoiser, spec.sigma_init, spec.input_scale)
     g0.eval().requires_grad_(False)
     return g0, network
+
+
+def load_student(
+    path: str,
+    teacher: Teacher,
+    device="cpu",
+    expected_sha256: str | None = None,
+    verify: bool = True,
+) -> DenoiserFile:
+    """A student network: a disback denoiser file, or (text-to-image teachers) a diffusers UNet
+    folder such as a distilled one-step UNet, read with the teacher's preconditioning."""
+    if teacher.text_to_image and is_unet_folder(path):
+        spec, tensors, digest = read_unet_folder(path, teacher.spec, expected_sha256, verify)
+        denoiser = build_with_weights(spec, tensors, str(path)).to(device).eval()
+        return DenoiserFile(denoiser.requires_grad_(False), spec, {"role": "student"}, digest)
+    return load_denoiser(path, device, expected_sha256, verify)
 
 
 def load_generator(

@@ -18,11 +18,11 @@ from disback_cli.config import RecordConfig
 from disback_cli.config.resolve import resolve_record
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.method.dsm import denoising_step
-from disback_cli.method.generator import build_g0, g0_spec
+from disback_cli.method.generator import build_g0, g0_spec, load_student
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.probe import PathProbe
 from disback_cli.method.schedule import node_steps
-from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser, save_denoiser
+from disback_cli.models.denoiser_files import DenoiserFile, save_denoiser
 from disback_cli.models.networks import enable_checkpointing, set_dropout
 from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.models.text_to_image.lora import LoraFactors, add_lora, save_lora
@@ -48,7 +48,7 @@ def run_record(
     out = Path(out)
     ex, reporter = process_of(cfg, reporter)
     teacher = open_teacher(cfg.teacher, ex.device)
-    student = load_denoiser(cfg.student) if cfg.student is not None else None
+    student = load_student(cfg.student, teacher) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
     torch.set_num_threads(cpu_threads(cfg.threads))
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)

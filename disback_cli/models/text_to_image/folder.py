@@ -219,3 +219,35 @@ def unet_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' UNet state dict as the tensors of our denoiser (DiscreteDDPMPrecond holding
     DiffusersUNet holding the UNet): every name under `model.unet.`."""
     return {f"model.unet.{k}": v for k, v in tensors.items()}
+
+
+def is_unet_folder(path: str | Path) -> bool:
+    """A diffusers UNet on its own (config.json + weights), e.g. a distilled one-step UNet."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file() and not (path / INDEX).exists()
+
+
+def read_unet_folder(
+    path: str | Path, like: NetworkSpec, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[NetworkSpec, dict[str, torch.Tensor], str]:
+    """A UNet folder as a network of the teacher's family (`like`: its preconditioning and
+    latent shape), its tensors under our names, and the sha256 of its two files."""
+    from disback_cli.store.tensorfile import read_safetensors
+
+    path = Path(path)
+    config_path = path / "config.json"
+    config = unet_config(read_config(config_path, "UNet config"))
+    weights = find_weights(path, DIFFUSERS_WEIGHTS)
+    tensors, _, weights_sha = read_safetensors(weights, verify=True)
+    listing = {"config.json": hash_regular_file(config_path, MAX_CONFIG_BYTES, "UNet config"),
+               weights.name: weights_sha}  # fmt: skip
+    digest = sha256_bytes(json.dumps(listing, sort_keys=True, separators=(",", ":")).encode())
+    if verify and expected_sha256 is not None and digest != expected_sha256:
+        raise DisbackError(
+            f"{path}: not the UNet the trajectory was recorded with (sha256 differs)"
+        )
+    try:
+        spec = NetworkSpec.model_validate({**like.model_dump(), "arch_kwargs": config})
+    except ValueError as exc:
+        raise DisbackError(f"{config_path}: {str(exc).splitlines()[-1].strip()}") from None
+    return spec, unet_tensors(tensors), digest
