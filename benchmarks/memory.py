@@ -4,7 +4,10 @@ Each stage runs in a fresh process on a teacher with the released network config
 random weights (memory does not depend on what the weights learned):
 
 * cifar10: DDPM++ (SongUNet), 3x32x32, 10 classes, dropout 0.13 (edm-cifar10-32x32-cond-vp);
-* imagenet64: ADM (DhariwalUNet), 3x64x64, 1000 classes, dropout 0.1 (edm-imagenet-64x64-cond-adm).
+* imagenet64: ADM (DhariwalUNet), 3x64x64, 1000 classes, dropout 0.1 (edm-imagenet-64x64-cond-adm);
+* sd-like: a diffusers model folder shaped like Stable Diffusion at a tenth of its size (UNet of
+  115 M parameters, 4x32x32 latents, a 4-layer CLIP text encoder), with `--lora` recording
+  low-rank nodes (rank 16): what the SD 1.5 / SDXL memory arithmetic in the README rests on.
 
 Stages: `load` (the teacher alone: the floor under every other number), `record` (2 iterations,
 1 node), `backtrack` (2 iterations) and `sample`. Reported per stage: peak host RSS (VmHWM) and,
@@ -42,16 +45,32 @@ CIFAR10 = NetworkSpec(arch="SongUNet", precond="vp", data_shape=(3, 32, 32), lab
                       arch_kwargs=SONG)  # fmt: skip
 IMAGENET64 = NetworkSpec(arch="DhariwalUNet", precond="edm", data_shape=(3, 64, 64), label_dim=1000,
                          arch_kwargs=ADM)  # fmt: skip
-CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64}
+CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64, "sd-like": None}
+SD_LIKE = dict(widths=(192, 384, 768), latent=32, text_width=768, text_layers=4)
+LORA_RANK = 16
 STAGES = ("load", "record", "backtrack", "sample")
 # Weight-sized tensors each stage must hold (the arithmetic beside the measurement).
 RESIDENT = {
     "load": {"teacher": 1},
-    "record": {"teacher": 1, "G0 (teacher copy)": 1, "auxiliary model": 1, "its gradient": 1,
+    "record": {"teacher (also G0)": 1, "auxiliary model": 1, "its gradient": 1,
                "two Adam moments": 2},
     "backtrack": {"teacher": 1, "generator": 1, "generator gradient": 1, "generator EMA": 1,
                   "fake score": 1, "fake gradient": 1, "target node": 1,
                   "next node (prefetched)": 1, "two Adam moments x2": 4},
+    "sample": {"generator": 1},
+}  # fmt: skip
+RESIDENT_TEXT = {  # sd-like, a 2-node path: the teacher is let go once node 1 is the target
+    **RESIDENT,
+    "backtrack": {"generator": 1, "generator gradient": 1, "generator EMA": 1, "fake score": 1,
+                  "fake gradient": 1, "target node": 1, "next node (prefetched)": 1,
+                  "two Adam moments x2": 4},
+}  # fmt: skip
+RESIDENT_LORA = {  # --lora: only adapters train; targets are one adapted teacher copy
+    "load": {"teacher": 1},
+    "record": {"teacher (also G0)": 1, "auxiliary model (frozen base)": 1},
+    "backtrack": {"adapted teacher (every target)": 1, "generator": 1, "generator gradient": 1,
+                  "generator EMA": 1, "fake score": 1, "fake gradient": 1,
+                  "two Adam moments x2": 4},
     "sample": {"generator": 1},
 }  # fmt: skip
 
@@ -67,6 +86,16 @@ def make_teacher(config: str, folder: Path) -> Path:
     from disback_cli.models.denoiser_files import save_denoiser
     from disback_cli.models.networks import build_denoiser
 
+    if config == "sd-like":  # built by the tests' fixture builder, with SD-like sizes
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from t2i_fixtures import make_sd_folder, write_prompts
+
+        path = folder / "sd-like"
+        if not path.exists():
+            make_sd_folder(path, **SD_LIKE)
+            write_prompts(folder / "prompts.txt")
+        return path
+
     path = folder / f"{config}.safetensors"
     if not path.exists():
         torch.manual_seed(0)
@@ -77,24 +106,32 @@ def make_teacher(config: str, folder: Path) -> Path:
     return path
 
 
-def run_stage(stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int) -> dict:
+def run_stage(
+    stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int, lora: bool
+) -> dict:  # fmt: skip
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
+    from disback_cli.method import probe as probe_module
     from disback_cli.method.generator import load_generator
     from disback_cli.models.teachers import open_teacher
+    from disback_cli.models.text_to_image.sampling import open_sampling
     from disback_cli.stages import record as record_module
     from disback_cli.stages.backtrack import run_backtrack
     from disback_cli.stages.sample import write_samples_of
     from disback_cli.store.layout import backtrack_dir
     from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
-    record_module.PROBE_SAMPLES = probe
+    probe_module.PROBE_SAMPLES = probe
     started = time.perf_counter()
     trajectory = work / "trajectory"
+    text = {"prompts": str(work / "prompts.txt")} if teacher.is_dir() else {}
     if stage == "load":
         open_teacher(str(teacher), device)
     elif stage == "record":
-        cfg = RecordConfig(teacher=str(teacher), iters=2, nodes=1, batch=batch, device=device)
+        lora_rank = {"lora_rank": LORA_RANK} if lora else {}
+        nodes = 2 if text else 1  # text: the first target is a node, the next one prefetched
+        cfg = RecordConfig(teacher=str(teacher), iters=2, nodes=nodes, batch=batch,
+                           device=device, **text, **lora_rank)  # fmt: skip
         record_module.run_record(cfg, trajectory)
     elif stage == "backtrack":
         cfg = BacktrackConfig(iters=2, batch=batch, save_every=0, log_every=1, device=device)
@@ -104,8 +141,11 @@ def run_stage(stage: str, teacher: Path, work: Path, batch: int, device: str, pr
         manifest = read_manifest(run, BacktrackManifest)
         path = run / manifest.generator_ema.file
         generator, info = load_generator(path, torch.device(device))
-        cfg = SampleConfig(n=2 * batch, batch=batch, format="npz", device=device)
-        write_samples_of(generator, info, cfg, work / "samples.npz")
+        fmt, parts = "npz", None
+        if text:
+            fmt, parts = "png", open_sampling(info["text_to_image"], torch.device(device))
+        cfg = SampleConfig(n=2 * batch, batch=batch, format=fmt, device=device, **text)
+        write_samples_of(generator, info, cfg, work / "samples", text=parts)
     result = {"stage": stage, "seconds": round(time.perf_counter() - started, 1),
               "peak_rss_gb": peak_rss_bytes() / 1e9}  # fmt: skip
     if torch.cuda.is_available() and device.startswith("cuda"):
@@ -122,20 +162,29 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--work", type=Path, help="folder for the teacher and runs (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--lora", action="store_true", help="sd-like: record LoRA nodes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
         result = run_stage(args.child, make_teacher(args.config, work), work, args.batch,
-                           args.device, args.probe_samples)  # fmt: skip
+                           args.device, args.probe_samples, args.lora)  # fmt: skip
         print(json.dumps(result))
         return
 
     from disback_cli.models.networks import build_denoiser
 
-    make_teacher(args.config, work)
-    params = sum(p.numel() for p in build_denoiser(CONFIGS[args.config]).parameters())
+    teacher = make_teacher(args.config, work)
+    if args.config == "sd-like":
+        from disback_cli.models.teachers import open_teacher
+
+        params = open_teacher(str(teacher)).parameter_count
+    else:
+        params = sum(p.numel() for p in build_denoiser(CONFIGS[args.config]).parameters())
+    resident = RESIDENT_LORA if args.lora else RESIDENT
+    if args.config == "sd-like" and not args.lora:
+        resident = RESIDENT_TEXT
     copy_gb = params * 4 / 1e9
     print(
         f"{args.config}: {params / 1e6:.1f} M parameters, {copy_gb:.3f} GB per fp32 copy; "
@@ -145,20 +194,22 @@ def main() -> None:
     for stage in args.stages.split(","):
         command = [sys.executable, __file__, "--child", stage, "--config", args.config,
                    "--device", args.device, "--batch", str(args.batch), "--work", str(work),
-                   "--probe-samples", str(args.probe_samples)]  # fmt: skip
+                   "--probe-samples", str(args.probe_samples)] + (["--lora"] if args.lora
+                                                                  else [])  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"stage {stage} failed:\n{done.stderr}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        row["resident_copies"] = sum(RESIDENT[stage].values())
+        row["resident_copies"] = sum(resident[stage].values())
         row["resident_gb"] = row["resident_copies"] * copy_gb
         rows.append(row)
         cuda = f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""
         print(f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB{cuda}; must hold "
               f"{row['resident_copies']} weight copies = {row['resident_gb']:.2f} GB "
-              f"({', '.join(RESIDENT[stage])}); {row['seconds']} s")  # fmt: skip
+              f"({', '.join(resident[stage])}); {row['seconds']} s")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"config": args.config, "parameters": params,
+        args.out.write_text(json.dumps({"config": args.config, "lora": args.lora,
+                                        "parameters": params,
                                         "batch": args.batch, "device": args.device,
                                         "probe_samples": args.probe_samples, "stages": rows},
                                        indent=2) + "\n")  # fmt: skip

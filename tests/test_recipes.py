@@ -37,6 +37,13 @@ PAPER_SCALE = {
 }
 
 
+# Text-to-image recipes and the diffusers folder each one distils.
+TEXT_TO_IMAGE = {
+    "sd15": "stable-diffusion-v1-5",
+    "sdxl": "stable-diffusion-xl-base-1.0",
+}
+
+
 def _tables(path: Path) -> dict:
     return tomllib.loads(path.read_text())
 
@@ -93,4 +100,18 @@ def test_paper_scale_recipe_is_documented(name: str):
 
     header = _header(path)
     for phrase in ("torchrun", "GPU-hours", PAPER_SCALE[name], "PER RANK"):
+        assert phrase in header, f"{path.name}: the header comment does not mention {phrase!r}"
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_TO_IMAGE))
+def test_text_to_image_recipe_is_documented(name: str):
+    path = RECIPES_DIR / f"{name}.toml"
+    tables = _tables(path)
+    assert {"record", "backtrack", "sample"} <= set(tables)
+    assert tables["record"]["teacher"] == TEXT_TO_IMAGE[name]
+    assert "prompts" in tables["record"] and "guidance_scale" in tables["backtrack"]
+    undocumented = [line for line in _key_lines(path) if "# source:" not in line]
+    assert not undocumented, f"{path.name}: lines without '# source:': {undocumented}"
+    header = _header(path)
+    for phrase in ("torchrun", "PER RANK", "Memory", "80 GB", "GAN"):
         assert phrase in header, f"{path.name}: the header comment does not mention {phrase!r}"

@@ -84,8 +84,8 @@ def poisoned_loss(monkeypatch, after: int, where: str) -> None:
         def backward(ctx, grad):
             return grad * float("nan")
 
-    def make(cfg):
-        loss_fn, calls = real(cfg), [0]
+    def make(cfg, teacher=None):
+        loss_fn, calls = real(cfg, teacher), [0]
 
         class Poisoned:
             def sample_sigma(self, *args):

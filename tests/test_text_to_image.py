@@ -147,3 +147,11 @@ def test_prompt_files_are_lines_or_a_json_list(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(DisbackError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_peak_gpu_memory_is_reported_in_gib_and_not_on_the_cpu(monkeypatch):
+    from disback_cli.runtime.devices import peak_memory_gib
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    assert peak_memory_gib(torch.device("cuda", 0)) == 3.0
+    assert peak_memory_gib(torch.device("cpu")) is None

@@ -313,3 +313,26 @@ def test_a_one_step_unet_folder_is_g0_at_its_timestep(models, tmp_path):
     weights = student / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the student changed since
     refused(["backtrack", "-T", traj, "--name", "again", "--iters", "2"], 1, "sha256")
+
+
+def test_absurd_component_configs_are_refused_before_anything_is_built(models, sd_path,
+                                                                       tmp_path):  # fmt: skip
+    huge = tmp_path / "huge-encoder"
+    shutil.copytree(models["sd"], huge)
+    config = json.loads((huge / "text_encoder" / "config.json").read_text())
+    config.update(hidden_size=60000, intermediate_size=60000, num_hidden_layers=64)
+    (huge / "text_encoder" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    refused(["record", "--teacher", huge, "--prompts", models["prompts"], "--out", out], 1,
+            "text encoder config asks for", out=out)  # fmt: skip
+    traj = copy_of(sd_path, tmp_path)
+    run_backtrack(BacktrackConfig(**{**BACKTRACK, "iters": 1, "save_every": 0}), traj, "run")
+    moved = tmp_path / "moved-model"
+    shutil.copytree(models["sd"], moved)
+    vae = json.loads((moved / "vae" / "config.json").read_text())
+    vae["block_out_channels"] = [60000, 60000]
+    (moved / "vae" / "config.json").write_text(json.dumps(vae))
+    images = tmp_path / "images"
+    refused(["sample", "-T", traj, "--name", "run", "--prompts", models["prompts"], "-n", "1",
+             "--model-folder", moved, "--no-verify", "--out", images], 1, "VAE config asks for",
+            out=images)  # fmt: skip

@@ -61,9 +61,11 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
 
 
 def build_g0(
-    spec: G0Spec, teacher: Teacher, device, verify: bool = True
+    spec: G0Spec, teacher: Teacher, device, verify: bool = True, share: bool = False
 ) -> tuple[OneStepGenerator, NetworkSpec]:
-    """The frozen initial generator and its network spec (students may differ from the teacher)."""
+    """The frozen initial generator and its network spec (students may differ from the teacher).
+    With `share`, a teacher-copy G0 runs on the teacher's own weights instead of a copy (both
+    stay frozen: recording saves a whole network's memory)."""
     if spec.kind == "file":
         loaded = load_student(spec.file, teacher, device, spec.sha256, verify)
         if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
@@ -77,7 +79,8 @@ def build_g0(
             torch.manual_seed(spec.init_seed)
             denoiser, network = build_denoiser(spec.network).to(device), spec.network
     else:
-        denoiser, network = copy.deepcopy(teacher.denoiser), teacher.spec
+        denoiser = teacher.denoiser if share else copy.deepcopy(teacher.denoiser)
+        network = teacher.spec
     g0 = OneStepGenerator(denoiser, spec.sigma_init, spec.input_scale)
     g0.eval().requires_grad_(False)
     return g0, network

@@ -47,3 +47,11 @@ def check_fits_memory(what: str, nbytes: int, device: torch.device, hint: str = 
             f"{what} needs {nbytes / 2**30:.1f} GiB for its tensors alone, more than the "
             f"{total / 2**30:.1f} GiB of {device.type}{hint}"
         )
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory tensors have held on a GPU since the process started (GiB), for the
+    logs; None on the CPU, whose process memory is not the tensors' alone."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30

@@ -30,6 +30,7 @@ from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.teachers import Teacher
 from disback_cli.models.text_to_image.sampling import sampling_info
+from disback_cli.runtime.devices import peak_memory_gib
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.runtime.tracking import open_trackers
@@ -294,6 +295,9 @@ class TrainingLog:
             switched = self.run.state.loop["targets"].take_switch()
             if switched is not None:  # the target moved after this many iterations
                 line["target_switch_at"] = switched
+            peak = peak_memory_gib(self.run.ex.device)
+            if peak is not None:  # this GPU's peak so far (rank 0's)
+                line["peak_memory_gib"] = peak
             self.run.reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
         if self.evaluate and (step % cfg.eval_every == 0 or last):
             line["eval"] = self.evaluate(generator_ema)

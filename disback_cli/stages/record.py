@@ -78,7 +78,7 @@ def _record(
         return previous
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
-    g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify)
+    g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True)
     probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
     if plan is None:

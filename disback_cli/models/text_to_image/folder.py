@@ -221,6 +221,24 @@ def unet_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.unet.{k}": v for k, v in tensors.items()}
 
 
+MAX_COMPONENT_PARAMETERS = 20 * 10**9  # text encoders and VAEs are far smaller
+
+
+def build_checked(build, where: Path, what: str) -> torch.nn.Module:
+    """`build()` once on the meta device to count its parameters, then for real: a config from a
+    file that asks for an absurd network is refused in one line instead of exhausting memory."""
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in build().parameters())
+    except Exception as exc:  # a config anyone may write
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DisbackError(f"{where}: the {what} config does not build ({first})") from None
+    if count > MAX_COMPONENT_PARAMETERS:
+        raise DisbackError(f"{where}: the {what} config asks for {count:,} parameters")
+    with torch.random.fork_rng(devices=[]):  # initialisation must not move the global stream
+        return build()
+
+
 def is_unet_folder(path: str | Path) -> bool:
     """A diffusers UNet on its own (config.json + weights), e.g. a distilled one-step UNet."""
     path = Path(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning
-from disback_cli.models.text_to_image.folder import DiffusersFolder, read_config
+from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked, read_config
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
 from disback_cli.store.fileio import parse_json, read_regular_file
 from disback_cli.store.tensorfile import read_safetensors
@@ -70,8 +70,7 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
            else transformers.CLIPTextModel)  # fmt: skip
     tensors, _, _ = read_safetensors(folder.weights[component], verify=False)
     tensors = {k: v for k, v in tensors.items() if k not in IGNORED_ENCODER_KEYS}
-    with torch.random.fork_rng(devices=[]):  # initialisation must not move the global stream
-        encoder = cls(config)
+    encoder = build_checked(lambda: cls(config), folder.root / component, "text encoder")
     try:
         encoder.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     except RuntimeError as exc:

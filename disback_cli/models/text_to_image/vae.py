@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.models.text_to_image.folder import DiffusersFolder
+from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked
 from disback_cli.models.text_to_image.unet import _diffusers
 from disback_cli.store.tensorfile import read_safetensors
 
@@ -22,22 +22,33 @@ def _renamed(name: str) -> str:
     return name
 
 
+def _factor(folder: DiffusersFolder, key: str, default: float) -> float:
+    value = folder.vae.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e3 < value < 1e3:
+        raise DisbackError(f"{folder.root / 'vae' / 'config.json'}: {key} {value!r:.40} is not a "
+                           "number of sensible size")  # fmt: skip
+    if key == "scaling_factor" and value == 0:
+        raise DisbackError(f"{folder.root / 'vae' / 'config.json'}: scaling_factor is 0")
+    return float(value)
+
+
 class LatentDecoder(nn.Module):
     """Scaled latents x (what the UNet denoises) -> images in [-1, 1]: VAE.decode(x / s)."""
 
     def __init__(self, folder: DiffusersFolder, device) -> None:
         super().__init__()
         tensors, _, _ = read_safetensors(folder.weights["vae"], verify=False)
-        with torch.random.fork_rng(devices=[]):
-            self.vae = _diffusers().AutoencoderKL.from_config(folder.vae)
+        build = _diffusers().AutoencoderKL.from_config
+        self.vae = build_checked(lambda: build(folder.vae), folder.root / "vae", "VAE")
         tensors = {_renamed(k): v.float() for k, v in tensors.items()}
         try:
             self.vae.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise DisbackError(f"{folder.weights['vae']}: weights do not match ({first})") from None
-        self.scaling_factor = float(folder.vae.get("scaling_factor", 0.18215))
-        self.shift_factor = float(folder.vae.get("shift_factor") or 0.0)
+        self.scaling_factor = _factor(folder, "scaling_factor", 0.18215)
+        self.shift_factor = _factor(folder, "shift_factor", 0.0)
         self.vae.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
