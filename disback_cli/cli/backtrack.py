@@ -80,6 +80,7 @@ def backtrack(
     save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
     log_every: Annotated[int | None, typer.Option(help=_h("log_every"))] = None,
     eval_every: Annotated[int | None, typer.Option(help=_h("eval_every"))] = None,
+    mismatch_every: Annotated[int | None, typer.Option(help=_h("mismatch_every"))] = None,
     log_to: Annotated[
         list[str] | None,
         typer.Option(metavar="<tensorboard|wandb>", help=_h("log_to") + " (repeatable)"),
@@ -118,7 +119,7 @@ def backtrack(
                  weight_decay=weight_decay, fake_steps=fake_steps,
                  ema_halflife_kimg=ema_halflife_kimg, grad_clip=grad_clip, p_mean=p_mean,
                  p_std=p_std, dropout=dropout, save_every=save_every, log_every=log_every,
-                 eval_every=eval_every, log_to=log_to,
+                 eval_every=eval_every, mismatch_every=mismatch_every, log_to=log_to,
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last, threads=threads, prompts=prompts,

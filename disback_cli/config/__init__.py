@@ -30,6 +30,7 @@ from disback_cli.store.fileio import read_regular_file
 SESSION_FIELDS = {
     "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
     "tf32", "compile", "channels_last", "threads", "log_to", "gradient_checkpointing",
+    "mismatch_every",
 }  # fmt: skip
 
 # Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
@@ -234,6 +235,10 @@ class BacktrackConfig(_Training):
     eval_samples: Annotated[int, Field(ge=2, le=10**6)] = Field(
         2000, description="samples per evaluation"
     )
+    mismatch_every: Count = Field(
+        0, description="score-mismatch diagnostics every N iterations (0: off; teachers of a "
+        "Gaussian-mixture data set, e.g. builtin:ring2d, whose exact score is known)"
+    )  # fmt: skip
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, max_length=2,
         description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",

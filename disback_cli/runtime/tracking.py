@@ -35,9 +35,11 @@ class Tracker(Protocol):
 
 
 def scalars(line: dict) -> dict[str, float]:
-    """A metrics line as flat scalar tags: `loss_g`, `eval/mmd2`, ..."""
-    flat = {k: v for k, v in line.items() if k != "eval"}
-    flat.update({f"eval/{k}": v for k, v in line.get("eval", {}).items()})
+    """A metrics line as flat scalar tags: `loss_g`, `eval/mmd2`, `mismatch/cosine`, ..."""
+    flat = {k: v for k, v in line.items() if not isinstance(v, dict)}
+    for group, values in line.items():
+        if isinstance(values, dict):
+            flat.update({f"{group}/{k}": v for k, v in values.items()})
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float))}
 
 

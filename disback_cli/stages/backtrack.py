@@ -18,7 +18,9 @@ import torch
 from disback_cli.config import BacktrackConfig
 from disback_cli.config.resolve import resolve_backtrack
 from disback_cli.errors import ConfigError
+from disback_cli.evaluation.datasets import GaussianMixture, get_dataset
 from disback_cli.evaluation.ground_truth import training_evaluator
+from disback_cli.evaluation.mismatch import ScoreMismatch
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.ema import ema_beta, update_ema
 from disback_cli.method.generator import build_g0
@@ -81,6 +83,11 @@ def run_backtrack(
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
         raise ConfigError("--eval-every needs a teacher with a known ground-truth data set")
+    if cfg.mismatch_every and not isinstance(
+        get_dataset(teacher.dataset) if teacher.dataset else None, GaussianMixture
+    ):
+        raise ConfigError("--mismatch-every needs a teacher of a Gaussian-mixture data set "
+                          "(builtin:ring2d), whose exact score is known")  # fmt: skip
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
@@ -249,7 +256,7 @@ def backtrack(
                                                       cfg.ema_rampup))  # fmt: skip
         log.add(loss_g=out.loss, loss_fake=loss_fake, score_gap=out.score_gap,
                 grad_norm_g=grad_norm_g, grad_norm_fake=grad_norm_fake)  # fmt: skip
-        log.line(step, node, generator_ema)
+        log.line(step, node, generator_ema, (generator, fake, target))
     return run.manifest
 
 
@@ -268,6 +275,9 @@ class TrainingLog:
                 teacher.dataset, cfg.eval_samples, teacher.spec.data_shape, teacher.conditions,
                 run.ex.device, cfg.batch,
             )  # fmt: skip
+        self.mismatch = None
+        if cfg.mismatch_every and run.ex.is_main:
+            self.mismatch = ScoreMismatch(get_dataset(teacher.dataset), run.ex.device)
         self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
         self.trackers = []
         if run.ex.is_main:
@@ -286,8 +296,9 @@ class TrainingLog:
         self.sums, self.count = {}, 0
         return dict(zip(keys, values.tolist(), strict=True))
 
-    def line(self, step: int, target_node: int, generator_ema) -> None:
-        """The log line of `step`, if one is due."""
+    def line(self, step: int, target_node: int, generator_ema, networks: tuple) -> None:
+        """The log line of `step`, if one is due; `networks`: (generator, fake, target) for the
+        score-mismatch diagnostics."""
         cfg, line = self.cfg, {}
         last = step == cfg.iters
         if step % cfg.log_every == 0 or last:
@@ -301,6 +312,8 @@ class TrainingLog:
             self.run.reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
         if self.evaluate and (step % cfg.eval_every == 0 or last):
             line["eval"] = self.evaluate(generator_ema)
+        if self.mismatch and (step % cfg.mismatch_every == 0 or last):
+            line["mismatch"] = self.mismatch(*networks)
         if line:
             self.log.write(step, line)
             for tracker in self.trackers:

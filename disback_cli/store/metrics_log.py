@@ -40,14 +40,20 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, b"".join(keep))
 
 
+GROUPS = ("eval", "mismatch")  # objects of numbers inside a line
+
+
 def _check_line(line: object) -> dict:
-    """A metrics line as `backtrack` writes it: an iteration, numbers, and an `eval` of numbers."""
+    """A metrics line as `backtrack` writes it: an iteration, numbers, and `eval` and `mismatch`
+    objects of numbers."""
     if not isinstance(line, dict) or type(line.get("iteration")) is not int:
         raise ValueError("not an object with an integer 'iteration'")
-    evaluation = line.get("eval", {})
-    if not isinstance(evaluation, dict):
-        raise ValueError("'eval' must be an object")
-    numbers = [v for k, v in line.items() if k != "eval"] + list(evaluation.values())
+    numbers = [v for k, v in line.items() if k not in GROUPS]
+    for group in GROUPS:
+        values = line.get(group, {})
+        if not isinstance(values, dict):
+            raise ValueError(f"'{group}' must be an object")
+        numbers += list(values.values())
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise ValueError("values must be numbers")
     return line

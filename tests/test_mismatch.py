@@ -1,0 +1,78 @@
+"""Score-mismatch diagnostics (issue 18): exact where the data's score is known in closed form."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from torch import nn
+
+from disback_cli.evaluation.datasets import ring2d
+from disback_cli.evaluation.mismatch import ScoreMismatch, empirical_denoiser
+
+
+class Scaled(nn.Module):
+    """G(z) = s z: its distribution N(0, s^2 I) has the exact denoiser s^2 / (s^2 + sigma^2) x."""
+
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, z, **cond):
+        return self.s * z
+
+
+class GaussianDenoiser(nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x, sigma, **cond):
+        return self.s**2 / (self.s**2 + torch.as_tensor(sigma) ** 2) * x
+
+
+class DataDenoiser(nn.Module):
+    def forward(self, x, sigma, **cond):
+        return ring2d().denoise(x.double(), sigma).float()
+
+
+def test_the_empirical_denoiser_of_many_samples_is_the_exact_one():
+    data = ring2d()
+    samples, _ = data.sample(20000, torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(1)
+    for sigma in (0.1, 0.3, 1.0):  # queried where they are used: at noised samples
+        x0, _ = data.sample(500, rng)
+        x = x0 + sigma * torch.randn(500, 2, generator=rng)
+        error = (empirical_denoiser(samples, x, sigma) - data.denoise(x.double(), sigma)).norm(
+            dim=1
+        )
+        assert error.mean() < 0.01 and error.max() < 0.1, (sigma, error.mean(), error.max())
+
+
+def test_exact_scores_give_zero_target_error_and_perfect_alignment():
+    measure = ScoreMismatch(ring2d(), "cpu")
+    exact = measure(Scaled(0.5), GaussianDenoiser(0.5), DataDenoiser())
+    assert exact["target_mse"] < 1e-10  # the target is the data's exact denoiser
+    assert exact["cosine"] > 0.98 and exact["fake_mse"] < 1e-3  # the fake is G's exact one
+    assert exact["true_gap"] > 0.3  # N(0, 0.25) is far from the ring
+    wrong = measure(Scaled(0.5), DataDenoiser(), GaussianDenoiser(0.5))  # fake and target swapped
+    assert wrong["cosine"] < -0.98
+
+
+def test_backtrack_logs_the_mismatch_on_the_ring_and_refuses_it_elsewhere(
+    cli, tmp_path, small_trajectory
+):
+    shutil.copytree(small_trajectory, tmp_path / "t")
+    args = ["backtrack", "-T", tmp_path / "t", "--iters", "20", "--interval", "10", "--batch",
+            "32", "--log-every", "10", "--save-every", "10", "--mismatch-every", "10"]  # fmt: skip
+    assert cli(*args).code == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "t/backtrack/default/metrics.jsonl").open()]
+    assert [sorted(ln["mismatch"]) for ln in lines] == [["cosine", "fake_mse", "target_mse",
+                                                          "true_gap"]] * 2  # fmt: skip
+    assert all(-1 <= ln["mismatch"]["cosine"] <= 1 for ln in lines)
+    digits = cli("record", "--teacher", "builtin:digits", "--out", tmp_path / "d", "--iters", "2",
+                 "--nodes", "1", "--batch", "4")  # fmt: skip
+    assert digits.code == 0
+    refused = cli("backtrack", "-T", tmp_path / "d", "--iters", "2", "--mismatch-every", "1")
+    assert refused.code == 2 and "Gaussian-mixture" in refused.stderr
