@@ -23,7 +23,7 @@ from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
-RECORD = dict(iters=8, nodes=2, batch=2, lr=1e-3, device="cpu")
+RECORD = dict(iters=8, nodes=2, batch=8, lr=1e-3, device="cpu")
 BACKTRACK = dict(iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2,
                  log_every=1, device="cpu")  # fmt: skip
 
