@@ -82,8 +82,9 @@ for _g in LR_FACTORS:
         ARMS[f"lr-g{_g:.2g}-f{_f:.2g}"] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
 
 
-def settings(dataset: str, arm: str) -> tuple[dict, dict]:
-    """The arm's record and backtrack settings on `dataset`."""
+def settings(dataset: str, arm: str, smoke: bool = False) -> tuple[dict, dict]:
+    """The arm's record and backtrack settings on `dataset` (`smoke`: a few iterations, to
+    check the script itself)."""
     base, change = BASE[dataset], ARMS[arm]
     record, backtrack = dict(base["record"]), dict(base["backtrack"])
     for key, value in change.get("record", {}).items():
@@ -94,6 +95,12 @@ def settings(dataset: str, arm: str) -> tuple[dict, dict]:
         elif key in ("lr_g", "lr_fake"):
             value = backtrack[key] * value
         backtrack[key] = value
+    if smoke:
+        record.update(iters=4 * record["nodes"], batch=16)
+        backtrack.update(iters=20, interval=max(1, backtrack["interval"] // 20), batch=16,
+                         eval_every=10, eval_samples=64, log_every=10)  # fmt: skip
+        if backtrack.get("mismatch_every"):
+            backtrack["mismatch_every"] = 10
     if record["nodes"] > record["iters"]:
         record["iters"] = record["nodes"]
     return record, backtrack
@@ -105,9 +112,11 @@ def done(path: Path) -> set[tuple]:
     return {(r["dataset"], r["arm"], r["seed"], r["method"]) for r in map(json.loads, path.open())}
 
 
-def run_arm(dataset: str, arm: str, seeds: tuple[int, ...], out: Path, work: Path) -> None:
+def run_arm(
+    dataset: str, arm: str, seeds: tuple[int, ...], out: Path, work: Path, smoke: bool = False
+) -> None:
     finished = done(out)
-    record, backtrack = settings(dataset, arm)
+    record, backtrack = settings(dataset, arm, smoke)
     for seed in seeds:
         if all((dataset, arm, seed, m) in finished for m in METHODS):
             continue
@@ -138,8 +147,11 @@ def run_arm(dataset: str, arm: str, seeds: tuple[int, ...], out: Path, work: Pat
             with out.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             final = entry["evals"][max(entry["evals"])][BASE[dataset]["metric"]]
-            print(f"{dataset} {arm} seed {seed} {method}: final {final:.4g} "
-                  f"({entry['seconds']:.0f} s + {record_seconds:.0f} s recording)", flush=True)
+            print(
+                f"{dataset} {arm} seed {seed} {method}: final {final:.4g} "
+                f"({entry['seconds']:.0f} s + {record_seconds:.0f} s recording)",
+                flush=True,
+            )
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -151,6 +163,10 @@ def load(path: Path) -> list[dict]:
         r["evals"] = {int(k): v for k, v in r["evals"].items()}
         r["mismatch"] = {int(k): v for k, v in r["mismatch"].items()}
     return runs
+
+
+def select(runs: list[dict], dataset: str, arm: str, method: str) -> list[dict]:
+    return [r for r in runs if (r["dataset"], r["arm"], r["method"]) == (dataset, arm, method)]
 
 
 def median_curve(runs: list[dict], key: str) -> dict[int, tuple[float, float, float]]:
@@ -179,8 +195,7 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     """DisBack against the baseline in one arm: final quality, and the iterations and seconds
     DisBack needs to reach the baseline's final quality, without and with its recording."""
     metric, lower = BASE[dataset]["metric"], BASE[dataset]["lower"]
-    by = {m: [r for r in runs if (r["dataset"], r["arm"], r["method"]) == (dataset, arm, m)]
-          for m in METHODS}  # fmt: skip
+    by = {m: select(runs, dataset, arm, m) for m in METHODS}
     if not all(by.values()):
         return None
     curves = {m: median_curve(by[m], metric) for m in METHODS}
@@ -212,7 +227,7 @@ def best_of_grid(runs: list[dict], dataset: str, method: str) -> tuple[str, tupl
     metric, lower = BASE[dataset]["metric"], BASE[dataset]["lower"]
     scores = {}
     for arm in (a for a in ARMS if a.startswith("lr-")):
-        sel = [r for r in runs if (r["dataset"], r["arm"], r["method"]) == (dataset, arm, method)]
+        sel = select(runs, dataset, arm, method)
         if sel:
             curve = median_curve(sel, metric)
             scores[arm] = curve[max(curve)]
@@ -243,8 +258,9 @@ def report(path: Path) -> str:
             speed = ("-" if "speedup" not in row else
                      f"{row['speedup']:.2f} / {row['speedup_charged']:.2f} / "
                      f"{row['speedup_seconds_charged']:.2f}")  # fmt: skip
-            lines.append(f"| {dataset} | {arm} | {row['metric']} | {fmt(row['disback'])} | "
-                         f"{fmt(row['baseline'])} | {reach} | {speed} | {row['verdict']} |")  # fmt: skip
+            cells = (dataset, arm, row["metric"], fmt(row["disback"]), fmt(row["baseline"]),
+                     reach, speed, row["verdict"])  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
         grid = {m: best_of_grid(runs, dataset, m) for m in METHODS}
         if all(grid.values()):
             lines.append(f"| {dataset} | learning rates, best of grid each | "
@@ -274,8 +290,7 @@ def plot(path: Path, out: Path) -> None:
                                         squeeze=False)  # fmt: skip
             for axis, arm in zip(axes.flat, present, strict=False):
                 for method, style in (("disback", "C0-"), ("baseline", "C1--")):
-                    sel = [r for r in runs
-                           if (r["dataset"], r["arm"], r["method"]) == (dataset, arm, method)]  # fmt: skip
+                    sel = select(runs, dataset, arm, method)
                     curve = median_curve(sel, metric)
                     xs = sorted(curve)
                     if axis_kind == "seconds":
@@ -292,7 +307,7 @@ def plot(path: Path, out: Path) -> None:
                          else "seconds (DisBack: recording included)")  # fmt: skip
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=7)
-            for axis in list(axes.flat)[len(present):]:
+            for axis in list(axes.flat)[len(present) :]:
                 axis.axis("off")
             figure.tight_layout()
             figure.savefig(out / f"regimes-{dataset}-{axis_kind}.png", dpi=90)
@@ -303,8 +318,7 @@ def plot(path: Path, out: Path) -> None:
 def plot_mismatch(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    sel = {m: [r for r in runs if (r["dataset"], r["arm"], r["method"]) == ("ring2d", "base", m)
-               and r["mismatch"]] for m in METHODS}  # fmt: skip
+    sel = {m: [r for r in select(runs, "ring2d", "base", m) if r["mismatch"]] for m in METHODS}
     if not all(sel.values()):
         return
     keys = ("target_mse", "fake_mse", "true_gap", "cosine")
@@ -334,6 +348,7 @@ def main() -> None:
     runner.add_argument("--arms", nargs="+", default=["base"], help="arm names, or all")
     runner.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     runner.add_argument("--work", type=Path, default=Path("runs/regimes"))
+    runner.add_argument("--smoke", action="store_true", help="a few iterations (a script check)")
     sub.add_parser("report")
     parser.add_argument("--results", type=Path, default=RESULTS / "regimes.jsonl")
     args = parser.parse_args()
@@ -345,7 +360,7 @@ def main() -> None:
             parser.error(f"unknown arms {unknown} (known: {', '.join(ARMS)})")
         args.results.parent.mkdir(parents=True, exist_ok=True)
         for arm in arms:
-            run_arm(args.dataset, arm, tuple(args.seeds), args.results, args.work)
+            run_arm(args.dataset, arm, tuple(args.seeds), args.results, args.work, args.smoke)
         return
     markdown = report(args.results)
     (args.results.parent / "regimes.md").write_text(markdown + "\n")

@@ -27,7 +27,7 @@ from disback_cli.evaluation import detectors
 from disback_cli.evaluation.clip_score import ClipScorer, clip_scores, read_prompt_listing
 from disback_cli.evaluation.datasets import DATASETS, get_dataset
 from disback_cli.evaluation.detectors import MODES, InceptionDetector, locate_inception
-from disback_cli.evaluation.ground_truth import digits_report, vector_report
+from disback_cli.evaluation.ground_truth import digits_report, shapes_report, vector_report
 from disback_cli.evaluation.image_eval import (
     Reference,
     evaluate_images,
@@ -40,8 +40,9 @@ from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import MAX_SEED, one_step_batches, parse_seeds
 from disback_cli.models.conditioning import condition_source
 from disback_cli.runtime.parallel import execution
+from disback_cli.store.fileio import parse_json, read_regular_file
 from disback_cli.store.manifests import generator_file_of_run
-from disback_cli.store.samples import read_provenance, read_samples, seed_ranges
+from disback_cli.store.samples import LABELS, read_provenance, read_samples, seed_ranges
 
 
 def _detector(
@@ -282,6 +283,14 @@ def evaluate(
                          for a, b in _parts(len(samples), repeats, "samples")]  # fmt: skip
                 report = _vector_evaluation(parts, dataset, meta, ref)
                 count = len(samples)
+            elif ref is None and (dataset or read_provenance(source).get("dataset")) == "shapes":
+                if not ex.is_main:
+                    return
+                every = np.concatenate(list(images.batches(1000)))
+                parts = [(every[a:b], {"images": [a, b - 1]})
+                         for a, b in _parts(len(every), repeats, "images")]  # fmt: skip
+                report = shapes_report(parts, _sample_labels(source, len(every)))
+                count = images.count
             elif ref is None and (dataset or read_provenance(source).get("dataset")) == "digits":
                 if not ex.is_main:
                     return
@@ -337,6 +346,23 @@ def _with_clip_score(
     report["summary"] = summarize(report["results"])
     report["clip"] = scorer.describe
     return report
+
+
+def _sample_labels(source: Path, count: int) -> np.ndarray | None:
+    """The class each image was drawn for, as `disback sample` recorded it (dataset.json of a
+    PNG folder, `labels` of an .npz), when there is one per image."""
+    try:
+        if source.is_dir():
+            entries = parse_json(read_regular_file(source / LABELS, 1 << 30, "labels file"))
+            labels = [label for _, label in entries["labels"]]
+        else:
+            with np.load(source, allow_pickle=False) as data:
+                labels = data["labels"].tolist() if "labels" in data else None
+    except (OSError, DisbackError, ValueError, KeyError, TypeError):
+        return None
+    if labels is None or len(labels) != count or not all(isinstance(v, int) for v in labels):
+        return None
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _provenance(source: Path) -> dict:

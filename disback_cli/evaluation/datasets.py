@@ -93,7 +93,15 @@ def digits(split: str = "train") -> ImageDataset:
     return ImageDataset(x, torch.from_numpy(labels), num_classes=10)
 
 
-DATASETS = {"ring2d": ring2d, "digits": digits}
+def shapes(split: str = "train") -> ImageDataset:
+    """The built-in 16x16 shapes (see `evaluation.shapes`): 64 modes, 16 classes."""
+    from disback_cli.evaluation import shapes as procedural
+
+    images, labels = procedural.split(split)
+    return ImageDataset(images, labels, num_classes=16)
+
+
+DATASETS = {"ring2d": ring2d, "digits": digits, "shapes": shapes}
 
 
 def get_dataset(name: str) -> GaussianMixture | ImageDataset:

@@ -12,6 +12,8 @@ from disback_cli.errors import DisbackError
 from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.evaluation.digits import DigitsDetector, digits_scores, heldout_floor
 from disback_cli.evaluation.reports import make_report
+from disback_cli.evaluation.shapes import heldout_floor as shapes_floor
+from disback_cli.evaluation.shapes import shapes_scores
 from disback_cli.evaluation.vectors import vector_metrics
 from disback_cli.method.sampling import seeded_noise
 from disback_cli.models.conditioning import ConditionSource
@@ -79,6 +81,26 @@ def evaluate_digits(images: np.ndarray, floor: bool = True) -> dict:
     return report
 
 
+def shapes_report(parts: list[tuple[np.ndarray, dict]], labels: np.ndarray | None) -> dict:
+    """`disback evaluate` on built-in shapes: mode statistics of each part (uint8 images),
+    beside held-out real images at the same n; `labels`: the classes they were drawn for."""
+    results = []
+    for images, where in parts:
+        if images.shape[1:] != (16, 16, 3):
+            raise DisbackError(f"shapes scores need 16x16x3 images, got {images.shape[1:]}")
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        span = where.get("images") or where.get("samples")
+        part_labels = None
+        if labels is not None and span is not None:
+            part_labels = torch.as_tensor(labels[span[0] : span[1] + 1])
+        results.append({**shapes_scores(x, part_labels), **where})
+    floor = shapes_floor(min(results[0]["n"], 5000))
+    return make_report("shapes", "template distance", "template_distance", results,
+                       dataset="shapes", reference={"kind": "the 64 modes' rendered variants",
+                                                    "n": 9600},
+                       samples={}, floor=floor)  # fmt: skip
+
+
 def training_evaluator(
     dataset: str, n: int, data_shape: tuple[int, ...], conditions: ConditionSource,
     device: torch.device, chunk: int,
@@ -98,6 +120,9 @@ def training_evaluator(
     if dataset == "digits":
         detector = DigitsDetector()
         return lambda generator: digits_scores(to_uint8(samples(generator)), detector)
+    if dataset == "shapes":
+        labels = torch.as_tensor(conditions.labels(cond.to("cpu")))
+        return lambda generator: shapes_scores(samples(generator).clamp(-1, 1), labels)
     mixture = get_dataset(dataset)
     reference = reference_sample(dataset, n)
     return lambda generator: vector_metrics(samples(generator), reference, mixture, REFERENCE_SEED)

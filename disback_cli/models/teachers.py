@@ -29,6 +29,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_TEACHERS = {
     "ring2d": "2-D ring of 8 Gaussians (MLP denoiser, 35k parameters)",
     "digits": "8x8 handwritten digits, class-conditional (small SongUNet, EDM preconditioning)",
+    "shapes": "16x16 procedural shapes, 64 modes in 16 classes (small SongUNet, EDM precond.)",
 }
 EDM_DEFAULT_SIGMA = {"p_mean": -1.2, "p_std": 1.2}
 MAX_TEACHER_BYTES = MAX_SAFETENSORS_BYTES  # EDM pickles are smaller than their safetensors
