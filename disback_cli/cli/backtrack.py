@@ -55,6 +55,9 @@ def backtrack(
     no_trajectory: Annotated[bool | None, Flag("--no-trajectory", help=_h("no_trajectory"))] = None,
     loss: Annotated[str | None, typer.Option(metavar=_c("loss"), help=_h("loss"))] = None,
     sid_alpha: Annotated[float | None, typer.Option(help=_h("sid_alpha"))] = None,
+    data: Annotated[str | None, typer.Option(help=_h("data"))] = None,
+    ratio_width: Annotated[int | None, typer.Option(help=_h("ratio_width"))] = None,
+    ratio_depth: Annotated[int | None, typer.Option(help=_h("ratio_depth"))] = None,
     prompts: PromptsOpt = None,
     guidance_scale: Annotated[float | None, typer.Option(help=_h("guidance_scale"))] = None,
     dsm_sigma: Annotated[
@@ -122,7 +125,8 @@ def backtrack(
                  eval_every=eval_every, mismatch_every=mismatch_every, log_to=log_to,
                  seed=seed, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last, threads=threads, prompts=prompts,
+                 channels_last=channels_last, threads=threads, prompts=prompts, data=data,
+                 ratio_width=ratio_width, ratio_depth=ratio_depth,
                  guidance_scale=guidance_scale,
                  gradient_checkpointing=gradient_checkpointing)  # fmt: skip
     cfg = build_config(BacktrackConfig, config, "backtrack", flags, settings)

@@ -128,7 +128,7 @@ def _print_report(report: dict, title: str) -> None:
                           *(_cell(first, k) for k in keys))  # fmt: skip
     floor = report["floor"]
     if floor is not None:
-        what = "held-out real" if report["kind"] == "digits" else "exact samples"
+        what = "held-out real" if report["kind"] in ("digits", "shapes") else "exact samples"
         table.add_row(what, str(floor["n"]), *(_cell(floor, k) for k in keys), style="dim")
     stdout.print(table)
     if report["repeats"] > 1:

@@ -60,6 +60,14 @@ def sample(
         float,
         typer.Option(min=0, max=100, help="Classifier-free guidance of a text-to-image --teacher."),
     ] = 1.0,
+    best_of: Annotated[int | None, typer.Option(help=_h("best_of"))] = None,
+    verifier: Annotated[
+        Path | None,
+        typer.Option(
+            help="A --loss diffratio backtrack run (RUN = TRAJECTORY/backtrack/NAME) "
+            "whose density-ratio network picks the best of --best-of candidates."
+        ),
+    ] = None,
     model_folder: Annotated[
         str | None,
         typer.Option(
@@ -124,6 +132,7 @@ def sample(
     decoded by the teacher's VAE; prompts.json lists each image's prompt and seed.
     """
     flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format, prompts=prompts,
+                 best_of=best_of,
                  class_label=class_label, device=device, verify=verify,
                  precision=precision, tf32=tf32, compile=compile_networks,
                  channels_last=channels_last, threads=threads)  # fmt: skip
@@ -149,7 +158,7 @@ def sample(
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
             summary = write_samples(cfg, generator, out, expected, reporter, grid_out or grid,
-                                    default_dir, model_folder)  # fmt: skip
+                                    default_dir, model_folder, verifier)  # fmt: skip
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     if json_out:

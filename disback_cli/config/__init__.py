@@ -199,6 +199,18 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    data: PathText | None = Field(
+        None, description="real data for --loss diffratio: builtin:NAME, an image folder or an "
+        "EDM dataset zip (labels from its dataset.json)"
+    )  # fmt: skip
+    ratio_width: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None, description="diffratio: width of the density-ratio network (none: 64 units for "
+        "vectors, 16 channels for images)"
+    )  # fmt: skip
+    ratio_depth: Annotated[int, Field(ge=1, le=16)] | None = Field(
+        None, description="diffratio: its hidden layers (vectors) or strided conv layers "
+        "(images); none: 3"
+    )  # fmt: skip
     guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
         None, description="classifier-free guidance of the target (text-to-image teachers; the "
         "fake score is unguided); none: 1.75 for SD 1.x/2.x (DMD2), 8 for SDXL (DMD2, DisBack)"
@@ -213,12 +225,14 @@ class BacktrackConfig(_Training):
     switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
     batch: Batch = Field(256, description="generator samples per iteration")
     lr_g: Rate | None = Field(None, description="generator learning rate")
-    lr_fake: Rate | None = Field(None, description="fake score learning rate")
+    lr_fake: Rate | None = Field(
+        None, description="fake score learning rate (diffratio: the ratio network's)"
+    )
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
     betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
     weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled weight decay (adamw only)")
     fake_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
-        1, description="fake-score DSM steps per generator step"
+        1, description="fake-score DSM steps per generator step (diffratio: ratio-network steps)"
     )
     ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
         None, description="generator EMA half-life, kimg"
@@ -278,6 +292,9 @@ class SampleConfig(_Compute):
     )
     prompts: PathText | None = Field(
         None, description="text-to-image generators: a prompt file; -n images per prompt"
+    )
+    best_of: Annotated[int, Field(ge=1, le=1024)] = Field(
+        1, description="keep the best of K candidates per seed, scored by --verifier"
     )
 
 

@@ -131,4 +131,21 @@ def resolve_backtrack(cfg: BacktrackConfig, teacher: Teacher) -> tuple[Backtrack
             sources["guidance_scale"] = "default for text teachers (DMD2)"
     elif cfg.guidance_scale not in (None, 1.0):
         raise ConfigError("--guidance-scale is for text-to-image teachers")
+    if cfg.loss == "diffratio":
+        _diffratio(cfg, teacher, update, sources)
+    elif cfg.data is not None or cfg.ratio_width is not None or cfg.ratio_depth is not None:
+        raise ConfigError("--data, --ratio-width and --ratio-depth are for --loss diffratio")
     return _resolve(cfg, teacher, update, sources)
+
+
+def _diffratio(cfg: BacktrackConfig, teacher: Teacher, update: dict, sources: dict) -> None:
+    """DiffRatio learns from data, not from the teacher's score or the path: it needs --data,
+    and it runs without the trajectory (its G0 still comes from it; docs/method.md says why
+    the path is not used)."""
+    if cfg.data is None:
+        raise ConfigError("--loss diffratio learns from real data: give --data (builtin:NAME, "
+                          "an image folder or an EDM dataset zip)")  # fmt: skip
+    if teacher.text_to_image:
+        raise ConfigError("--loss diffratio is not available for text-to-image teachers")
+    if not cfg.no_trajectory:
+        update["no_trajectory"], sources["no_trajectory"] = True, "loss diffratio"

@@ -83,6 +83,49 @@ def one_step_batches(
         yield x.cpu(), cond
 
 
+VERIFIER_SIGMAS = (0.05, 0.1, 0.2)  # x sigma_data: where the ratio network scores a candidate
+
+
+def best_of_k(
+    generator: torch.nn.Module,
+    ratio: torch.nn.Module,
+    seeds: Sequence[int],
+    data_shape: tuple[int, ...],
+    conditions: ConditionSource,
+    k: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
+    """For each seed, K one-step candidates and the one the density-ratio network (DiffRatio's
+    verifier) finds most data-like: the highest mean log-ratio at a few small noise levels.
+
+    Candidate 0 is the seed's ordinary sample (its noise, then its conditions, as
+    `seeded_noise` draws them), so K = 1 is plain sampling; candidates 1..K-1 and the scoring
+    noise continue the seed's own stream, so the choice depends on the seed alone. Returns the
+    chosen samples and conditions (on the CPU) and their scores."""
+    chosen, conds, scores = [], [], []
+    sigma_data = float(getattr(generator.denoiser, "sigma_data", 0.5))
+    for seed in seeds:
+        rng = torch.Generator().manual_seed(seed)
+        z = [torch.randn(data_shape, generator=rng)]
+        cond = conditions.of_seed(rng)
+        z += [torch.randn(data_shape, generator=rng) for _ in range(k - 1)]
+        noise = torch.randn(len(VERIFIER_SIGMAS), k, *data_shape, generator=rng)
+        z = torch.stack(z).to(device)
+        many = cond.map(lambda t: t.expand(k, *t.shape[1:])).to(device)
+        with torch.no_grad():
+            x = generator(z, **many)
+            labels = many.get("class_labels")
+            score = torch.stack([
+                ratio(x + s * sigma_data * noise[i].to(device), s * sigma_data, labels)
+                for i, s in enumerate(VERIFIER_SIGMAS)
+            ]).mean(dim=0)  # fmt: skip
+        best = int(score.argmax())
+        chosen.append(x[best].cpu())
+        conds.append(cond)
+        scores.append(score[best].cpu())
+    return torch.stack(chosen), Conditioning.cat(conds), torch.stack(scores)
+
+
 def edm_sampler(
     denoiser: Denoiser,
     latents: torch.Tensor,

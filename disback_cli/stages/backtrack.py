@@ -9,6 +9,7 @@ baseline through the same loop: target = teacher throughout, fake score initiali
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +22,18 @@ from disback_cli.errors import ConfigError
 from disback_cli.evaluation.datasets import GaussianMixture, get_dataset
 from disback_cli.evaluation.ground_truth import training_evaluator
 from disback_cli.evaluation.mismatch import ScoreMismatch
+from disback_cli.method.data import DataSource, open_data
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.ema import ema_beta, update_ema
 from disback_cli.method.generator import build_g0
 from disback_cli.method.guidance import guided
 from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
+from disback_cli.method.ratio import ratio_step
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
+from disback_cli.models.ratio import build_ratio, ratio_spec_for, save_ratio
 from disback_cli.models.teachers import Teacher
 from disback_cli.models.text_to_image.sampling import sampling_info
 from disback_cli.runtime.devices import peak_memory_gib
@@ -43,11 +47,12 @@ from disback_cli.stages.lifecycle import (
     make_optimizer,
     seed_streams,
 )
-from disback_cli.stages.path_nodes import LoraPathNodes, PathNodes, path_nodes
+from disback_cli.stages.path_nodes import LoraPathNodes, NoTargets, PathNodes, path_nodes
 from disback_cli.stages.prompts import with_training_prompts
 from disback_cli.store.layout import METRICS, backtrack_dir, check_no_links, checkpoint_file
 from disback_cli.store.manifests import (
     BacktrackManifest,
+    DataRecord,
     FileRef,
     PromptsRef,
     TeacherRef,
@@ -88,10 +93,17 @@ def run_backtrack(
     ):
         raise ConfigError("--mismatch-every needs a teacher of a Gaussian-mixture data set "
                           "(builtin:ring2d), whose exact score is known")  # fmt: skip
+    data = None  # diffratio's real data, checked before anything is written
+    if cfg.loss == "diffratio":
+        if cfg.mismatch_every:
+            raise ConfigError("--mismatch-every needs a target and a fake score; diffratio has "
+                              "neither")  # fmt: skip
+        data = open_data(cfg.data, teacher.spec.data_shape, teacher.spec.label_dim)
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
-        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, name, force)
+        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, data, name,
+                          force)  # fmt: skip
 
 
 def check_path_noise_levels(
@@ -141,12 +153,13 @@ def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | Adapt
 
 def _backtrack(
     run: Run, cfg: BacktrackConfig, sources: dict[str, str], trajectory: Path,
-    traj: TrajectoryManifest, teacher: Teacher, prompts: PromptsRef | None, name: str,
-    force: bool,
+    traj: TrajectoryManifest, teacher: Teacher, prompts: PromptsRef | None,
+    data: DataSource | None, name: str, force: bool,
 ) -> BacktrackManifest:  # fmt: skip
     """Set up (or restore) everything the backtracking loop needs, then run it."""
     ex = run.ex
     path_sha = [node.sha256 for node in traj.nodes]
+    data_record = None if data is None else DataRecord(**vars(data.ref))
 
     def changes(manifest: BacktrackManifest) -> list[str]:
         found = []
@@ -158,6 +171,8 @@ def _backtrack(
             found.append("the trajectory's path nodes were re-recorded")
         if manifest.prompts != prompts:
             found.append("prompt file (sha256) differs")
+        if manifest.data != data_record:
+            found.append("the --data content (sha256) differs")
         return found
 
     previous = run.start_or_resume(cfg, force, changes)
@@ -173,9 +188,15 @@ def _backtrack(
         TrainingSigma.of(cfg, teacher.denoiser),
     )
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    targets = path_nodes(trajectory, traj, teacher, ex, cfg.verify)  # the teacher's weights too
-    try:
+    if data is None:
+        targets = path_nodes(trajectory, traj, teacher, ex, cfg.verify)  # the teacher's too
         fake = targets.copy_of(0 if cfg.no_trajectory else traj.last_node)
+    else:  # diffratio: a density-ratio network instead of the fake score; no target
+        targets, teacher.denoiser = NoTargets(), None  # nothing queries the teacher's score
+        fake = build_ratio(ratio_spec_for(teacher.spec.data_shape, teacher.spec.label_dim,
+                                          generator.denoiser.sigma_data, cfg.ratio_width,
+                                          cfg.ratio_depth)).to(ex.device)  # fmt: skip
+    try:
         fake.train().requires_grad_(True)
         set_dropout(fake, cfg.dropout)
         if cfg.gradient_checkpointing:
@@ -200,7 +221,7 @@ def _backtrack(
             stamp = now()
             previous = BacktrackManifest(
                 created_at=stamp, updated_at=stamp, status="running", name=name,
-                teacher=TeacherRef.of(teacher), g0=traj.g0, prompts=prompts,
+                teacher=TeacherRef.of(teacher), g0=traj.g0, prompts=prompts, data=data_record,
                 path_sha256=path_sha, config=cfg, world_size=ex.world_size,
                 global_batch=ex.global_batch(cfg.batch),
             )  # fmt: skip
@@ -209,9 +230,10 @@ def _backtrack(
         ex.prepare(fake)
         log = TrainingLog(run, cfg, teacher)
         try:
-            save = generator_files(run, teacher, generator_spec)
-            return backtrack(run, cfg, teacher, state, schedule, targets, (loss_fn, levels), log,
-                             save, step)  # fmt: skip
+            save = generator_files(run, teacher, generator_spec, data is not None)
+            fit = denoising_step if data is None else functools.partial(ratio_step, data=data)
+            return backtrack(run, cfg, teacher, state, schedule, targets, (loss_fn, fit, levels),
+                             log, save, step)  # fmt: skip
         finally:
             log.close()
     finally:
@@ -220,16 +242,17 @@ def _backtrack(
 
 def backtrack(
     run: Run, cfg: BacktrackConfig, teacher: Teacher, state: TrainingState, schedule,
-    targets: PathNodes | LoraPathNodes, losses: tuple[GeneratorLoss, TrainingSigma],
-    log: TrainingLog, save: Callable[[int], None], start: int,
+    targets: PathNodes | LoraPathNodes | NoTargets, losses: tuple[GeneratorLoss, Callable,
+    TrainingSigma], log: TrainingLog, save: Callable[[int], None], start: int,
 ) -> BacktrackManifest:  # fmt: skip
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
-    `losses`: the generator loss and the noise levels of the fake score's denoising steps."""
+    `losses`: the generator loss, the fake score's step (`dsm.denoising_step`; diffratio: the
+    ratio network's `ratio.ratio_step`) and the noise levels it trains at."""
     ex, rng = run.ex, state.rng
     modules = state.modules
     generator, generator_ema, fake = modules["generator"], modules["generator_ema"], modules["fake"]
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
-    loss_fn, levels = losses
+    loss_fn, fit_fake, levels = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
     for step in run.iterations(f"backtrack {run.directory.name}", start, cfg.iters,
@@ -246,8 +269,8 @@ def backtrack(
                                           conditions, rng, clip, ex)  # fmt: skip
         # Eq. (5): the fake score's denoising step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
-            loss_fake, grad_norm_fake = denoising_step(fake, opt_f, generator, shape, conditions,
-                                                       levels, rng, clip, ex)  # fmt: skip
+            loss_fake, grad_norm_fake = fit_fake(fake, opt_f, generator, shape, conditions,
+                                                 levels, rng, clip, ex)  # fmt: skip
         run.check_finite(step, loss_g=out.loss, grad_norm_g=grad_norm_g, loss_fake=loss_fake,
                          grad_norm_fake=grad_norm_fake)  # fmt: skip
         schedule.observe(ex.mean(out.score_gap))
@@ -325,9 +348,11 @@ class TrainingLog:
             tracker.close()
 
 
-def generator_files(run: Run, teacher: Teacher, spec: NetworkSpec) -> Callable[[int], None]:
+def generator_files(
+    run: Run, teacher: Teacher, spec: NetworkSpec, ratio: bool = False
+) -> Callable[[int], None]:
     """What a backtrack resume point writes besides the state: the generator and its EMA as
-    denoiser files that `sample` reads."""
+    denoiser files that `sample` reads (and diffratio's ratio network, its verifier)."""
 
     def write(step: int) -> None:
         manifest = run.manifest
@@ -346,6 +371,11 @@ def generator_files(run: Run, teacher: Teacher, spec: NetworkSpec) -> Callable[[
                                    {**info, "weights": weights})  # fmt: skip
             refs[key] = FileRef(file=file, sha256=digest)
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
+        if ratio:
+            file = checkpoint_file("ratio", step)
+            digest = save_ratio(run.directory / file, run.state.modules["fake"],
+                                {"role": "verifier", "step": step, **info})  # fmt: skip
+            manifest.ratio = FileRef(file=file, sha256=digest)
         manifest.step = step
 
     return write

@@ -164,6 +164,16 @@ class LoraPathNodes:
         pass
 
 
+class NoTargets:
+    """No target at all (diffratio learns from data, not from the teacher's score)."""
+
+    def at(self, index: int) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
 def path_nodes(
     trajectory: Path, manifest: TrajectoryManifest, teacher: Teacher, ex: Execution, verify: bool
 ) -> PathNodes | LoraPathNodes:

@@ -19,8 +19,15 @@ from disback_cli import __version__
 from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.method.generator import load_generator
-from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches, parse_seeds, seeded_noise
+from disback_cli.method.sampling import (
+    MAX_SAMPLES,
+    best_of_k,
+    one_step_batches,
+    parse_seeds,
+    seeded_noise,
+)
 from disback_cli.models.conditioning import condition_source
+from disback_cli.models.ratio import load_ratio
 from disback_cli.models.text_to_image.sampling import open_sampling
 from disback_cli.models.text_to_image.text import TextEncoder, read_prompts
 from disback_cli.models.text_to_image.vae import LatentDecoder
@@ -29,6 +36,7 @@ from disback_cli.runtime.parallel import execution, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, grid, png_name, to_uint8, upscale
+from disback_cli.store.manifests import verifier_of_run
 from disback_cli.store.samples import LABELS, PROMPTS, prepare_folder, write_record
 
 GRID_IMAGES = 64
@@ -52,15 +60,29 @@ def write_samples(
     grid_out: Path | bool = False,
     default_dir: Path = Path("."),
     model_folder: str | None = None,
+    verifier_run: Path | None = None,
 ) -> dict:
     """Sample a generator file one step per seed (see `write_samples_of`); a text-to-image
-    generator with the text encoders and VAE its file names (from `model_folder` if moved)."""
+    generator with the text encoders and VAE its file names (from `model_folder` if moved);
+    with `verifier_run` (a diffratio run) the best of `cfg.best_of` candidates per seed."""
     device = execution(cfg).device
     generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
     text = None
     if "text_to_image" in info:
         text = open_sampling(info["text_to_image"], device, cfg.verify, model_folder)
-    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir, text)
+    verifier = None
+    if verifier_run is not None:
+        path, sha = verifier_of_run(verifier_run)
+        ratio, _ = load_ratio(path, device, sha, cfg.verify)
+        denoiser = generator.denoiser
+        if (ratio.spec.data_shape, ratio.spec.label_dim) != (tuple(denoiser.data_shape),
+                                                             denoiser.label_dim):  # fmt: skip
+            raise DisbackError(
+                f"{path}: the verifier's data or classes differ from the generator's"
+            )
+        verifier = (ratio, {"verifier": str(path.absolute()), "verifier_sha256": sha})
+    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir, text,
+                            verifier)  # fmt: skip
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -76,6 +98,7 @@ def write_samples_of(
     grid_out: Path | bool = False,
     default_dir: Path = Path("."),
     text: tuple[TextEncoder, LatentDecoder] | None = None,
+    verifier: tuple[torch.nn.Module, dict] | None = None,
 ) -> dict:
     """Sample per seed; write samples (or PNGs), seeds, labels and provenance (`info`).
 
@@ -84,7 +107,8 @@ def write_samples_of(
     (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). A text-to-image generator
     (`text`: its text encoder and VAE) draws `-n` images per prompt of `cfg.prompts`, decodes
     them, and lists each image's prompt and seed in `prompts.json`. Sizes whose arrays cannot fit
-    in memory are refused before anything is written.
+    in memory are refused before anything is written. With a `verifier` (a DiffRatio ratio
+    network and what identifies it) each seed's sample is the best of `cfg.best_of` candidates.
     """
     ex, reporter = process_of(cfg, reporter)
     seeds = sample_seeds(cfg)
@@ -137,6 +161,12 @@ def write_samples_of(
     if text:
         meta.update(prompts=str(Path(cfg.prompts).absolute()), prompts_sha256=prompts_sha256,
                     per_prompt=len(seeds))  # fmt: skip
+    if (verifier is None) != (cfg.best_of == 1):
+        raise ConfigError("--best-of K (K > 1) and --verifier RUN go together")
+    if verifier is not None:
+        if text:
+            raise ConfigError("--best-of is not available for text-to-image generators")
+        meta.update(best_of=cfg.best_of, **verifier[1])
     names = [name for name, _, _ in items]
     if fmt == "png":  # every rank looks before rank 0 replaces an earlier sample's files
         prepare_folder(out, MAX_SAMPLES, remove=False)
@@ -154,6 +184,10 @@ def write_samples_of(
         """One batch of images (or vectors) on the CPU and their class labels."""
         batch_seeds = [seed for _, seed, _ in batch_items]
         with ex.autocast():
+            if verifier is not None:
+                x, cond, _ = best_of_k(generator, verifier[0], batch_seeds, denoiser.data_shape,
+                                       conditions, cfg.best_of, ex.device)  # fmt: skip
+                return x, conditions.labels(cond)
             if text is None:
                 x, cond = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
                                                 conditions, len(batch_seeds),

@@ -62,7 +62,7 @@ def record_state_file(step: int) -> str:
 
 
 def checkpoint_file(kind: str, step: int) -> str:
-    """kind: 'generator', 'generator-ema' or 'state'."""
+    """kind: 'generator', 'generator-ema', 'ratio' (diffratio's network) or 'state'."""
     return f"checkpoints/{kind}-{step:08d}.safetensors"
 
 
@@ -76,7 +76,7 @@ TRAJECTORY = Layout(
 BACKTRACK = Layout(
     "backtrack run",
     frozenset({MANIFEST, METRICS, LOCK}),
-    {"checkpoints": re.compile(r"(generator|generator-ema|state)-\d{8}\.safetensors")},
+    {"checkpoints": re.compile(r"(generator|generator-ema|ratio|state)-\d{8}\.safetensors")},
     lambda step: checkpoint_file("state", step),
 )
 

@@ -111,6 +111,15 @@ class PromptsRef(_Record):
     count: Annotated[int, Field(ge=1, le=10**7)]
 
 
+class DataRecord(_Record):
+    """The real data a run learned from (diffratio): a built-in name or an absolute path, and
+    the sha256 of its content."""
+
+    source: str = Field(max_length=4096)
+    sha256: Sha256
+    count: Annotated[int, Field(ge=0, le=1 << 40)]
+
+
 class G0Spec(_Record):
     """The initial generator G0(z) = D(input_scale z, sigma_init) and where D comes from."""
 
@@ -222,11 +231,14 @@ class BacktrackManifest(RunManifest):
     step: Step = 0
     generator: FileRef | None = None
     generator_ema: FileRef | None = None
+    ratio: FileRef | None = None  # diffratio: its density-ratio network (the verifier)
+    data: DataRecord | None = None  # diffratio: the real data it learned from
     metrics: Literal["metrics.jsonl"] = METRICS
 
     def files(self) -> set[str]:
         """The latest checkpoint's files (metrics.jsonl is always the run's)."""
-        return {ref.file for ref in (self.generator, self.generator_ema, self.state) if ref}
+        refs = (self.generator, self.generator_ema, self.ratio, self.state)
+        return {ref.file for ref in refs if ref}
 
     @model_validator(mode="after")
     def _consistent(self) -> BacktrackManifest:
@@ -239,9 +251,11 @@ class BacktrackManifest(RunManifest):
                 ("state", self.state))  # fmt: skip
         if any(ref is None for _, ref in refs) and any(ref is not None for _, ref in refs):
             raise ValueError("generator, generator_ema and state are saved together")
-        for kind, ref in refs:
+        for kind, ref in (*refs, ("ratio", self.ratio)):
             if ref is not None and ref.file != checkpoint_file(kind, self.step):
                 raise ValueError(f"{kind} file must be {checkpoint_file(kind, self.step)!r}")
+        if self.ratio is not None and self.generator is None:
+            raise ValueError("a ratio network is saved with the generator")
         if self.state is not None and self.state.step != self.step:
             raise ValueError("the state's step must equal the run's step")
         return self
@@ -360,3 +374,14 @@ def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Pa
     if ref is None:
         raise DisbackError(f"{run_dir}: the run has not saved a generator yet")
     return check_no_links(run_dir, ref.file), ref.sha256
+
+
+def verifier_of_run(run_dir: Path) -> tuple[Path, str]:
+    """The density-ratio network a diffratio backtrack run saved last, and its sha256."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir, BacktrackManifest)
+    if manifest.ratio is None:
+        raise DisbackError(
+            f"{run_dir}: not a --loss diffratio run (it saved no density-ratio network)"
+        )
+    return check_no_links(run_dir, manifest.ratio.file), manifest.ratio.sha256
