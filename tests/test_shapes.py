@@ -5,21 +5,27 @@ from __future__ import annotations
 import torch
 
 from disback_cli.evaluation.datasets import get_dataset
-from disback_cli.evaluation.shapes import MODES, nearest_mode, render, shapes_scores, split
+from disback_cli.evaluation.shapes import (
+    MODES,
+    nearest_mode,
+    render,
+    shapes_scores,
+    split,
+)
 
 
 def test_every_real_image_is_assigned_to_its_own_mode_and_class():
-    images, labels = split("heldout")
+    images, labels = (t[:2000] for t in split("heldout"))
     mode, _ = nearest_mode(images)
     assert torch.equal(mode // 4, labels)  # shape and colour: the class
     scores = shapes_scores(images, labels)
     assert scores["precision"] >= 0.998 and scores["label_accuracy"] == 1.0
-    assert scores["modes_covered"] == MODES and scores["mode_tv"] < 0.05
+    assert scores["modes_covered"] == MODES and scores["mode_tv"] < 0.1
     assert 0.8 < scores["template_distance"] < 1.4
 
 
 def test_blur_mode_dropping_and_wrong_classes_are_caught():
-    images, labels = split("heldout")
+    images, labels = (t[:1000] for t in split("heldout"))
     blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
     assert shapes_scores(blurred)["precision"] < 0.2
     mean = images.mean(dim=0, keepdim=True).expand(100, -1, -1, -1)
@@ -34,7 +40,7 @@ def test_blur_mode_dropping_and_wrong_classes_are_caught():
 def test_the_split_is_fixed_and_the_factors_render_as_named():
     data = get_dataset("shapes")
     assert data.images.shape == (20000, 3, 16, 16) and data.num_classes == 16
-    assert torch.equal(data.images[:5], get_dataset("shapes").images[:5])  # same seeds, same data
+    assert torch.equal(split("heldout")[0], split("heldout")[0])  # fixed seeds: the same data
     square, disc = render(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0, 0]))
     assert (square > disc + 0.1).any()  # the square's corners, outside the disc
     assert square[:, 12:, 12:].max() < -0.79  # top-left position: the bottom right is background

@@ -18,6 +18,7 @@ from test_backtrack import At, crash
 
 from conftest import file_digests, run_cli
 from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.method import probe
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
@@ -26,6 +27,15 @@ from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, r
 RECORD = dict(iters=8, nodes=2, batch=8, lr=1e-3, device="cpu")
 BACKTRACK = dict(iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2,
                  log_every=1, device="cpu")  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_probe():
+    """Nodes measured on 64 probe samples instead of 512: these tests check the pipeline, not
+    where nodes stand (the probe runs a UNet forward per chunk of the batch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe, "PROBE_SAMPLES", 64)
+        yield
 
 
 @pytest.fixture(scope="module")
