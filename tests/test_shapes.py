@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from disback_cli.evaluation.datasets import get_dataset
@@ -44,3 +46,14 @@ def test_the_split_is_fixed_and_the_factors_render_as_named():
     square, disc = render(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0, 0]))
     assert (square > disc + 0.1).any()  # the square's corners, outside the disc
     assert square[:, 12:, 12:].max() < -0.79  # top-left position: the bottom right is background
+
+
+def test_samples_of_the_shapes_teacher_are_scored_with_their_labels(cli, tmp_path):
+    out = tmp_path / "teacher"
+    assert cli("sample", "--teacher", "builtin:shapes", "--steps", "6", "-n", "16", "--out",
+               out).code == 0  # fmt: skip
+    result = cli("evaluate", out, "--json")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kind"] == "shapes" and report["floor"]["precision"] == 1.0
+    assert 0 <= report["results"][0]["label_accuracy"] <= 1  # labels came from dataset.json

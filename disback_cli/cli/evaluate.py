@@ -283,21 +283,19 @@ def evaluate(
                          for a, b in _parts(len(samples), repeats, "samples")]  # fmt: skip
                 report = _vector_evaluation(parts, dataset, meta, ref)
                 count = len(samples)
-            elif ref is None and (dataset or read_provenance(source).get("dataset")) == "shapes":
+            elif ref is None and (known := dataset or read_provenance(source).get("dataset")) in (
+                "digits",
+                "shapes",
+            ):  # data sets the built-in metrics know: no reference statistics needed
                 if not ex.is_main:
                     return
                 every = np.concatenate(list(images.batches(1000)))
                 parts = [(every[a:b], {"images": [a, b - 1]})
                          for a, b in _parts(len(every), repeats, "images")]  # fmt: skip
-                report = shapes_report(parts, _sample_labels(source, len(every)))
-                count = images.count
-            elif ref is None and (dataset or read_provenance(source).get("dataset")) == "digits":
-                if not ex.is_main:
-                    return
-                every = np.concatenate(list(images.batches(1000)))
-                parts = [(every[a:b], {"images": [a, b - 1]})
-                         for a, b in _parts(len(every), repeats, "images")]  # fmt: skip
-                report = digits_report(parts)
+                if known == "digits":
+                    report = digits_report(parts)
+                else:
+                    report = shapes_report(parts, _sample_labels(source, len(every)))
                 count = images.count
             else:
                 if ref is not None or clip is None:

@@ -71,8 +71,8 @@ class RatioNetwork(nn.Module):
             channels, layers, width = spec.data_shape[0], [], spec.width
             self.embed = nn.Linear(extra, width)
             self.stem = nn.Conv2d(channels, width, 3, padding=1)
-            for i in range(spec.depth):
-                wide = width * 2 ** min(i + 1, 3)
+            for i in range(spec.depth):  # width x 2, 4, 8, 8, ...
+                wide = spec.width * 2 ** min(i + 1, 3)
                 layers += [nn.GroupNorm(min(8, width), width), nn.SiLU(),
                            nn.Conv2d(width, wide, 3, stride=2, padding=1)]  # fmt: skip
                 width = wide
