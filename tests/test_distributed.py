@@ -218,3 +218,24 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
     ]  # fmt: skip
     assert reports[0]["results"] == reports[1]["results"]
     assert reports[0]["repeats"] == 2 and reports[0]["results"][0]["kid"] is not None
+
+
+def test_diffratio_under_two_processes_matches_one_process(tmp_path):
+    """DiffRatio's ratio network and its data batches follow the same global-batch rule."""
+    disback(*RECORD, "--batch", "64", "--out", "one", cwd=tmp_path)
+    ratio = ["--loss", "diffratio", "--data", "builtin:ring2d", "--iters", "20"]
+    disback(*BACKTRACK, *ratio, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
+    disback(*BACKTRACK, *ratio, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
+            cwd=tmp_path)  # fmt: skip
+    logs = [[json.loads(line) for line in
+             (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl").read_text().splitlines()]
+            for n in ("single", "pair")]  # fmt: skip
+    assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [10, 20]
+    for a, b in zip(*logs, strict=True):
+        for key in ("loss_g", "loss_fake", "score_gap", "grad_norm_g", "grad_norm_fake"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
+    single, pair = (read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
+                    for n in ("single", "pair"))  # fmt: skip
+    runs = {n: backtrack_dir(tmp_path / "one", n) for n in ("single", "pair")}
+    assert_close(weights(runs["single"] / single.generator.file),
+                 weights(runs["pair"] / pair.generator.file))  # fmt: skip

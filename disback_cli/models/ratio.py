@@ -112,14 +112,16 @@ def ratio_spec_for(data_shape: tuple[int, ...], label_dim: int, sigma_data: floa
 MAX_PARAMETERS = 10**8  # a ratio network is meant to be small
 
 
-def build_ratio(spec: RatioSpec, source: str = "ratio network") -> RatioNetwork:
-    """A freshly initialised network of `spec` (counted on the meta device first, so a spec from
-    a file cannot ask for an absurd one); the global random stream is left as it was."""
+def build_ratio(spec: RatioSpec, source: str = "ratio network", seed: int = 0) -> RatioNetwork:
+    """A network of `spec` initialised from `seed` (counted on the meta device first, so a spec
+    from a file cannot ask for an absurd one); the global random stream is left as it was, and
+    every process of a torchrun launch builds the same network."""
     with torch.device("meta"):
         count = sum(p.numel() for p in RatioNetwork(spec).parameters())
     if count > MAX_PARAMETERS:
         raise DisbackError(f"{source}: a ratio network of {count:,} parameters is too large")
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         return RatioNetwork(spec)
 
 

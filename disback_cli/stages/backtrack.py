@@ -193,9 +193,14 @@ def _backtrack(
         fake = targets.copy_of(0 if cfg.no_trajectory else traj.last_node)
     else:  # diffratio: a density-ratio network instead of the fake score; no target
         targets, teacher.denoiser = NoTargets(), None  # nothing queries the teacher's score
-        fake = build_ratio(ratio_spec_for(teacher.spec.data_shape, teacher.spec.label_dim,
-                                          generator.denoiser.sigma_data, cfg.ratio_width,
-                                          cfg.ratio_depth)).to(ex.device)  # fmt: skip
+        spec = ratio_spec_for(
+            teacher.spec.data_shape,
+            teacher.spec.label_dim,
+            generator.denoiser.sigma_data,
+            cfg.ratio_width,
+            cfg.ratio_depth,
+        )
+        fake = build_ratio(spec, seed=cfg.seed).to(ex.device)  # fmt: skip
     try:
         fake.train().requires_grad_(True)
         set_dropout(fake, cfg.dropout)
