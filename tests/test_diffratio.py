@@ -148,7 +148,7 @@ def test_diffratio_backtracks_on_the_ring_resumes_bit_for_bit_and_verifies(
 def digits_path(tmp_path_factory, cli_module):
     traj = tmp_path_factory.mktemp("dr") / "d"
     assert cli_module("record", "--teacher", "builtin:digits", "--out", traj, "--iters", "2",
-                      "--nodes", "1", "--batch", "8").code == 0  # fmt: skip
+                      "--nodes", "1", "--batch", "64").code == 0  # fmt: skip
     return traj
 
 

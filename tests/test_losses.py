@@ -160,10 +160,11 @@ def test_training_noise_levels_follow_each_losss_reference():
     assert 0.30 < (karras > 10).float().mean() < 0.34
     assert (lognormal > 10).float().mean() < 0.005
     assert karras.min() >= 0.002 * (1 - 1e-5) and karras.max() <= 80 * (1 + 1e-5)
-    assert LOSS_TRAINING_SIGMA == {"vsd": "lognormal", "dmd": "karras", "sid": "lognormal"}
+    assert LOSS_TRAINING_SIGMA == {"vsd": "lognormal", "dmd": "karras", "sid": "lognormal",
+                                   "diffratio": "lognormal"}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["vsd", "dmd", "sid"])
+@pytest.mark.parametrize("name", ["vsd", "dmd", "sid", "diffratio"])
 def test_losses_are_built_from_the_config(name):
     loss = make_generator_loss(BacktrackConfig(loss=name, p_mean=-1.0, p_std=1.0, sid_alpha=1.0))
     assert isinstance(loss, GENERATOR_LOSSES[name])

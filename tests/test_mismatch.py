@@ -72,7 +72,7 @@ def test_backtrack_logs_the_mismatch_on_the_ring_and_refuses_it_elsewhere(
                                                           "true_gap"]] * 2  # fmt: skip
     assert all(-1 <= ln["mismatch"]["cosine"] <= 1 for ln in lines)
     digits = cli("record", "--teacher", "builtin:digits", "--out", tmp_path / "d", "--iters", "2",
-                 "--nodes", "1", "--batch", "4")  # fmt: skip
+                 "--nodes", "1", "--batch", "64")  # fmt: skip
     assert digits.code == 0
     refused = cli("backtrack", "-T", tmp_path / "d", "--iters", "2", "--mismatch-every", "1")
     assert refused.code == 2 and "Gaussian-mixture" in refused.stderr

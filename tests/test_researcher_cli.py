@@ -265,9 +265,10 @@ def unwrapped(help_text: str) -> str:
     return " ".join(re.sub(r"[│╭╮╰╯─]", " ", help_text).split())
 
 
-def test_help_lists_choices_and_defaults_and_no_bool_metavars(cli):
+def test_help_lists_choices_and_defaults_and_no_bool_metavars(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # wide enough that no metavar wraps
     record = cli("record", "--help").stdout
-    assert "<even|distance>" in record and "<vsd|dmd|sid>" in record
+    assert "<even|distance>" in record and "<vsd|dmd|sid|diffratio>" in record
     sample = cli("sample", "--help").stdout
     assert "default: 1000 unless --seeds" in unwrapped(sample)
     for text in (record, sample, cli("backtrack", "--help").stdout):

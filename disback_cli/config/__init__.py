@@ -113,7 +113,8 @@ class _Training(_Compute):
     """What both training stages share: the loss the path serves, noise levels, dropout, seed."""
 
     loss: str = Field(
-        "vsd", max_length=100, description="generator loss: vsd, dmd or sid (record: the one "
+        "vsd", max_length=100, description="generator loss: vsd, dmd, sid or diffratio (record: "
+        "the one "
         "the path is for; it sets the nodes' noise levels)"
     )  # fmt: skip
     dsm_sigma: SigmaKind | None = Field(
