@@ -243,6 +243,32 @@ def best_of_grid(runs: list[dict], dataset: str, method: str) -> tuple[str, tupl
     return arm, scores[arm]
 
 
+def ends(runs: list[dict], key: str) -> str:
+    """A mismatch quantity's median over seeds at the first and the last measurement."""
+    its = sorted(set.intersection(*(set(r["mismatch"]) for r in runs)))
+    first, last = (
+        statistics.median(r["mismatch"][i][key] for r in runs) for i in (its[0], its[-1])
+    )
+    return f"{first:.3g} -> {last:.3g} (iterations {its[0]}, {its[-1]})"
+
+
+def mismatch_table(runs: list[dict]) -> str:
+    """Per ring arm: the baseline's target (the teacher) error at the generator's samples, and
+    the update's alignment with the exact KL direction for both methods, first and last."""
+    lines = ["| arm | teacher error at G's samples (baseline), first -> last | update cosine,"
+             " DisBack: first -> last | update cosine, baseline: first -> last |",
+             "|---|---|---|---|"]  # fmt: skip
+    for arm in ARMS:
+        sel = {m: [r for r in select(runs, "ring2d", arm, m) if r["mismatch"]] for m in METHODS}
+        if not all(sel.values()):
+            continue
+
+        cells = [ends(sel["baseline"], "target_mse"), ends(sel["disback"], "cosine"),
+                 ends(sel["baseline"], "cosine")]  # fmt: skip
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fmt(v: tuple) -> str:
     return f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"
 
@@ -370,7 +396,7 @@ def main() -> None:
         for arm in arms:
             run_arm(args.dataset, arm, tuple(args.seeds), args.results, args.work, args.smoke)
         return
-    markdown = report(args.results)
+    markdown = report(args.results) + "\n\n" + mismatch_table(load(args.results))
     (args.results.parent / "regimes.md").write_text(markdown + "\n")
     plot(args.results, args.results.parent)
     print(markdown)
