@@ -66,7 +66,8 @@ ARMS = {
     "sigma80": {"record": {"sigma_init": 80.0}},
     "random-student": {"record": {"student_arch_kwargs": {}}},
     "narrow-student": {"record": {"student_arch_kwargs": "narrow"}},
-    "adaptive": {"backtrack": {"switch": "adaptive"}},
+    # patience half the interval (the interval caps a node): 50 on the ring, the CLI's default
+    "adaptive": {"backtrack": {"switch": "adaptive", "switch_patience": 0.5}},
     "distance": {"record": {"placement": "distance"}},
     "nodes2": {"record": {"nodes": 2}},
     "nodes4": {"record": {"nodes": 4}},
@@ -76,9 +77,12 @@ ARMS = {
     "interval-double": {"backtrack": {"interval": 2.0}},
     "fake-steps5": {"backtrack": {"fake_steps": 5}},
 }
-LR_FACTORS = (1 / 3, 1.0, 3.0)  # the learning-rate grid around the base rates, for both methods
-for _g in LR_FACTORS:
-    for _f in LR_FACTORS:
+# The learning-rate grid around the base rates, the same for both methods (the generator's axis
+# runs one step further: on the ring both methods' best sat at its x3 edge).
+LR_FACTORS_G = (1 / 3, 1.0, 3.0, 10.0)
+LR_FACTORS_FAKE = (1 / 3, 1.0, 3.0)
+for _g in LR_FACTORS_G:
+    for _f in LR_FACTORS_FAKE:
         ARMS[f"lr-g{_g:.2g}-f{_f:.2g}"] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
 
 
@@ -90,7 +94,7 @@ def settings(dataset: str, arm: str, smoke: bool = False) -> tuple[dict, dict]:
     for key, value in change.get("record", {}).items():
         record[key] = base["narrow"] if value == "narrow" else value
     for key, value in change.get("backtrack", {}).items():
-        if key == "interval":
+        if key in ("interval", "switch_patience"):  # factors of the base interval
             value = max(1, round(backtrack["interval"] * value))
         elif key in ("lr_g", "lr_fake"):
             value = backtrack[key] * value

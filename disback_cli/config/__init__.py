@@ -268,6 +268,16 @@ class BacktrackConfig(_Training):
         return self
 
     @model_validator(mode="after")
+    def _adaptive_can_switch_early(self) -> BacktrackConfig:
+        # With patience >= interval the cap always fires first: the fixed schedule, silently.
+        if self.switch == "adaptive" and self.switch_patience >= self.interval:
+            raise ValueError(
+                f"switch-patience ({self.switch_patience}) must be below interval "
+                f"({self.interval}), or the adaptive switch is the fixed one"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _decay_needs_adamw(self) -> BacktrackConfig:
         if self.weight_decay and self.optimizer != "adamw":
             raise ValueError("weight-decay needs --optimizer adamw")
