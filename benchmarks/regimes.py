@@ -229,6 +229,8 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     better = (d[2] < b[1]) if lower else (d[1] > b[2])  # every seed of one beats every other
     worse = (d[1] > b[2]) if lower else (d[2] < b[1])
     row["verdict"] = "helps" if better else "hurts" if worse else "no difference"
+    if row["seeds"] < len(SEEDS):  # a range over fewer seeds separates too easily
+        row["verdict"] = f"none yet ({row['seeds']} of {len(SEEDS)} seeds)"
     return row
 
 
