@@ -168,6 +168,20 @@ def test_adaptive_switching_resumes_exactly(trajectory):
     assert targets == sorted(targets, reverse=True) and targets[-1] == 0
 
 
+def test_adaptive_patience_not_below_the_interval_is_refused_for_new_runs_only(trajectory):
+    settings = {**SMALL, "switch": "adaptive", "switch_patience": 10}
+    with pytest.raises(ValueError, match=r"switch-patience \(10\) must be below interval \(10\)"):
+        BacktrackConfig(**settings)
+    run_backtrack(BacktrackConfig(**{**settings, "switch_patience": 3}), trajectory, "old")
+    # A run an older disback made with patience 10, interval 10 stays readable.
+    path = backtrack_dir(trajectory, "old") / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["config"]["switch_patience"] = 10
+    path.write_text(json.dumps(raw))
+    manifest = read_manifest(path.parent, BacktrackManifest)
+    assert (manifest.config.switch_patience, manifest.config.interval) == (10, 10)
+
+
 def test_random_student_smaller_than_the_teacher(tmp_path):
     from disback_cli.models.denoiser_files import load_denoiser
     from disback_cli.store.manifests import TrajectoryManifest

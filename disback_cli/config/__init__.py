@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,6 +27,8 @@ from disback_cli.method.losses import GENERATOR_LOSSES
 from disback_cli.method.noise import SigmaKind
 from disback_cli.method.sampling import MAX_SAMPLES
 from disback_cli.store.fileio import read_regular_file
+
+STORED = "stored"  # validation context key: the values come from a manifest disback wrote
 
 SESSION_FIELDS = {
     "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
@@ -268,9 +271,11 @@ class BacktrackConfig(_Training):
         return self
 
     @model_validator(mode="after")
-    def _adaptive_can_switch_early(self) -> BacktrackConfig:
+    def _adaptive_can_switch_early(self, info: ValidationInfo) -> BacktrackConfig:
         # With patience >= interval the cap always fires first: the fixed schedule, silently.
-        if self.switch == "adaptive" and self.switch_patience >= self.interval:
+        # Refused for new settings only: runs made before this rule stay readable.
+        stored = (info.context or {}).get(STORED, False)
+        if self.switch == "adaptive" and self.switch_patience >= self.interval and not stored:
             raise ValueError(
                 f"switch-patience ({self.switch_patience}) must be below interval "
                 f"({self.interval}), or the adaptive switch is the fixed one"

@@ -24,7 +24,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from disback_cli import __version__
-from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.config import STORED, BacktrackConfig, RecordConfig
 from disback_cli.errors import DisbackError, describe_validation_error
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.teachers import BUILTIN_PREFIX, Teacher, open_teacher, resolve_teacher_path
@@ -284,7 +284,7 @@ def read_manifest(directory: str | Path, model: type[ManifestT]) -> ManifestT:
             f"(this one reads up to {SCHEMA_VERSION}); upgrade disback"
         )
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context={STORED: True})
     except ValidationError as exc:
         raise DisbackError(f"{path}: {describe_validation_error(exc)}") from None
 
