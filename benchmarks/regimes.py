@@ -275,6 +275,27 @@ def mismatch_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def lr_grid_table(runs: list[dict], dataset: str) -> str:
+    """Final quality (median over seeds) of both methods at every point of the learning-rate
+    grid: rows the generator's factor, columns the fake score's, cells DisBack / baseline."""
+    metric = BASE[dataset]["metric"]
+    lines = [f"| {dataset}: lr_g factor \\ lr_fake factor | "
+             + " | ".join(f"x{f:.2g}" for f in LR_FACTORS_FAKE) + " |",
+             "|---" * (1 + len(LR_FACTORS_FAKE)) + "|"]  # fmt: skip
+    for g in LR_FACTORS_G:
+        cells = []
+        for f in LR_FACTORS_FAKE:
+            by = {m: select(runs, dataset, f"lr-g{g:.2g}-f{f:.2g}", m) for m in METHODS}
+            if not all(by.values()):
+                cells.append("-")
+                continue
+            final = {m: median_curve(by[m], metric) for m in METHODS}
+            d, b = (final[m][max(final[m])][0] for m in METHODS)
+            cells.append(f"{d:.3g} / {b:.3g}")
+        lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def fmt(v: tuple) -> str:
     return f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"
 
@@ -402,7 +423,9 @@ def main() -> None:
         for arm in arms:
             run_arm(args.dataset, arm, tuple(args.seeds), args.results, args.work, args.smoke)
         return
-    markdown = report(args.results) + "\n\n" + mismatch_table(load(args.results))
+    runs = load(args.results)
+    markdown = "\n\n".join([report(args.results), mismatch_table(runs),
+                             lr_grid_table(runs, "ring2d")])  # fmt: skip
     (args.results.parent / "regimes.md").write_text(markdown + "\n")
     plot(args.results, args.results.parent)
     print(markdown)
