@@ -76,6 +76,8 @@ ARMS = {
     "interval-half": {"backtrack": {"interval": 0.5}},
     "interval-double": {"backtrack": {"interval": 2.0}},
     "fake-steps5": {"backtrack": {"fake_steps": 5}},
+    # the ring's best generator rate (x10), with the path walked in a fifth of the time
+    "fast-g-short-interval": {"backtrack": {"lr_g": 10.0, "interval": 0.2}},
 }
 # The learning-rate grid around the base rates, the same for both methods (the generator's axis
 # runs one step further: on the ring both methods' best sat at its x3 edge).
