@@ -86,6 +86,21 @@ LR_FACTORS_FAKE = (1 / 3, 1.0, 3.0)
 for _g in LR_FACTORS_G:
     for _f in LR_FACTORS_FAKE:
         ARMS[f"lr-g{_g:.2g}-f{_f:.2g}"] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
+# The other score-difference losses, on the generator's axis only (the axis that mattered for
+# VSD); each records its own path (dmd's nodes train at its Karras levels).
+OTHER_LOSSES = ("dmd", "sid")
+for _loss in OTHER_LOSSES:
+    for _g in LR_FACTORS_G:
+        ARMS[f"lr-{_loss}-g{_g:.2g}"] = {"record": {"loss": _loss},
+                                         "backtrack": {"loss": _loss, "lr_g": _g}}  # fmt: skip
+
+
+def grid_loss(arm: str) -> str | None:
+    """The loss a learning-rate arm belongs to (None: not a learning-rate arm)."""
+    if not arm.startswith("lr-"):
+        return None
+    part = arm.split("-")[1]
+    return part if part in OTHER_LOSSES else "vsd"
 
 
 def settings(dataset: str, arm: str, smoke: bool = False) -> tuple[dict, dict]:
@@ -236,11 +251,13 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     return row
 
 
-def best_of_grid(runs: list[dict], dataset: str, method: str) -> tuple[str, tuple] | None:
-    """The learning-rate arm where `method` ends best (median over seeds)."""
+def best_of_grid(
+    runs: list[dict], dataset: str, method: str, loss: str = "vsd"
+) -> tuple[str, tuple] | None:
+    """The learning-rate arm of `loss` where `method` ends best (median over seeds)."""
     metric, lower = BASE[dataset]["metric"], BASE[dataset]["lower"]
     scores = {}
-    for arm in (a for a in ARMS if a.startswith("lr-")):
+    for arm in (a for a in ARMS if grid_loss(a) == loss):
         sel = select(runs, dataset, arm, method)
         if sel:
             curve = median_curve(sel, metric)
@@ -295,6 +312,19 @@ def lr_grid_table(runs: list[dict], dataset: str) -> str:
             d, b = (final[m][max(final[m])][0] for m in METHODS)
             cells.append(f"{d:.3g} / {b:.3g}")
         lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
+    lines += ["", f"| {dataset}: lr_g factor (lr_fake x1) | " + " | ".join(OTHER_LOSSES) + " |",
+              "|---" * (1 + len(OTHER_LOSSES)) + "|"]  # fmt: skip
+    for g in LR_FACTORS_G:
+        cells = []
+        for loss in OTHER_LOSSES:
+            by = {m: select(runs, dataset, f"lr-{loss}-g{g:.2g}", m) for m in METHODS}
+            if not all(by.values()):
+                cells.append("-")
+                continue
+            final = {m: median_curve(by[m], metric) for m in METHODS}
+            d, b = (final[m][max(final[m])][0] for m in METHODS)
+            cells.append(f"{d:.3g} / {b:.3g}")
+        lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -324,12 +354,13 @@ def report(path: Path) -> str:
             cells = (dataset, arm, row["metric"], fmt(row["disback"]), fmt(row["baseline"]),
                      reach, speed, half, row["verdict"])  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
-        grid = {m: best_of_grid(runs, dataset, m) for m in METHODS}
-        if all(grid.values()):
-            lines.append(f"| {dataset} | learning rates, best of grid each | "
-                         f"{BASE[dataset]['metric']} | {fmt(grid['disback'][1])} "
-                         f"({grid['disback'][0]}) | {fmt(grid['baseline'][1])} "
-                         f"({grid['baseline'][0]}) | | | | |")  # fmt: skip
+        for loss in ("vsd", *OTHER_LOSSES):
+            grid = {m: best_of_grid(runs, dataset, m, loss) for m in METHODS}
+            if all(grid.values()):
+                lines.append(f"| {dataset} | {loss}: learning rates, best of grid each | "
+                             f"{BASE[dataset]['metric']} | {fmt(grid['disback'][1])} "
+                             f"({grid['disback'][0]}) | {fmt(grid['baseline'][1])} "
+                             f"({grid['baseline'][0]}) | | | | |")  # fmt: skip
     return "\n".join(lines)
 
 

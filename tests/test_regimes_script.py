@@ -43,8 +43,9 @@ def check_the_script(tmp_path):
     rows = [ln for ln in regimes.report(results).splitlines() if ln.startswith("| ring2d |")]
     assert [r.split("|")[2].strip() for r in rows] == ["base"]
     assert rows[0].rstrip(" |").endswith("none yet (1 of 3 seeds)")  # no verdict on one seed
-    grid = regimes.lr_grid_table(regimes.load(results), "ring2d").splitlines()
-    assert len(grid) == 2 + len(regimes.LR_FACTORS_G) and grid[-1] == "| x10 | - | - | - |"
+    vsd, others = regimes.lr_grid_table(regimes.load(results), "ring2d").split("\n\n")
+    assert len(vsd.splitlines()) == 2 + len(regimes.LR_FACTORS_G)
+    assert vsd.splitlines()[-1] == "| x10 | - | - | - |" and others.endswith("| x10 | - | - |")
     regimes.plot(results, tmp_path)
     assert (tmp_path / "regimes-ring2d-iteration.png").stat().st_size > 0
     assert (tmp_path / "regimes-mismatch.png").stat().st_size > 0
