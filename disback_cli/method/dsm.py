@@ -49,6 +49,29 @@ def clip_gradients(parameters, clip: float = math.inf) -> torch.Tensor:
     return norm
 
 
+def generator_inputs(
+    shape: tuple[int, ...], conditions: ConditionSource, rng: torch.Generator, ex: Execution
+) -> tuple[int, torch.Tensor, Conditioning]:
+    """The global batch size, this rank's latents z and conditions for one step: drawn for the
+    global batch from `rng` (latents first), so every rank count sees the same numbers."""
+    n = ex.global_batch(shape[0])
+    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=rng.device))
+    return n, z, conditions.draw(n, rng, rng.device).map(ex.local)
+
+
+def apply_gradients(
+    loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    ex: Execution, clip: float,
+) -> torch.Tensor:  # fmt: skip
+    """Backward, average across ranks, clip and step; returns the norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ex.average_gradients(module.parameters())
+    grad_norm = clip_gradients(module.parameters(), clip)
+    optimizer.step()
+    return grad_norm
+
+
 def denoising_step(
     denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -70,18 +93,11 @@ def denoising_step(
     """
     ex = ex or Execution(rng.device)
     device = rng.device
-    n = ex.global_batch(shape[0])
-    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    cond = conditions.draw(n, rng, device).map(ex.local)
+    n, z, cond = generator_inputs(shape, conditions, rng, ex)
     sigma = ex.local(levels.sample(n, rng, device))
     noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
     with ex.autocast():
         with torch.no_grad(), eval_mode(generator):
             x0 = generator(ex.to_input(z), **cond)
         loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), cond)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    ex.average_gradients(denoiser.parameters())
-    grad_norm = clip_gradients(denoiser.parameters(), clip)
-    optimizer.step()
-    return loss.detach(), grad_norm
+    return loss.detach(), apply_gradients(loss, denoiser, optimizer, ex, clip)

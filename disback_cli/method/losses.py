@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from disback_cli.errors import DisbackError
-from disback_cli.method.dsm import clip_gradients
+from disback_cli.method.dsm import apply_gradients, generator_inputs
 from disback_cli.method.noise import (
     KARRAS_LEVELS,
     DiscreteSigma,
@@ -208,18 +208,11 @@ def generator_step(
     the gradient norm (before clipping)."""
     ex = ex or Execution(rng.device)
     device = rng.device
-    n = ex.global_batch(shape[0])
-    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    cond = conditions.draw(n, rng, device).map(ex.local)
+    n, z, cond = generator_inputs(shape, conditions, rng, ex)
     with ex.autocast():
         x = generator(ex.to_input(z), **cond)
         sigma = ex.local(loss_fn.sample_sigma(n, rng, device))
         noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
         with eval_mode(fake):
             out = loss_fn(x, sigma, ex.to_input(noise), fake, target, cond)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    ex.average_gradients(generator.parameters())
-    grad_norm = clip_gradients(generator.parameters(), clip)
-    optimizer.step()
-    return out, grad_norm
+    return out, apply_gradients(out.loss, generator, optimizer, ex, clip)

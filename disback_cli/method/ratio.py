@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from disback_cli.method.dsm import clip_gradients
+from disback_cli.method.dsm import apply_gradients, generator_inputs
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.models.conditioning import ConditionSource
 from disback_cli.models.networks import eval_mode
@@ -54,9 +54,7 @@ def ratio_step(
     Called like `dsm.denoising_step`; returns the loss and the gradient norm."""
     ex = ex or Execution(rng.device)
     device = rng.device
-    n = ex.global_batch(shape[0])
-    z = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    cond = conditions.draw(n, rng, device).map(ex.local)
+    n, z, cond = generator_inputs(shape, conditions, rng, ex)
     real, real_cond = data.draw(n, rng, device)
     real, real_cond = ex.local(real), real_cond.map(ex.local)
     sigmas, noises = [], []
@@ -71,9 +69,4 @@ def ratio_step(
         real_logit = ratio(real_t, sigmas[0], real_cond.get("class_labels"))
         fake_logit = ratio(fake_t, sigmas[1], cond.get("class_labels"))
         loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    ex.average_gradients(ratio.parameters())
-    grad_norm = clip_gradients(ratio.parameters(), clip)
-    optimizer.step()
-    return loss.detach(), grad_norm
+    return loss.detach(), apply_gradients(loss, ratio, optimizer, ex, clip)
