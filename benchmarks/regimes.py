@@ -83,16 +83,23 @@ ARMS = {
 # runs one step further: on the ring both methods' best sat at its x3 edge).
 LR_FACTORS_G = (1 / 3, 1.0, 3.0, 10.0)
 LR_FACTORS_FAKE = (1 / 3, 1.0, 3.0)
-for _g in LR_FACTORS_G:
-    for _f in LR_FACTORS_FAKE:
-        ARMS[f"lr-g{_g:.2g}-f{_f:.2g}"] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
 # The other score-difference losses, on the generator's axis only (the axis that mattered for
 # VSD); each records its own path (dmd's nodes train at its Karras levels).
 OTHER_LOSSES = ("dmd", "sid")
+
+
+def lr_arm(g: float, f: float | None = None, loss: str = "vsd") -> str:
+    """A learning-rate arm's name: VSD's grid points by both factors, other losses by lr_g's."""
+    return f"lr-g{g:.2g}-f{f:.2g}" if loss == "vsd" else f"lr-{loss}-g{g:.2g}"
+
+
+for _g in LR_FACTORS_G:
+    for _f in LR_FACTORS_FAKE:
+        ARMS[lr_arm(_g, _f)] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
 for _loss in OTHER_LOSSES:
     for _g in LR_FACTORS_G:
-        ARMS[f"lr-{_loss}-g{_g:.2g}"] = {"record": {"loss": _loss},
-                                         "backtrack": {"loss": _loss, "lr_g": _g}}  # fmt: skip
+        ARMS[lr_arm(_g, loss=_loss)] = {"record": {"loss": _loss},
+                                        "backtrack": {"loss": _loss, "lr_g": _g}}  # fmt: skip
 
 
 def grid_loss(arm: str) -> str | None:
@@ -200,6 +207,12 @@ def median_curve(runs: list[dict], key: str) -> dict[int, tuple[float, float, fl
     return curve
 
 
+def final(runs: list[dict], dataset: str) -> tuple[float, float, float]:
+    """Median, min and max over seeds of the data set's metric at the last evaluation."""
+    curve = median_curve(runs, BASE[dataset]["metric"])
+    return curve[max(curve)]
+
+
 def reaching(curve: dict, target: float, lower: bool) -> int | None:
     """The first evaluated iteration whose median is at least as good as `target`."""
     for it, (median, _, _) in sorted(curve.items()):
@@ -220,14 +233,14 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     if not all(by.values()):
         return None
     curves = {m: median_curve(by[m], metric) for m in METHODS}
-    final = {m: curves[m][max(curves[m])] for m in METHODS}
-    target = final["baseline"][0]
+    ends_at = {m: curves[m][max(curves[m])] for m in METHODS}
+    target = ends_at["baseline"][0]
     base_at = reaching(curves["baseline"], target, lower)
     disback_at = reaching(curves["disback"], target, lower)
     record_iters = by["disback"][0]["record_iters"]
     record_seconds = statistics.median(r["record_seconds"] for r in by["disback"])
     row = {"dataset": dataset, "arm": arm, "metric": metric, "seeds": len(by["disback"]),
-           "disback": final["disback"], "baseline": final["baseline"],
+           "disback": ends_at["disback"], "baseline": ends_at["baseline"],
            "baseline_reaches": base_at, "disback_reaches": disback_at,
            "record_iters": record_iters, "record_seconds": record_seconds}  # fmt: skip
     # Both methods run the same loop, so an iteration costs the same: seconds are charged at
@@ -242,7 +255,7 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     half = min(curves["baseline"], key=lambda i: abs(i - max(curves["baseline"]) / 2))
     early = reaching(curves["disback"], curves["baseline"][half][0], lower)
     row["speedup_half"] = None if early is None else half / early
-    d, b = final["disback"], final["baseline"]
+    d, b = ends_at["disback"], ends_at["baseline"]
     better = (d[2] < b[1]) if lower else (d[1] > b[2])  # every seed of one beats every other
     worse = (d[1] > b[2]) if lower else (d[2] < b[1])
     row["verdict"] = "helps" if better else "hurts" if worse else "no difference"
@@ -255,13 +268,12 @@ def best_of_grid(
     runs: list[dict], dataset: str, method: str, loss: str = "vsd"
 ) -> tuple[str, tuple] | None:
     """The learning-rate arm of `loss` where `method` ends best (median over seeds)."""
-    metric, lower = BASE[dataset]["metric"], BASE[dataset]["lower"]
+    lower = BASE[dataset]["lower"]
     scores = {}
     for arm in (a for a in ARMS if grid_loss(a) == loss):
         sel = select(runs, dataset, arm, method)
         if sel:
-            curve = median_curve(sel, metric)
-            scores[arm] = curve[max(curve)]
+            scores[arm] = final(sel, dataset)
     if not scores:
         return None
     arm = (min if lower else max)(scores, key=lambda a: scores[a][0])
@@ -296,36 +308,28 @@ def mismatch_table(runs: list[dict]) -> str:
 
 def lr_grid_table(runs: list[dict], dataset: str) -> str:
     """Final quality (median over seeds) of both methods at every point of the learning-rate
-    grid: rows the generator's factor, columns the fake score's, cells DisBack / baseline."""
-    metric = BASE[dataset]["metric"]
-    lines = [f"| {dataset}: lr_g factor \\ lr_fake factor | "
-             + " | ".join(f"x{f:.2g}" for f in LR_FACTORS_FAKE) + " |",
-             "|---" * (1 + len(LR_FACTORS_FAKE)) + "|"]  # fmt: skip
-    for g in LR_FACTORS_G:
-        cells = []
-        for f in LR_FACTORS_FAKE:
-            by = {m: select(runs, dataset, f"lr-g{g:.2g}-f{f:.2g}", m) for m in METHODS}
-            if not all(by.values()):
-                cells.append("-")
-                continue
-            final = {m: median_curve(by[m], metric) for m in METHODS}
-            d, b = (final[m][max(final[m])][0] for m in METHODS)
-            cells.append(f"{d:.3g} / {b:.3g}")
-        lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
-    lines += ["", f"| {dataset}: lr_g factor (lr_fake x1) | " + " | ".join(OTHER_LOSSES) + " |",
-              "|---" * (1 + len(OTHER_LOSSES)) + "|"]  # fmt: skip
-    for g in LR_FACTORS_G:
-        cells = []
-        for loss in OTHER_LOSSES:
-            by = {m: select(runs, dataset, f"lr-{loss}-g{g:.2g}", m) for m in METHODS}
-            if not all(by.values()):
-                cells.append("-")
-                continue
-            final = {m: median_curve(by[m], metric) for m in METHODS}
-            d, b = (final[m][max(final[m])][0] for m in METHODS)
-            cells.append(f"{d:.3g} / {b:.3g}")
-        lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    grids, cells DisBack / baseline: VSD's (rows the generator's factor, columns the fake
+    score's), then the other losses' (rows the generator's factor, columns the loss)."""
+
+    def cell(arm: str) -> str:
+        by = {m: select(runs, dataset, arm, m) for m in METHODS}
+        if not all(by.values()):
+            return "-"
+        return " / ".join(f"{final(by[m], dataset)[0]:.3g}" for m in METHODS)
+
+    def table(title: str, columns: list[str], arm) -> list[str]:
+        lines = [f"| {dataset}: {title} | " + " | ".join(columns) + " |",
+                 "|---" * (1 + len(columns)) + "|"]  # fmt: skip
+        for g in LR_FACTORS_G:
+            cells = [cell(arm(g, c)) for c in range(len(columns))]
+            lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
+        return lines
+
+    vsd = table("lr_g factor \\ lr_fake factor", [f"x{f:.2g}" for f in LR_FACTORS_FAKE],
+                lambda g, c: lr_arm(g, LR_FACTORS_FAKE[c]))  # fmt: skip
+    others = table("lr_g factor (lr_fake x1)", list(OTHER_LOSSES),
+                   lambda g, c: lr_arm(g, loss=OTHER_LOSSES[c]))  # fmt: skip
+    return "\n".join([*vsd, "", *others])
 
 
 def fmt(v: tuple) -> str:
