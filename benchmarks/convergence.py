@@ -29,15 +29,40 @@ from disback_cli.stages.record import run_record
 LOSSES = ("vsd", "dmd", "sid")
 SETTINGS = {
     # metric, lower is better?, record settings, backtrack settings
-    "ring2d": ("mmd2", True,
-               dict(teacher="builtin:ring2d", iters=600, nodes=6, batch=256, lr=1e-4),
-               dict(iters=1500, interval=100, batch=256, lr_g=1e-4, lr_fake=1e-3, eval_every=100,
-                    eval_samples=2000, log_every=50, save_every=0)),
-    "digits": ("fd_digits", True,
-               dict(teacher="builtin:digits", iters=200, nodes=4, batch=64, lr=1e-4),
-               dict(iters=250, interval=25, batch=32, lr_g=5e-5, lr_fake=1e-4, ema_rampup=0.3,
-                    eval_every=25, eval_samples=300, log_every=25, save_every=0)),
-}  # fmt: skip
+    "ring2d": (
+        "mmd2",
+        True,
+        dict(teacher="builtin:ring2d", iters=600, nodes=6, batch=256, lr=1e-4),
+        dict(
+            iters=1500,
+            interval=100,
+            batch=256,
+            lr_g=1e-4,
+            lr_fake=1e-3,
+            eval_every=100,
+            eval_samples=2000,
+            log_every=50,
+            save_every=0,
+        ),
+    ),
+    "digits": (
+        "fd_digits",
+        True,
+        dict(teacher="builtin:digits", iters=200, nodes=4, batch=64, lr=1e-4),
+        dict(
+            iters=250,
+            interval=25,
+            batch=32,
+            lr_g=5e-5,
+            lr_fake=1e-4,
+            ema_rampup=0.3,
+            eval_every=25,
+            eval_samples=300,
+            log_every=25,
+            save_every=0,
+        ),
+    ),
+}
 EXTRA_METRICS = {
     "ring2d": ("precision", "modes_covered", "mode_tv"),
     "digits": ("classes_covered",),
@@ -58,18 +83,34 @@ def run(dataset: str, seeds: list[int], workdir: Path) -> list[dict]:
                 recorded[kind] = trajectory, time.perf_counter() - started
             trajectory, record_seconds = recorded[kind]
             for method in ("disback", "baseline"):
-                cfg = BacktrackConfig(**backtrack, loss=loss, seed=seed, device="cpu",
-                                      no_trajectory=method == "baseline")  # fmt: skip
+                cfg = BacktrackConfig(
+                    **backtrack,
+                    loss=loss,
+                    seed=seed,
+                    device="cpu",
+                    no_trajectory=method == "baseline",
+                )
                 name = f"{loss}-{method}"
                 manifest = run_backtrack(cfg, trajectory, name)
                 lines = (trajectory / "backtrack" / name / "metrics.jsonl").read_text().splitlines()
                 evals = {d["iteration"]: d["eval"] for d in map(json.loads, lines) if "eval" in d}
-                results.append({"dataset": dataset, "loss": loss, "method": method, "seed": seed,
-                                "seconds": manifest.elapsed_seconds,
-                                "record_seconds": record_seconds, "evals": evals})  # fmt: skip
+                results.append(
+                    {
+                        "dataset": dataset,
+                        "loss": loss,
+                        "method": method,
+                        "seed": seed,
+                        "seconds": manifest.elapsed_seconds,
+                        "record_seconds": record_seconds,
+                        "evals": evals,
+                    }
+                )
                 final = evals[max(evals)][metric]
-                print(f"{dataset} seed {seed} {name}: final {metric} {final:.4g} "
-                      f"({manifest.elapsed_seconds:.0f} s)", flush=True)  # fmt: skip
+                print(
+                    f"{dataset} seed {seed} {name}: final {metric} {final:.4g} "
+                    f"({manifest.elapsed_seconds:.0f} s)",
+                    flush=True,
+                )
     return results
 
 
@@ -147,10 +188,19 @@ def plot(results: list[dict], out: Path) -> None:
                 axis.plot(
                     xs, [curve[x][0] for x in xs], style, color=colour, label=f"{loss} {method}"
                 )
-                axis.fill_between(xs, [curve[x][1] for x in xs], [curve[x][2] for x in xs],
-                                  color=colour, alpha=0.12)  # fmt: skip
-        axis.set(yscale="log", xlabel="generator iteration (recording not included)", ylabel=metric,
-                 title=f"{dataset}: median and range over seeds")  # fmt: skip
+                axis.fill_between(
+                    xs,
+                    [curve[x][1] for x in xs],
+                    [curve[x][2] for x in xs],
+                    color=colour,
+                    alpha=0.12,
+                )
+        axis.set(
+            yscale="log",
+            xlabel="generator iteration (recording not included)",
+            ylabel=metric,
+            title=f"{dataset}: median and range over seeds",
+        )
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()

@@ -71,8 +71,9 @@ def best_of_k(trajectory: Path, name: str, dataset: str, work: Path) -> dict[int
                 report = vector_report([(torch.from_numpy(data["samples"]), {})], "ring2d")
             else:
                 report = digits_report([(data["images"], {})])
-        results[k] = {key: v for key, v in report["results"][0].items()
-                      if isinstance(v, (int, float))}  # fmt: skip
+        results[k] = {
+            key: v for key, v in report["results"][0].items() if isinstance(v, (int, float))
+        }
     return results
 
 
@@ -86,16 +87,29 @@ def run(dataset: str, seeds: list[int], work: Path) -> list[dict]:
         record_seconds = time.perf_counter() - started
         for arm, (loss, plain) in ARMS.items():
             data = {"data": f"builtin:{dataset}"} if loss == "diffratio" else {}
-            cfg = BacktrackConfig(**backtrack, loss=loss, seed=seed, device="cpu", threads=1,
-                                  no_trajectory=plain, **data)  # fmt: skip
+            cfg = BacktrackConfig(
+                **backtrack,
+                loss=loss,
+                seed=seed,
+                device="cpu",
+                threads=1,
+                no_trajectory=plain,
+                **data,
+            )
             name = f"{loss}-{'plain' if plain else 'disback'}"
             manifest = run_backtrack(cfg, trajectory, name)
-            lines = [json.loads(x) for x in (backtrack_dir(trajectory, name) / "metrics.jsonl")
-                     .open()]  # fmt: skip
+            lines = [
+                json.loads(x) for x in (backtrack_dir(trajectory, name) / "metrics.jsonl").open()
+            ]
             evals = {ln["iteration"]: ln["eval"] for ln in lines if "eval" in ln}
-            row = {"dataset": dataset, "arm": arm, "seed": seed, "seconds":
-                   manifest.elapsed_seconds, "record_seconds": record_seconds,
-                   "final": evals[max(evals)]}  # fmt: skip
+            row = {
+                "dataset": dataset,
+                "arm": arm,
+                "seed": seed,
+                "seconds": manifest.elapsed_seconds,
+                "record_seconds": record_seconds,
+                "final": evals[max(evals)],
+            }
             if loss == "diffratio":
                 row["best_of"] = best_of_k(trajectory, name, dataset, work)
             rows.append(row)
@@ -113,12 +127,17 @@ def sizes(dataset: str) -> dict:
 
     teacher = open_teacher(f"builtin:{dataset}")
     spec = teacher.spec
-    ratio = build_ratio(ratio_spec_for(spec.data_shape, spec.label_dim,
-                                       teacher.denoiser.sigma_data, None, None))  # fmt: skip
+    ratio = build_ratio(
+        ratio_spec_for(spec.data_shape, spec.label_dim, teacher.denoiser.sigma_data, None, None)
+    )
     networks = {"fake score": teacher.denoiser, "ratio network": ratio}
-    return {name: {"parameters": sum(p.numel() for p in net.parameters()),
-                   "training_mb": training_bytes(net) / 2**20}
-            for name, net in networks.items()}  # fmt: skip
+    return {
+        name: {
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "training_mb": training_bytes(net) / 2**20,
+        }
+        for name, net in networks.items()
+    }
 
 
 def fmt(values: list[float]) -> str:
@@ -126,31 +145,44 @@ def fmt(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | method | final metric | precision / classes | seconds |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| data | method | final metric | precision / classes | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         metric = SETTINGS[dataset][0]
         second = "precision" if dataset == "ring2d" else "classes_covered"
         for arm in ARMS:
             sel = [r for r in rows if (r["dataset"], r["arm"]) == (dataset, arm)]
-            lines.append(f"| {dataset} | {arm} | {metric} {fmt([r['final'][metric] for r in sel])}"
-                         f" | {fmt([r['final'][second] for r in sel])} | "
-                         f"{fmt([r['seconds'] for r in sel])} |")  # fmt: skip
-    lines += ["", "| data | K | metric of the best-of-K samples | precision / classes |",
-              "|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {dataset} | {arm} | {metric} {fmt([r['final'][metric] for r in sel])}"
+                f" | {fmt([r['final'][second] for r in sel])} | "
+                f"{fmt([r['seconds'] for r in sel])} |"
+            )
+    lines += [
+        "",
+        "| data | K | metric of the best-of-K samples | precision / classes |",
+        "|---|---|---|---|",
+    ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         metric = SETTINGS[dataset][0]
         second = "precision" if dataset == "ring2d" else "classes_covered"
         sel = [r for r in rows if (r["dataset"], r["arm"]) == (dataset, "diffratio")]
         for k in BEST_OF:
-            lines.append(f"| {dataset} | {k} | {fmt([r['best_of'][k][metric] for r in sel])} | "
-                         f"{fmt([r['best_of'][k][second] for r in sel])} |")  # fmt: skip
-    lines += ["", "| data | network | parameters | training memory (weights, gradient, Adam) |",
-              "|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {dataset} | {k} | {fmt([r['best_of'][k][metric] for r in sel])} | "
+                f"{fmt([r['best_of'][k][second] for r in sel])} |"
+            )
+    lines += [
+        "",
+        "| data | network | parameters | training memory (weights, gradient, Adam) |",
+        "|---|---|---|---|",
+    ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         for name, size in sizes(dataset).items():
-            lines.append(f"| {dataset} | {name} | {size['parameters']:,} | "
-                         f"{size['training_mb']:.2f} MiB |")  # fmt: skip
+            lines.append(
+                f"| {dataset} | {name} | {size['parameters']:,} | {size['training_mb']:.2f} MiB |"
+            )
     return "\n".join(lines)
 
 

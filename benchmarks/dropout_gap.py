@@ -21,11 +21,21 @@ from disback_cli.store.layout import backtrack_dir
 
 def main() -> None:
     trajectory = Path(tempfile.mkdtemp(prefix="disback-dropout-")) / "digits"
-    run_record(RecordConfig(teacher="builtin:digits", iters=10, nodes=1, batch=64, device="cpu"),
-               trajectory)  # fmt: skip
+    run_record(
+        RecordConfig(teacher="builtin:digits", iters=10, nodes=1, batch=64, device="cpu"),
+        trajectory,
+    )
     for loss in ("vsd", "dmd", "sid"):
-        cfg = BacktrackConfig(no_trajectory=True, loss=loss, dropout=0.13, iters=1, batch=64,
-                              log_every=1, save_every=0, device="cpu")  # fmt: skip
+        cfg = BacktrackConfig(
+            no_trajectory=True,
+            loss=loss,
+            dropout=0.13,
+            iters=1,
+            batch=64,
+            log_every=1,
+            save_every=0,
+            device="cpu",
+        )
         run_backtrack(cfg, trajectory, loss)
         line = json.loads((backtrack_dir(trajectory, loss) / "metrics.jsonl").read_text())
         print(f"{loss}: score_gap {line['score_gap']:.4g}, grad_norm_g {line['grad_norm_g']:.4g}")

@@ -35,16 +35,32 @@ import torch
 
 from disback_cli.models.networks import NetworkSpec
 
-SONG = dict(embedding_type="positional", encoder_type="standard", decoder_type="standard",
-            channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-            channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13,
-            augment_dim=9)  # fmt: skip
-ADM = dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3,
-           attn_resolutions=[32, 16, 8], dropout=0.1)  # fmt: skip
-CIFAR10 = NetworkSpec(arch="SongUNet", precond="vp", data_shape=(3, 32, 32), label_dim=10,
-                      arch_kwargs=SONG)  # fmt: skip
-IMAGENET64 = NetworkSpec(arch="DhariwalUNet", precond="edm", data_shape=(3, 64, 64), label_dim=1000,
-                         arch_kwargs=ADM)  # fmt: skip
+SONG = dict(
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.13,
+    augment_dim=9,
+)
+ADM = dict(
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+    dropout=0.1,
+)
+CIFAR10 = NetworkSpec(
+    arch="SongUNet", precond="vp", data_shape=(3, 32, 32), label_dim=10, arch_kwargs=SONG
+)
+IMAGENET64 = NetworkSpec(
+    arch="DhariwalUNet", precond="edm", data_shape=(3, 64, 64), label_dim=1000, arch_kwargs=ADM
+)
 CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64, "sd-like": None}
 SD_LIKE = dict(widths=(192, 384, 768), latent=32, text_width=768, text_layers=4)
 LORA_RANK = 16
@@ -52,27 +68,52 @@ STAGES = ("load", "record", "backtrack", "sample")
 # Weight-sized tensors each stage must hold (the arithmetic beside the measurement).
 RESIDENT = {
     "load": {"teacher": 1},
-    "record": {"teacher (also G0)": 1, "auxiliary model": 1, "its gradient": 1,
-               "two Adam moments": 2},
-    "backtrack": {"teacher": 1, "generator": 1, "generator gradient": 1, "generator EMA": 1,
-                  "fake score": 1, "fake gradient": 1, "target node": 1,
-                  "next node (prefetched)": 1, "two Adam moments x2": 4},
+    "record": {
+        "teacher (also G0)": 1,
+        "auxiliary model": 1,
+        "its gradient": 1,
+        "two Adam moments": 2,
+    },
+    "backtrack": {
+        "teacher": 1,
+        "generator": 1,
+        "generator gradient": 1,
+        "generator EMA": 1,
+        "fake score": 1,
+        "fake gradient": 1,
+        "target node": 1,
+        "next node (prefetched)": 1,
+        "two Adam moments x2": 4,
+    },
     "sample": {"generator": 1},
-}  # fmt: skip
+}
 RESIDENT_TEXT = {  # sd-like, a 2-node path: the teacher is let go once node 1 is the target
     **RESIDENT,
-    "backtrack": {"generator": 1, "generator gradient": 1, "generator EMA": 1, "fake score": 1,
-                  "fake gradient": 1, "target node": 1, "next node (prefetched)": 1,
-                  "two Adam moments x2": 4},
-}  # fmt: skip
+    "backtrack": {
+        "generator": 1,
+        "generator gradient": 1,
+        "generator EMA": 1,
+        "fake score": 1,
+        "fake gradient": 1,
+        "target node": 1,
+        "next node (prefetched)": 1,
+        "two Adam moments x2": 4,
+    },
+}
 RESIDENT_LORA = {  # --lora: only adapters train; targets are one adapted teacher copy
     "load": {"teacher": 1},
     "record": {"teacher (also G0)": 1, "auxiliary model (frozen base)": 1},
-    "backtrack": {"adapted teacher (every target)": 1, "generator": 1, "generator gradient": 1,
-                  "generator EMA": 1, "fake score": 1, "fake gradient": 1,
-                  "two Adam moments x2": 4},
+    "backtrack": {
+        "adapted teacher (every target)": 1,
+        "generator": 1,
+        "generator gradient": 1,
+        "generator EMA": 1,
+        "fake score": 1,
+        "fake gradient": 1,
+        "two Adam moments x2": 4,
+    },
     "sample": {"generator": 1},
-}  # fmt: skip
+}
 
 
 def peak_rss_bytes() -> int:
@@ -100,15 +141,18 @@ def make_teacher(config: str, folder: Path) -> Path:
     if not path.exists():
         torch.manual_seed(0)
         spec = CONFIGS[config]
-        info = {"role": "teacher", "train_sigma": {"p_mean": -1.2, "p_std": 1.2},
-                "edm": {"class_name": "benchmark", "model_type": spec.arch}}  # fmt: skip
+        info = {
+            "role": "teacher",
+            "train_sigma": {"p_mean": -1.2, "p_std": 1.2},
+            "edm": {"class_name": "benchmark", "model_type": spec.arch},
+        }
         save_denoiser(path, build_denoiser(spec), spec, info)
     return path
 
 
 def run_stage(
     stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int, lora: bool
-) -> dict:  # fmt: skip
+) -> dict:
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
     from disback_cli.method import probe as probe_module
@@ -130,8 +174,15 @@ def run_stage(
     elif stage == "record":
         lora_rank = {"lora_rank": LORA_RANK} if lora else {}
         nodes = 2 if text else 1  # text: the first target is a node, the next one prefetched
-        cfg = RecordConfig(teacher=str(teacher), iters=2, nodes=nodes, batch=batch,
-                           device=device, **text, **lora_rank)  # fmt: skip
+        cfg = RecordConfig(
+            teacher=str(teacher),
+            iters=2,
+            nodes=nodes,
+            batch=batch,
+            device=device,
+            **text,
+            **lora_rank,
+        )
         record_module.run_record(cfg, trajectory)
     elif stage == "backtrack":
         cfg = BacktrackConfig(iters=2, batch=batch, save_every=0, log_every=1, device=device)
@@ -146,8 +197,11 @@ def run_stage(
             fmt, parts = "png", open_sampling(info["text_to_image"], torch.device(device))
         cfg = SampleConfig(n=2 * batch, batch=batch, format=fmt, device=device, **text)
         write_samples_of(generator, info, cfg, work / "samples", text=parts)
-    result = {"stage": stage, "seconds": round(time.perf_counter() - started, 1),
-              "peak_rss_gb": peak_rss_bytes() / 1e9}  # fmt: skip
+    result = {
+        "stage": stage,
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
+    }
     if torch.cuda.is_available() and device.startswith("cuda"):
         result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
@@ -168,8 +222,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
-        result = run_stage(args.child, make_teacher(args.config, work), work, args.batch,
-                           args.device, args.probe_samples, args.lora)  # fmt: skip
+        result = run_stage(
+            args.child,
+            make_teacher(args.config, work),
+            work,
+            args.batch,
+            args.device,
+            args.probe_samples,
+            args.lora,
+        )
         print(json.dumps(result))
         return
 
@@ -192,10 +253,22 @@ def main() -> None:
     )
     rows = []
     for stage in args.stages.split(","):
-        command = [sys.executable, __file__, "--child", stage, "--config", args.config,
-                   "--device", args.device, "--batch", str(args.batch), "--work", str(work),
-                   "--probe-samples", str(args.probe_samples)] + (["--lora"] if args.lora
-                                                                  else [])  # fmt: skip
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            stage,
+            "--config",
+            args.config,
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--work",
+            str(work),
+            "--probe-samples",
+            str(args.probe_samples),
+        ] + (["--lora"] if args.lora else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"stage {stage} failed:\n{done.stderr}")
@@ -204,15 +277,27 @@ def main() -> None:
         row["resident_gb"] = row["resident_copies"] * copy_gb
         rows.append(row)
         cuda = f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""
-        print(f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB{cuda}; must hold "
-              f"{row['resident_copies']} weight copies = {row['resident_gb']:.2f} GB "
-              f"({', '.join(resident[stage])}); {row['seconds']} s")  # fmt: skip
+        print(
+            f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB{cuda}; must hold "
+            f"{row['resident_copies']} weight copies = {row['resident_gb']:.2f} GB "
+            f"({', '.join(resident[stage])}); {row['seconds']} s"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"config": args.config, "lora": args.lora,
-                                        "parameters": params,
-                                        "batch": args.batch, "device": args.device,
-                                        "probe_samples": args.probe_samples, "stages": rows},
-                                       indent=2) + "\n")  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "lora": args.lora,
+                    "parameters": params,
+                    "batch": args.batch,
+                    "device": args.device,
+                    "probe_samples": args.probe_samples,
+                    "stages": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

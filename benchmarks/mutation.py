@@ -54,11 +54,17 @@ TESTS = {
     "evaluation/vectors": ["test_metrics.py"],
     "method/schedule": ["test_schedule.py", "test_backtrack.py"],
     "runtime/parallel": ["test_compute.py", "test_distributed.py"],
-    "store/statefile": ["test_backtrack.py", "test_record.py", "test_recovery.py",
-                        "test_kill_resume.py", "test_hostile_inputs.py", "test_dropout.py"],
+    "store/statefile": [
+        "test_backtrack.py",
+        "test_record.py",
+        "test_recovery.py",
+        "test_kill_resume.py",
+        "test_hostile_inputs.py",
+        "test_dropout.py",
+    ],
     "store/fileio": ["test_recovery.py", "test_rundir.py", "test_hostile_inputs.py"],
     "models/edm_pickle": ["test_unpickler.py", "test_edm.py", "test_hostile_inputs.py"],
-}  # fmt: skip
+}
 
 M = Mutant
 MUTANTS = [
@@ -446,8 +452,11 @@ def checkout_files() -> list[str]:
     """Files of the checkout as git sees them (tracked and new), without build or run output."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, check=True, text=True,
-    ).stdout  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
     return [name for name in listed.split("\0") if name and (ROOT / name).is_file()]
 
 
@@ -460,13 +469,26 @@ def copy_checkout(dest: Path) -> None:
 def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     """('passed' | 'failed' | 'timeout' | 'error', seconds, last output line)."""
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               *[f"tests/{t}" for t in tests]]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *[f"tests/{t}" for t in tests],
+    ]
     started = time.perf_counter()
     process = subprocess.Popen(
-        command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=copy,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -526,20 +548,34 @@ def main() -> None:
             finally:
                 path.write_text(originals[m.module])
             status = "survived" if outcome == "passed" else "killed"
-            results.append({**asdict(m), "status": status, "outcome": outcome,
-                            "seconds": round(seconds, 1), "last_line": last[:200]})  # fmt: skip
+            results.append(
+                {
+                    **asdict(m),
+                    "status": status,
+                    "outcome": outcome,
+                    "seconds": round(seconds, 1),
+                    "last_line": last[:200],
+                }
+            )
             note = f" (equivalent: {m.equivalent})" if m.equivalent else ""
             print(f"{status:8} {m.name:45} {seconds:6.1f} s  {last[:80]}{note}", flush=True)
 
     counted = [r for r in results if not r["equivalent"]]
     killed = sum(r["status"] == "killed" for r in counted)
     rate = killed / len(counted) if counted else float("nan")
-    print(f"\n{killed} of {len(counted)} non-equivalent mutants killed ({rate:.0%}); "
-          f"{len(results) - len(counted)} listed as equivalent")  # fmt: skip
+    print(
+        f"\n{killed} of {len(counted)} non-equivalent mutants killed ({rate:.0%}); "
+        f"{len(results) - len(counted)} listed as equivalent"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-some" if args.only else ""
-    summary = {"killed": killed, "counted": len(counted), "kill_rate": rate,
-               "baseline_seconds": baseline, "mutants": results}  # fmt: skip
+    summary = {
+        "killed": killed,
+        "counted": len(counted),
+        "kill_rate": rate,
+        "baseline_seconds": baseline,
+        "mutants": results,
+    }
     (args.out / f"mutation{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

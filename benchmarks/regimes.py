@@ -37,28 +37,60 @@ SEEDS = (0, 1, 2)
 # Per data set: headline metric (lower is better?), the base recording and backtracking.
 BASE = {
     "ring2d": dict(
-        metric="mmd2", lower=True,
+        metric="mmd2",
+        lower=True,
         record=dict(teacher="builtin:ring2d", iters=600, nodes=6, batch=256, lr=1e-4),
-        backtrack=dict(iters=1500, interval=100, batch=256, lr_g=1e-4, lr_fake=1e-3,
-                       eval_every=100, eval_samples=2000, log_every=50, save_every=0,
-                       mismatch_every=100),
+        backtrack=dict(
+            iters=1500,
+            interval=100,
+            batch=256,
+            lr_g=1e-4,
+            lr_fake=1e-3,
+            eval_every=100,
+            eval_samples=2000,
+            log_every=50,
+            save_every=0,
+            mismatch_every=100,
+        ),
         narrow={"hidden": 32},
     ),
     "digits": dict(
-        metric="fd_digits", lower=True,
+        metric="fd_digits",
+        lower=True,
         record=dict(teacher="builtin:digits", iters=200, nodes=4, batch=64, lr=1e-4),
-        backtrack=dict(iters=250, interval=25, batch=32, lr_g=5e-5, lr_fake=1e-4, ema_rampup=0.3,
-                       eval_every=25, eval_samples=300, log_every=25, save_every=0),
+        backtrack=dict(
+            iters=250,
+            interval=25,
+            batch=32,
+            lr_g=5e-5,
+            lr_fake=1e-4,
+            ema_rampup=0.3,
+            eval_every=25,
+            eval_samples=300,
+            log_every=25,
+            save_every=0,
+        ),
         narrow={"model_channels": 12},
     ),
     "shapes": dict(
-        metric="template_distance", lower=True,
+        metric="template_distance",
+        lower=True,
         record=dict(teacher="builtin:shapes", iters=200, nodes=4, batch=32, lr=1e-4),
-        backtrack=dict(iters=300, interval=25, batch=32, lr_g=5e-5, lr_fake=1e-4, ema_rampup=0.3,
-                       eval_every=25, eval_samples=400, log_every=25, save_every=0),
+        backtrack=dict(
+            iters=300,
+            interval=25,
+            batch=32,
+            lr_g=5e-5,
+            lr_fake=1e-4,
+            ema_rampup=0.3,
+            eval_every=25,
+            eval_samples=400,
+            log_every=25,
+            save_every=0,
+        ),
         narrow={"model_channels": 16},
     ),
-}  # fmt: skip
+}
 
 # Arms: overrides of the base recording and backtracking ("narrow" takes the data set's kwargs).
 ARMS = {
@@ -98,8 +130,10 @@ for _g in LR_FACTORS_G:
         ARMS[lr_arm(_g, _f)] = {"backtrack": {"lr_g": _g, "lr_fake": _f}}
 for _loss in OTHER_LOSSES:
     for _g in LR_FACTORS_G:
-        ARMS[lr_arm(_g, loss=_loss)] = {"record": {"loss": _loss},
-                                        "backtrack": {"loss": _loss, "lr_g": _g}}  # fmt: skip
+        ARMS[lr_arm(_g, loss=_loss)] = {
+            "record": {"loss": _loss},
+            "backtrack": {"loss": _loss, "lr_g": _g},
+        }
 
 
 def grid_loss(arm: str) -> str | None:
@@ -125,8 +159,14 @@ def settings(dataset: str, arm: str, smoke: bool = False) -> tuple[dict, dict]:
         backtrack[key] = value
     if smoke:
         record.update(iters=4 * record["nodes"], batch=16)
-        backtrack.update(iters=20, interval=max(1, backtrack["interval"] // 20), batch=16,
-                         eval_every=10, eval_samples=64, log_every=10)  # fmt: skip
+        backtrack.update(
+            iters=20,
+            interval=max(1, backtrack["interval"] // 20),
+            batch=16,
+            eval_every=10,
+            eval_samples=64,
+            log_every=10,
+        )
         if backtrack.get("mismatch_every"):
             backtrack["mismatch_every"] = 10
     if record["nodes"] > record["iters"]:
@@ -151,27 +191,37 @@ def run_arm(
         key = hashlib.sha256(json.dumps([record, seed], sort_keys=True).encode()).hexdigest()
         trajectory = work / f"{dataset}-{key[:16]}"
         started = time.perf_counter()
-        manifest = run_record(RecordConfig(**record, seed=seed, device="cpu", threads=1),
-                              trajectory)  # fmt: skip
+        manifest = run_record(
+            RecordConfig(**record, seed=seed, device="cpu", threads=1), trajectory
+        )
         record_seconds = manifest.elapsed_seconds or time.perf_counter() - started
         for method in METHODS:
             if (dataset, arm, seed, method) in finished:
                 continue
-            cfg = BacktrackConfig(**backtrack, seed=seed, device="cpu", threads=1,
-                                  no_trajectory=method == "baseline")  # fmt: skip
+            cfg = BacktrackConfig(
+                **backtrack, seed=seed, device="cpu", threads=1, no_trajectory=method == "baseline"
+            )
             name = f"{arm}-{method}-{seed}"
             result = run_backtrack(cfg, trajectory, name, force=True)
-            lines = [json.loads(x) for x in
-                     (trajectory / "backtrack" / name / "metrics.jsonl").open()]  # fmt: skip
+            lines = [
+                json.loads(x) for x in (trajectory / "backtrack" / name / "metrics.jsonl").open()
+            ]
             entry = {
-                "dataset": dataset, "arm": arm, "seed": seed, "method": method,
-                "record_iters": record["iters"], "record_seconds": record_seconds,
+                "dataset": dataset,
+                "arm": arm,
+                "seed": seed,
+                "method": method,
+                "record_iters": record["iters"],
+                "record_seconds": record_seconds,
                 "seconds": result.elapsed_seconds,
-                "evals": {ln["iteration"]: {**ln["eval"], "seconds": ln["seconds"]}
-                          for ln in lines if "eval" in ln},
+                "evals": {
+                    ln["iteration"]: {**ln["eval"], "seconds": ln["seconds"]}
+                    for ln in lines
+                    if "eval" in ln
+                },
                 "mismatch": {ln["iteration"]: ln["mismatch"] for ln in lines if "mismatch" in ln},
                 "score_gap": {ln["iteration"]: ln["score_gap"] for ln in lines},
-            }  # fmt: skip
+            }
             with out.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             final = entry["evals"][max(entry["evals"])][BASE[dataset]["metric"]]
@@ -239,10 +289,18 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     disback_at = reaching(curves["disback"], target, lower)
     record_iters = by["disback"][0]["record_iters"]
     record_seconds = statistics.median(r["record_seconds"] for r in by["disback"])
-    row = {"dataset": dataset, "arm": arm, "metric": metric, "seeds": len(by["disback"]),
-           "disback": ends_at["disback"], "baseline": ends_at["baseline"],
-           "baseline_reaches": base_at, "disback_reaches": disback_at,
-           "record_iters": record_iters, "record_seconds": record_seconds}  # fmt: skip
+    row = {
+        "dataset": dataset,
+        "arm": arm,
+        "metric": metric,
+        "seeds": len(by["disback"]),
+        "disback": ends_at["disback"],
+        "baseline": ends_at["baseline"],
+        "baseline_reaches": base_at,
+        "disback_reaches": disback_at,
+        "record_iters": record_iters,
+        "record_seconds": record_seconds,
+    }
     # Both methods run the same loop, so an iteration costs the same: seconds are charged at
     # the baseline's seconds per iteration (measured wall times on a shared machine are noisier
     # than the difference they would show), plus the recording's own measured seconds.
@@ -250,8 +308,9 @@ def compare(runs: list[dict], dataset: str, arm: str) -> dict | None:
     if disback_at is not None:
         row["speedup"] = base_at / disback_at
         row["speedup_charged"] = base_at / (disback_at + record_iters)
-        row["speedup_seconds_charged"] = base_at * per_iteration / (
-            disback_at * per_iteration + record_seconds)  # fmt: skip
+        row["speedup_seconds_charged"] = (
+            base_at * per_iteration / (disback_at * per_iteration + record_seconds)
+        )
     half = min(curves["baseline"], key=lambda i: abs(i - max(curves["baseline"]) / 2))
     early = reaching(curves["disback"], curves["baseline"][half][0], lower)
     row["speedup_half"] = None if early is None else half / early
@@ -292,16 +351,21 @@ def ends(runs: list[dict], key: str) -> str:
 def mismatch_table(runs: list[dict]) -> str:
     """Per ring arm: the baseline's target (the teacher) error at the generator's samples, and
     the update's alignment with the exact KL direction for both methods, first and last."""
-    lines = ["| arm | teacher error at G's samples (baseline), first -> last | update cosine,"
-             " DisBack: first -> last | update cosine, baseline: first -> last |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| arm | teacher error at G's samples (baseline), first -> last | update cosine,"
+        " DisBack: first -> last | update cosine, baseline: first -> last |",
+        "|---|---|---|---|",
+    ]
     for arm in ARMS:
         sel = {m: [r for r in select(runs, "ring2d", arm, m) if r["mismatch"]] for m in METHODS}
         if not all(sel.values()):
             continue
 
-        cells = [ends(sel["baseline"], "target_mse"), ends(sel["disback"], "cosine"),
-                 ends(sel["baseline"], "cosine")]  # fmt: skip
+        cells = [
+            ends(sel["baseline"], "target_mse"),
+            ends(sel["disback"], "cosine"),
+            ends(sel["baseline"], "cosine"),
+        ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -318,17 +382,23 @@ def lr_grid_table(runs: list[dict], dataset: str) -> str:
         return " / ".join(f"{final(by[m], dataset)[0]:.3g}" for m in METHODS)
 
     def table(title: str, columns: list[str], arm) -> list[str]:
-        lines = [f"| {dataset}: {title} | " + " | ".join(columns) + " |",
-                 "|---" * (1 + len(columns)) + "|"]  # fmt: skip
+        lines = [
+            f"| {dataset}: {title} | " + " | ".join(columns) + " |",
+            "|---" * (1 + len(columns)) + "|",
+        ]
         for g in LR_FACTORS_G:
             cells = [cell(arm(g, c)) for c in range(len(columns))]
             lines.append(f"| x{g:.2g} | " + " | ".join(cells) + " |")
         return lines
 
-    vsd = table("lr_g factor \\ lr_fake factor", [f"x{f:.2g}" for f in LR_FACTORS_FAKE],
-                lambda g, c: lr_arm(g, LR_FACTORS_FAKE[c]))  # fmt: skip
-    others = table("lr_g factor (lr_fake x1)", list(OTHER_LOSSES),
-                   lambda g, c: lr_arm(g, loss=OTHER_LOSSES[c]))  # fmt: skip
+    vsd = table(
+        "lr_g factor \\ lr_fake factor",
+        [f"x{f:.2g}" for f in LR_FACTORS_FAKE],
+        lambda g, c: lr_arm(g, LR_FACTORS_FAKE[c]),
+    )
+    others = table(
+        "lr_g factor (lr_fake x1)", list(OTHER_LOSSES), lambda g, c: lr_arm(g, loss=OTHER_LOSSES[c])
+    )
     return "\n".join([*vsd, "", *others])
 
 
@@ -338,10 +408,12 @@ def fmt(v: tuple) -> str:
 
 def report(path: Path) -> str:
     runs = load(path)
-    lines = ["| data | arm | metric | DisBack | baseline | DisBack reaches the baseline's final at"
-             " (baseline at) | speed-up to the baseline's final: iterations / + recording /"
-             " seconds + recording | speed-up to its half-budget quality | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| data | arm | metric | DisBack | baseline | DisBack reaches the baseline's final at"
+        " (baseline at) | speed-up to the baseline's final: iterations / + recording /"
+        " seconds + recording | speed-up to its half-budget quality | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for dataset in BASE:
         for arm in ARMS:
             if arm.startswith("lr-"):
@@ -349,22 +421,39 @@ def report(path: Path) -> str:
             row = compare(runs, dataset, arm)
             if row is None:
                 continue
-            reach = ("never" if row["disback_reaches"] is None
-                     else f"{row['disback_reaches']} ({row['baseline_reaches']})")  # fmt: skip
-            speed = ("-" if "speedup" not in row else
-                     f"{row['speedup']:.2f} / {row['speedup_charged']:.2f} / "
-                     f"{row['speedup_seconds_charged']:.2f}")  # fmt: skip
+            reach = (
+                "never"
+                if row["disback_reaches"] is None
+                else f"{row['disback_reaches']} ({row['baseline_reaches']})"
+            )
+            speed = (
+                "-"
+                if "speedup" not in row
+                else f"{row['speedup']:.2f} / {row['speedup_charged']:.2f} / "
+                f"{row['speedup_seconds_charged']:.2f}"
+            )
             half = "never" if row["speedup_half"] is None else f"{row['speedup_half']:.2f}"
-            cells = (dataset, arm, row["metric"], fmt(row["disback"]), fmt(row["baseline"]),
-                     reach, speed, half, row["verdict"])  # fmt: skip
+            cells = (
+                dataset,
+                arm,
+                row["metric"],
+                fmt(row["disback"]),
+                fmt(row["baseline"]),
+                reach,
+                speed,
+                half,
+                row["verdict"],
+            )
             lines.append("| " + " | ".join(cells) + " |")
         for loss in ("vsd", *OTHER_LOSSES):
             grid = {m: best_of_grid(runs, dataset, m, loss) for m in METHODS}
             if all(grid.values()):
-                lines.append(f"| {dataset} | {loss}: learning rates, best of grid each | "
-                             f"{BASE[dataset]['metric']} | {fmt(grid['disback'][1])} "
-                             f"({grid['disback'][0]}) | {fmt(grid['baseline'][1])} "
-                             f"({grid['baseline'][0]}) | | | | |")  # fmt: skip
+                lines.append(
+                    f"| {dataset} | {loss}: learning rates, best of grid each | "
+                    f"{BASE[dataset]['metric']} | {fmt(grid['disback'][1])} "
+                    f"({grid['disback'][0]}) | {fmt(grid['baseline'][1])} "
+                    f"({grid['baseline'][0]}) | | | | |"
+                )
     return "\n".join(lines)
 
 
@@ -384,25 +473,37 @@ def plot(path: Path, out: Path) -> None:
         cols = min(4, len(present))
         rows = -(-len(present) // cols)
         for axis_kind in ("iteration", "seconds"):
-            figure, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows),
-                                        squeeze=False)  # fmt: skip
+            figure, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
             for axis, arm in zip(axes.flat, present, strict=False):
                 for method, style in (("disback", "C0-"), ("baseline", "C1--")):
                     sel = select(runs, dataset, arm, method)
                     curve = median_curve(sel, metric)
                     xs = sorted(curve)
                     if axis_kind == "seconds":
-                        shift = (statistics.median(r["record_seconds"] for r in sel)
-                                 if method == "disback" else 0.0)  # fmt: skip
+                        shift = (
+                            statistics.median(r["record_seconds"] for r in sel)
+                            if method == "disback"
+                            else 0.0
+                        )
                         x = [seconds_at(sel, i) + shift for i in xs]
                     else:
                         x = xs
                     axis.plot(x, [curve[i][0] for i in xs], style, label=method)
-                    axis.fill_between(x, [curve[i][1] for i in xs], [curve[i][2] for i in xs],
-                                      color=style[:2], alpha=0.15)  # fmt: skip
-                axis.set(title=f"{dataset}: {arm}", yscale="log", ylabel=metric,
-                         xlabel="generator iteration" if axis_kind == "iteration"
-                         else "seconds (DisBack: recording included)")  # fmt: skip
+                    axis.fill_between(
+                        x,
+                        [curve[i][1] for i in xs],
+                        [curve[i][2] for i in xs],
+                        color=style[:2],
+                        alpha=0.15,
+                    )
+                axis.set(
+                    title=f"{dataset}: {arm}",
+                    yscale="log",
+                    ylabel=metric,
+                    xlabel="generator iteration"
+                    if axis_kind == "iteration"
+                    else "seconds (DisBack: recording included)",
+                )
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=7)
             for axis in list(axes.flat)[len(present) :]:
@@ -429,8 +530,11 @@ def plot_mismatch(runs: list[dict], out: Path) -> None:
             hi = [max(r["mismatch"][i][key] for r in sel[method]) for i in its]
             axis.plot(its, med, style, label=method)
             axis.fill_between(its, lo, hi, color=style[:2], alpha=0.15)
-        axis.set(title=f"ring2d base: {key}", xlabel="generator iteration",
-                 yscale="linear" if key == "cosine" else "log")  # fmt: skip
+        axis.set(
+            title=f"ring2d base: {key}",
+            xlabel="generator iteration",
+            yscale="linear" if key == "cosine" else "log",
+        )
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
@@ -461,8 +565,9 @@ def main() -> None:
             run_arm(args.dataset, arm, tuple(args.seeds), args.results, args.work, args.smoke)
         return
     runs = load(args.results)
-    markdown = "\n\n".join([report(args.results), mismatch_table(runs),
-                             lr_grid_table(runs, "ring2d")])  # fmt: skip
+    markdown = "\n\n".join(
+        [report(args.results), mismatch_table(runs), lr_grid_table(runs, "ring2d")]
+    )
     (args.results.parent / "regimes.md").write_text(markdown + "\n")
     plot(args.results, args.results.parent)
     print(markdown)

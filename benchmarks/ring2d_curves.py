@@ -43,8 +43,9 @@ def run_seed(seed: int, workdir: Path, g0_metrics: dict) -> dict:
         manifest = run_backtrack(cfg, workdir / f"seed{seed}", method)
         lines = (workdir / f"seed{seed}" / "backtrack" / method / "metrics.jsonl").read_text()
         evals = {0: g0_metrics}
-        evals.update({d["iteration"]: d["eval"] for d in map(json.loads, lines.splitlines())
-                      if "eval" in d})  # fmt: skip
+        evals.update(
+            {d["iteration"]: d["eval"] for d in map(json.loads, lines.splitlines()) if "eval" in d}
+        )
         curves[method] = {"seconds": manifest.elapsed_seconds, "evals": evals}
     return {"seed": seed, "record_seconds": record_seconds, **curves}
 

@@ -38,8 +38,13 @@ def burn(stop: multiprocessing.Event) -> None:
 
 def elapsed(args: list[str], env: dict) -> float:
     """Seconds of the training loop alone (the manifest's elapsed_seconds: no start-up)."""
-    out = subprocess.run([sys.executable, "-m", "disback_cli", *args, "--json"], check=True,
-                         env=env, capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "disback_cli", *args, "--json"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)["elapsed_seconds"]
 
 
@@ -48,10 +53,38 @@ def measure(case: str, threads: int, work: Path, env: dict, iters: int) -> dict:
     out = work / f"{case}-{threads}"
     shutil.rmtree(out, ignore_errors=True)
     common = ["--device", "cpu", "--threads", str(threads)]
-    record = elapsed(["record", "--teacher", teacher, "--out", str(out), "--iters", str(iters),
-                      "--nodes", "2", "--batch", str(record_batch), *common], env)  # fmt: skip
-    backtrack = elapsed(["backtrack", "-T", str(out), "--iters", str(iters), "--batch",
-                         str(backtrack_batch), "--save-every", "0", *common], env)  # fmt: skip
+    record = elapsed(
+        [
+            "record",
+            "--teacher",
+            teacher,
+            "--out",
+            str(out),
+            "--iters",
+            str(iters),
+            "--nodes",
+            "2",
+            "--batch",
+            str(record_batch),
+            *common,
+        ],
+        env,
+    )
+    backtrack = elapsed(
+        [
+            "backtrack",
+            "-T",
+            str(out),
+            "--iters",
+            str(iters),
+            "--batch",
+            str(backtrack_batch),
+            "--save-every",
+            "0",
+            *common,
+        ],
+        env,
+    )
     return {
         "case": case,
         "threads": threads,
@@ -72,8 +105,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for load in ("quiet", "busy"):
             stop = multiprocessing.Event()
-            burners = [multiprocessing.Process(target=burn, args=(stop,))
-                       for _ in range(cores if load == "busy" else 0)]  # fmt: skip
+            burners = [
+                multiprocessing.Process(target=burn, args=(stop,))
+                for _ in range(cores if load == "busy" else 0)
+            ]
             for b in burners:
                 b.start()
             try:
@@ -87,8 +122,9 @@ def main() -> None:
                 for b in burners:
                     b.join()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "threads.json").write_text(json.dumps({"cores": cores, "results": results},
-                                                      indent=1))  # fmt: skip
+    (args.out / "threads.json").write_text(
+        json.dumps({"cores": cores, "results": results}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,19 @@ from disback_cli.store.manifests import BacktrackManifest, read_manifest
 SPEC = NetworkSpec(
     arch="SongUNet",
     data_shape=(3, 16, 16),
-    arch_kwargs=dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-                     dropout=0.0, embedding_type="positional", encoder_type="standard",
-                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1]),
-)  # fmt: skip
+    arch_kwargs=dict(
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        dropout=0.0,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    ),
+)
 BATCH = 16
 WARMUP, MEASURED, REPEATS = 10, 60, 3
 
@@ -179,8 +188,13 @@ def switch_cost(trajectory: Path, interval: int, prefetch: bool) -> dict[str, fl
     path_nodes.PathNodes.target = timed_target
     try:
         name = f"switch-{'prefetch' if prefetch else 'sync'}"
-        run_backtrack(BacktrackConfig(iters=iters, interval=interval, batch=BATCH, log_every=5,
-                                      save_every=0, device="cpu"), trajectory, name)  # fmt: skip
+        run_backtrack(
+            BacktrackConfig(
+                iters=iters, interval=interval, batch=BATCH, log_every=5, save_every=0, device="cpu"
+            ),
+            trajectory,
+            name,
+        )
     finally:
         path_nodes.PathNodes.target = original
     switching = logged_seconds(backtrack_dir(trajectory, name))[iters]
@@ -199,16 +213,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "network": SPEC.model_dump(), "batch": BATCH}  # fmt: skip
+    results: dict = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "network": SPEC.model_dump(),
+        "batch": BATCH,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher = make_teacher(tmp)
         trajectory = tmp / "t"
-        run_record(RecordConfig(teacher=str(teacher), iters=12, nodes=6, batch=BATCH,
-                                device="cpu"), trajectory)  # fmt: skip
-        cfg = BacktrackConfig(iters=WARMUP + MEASURED, interval=10_000, batch=BATCH, log_every=5,
-                              save_every=0, device="cpu")  # fmt: skip
+        run_record(
+            RecordConfig(teacher=str(teacher), iters=12, nodes=6, batch=BATCH, device="cpu"),
+            trajectory,
+        )
+        cfg = BacktrackConfig(
+            iters=WARMUP + MEASURED,
+            interval=10_000,
+            batch=BATCH,
+            log_every=5,
+            save_every=0,
+            device="cpu",
+        )
         rounds = []
         for repeat in range(REPEATS):  # the machine's speed drifts: pair each loop with its parts
             run_backtrack(cfg, trajectory, f"loop{repeat}")
@@ -244,10 +270,12 @@ def main() -> None:
         }
         run = backtrack_dir(trajectory, "loop0")
         manifest = read_manifest(run, BacktrackManifest)
-        results["sampling_images_per_s"] = sampling(run / manifest.generator_ema.file, tmp, 512,
-                                                    128)  # fmt: skip
-        steady = BacktrackConfig(iters=100, interval=10_000, batch=BATCH, log_every=5,
-                                 save_every=0, device="cpu")  # fmt: skip
+        results["sampling_images_per_s"] = sampling(
+            run / manifest.generator_ema.file, tmp, 512, 128
+        )
+        steady = BacktrackConfig(
+            iters=100, interval=10_000, batch=BATCH, log_every=5, save_every=0, device="cpu"
+        )
         run_backtrack(steady, trajectory, "no-switch")
         results["switch"] = {
             "prefetch": switch_cost(trajectory, 20, prefetch=True),

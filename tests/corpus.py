@@ -28,8 +28,19 @@ from disback_cli.store.tensorfile import encode_safetensors, read_safetensors
 RING = builtin_path("ring2d")
 T = Path("t")
 RUN = T / "backtrack" / "default"
-RECORD_AGAIN = ["record", "--teacher", "builtin:ring2d", "--out", "t", "--iters", "60",
-                "--nodes", "3", "--batch", "64"]  # fmt: skip  # the template's own recording
+RECORD_AGAIN = [
+    "record",
+    "--teacher",
+    "builtin:ring2d",
+    "--out",
+    "t",
+    "--iters",
+    "60",
+    "--nodes",
+    "3",
+    "--batch",
+    "64",
+]  # the template's own recording
 EXTEND = ["backtrack", "-T", "t", "--iters", "40", "--batch", "64", "--save-every", "10"]
 
 
@@ -38,13 +49,19 @@ def build_template(root: Path) -> Path:
     from disback_cli.stages.record import run_record
     from disback_cli.stages.sample import write_samples
 
-    run_record(RecordConfig(teacher="builtin:ring2d", iters=60, nodes=3, batch=64,
-                            device="cpu"), root / "t")  # fmt: skip
-    run_backtrack(BacktrackConfig(iters=20, batch=64, save_every=10, log_every=10,
-                                  device="cpu"), root / "t")  # fmt: skip
+    run_record(
+        RecordConfig(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu"),
+        root / "t",
+    )
+    run_backtrack(
+        BacktrackConfig(iters=20, batch=64, save_every=10, log_every=10, device="cpu"), root / "t"
+    )
     manifest = json.loads((root / RUN / "manifest.json").read_text())
-    write_samples(SampleConfig(n=50, device="cpu"), root / RUN / manifest["generator_ema"]["file"],
-                  root / "s.npz")  # fmt: skip
+    write_samples(
+        SampleConfig(n=50, device="cpu"),
+        root / RUN / manifest["generator_ema"]["file"],
+        root / "s.npz",
+    )
     (root / "outside" / "dir").mkdir(parents=True)
     (root / "outside" / "victim.txt").write_text("someone else's file\n")
     (root / "outside" / "dir" / "a.txt").write_text("someone else's folder\n")

@@ -54,9 +54,14 @@ ARCHS = {
 
 
 def tiny_network(
-    arch: str, precond: str, label_dim: int = 0, augment_dim: int = 0, channels=3, resolution=8,
+    arch: str,
+    precond: str,
+    label_dim: int = 0,
+    augment_dim: int = 0,
+    channels=3,
+    resolution=8,
     **overrides: Any,
-):  # fmt: skip
+):
     """Our network with EDM's structure, weights randomised so zero-initialised layers count."""
     model_type, kwargs = ARCHS[arch]
     kwargs = {**kwargs, **overrides}

@@ -81,5 +81,8 @@ def first_iteration(trajectory, run_dir) -> dict[str, float]:
         loss = (per_sample / scale).mean()
     grads = torch.autograd.grad(loss, [p for p in generator.parameters() if p.requires_grad])
     grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-    return {"loss_g": loss.item(), "score_gap": gap.abs().mean().item(),
-            "grad_norm_g": grad_norm.item()}  # fmt: skip
+    return {
+        "loss_g": loss.item(),
+        "score_gap": gap.abs().mean().item(),
+        "grad_norm_g": grad_norm.item(),
+    }

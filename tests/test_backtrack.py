@@ -130,8 +130,14 @@ def test_evaluation_during_training_needs_ground_truth_and_logs_metrics(trajecto
     cfg = BacktrackConfig(**{**SMALL, "iters": 20, "eval_every": 10, "eval_samples": 200})
     run_backtrack(cfg, trajectory)
     lines = metrics(backtrack_dir(trajectory, "default"))
-    assert set(lines[-1]["eval"]) == {"mmd2", "sliced_w2", "precision", "modes_covered",
-                                      "modes_total", "mode_tv"}  # fmt: skip
+    assert set(lines[-1]["eval"]) == {
+        "mmd2",
+        "sliced_w2",
+        "precision",
+        "modes_covered",
+        "modes_total",
+        "mode_tv",
+    }
 
 
 def test_save_every_must_fall_on_log_lines():
@@ -186,8 +192,14 @@ def test_random_student_smaller_than_the_teacher(tmp_path):
     from disback_cli.models.denoiser_files import load_denoiser
     from disback_cli.store.manifests import TrajectoryManifest
 
-    cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
-                       student_arch_kwargs={"hidden": 32})  # fmt: skip
+    cfg = RecordConfig(
+        teacher="builtin:ring2d",
+        iters=20,
+        nodes=2,
+        batch=32,
+        device="cpu",
+        student_arch_kwargs={"hidden": 32},
+    )
     traj = run_record(cfg, tmp_path / "t")
     assert traj.g0.kind == "random"
     assert traj.g0.network.arch_kwargs["hidden"] == 32
@@ -202,11 +214,21 @@ def test_student_from_a_file(tmp_path):
     from disback_cli.models.denoiser_files import save_denoiser
     from disback_cli.models.networks import NetworkSpec, build_denoiser
 
-    spec = NetworkSpec(arch="mlp", arch_kwargs={"hidden": 16, "depth": 2},
-                       precond_kwargs={"sigma_data": 1.4}, data_shape=(2,))  # fmt: skip
+    spec = NetworkSpec(
+        arch="mlp",
+        arch_kwargs={"hidden": 16, "depth": 2},
+        precond_kwargs={"sigma_data": 1.4},
+        data_shape=(2,),
+    )
     save_denoiser(tmp_path / "student.safetensors", build_denoiser(spec), spec, {"role": "student"})
-    cfg = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu",
-                       student=str(tmp_path / "student.safetensors"))  # fmt: skip
+    cfg = RecordConfig(
+        teacher="builtin:ring2d",
+        iters=20,
+        nodes=2,
+        batch=32,
+        device="cpu",
+        student=str(tmp_path / "student.safetensors"),
+    )
     traj = run_record(cfg, tmp_path / "t")
     assert traj.g0.kind == "file" and len(traj.g0.sha256) == 64
     run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")

@@ -9,8 +9,12 @@ from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser
 from disback_cli.store.statefile import load_state, save_state
 
-SPEC = NetworkSpec(arch="mlp", arch_kwargs={"hidden": 16, "depth": 2}, data_shape=(2,),
-                   precond_kwargs={"sigma_data": 1.0})  # fmt: skip
+SPEC = NetworkSpec(
+    arch="mlp",
+    arch_kwargs={"hidden": 16, "depth": 2},
+    data_shape=(2,),
+    precond_kwargs={"sigma_data": 1.0},
+)
 
 
 def test_denoiser_round_trip_gives_identical_outputs(tmp_path):
@@ -43,8 +47,12 @@ def test_weights_of_another_shape_are_refused(tmp_path):
     path = tmp_path / "d.safetensors"
     save_denoiser(path, build_denoiser(other), other, {})
     data = safetensors.torch.load(path.read_bytes())
-    metadata = {"format": "disback.denoiser", "format_version": "1",
-                "network": SPEC.model_dump_json(), "info": json.dumps({})}  # fmt: skip
+    metadata = {
+        "format": "disback.denoiser",
+        "format_version": "1",
+        "network": SPEC.model_dump_json(),
+        "info": json.dumps({}),
+    }
     path.write_bytes(safetensors.torch.save(data, metadata))
     with pytest.raises(DisbackError, match="another teacher"):
         load_denoiser(path)
@@ -92,9 +100,18 @@ def test_training_state_with_wrong_hash_is_refused(tmp_path):
 @pytest.mark.parametrize("preconditioning", ["edm", "vp"])
 def test_loading_does_not_draw_from_the_global_random_stream(tmp_path, preconditioning):
     """Loading a path node mid-run must not shift dropout noise (found by the SIGKILL test)."""
-    spec = NetworkSpec(arch="SongUNet", data_shape=(1, 8, 8), precond=preconditioning,
-                       arch_kwargs=dict(model_channels=8, channel_mult=[1], num_blocks=1,
-                                        attn_resolutions=[], embedding_type="fourier"))  # fmt: skip
+    spec = NetworkSpec(
+        arch="SongUNet",
+        data_shape=(1, 8, 8),
+        precond=preconditioning,
+        arch_kwargs=dict(
+            model_channels=8,
+            channel_mult=[1],
+            num_blocks=1,
+            attn_resolutions=[],
+            embedding_type="fourier",
+        ),
+    )
     torch.manual_seed(1)
     net = build_denoiser(spec)
     save_denoiser(tmp_path / "n.safetensors", net, spec, {})

@@ -49,16 +49,57 @@ def test_the_documented_invocations_run_end_to_end(cli, tmp_path, monkeypatch):
     """The five commands of the README (shortened) with --json output parsed by a script."""
     monkeypatch.chdir(tmp_path)
     steps = [
-        ["record", "--teacher", "builtin:ring2d", "--out", "runs/t1", "--iters", "60",
-         "--nodes", "3", "--seed", "0", "--json"],
-        ["backtrack", "--trajectory", "runs/t1", "--iters", "40", "--interval", "10",
-         "--seed", "0", "--json"],
-        ["backtrack", "--trajectory", "runs/t1", "--iters", "40", "--no-trajectory",
-         "--name", "baseline", "--seed", "0", "--json"],
-        ["sample", "--trajectory", "runs/t1", "-n", "500", "--out", "runs/t1/samples.npz",
-         "--json"],
+        [
+            "record",
+            "--teacher",
+            "builtin:ring2d",
+            "--out",
+            "runs/t1",
+            "--iters",
+            "60",
+            "--nodes",
+            "3",
+            "--seed",
+            "0",
+            "--json",
+        ],
+        [
+            "backtrack",
+            "--trajectory",
+            "runs/t1",
+            "--iters",
+            "40",
+            "--interval",
+            "10",
+            "--seed",
+            "0",
+            "--json",
+        ],
+        [
+            "backtrack",
+            "--trajectory",
+            "runs/t1",
+            "--iters",
+            "40",
+            "--no-trajectory",
+            "--name",
+            "baseline",
+            "--seed",
+            "0",
+            "--json",
+        ],
+        [
+            "sample",
+            "--trajectory",
+            "runs/t1",
+            "-n",
+            "500",
+            "--out",
+            "runs/t1/samples.npz",
+            "--json",
+        ],
         ["evaluate", "runs/t1/samples.npz", "--json"],
-    ]  # fmt: skip
+    ]
     outputs = []
     for args in steps:
         result = cli(*args)
@@ -70,17 +111,39 @@ def test_the_documented_invocations_run_end_to_end(cli, tmp_path, monkeypatch):
     report = outputs[4]
     assert report["dataset"] == "ring2d" and report["results"][0]["n"] == 500
     assert set(report["results"][0]) - {"samples"} == set(report["floor"])
-    again = cli("record", "--teacher", "builtin:ring2d", "--out", "runs/t1", "--iters", "60",
-                "--nodes", "3", "--seed", "0")  # fmt: skip
+    again = cli(
+        "record",
+        "--teacher",
+        "builtin:ring2d",
+        "--out",
+        "runs/t1",
+        "--iters",
+        "60",
+        "--nodes",
+        "3",
+        "--seed",
+        "0",
+    )
     assert again.code == 0 and "already complete" in again.stderr
 
 
 def test_installed_entry_point_gives_clean_errors():
     result = subprocess.run(
-        [sys.executable, "-m", "disback_cli", "record", "--teacher", "builtin:ring2d",
-         "--nodes", "0"],
-        capture_output=True, text=True, check=False, env=checkout_env(),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "disback_cli",
+            "record",
+            "--teacher",
+            "builtin:ring2d",
+            "--nodes",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=checkout_env(),
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: invalid configuration: nodes")
     assert "Traceback" not in result.stderr
@@ -104,8 +167,14 @@ def test_subprocesses_run_the_checkout_from_any_folder(tmp_path):
     (hook / "sitecustomize.py").write_text("import os\nos.environ['HOOKED'] = '1'\n")
     code = "import os, disback_cli; print(disback_cli.__file__); print(os.environ.get('HOOKED'))"
     for env in (checkout_env(), checkout_env(hook, EXTRA="1")):
-        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert Path(out[0]).resolve().parent == REPO / "disback_cli"
     assert out[1] == "1"  # the hook ran too
     assert env["EXTRA"] == "1" and env["PYTHONPATH"].split(os.pathsep)[:2] == [str(hook), str(REPO)]

@@ -138,13 +138,33 @@ def test_next_node_loads_in_the_background_and_old_targets_are_freed(trajectory,
 
 
 def test_compute_flags_reach_the_run_configuration(cli, tmp_path):
-    result = cli("record", "--teacher", "builtin:ring2d", "--out", tmp_path / "t", "--iters", "20",
-                 "--nodes", "2", "--batch", "32", "--precision", "bf16", "--node-dtype", "bf16",
-                 "--no-channels-last", "--tf32", "--quiet")  # fmt: skip
+    result = cli(
+        "record",
+        "--teacher",
+        "builtin:ring2d",
+        "--out",
+        tmp_path / "t",
+        "--iters",
+        "20",
+        "--nodes",
+        "2",
+        "--batch",
+        "32",
+        "--precision",
+        "bf16",
+        "--node-dtype",
+        "bf16",
+        "--no-channels-last",
+        "--tf32",
+        "--quiet",
+    )
     assert result.code == 0, result.stderr
     config = read(tmp_path / "t", TrajectoryManifest).config
     assert (config.precision, config.node_dtype, config.tf32, config.channels_last) == (
-        "bf16", "bf16", True, False,
-    )  # fmt: skip
+        "bf16",
+        "bf16",
+        True,
+        False,
+    )
     bad = cli("backtrack", "-T", tmp_path / "t", "--precision", "fp16")
     assert bad.code == 2 and "precision: Input should be 'fp32' or 'bf16'" in bad.stderr

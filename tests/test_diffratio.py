@@ -54,8 +54,16 @@ def test_the_ratio_network_learns_the_closed_form_log_ratio_gradient():
     rng = torch.Generator().manual_seed(0)
     levels = TrainingSigma("lognormal", -0.5, 0.8)
     for _ in range(500):
-        ratio_step(ratio, optimizer, GaussianGenerator(), (256, 2), Unconditional(), levels, rng,
-                   data=GaussianData())  # fmt: skip
+        ratio_step(
+            ratio,
+            optimizer,
+            GaussianGenerator(),
+            (256, 2),
+            Unconditional(),
+            levels,
+            rng,
+            data=GaussianData(),
+        )
     for sigma in (0.3, 0.6, 1.0):
         x = 0.5 * (MEAN_DATA + MEAN_GEN) + torch.randn(512, 2, generator=rng) * 0.4
         gap = score_difference(ratio, x, torch.full((512,), sigma), NO_CONDITIONS)
@@ -70,8 +78,10 @@ class ExactLogRatio(nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         v = STD**2 + torch.as_tensor(sigma).reshape(-1, 1) ** 2
-        return (-(x - MEAN_DATA).pow(2).sum(1, keepdim=True) / (2 * v)
-                + (x - MEAN_GEN).pow(2).sum(1, keepdim=True) / (2 * v)).flatten()  # fmt: skip
+        return (
+            -(x - MEAN_DATA).pow(2).sum(1, keepdim=True) / (2 * v)
+            + (x - MEAN_GEN).pow(2).sum(1, keepdim=True) / (2 * v)
+        ).flatten()
 
 
 class GaussianDenoiser(nn.Module):
@@ -91,8 +101,9 @@ def test_with_the_exact_ratio_the_generator_gradient_is_vsds_with_the_exact_scor
     noise = torch.randn(64, 2, generator=gen)
     ratio = DiffRatioLoss(-0.5, 1.0)(x, sigma, noise, ExactLogRatio(), None, NO_CONDITIONS)
     (grad_ratio,) = torch.autograd.grad(ratio.loss, x)
-    vsd = VSDLoss(-0.5, 1.0)(x, sigma, noise, GaussianDenoiser(MEAN_GEN),
-                             GaussianDenoiser(MEAN_DATA), NO_CONDITIONS)  # fmt: skip
+    vsd = VSDLoss(-0.5, 1.0)(
+        x, sigma, noise, GaussianDenoiser(MEAN_GEN), GaussianDenoiser(MEAN_DATA), NO_CONDITIONS
+    )
     (grad_vsd,) = torch.autograd.grad(vsd.loss, x)
     torch.testing.assert_close(grad_ratio, grad_vsd, rtol=1e-5, atol=1e-6)
     assert grad_ratio.abs().sum() > 0
@@ -100,9 +111,26 @@ def test_with_the_exact_ratio_the_generator_gradient_is_vsds_with_the_exact_scor
 
 # --- end to end ---------------------------------------------------------------------------------
 
-RING = ["--loss", "diffratio", "--data", "builtin:ring2d", "--iters", "20", "--batch", "64",
-        "--log-every", "10", "--save-every", "10", "--eval-every", "10", "--set",
-        "eval_samples=200", "--device", "cpu"]  # fmt: skip
+RING = [
+    "--loss",
+    "diffratio",
+    "--data",
+    "builtin:ring2d",
+    "--iters",
+    "20",
+    "--batch",
+    "64",
+    "--log-every",
+    "10",
+    "--save-every",
+    "10",
+    "--eval-every",
+    "10",
+    "--set",
+    "eval_samples=200",
+    "--device",
+    "cpu",
+]
 
 
 def test_diffratio_backtracks_on_the_ring_resumes_bit_for_bit_and_verifies(
@@ -114,14 +142,24 @@ def test_diffratio_backtracks_on_the_ring_resumes_bit_for_bit_and_verifies(
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["config"]["no_trajectory"] and summary["config_sources"]["no_trajectory"] == (
-        "loss diffratio")  # fmt: skip
+        "loss diffratio"
+    )
     run = backtrack_dir(traj, "whole")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["source"] == "builtin:ring2d" and manifest["ratio"]["file"].endswith(
-        "ratio-00000020.safetensors")  # fmt: skip
-    cfg = BacktrackConfig(loss="diffratio", data="builtin:ring2d", iters=20, batch=64,
-                          log_every=10, save_every=10, eval_every=10, eval_samples=200,
-                          device="cpu")  # fmt: skip
+        "ratio-00000020.safetensors"
+    )
+    cfg = BacktrackConfig(
+        loss="diffratio",
+        data="builtin:ring2d",
+        iters=20,
+        batch=64,
+        log_every=10,
+        save_every=10,
+        eval_every=10,
+        eval_samples=200,
+        device="cpu",
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_backtrack(cfg, traj, "broken", reporter=At(20, crash))
     run_backtrack(cfg, traj, "broken")
@@ -129,35 +167,107 @@ def test_diffratio_backtracks_on_the_ring_resumes_bit_for_bit_and_verifies(
     plain = tmp_path / "k1.npz"
     assert cli("sample", "-T", traj, "--name", "whole", "-n", "32", "--out", plain).code == 0
     best = tmp_path / "k4.npz"
-    assert cli("sample", "-T", traj, "--name", "whole", "-n", "32", "--best-of", "4",
-               "--verifier", run, "--out", best).code == 0  # fmt: skip
+    assert (
+        cli(
+            "sample",
+            "-T",
+            traj,
+            "--name",
+            "whole",
+            "-n",
+            "32",
+            "--best-of",
+            "4",
+            "--verifier",
+            run,
+            "--out",
+            best,
+        ).code
+        == 0
+    )
     again = tmp_path / "k4-again.npz"
-    assert cli("sample", "-T", traj, "--name", "whole", "-n", "32", "--best-of", "4",
-               "--verifier", run, "--out", again).code == 0  # fmt: skip
+    assert (
+        cli(
+            "sample",
+            "-T",
+            traj,
+            "--name",
+            "whole",
+            "-n",
+            "32",
+            "--best-of",
+            "4",
+            "--verifier",
+            run,
+            "--out",
+            again,
+        ).code
+        == 0
+    )
     k1, k4 = np.load(plain)["samples"], np.load(best)["samples"]
     assert np.array_equal(k4, np.load(again)["samples"])  # deterministic per seed
     assert not np.array_equal(k1, k4) and (k1 == k4).all(axis=1).any()  # some seeds keep #0
     meta = json.loads(str(np.load(best)["meta"]))
     assert meta["best_of"] == 4 and meta["verifier_sha256"] == manifest["ratio"]["sha256"]
-    unpaired = cli("sample", "-T", traj, "--name", "whole", "-n", "2", "--best-of", "4",
-                   "--out", tmp_path / "x.npz")  # fmt: skip
+    unpaired = cli(
+        "sample",
+        "-T",
+        traj,
+        "--name",
+        "whole",
+        "-n",
+        "2",
+        "--best-of",
+        "4",
+        "--out",
+        tmp_path / "x.npz",
+    )
     assert unpaired.code == 2 and "--verifier" in unpaired.stderr
 
 
 @pytest.fixture(scope="module")
 def digits_path(tmp_path_factory, cli_module):
     traj = tmp_path_factory.mktemp("dr") / "d"
-    assert cli_module("record", "--teacher", "builtin:digits", "--out", traj, "--iters", "2",
-                      "--nodes", "1", "--batch", "64").code == 0  # fmt: skip
+    assert (
+        cli_module(
+            "record",
+            "--teacher",
+            "builtin:digits",
+            "--out",
+            traj,
+            "--iters",
+            "2",
+            "--nodes",
+            "1",
+            "--batch",
+            "64",
+        ).code
+        == 0
+    )
     return traj
 
 
 def test_diffratio_learns_from_digits_with_their_labels(cli, tmp_path, digits_path):
     traj = tmp_path / "d"
     shutil.copytree(digits_path, traj)
-    result = cli("backtrack", "-T", traj, "--loss", "diffratio", "--data", "builtin:digits",
-                 "--iters", "4", "--batch", "8", "--log-every", "2", "--save-every", "2",
-                 "--json")  # fmt: skip
+    result = cli(
+        "backtrack",
+        "-T",
+        traj,
+        "--loss",
+        "diffratio",
+        "--data",
+        "builtin:digits",
+        "--iters",
+        "4",
+        "--batch",
+        "8",
+        "--log-every",
+        "2",
+        "--save-every",
+        "2",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     line = json.loads(result.stdout)["last_metrics"]
     assert np.isfinite(line["loss_g"]) and line["loss_fake"] > 0
@@ -172,8 +282,9 @@ def write_folder(root, images: np.ndarray, labels: list | None) -> None:
         (root / "dataset.json").write_text(json.dumps({"labels": entries}))
 
 
-@pytest.mark.parametrize("case", ["none", "missing", "shape", "no-labels", "bad-label",
-                                  "unreadable", "other-loss"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["none", "missing", "shape", "no-labels", "bad-label", "unreadable", "other-loss"]
+)
 def test_bad_data_is_refused_in_one_line_with_nothing_written(case, cli, tmp_path, digits_path):
     images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8)
     folder = tmp_path / "data"

@@ -69,8 +69,19 @@ def test_quick_demo_improves_on_g0(tmp_path):
 
 
 def test_sample_teacher_and_evaluate_digits_without_reference(cli, tmp_path):
-    result = cli("sample", "--teacher", "builtin:digits", "--steps", "8", "-n", "40", "--out",
-                 tmp_path / "t", "--device", "cpu")  # fmt: skip
+    result = cli(
+        "sample",
+        "--teacher",
+        "builtin:digits",
+        "--steps",
+        "8",
+        "-n",
+        "40",
+        "--out",
+        tmp_path / "t",
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.stderr
     result = cli("evaluate", tmp_path / "t", "--json")
     assert result.code == 0, result.stderr

@@ -39,17 +39,45 @@ RECORD = [
     "cpu",
     "--quiet",
 ]
-BACKTRACK = ["backtrack", "--iters", "30", "--interval", "10", "--seed", "1", "--save-every",
-             "10", "--log-every", "10", "--device", "cpu", "--quiet"]  # fmt: skip
+BACKTRACK = [
+    "backtrack",
+    "--iters",
+    "30",
+    "--interval",
+    "10",
+    "--seed",
+    "1",
+    "--save-every",
+    "10",
+    "--log-every",
+    "10",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def disback(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "disback_cli"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={processes}", "-m", "disback_cli"]  # fmt: skip
-    result = subprocess.run([*launcher, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                            text=True, timeout=300, check=False)  # fmt: skip
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "disback_cli",
+        ]
+    result = subprocess.run(
+        [*launcher, *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -115,17 +143,32 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 64
 
     disback(*BACKTRACK, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
-    out = disback(*BACKTRACK, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
-                  cwd=tmp_path, )  # fmt: skip
+    out = disback(
+        *BACKTRACK,
+        "-T",
+        "one",
+        "--batch",
+        "32",
+        "--name",
+        "pair",
+        processes=2,
+        cwd=tmp_path,
+    )
     assert "Traceback" not in out.stderr
-    single, pair = (read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
-                    for n in ("single", "pair"))  # fmt: skip
+    single, pair = (
+        read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
+        for n in ("single", "pair")
+    )
     assert pair.world_size == 2 and pair.global_batch == 64 and pair.step == 30
     logs = [
-        [json.loads(line) for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
-         .read_text().splitlines()]
+        [
+            json.loads(line)
+            for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         for n in ("single", "pair")
-    ]  # fmt: skip
+    ]
     assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [10, 20, 30]
     for a, b in zip(*logs, strict=True):
         for key in ("loss_g", "loss_fake", "score_gap"):
@@ -135,8 +178,10 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
             assert a[key] > 0 and math.isclose(a[key], b[key], rel_tol=1e-4), (key, a[key], b[key])
 
     for node in ("node-001", "node-002"):
-        worst = assert_close(weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
-                     weights(tmp_path / "two/nodes" / f"{node}.safetensors"))  # fmt: skip
+        worst = assert_close(
+            weights(tmp_path / "one/nodes" / f"{node}.safetensors"),
+            weights(tmp_path / "two/nodes" / f"{node}.safetensors"),
+        )
         print(f"record {node}: max |1 process - 2 processes| = {worst:.2e}")
     for ref in ("generator", "generator_ema"):
         worst = assert_close(
@@ -146,9 +191,27 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
         print(f"backtrack {ref}: max |1 process - 2 processes| = {worst:.2e}")
 
     # A resumed 2-process run refuses another process count.
-    again = subprocess.run([sys.executable, "-m", "disback_cli", *BACKTRACK, "-T", "one",
-                            "--batch", "32", "--name", "pair", "--iters", "40"], cwd=tmp_path,
-                           env=ENV, capture_output=True, text=True, check=False)  # fmt: skip
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "disback_cli",
+            *BACKTRACK,
+            "-T",
+            "one",
+            "--batch",
+            "32",
+            "--name",
+            "pair",
+            "--iters",
+            "40",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert again.returncode == 2 and "processes: 2 -> 1" in again.stderr
 
 
@@ -161,11 +224,31 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def test_two_process_sampling_writes_the_same_files(tmp_path):
-    sample = ["sample", "--teacher", "builtin:digits", "--steps", "3", "--seeds", "5-41",
-              "--batch", "8", "--device", "cpu"]  # fmt: skip
+    sample = [
+        "sample",
+        "--teacher",
+        "builtin:digits",
+        "--steps",
+        "3",
+        "--seeds",
+        "5-41",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+    ]
     one = disback(*sample, "--format", "png", "--out", "one", "--grid-out", "one.png", cwd=tmp_path)
-    two = disback(*sample, "--format", "png", "--out", "two", "--grid-out", "two.png", processes=2,
-                  cwd=tmp_path)  # fmt: skip
+    two = disback(
+        *sample,
+        "--format",
+        "png",
+        "--out",
+        "two",
+        "--grid-out",
+        "two.png",
+        processes=2,
+        cwd=tmp_path,
+    )
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
     assert len(list((tmp_path / "two").rglob("*.png"))) == 37
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
@@ -198,11 +281,24 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
     def run(processes: int, *args: str) -> subprocess.CompletedProcess:
         launcher = [sys.executable, "-m", "disback_cli"]
         if processes > 1:
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={processes}", "-m", "disback_cli"]  # fmt: skip
-        result = subprocess.run([*launcher, *args, "--batch", "4", "--device", "cpu"],
-                                cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300, check=False)  # fmt: skip
+            launcher = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+                "-m",
+                "disback_cli",
+            ]
+        result = subprocess.run(
+            [*launcher, *args, "--batch", "4", "--device", "cpu"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
@@ -212,10 +308,11 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
         for key in ("mu", "sigma", "features"):
             np.testing.assert_array_equal(a[key], b[key])
     reports = [
-        json.loads(run(k, "evaluate", "fake.npz", "--ref", "ref1.npz", "--repeats", "2",
-                       "--json").stdout)
+        json.loads(
+            run(k, "evaluate", "fake.npz", "--ref", "ref1.npz", "--repeats", "2", "--json").stdout
+        )
         for k in (1, 2)
-    ]  # fmt: skip
+    ]
     assert reports[0]["results"] == reports[1]["results"]
     assert reports[0]["repeats"] == 2 and reports[0]["results"][0]["kid"] is not None
 
@@ -225,17 +322,36 @@ def test_diffratio_under_two_processes_matches_one_process(tmp_path):
     disback(*RECORD, "--batch", "64", "--out", "one", cwd=tmp_path)
     ratio = ["--loss", "diffratio", "--data", "builtin:ring2d", "--iters", "20"]
     disback(*BACKTRACK, *ratio, "-T", "one", "--batch", "64", "--name", "single", cwd=tmp_path)
-    disback(*BACKTRACK, *ratio, "-T", "one", "--batch", "32", "--name", "pair", processes=2,
-            cwd=tmp_path)  # fmt: skip
-    logs = [[json.loads(line) for line in
-             (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl").read_text().splitlines()]
-            for n in ("single", "pair")]  # fmt: skip
+    disback(
+        *BACKTRACK,
+        *ratio,
+        "-T",
+        "one",
+        "--batch",
+        "32",
+        "--name",
+        "pair",
+        processes=2,
+        cwd=tmp_path,
+    )
+    logs = [
+        [
+            json.loads(line)
+            for line in (backtrack_dir(tmp_path / "one", n) / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        for n in ("single", "pair")
+    ]
     assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [10, 20]
     for a, b in zip(*logs, strict=True):
         for key in ("loss_g", "loss_fake", "score_gap", "grad_norm_g", "grad_norm_fake"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
-    single, pair = (read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
-                    for n in ("single", "pair"))  # fmt: skip
+    single, pair = (
+        read_manifest(backtrack_dir(tmp_path / "one", n), BacktrackManifest)
+        for n in ("single", "pair")
+    )
     runs = {n: backtrack_dir(tmp_path / "one", n) for n in ("single", "pair")}
-    assert_close(weights(runs["single"] / single.generator.file),
-                 weights(runs["pair"] / pair.generator.file))  # fmt: skip
+    assert_close(
+        weights(runs["single"] / single.generator.file), weights(runs["pair"] / pair.generator.file)
+    )

@@ -28,10 +28,19 @@ SPEC = NetworkSpec(
     arch="SongUNet",
     data_shape=(3, 8, 8),
     label_dim=4,
-    arch_kwargs=dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                     dropout=DROPOUT, embedding_type="positional", encoder_type="standard",
-                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1]),
-)  # fmt: skip
+    arch_kwargs=dict(
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        dropout=DROPOUT,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    ),
+)
 
 
 def dropout_network(seed: int = 0) -> torch.nn.Module:
@@ -50,8 +59,9 @@ def dropout_trajectory(tmp_path_factory) -> Path:
     teacher = folder / "teacher.safetensors"
     info = {"role": "teacher", "train_sigma": {"p_mean": -1.2, "p_std": 1.2}}
     save_denoiser(teacher, dropout_network(), SPEC, info)
-    run_record(RecordConfig(teacher=str(teacher), iters=4, nodes=2, batch=8, device="cpu"),
-               folder / "t")  # fmt: skip
+    run_record(
+        RecordConfig(teacher=str(teacher), iters=4, nodes=2, batch=8, device="cpu"), folder / "t"
+    )
     return folder / "t"
 
 
@@ -67,8 +77,9 @@ def test_record_trains_at_the_teachers_own_dropout_and_says_so(dropout_trajector
 def test_fake_equal_to_target_gives_exactly_zero_gap_and_gradient(dropout_trajectory, loss):
     """--no-trajectory starts with fake = target = teacher: whatever dropout does in the networks
     being trained, the first generator update must be exactly zero."""
-    cfg = BacktrackConfig(no_trajectory=True, loss=loss, iters=1, batch=8, log_every=1,
-                          save_every=0, device="cpu")  # fmt: skip
+    cfg = BacktrackConfig(
+        no_trajectory=True, loss=loss, iters=1, batch=8, log_every=1, save_every=0, device="cpu"
+    )
     run_backtrack(cfg, dropout_trajectory, name=f"zero-{loss}")
     run = backtrack_dir(dropout_trajectory, f"zero-{loss}")
     (line,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -88,9 +99,15 @@ def test_the_fake_score_learns_from_generator_samples_drawn_without_dropout():
         optimizer = torch.optim.Adam(fake.parameters(), lr=1e-3)
         rng = torch.Generator().manual_seed(0)
         torch.manual_seed(0)  # the fake score's own dropout draws the same masks in both runs
-        denoising_step(fake, optimizer, generator, (8, *SPEC.data_shape),
-                       condition_source(SPEC.label_dim), TrainingSigma("lognormal"),
-                       rng)  # fmt: skip
+        denoising_step(
+            fake,
+            optimizer,
+            generator,
+            (8, *SPEC.data_shape),
+            condition_source(SPEC.label_dim),
+            TrainingSigma("lognormal"),
+            rng,
+        )
         results.append(torch.cat([p.detach().flatten() for p in fake.parameters()]))
     assert generator.training is False  # restored to what it was (eval, the last mode set)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

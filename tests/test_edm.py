@@ -111,8 +111,9 @@ def test_hostile_module_source_is_never_executed(tmp_path):
     teacher = open_teacher(str(path))  # the weights are fine; the source is only hashed
     assert not marker.exists()
     assert torch.equal(outputs(teacher.denoiser, 0), outputs(net, 0))
-    evil = write_edm_snapshot(tmp_path / "cls.pkl", net, init_kwargs, module_src=source,
-                              class_name="Backdoor")  # fmt: skip
+    evil = write_edm_snapshot(
+        tmp_path / "cls.pkl", net, init_kwargs, module_src=source, class_name="Backdoor"
+    )
     with pytest.raises(DisbackError, match="unsupported network class 'Backdoor'"):
         open_teacher(str(evil))
     assert not marker.exists()

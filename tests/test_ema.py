@@ -59,7 +59,8 @@ def test_ema_refuses_networks_of_different_shapes():
         (100, 4000, 0.5, 0.05, math.sqrt(0.5)),  # ... 200 images
         (64, 0, 0.5, 0.05, 0.0),  # nothing seen yet: the average is the network
     ],
-)  # fmt: skip
-def test_ema_beta_is_edms_half_life_with_ramp_up(batch, images_seen, halflife_kimg, rampup,
-                                                 expected):  # fmt: skip
+)
+def test_ema_beta_is_edms_half_life_with_ramp_up(
+    batch, images_seen, halflife_kimg, rampup, expected
+):
     assert ema_beta(batch, images_seen, halflife_kimg, rampup) == pytest.approx(expected, rel=1e-12)

@@ -78,10 +78,12 @@ def write_npz(path, images):
 def test_folder_and_npz_of_the_same_images_give_the_same_features(stand_in, tmp_path, mode):
     images = images_like(10, 0)
     detector = InceptionDetector(stand_in, mode, expected_sha256=None)
-    from_folder = extract_features(folder_images(write_folder(tmp_path / "f", images)), detector,
-                                   4, SilentReporter())  # fmt: skip
-    from_npz = extract_features(npz_images(write_npz(tmp_path / "i.npz", images)), detector, 3,
-                                SilentReporter())  # fmt: skip
+    from_folder = extract_features(
+        folder_images(write_folder(tmp_path / "f", images)), detector, 4, SilentReporter()
+    )
+    from_npz = extract_features(
+        npz_images(write_npz(tmp_path / "i.npz", images)), detector, 3, SilentReporter()
+    )
     assert from_folder.shape == (10, 2048)
     np.testing.assert_allclose(from_folder, from_npz, rtol=0, atol=1e-6)  # batch sizes differ
 
@@ -96,8 +98,9 @@ def test_modes_differ_and_greyscale_is_repeated_to_rgb(stand_in):
 
 def test_reference_round_trip_and_evaluation_report(trusted, tmp_path, cli):
     real = write_folder(tmp_path / "real", images_like(24, 2))
-    result = cli("evaluate", "ref", real, "--out", tmp_path / "ref.npz", "--inception", trusted,
-                 "--json")  # fmt: skip
+    result = cli(
+        "evaluate", "ref", real, "--out", tmp_path / "ref.npz", "--inception", trusted, "--json"
+    )
     assert result.code == 0, result.stderr
     written = json.loads(result.stdout)
     assert written["n"] == 24 and written["image_shape"] == [8, 8, 3]
@@ -107,8 +110,16 @@ def test_reference_round_trip_and_evaluation_report(trusted, tmp_path, cli):
         assert data["features"].shape == (24, 2048)
         assert json.loads(str(data["meta"]))["detector"]["sha256"] == sha256_file(trusted)
 
-    result = cli("evaluate", real, "--ref", tmp_path / "ref.npz", "--inception", trusted, "--json",
-                 "--any-images")  # fmt: skip
+    result = cli(
+        "evaluate",
+        real,
+        "--ref",
+        tmp_path / "ref.npz",
+        "--inception",
+        trusted,
+        "--json",
+        "--any-images",
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["metric"] == "FID" and report["repeats"] == 1
@@ -118,8 +129,18 @@ def test_reference_round_trip_and_evaluation_report(trusted, tmp_path, cli):
     assert report["settings"]["pr_k"] == 3
 
     other = write_folder(tmp_path / "other", images_like(24, 3))
-    result = cli("evaluate", other, "--ref", tmp_path / "ref.npz", "--inception", trusted,
-                 "--repeats", "2", "--json", "--any-images")  # fmt: skip
+    result = cli(
+        "evaluate",
+        other,
+        "--ref",
+        tmp_path / "ref.npz",
+        "--inception",
+        trusted,
+        "--repeats",
+        "2",
+        "--json",
+        "--any-images",
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     fids = [r["fid"] for r in report["results"]]
@@ -147,8 +168,17 @@ def test_wrong_image_size_and_mode_are_refused(trusted, tmp_path, cli):
     big = write_npz(tmp_path / "big.npz", images_like(6, 5, size=16))
     result = cli("evaluate", big, "--ref", tmp_path / "ref.npz", "--inception", trusted)
     assert result.code == 1 and "16x16 but" in result.stderr and "8x8" in result.stderr
-    result = cli("evaluate", tmp_path / "real", "--ref", tmp_path / "ref.npz", "--inception",
-                 trusted, "--mode", "clean", "--any-images")  # fmt: skip
+    result = cli(
+        "evaluate",
+        tmp_path / "real",
+        "--ref",
+        tmp_path / "ref.npz",
+        "--inception",
+        trusted,
+        "--mode",
+        "clean",
+        "--any-images",
+    )
     assert result.code == 1 and "mode legacy_tensorflow" in result.stderr
 
 
@@ -165,8 +195,9 @@ def test_missing_inception_weights_say_where_to_put_them(tmp_path, cli, monkeypa
 def test_inception_file_with_the_wrong_hash_is_refused(stand_in, tmp_path, cli):
     write_npz(tmp_path / "s.npz", images_like(4, 0))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    result = cli("evaluate", tmp_path / "s.npz", "--ref", tmp_path / "ref.npz", "--inception",
-                 stand_in)  # fmt: skip
+    result = cli(
+        "evaluate", tmp_path / "s.npz", "--ref", tmp_path / "ref.npz", "--inception", stand_in
+    )
     assert result.code == 1 and "is not that of inception-2015-12-05.pt" in result.stderr
 
 
@@ -186,18 +217,44 @@ def test_on_the_fly_evaluation_of_a_run_matches_its_png_samples(trusted, tmp_pat
         ["record", "--teacher", pkl, "--out", traj, "--iters", "2", "--nodes", "1", "--batch", "2"],
         ["backtrack", "-T", traj, "--iters", "2", "--batch", "2", "--save-every", "0"],
         ["sample", "-T", traj, "--seeds", "6-11", "--out", tmp_path / "png"],
-        ["evaluate", "ref", write_folder(tmp_path / "real", images_like(12, 6)), "--out",
-         tmp_path / "ref.npz", "--inception", trusted],
-    ):  # fmt: skip
+        [
+            "evaluate",
+            "ref",
+            write_folder(tmp_path / "real", images_like(12, 6)),
+            "--out",
+            tmp_path / "ref.npz",
+            "--inception",
+            trusted,
+        ],
+    ):
         result = cli(*args, "--device", "cpu") if args[0] != "evaluate" else cli(*args)
         assert result.code == 0, (args, result.stderr)
-    result = cli("evaluate", "-T", traj, "-n", "6", "--repeats", "2", "--ref", tmp_path / "ref.npz",
-                 "--inception", trusted, "--json")  # fmt: skip
+    result = cli(
+        "evaluate",
+        "-T",
+        traj,
+        "-n",
+        "6",
+        "--repeats",
+        "2",
+        "--ref",
+        tmp_path / "ref.npz",
+        "--inception",
+        trusted,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["seeds"] for r in report["results"]] == [[0, 5], [6, 11]]
-    from_files = cli("evaluate", tmp_path / "png", "--ref", tmp_path / "ref.npz", "--inception",
-                     trusted, "--json")  # fmt: skip
+    from_files = cli(
+        "evaluate",
+        tmp_path / "png",
+        "--ref",
+        tmp_path / "ref.npz",
+        "--inception",
+        trusted,
+        "--json",
+    )
     assert from_files.code == 0, from_files.stderr
     fid_files = json.loads(from_files.stdout)["results"][0]["fid"]
     assert fid_files == pytest.approx(report["results"][1]["fid"], rel=1e-5)

@@ -60,22 +60,55 @@ def test_record_backtrack_sample_png_grid_end_to_end(cli, tmp_path):
     net, init_kwargs = tiny_network("ddpmpp", "edm", label_dim=10, augment_dim=9)
     pkl = write_edm_snapshot(tmp_path / "tiny-edm.pkl", net, init_kwargs)
     trajectory = tmp_path / "t"
-    result = cli("record", "--teacher", pkl, "--out", trajectory, "--iters", "4", "--nodes", "2",
-                 "--batch", "4", "--device", "cpu")  # fmt: skip
+    result = cli(
+        "record",
+        "--teacher",
+        pkl,
+        "--out",
+        trajectory,
+        "--iters",
+        "4",
+        "--nodes",
+        "2",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.stderr
     manifest = json.loads((trajectory / "manifest.json").read_text())
     assert manifest["teacher"]["network"]["arch"] == "SongUNet"
     assert [n["step"] for n in manifest["nodes"]] == [0, 2, 4]
-    result = cli("backtrack", "-T", trajectory, "--iters", "6", "--interval", "2", "--batch", "4",
-                 "--save-every", "2", "--log-every", "2", "--device", "cpu")  # fmt: skip
+    result = cli(
+        "backtrack",
+        "-T",
+        trajectory,
+        "--iters",
+        "6",
+        "--interval",
+        "2",
+        "--batch",
+        "4",
+        "--save-every",
+        "2",
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.stderr
-    result = cli("sample", "-T", trajectory, "--seeds", "998-1001", "--format", "png",
-                 "--grid", "--json")  # fmt: skip
+    result = cli(
+        "sample", "-T", trajectory, "--seeds", "998-1001", "--format", "png", "--grid", "--json"
+    )
     assert result.code == 0, result.stderr
     out = backtrack_dir(trajectory, "default") / "samples"
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert names == ["00000/img00000998.png", "00000/img00000999.png",
-                     "00001/img00001000.png", "00001/img00001001.png"]  # fmt: skip
+    assert names == [
+        "00000/img00000998.png",
+        "00000/img00000999.png",
+        "00001/img00001000.png",
+        "00001/img00001001.png",
+    ]
     assert decode_png((out / names[0]).read_bytes()).shape == (8, 8, 3)
     labels = json.loads((out / "dataset.json").read_text())["labels"]
     assert [entry[0] for entry in labels] == names and all(0 <= y < 10 for _, y in labels)
@@ -85,8 +118,19 @@ def test_record_backtrack_sample_png_grid_end_to_end(cli, tmp_path):
     assert grid_png.shape == (19 * 27, 19 * 27, 3)
     assert (grid_png[:27, :27] == 128).all()  # the border, one enlarged pixel
 
-    result = cli("sample", "-T", trajectory, "-n", "3", "--format", "npz", "--class", "7",
-                 "--out", tmp_path / "s.npz")  # fmt: skip
+    result = cli(
+        "sample",
+        "-T",
+        trajectory,
+        "-n",
+        "3",
+        "--format",
+        "npz",
+        "--class",
+        "7",
+        "--out",
+        tmp_path / "s.npz",
+    )
     assert result.code == 0, result.stderr
     with np.load(tmp_path / "s.npz") as data:
         assert data["images"].shape == (3, 8, 8, 3) and data["images"].dtype == np.uint8

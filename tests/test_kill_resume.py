@@ -43,9 +43,23 @@ RECORD = [
     "--device",
     "cpu",
 ]
-BACKTRACK = ["backtrack", "--iters", "400", "--interval", "60", "--batch", "128",
-             "--save-every", str(SAVE_EVERY), "--log-every", str(SAVE_EVERY), "--seed", "3",
-             "--device", "cpu"]  # fmt: skip
+BACKTRACK = [
+    "backtrack",
+    "--iters",
+    "400",
+    "--interval",
+    "60",
+    "--batch",
+    "128",
+    "--save-every",
+    str(SAVE_EVERY),
+    "--log-every",
+    str(SAVE_EVERY),
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+]
 # Kill k comes after the run has saved at or past iteration KILL_AFTER[k]: far from the end (800
 # and 400 iterations), so the seeded delay that follows cannot outlast the run.
 RECORD_KILLS = (60, 200, 340)
@@ -131,8 +145,11 @@ def _kill_and_resume(args, cwd, directory, model, kill_after, rng) -> list[int]:
     for threshold in kill_after:
         proc = _start(args, cwd)
         _until(lambda: _holds_lock(proc, directory), proc, "taking the lock")  # noqa: B023
-        _until(lambda: _saved_step(directory, model) >= threshold, proc,  # noqa: B023
-               f"saving iteration {threshold}")  # fmt: skip
+        _until(
+            lambda: _saved_step(directory, model) >= threshold,  # noqa: B023
+            proc,
+            f"saving iteration {threshold}",
+        )
         time.sleep(rng.uniform(0, MAX_DELAY))
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.kill()
@@ -162,8 +179,14 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     rng = random.Random(7)
     _run([*RECORD, "--out", "ref"], tmp_path)
-    resumed = _kill_and_resume([*RECORD, "--out", "killed"], tmp_path, tmp_path / "killed",
-                               TrajectoryManifest, RECORD_KILLS, rng)  # fmt: skip
+    resumed = _kill_and_resume(
+        [*RECORD, "--out", "killed"],
+        tmp_path,
+        tmp_path / "killed",
+        TrajectoryManifest,
+        RECORD_KILLS,
+        rng,
+    )
     print(f"record: killed 3 times, resumed from iterations {resumed}")
     nodes = _digests(tmp_path / "ref", "nodes/*")
     assert len(nodes) == 4 and nodes == _digests(tmp_path / "killed", "nodes/*")
@@ -174,8 +197,9 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
     shutil.copytree(tmp_path / "ref", tmp_path / "ref2")
     ref_run, killed_run = (tmp_path / t / "backtrack" / "default" for t in ("ref", "ref2"))
     _run([*BACKTRACK, "-T", "ref"], tmp_path)
-    resumed = _kill_and_resume([*BACKTRACK, "-T", "ref2"], tmp_path, killed_run,
-                               BacktrackManifest, BACKTRACK_KILLS, rng)  # fmt: skip
+    resumed = _kill_and_resume(
+        [*BACKTRACK, "-T", "ref2"], tmp_path, killed_run, BacktrackManifest, BACKTRACK_KILLS, rng
+    )
     print(f"backtrack: killed 3 times, resumed from iterations {resumed}")
     final = _digests(ref_run, "checkpoints/*")
     assert len(final) == 3 and final == _digests(killed_run, "checkpoints/*")

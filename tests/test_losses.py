@@ -160,8 +160,12 @@ def test_training_noise_levels_follow_each_losss_reference():
     assert 0.30 < (karras > 10).float().mean() < 0.34
     assert (lognormal > 10).float().mean() < 0.005
     assert karras.min() >= 0.002 * (1 - 1e-5) and karras.max() <= 80 * (1 + 1e-5)
-    assert LOSS_TRAINING_SIGMA == {"vsd": "lognormal", "dmd": "karras", "sid": "lognormal",
-                                   "diffratio": "lognormal"}  # fmt: skip
+    assert LOSS_TRAINING_SIGMA == {
+        "vsd": "lognormal",
+        "dmd": "karras",
+        "sid": "lognormal",
+        "diffratio": "lognormal",
+    }
 
 
 @pytest.mark.parametrize("name", ["vsd", "dmd", "sid", "diffratio"])

@@ -58,15 +58,21 @@ def edge_values(model, which: str) -> dict:
             kind = option.get("type")
             if kind not in ("integer", "number"):
                 continue
-            inclusive, exclusive = ("minimum", "exclusiveMinimum") if which == "low" else (
-                "maximum", "exclusiveMaximum")  # fmt: skip
+            inclusive, exclusive = (
+                ("minimum", "exclusiveMinimum")
+                if which == "low"
+                else ("maximum", "exclusiveMaximum")
+            )
             if inclusive in option:
                 values[name] = option[inclusive]
             elif exclusive in option:
                 bound = option[exclusive]
                 direction = math.inf if which == "low" else -math.inf
-                values[name] = (bound + (1 if which == "low" else -1) if kind == "integer"
-                                else math.nextafter(bound, direction))  # fmt: skip
+                values[name] = (
+                    bound + (1 if which == "low" else -1)
+                    if kind == "integer"
+                    else math.nextafter(bound, direction)
+                )
     return values
 
 
@@ -94,11 +100,18 @@ def test_every_config_value_at_its_bounds_round_trips_through_a_manifest(
     assert read_manifest(tmp_path, TrajectoryManifest).config == trajectory.config
 
     run = BacktrackManifest(
-        created_at="x", updated_at="x", status="running", name="a" * 100,
-        teacher=trajectory.teacher, g0=trajectory.g0,
-        path_sha256=["0" * 64, "1" * 64], step=0, world_size=1 << 20, global_batch=1 << 40,
+        created_at="x",
+        updated_at="x",
+        status="running",
+        name="a" * 100,
+        teacher=trajectory.teacher,
+        g0=trajectory.g0,
+        path_sha256=["0" * 64, "1" * 64],
+        step=0,
+        world_size=1 << 20,
+        global_batch=1 << 40,
         config=BacktrackConfig(optimizer="adamw", **backtrack),
-    )  # fmt: skip
+    )
     write_manifest(tmp_path / "run", run)
     assert read_manifest(tmp_path / "run", BacktrackManifest).config == run.config
 

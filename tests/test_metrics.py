@@ -44,8 +44,11 @@ def test_mmd_in_blocks_equals_the_whole_matrix_and_large_sets_are_capped():
 
     rng = torch.Generator().manual_seed(0)
     x, y = torch.randn(5000, 2, generator=rng), torch.randn(4500, 2, generator=rng) + 0.2
-    d = {"xx": torch.cdist(x.double(), x.double()) ** 2, "yy": torch.cdist(y.double(),
-         y.double()) ** 2, "xy": torch.cdist(x.double(), y.double()) ** 2}  # fmt: skip
+    d = {
+        "xx": torch.cdist(x.double(), x.double()) ** 2,
+        "yy": torch.cdist(y.double(), y.double()) ** 2,
+        "xy": torch.cdist(x.double(), y.double()) ** 2,
+    }
     whole = 0.0
     for h in metrics.MMD_BANDWIDTHS:
         k = {key: torch.exp(-v / (2 * h * h)) for key, v in d.items()}

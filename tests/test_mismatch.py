@@ -64,15 +64,42 @@ def test_backtrack_logs_the_mismatch_on_the_ring_and_refuses_it_elsewhere(
     cli, tmp_path, small_trajectory
 ):
     shutil.copytree(small_trajectory, tmp_path / "t")
-    args = ["backtrack", "-T", tmp_path / "t", "--iters", "20", "--interval", "10", "--batch",
-            "32", "--log-every", "10", "--save-every", "10", "--mismatch-every", "10"]  # fmt: skip
+    args = [
+        "backtrack",
+        "-T",
+        tmp_path / "t",
+        "--iters",
+        "20",
+        "--interval",
+        "10",
+        "--batch",
+        "32",
+        "--log-every",
+        "10",
+        "--save-every",
+        "10",
+        "--mismatch-every",
+        "10",
+    ]
     assert cli(*args).code == 0
     lines = [json.loads(ln) for ln in (tmp_path / "t/backtrack/default/metrics.jsonl").open()]
-    assert [sorted(ln["mismatch"]) for ln in lines] == [["cosine", "fake_mse", "target_mse",
-                                                          "true_gap"]] * 2  # fmt: skip
+    assert [sorted(ln["mismatch"]) for ln in lines] == [
+        ["cosine", "fake_mse", "target_mse", "true_gap"]
+    ] * 2
     assert all(-1 <= ln["mismatch"]["cosine"] <= 1 for ln in lines)
-    digits = cli("record", "--teacher", "builtin:digits", "--out", tmp_path / "d", "--iters", "2",
-                 "--nodes", "1", "--batch", "64")  # fmt: skip
+    digits = cli(
+        "record",
+        "--teacher",
+        "builtin:digits",
+        "--out",
+        tmp_path / "d",
+        "--iters",
+        "2",
+        "--nodes",
+        "1",
+        "--batch",
+        "64",
+    )
     assert digits.code == 0
     refused = cli("backtrack", "-T", tmp_path / "d", "--iters", "2", "--mismatch-every", "1")
     assert refused.code == 2 and "Gaussian-mixture" in refused.stderr

@@ -48,9 +48,11 @@ def test_per_sample_sigma_and_conditional_default_labels():
 
 def test_mlp_spec_builds_denoiser_with_edm_parameter_names():
     spec = NetworkSpec(
-        arch="mlp", arch_kwargs={"hidden": 16, "depth": 2}, precond_kwargs={"sigma_data": 1.4},
+        arch="mlp",
+        arch_kwargs={"hidden": 16, "depth": 2},
+        precond_kwargs={"sigma_data": 1.4},
         data_shape=(2,),
-    )  # fmt: skip
+    )
     denoiser = build_denoiser(spec)
     assert all(k.startswith("model.") for k in denoiser.state_dict())
     assert denoiser(torch.randn(7, 2), 0.3).shape == (7, 2)

@@ -63,8 +63,11 @@ def test_stale_lock_of_a_dead_process_is_taken_over(trajectory, tmp_path):
 def test_lock_names_its_holder_and_is_released(tmp_path):
     with run_lock(tmp_path / "run", "record"):
         holder = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
-        assert holder == {"pid": os.getpid(), "host": socket.gethostname(),
-                          "command": "disback record"}  # fmt: skip
+        assert holder == {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": "disback record",
+        }
         refused = pytest.raises(DisbackError, match=f"in use by pid {os.getpid()} on ")
         with refused, run_lock(tmp_path / "run", "record"):
             pass
@@ -130,8 +133,23 @@ def test_divergence_stops_within_the_iteration_and_keeps_the_last_checkpoint(
 
 
 def test_divergence_from_a_huge_learning_rate_is_one_line(trajectory, cli):
-    result = cli("backtrack", "-T", trajectory, "--iters", "20", "--batch", "64", "--lr-g",
-                 "1", "--lr-fake", "1", "--save-every", "10", "--log-every", "10")  # fmt: skip
+    result = cli(
+        "backtrack",
+        "-T",
+        trajectory,
+        "--iters",
+        "20",
+        "--batch",
+        "64",
+        "--lr-g",
+        "1",
+        "--lr-fake",
+        "1",
+        "--save-every",
+        "10",
+        "--log-every",
+        "10",
+    )
     assert result.code == 1 and result.stderr.startswith("error: diverged at iteration ")
     assert "no checkpoint had been saved yet" in result.stderr
     assert result.stderr.count("\n") == 1
@@ -201,8 +219,13 @@ def test_metrics_cut_mid_line_by_a_kill_are_repaired(tmp_path):
 
 def test_files_written_after_the_last_save_are_removed_on_resume(small_trajectory, tmp_path):
     out = tmp_path / "t"
-    cfg = RecordConfig(**{**json.loads((small_trajectory / "manifest.json").read_text())["config"],
-                          "save_every": 20, "teacher": "builtin:ring2d"})  # fmt: skip
+    cfg = RecordConfig(
+        **{
+            **json.loads((small_trajectory / "manifest.json").read_text())["config"],
+            "save_every": 20,
+            "teacher": "builtin:ring2d",
+        }
+    )
     shutil.copytree(small_trajectory, out)
     manifest = json.loads((out / "manifest.json").read_text())
     # Pretend the run was killed after writing node 3 and a resume point but before the manifest.
@@ -211,8 +234,9 @@ def test_files_written_after_the_last_save_are_removed_on_resume(small_trajector
     (out / "nodes" / ".node-003.safetensors.x1y2z3w4.tmp").write_bytes(b"partial")
     notes = Notes()
     run_record(cfg, out, reporter=notes)
-    assert any("node-003.safetensors (written after the last resume point)" in n
-               for n in notes.notes)  # fmt: skip
+    assert any(
+        "node-003.safetensors (written after the last resume point)" in n for n in notes.notes
+    )
     assert not list(out.rglob("*.tmp"))
     assert file_digests(out, "nodes/*") == file_digests(small_trajectory, "nodes/*")
 

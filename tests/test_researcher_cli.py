@@ -22,8 +22,20 @@ from disback_cli.runtime.parallel import cpu_threads, execution
 from disback_cli.store.catalog import unique_labels
 from disback_cli.store.metrics_log import read_metrics
 
-BACKTRACK = ["--iters", "40", "--interval", "10", "--batch", "64", "--save-every", "20",
-             "--log-every", "10", "--device", "cpu"]  # fmt: skip
+BACKTRACK = [
+    "--iters",
+    "40",
+    "--interval",
+    "10",
+    "--batch",
+    "64",
+    "--save-every",
+    "20",
+    "--log-every",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +46,19 @@ def sweep(tmp_path_factory, small_trajectory, cli_module) -> Path:
     for seed in ("s0", "s1"):
         shutil.copytree(small_trajectory, root / seed)
         for extra in ([], ["--no-trajectory", "--name", "baseline"]):
-            result = cli_module("backtrack", "-T", root / seed, *BACKTRACK, "--eval-every", "20",
-                                "--set", "eval_samples=300", "--seed", seed[1], *extra)  # fmt: skip
+            result = cli_module(
+                "backtrack",
+                "-T",
+                root / seed,
+                *BACKTRACK,
+                "--eval-every",
+                "20",
+                "--set",
+                "eval_samples=300",
+                "--seed",
+                seed[1],
+                *extra,
+            )
             assert result.code == 0, result.stderr
     return root
 
@@ -64,8 +87,9 @@ EXIT_CASES = [
 
 
 @pytest.mark.parametrize("args, code", EXIT_CASES, ids=[" ".join(a[:3]) for a, _ in EXIT_CASES])
-def test_one_exit_code_rule_for_every_command(args, code, cli, tmp_path, small_trajectory,
-                                              monkeypatch):  # fmt: skip
+def test_one_exit_code_rule_for_every_command(
+    args, code, cli, tmp_path, small_trajectory, monkeypatch
+):
     shutil.copytree(small_trajectory, tmp_path / "t")
     result = cli("backtrack", "-T", tmp_path / "t", *BACKTRACK, "--iters", "20")
     assert result.code == 0, result.stderr
@@ -83,8 +107,22 @@ def test_json_summaries_carry_the_resolved_config_absolute_paths_and_say_when_no
     cli, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    record = ["record", "--teacher", "builtin:ring2d", "--out", "t", "--iters", "20", "--nodes",
-              "2", "--batch", "32", "--device", "cpu", "--json"]  # fmt: skip
+    record = [
+        "record",
+        "--teacher",
+        "builtin:ring2d",
+        "--out",
+        "t",
+        "--iters",
+        "20",
+        "--nodes",
+        "2",
+        "--batch",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     first = json.loads(cli(*record).stdout)
     assert first["noop"] is False and first["iterations_run"] == 20
     assert Path(first["trajectory"]).is_absolute() and first["trajectory"] == str(tmp_path / "t")
@@ -97,7 +135,11 @@ def test_json_summaries_carry_the_resolved_config_absolute_paths_and_say_when_no
     run = json.loads(cli(*backtrack).stdout)
     config = run["config"]
     assert (config["loss"], config["interval"], config["no_trajectory"], config["seed"]) == (
-        "sid", 10, False, 0)  # fmt: skip
+        "sid",
+        10,
+        False,
+        0,
+    )
     assert run["noop"] is False and run["iterations_run"] == 40
     for key in ("run", "trajectory", "generator", "generator_ema", "metrics"):
         assert Path(run[key]).is_absolute() and Path(run[key]).exists(), key
@@ -109,8 +151,19 @@ def test_json_summaries_carry_the_resolved_config_absolute_paths_and_say_when_no
 
 
 def test_every_kind_of_evaluate_report_has_one_layout(cli, tmp_path, sweep):
-    layout = {"kind", "metric", "key", "dataset", "detector", "reference", "samples", "repeats",
-              "results", "summary", "floor"}  # fmt: skip
+    layout = {
+        "kind",
+        "metric",
+        "key",
+        "dataset",
+        "detector",
+        "reference",
+        "samples",
+        "repeats",
+        "results",
+        "summary",
+        "floor",
+    }
     run = sweep / "s0"
     assert cli("sample", "-T", run, "-n", "400", "--out", tmp_path / "s.npz").code == 0
     vector = json.loads(cli("evaluate", tmp_path / "s.npz", "--repeats", "2", "--json").stdout)
@@ -121,14 +174,29 @@ def test_every_kind_of_evaluate_report_has_one_layout(cli, tmp_path, sweep):
 
     # --ref on vector samples compares with those samples (no floor, modes from the data set)
     assert cli("sample", "-T", run, "--seeds", "1000-1399", "--out", tmp_path / "r.npz").code == 0
-    against = json.loads(cli("evaluate", tmp_path / "s.npz", "--ref", tmp_path / "r.npz",
-                             "--json").stdout)  # fmt: skip
+    against = json.loads(
+        cli("evaluate", tmp_path / "s.npz", "--ref", tmp_path / "r.npz", "--json").stdout
+    )
     assert against["reference"]["kind"] == "samples" and against["floor"] is None
     assert against["results"][0]["mmd2"] != vector["results"][0]["mmd2"]
 
     digits = tmp_path / "d"
-    assert cli("sample", "--teacher", "builtin:digits", "--steps", "4", "-n", "40", "--out",
-               digits, "--device", "cpu").code == 0  # fmt: skip
+    assert (
+        cli(
+            "sample",
+            "--teacher",
+            "builtin:digits",
+            "--steps",
+            "4",
+            "-n",
+            "40",
+            "--out",
+            digits,
+            "--device",
+            "cpu",
+        ).code
+        == 0
+    )
     report = json.loads(cli("evaluate", digits, "--repeats", "2", "--json").stdout)
     assert set(report) >= layout and report["kind"] == "digits" and report["repeats"] == 2
     assert report["floor"]["n"] == 20 and report["results"][0]["classes_total"] == 10
@@ -136,8 +204,22 @@ def test_every_kind_of_evaluate_report_has_one_layout(cli, tmp_path, sweep):
 
 def test_digits_beyond_the_held_out_count_are_also_scored_at_its_n(cli, tmp_path):
     out = tmp_path / "d"
-    assert cli("sample", "--teacher", "builtin:digits", "--steps", "2", "-n", "900", "--out", out,
-               "--device", "cpu").code == 0  # fmt: skip
+    assert (
+        cli(
+            "sample",
+            "--teacher",
+            "builtin:digits",
+            "--steps",
+            "2",
+            "-n",
+            "900",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ).code
+        == 0
+    )
     report = json.loads(cli("evaluate", out, "--json").stdout)
     result = report["results"][0]
     assert result["n"] == 900 and report["floor"]["n"] == 797
@@ -153,8 +235,19 @@ def test_set_reaches_keys_without_flags_and_refuses_what_it_cannot_take(
     cli, tmp_path, small_trajectory
 ):
     shutil.copytree(small_trajectory, tmp_path / "t")
-    result = cli("backtrack", "-T", tmp_path / "t", *BACKTRACK, "--set", "ema_rampup=0.3",
-                 "--set", "betas=[0.1, 0.99]", "--set", "eval-samples=123", "--json")  # fmt: skip
+    result = cli(
+        "backtrack",
+        "-T",
+        tmp_path / "t",
+        *BACKTRACK,
+        "--set",
+        "ema_rampup=0.3",
+        "--set",
+        "betas=[0.1, 0.99]",
+        "--set",
+        "eval-samples=123",
+        "--json",
+    )
     config = json.loads(result.stdout)["config"]
     assert (config["ema_rampup"], config["betas"], config["eval_samples"]) == (
         0.3,
@@ -163,9 +256,12 @@ def test_set_reaches_keys_without_flags_and_refuses_what_it_cannot_take(
     )
     manifest = json.loads((tmp_path / "t/backtrack/default/manifest.json").read_text())
     assert manifest["config_sources"]["ema_rampup"] == "flag"
-    for bad, message in ((["--set", "nope=1"], "nope"), (["--set", "ema_rampup"], "KEY=VALUE"),
-                         (["--set", "iters=5", "--iters", "6"], "both given"),
-                         (["--set", "lr_g=1", "--set", "lr_g=2"], "given twice")):  # fmt: skip
+    for bad, message in (
+        (["--set", "nope=1"], "nope"),
+        (["--set", "ema_rampup"], "KEY=VALUE"),
+        (["--set", "iters=5", "--iters", "6"], "both given"),
+        (["--set", "lr_g=1", "--set", "lr_g=2"], "given twice"),
+    ):
         result = cli("backtrack", "-T", tmp_path / "t", *bad)
         assert result.code == 2 and message in result.stderr, result.stderr
 
@@ -176,9 +272,11 @@ def test_set_reaches_keys_without_flags_and_refuses_what_it_cannot_take(
 def test_runs_tabulates_a_sweep_as_text_csv_and_json(cli, sweep):
     rows = json.loads(cli("runs", sweep, "--json").stdout)
     assert sorted((r["label"], r["method"]) for r in rows) == [
-        ("s0/backtrack/baseline", "baseline"), ("s0/backtrack/default", "disback"),
-        ("s1/backtrack/baseline", "baseline"), ("s1/backtrack/default", "disback"),
-    ]  # fmt: skip
+        ("s0/backtrack/baseline", "baseline"),
+        ("s0/backtrack/default", "disback"),
+        ("s1/backtrack/baseline", "baseline"),
+        ("s1/backtrack/default", "disback"),
+    ]
     one = next(r for r in rows if r["label"] == "s1/backtrack/default")
     lines = read_metrics(sweep / "s1/backtrack/default")
     evals = [ln["eval"]["mmd2"] for ln in lines if "eval" in ln]
@@ -206,8 +304,9 @@ def test_plot_labels_runs_apart_and_marks_switches_where_they_happened(cli, swee
     assert summary["metric"] == "mmd2" and summary["scale"] == "log"
     # 2 intermediate nodes, interval 10: the target moves after 10 and 20 iterations
     assert switch_iterations(read_metrics(runs[0])) == [10, 20]
-    bounded = json.loads(cli("plot", *runs, "--metric", "precision", "--out", tmp_path / "p.png",
-                             "--json").stdout)  # fmt: skip
+    bounded = json.loads(
+        cli("plot", *runs, "--metric", "precision", "--out", tmp_path / "p.png", "--json").stdout
+    )
     assert bounded["scale"] == "linear"
     refused = cli("plot", *runs, "--metric", "fid", "--out", tmp_path / "f.png")
     assert refused.code == 2 and "logged: mmd2" in refused.stderr
@@ -239,15 +338,42 @@ def test_a_trajectory_finds_its_teacher_from_another_folder_and_says_how_when_it
     teacher.parent.mkdir()
     shutil.copy(Path(__file__).parent.parent / "disback_cli/builtin/ring2d.safetensors", teacher)
     monkeypatch.chdir(tmp_path / "lab")
-    assert cli("record", "--teacher", "teacher.safetensors", "--out", "t", "--iters", "20",
-               "--nodes", "2", "--batch", "32", "--device", "cpu").code == 0  # fmt: skip
+    assert (
+        cli(
+            "record",
+            "--teacher",
+            "teacher.safetensors",
+            "--out",
+            "t",
+            "--iters",
+            "20",
+            "--nodes",
+            "2",
+            "--batch",
+            "32",
+            "--device",
+            "cpu",
+        ).code
+        == 0
+    )
     monkeypatch.chdir(tmp_path)
     assert cli("backtrack", "-T", "lab/t", *BACKTRACK, "--iters", "10").code == 0
     teacher.rename(tmp_path / "moved.safetensors")
     missing = cli("backtrack", "-T", "lab/t", *BACKTRACK, "--iters", "20")
     assert missing.code == 1 and "--teacher" in missing.stderr
-    assert cli("backtrack", "-T", "lab/t", *BACKTRACK, "--iters", "20", "--teacher",
-               "moved.safetensors").code == 0  # fmt: skip
+    assert (
+        cli(
+            "backtrack",
+            "-T",
+            "lab/t",
+            *BACKTRACK,
+            "--iters",
+            "20",
+            "--teacher",
+            "moved.safetensors",
+        ).code
+        == 0
+    )
 
 
 def test_unknown_runs_list_the_runs_that_exist(cli, sweep):

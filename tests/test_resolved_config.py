@@ -19,14 +19,35 @@ from disback_cli.stages.record import LossMeans
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
-RING = ["--teacher", "builtin:ring2d", "--iters", "20", "--nodes", "2", "--batch", "32",
-        "--device", "cpu"]  # fmt: skip
-QUICK = ["--iters", "2", "--batch", "16", "--log-every", "1", "--save-every", "0",
-         "--device", "cpu"]  # fmt: skip
+RING = [
+    "--teacher",
+    "builtin:ring2d",
+    "--iters",
+    "20",
+    "--nodes",
+    "2",
+    "--batch",
+    "32",
+    "--device",
+    "cpu",
+]
+QUICK = [
+    "--iters",
+    "2",
+    "--batch",
+    "16",
+    "--log-every",
+    "1",
+    "--save-every",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
-def test_backtrack_defaults_come_from_the_teacher_family_and_are_recorded(small_trajectory, cli,
-                                                                          tmp_path):  # fmt: skip
+def test_backtrack_defaults_come_from_the_teacher_family_and_are_recorded(
+    small_trajectory, cli, tmp_path
+):
     trajectory = tmp_path / "t"
     shutil.copytree(small_trajectory, trajectory)
     assert cli("backtrack", "-T", trajectory, *QUICK, "--lr-fake", "5e-4").code == 0
@@ -54,8 +75,13 @@ def test_recipe_values_are_recorded_as_such(small_trajectory, cli, tmp_path):
 
 def test_help_shows_the_defaults_of_each_teacher_family():
     env = checkout_env(TERMINAL_WIDTH="400")  # one help line per flag
-    text = subprocess.run([sys.executable, "-m", "disback_cli", "backtrack", "--help"], env=env,
-                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "disback_cli", "backtrack", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "default by teacher: 0.0001 vector, 5e-05 image, 1e-05 edm" in text
     assert "default by teacher: 10 vector, 10 image, 500 edm" in text
     assert FAMILY_DEFAULTS["lr_g"]["edm"] == 1e-5  # SiD's generator lr on EDM teachers
@@ -65,21 +91,24 @@ def test_a_students_own_sigma_init_is_used_and_a_conflicting_flag_refused(cli, t
     teacher = open_teacher("builtin:ring2d")
     student = tmp_path / "student.safetensors"
     save_denoiser(student, teacher.denoiser, teacher.spec, {"role": "generator", "sigma_init": 1.5})
-    refused = cli("record", *RING, "--student", student, "--sigma-init", "2.5", "--out",
-                  tmp_path / "a")  # fmt: skip
+    refused = cli(
+        "record", *RING, "--student", student, "--sigma-init", "2.5", "--out", tmp_path / "a"
+    )
     assert refused.code == 2 and "conflicts with the student's own sigma_init 1.5" in refused.stderr
     assert not (tmp_path / "a").exists()
     assert cli("record", *RING, "--student", student, "--out", tmp_path / "b").code == 0
     manifest = read_manifest(tmp_path / "b", TrajectoryManifest)
     assert manifest.g0.sigma_init == 1.5
     assert manifest.config_sources["sigma_init"] == "student"
-    same = cli("record", *RING, "--student", student, "--sigma-init", "1.5", "--out",
-               tmp_path / "c")  # fmt: skip
+    same = cli(
+        "record", *RING, "--student", student, "--sigma-init", "1.5", "--out", tmp_path / "c"
+    )
     assert same.code == 0
 
 
-def test_a_path_recorded_at_other_noise_levels_is_refused_unless_forced(small_trajectory, cli,
-                                                                        tmp_path):  # fmt: skip
+def test_a_path_recorded_at_other_noise_levels_is_refused_unless_forced(
+    small_trajectory, cli, tmp_path
+):
     trajectory = tmp_path / "t"
     shutil.copytree(small_trajectory, trajectory)
     refused = cli("backtrack", "-T", trajectory, *QUICK, "--loss", "dmd")
@@ -87,8 +116,10 @@ def test_a_path_recorded_at_other_noise_levels_is_refused_unless_forced(small_tr
     assert "recorded at lognormal noise levels, this run trains at karras" in refused.stderr
     assert not backtrack_dir(trajectory, "default").exists()
     # the path's own noise levels, chosen explicitly
-    assert cli("backtrack", "-T", trajectory, *QUICK, "--loss", "dmd", "--dsm-sigma",
-               "lognormal").code == 0  # fmt: skip
+    assert (
+        cli("backtrack", "-T", trajectory, *QUICK, "--loss", "dmd", "--dsm-sigma", "lognormal").code
+        == 0
+    )
     forced = cli("backtrack", "-T", trajectory, *QUICK, "--loss", "dmd", "--name", "f", "--force")
     assert forced.code == 0 and "--force: " in forced.stderr
     assert read_manifest(backtrack_dir(trajectory, "f"), BacktrackManifest).config.dsm_sigma == (
@@ -136,10 +167,18 @@ def test_loss_means_resume_from_a_state_file(state, total, count):
 
 @pytest.mark.parametrize(
     "state",
-    [[1, 2], {"total": "1", "count": 1}, {"total": 1.0, "count": -1}, {"total": 1.0, "count": 1.5},
-     {"total": float("nan"), "count": 1}, {"total": -1.0, "count": 1}, {"total": 1.0},
-     {"total": 1.0, "count": 1, "extra": 0}, {"total": 1.0, "count": True}],
-)  # fmt: skip
+    [
+        [1, 2],
+        {"total": "1", "count": 1},
+        {"total": 1.0, "count": -1},
+        {"total": 1.0, "count": 1.5},
+        {"total": float("nan"), "count": 1},
+        {"total": -1.0, "count": 1},
+        {"total": 1.0},
+        {"total": 1.0, "count": 1, "extra": 0},
+        {"total": 1.0, "count": True},
+    ],
+)
 def test_malformed_loss_means_in_a_state_file_are_refused(state):
     with pytest.raises(DisbackError, match="malformed loss means"):
         LossMeans().load_state_dict(state, "state.safetensors")

@@ -24,8 +24,11 @@ from disback_cli.store.samples import read_record
 
 def files(root) -> dict[str, str]:
     """Every file under root with its sha256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 RUN = ["--iters", "20", "--batch", "32", "--save-every", "10", "--device", "cpu"]
@@ -41,8 +44,9 @@ def test_force_discards_only_the_files_of_its_own_run(small_trajectory, tmp_path
     others = files(trajectory)
     others = {k: v for k, v in others.items() if not k.startswith("backtrack/a/checkpoints")}
 
-    result = cli("backtrack", "-T", trajectory, "--name", "a", *RUN[:2], "--batch", "16",
-                 *RUN[4:], "--force")  # fmt: skip
+    result = cli(
+        "backtrack", "-T", trajectory, "--name", "a", *RUN[:2], "--batch", "16", *RUN[4:], "--force"
+    )
     assert result.code == 0, result.stderr
     after = files(trajectory)
     for name, digest in others.items():  # run b, the nodes, the user's files: untouched
@@ -56,24 +60,46 @@ def test_record_force_keeps_the_users_files_beside_the_trajectory(small_trajecto
     out = tmp_path / "t"
     shutil.copytree(small_trajectory, out)
     (out / "samples.npz").write_bytes(b"the user's samples")
-    result = cli("record", "--teacher", "builtin:ring2d", "--out", out, "--iters", "40",
-                 "--nodes", "2", "--batch", "32", "--device", "cpu", "--force")  # fmt: skip
+    result = cli(
+        "record",
+        "--teacher",
+        "builtin:ring2d",
+        "--out",
+        out,
+        "--iters",
+        "40",
+        "--nodes",
+        "2",
+        "--batch",
+        "32",
+        "--device",
+        "cpu",
+        "--force",
+    )
     assert result.code == 0, result.stderr
     assert (out / "samples.npz").read_bytes() == b"the user's samples"
     assert sorted(p.name for p in (out / "nodes").iterdir()) == [
-        "node-001.safetensors", "node-002.safetensors"
-    ]  # fmt: skip
+        "node-001.safetensors",
+        "node-002.safetensors",
+    ]
     assert not (out / "state").exists()  # only resume points were there
 
 
 def test_cleanup_names_only_disbacks_own_files(tmp_path):
     (tmp_path / "nodes").mkdir()
     (tmp_path / "checkpoints").mkdir()
-    ours = ["nodes/node-004.safetensors", "nodes/.node-004.safetensors.ab12cd34.tmp",
-            ".manifest.json.x1y2z3w4.tmp"]  # fmt: skip
-    theirs = ["nodes/node-4.safetensors", "nodes/node-004.safetensors.bak", "notes.txt",
-              "nodes/.node-004.safetensors.tmp",
-              "checkpoints/state-00000010.safetensors"]  # fmt: skip
+    ours = [
+        "nodes/node-004.safetensors",
+        "nodes/.node-004.safetensors.ab12cd34.tmp",
+        ".manifest.json.x1y2z3w4.tmp",
+    ]
+    theirs = [
+        "nodes/node-4.safetensors",
+        "nodes/node-004.safetensors.bak",
+        "notes.txt",
+        "nodes/.node-004.safetensors.tmp",
+        "checkpoints/state-00000010.safetensors",
+    ]
     for name in ours + theirs:
         (tmp_path / name).write_text("x")
     assert sorted(foreign_entries(tmp_path, TRAJECTORY, whole=False)) == sorted(
@@ -103,9 +129,7 @@ def test_sample_replaces_exactly_its_own_earlier_images(small_trajectory, tmp_pa
     assert record["status"] == "complete" and record["seeds"] == [0, 1, 2, 3, 4]
     result = cli("sample", *digits, "--seeds", "3-4", "-o", out)
     assert result.code == 0 and "replaced 5 images" in " ".join(result.stderr.split())
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
-        png_name(3), png_name(4)
-    ]  # fmt: skip
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [png_name(3), png_name(4)]
     assert cli("evaluate", out, "--dataset", "digits", "--json").code == 0
 
 

@@ -23,17 +23,37 @@ QUICK = ["--batch", "8", "--log-every", "1", "--save-every", "0", "--device", "c
 def cifar_like(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scale")
     net, init_kwargs = tiny_network(
-        "ddpmpp", "vp", label_dim=10, augment_dim=9, resolution=32,
-        channel_mult=[1, 2, 2], attn_resolutions=[16], dropout=CIFAR_DROPOUT,
-    )  # fmt: skip
+        "ddpmpp",
+        "vp",
+        label_dim=10,
+        augment_dim=9,
+        resolution=32,
+        channel_mult=[1, 2, 2],
+        attn_resolutions=[16],
+        dropout=CIFAR_DROPOUT,
+    )
     return write_edm_snapshot(folder / "edm-cifar10-like.pkl", net, init_kwargs), folder
 
 
 @pytest.fixture(scope="module")
 def recorded(cifar_like, cli_module):
     teacher, folder = cifar_like
-    result = cli_module("record", "--teacher", teacher, "--out", folder / "t", "--iters", "6",
-                        "--nodes", "3", "--batch", "8", "--device", "cpu", "--json")  # fmt: skip
+    result = cli_module(
+        "record",
+        "--teacher",
+        teacher,
+        "--out",
+        folder / "t",
+        "--iters",
+        "6",
+        "--nodes",
+        "3",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     return folder / "t", result
 
@@ -56,16 +76,40 @@ def test_recording_resolves_edm_defaults_and_measures_the_path(recorded):
 @pytest.mark.parametrize("loss", ["vsd", "dmd", "sid"])
 def test_every_loss_starts_from_an_exact_zero_and_trains_finite(recorded, cli_module, loss):
     trajectory, _ = recorded
-    zero = cli_module("backtrack", "-T", trajectory, "--no-trajectory", "--loss", loss,
-                      "--iters", "1", "--name", f"zero-{loss}", *QUICK)  # fmt: skip
+    zero = cli_module(
+        "backtrack",
+        "-T",
+        trajectory,
+        "--no-trajectory",
+        "--loss",
+        loss,
+        "--iters",
+        "1",
+        "--name",
+        f"zero-{loss}",
+        *QUICK,
+    )
     assert zero.code == 0, zero.stderr
     (line,) = _metrics(trajectory, f"zero-{loss}")
     assert line["score_gap"] == 0.0 and line["grad_norm_g"] == 0.0
 
     # dmd on this log-normal path: its own noise levels chosen explicitly
     levels = ["--dsm-sigma", "lognormal"] if loss == "dmd" else []
-    run = cli_module("backtrack", "-T", trajectory, "--loss", loss, "--iters", "3", "--interval",
-                     "1", "--name", loss, *levels, *QUICK)  # fmt: skip
+    run = cli_module(
+        "backtrack",
+        "-T",
+        trajectory,
+        "--loss",
+        loss,
+        "--iters",
+        "3",
+        "--interval",
+        "1",
+        "--name",
+        loss,
+        *levels,
+        *QUICK,
+    )
     assert run.code == 0, run.stderr
     lines = _metrics(trajectory, loss)
     assert [x["target_node"] for x in lines] == [2, 1, 0]
@@ -79,8 +123,21 @@ def test_every_loss_starts_from_an_exact_zero_and_trains_finite(recorded, cli_mo
 def test_samples_of_the_distilled_generator_are_finite_images(recorded, cli_module, tmp_path):
     trajectory, _ = recorded
     out = tmp_path / "s.npz"
-    result = cli_module("sample", "-T", trajectory, "--name", "vsd", "-n", "4", "--format", "npz",
-                        "--out", out, "--device", "cpu")  # fmt: skip
+    result = cli_module(
+        "sample",
+        "-T",
+        trajectory,
+        "--name",
+        "vsd",
+        "-n",
+        "4",
+        "--format",
+        "npz",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
     assert result.code == 0, result.stderr
     with np.load(out) as data:
         images = data["images"]

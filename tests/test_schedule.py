@@ -40,13 +40,19 @@ SCENARIOS = {
     # node 3: 1.0 four times, no improvement after the first -> node 2; then 0.8 (best),
     # 1.2 and 0.8 (smoothed 1.0, then 0.9: not below 0.9 x 0.8) -> 2 iterations since the best.
     # Next, 0.6 smooths to 0.75, still not below 0.72: the third miss moves the target.
-    "patience": (dict(last_node=4, patience=3, tolerance=0.1, smoothing=0.5),
-                 [1.0] * 4 + [0.8, 1.2, 0.8], [0.6, 1.0, 1.0, 1.0, 1.0]),
+    "patience": (
+        dict(last_node=4, patience=3, tolerance=0.1, smoothing=0.5),
+        [1.0] * 4 + [0.8, 1.2, 0.8],
+        [0.6, 1.0, 1.0, 1.0, 1.0],
+    ),
     # patience 100: only the cap of 4 iterations per node moves the target (4 on node 3, then
     # 2 on node 2 before the resume)
-    "cap": (dict(last_node=4, patience=100, tolerance=0.1, smoothing=0.5, max_interval=4),
-            [1.0, 0.8, 0.6, 0.4, 1.0, 0.8], [0.6, 0.4, 0.3, 0.2, 0.1, 0.05]),
-}  # fmt: skip
+    "cap": (
+        dict(last_node=4, patience=100, tolerance=0.1, smoothing=0.5, max_interval=4),
+        [1.0, 0.8, 0.6, 0.4, 1.0, 0.8],
+        [0.6, 0.4, 0.3, 0.2, 0.1, 0.05],
+    ),
+}
 FIELDS = ("node", "smoothed", "best", "since_best", "on_node")
 
 

@@ -134,16 +134,17 @@ def test_a_foreign_network_is_a_teacher_path_node_and_generator(tmp_path):
     teacher_file = tmp_path / "foreign.safetensors"
     save_denoiser(teacher_file, teacher, SPEC, {"role": "teacher"})
     out = tmp_path / "t"
-    traj = run_record(RecordConfig(teacher=str(teacher_file), iters=20, nodes=2, batch=16,
-                                   lr=1e-3, device="cpu"), out)  # fmt: skip
+    traj = run_record(
+        RecordConfig(teacher=str(teacher_file), iters=20, nodes=2, batch=16, lr=1e-3, device="cpu"),
+        out,
+    )
     assert [n.index for n in traj.nodes] == [0, 1, 2]
     assert traj.nodes[2].dist_to_teacher > traj.nodes[1].dist_to_teacher > 0
     node = load_denoiser(out / traj.nodes[2].file)
     assert node.spec == SPEC and isinstance(node.denoiser.model, ForeignAdapter)
     assert not torch.equal(node.denoiser.model.net.body[0].weight, teacher.model.net.body[0].weight)
 
-    cfg = BacktrackConfig(iters=20, interval=5, batch=16, save_every=10, log_every=5,
-                          device="cpu")  # fmt: skip
+    cfg = BacktrackConfig(iters=20, interval=5, batch=16, save_every=10, log_every=5, device="cpu")
     run = run_backtrack(cfg, out)
     assert run.status == "complete" and run.step == 20
     manifest = read_manifest(out / "backtrack" / "default", BacktrackManifest)

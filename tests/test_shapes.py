@@ -50,8 +50,10 @@ def test_the_split_is_fixed_and_the_factors_render_as_named():
 
 def test_samples_of_the_shapes_teacher_are_scored_with_their_labels(cli, tmp_path):
     out = tmp_path / "teacher"
-    assert cli("sample", "--teacher", "builtin:shapes", "--steps", "6", "-n", "16", "--out",
-               out).code == 0  # fmt: skip
+    assert (
+        cli("sample", "--teacher", "builtin:shapes", "--steps", "6", "-n", "16", "--out", out).code
+        == 0
+    )
     result = cli("evaluate", out, "--json")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)

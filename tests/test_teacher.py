@@ -31,9 +31,13 @@ def test_g0_is_far_from_the_ring():
 
 def test_teacher_training_is_deterministic_and_loadable(tmp_path):
     cfg = TeacherTrainConfig(
-        dataset="ring2d", arch_kwargs={"hidden": 32, "depth": 2}, sigma_data=1.4, iters=150,
-        batch=128, device="cpu",
-    )  # fmt: skip
+        dataset="ring2d",
+        arch_kwargs={"hidden": 32, "depth": 2},
+        sigma_data=1.4,
+        iters=150,
+        batch=128,
+        device="cpu",
+    )
     first = train_teacher(cfg, tmp_path / "a.safetensors")
     second = train_teacher(cfg, tmp_path / "b.safetensors")
     assert first == second

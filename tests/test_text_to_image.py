@@ -59,8 +59,10 @@ def test_our_denoiser_equals_the_scheduler_based_x0(which, request):
     hidden = torch.randn(3, 77, 16, generator=gen)
     cond, added = {"encoder_hidden_states": hidden}, None
     if which == "sdxl":
-        added = {"text_embeds": torch.randn(3, 8, generator=gen),
-                 "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(3, 6)}  # fmt: skip
+        added = {
+            "text_embeds": torch.randn(3, 8, generator=gen),
+            "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(3, 6),
+        }
         cond.update(added)
     expected = scheduler_x0(folder, x0, noise, t, hidden, added)
     sigma = teacher.denoiser.sigmas[t]
@@ -94,14 +96,14 @@ def test_sd_prompts_are_encoded_as_the_pipeline_does(sd):
     model = CLIPTextModel.from_pretrained(sd / "text_encoder").eval()
 
     def last_hidden(prompts):
-        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             return model(ids)[0]
 
     torch.testing.assert_close(cond["encoder_hidden_states"], last_hidden(PROMPTS[:2]))
-    torch.testing.assert_close(cond["uncond_encoder_hidden_states"],
-                               last_hidden(["", ""]))  # fmt: skip
+    torch.testing.assert_close(cond["uncond_encoder_hidden_states"], last_hidden(["", ""]))
     assert set(cond) == {"encoder_hidden_states", "uncond_encoder_hidden_states"}
 
 
@@ -132,8 +134,9 @@ def test_guidance_is_uncond_plus_scale_times_the_difference(sd):
     d = teacher.denoiser
     plain = d(x, sigma, **cond)
     uncond = d(x, sigma, encoder_hidden_states=cond["uncond_encoder_hidden_states"])
-    torch.testing.assert_close(Guided(d, 3.0)(x, sigma, **cond), uncond + 3 * (plain - uncond),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        Guided(d, 3.0)(x, sigma, **cond), uncond + 3 * (plain - uncond), rtol=1e-5, atol=1e-5
+    )
     assert guided(d, 1.0) is d and guided(d, None) is d  # scale 1: the unguided target itself
 
 

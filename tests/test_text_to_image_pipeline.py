@@ -25,8 +25,9 @@ from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
 RECORD = dict(iters=8, nodes=2, batch=8, lr=1e-3, device="cpu")
-BACKTRACK = dict(iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2,
-                 log_every=1, device="cpu")  # fmt: skip
+BACKTRACK = dict(
+    iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2, log_every=1, device="cpu"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,8 +54,9 @@ def models(tmp_path_factory):
 def sd_path(models, tmp_path_factory):
     """A recorded 2-node path of the tiny SD teacher (treat as read-only)."""
     out = tmp_path_factory.mktemp("paths") / "sd"
-    run_record(RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), **RECORD),
-               out)  # fmt: skip
+    run_record(
+        RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), **RECORD), out
+    )
     return out
 
 
@@ -117,8 +119,9 @@ def test_a_crashed_run_resumes_bit_for_bit(sd_path, tmp_path):
 
 
 def test_a_crashed_recording_resumes_to_identical_nodes(sd_path, models, tmp_path):
-    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), save_every=2,
-                       **RECORD)  # fmt: skip
+    cfg = RecordConfig(
+        teacher=str(models["sd"]), prompts=str(models["prompts"]), save_every=2, **RECORD
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_record(cfg, tmp_path / "t", reporter=At(7, crash))
     run_record(cfg, tmp_path / "t")
@@ -129,13 +132,28 @@ def test_sample_decodes_n_images_per_prompt_and_clip_scores_them(sd_path, models
     traj = copy_of(sd_path, tmp_path)
     run_backtrack(BacktrackConfig(**BACKTRACK), traj, "run")
     out = tmp_path / "images"
-    result = run_cli("sample", "-T", traj, "--name", "run", "--prompts", models["prompts"],
-                     "-n", "2", "--out", out, "--json")  # fmt: skip
+    result = run_cli(
+        "sample",
+        "-T",
+        traj,
+        "--name",
+        "run",
+        "--prompts",
+        models["prompts"],
+        "-n",
+        "2",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     listing = json.loads((out / "prompts.json").read_text())["images"]
     assert len(listing) == 2 * len(PROMPTS) == json.loads(result.stdout)["n"]
     assert [(e["prompt"], e["seed"]) for e in listing[:3]] == [
-        (PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0)]  # fmt: skip
+        (PROMPTS[0], 0),
+        (PROMPTS[0], 1),
+        (PROMPTS[1], 0),
+    ]
     from PIL import Image
 
     with Image.open(out / listing[0]["file"]) as image:
@@ -162,8 +180,13 @@ def independent_clip_score(folder, images_dir, listing) -> float:
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
     images = [np.asarray(Image.open(images_dir / e["file"]).convert("RGB")) for e in listing]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    ids = tokenizer([e["prompt"] for e in listing], padding="max_length", max_length=77,
-                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    ids = tokenizer(
+        [e["prompt"] for e in listing],
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         a = model.get_image_features(pixel_values=pixels)
         b = model.get_text_features(input_ids=ids)
@@ -173,13 +196,28 @@ def independent_clip_score(folder, images_dir, listing) -> float:
 
 def test_sdxl_teacher_records_backtracks_and_samples(models, tmp_path):
     traj = tmp_path / "xl"
-    run_record(RecordConfig(teacher=str(models["sdxl"]), prompts=str(models["prompts"]),
-                            timestep=399, **RECORD), traj)  # fmt: skip
+    run_record(
+        RecordConfig(
+            teacher=str(models["sdxl"]), prompts=str(models["prompts"]), timestep=399, **RECORD
+        ),
+        traj,
+    )
     manifest = run_backtrack(BacktrackConfig(loss="dmd", **BACKTRACK), traj, "run")
     assert manifest.config.guidance_scale == 8.0 and manifest.status == "complete"
     assert all(np.isfinite(ln["loss_g"]) for ln in metrics(backtrack_dir(traj, "run")))
-    result = run_cli("sample", "-T", traj, "--name", "run", "--prompts", models["prompts"],
-                     "-n", "1", "--out", tmp_path / "images")  # fmt: skip
+    result = run_cli(
+        "sample",
+        "-T",
+        traj,
+        "--name",
+        "run",
+        "--prompts",
+        models["prompts"],
+        "-n",
+        "1",
+        "--out",
+        tmp_path / "images",
+    )
     assert result.code == 0, result.stderr
     assert len(list((tmp_path / "images").rglob("*.png"))) == len(PROMPTS)
 
@@ -203,28 +241,42 @@ def test_pickle_weights_and_missing_components_are_refused(models, tmp_path):
     weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
     out = tmp_path / "out"
-    refused(["record", "--teacher", bad, "--prompts", models["prompts"], "--out", out], 1,
-            "diffusion_pytorch_model.bin", "pickle", out=out)  # fmt: skip
+    refused(
+        ["record", "--teacher", bad, "--prompts", models["prompts"], "--out", out],
+        1,
+        "diffusion_pytorch_model.bin",
+        "pickle",
+        out=out,
+    )
     missing = tmp_path / "missing"
     shutil.copytree(models["sdxl"], missing)
     shutil.rmtree(missing / "tokenizer_2")
-    refused(["record", "--teacher", missing, "--prompts", models["prompts"], "--out", out], 1,
-            "tokenizer_2", out=out)  # fmt: skip
+    refused(
+        ["record", "--teacher", missing, "--prompts", models["prompts"], "--out", out],
+        1,
+        "tokenizer_2",
+        out=out,
+    )
     foreign = tmp_path / "foreign"
     shutil.copytree(models["sd"], foreign)
     index = json.loads((foreign / "model_index.json").read_text())
     index["text_encoder"] = ["mylib", "EvilEncoder"]
     (foreign / "model_index.json").write_text(json.dumps(index))
-    refused(["record", "--teacher", foreign, "--prompts", models["prompts"], "--out", out], 1,
-            "EvilEncoder", out=out)  # fmt: skip
+    refused(
+        ["record", "--teacher", foreign, "--prompts", models["prompts"], "--out", out],
+        1,
+        "EvilEncoder",
+        out=out,
+    )
 
 
 def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path):
     out = tmp_path / "out"
     sd = ["record", "--teacher", models["sd"], "--out", out, "--iters", "2", "--nodes", "1"]
     refused(sd, 2, "--prompts", out=out)
-    refused([*sd, "--prompts", models["prompts"], "--dsm-sigma", "lognormal"], 2, "discrete",
-            out=out)  # fmt: skip
+    refused(
+        [*sd, "--prompts", models["prompts"], "--dsm-sigma", "lognormal"], 2, "discrete", out=out
+    )
     refused([*sd, "--prompts", models["prompts"], "--timestep", "1000"], 2, "0..999", out=out)
     ring = ["record", "--teacher", "builtin:ring2d", "--out", out, "--iters", "2", "--nodes", "1"]
     refused([*ring, "--timestep", "399"], 2, "text-to-image", out=out)
@@ -239,8 +291,22 @@ def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path
     refused(["backtrack", "-T", traj, "--iters", "2"], 1, "sha256", "--prompts")
     assert file_digests(traj, "**/*.*") == before and not (traj / "backtrack").exists()
     other = write_prompts(tmp_path / "other.txt", ["a new prompt"])
-    assert run_cli("backtrack", "-T", traj, "--prompts", other, "--iters", "1", "--batch", "2",
-                   "--device", "cpu").code == 0  # fmt: skip
+    assert (
+        run_cli(
+            "backtrack",
+            "-T",
+            traj,
+            "--prompts",
+            other,
+            "--iters",
+            "1",
+            "--batch",
+            "2",
+            "--device",
+            "cpu",
+        ).code
+        == 0
+    )
 
 
 # --- path nodes as low-rank adapters -----------------------------------------------------------
@@ -249,8 +315,12 @@ def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path
 @pytest.fixture(scope="module")
 def lora_path(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("paths") / "lora"
-    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), lora_rank=4,
-                       **{**RECORD, "lr": 1e-2})  # fmt: skip
+    cfg = RecordConfig(
+        teacher=str(models["sd"]),
+        prompts=str(models["prompts"]),
+        lora_rank=4,
+        **{**RECORD, "lr": 1e-2},
+    )
     run_record(cfg, out)
     return out
 
@@ -286,8 +356,13 @@ def test_lora_targets_are_the_recorded_nodes_and_merge_into_plain_weights(lora_p
 
 
 def test_lora_recording_resumes_bit_for_bit_from_adapter_only_state(lora_path, models, tmp_path):
-    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]), lora_rank=4,
-                       save_every=2, **{**RECORD, "lr": 1e-2})  # fmt: skip
+    cfg = RecordConfig(
+        teacher=str(models["sd"]),
+        prompts=str(models["prompts"]),
+        lora_rank=4,
+        save_every=2,
+        **{**RECORD, "lr": 1e-2},
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_record(cfg, tmp_path / "t", reporter=At(7, crash))
     (state,) = (tmp_path / "t" / "state").iterdir()
@@ -313,8 +388,13 @@ def test_a_one_step_unet_folder_is_g0_at_its_timestep(models, tmp_path):
     student = tmp_path / "one-step-unet"
     shutil.copytree(models["sd"] / "unet", student)
     traj = tmp_path / "t"
-    cfg = RecordConfig(teacher=str(models["sd"]), prompts=str(models["prompts"]),
-                       student=str(student), timestep=399, **RECORD)  # fmt: skip
+    cfg = RecordConfig(
+        teacher=str(models["sd"]),
+        prompts=str(models["prompts"]),
+        student=str(student),
+        timestep=399,
+        **RECORD,
+    )
     manifest = run_record(cfg, traj)
     assert manifest.g0.kind == "file" and manifest.g0.file == str(student)
     sigma = manifest.g0.sigma_init
@@ -325,16 +405,19 @@ def test_a_one_step_unet_folder_is_g0_at_its_timestep(models, tmp_path):
     refused(["backtrack", "-T", traj, "--name", "again", "--iters", "2"], 1, "sha256")
 
 
-def test_absurd_component_configs_are_refused_before_anything_is_built(models, sd_path,
-                                                                       tmp_path):  # fmt: skip
+def test_absurd_component_configs_are_refused_before_anything_is_built(models, sd_path, tmp_path):
     huge = tmp_path / "huge-encoder"
     shutil.copytree(models["sd"], huge)
     config = json.loads((huge / "text_encoder" / "config.json").read_text())
     config.update(hidden_size=60000, intermediate_size=60000, num_hidden_layers=64)
     (huge / "text_encoder" / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    refused(["record", "--teacher", huge, "--prompts", models["prompts"], "--out", out], 1,
-            "text encoder config asks for", out=out)  # fmt: skip
+    refused(
+        ["record", "--teacher", huge, "--prompts", models["prompts"], "--out", out],
+        1,
+        "text encoder config asks for",
+        out=out,
+    )
     traj = copy_of(sd_path, tmp_path)
     run_backtrack(BacktrackConfig(**{**BACKTRACK, "iters": 1, "save_every": 0}), traj, "run")
     moved = tmp_path / "moved-model"
@@ -343,6 +426,24 @@ def test_absurd_component_configs_are_refused_before_anything_is_built(models, s
     vae["block_out_channels"] = [60000, 60000]
     (moved / "vae" / "config.json").write_text(json.dumps(vae))
     images = tmp_path / "images"
-    refused(["sample", "-T", traj, "--name", "run", "--prompts", models["prompts"], "-n", "1",
-             "--model-folder", moved, "--no-verify", "--out", images], 1, "VAE config asks for",
-            out=images)  # fmt: skip
+    refused(
+        [
+            "sample",
+            "-T",
+            traj,
+            "--name",
+            "run",
+            "--prompts",
+            models["prompts"],
+            "-n",
+            "1",
+            "--model-folder",
+            moved,
+            "--no-verify",
+            "--out",
+            images,
+        ],
+        1,
+        "VAE config asks for",
+        out=images,
+    )

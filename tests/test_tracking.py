@@ -10,9 +10,24 @@ import pytest
 from disback_cli.runtime.tracking import scalars
 from disback_cli.store.metrics_log import read_metrics
 
-BACKTRACK = ["--iters", "30", "--interval", "10", "--batch", "32", "--save-every", "10",
-             "--log-every", "10", "--eval-every", "10", "--device", "cpu",
-             "--set", "eval_samples=200"]  # fmt: skip
+BACKTRACK = [
+    "--iters",
+    "30",
+    "--interval",
+    "10",
+    "--batch",
+    "32",
+    "--save-every",
+    "10",
+    "--log-every",
+    "10",
+    "--eval-every",
+    "10",
+    "--device",
+    "cpu",
+    "--set",
+    "eval_samples=200",
+]
 
 
 def test_lines_become_flat_scalar_tags():
@@ -34,13 +49,18 @@ def test_tensorboard_events_hold_the_metrics_lines(cli, tmp_path, small_trajecto
     lines = read_metrics(run)
     for tag in ("loss_g", "score_gap", "eval/mmd2"):
         logged = [(e.step, e.value) for e in events.Scalars(tag)]
-        expected = [(ln["iteration"], pytest.approx(v, rel=1e-6)) for ln in lines
-                    for k, v in scalars(ln).items() if k == tag]  # fmt: skip
+        expected = [
+            (ln["iteration"], pytest.approx(v, rel=1e-6))
+            for ln in lines
+            for k, v in scalars(ln).items()
+            if k == tag
+        ]
         assert logged == expected, tag
 
 
-def test_wandb_offline_run_holds_the_config_and_the_logged_tags(cli, tmp_path, small_trajectory,
-                                                              monkeypatch):  # fmt: skip
+def test_wandb_offline_run_holds_the_config_and_the_logged_tags(
+    cli, tmp_path, small_trajectory, monkeypatch
+):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

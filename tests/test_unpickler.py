@@ -22,8 +22,9 @@ from disback_cli.models.edm_pickle import read_edm_pickle
 
 def legacy_storage(values: torch.Tensor) -> bytes:
     """What torch pickles a storage as: the legacy (non-zip) `torch.save` of it."""
-    typed = torch.storage.TypedStorage(wrap_storage=values.untyped_storage(), dtype=values.dtype,
-                                       _internal=True)  # fmt: skip
+    typed = torch.storage.TypedStorage(
+        wrap_storage=values.untyped_storage(), dtype=values.dtype, _internal=True
+    )
     buffer = io.BytesIO()
     torch.save(typed, buffer, _use_new_zipfile_serialization=False)
     return buffer.getvalue()
@@ -44,8 +45,15 @@ def storage(data: bytes) -> Call:
 
 
 def tensor(store, size, stride, offset=0, hooks=None) -> Call:
-    return Call(torch._utils._rebuild_tensor_v2, store, offset, size, stride, False,
-                collections.OrderedDict() if hooks is None else hooks)  # fmt: skip
+    return Call(
+        torch._utils._rebuild_tensor_v2,
+        store,
+        offset,
+        size,
+        stride,
+        False,
+        collections.OrderedDict() if hooks is None else hooks,
+    )
 
 
 def refused(tmp_path, payload, match: str) -> str:
@@ -60,8 +68,9 @@ def refused(tmp_path, payload, match: str) -> str:
 def test_a_valid_storage_and_view_load_as_the_same_tensor(tmp_path):
     values = torch.arange(12, dtype=torch.float32)
     path = tmp_path / "ok.pkl"
-    path.write_bytes(pickle.dumps({"ema": tensor(storage(legacy_storage(values)), (3, 4),
-                                                 (4, 1))}, protocol=4))  # fmt: skip
+    path.write_bytes(
+        pickle.dumps({"ema": tensor(storage(legacy_storage(values)), (3, 4), (4, 1))}, protocol=4)
+    )
     with pytest.raises(DisbackError, match="no EDM network found in the pickle \\(Tensor\\)"):
         read_edm_pickle(path)  # the tensor itself was rebuilt; only the network is missing
 
@@ -105,13 +114,20 @@ def test_too_many_opcodes_are_refused_before_anything_is_built(tmp_path, monkeyp
 
 @pytest.mark.parametrize(
     ("value", "match"),
-    [(2**40, "integer out of range"), (float("nan"), "NaN is not a number"),
-     (b"bytes", "unsupported bytes"), ({1: 2}, "keys must be short strings")],
-)  # fmt: skip
+    [
+        (2**40, "integer out of range"),
+        (float("nan"), "NaN is not a number"),
+        (b"bytes", "unsupported bytes"),
+        ({1: 2}, "keys must be short strings"),
+    ],
+)
 def test_kwargs_must_be_plain_bounded_values(tmp_path, value, match):
     net, kwargs = tiny_network("ddpmpp", "edm")
-    refused(tmp_path, edm_pickle_bytes(net, net, {**kwargs, "extra": value}),
-            f"_init_kwargs.extra: {match}")  # fmt: skip
+    refused(
+        tmp_path,
+        edm_pickle_bytes(net, net, {**kwargs, "extra": value}),
+        f"_init_kwargs.extra: {match}",
+    )
 
 
 def test_a_parameter_that_is_not_a_tensor_is_named(tmp_path):
@@ -134,9 +150,12 @@ def test_numpy_scalars_in_kwargs_load_as_plain_numbers(tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "state"),
-    [(("O8", False, True), None), (("f8", True, True), None),
-     (("f8", False, True), (3, ">", None, None, None, -1, -1, 0))],
-)  # fmt: skip
+    [
+        (("O8", False, True), None),
+        (("f8", True, True), None),
+        (("f8", False, True), (3, ">", None, None, None, -1, -1, 0)),
+    ],
+)
 def test_numpy_dtypes_other_than_plain_numbers_are_refused(tmp_path, args, state):
     class Dtype:
         def __reduce__(self):

@@ -33,8 +33,9 @@ seed = 0
 
 def readme_block() -> str:
     text = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- walkthrough:start.*?-->\s*```bash\n(.*?)```\s*<!-- walkthrough:end",
-                      text, re.DOTALL)  # fmt: skip
+    match = re.search(
+        r"<!-- walkthrough:start.*?-->\s*```bash\n(.*?)```\s*<!-- walkthrough:end", text, re.DOTALL
+    )
     assert match, "README.md lost its walkthrough block"
     return match.group(1)
 
@@ -53,8 +54,14 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     work.mkdir()
     env = checkout_env(RECIPE=str(tmp_path / "ring.toml"), OMP_NUM_THREADS="1")
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = work / "runs" / "ring"
     for name in ("disback.npz", "baseline.npz", "curves.png"):

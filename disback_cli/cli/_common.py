@@ -88,9 +88,11 @@ ThreadsOpt = Annotated[
 ]
 CheckpointingOpt = Annotated[
     bool | None,
-    Flag("--gradient-checkpointing/--no-gradient-checkpointing",
-         help="Recompute activations of trained text-to-image UNets in the backward pass."),
-]  # fmt: skip
+    Flag(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations of trained text-to-image UNets in the backward pass.",
+    ),
+]
 PromptsOpt = Annotated[
     str | None,
     typer.Option(help="Prompt file (one a line, or a JSON list) of a text-to-image teacher."),
@@ -168,9 +170,14 @@ def reporting(quiet: bool = False) -> Iterator[Reporter]:
         yield MessageReporter(quiet)
         return
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, console=console) as progress:
         yield RichReporter(progress)
 
@@ -181,8 +188,12 @@ def choices(model: type, field: str) -> str:
     if field == "loss":
         values = list(GENERATOR_LOSSES)
     else:
-        values = [v for arg in typing.get_args(model.model_fields[field].annotation)
-                  for v in (typing.get_args(arg) or [arg]) if isinstance(v, str)]  # fmt: skip
+        values = [
+            v
+            for arg in typing.get_args(model.model_fields[field].annotation)
+            for v in (typing.get_args(arg) or [arg])
+            if isinstance(v, str)
+        ]
     return "<" + "|".join(values) + ">"
 
 
@@ -192,8 +203,9 @@ def describe(model: type, field: str) -> str:
     if info.is_required():
         return f"{info.description} (required)"
     if field in FAMILY_DEFAULTS:
-        by_family = ", ".join(f"{value:g} {family}" for family, value in
-                              FAMILY_DEFAULTS[field].items())  # fmt: skip
+        by_family = ", ".join(
+            f"{value:g} {family}" for family, value in FAMILY_DEFAULTS[field].items()
+        )
         return f"{info.description} \\[default by teacher: {by_family}]"
     default = info.get_default(call_default_factory=True)
     shown = "none" if default is None else default

@@ -37,13 +37,19 @@ def demo(
         table.add_column(column, justify="right")
     for row in summary["rows"]:
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.1f}"
-        table.add_row(row["samples"], f"{row['fd_digits']:.2f}",
-                      f"{row['classes_covered']}/{row['classes_total']}",
-                      f"{row['max_class_share']:.1%}", seconds)  # fmt: skip
+        table.add_row(
+            row["samples"],
+            f"{row['fd_digits']:.2f}",
+            f"{row['classes_covered']}/{row['classes_total']}",
+            f"{row['max_class_share']:.1%}",
+            seconds,
+        )
     stdout.print(table)
     times = summary["stage_seconds"]
-    stdout.print(f"record {times['record']} s, backtrack {times['backtrack']} s, "
-                 f"total {summary['total_seconds']} s")  # fmt: skip
+    stdout.print(
+        f"record {times['record']} s, backtrack {times['backtrack']} s, "
+        f"total {summary['total_seconds']} s"
+    )
     stdout.print(
         f"grids (teacher | G0 | distilled): {summary['grids']}; curves: {summary['curves']}"
     )

@@ -56,7 +56,14 @@ def doctor(
             _show(check)
     ok = all(check.status != "failed" for check in checks)
     if json_out:
-        emit_json({"versions": info, "device": str(resolved), "network": work.describe(),
-                   "checks": [check.to_json() for check in checks], "ok": ok})  # fmt: skip
+        emit_json(
+            {
+                "versions": info,
+                "device": str(resolved),
+                "network": work.describe(),
+                "checks": [check.to_json() for check in checks],
+                "ok": ok,
+            }
+        )
     if not ok:
         raise typer.Exit(1)

@@ -76,9 +76,11 @@ def _vector_dataset(samples: torch.Tensor, dataset: str | None, provenance: dict
 
 
 def _vector_evaluation(
-    parts: list[tuple[torch.Tensor, dict]], dataset: str | None, provenance: dict,
+    parts: list[tuple[torch.Tensor, dict]],
+    dataset: str | None,
+    provenance: dict,
     ref: Path | None,
-) -> dict:  # fmt: skip
+) -> dict:
     dataset = _vector_dataset(parts[0][0], dataset, provenance)
     reference = None
     if ref is not None:
@@ -114,8 +116,14 @@ def _cell(result: dict, key: str) -> str:
 def _print_report(report: dict, title: str) -> None:
     """One table for every kind: a row per sample set, then real data at the same n."""
     results = report["results"]
-    keys = [k for k, v in results[0].items() if isinstance(v, (int, float))
-            and not isinstance(v, bool) and k != "n" and not k.endswith("_total")]  # fmt: skip
+    keys = [
+        k
+        for k, v in results[0].items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k != "n"
+        and not k.endswith("_total")
+    ]
     detector = f" ({report['detector']['name']})" if report["detector"] else ""
     table = Table(title=f"{title}: {report['metric']}{detector} vs {_described(report)}")
     for column in ("set", "n", *keys):
@@ -124,8 +132,9 @@ def _print_report(report: dict, title: str) -> None:
         table.add_row(str(i), str(result["n"]), *(_cell(result, k) for k in keys))
         if "at_floor_n" in result:
             first = result["at_floor_n"]
-            table.add_row(f"{i}, first {first['n']}", str(first["n"]),
-                          *(_cell(first, k) for k in keys))  # fmt: skip
+            table.add_row(
+                f"{i}, first {first['n']}", str(first["n"]), *(_cell(first, k) for k in keys)
+            )
     floor = report["floor"]
     if floor is not None:
         what = "held-out real" if report["kind"] in ("digits", "shapes") else "exact samples"
@@ -144,8 +153,9 @@ def _described(report: dict) -> str:
 
 
 def _split(images: ImageSet, repeats: int) -> list[tuple[ImageSet, int, int, dict]]:
-    return [(images, a, b, {"images": [a, b - 1]})
-            for a, b in _parts(images.count, repeats, "images")]  # fmt: skip
+    return [
+        (images, a, b, {"images": [a, b - 1]}) for a, b in _parts(images.count, repeats, "images")
+    ]
 
 
 def evaluate(
@@ -251,21 +261,54 @@ def evaluate(
                 if not ex.is_main:
                     return
                 conditions = condition_source(denoiser.label_dim)
-                parts = [(torch.cat([b for b, _ in one_step_batches(
-                    generator, seeds_, denoiser.data_shape, conditions, 1000, torch_device)]),
-                          {"seeds": [seeds_[0], seeds_[-1]]}) for seeds_ in sets]  # fmt: skip
+                parts = [
+                    (
+                        torch.cat(
+                            [
+                                b
+                                for b, _ in one_step_batches(
+                                    generator,
+                                    seeds_,
+                                    denoiser.data_shape,
+                                    conditions,
+                                    1000,
+                                    torch_device,
+                                )
+                            ]
+                        ),
+                        {"seeds": [seeds_[0], seeds_[-1]]},
+                    )
+                    for seeds_ in sets
+                ]
                 report = _vector_evaluation(parts, dataset, {"dataset": info.get("dataset")}, ref)
             elif ref is None and (dataset or info.get("dataset")) == "digits":
                 if not ex.is_main:
                     return
-                parts = [(np.concatenate(list(generated_images(
-                    generator, seeds_, batch, torch_device, "run").batches(1000))),
-                          {"seeds": [seeds_[0], seeds_[-1]]}) for seeds_ in sets]  # fmt: skip
+                parts = [
+                    (
+                        np.concatenate(
+                            list(
+                                generated_images(
+                                    generator, seeds_, batch, torch_device, "run"
+                                ).batches(1000)
+                            )
+                        ),
+                        {"seeds": [seeds_[0], seeds_[-1]]},
+                    )
+                    for seeds_ in sets
+                ]
                 report = digits_report(parts)
             else:
                 reference = _reference(ref)
-                parts = [(generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
-                          0, len(s), {"seeds": [s[0], s[-1]]}) for s in sets]  # fmt: skip
+                parts = [
+                    (
+                        generated_images(generator, s, batch, torch_device, f"run {trajectory}"),
+                        0,
+                        len(s),
+                        {"seeds": [s[0], s[-1]]},
+                    )
+                    for s in sets
+                ]
                 detector = _detector(mode, inception, torch_device, reference, workers)
                 report = evaluate_images(parts, detector, reference, batch, reporter, ex)
             if report is not None:
@@ -279,8 +322,10 @@ def evaluate(
                 if not ex.is_main:
                     return
                 samples, meta = read_samples(source)
-                parts = [(samples[a:b], {"samples": [a, b - 1]})
-                         for a, b in _parts(len(samples), repeats, "samples")]  # fmt: skip
+                parts = [
+                    (samples[a:b], {"samples": [a, b - 1]})
+                    for a, b in _parts(len(samples), repeats, "samples")
+                ]
                 report = _vector_evaluation(parts, dataset, meta, ref)
                 count = len(samples)
             elif ref is None and (known := dataset or read_provenance(source).get("dataset")) in (
@@ -290,8 +335,10 @@ def evaluate(
                 if not ex.is_main:
                     return
                 every = np.concatenate(list(images.batches(1000)))
-                parts = [(every[a:b], {"images": [a, b - 1]})
-                         for a, b in _parts(len(every), repeats, "images")]  # fmt: skip
+                parts = [
+                    (every[a:b], {"images": [a, b - 1]})
+                    for a, b in _parts(len(every), repeats, "images")
+                ]
                 if known == "digits":
                     report = digits_report(parts)
                 else:
@@ -305,11 +352,15 @@ def evaluate(
                     report = evaluate_images(parts, detector, reference, batch, reporter, ex)
                 count = images.count
                 if clip is not None and ex.is_main:
-                    report = _with_clip_score(report, source, clip, clip_sha256, torch_device,
-                                              batch, repeats, reporter)  # fmt: skip
+                    report = _with_clip_score(
+                        report, source, clip, clip_sha256, torch_device, batch, repeats, reporter
+                    )
             if report is not None:
-                report["samples"] = {"source": str(source.absolute()), "count": count,
-                                     "provenance": _provenance(source)}  # fmt: skip
+                report["samples"] = {
+                    "source": str(source.absolute()),
+                    "count": count,
+                    "provenance": _provenance(source),
+                }
     if report is None:  # other ranks of a torchrun launch: rank 0 reports
         return
     if json_out:
@@ -317,16 +368,24 @@ def evaluate(
     elif quiet:
         return
     elif inputs[:1] == ["ref"]:
-        stdout.print(f"wrote {report['out']}: {report['n']} images, {report['detector']['name']} "
-                     f"({report['detector']['mode']})")  # fmt: skip
+        stdout.print(
+            f"wrote {report['out']}: {report['n']} images, {report['detector']['name']} "
+            f"({report['detector']['mode']})"
+        )
     else:
         _print_report(report, str(inputs[0]) if inputs else f"run {trajectory}")
 
 
 def _with_clip_score(
-    report: dict | None, folder: Path, clip: Path, sha256: str | None, device, batch: int,
-    repeats: int, reporter,
-) -> dict:  # fmt: skip
+    report: dict | None,
+    folder: Path,
+    clip: Path,
+    sha256: str | None,
+    device,
+    batch: int,
+    repeats: int,
+    reporter,
+) -> dict:
     """CLIP score of each part of a `sample --prompts` folder: beside the FID report's metrics
     when there is one, else as a report of its own."""
     pairs = read_prompt_listing(folder)
@@ -334,11 +393,20 @@ def _with_clip_score(
     scores = clip_scores(scorer, pairs, batch, reporter)
     ranges = _parts(len(scores), repeats, "images")
     if report is None:
-        results = [{"n": b - a, "clip_score": float(scores[a:b].mean()), "images": [a, b - 1]}
-                   for a, b in ranges]  # fmt: skip
-        return make_report("image", "CLIP score", "clip_score", results, dataset=None,
-                           reference={"kind": "each image's prompt", "n": len(scores)},
-                           samples={}, detector=scorer.describe)  # fmt: skip
+        results = [
+            {"n": b - a, "clip_score": float(scores[a:b].mean()), "images": [a, b - 1]}
+            for a, b in ranges
+        ]
+        return make_report(
+            "image",
+            "CLIP score",
+            "clip_score",
+            results,
+            dataset=None,
+            reference={"kind": "each image's prompt", "n": len(scores)},
+            samples={},
+            detector=scorer.describe,
+        )
     for result, (a, b) in zip(report["results"], ranges, strict=True):
         result["clip_score"] = float(scores[a:b].mean())
     report["summary"] = summarize(report["results"])

@@ -125,18 +125,37 @@ def record(
 
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
-    flags = dict(teacher=teacher, iters=iters, nodes=nodes, batch=batch, lr=lr, betas=betas,
-                 sigma_init=sigma_init, prompts=prompts, timestep=timestep, lora_rank=lora_rank,
-                 placement=placement, student=student,
-                 student_arch_kwargs=_json(student_arch_kwargs), loss=loss, dsm_sigma=dsm_sigma,
-                 p_mean=p_mean, p_std=p_std,
-                 dropout=dropout,
-                 save_every=save_every,
-                 seed=seed, device=device, verify=verify,
-                 precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last, threads=threads,
-                 gradient_checkpointing=gradient_checkpointing,
-                 node_dtype=node_dtype)  # fmt: skip
+    flags = dict(
+        teacher=teacher,
+        iters=iters,
+        nodes=nodes,
+        batch=batch,
+        lr=lr,
+        betas=betas,
+        sigma_init=sigma_init,
+        prompts=prompts,
+        timestep=timestep,
+        lora_rank=lora_rank,
+        placement=placement,
+        student=student,
+        student_arch_kwargs=_json(student_arch_kwargs),
+        loss=loss,
+        dsm_sigma=dsm_sigma,
+        p_mean=p_mean,
+        p_std=p_std,
+        dropout=dropout,
+        save_every=save_every,
+        seed=seed,
+        device=device,
+        verify=verify,
+        precision=precision,
+        tf32=tf32,
+        compile=compile_networks,
+        channels_last=channels_last,
+        threads=threads,
+        gradient_checkpointing=gradient_checkpointing,
+        node_dtype=node_dtype,
+    )
     cfg = build_config(RecordConfig, config, "record", flags, settings)
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:
@@ -144,32 +163,56 @@ def record(
     last = manifest.nodes[-1].dist_to_teacher or 1.0
     where = out.absolute()
     nodes_out = [
-        {"index": n.index, "step": n.step, "file": str(where / n.file) if n.file else None,
-         "dist_to_teacher": n.dist_to_teacher, "g0_loss": n.g0_loss, "train_loss": n.train_loss}
+        {
+            "index": n.index,
+            "step": n.step,
+            "file": str(where / n.file) if n.file else None,
+            "dist_to_teacher": n.dist_to_teacher,
+            "g0_loss": n.g0_loss,
+            "train_loss": n.train_loss,
+        }
         for n in manifest.nodes
-    ]  # fmt: skip
+    ]
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     warning = fit_warning(manifest.nodes)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
     if json_out:
-        emit_json({"trajectory": str(where), "status": manifest.status,
-                   "teacher": manifest.teacher.source, **manifest.session,
-                   "elapsed_seconds": manifest.elapsed_seconds, "nodes": nodes_out,
-                   "config": manifest.config.model_dump(mode="json"),
-                   "config_sources": manifest.config_sources,
-                   "warnings": [warning] if warning else []})  # fmt: skip
+        emit_json(
+            {
+                "trajectory": str(where),
+                "status": manifest.status,
+                "teacher": manifest.teacher.source,
+                **manifest.session,
+                "elapsed_seconds": manifest.elapsed_seconds,
+                "nodes": nodes_out,
+                "config": manifest.config.model_dump(mode="json"),
+                "config_sources": manifest.config_sources,
+                "warnings": [warning] if warning else [],
+            }
+        )
         return
     if quiet:
         return
     table = Table(title=f"degradation path in {out}  ({manifest.elapsed_seconds:.1f} s)")
-    columns = ("node", "step", "mean |D_node - D_teacher|", "share of path", "loss on G0",
-               "training loss")  # fmt: skip
+    columns = (
+        "node",
+        "step",
+        "mean |D_node - D_teacher|",
+        "share of path",
+        "loss on G0",
+        "training loss",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for n in manifest.nodes:
-        table.add_row(str(n.index), str(n.step), f"{n.dist_to_teacher:.4f}",
-                      f"{n.dist_to_teacher / last:.0%}", _number(n.g0_loss),
-                      _number(n.train_loss))  # fmt: skip
+        table.add_row(
+            str(n.index),
+            str(n.step),
+            f"{n.dist_to_teacher:.4f}",
+            f"{n.dist_to_teacher / last:.0%}",
+            _number(n.g0_loss),
+            _number(n.train_loss),
+        )
     stdout.print(table)

@@ -100,6 +100,7 @@ def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in rows:
         cells = [row["label"] if c == "run" else row.get(c) for c in shown]
-        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                        for v in cells))  # fmt: skip
+        table.add_row(
+            *("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells)
+        )
     stdout.print(table)

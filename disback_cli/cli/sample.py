@@ -131,18 +131,35 @@ def sample(
     Text-to-image: --prompts FILE draws -n images per prompt (seeds 0..n-1 for every prompt),
     decoded by the teacher's VAE; prompts.json lists each image's prompt and seed.
     """
-    flags = dict(n=n, seeds=seeds, batch=batch, weights=weights, format=format, prompts=prompts,
-                 best_of=best_of,
-                 class_label=class_label, device=device, verify=verify,
-                 precision=precision, tf32=tf32, compile=compile_networks,
-                 channels_last=channels_last, threads=threads)  # fmt: skip
+    flags = dict(
+        n=n,
+        seeds=seeds,
+        batch=batch,
+        weights=weights,
+        format=format,
+        prompts=prompts,
+        best_of=best_of,
+        class_label=class_label,
+        device=device,
+        verify=verify,
+        precision=precision,
+        tf32=tf32,
+        compile=compile_networks,
+        channels_last=channels_last,
+        threads=threads,
+    )
     cfg = build_config(SampleConfig, config, "sample", flags, settings)
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
             device = execution(cfg).device
             loaded = open_teacher(teacher, device)
-            info = {"file": teacher, "sha256": loaded.sha256, "weights": f"heun-{steps}",
-                    "dataset": loaded.dataset, "teacher_sha256": loaded.sha256}  # fmt: skip
+            info = {
+                "file": teacher,
+                "sha256": loaded.sha256,
+                "weights": f"heun-{steps}",
+                "dataset": loaded.dataset,
+                "teacher_sha256": loaded.sha256,
+            }
             text = None
             if loaded.text_to_image:
                 text = (TextEncoder(loaded.folder, device), LatentDecoder(loaded.folder, device))
@@ -150,19 +167,31 @@ def sample(
             elif guidance_scale != 1:
                 raise ConfigError("--guidance-scale is for text-to-image teachers")
             sampler = HeunSampler(guided(loaded.denoiser, guidance_scale), steps)
-            summary = write_samples_of(sampler, info, cfg, out, reporter, grid_out or grid,
-                                       text=text)  # fmt: skip
+            summary = write_samples_of(
+                sampler, info, cfg, out, reporter, grid_out or grid, text=text
+            )
         else:
             expected, default_dir = None, Path(".")
             if generator is None:
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
-            summary = write_samples(cfg, generator, out, expected, reporter, grid_out or grid,
-                                    default_dir, model_folder, verifier)  # fmt: skip
+            summary = write_samples(
+                cfg,
+                generator,
+                out,
+                expected,
+                reporter,
+                grid_out or grid,
+                default_dir,
+                model_folder,
+                verifier,
+            )
     if not is_main_process():  # under torchrun, rank 0 reports
         return
     if json_out:
         emit_json({**summary, "config": cfg.model_dump(mode="json")})
     elif not quiet:
-        stdout.print(f"wrote {summary['n']} samples to {summary['out']} "
-                     f"({summary['samples_per_second']:.0f} samples/s)")  # fmt: skip
+        stdout.print(
+            f"wrote {summary['n']} samples to {summary['out']} "
+            f"({summary['samples_per_second']:.0f} samples/s)"
+        )

@@ -31,10 +31,20 @@ from disback_cli.store.fileio import read_regular_file
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
 
 SESSION_FIELDS = {
-    "save_every", "log_every", "eval_every", "eval_samples", "device", "verify",
-    "tf32", "compile", "channels_last", "threads", "log_to", "gradient_checkpointing",
+    "save_every",
+    "log_every",
+    "eval_every",
+    "eval_samples",
+    "device",
+    "verify",
+    "tf32",
+    "compile",
+    "channels_last",
+    "threads",
+    "log_to",
+    "gradient_checkpointing",
     "mismatch_every",
-}  # fmt: skip
+}
 
 # Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
 # and read back, or whose tensors cannot fit in any memory, is refused at the flag.
@@ -107,37 +117,43 @@ class _Compute(_Config):
         None, description="channels-last image tensors; none: on for images on CUDA"
     )
     threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
-        None, description="CPU threads per process; none: OMP_NUM_THREADS if set, else the "
-        "cores this process may use divided by the processes on this host"
-    )  # fmt: skip
+        None,
+        description="CPU threads per process; none: OMP_NUM_THREADS if set, else the "
+        "cores this process may use divided by the processes on this host",
+    )
 
 
 class _Training(_Compute):
     """What both training stages share: the loss the path serves, noise levels, dropout, seed."""
 
     loss: str = Field(
-        "vsd", max_length=100, description="generator loss: vsd, dmd, sid or diffratio (record: "
+        "vsd",
+        max_length=100,
+        description="generator loss: vsd, dmd, sid or diffratio (record: "
         "the one "
-        "the path is for; it sets the nodes' noise levels)"
-    )  # fmt: skip
+        "the path is for; it sets the nodes' noise levels)",
+    )
     dsm_sigma: SigmaKind | None = Field(
-        None, description="noise levels the fake score and path nodes train at: lognormal, "
+        None,
+        description="noise levels the fake score and path nodes train at: lognormal, "
         "karras (uniform index of 1000 Karras levels) or discrete (uniform over a text-to-image "
         "teacher's own timesteps); none: the loss's (dmd: karras, else lognormal), discrete for "
         "text-to-image teachers",
-    )  # fmt: skip
+    )
     p_mean: PMean | None = Field(None, description="log-normal sigma mean; none: the teacher's")
     p_std: PStd | None = Field(None, description="log-normal sigma std; none: the teacher's")
     dropout: Dropout | None = Field(None, description=DROPOUT_HELP)
     seed: Seed = Field(0, description="random seed")
     prompts: PathText | None = Field(
-        None, description="prompt file (one a line, or a JSON list) of a text-to-image teacher; "
-        "backtrack: none uses the trajectory's"
-    )  # fmt: skip
+        None,
+        description="prompt file (one a line, or a JSON list) of a text-to-image teacher; "
+        "backtrack: none uses the trajectory's",
+    )
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass of trained "
-        "text-to-image UNets (less memory, ~30 % slower)"
-    )  # fmt: skip
+        False,
+        description="recompute activations in the backward pass of trained "
+        "text-to-image UNets (less memory, ~30 % slower)",
+    )
 
     @field_validator("loss")
     @classmethod
@@ -161,17 +177,20 @@ class RecordConfig(_Training):
     lr: Rate | None = Field(None, description="Adam learning rate")
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
     sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
-        None, description="G0(z) = D(sigma_init z, sigma_init); none: the student file's own, "
-        "else 2.5 (text-to-image teachers: --timestep)"
-    )  # fmt: skip
+        None,
+        description="G0(z) = D(sigma_init z, sigma_init); none: the student file's own, "
+        "else 2.5 (text-to-image teachers: --timestep)",
+    )
     timestep: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
-        None, description="text-to-image teachers: G0 maps pure noise, read as the DDPM input "
-        "at this timestep, to x0 (DMD2, DisBack SDXL: 399; DMD2 SD1.5: 999); none: 999"
-    )  # fmt: skip
+        None,
+        description="text-to-image teachers: G0 maps pure noise, read as the DDPM input "
+        "at this timestep, to x0 (DMD2, DisBack SDXL: 399; DMD2 SD1.5: 999); none: 999",
+    )
     lora_rank: Annotated[int, Field(ge=1, le=4096)] | None = Field(
-        None, description="text-to-image teachers: record path nodes as low-rank adapters of "
-        "this rank (peft) instead of full weights"
-    )  # fmt: skip
+        None,
+        description="text-to-image teachers: record path nodes as low-rank adapters of "
+        "this rank (peft) instead of full weights",
+    )
     placement: Literal["even", "distance"] = Field(
         "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
     )
@@ -204,21 +223,25 @@ class BacktrackConfig(_Training):
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
     data: PathText | None = Field(
-        None, description="real data for --loss diffratio: builtin:NAME, an image folder or an "
-        "EDM dataset zip (labels from its dataset.json)"
-    )  # fmt: skip
+        None,
+        description="real data for --loss diffratio: builtin:NAME, an image folder or an "
+        "EDM dataset zip (labels from its dataset.json)",
+    )
     ratio_width: Annotated[int, Field(ge=1, le=4096)] | None = Field(
-        None, description="diffratio: width of the density-ratio network (none: 64 units for "
-        "vectors, 16 channels for images)"
-    )  # fmt: skip
+        None,
+        description="diffratio: width of the density-ratio network (none: 64 units for "
+        "vectors, 16 channels for images)",
+    )
     ratio_depth: Annotated[int, Field(ge=1, le=16)] | None = Field(
-        None, description="diffratio: its hidden layers (vectors) or strided conv layers "
-        "(images); none: 3"
-    )  # fmt: skip
+        None,
+        description="diffratio: its hidden layers (vectors) or strided conv layers "
+        "(images); none: 3",
+    )
     guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
-        None, description="classifier-free guidance of the target (text-to-image teachers; the "
-        "fake score is unguided); none: 1.75 for SD 1.x/2.x (DMD2), 8 for SDXL (DMD2, DisBack)"
-    )  # fmt: skip
+        None,
+        description="classifier-free guidance of the target (text-to-image teachers; the "
+        "fake score is unguided); none: 1.75 for SD 1.x/2.x (DMD2), 8 for SDXL (DMD2, DisBack)",
+    )
     sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
         1.2, description="alpha of the SiD loss"
     )
@@ -254,13 +277,15 @@ class BacktrackConfig(_Training):
         2000, description="samples per evaluation"
     )
     mismatch_every: Count = Field(
-        0, description="score-mismatch diagnostics every N iterations (0: off; teachers of a "
-        "Gaussian-mixture data set, e.g. builtin:ring2d, whose exact score is known)"
-    )  # fmt: skip
+        0,
+        description="score-mismatch diagnostics every N iterations (0: off; teachers of a "
+        "Gaussian-mixture data set, e.g. builtin:ring2d, whose exact score is known)",
+    )
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, max_length=2,
+        default_factory=list,
+        max_length=2,
         description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _saves_on_log_lines(self) -> BacktrackConfig:

@@ -143,8 +143,10 @@ def _diffratio(cfg: BacktrackConfig, teacher: Teacher, update: dict, sources: di
     and it runs without the trajectory (its G0 still comes from it; docs/method.md says why
     the path is not used)."""
     if cfg.data is None:
-        raise ConfigError("--loss diffratio learns from real data: give --data (builtin:NAME, "
-                          "an image folder or an EDM dataset zip)")  # fmt: skip
+        raise ConfigError(
+            "--loss diffratio learns from real data: give --data (builtin:NAME, "
+            "an image folder or an EDM dataset zip)"
+        )
     if teacher.text_to_image:
         raise ConfigError("--loss diffratio is not available for text-to-image teachers")
     if not cfg.no_trajectory:

@@ -36,8 +36,9 @@ class ClipScorer:
             raise DisbackError(f"--clip {folder}: not a folder (a transformers CLIP model)")
         weights = find_weights(folder, "model")
         tensors, _, digest = read_safetensors(weights, expected_sha256)
-        config = transformers.CLIPConfig.from_dict(read_config(folder / "config.json",
-                                                               "CLIP config"))  # fmt: skip
+        config = transformers.CLIPConfig.from_dict(
+            read_config(folder / "config.json", "CLIP config")
+        )
         with torch.random.fork_rng(devices=[]):
             model = transformers.CLIPModel(config)
         tensors = {k: v.float() for k, v in tensors.items() if k not in IGNORED_KEYS}
@@ -52,8 +53,9 @@ class ClipScorer:
                 folder, local_files_only=True
             )
             # the PIL image processor: the default one wants torchvision
-            processor = getattr(transformers, "CLIPImageProcessorPil",
-                                transformers.CLIPImageProcessor)  # fmt: skip
+            processor = getattr(
+                transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor
+            )
             self.processor = processor.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # files anyone may write
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -62,17 +64,27 @@ class ClipScorer:
             ) from None
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.sha256 = torch.device(device), digest
-        self.describe = {"name": "clip", "folder": str(folder.absolute()), "weights": weights.name,
-                         "sha256": digest}  # fmt: skip
+        self.describe = {
+            "name": "clip",
+            "folder": str(folder.absolute()),
+            "weights": weights.name,
+            "sha256": digest,
+        }
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """100 cos(image, prompt) for (N, H, W, C) uint8 images and N prompts."""
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        length = min(self.tokenizer.model_max_length,
-                     self.model.config.text_config.max_position_embeddings)  # fmt: skip
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        length = min(
+            self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
+        )
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         image = self.model.get_image_features(pixel_values=pixels.to(self.device))
         text = self.model.get_text_features(input_ids=ids.to(self.device))
         image = getattr(image, "pooler_output", image)  # newer transformers return an output
@@ -85,8 +97,9 @@ def read_prompt_listing(folder: Path) -> list[tuple[Path, str]]:
     """(image, prompt) of every image of a text-to-image sample folder, from its prompts.json."""
     path = folder / PROMPTS
     if not path.is_file():
-        raise DisbackError(f"{folder}: no {PROMPTS} (CLIP score needs `disback sample --prompts` "
-                           "output)")  # fmt: skip
+        raise DisbackError(
+            f"{folder}: no {PROMPTS} (CLIP score needs `disback sample --prompts` output)"
+        )
     try:
         listing = parse_json(read_regular_file(path, MAX_LISTING_BYTES, "prompt listing"))
         entries = listing["images"]

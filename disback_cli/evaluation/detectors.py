@@ -123,8 +123,13 @@ class InceptionDetector:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
     def describe(self) -> dict:
-        return {"name": "inception-2015-12-05", "metric": "FID", "mode": self.mode,
-                "sha256": self.sha256, "file": str(self.path)}  # fmt: skip
+        return {
+            "name": "inception-2015-12-05",
+            "metric": "FID",
+            "mode": self.mode,
+            "sha256": self.sha256,
+            "file": str(self.path),
+        }
 
     def features(self, images: np.ndarray) -> np.ndarray:
         if images.shape[-1] == 1:  # greyscale, as EDM does: repeat to RGB

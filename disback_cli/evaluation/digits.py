@@ -101,8 +101,14 @@ class DigitsDetector:
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
 
     def describe(self) -> dict:
-        return {"name": "digits-cnn", "metric": "FD-digits", "mode": None, "sha256": self.sha256,
-                "feature_dim": 64, "file": str(self.path)}  # fmt: skip
+        return {
+            "name": "digits-cnn",
+            "metric": "FD-digits",
+            "mode": None,
+            "sha256": self.sha256,
+            "feature_dim": 64,
+            "file": str(self.path),
+        }
 
     def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Feature mean and covariance of the train split, computed once per detector."""

@@ -95,16 +95,26 @@ def shapes_report(parts: list[tuple[np.ndarray, dict]], labels: np.ndarray | Non
             part_labels = torch.as_tensor(labels[span[0] : span[1] + 1])
         results.append({**shapes_scores(x, part_labels), **where})
     floor = shapes_floor(min(results[0]["n"], 5000))
-    return make_report("shapes", "template distance", "template_distance", results,
-                       dataset="shapes", reference={"kind": "the 64 modes' rendered variants",
-                                                    "n": 9600},
-                       samples={}, floor=floor)  # fmt: skip
+    return make_report(
+        "shapes",
+        "template distance",
+        "template_distance",
+        results,
+        dataset="shapes",
+        reference={"kind": "the 64 modes' rendered variants", "n": 9600},
+        samples={},
+        floor=floor,
+    )
 
 
 def training_evaluator(
-    dataset: str, n: int, data_shape: tuple[int, ...], conditions: ConditionSource,
-    device: torch.device, chunk: int,
-) -> Callable[[torch.nn.Module], dict]:  # fmt: skip
+    dataset: str,
+    n: int,
+    data_shape: tuple[int, ...],
+    conditions: ConditionSource,
+    device: torch.device,
+    chunk: int,
+) -> Callable[[torch.nn.Module], dict]:
     """Metrics of a generator on fixed seeds 0..n-1, comparable across iterations and runs.
     The generator sees them `chunk` at a time (the training batch), never all at once."""
     z, cond = seeded_noise(range(n), data_shape, conditions)
@@ -112,10 +122,12 @@ def training_evaluator(
 
     def samples(generator: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([
-                generator(z[i : i + chunk], **cond.rows(slice(i, i + chunk))).cpu()
-                for i in range(0, n, chunk)
-            ])  # fmt: skip
+            return torch.cat(
+                [
+                    generator(z[i : i + chunk], **cond.rows(slice(i, i + chunk))).cpu()
+                    for i in range(0, n, chunk)
+                ]
+            )
 
     if dataset == "digits":
         detector = DigitsDetector()
@@ -129,9 +141,10 @@ def training_evaluator(
 
 
 def vector_report(
-    parts: list[tuple[torch.Tensor, dict]], dataset: str | None,
+    parts: list[tuple[torch.Tensor, dict]],
+    dataset: str | None,
     reference: tuple[torch.Tensor, dict] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """`disback evaluate` on vector samples: each part (samples, where they came from) against
     an exact sample of `dataset` as large as it, with the exact-vs-exact floor; or against the
     given `reference` samples (the mode statistics then need a known `dataset`, and there is no
@@ -142,8 +155,9 @@ def vector_report(
         if reference is None:
             metrics = evaluate_vectors(samples, dataset, floor=False)["metrics"]
         else:
-            metrics = vector_metrics(samples.float(), reference[0].float(), mixture,
-                                     seed=REFERENCE_SEED)  # fmt: skip
+            metrics = vector_metrics(
+                samples.float(), reference[0].float(), mixture, seed=REFERENCE_SEED
+            )
         results.append({"n": len(samples), **metrics, **where})
     n = results[0]["n"]
     if reference is None:
@@ -151,8 +165,16 @@ def vector_report(
         floor = vector_floor(dataset, n)
     else:
         against, floor = {"kind": "samples", "n": len(reference[0]), **reference[1]}, None
-    return make_report("vector", "mmd2", "mmd2", results, dataset=dataset, reference=against,
-                       samples={}, floor=floor)  # fmt: skip
+    return make_report(
+        "vector",
+        "mmd2",
+        "mmd2",
+        results,
+        dataset=dataset,
+        reference=against,
+        samples={},
+        floor=floor,
+    )
 
 
 def digits_report(parts: list[tuple[np.ndarray, dict]]) -> dict:
@@ -168,6 +190,14 @@ def digits_report(parts: list[tuple[np.ndarray, dict]]) -> dict:
             result["at_floor_n"] = digits_scores(images[:HELD_OUT], detector)
         results.append(result)
     floor = heldout_floor(detector, min(results[0]["n"], HELD_OUT))
-    return make_report("digits", "FD-digits", "fd_digits", results, dataset="digits",
-                       reference={"kind": "train split of the built-in digits", "n": 1000},
-                       samples={}, detector=detector.describe(), floor=floor)  # fmt: skip
+    return make_report(
+        "digits",
+        "FD-digits",
+        "fd_digits",
+        results,
+        dataset="digits",
+        reference={"kind": "train split of the built-in digits", "n": 1000},
+        samples={},
+        detector=detector.describe(),
+        floor=floor,
+    )

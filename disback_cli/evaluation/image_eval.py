@@ -47,15 +47,26 @@ class Reference:
     meta: dict  # detector, n, image_shape, source; empty for EDM's files
 
     def describe(self) -> dict:
-        return {"file": str(self.path), "sha256": self.sha256, "n": self.meta.get("n"),
-                "detector": self.meta.get("detector"), "image_shape": self.meta.get("image_shape"),
-                "has_features": self.features is not None}  # fmt: skip
+        return {
+            "file": str(self.path),
+            "sha256": self.sha256,
+            "n": self.meta.get("n"),
+            "detector": self.meta.get("detector"),
+            "image_shape": self.meta.get("image_shape"),
+            "has_features": self.features is not None,
+        }
 
 
 def extract_features(
-    images: ImageSet, detector: Detector, batch: int, reporter: Reporter, start: int = 0,
-    stop: int | None = None, label: str = "features", ex: Execution | None = None,
-) -> np.ndarray | None:  # fmt: skip
+    images: ImageSet,
+    detector: Detector,
+    batch: int,
+    reporter: Reporter,
+    start: int = 0,
+    stop: int | None = None,
+    label: str = "features",
+    ex: Execution | None = None,
+) -> np.ndarray | None:
     """Detector features of images start..stop in order. Under torchrun the batches go
     round-robin to the ranks and rank 0 receives them all; other ranks get None."""
     ex = ex or Execution(torch.device("cpu"))
@@ -84,9 +95,14 @@ def _subset(features: np.ndarray, limit: int) -> np.ndarray:
 
 
 def write_reference(
-    images: ImageSet, detector: Detector, out: Path, batch: int = 64, limit: int | None = None,
-    reporter: Reporter | None = None, ex: Execution | None = None,
-) -> dict | None:  # fmt: skip
+    images: ImageSet,
+    detector: Detector,
+    out: Path,
+    batch: int = 64,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+    ex: Execution | None = None,
+) -> dict | None:
     """Statistics of (the first `limit` of) `images`: mu, sigma and up to 10k features (written
     by rank 0 under torchrun; None on the other ranks)."""
     reporter = reporter or SilentReporter()
@@ -95,8 +111,13 @@ def write_reference(
     if features is None:  # not rank 0: it writes the file
         return None
     mu, sigma = feature_stats(features)
-    meta = {"detector": detector.describe(), "n": int(stop), "image_shape": list(images.shape()),
-            "source": images.description, "disback_version": __version__}  # fmt: skip
+    meta = {
+        "detector": detector.describe(),
+        "n": int(stop),
+        "image_shape": list(images.shape()),
+        "source": images.description,
+        "disback_version": __version__,
+    }
     buffer = io.BytesIO()
     kept = _subset(features, REFERENCE_FEATURES).astype(np.float32)
     np.savez(buffer, mu=mu, sigma=sigma, features=kept, meta=np.asarray(json.dumps(meta)))
@@ -201,7 +222,21 @@ def evaluate_images(
         results.append({**score(features, reference, key), **provenance})
     if not results:
         return None
-    settings = {"kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE, "pr_k": PR_K,
-                "pr_max_samples": PR_MAX, "subset_seed": SUBSET_SEED}  # fmt: skip
-    return make_report("image", metric, key, results, dataset=None, reference=reference.describe(),
-                       samples={}, detector=described, settings=settings)  # fmt: skip
+    settings = {
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": KID_SUBSET_SIZE,
+        "pr_k": PR_K,
+        "pr_max_samples": PR_MAX,
+        "subset_seed": SUBSET_SEED,
+    }
+    return make_report(
+        "image",
+        metric,
+        key,
+        results,
+        dataset=None,
+        reference=reference.describe(),
+        samples={},
+        detector=described,
+        settings=settings,
+    )

@@ -110,15 +110,24 @@ def npz_images(path: Path) -> ImageSet | None:
 
 
 def generated_images(
-    generator: torch.nn.Module, seeds: Sequence[int], batch: int, device: torch.device,
+    generator: torch.nn.Module,
+    seeds: Sequence[int],
+    batch: int,
+    device: torch.device,
     description: str,
-) -> ImageSet:  # fmt: skip
+) -> ImageSet:
     """Images sampled on the fly, one random stream per seed (nothing written to disk)."""
     denoiser = generator.denoiser
 
     def read(start: int, stop: int) -> np.ndarray:
-        chunks = one_step_batches(generator, seeds[start:stop], denoiser.data_shape,
-                                  condition_source(denoiser.label_dim), batch, device)  # fmt: skip
+        chunks = one_step_batches(
+            generator,
+            seeds[start:stop],
+            denoiser.data_shape,
+            condition_source(denoiser.label_dim),
+            batch,
+            device,
+        )
         return np.concatenate([to_uint8(x) for x, _ in chunks])
 
     return ImageSet(description, len(seeds), read)

@@ -42,9 +42,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def kernel_inception_distance(
-    features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+    features1: np.ndarray,
+    features2: np.ndarray,
+    subsets: int = 100,
+    subset_size: int = 1000,
     seed: int = 0,
-) -> float:  # fmt: skip
+) -> float:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
     random subsets (clean-fid's defaults: 100 subsets of at most 1000)."""
     rng = np.random.default_rng(seed)

@@ -14,8 +14,15 @@ from disback_cli.store.metrics_log import read_metrics
 
 PREFERRED_METRICS = ("fd_digits", "mmd2", "fid")
 # Metrics that live in [0, 1] (or count a few modes): drawn on a linear axis, the rest on a log one.
-BOUNDED_METRICS = {"precision", "mode_tv", "modes_covered", "classes_covered", "max_class_share",
-                   "confidence", "recall"}  # fmt: skip
+BOUNDED_METRICS = {
+    "precision",
+    "mode_tv",
+    "modes_covered",
+    "classes_covered",
+    "max_class_share",
+    "confidence",
+    "recall",
+}
 
 
 def switch_iterations(lines: list[dict]) -> list[int]:
@@ -25,8 +32,11 @@ def switch_iterations(lines: list[dict]) -> list[int]:
     if exact:
         return exact
     logged = [ln for ln in lines if "target_node" in ln]
-    return [b["iteration"] for a, b in itertools.pairwise(logged)
-            if a["target_node"] != b["target_node"]]  # fmt: skip
+    return [
+        b["iteration"]
+        for a, b in itertools.pairwise(logged)
+        if a["target_node"] != b["target_node"]
+    ]
 
 
 def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dict:
@@ -50,19 +60,29 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dic
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (name, lines), colour in zip(runs.items(), itertools.cycle(colours), strict=False):
-        evals = [(ln["iteration"], ln["eval"][metric]) for ln in lines
-                 if metric and metric in ln.get("eval", {})]  # fmt: skip
+        evals = [
+            (ln["iteration"], ln["eval"][metric])
+            for ln in lines
+            if metric and metric in ln.get("eval", {})
+        ]
         if evals:
             left.plot(*zip(*evals, strict=True), marker="o", markersize=3, color=colour, label=name)
         logged = [ln for ln in lines if "score_gap" in ln]
-        right.plot([ln["iteration"] for ln in logged], [ln["score_gap"] for ln in logged],
-                   color=colour, label=name)  # fmt: skip
+        right.plot(
+            [ln["iteration"] for ln in logged],
+            [ln["score_gap"] for ln in logged],
+            color=colour,
+            label=name,
+        )
         for x in switch_iterations(lines):
             right.axvline(x, color=colour, linestyle=":", linewidth=0.8)
     title = f"{metric} of the EMA generator" if metric else "no --eval-every in these runs"
     left.set(xlabel="generator iteration", ylabel=metric or "(not logged)", title=title)
-    right.set(xlabel="generator iteration", ylabel="mean |D_fake - D_target|",
-              title="score gap (dotted: target moves one node)")  # fmt: skip
+    right.set(
+        xlabel="generator iteration",
+        ylabel="mean |D_fake - D_target|",
+        title="score gap (dotted: target moves one node)",
+    )
     left.set_yscale("linear" if metric in BOUNDED_METRICS else "log")
     right.set_yscale("log")
     for axis in (left, right):
@@ -75,5 +95,4 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dic
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     atomic_write_bytes(out, buffer.getvalue())
-    return {"out": str(Path(out).absolute()), "metric": metric, "runs": list(runs),
-            "scale": scale}  # fmt: skip
+    return {"out": str(Path(out).absolute()), "metric": metric, "runs": list(runs), "scale": scale}

@@ -26,24 +26,43 @@ HIGHER_IS_BETTER = {"precision", "recall", "modes_covered", "classes_covered", "
 
 def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
     """Min, mean and max over the sets of every numeric metric they all report."""
-    keys = [k for k, v in results[0].items() if isinstance(v, (int, float))
-            and not isinstance(v, bool) and k != "n"]  # fmt: skip
+    keys = [
+        k
+        for k, v in results[0].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"
+    ]
     summary = {}
     for key in keys:
         values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
         if len(values) == len(results):
-            summary[key] = {"min": min(values), "mean": float(np.mean(values)),
-                            "max": max(values)}  # fmt: skip
+            summary[key] = {"min": min(values), "mean": float(np.mean(values)), "max": max(values)}
     return summary
 
 
 def make_report(
-    kind: str, metric: str, key: str, results: list[dict], *, dataset: str | None,
-    reference: dict, samples: dict, detector: dict | None = None, floor: dict | None = None,
+    kind: str,
+    metric: str,
+    key: str,
+    results: list[dict],
+    *,
+    dataset: str | None,
+    reference: dict,
+    samples: dict,
+    detector: dict | None = None,
+    floor: dict | None = None,
     **extra: Any,
-) -> dict:  # fmt: skip
+) -> dict:
     return {
-        "kind": kind, "metric": metric, "key": key, "dataset": dataset, "detector": detector,
-        "reference": reference, "samples": samples, "repeats": len(results), "results": results,
-        "summary": summarize(results), "floor": floor, **extra,
-    }  # fmt: skip
+        "kind": kind,
+        "metric": metric,
+        "key": key,
+        "dataset": dataset,
+        "detector": detector,
+        "reference": reference,
+        "samples": samples,
+        "repeats": len(results),
+        "results": results,
+        "summary": summarize(results),
+        "floor": floor,
+        **extra,
+    }

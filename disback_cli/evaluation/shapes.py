@@ -44,10 +44,13 @@ def _coverage(shape: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, r: torch.
 
 
 def render(
-    shape: torch.Tensor, colour: torch.Tensor, position: torch.Tensor,
-    offset: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+    shape: torch.Tensor,
+    colour: torch.Tensor,
+    position: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
     brightness: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Images (N, 3, 16, 16) in [-1, 1] of the given factor indices and jitters."""
     n = len(shape)
     offset = torch.zeros(n, 2) if offset is None else offset
@@ -101,8 +104,9 @@ def variant_bank() -> tuple[torch.Tensor, torch.Tensor]:
     oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
     offset = torch.stack([oy.flatten(), ox.flatten()], 1)
     scale, brightness = torch.tensor([0.9, 1.0, 1.1]), torch.tensor([0.88, 0.97])
-    grid = torch.meshgrid(torch.arange(MODES), torch.arange(25), torch.arange(3),
-                          torch.arange(2), indexing="ij")  # fmt: skip
+    grid = torch.meshgrid(
+        torch.arange(MODES), torch.arange(25), torch.arange(3), torch.arange(2), indexing="ij"
+    )
     mode, o, s, b = (g.flatten() for g in grid)
     images = render(mode // 16, (mode // 4) % 4, mode % 4, offset[o], scale[s], brightness[b])
     return images.flatten(1), mode

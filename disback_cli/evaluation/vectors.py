@@ -35,8 +35,12 @@ def mmd2_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=MMD_BANDWIDTHS) -> flo
     y = y[:MMD_MAX_SAMPLES].to(torch.float64)
     n, m = len(x), len(y)
     total = 0.0
-    for xx, yy, xy in zip(_kernel_sums(x, x, bandwidths, True), _kernel_sums(y, y, bandwidths,
-                          True), _kernel_sums(x, y, bandwidths, False), strict=True):  # fmt: skip
+    for xx, yy, xy in zip(
+        _kernel_sums(x, x, bandwidths, True),
+        _kernel_sums(y, y, bandwidths, True),
+        _kernel_sums(x, y, bandwidths, False),
+        strict=True,
+    ):
         total += xx / (n * (n - 1))
         total += yy / (m * (m - 1))
         total -= 2 * xy / (n * m)

@@ -46,9 +46,13 @@ class DataSource:
     conditions (one-hot class labels for a class-conditional teacher)."""
 
     def __init__(
-        self, ref: DataRef, count: int, read: Callable[[list[int]], tuple[torch.Tensor, list]],
-        label_dim: int, exact: GaussianMixture | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        ref: DataRef,
+        count: int,
+        read: Callable[[list[int]], tuple[torch.Tensor, list]],
+        label_dim: int,
+        exact: GaussianMixture | None = None,
+    ) -> None:
         self.ref, self.count, self._read, self.label_dim = ref, count, read, label_dim
         self.exact = exact
 
@@ -70,12 +74,16 @@ class DataSource:
 
 def _builtin(name: str, data_shape: tuple[int, ...], label_dim: int) -> DataSource:
     if name not in DATASETS:
-        raise ConfigError(f"--data {BUILTIN}{name}: no such data set (known: "
-                          f"{', '.join(BUILTIN + d for d in DATASETS)})")  # fmt: skip
+        raise ConfigError(
+            f"--data {BUILTIN}{name}: no such data set (known: "
+            f"{', '.join(BUILTIN + d for d in DATASETS)})"
+        )
     data = get_dataset(name)
     if tuple(data.data_shape) != tuple(data_shape):
-        raise ConfigError(f"--data {BUILTIN}{name}: samples of shape {tuple(data.data_shape)}, "
-                          f"the teacher's are {tuple(data_shape)}")  # fmt: skip
+        raise ConfigError(
+            f"--data {BUILTIN}{name}: samples of shape {tuple(data.data_shape)}, "
+            f"the teacher's are {tuple(data_shape)}"
+        )
     if isinstance(data, GaussianMixture):
         content = json.dumps([data.means.tolist(), data.std, data.weights.tolist()]).encode()
         ref = DataRef(BUILTIN + name, hashlib.sha256(content).hexdigest(), 0)
@@ -101,16 +109,24 @@ def _labels(raw: bytes | None, names: list[str], where: str, label_dim: int) -> 
     if not label_dim:
         return None
     if raw is None:
-        raise ConfigError(f"--data {where}: no dataset.json with labels; the teacher is "
-                          f"class-conditional ({label_dim} classes)")  # fmt: skip
+        raise ConfigError(
+            f"--data {where}: no dataset.json with labels; the teacher is "
+            f"class-conditional ({label_dim} classes)"
+        )
     try:
         entries = parse_json(raw)["labels"]
         table = {str(name): label for name, label in entries}
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"--data {where}: malformed dataset.json") from None
     labels = [table.get(name) for name in names]
-    bad = next((n for n, y in zip(names, labels, strict=True)
-                if type(y) is not int or not 0 <= y < label_dim), None)  # fmt: skip
+    bad = next(
+        (
+            n
+            for n, y in zip(names, labels, strict=True)
+            if type(y) is not int or not 0 <= y < label_dim
+        ),
+        None,
+    )
     if bad is not None:
         raise ConfigError(f"--data {where}: image {bad[:100]} has no label in 0..{label_dim - 1}")
     return labels
@@ -119,8 +135,9 @@ def _labels(raw: bytes | None, names: list[str], where: str, label_dim: int) -> 
 def _image_files(path: Path, data_shape: tuple[int, ...], label_dim: int) -> DataSource:
     """A folder or EDM zip of images, read batch by batch."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS
-                       and not p.is_symlink())  # fmt: skip
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and not p.is_symlink()
+        )
         names = [str(p.relative_to(path)) for p in files]
         listing = json.dumps([[n, sha256_file(p)] for n, p in zip(names, files, strict=True)])
         digest = hashlib.sha256(listing.encode()).hexdigest()
@@ -148,8 +165,10 @@ def _image_files(path: Path, data_shape: tuple[int, ...], label_dim: int) -> Dat
     first = _decode(fetch(0), f"{path}/{names[0]}")
     shape = (first.shape[2], first.shape[0], first.shape[1])
     if shape != tuple(data_shape):
-        raise ConfigError(f"--data {path}: images of shape {shape} (C, H, W), the teacher's are "
-                          f"{tuple(data_shape)}")  # fmt: skip
+        raise ConfigError(
+            f"--data {path}: images of shape {shape} (C, H, W), the teacher's are "
+            f"{tuple(data_shape)}"
+        )
 
     def read(index: list[int]) -> tuple[torch.Tensor, list]:
         arrays = []
@@ -161,8 +180,9 @@ def _image_files(path: Path, data_shape: tuple[int, ...], label_dim: int) -> Dat
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
         return x, [labels[i] for i in index] if labels is not None else []
 
-    return DataSource(DataRef(str(path.absolute()), digest, len(names)), len(names), read,
-                      label_dim)  # fmt: skip
+    return DataSource(
+        DataRef(str(path.absolute()), digest, len(names)), len(names), read, label_dim
+    )
 
 
 def open_data(spec: str, data_shape: tuple[int, ...], label_dim: int) -> DataSource:

@@ -60,9 +60,12 @@ def generator_inputs(
 
 
 def apply_gradients(
-    loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    ex: Execution, clip: float,
-) -> torch.Tensor:  # fmt: skip
+    loss: torch.Tensor,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ex: Execution,
+    clip: float,
+) -> torch.Tensor:
     """Backward, average across ranks, clip and step; returns the norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

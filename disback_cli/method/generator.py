@@ -45,8 +45,13 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
     elif cfg.timestep is not None:
         scale = math.sqrt(1 + cfg.sigma_init**2)
     if student is not None:
-        return G0Spec(kind="file", sigma_init=cfg.sigma_init, input_scale=scale,
-                      file=str(Path(cfg.student).resolve()), sha256=student.sha256)  # fmt: skip
+        return G0Spec(
+            kind="file",
+            sigma_init=cfg.sigma_init,
+            input_scale=scale,
+            file=str(Path(cfg.student).resolve()),
+            sha256=student.sha256,
+        )
     if cfg.student_arch_kwargs is not None:
         kwargs = {**teacher.spec.arch_kwargs, **cfg.student_arch_kwargs}
         try:
@@ -55,8 +60,13 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
             )
         except ValidationError as exc:
             raise ConfigError(f"--student-arch-kwargs: {describe_validation_error(exc)}") from None
-        return G0Spec(kind="random", sigma_init=cfg.sigma_init, input_scale=scale, network=network,
-                      init_seed=cfg.seed)  # fmt: skip
+        return G0Spec(
+            kind="random",
+            sigma_init=cfg.sigma_init,
+            input_scale=scale,
+            network=network,
+            init_seed=cfg.seed,
+        )
     return G0Spec(sigma_init=cfg.sigma_init, input_scale=scale)
 
 
@@ -68,8 +78,10 @@ def build_g0(
     stay frozen: recording saves a whole network's memory)."""
     if spec.kind == "file":
         loaded = load_student(spec.file, teacher, device, spec.sha256, verify)
-        if (loaded.spec.data_shape, loaded.spec.label_dim) != (teacher.spec.data_shape,
-                                                             teacher.spec.label_dim):  # fmt: skip
+        if (loaded.spec.data_shape, loaded.spec.label_dim) != (
+            teacher.spec.data_shape,
+            teacher.spec.label_dim,
+        ):
             raise DisbackError(
                 f"{spec.file}: student data shape or classes differ from the teacher's"
             )
@@ -108,7 +120,11 @@ def load_generator(
     loaded = load_denoiser(path, device, expected_sha256, verify)
     if loaded.info.get("role") != "generator":
         raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
-    generator = OneStepGenerator(loaded.denoiser, float(loaded.info["sigma_init"]),
-                                 loaded.info.get("input_scale"))  # fmt: skip
-    return generator.eval(), {**loaded.info, "sha256": loaded.sha256,
-                              "file": str(Path(path).absolute())}  # fmt: skip
+    generator = OneStepGenerator(
+        loaded.denoiser, float(loaded.info["sigma_init"]), loaded.info.get("input_scale")
+    )
+    return generator.eval(), {
+        **loaded.info,
+        "sha256": loaded.sha256,
+        "file": str(Path(path).absolute()),
+    }

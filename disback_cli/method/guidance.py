@@ -30,8 +30,9 @@ class Guided(nn.Module):
         both = {k: torch.cat([cond.get(UNCOND_PREFIX + k, cond[k]), cond[k]]) for k in names}
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1)
         sigma = sigma.expand(len(x)) if len(sigma) == 1 else sigma
-        uncond, conditional = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                                            **both).chunk(2)  # fmt: skip
+        uncond, conditional = self.denoiser(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), **both
+        ).chunk(2)
         return uncond + self.scale * (conditional - uncond)
 
 

@@ -154,13 +154,19 @@ class DiffRatioLoss(VSDLoss):
 
 
 GENERATOR_LOSSES: dict[str, type] = {
-    "vsd": VSDLoss, "dmd": DMDLoss, "sid": SiDLoss, "diffratio": DiffRatioLoss
-}  # fmt: skip
+    "vsd": VSDLoss,
+    "dmd": DMDLoss,
+    "sid": SiDLoss,
+    "diffratio": DiffRatioLoss,
+}
 # The noise levels each loss's reference trains its fake score at (Diff-Instruct, DMD2, SiD);
 # DiffRatio trains its ratio network where the generator is updated.
 LOSS_TRAINING_SIGMA: dict[str, SigmaKind] = {
-    "vsd": "lognormal", "dmd": "karras", "sid": "lognormal", "diffratio": "lognormal"
-}  # fmt: skip
+    "vsd": "lognormal",
+    "dmd": "karras",
+    "sid": "lognormal",
+    "diffratio": "lognormal",
+}
 
 
 class AtLevels:

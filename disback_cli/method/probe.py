@@ -43,8 +43,9 @@ class PathProbe:
     @torch.no_grad()
     def _denoise(self, denoiser: nn.Module) -> torch.Tensor:
         with eval_mode(denoiser):
-            return torch.cat([denoiser(self.x_t[i], self.sigma[i], **self.cond.rows(i))
-                              for i in self._chunks()])  # fmt: skip
+            return torch.cat(
+                [denoiser(self.x_t[i], self.sigma[i], **self.cond.rows(i)) for i in self._chunks()]
+            )
 
     def _loss(self, denoised: torch.Tensor) -> float:
         return (self.weight * (denoised - self.x0) ** 2).mean().item()

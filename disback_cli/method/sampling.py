@@ -115,10 +115,12 @@ def best_of_k(
         with torch.no_grad():
             x = generator(z, **many)
             labels = many.get("class_labels")
-            score = torch.stack([
-                ratio(x + s * sigma_data * noise[i].to(device), s * sigma_data, labels)
-                for i, s in enumerate(VERIFIER_SIGMAS)
-            ]).mean(dim=0)  # fmt: skip
+            score = torch.stack(
+                [
+                    ratio(x + s * sigma_data * noise[i].to(device), s * sigma_data, labels)
+                    for i, s in enumerate(VERIFIER_SIGMAS)
+                ]
+            ).mean(dim=0)
         best = int(score.argmax())
         chosen.append(x[best].cpu())
         conds.append(cond)

@@ -83,9 +83,13 @@ class AdaptiveSchedule:
     """
 
     def __init__(
-        self, last_node: int, patience: int, tolerance: float = 0.02, max_interval: int = 10**9,
+        self,
+        last_node: int,
+        patience: int,
+        tolerance: float = 0.02,
+        max_interval: int = 10**9,
         smoothing: float = 0.9,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.patience, self.tolerance, self.max_interval = patience, tolerance, max_interval
         self.smoothing = smoothing
         self.node = max(last_node - 1, 0)
@@ -120,8 +124,13 @@ class AdaptiveSchedule:
 
     def state_dict(self) -> dict:
         best = None if math.isinf(self.best) else self.best  # strict JSON has no infinity
-        return {"node": self.node, "smoothed": self.smoothed, "best": best,
-                "since_best": self.since_best, "on_node": self.on_node}  # fmt: skip
+        return {
+            "node": self.node,
+            "smoothed": self.smoothed,
+            "best": best,
+            "since_best": self.since_best,
+            "on_node": self.on_node,
+        }
 
     def load_state_dict(self, state: dict, source: str = "state") -> None:
         """Restore what `state_dict` saved, each value checked (it comes from a file)."""
@@ -136,7 +145,7 @@ class AdaptiveSchedule:
             for value in (smoothed, best):
                 if value is not None and not (
                     isinstance(value, (int, float)) and (math.isfinite(value) or value == math.inf)
-                ):  # fmt: skip
+                ):
                     raise ValueError("gaps must be numbers")
         except (KeyError, TypeError, ValueError) as exc:
             raise DisbackError(f"{source}: malformed adaptive-switch state ({exc})") from None

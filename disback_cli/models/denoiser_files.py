@@ -49,7 +49,7 @@ class DenoiserInfo(BaseModel):
             raise ValueError("a generator file needs sigma_init")
         if self.train_sigma is not None and (
             set(self.train_sigma) != {"p_mean", "p_std"} or self.train_sigma["p_std"] <= 0
-        ):  # fmt: skip
+        ):
             raise ValueError("train_sigma needs p_mean and a positive p_std")
         return self
 

@@ -41,8 +41,13 @@ def ddpm_sigmas(
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-        betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
-                              for i in range(steps)], **cpu64)  # fmt: skip
+        betas = torch.tensor(
+            [
+                min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
+                for i in range(steps)
+            ],
+            **cpu64,
+        )
     else:
         raise DisbackError(
             f"beta schedule {beta_schedule!r} is not supported (known: {', '.join(BETA_SCHEDULES)})"
@@ -70,11 +75,11 @@ class DiscreteDDPMPrecond(Precond):
         label_dim: int = 0,
         use_fp16: bool = False,
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",  # What F predicts.
-        beta_start: float = 0.00085,        # First beta of the schedule (Stable Diffusion's).
-        beta_end: float = 0.012,            # Last beta.
+        beta_start: float = 0.00085,  # First beta of the schedule (Stable Diffusion's).
+        beta_end: float = 0.012,  # Last beta.
         beta_schedule: str = "scaled_linear",  # How betas go from start to end.
-        num_train_timesteps: int = 1000,    # Timesteps the network was trained on.
-    ) -> None:  # fmt: skip
+        num_train_timesteps: int = 1000,  # Timesteps the network was trained on.
+    ) -> None:
         super().__init__(model, data_shape, label_dim, use_fp16)
         if prediction_type not in PREDICTIONS:
             raise DisbackError(

@@ -52,11 +52,17 @@ LEGACY_PROTOCOL = 1001
 NUMPY_DTYPES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
 NUMPY_STATES = {name: np.dtype(name).__reduce__()[2] for name in NUMPY_DTYPES}
 STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
-}  # fmt: skip
+}
 
 
 class PersistentRecord:
@@ -139,11 +145,18 @@ class _StorageRecord(_NoGlobals):
 
     def persistent_load(self, pid: Any) -> Any:
         if not (
-            isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and len(pid[2]) < 100
-            and isinstance(pid[3], str) and len(pid[3]) < 50 and type(pid[4]) is int
-            and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None)
-        ):  # fmt: skip
+            isinstance(pid, tuple)
+            and len(pid) in (5, 6)
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and len(pid[2]) < 100
+            and isinstance(pid[3], str)
+            and len(pid[3]) < 50
+            and type(pid[4]) is int
+            and pid[4] >= 0
+            and (len(pid) == 5 or pid[5] is None)
+        ):
             raise pickle.UnpicklingError("malformed storage record")
         self.declared[pid[2]] = (pid[1].dtype, pid[4])
         return pid[2]
@@ -218,19 +231,27 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("unexpected persistent id")
 
     def _rebuild_tensor(
-        self, storage: object, offset: object, size: object, stride: object,
-        requires_grad: object = False, hooks: object = None, metadata: object = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        storage: object,
+        offset: object,
+        size: object,
+        stride: object,
+        requires_grad: object = False,
+        hooks: object = None,
+        metadata: object = None,
+    ) -> torch.Tensor:
         """A view of `storage` that stays inside it and is no larger than it (a stride-0 view of
         a few bytes could otherwise ask for terabytes)."""
         sizes = size if isinstance(size, tuple) else ()
         strides = stride if isinstance(stride, tuple) else ()
         integers = (offset, *sizes, *strides)
         if not (
-            isinstance(storage, Storage) and isinstance(size, tuple)
-            and isinstance(stride, tuple) and len(sizes) == len(strides) <= MAX_TENSOR_DIMS
+            isinstance(storage, Storage)
+            and isinstance(size, tuple)
+            and isinstance(stride, tuple)
+            and len(sizes) == len(strides) <= MAX_TENSOR_DIMS
             and all(type(v) is int and v >= 0 for v in integers)
-        ):  # fmt: skip
+        ):
             raise pickle.UnpicklingError("malformed tensor")
         _check_hooks(hooks)
         if metadata not in (None, {}):
@@ -248,9 +269,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return view if view.is_contiguous() else view.clone()
 
     def _rebuild_parameter(
-        self, data: object, requires_grad: object = False, hooks: object = None,
+        self,
+        data: object,
+        requires_grad: object = False,
+        hooks: object = None,
         state: object = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The parameter's tensor alone (attributes in `state` are not needed and not set)."""
         if not isinstance(data, torch.Tensor) or not (state is None or isinstance(state, dict)):
             raise pickle.UnpicklingError("malformed parameter")
@@ -344,7 +368,7 @@ def _flatten(root: PersistentRecord) -> dict[str, torch.Tensor]:
                 continue
             if not isinstance(name, str) or not isinstance(
                 child, (PersistentRecord, ModuleDictRecord)
-            ):  # fmt: skip
+            ):
                 raise DisbackError(
                     f"unexpected object of type {type(child).__name__} at {prefix}{name}"[:200]
                 )
@@ -393,10 +417,13 @@ def _spec_from_kwargs(record: PersistentRecord, path: Path) -> tuple[NetworkSpec
                 precond_kwargs[key] = value  # omit EDM's defaults, keeping the JSON finite
     try:
         spec = NetworkSpec(
-            arch=model_type, arch_kwargs=arch_kwargs, precond=precond,
-            precond_kwargs=precond_kwargs, data_shape=(channels, resolution, resolution),
+            arch=model_type,
+            arch_kwargs=arch_kwargs,
+            precond=precond,
+            precond_kwargs=precond_kwargs,
+            data_shape=(channels, resolution, resolution),
             label_dim=label_dim,
-        )  # fmt: skip
+        )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         first = str(exc).splitlines()
         raise DisbackError(f"{path}: unusable network kwargs ({' '.join(first[:3])})") from None

@@ -44,11 +44,11 @@ class Precond(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,                   # Raw network F(x, c_noise, class_labels).
-        data_shape: tuple[int, ...],        # Shape of one sample, e.g. (2,) or (3, 32, 32).
-        label_dim: int = 0,                 # Number of classes, 0 = unconditional.
-        use_fp16: bool = False,             # Run F in bf16 on CUDA?
-    ) -> None:  # fmt: skip
+        model: nn.Module,  # Raw network F(x, c_noise, class_labels).
+        data_shape: tuple[int, ...],  # Shape of one sample, e.g. (2,) or (3, 32, 32).
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        use_fp16: bool = False,  # Run F in bf16 on CUDA?
+    ) -> None:
         super().__init__()
         self.model = model
         self.data_shape = tuple(data_shape)
@@ -88,10 +88,10 @@ class EDMPrecond(Precond):
         data_shape: tuple[int, ...],
         label_dim: int = 0,
         use_fp16: bool = False,
-        sigma_data: float = 0.5,            # Expected standard deviation of the data.
-        sigma_min: float = 0.0,             # Smallest supported noise level.
-        sigma_max: float = math.inf,        # Largest supported noise level.
-    ) -> None:  # fmt: skip
+        sigma_data: float = 0.5,  # Expected standard deviation of the data.
+        sigma_min: float = 0.0,  # Smallest supported noise level.
+        sigma_max: float = math.inf,  # Largest supported noise level.
+    ) -> None:
         super().__init__(model, data_shape, label_dim, use_fp16)
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
@@ -112,11 +112,11 @@ class VPPrecond(Precond):
         data_shape: tuple[int, ...],
         label_dim: int = 0,
         use_fp16: bool = False,
-        beta_d: float = 19.9,               # Extent of the noise level schedule.
-        beta_min: float = 0.1,              # Initial slope of the noise level schedule.
-        M: int = 1000,                      # Number of timesteps in the DDPM formulation.
-        epsilon_t: float = 1e-5,            # Smallest t used in training.
-    ) -> None:  # fmt: skip
+        beta_d: float = 19.9,  # Extent of the noise level schedule.
+        beta_min: float = 0.1,  # Initial slope of the noise level schedule.
+        M: int = 1000,  # Number of timesteps in the DDPM formulation.
+        epsilon_t: float = 1e-5,  # Smallest t used in training.
+    ) -> None:
         super().__init__(model, data_shape, label_dim, use_fp16)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
         cpu = dict(device="cpu")  # explicit: networks may be built on the meta device
@@ -145,9 +145,9 @@ class VEPrecond(Precond):
         data_shape: tuple[int, ...],
         label_dim: int = 0,
         use_fp16: bool = False,
-        sigma_min: float = 0.02,            # Smallest supported noise level.
-        sigma_max: float = 100.0,           # Largest supported noise level.
-    ) -> None:  # fmt: skip
+        sigma_min: float = 0.02,  # Smallest supported noise level.
+        sigma_max: float = 100.0,  # Largest supported noise level.
+    ) -> None:
         super().__init__(model, data_shape, label_dim, use_fp16)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 

@@ -73,8 +73,11 @@ class RatioNetwork(nn.Module):
             self.stem = nn.Conv2d(channels, width, 3, padding=1)
             for i in range(spec.depth):  # width x 2, 4, 8, 8, ...
                 wide = spec.width * 2 ** min(i + 1, 3)
-                layers += [nn.GroupNorm(min(8, width), width), nn.SiLU(),
-                           nn.Conv2d(width, wide, 3, stride=2, padding=1)]  # fmt: skip
+                layers += [
+                    nn.GroupNorm(min(8, width), width),
+                    nn.SiLU(),
+                    nn.Conv2d(width, wide, 3, stride=2, padding=1),
+                ]
                 width = wide
             self.body = nn.Sequential(*layers)
             self.out = nn.Linear(width, 1)
@@ -98,15 +101,25 @@ class RatioNetwork(nn.Module):
         return self.out(self.body(h).mean(dim=(2, 3))).flatten()
 
 
-def ratio_spec_for(data_shape: tuple[int, ...], label_dim: int, sigma_data: float,
-                   width: int | None, depth: int | None) -> RatioSpec:  # fmt: skip
+def ratio_spec_for(
+    data_shape: tuple[int, ...],
+    label_dim: int,
+    sigma_data: float,
+    width: int | None,
+    depth: int | None,
+) -> RatioSpec:
     """The default ratio network for a teacher's data: an MLP of 3 x 64 for vectors, a conv
     encoder of 16 -> 32 -> 64 -> 128 channels for images (ours; the paper's sizes were not
     available to us)."""
     image = len(data_shape) == 3
-    return RatioSpec(arch="conv" if image else "mlp", data_shape=data_shape, label_dim=label_dim,
-                     sigma_data=sigma_data, width=width or (16 if image else 64),
-                     depth=depth or 3)  # fmt: skip
+    return RatioSpec(
+        arch="conv" if image else "mlp",
+        data_shape=data_shape,
+        label_dim=label_dim,
+        sigma_data=sigma_data,
+        width=width or (16 if image else 64),
+        depth=depth or 3,
+    )
 
 
 MAX_PARAMETERS = 10**8  # a ratio network is meant to be small
@@ -126,8 +139,12 @@ def build_ratio(spec: RatioSpec, source: str = "ratio network", seed: int = 0) -
 
 
 def save_ratio(path: Path, network: RatioNetwork, info: dict) -> str:
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "network": network.spec.model_dump_json(), "info": json.dumps(info)}  # fmt: skip
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "network": network.spec.model_dump_json(),
+        "info": json.dumps(info),
+    }
     return atomic_write_chunks(path, *safetensors_chunks(tensors_of(network), metadata))
 
 

@@ -113,11 +113,21 @@ def open_teacher(
         denoiser = build_with_weights(edm.spec, edm.state_dict, str(path))
         info = {
             "role": "teacher",
-            "edm": {"class_name": edm.class_name, "model_type": edm.model_type,
-                    "module_src_sha256": edm.module_src_sha256},
-        }  # fmt: skip
-        return Teacher(denoiser.to(device).eval().requires_grad_(False), edm.spec, spec,
-                       edm.sha256, None, EDM_DEFAULT_SIGMA, info)  # fmt: skip
+            "edm": {
+                "class_name": edm.class_name,
+                "model_type": edm.model_type,
+                "module_src_sha256": edm.module_src_sha256,
+            },
+        }
+        return Teacher(
+            denoiser.to(device).eval().requires_grad_(False),
+            edm.spec,
+            spec,
+            edm.sha256,
+            None,
+            EDM_DEFAULT_SIGMA,
+            info,
+        )
     loaded = load_denoiser(path, device)
     return Teacher(
         denoiser=loaded.denoiser,
@@ -146,8 +156,16 @@ def _open_folder(spec: str, path: Path, device, expected_sha256, recorded_in) ->
     network = folder.spec()
     denoiser = build_with_weights(network, unet_tensors(tensors), str(weights))
     info = {"role": "teacher", "text_to_image": {"pipeline": folder.pipeline, "xl": folder.xl}}
-    return Teacher(denoiser.to(device).eval().requires_grad_(False), network, spec,
-                   folder.digest(), None, EDM_DEFAULT_SIGMA, info, folder)  # fmt: skip
+    return Teacher(
+        denoiser.to(device).eval().requires_grad_(False),
+        network,
+        spec,
+        folder.digest(),
+        None,
+        EDM_DEFAULT_SIGMA,
+        info,
+        folder,
+    )
 
 
 def describe_teacher(teacher: Teacher) -> dict[str, Any]:

@@ -60,14 +60,24 @@ Status = Literal["ok", "failed", "skipped"]
 
 # EDM's CIFAR-10 DDPM++ network (`--arch=ddpmpp`: SongUNet, Karras et al. 2022, Table 7).
 CIFAR_UNET: dict[str, Any] = dict(
-    model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
-    dropout=0.13, embedding_type="positional", encoder_type="standard", decoder_type="standard",
-    channel_mult_noise=1, resample_filter=[1, 1],
-)  # fmt: skip
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.13,
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+)
 SMALL_UNET: dict[str, Any] = {
-    **CIFAR_UNET, "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+    **CIFAR_UNET,
+    "model_channels": 16,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
     "attn_resolutions": [8],
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -102,11 +112,13 @@ class Workload:
     def for_device(cls, device: torch.device) -> Workload:
         """EDM's CIFAR-10 network at batch 64 on CUDA; a small one on the CPU."""
         if device.type == "cuda":
-            spec = NetworkSpec(arch="SongUNet", arch_kwargs=CIFAR_UNET, data_shape=(3, 32, 32),
-                               label_dim=10)  # fmt: skip
+            spec = NetworkSpec(
+                arch="SongUNet", arch_kwargs=CIFAR_UNET, data_shape=(3, 32, 32), label_dim=10
+            )
             return cls(spec, batch=64, step_batch=64, warmup=3, measured=10)
-        spec = NetworkSpec(arch="SongUNet", arch_kwargs=SMALL_UNET, data_shape=(3, 16, 16),
-                           label_dim=10)  # fmt: skip
+        spec = NetworkSpec(
+            arch="SongUNet", arch_kwargs=SMALL_UNET, data_shape=(3, 16, 16), label_dim=10
+        )
         return cls(spec, batch=4, step_batch=8, warmup=1, measured=3)
 
     def to_json(self) -> str:
@@ -147,8 +159,9 @@ class Workload:
         sigma = torch.logspace(math.log10(0.5), math.log10(80.0), n)
         clean = 0.5 * torch.randn(shape, generator=rng)
         x = clean + sigma.view(-1, 1, 1, 1) * torch.randn(shape, generator=rng)
-        labels = nn.functional.one_hot(torch.arange(n) % self.spec.label_dim,
-                                       self.spec.label_dim).float()  # fmt: skip
+        labels = nn.functional.one_hot(
+            torch.arange(n) % self.spec.label_dim, self.spec.label_dim
+        ).float()
         return x.to(device), sigma.to(device), labels.to(device)
 
 
@@ -173,8 +186,13 @@ def versions() -> dict[str, Any]:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            gpus.append({"index": index, "name": props.name,
-                         "memory_gib": round(props.total_memory / 2**30, 1)})  # fmt: skip
+            gpus.append(
+                {
+                    "index": index,
+                    "name": props.name,
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                }
+            )
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "disback": __version__,
@@ -207,8 +225,9 @@ def _agreement(name: str, error: float, tolerance: float, what: str, **numbers: 
     numbers = {"relative_error": error, "tolerance": tolerance, **numbers}
     status: Status = "ok" if error <= tolerance else "failed"  # NaN fails
     relation = "<=" if status == "ok" else "exceeds"
-    return Check(name, status, f"{what}: relative error {error:.2e} {relation} {tolerance:g}",
-                 numbers)  # fmt: skip
+    return Check(
+        name, status, f"{what}: relative error {error:.2e} {relation} {tolerance:g}", numbers
+    )
 
 
 @contextlib.contextmanager
@@ -236,8 +255,9 @@ def _forward_backward(
     with ex.autocast():
         out = model(*inputs)
     out.float().square().mean().backward()
-    return out.detach().float(), [p.grad.detach().clone() for p in model.parameters()
-                                  if p.grad is not None]  # fmt: skip
+    return out.detach().float(), [
+        p.grad.detach().clone() for p in model.parameters() if p.grad is not None
+    ]
 
 
 def check_bf16(work: Workload, device: torch.device) -> Check:
@@ -248,11 +268,19 @@ def check_bf16(work: Workload, device: torch.device) -> Check:
     out16, grads16 = _forward_backward(model, inputs, Execution(device, "bf16"))
     grad_error = relative_error(_flat(grads32), _flat(grads16))
     if not all(bool(torch.isfinite(g).all()) for g in (*grads32, *grads16)):
-        return Check("bf16", "failed", "non-finite gradients in fp32 or bf16",
-                     {"gradient_relative_error": grad_error})  # fmt: skip
-    return _agreement("bf16", relative_error(out32, out16), BF16_TOLERANCE,
-                      "bf16 vs fp32 output, gradients finite",
-                      gradient_relative_error=grad_error)  # fmt: skip
+        return Check(
+            "bf16",
+            "failed",
+            "non-finite gradients in fp32 or bf16",
+            {"gradient_relative_error": grad_error},
+        )
+    return _agreement(
+        "bf16",
+        relative_error(out32, out16),
+        BF16_TOLERANCE,
+        "bf16 vs fp32 output, gradients finite",
+        gradient_relative_error=grad_error,
+    )
 
 
 def check_compile(work: Workload, device: torch.device) -> Check:
@@ -266,9 +294,13 @@ def check_compile(work: Workload, device: torch.device) -> Check:
         compiled = torch.compile(model, backend=backend)(*inputs)
         _sync(device)
         seconds = time.perf_counter() - started
-    return _agreement("compile", relative_error(eager, compiled), FP32_TOLERANCE,
-                      f"{backend}, built in {seconds:.1f} s, vs eager",
-                      compile_seconds=seconds)  # fmt: skip
+    return _agreement(
+        "compile",
+        relative_error(eager, compiled),
+        FP32_TOLERANCE,
+        f"{backend}, built in {seconds:.1f} s, vs eager",
+        compile_seconds=seconds,
+    )
 
 
 def check_channels_last(work: Workload, device: torch.device) -> Check:
@@ -279,8 +311,12 @@ def check_channels_last(work: Workload, device: torch.device) -> Check:
     with torch.no_grad():
         reference = model(x, sigma, labels)
         output = ex.prepare(model)(ex.to_input(x), sigma, labels)
-    return _agreement("channels-last", relative_error(reference, output), FP32_TOLERANCE,
-                      "channels-last vs contiguous output")  # fmt: skip
+    return _agreement(
+        "channels-last",
+        relative_error(reference, output),
+        FP32_TOLERANCE,
+        "channels-last vs contiguous output",
+    )
 
 
 def check_throughput(work: Workload, device: torch.device) -> Check:
@@ -292,15 +328,26 @@ def check_throughput(work: Workload, device: torch.device) -> Check:
     numbers = {f"it_per_s_{p}": rate for p, rate in rates.items()}
     if not all(math.isfinite(rate) for rate in rates.values()):
         return Check("throughput", "failed", f"non-finite losses ({shown})", numbers)
-    return Check("throughput", "ok", f"{shown}; an iteration is a generator step and a "
-                 f"fake-score step at batch {work.step_batch}", numbers)  # fmt: skip
+    return Check(
+        "throughput",
+        "ok",
+        f"{shown}; an iteration is a generator step and a "
+        f"fake-score step at batch {work.step_batch}",
+        numbers,
+    )
 
 
 def _backtrack_rate(work: Workload, ex: Execution) -> float:
     """Iterations per second of `backtrack`'s loop body, or NaN if a loss is not finite."""
     device, spec = ex.device, work.spec
-    cfg = BacktrackConfig(loss="vsd", p_mean=-1.2, p_std=1.2, dsm_sigma="lognormal",
-                          batch=work.step_batch, device=str(device))  # fmt: skip
+    cfg = BacktrackConfig(
+        loss="vsd",
+        p_mean=-1.2,
+        p_std=1.2,
+        dsm_sigma="lognormal",
+        batch=work.step_batch,
+        device=str(device),
+    )
     loss_fn, levels = make_generator_loss(cfg), TrainingSigma.of(cfg)
     generator = OneStepGenerator(ex.prepare(build_denoiser(spec).to(device)), SIGMA_INIT)
     fake = ex.prepare(build_denoiser(spec).to(device))
@@ -311,10 +358,10 @@ def _backtrack_rate(work: Workload, ex: Execution) -> float:
     shape, conditions = (cfg.batch, *spec.data_shape), condition_source(spec.label_dim)
 
     def iteration() -> torch.Tensor:
-        out, _ = generator_step(generator, opt_g, loss_fn, fake, target, shape, conditions, rng,
-                                ex=ex)  # fmt: skip
-        loss_fake, _ = denoising_step(fake, opt_f, generator, shape, conditions, levels, rng,
-                                      ex=ex)  # fmt: skip
+        out, _ = generator_step(
+            generator, opt_g, loss_fn, fake, target, shape, conditions, rng, ex=ex
+        )
+        loss_fake, _ = denoising_step(fake, opt_f, generator, shape, conditions, levels, rng, ex=ex)
         return out.loss.detach() + loss_fake
 
     for _ in range(work.warmup):
@@ -336,11 +383,16 @@ def gradients_match(
 ) -> Check:
     """Gradients averaged over 2 processes (half the batch each) against the full-batch gradient
     of one process: equal up to round-off, as data-parallel runs are designed to be."""
-    if len(averaged) != len(full) or any(a.shape != f.shape for a, f in
-                                         zip(averaged, full, strict=True)):  # fmt: skip
+    if len(averaged) != len(full) or any(
+        a.shape != f.shape for a, f in zip(averaged, full, strict=True)
+    ):
         return Check("data-parallel", "failed", "averaged gradients do not match the parameters")
-    return _agreement("data-parallel", relative_error(_flat(full), _flat(averaged)), tolerance,
-                      "2-process averaged vs 1-process gradients")  # fmt: skip
+    return _agreement(
+        "data-parallel",
+        relative_error(_flat(full), _flat(averaged)),
+        tolerance,
+        "2-process averaged vs 1-process gradients",
+    )
 
 
 def check_data_parallel(work: Workload, device: torch.device) -> Check:
@@ -349,31 +401,46 @@ def check_data_parallel(work: Workload, device: torch.device) -> Check:
     result with the full-batch gradient (`gradients_match`)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and torch.cuda.device_count() < 2:
-        return Check("data-parallel", "skipped",
-                     f"needs 2 GPUs (found {torch.cuda.device_count()})")  # fmt: skip
+        return Check(
+            "data-parallel", "skipped", f"needs 2 GPUs (found {torch.cuda.device_count()})"
+        )
     if not (dist.is_available() and dist.is_backend_available(backend)):
         return Check("data-parallel", "failed", f"torch.distributed has no {backend} backend")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
     with tempfile.TemporaryDirectory(prefix="disback-doctor-") as name:
         folder = Path(name)
         (folder / "workload.json").write_text(work.to_json())
         ranks = []
         for rank in range(2):
             with open(folder / f"rank-{rank}.log", "w") as log:
-                ranks.append(subprocess.Popen(
-                    [sys.executable, "-c", RANK_COMMAND, str(rank), backend, name],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                ))  # fmt: skip
+                ranks.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", RANK_COMMAND, str(rank), backend, name],
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
         killed = _wait(ranks, DATA_PARALLEL_TIMEOUT)
-        reports = [{} if process in killed else _rank_report(folder, rank, process)
-                   for rank, process in enumerate(ranks)]  # fmt: skip
+        reports = [
+            {} if process in killed else _rank_report(folder, rank, process)
+            for rank, process in enumerate(ranks)
+        ]
     errors = [report["error"] for report in reports if "error" in report]
     if errors:
         return Check("data-parallel", "failed", errors[0])
     if killed:
-        return Check("data-parallel", "failed", f"2 {backend} processes did not finish within "
-                     f"{DATA_PARALLEL_TIMEOUT:g} s")  # fmt: skip
+        return Check(
+            "data-parallel",
+            "failed",
+            f"2 {backend} processes did not finish within {DATA_PARALLEL_TIMEOUT:g} s",
+        )
     return Check.from_json(reports[0])
 
 
@@ -432,8 +499,9 @@ def _rank_gradients(rank: int, backend: str, work: Workload) -> Check | None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=2,
-                            timeout=timedelta(seconds=DATA_PARALLEL_TIMEOUT))  # fmt: skip
+    dist.init_process_group(
+        backend, rank=rank, world_size=2, timeout=timedelta(seconds=DATA_PARALLEL_TIMEOUT)
+    )
     try:
         with exact_fp32():
             model, inputs = work.network(device), work.inputs(device)

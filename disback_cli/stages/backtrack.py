@@ -91,19 +91,21 @@ def run_backtrack(
     if cfg.mismatch_every and not isinstance(
         get_dataset(teacher.dataset) if teacher.dataset else None, GaussianMixture
     ):
-        raise ConfigError("--mismatch-every needs a teacher of a Gaussian-mixture data set "
-                          "(builtin:ring2d), whose exact score is known")  # fmt: skip
+        raise ConfigError(
+            "--mismatch-every needs a teacher of a Gaussian-mixture data set "
+            "(builtin:ring2d), whose exact score is known"
+        )
     data = None  # diffratio's real data, checked before anything is written
     if cfg.loss == "diffratio":
         if cfg.mismatch_every:
-            raise ConfigError("--mismatch-every needs a target and a fake score; diffratio has "
-                              "neither")  # fmt: skip
+            raise ConfigError(
+                "--mismatch-every needs a target and a fake score; diffratio has neither"
+            )
         data = open_data(cfg.data, teacher.spec.data_shape, teacher.spec.label_dim)
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
-        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, data, name,
-                          force)  # fmt: skip
+        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, data, name, force)
 
 
 def check_path_noise_levels(
@@ -152,10 +154,17 @@ def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | Adapt
 
 
 def _backtrack(
-    run: Run, cfg: BacktrackConfig, sources: dict[str, str], trajectory: Path,
-    traj: TrajectoryManifest, teacher: Teacher, prompts: PromptsRef | None,
-    data: DataSource | None, name: str, force: bool,
-) -> BacktrackManifest:  # fmt: skip
+    run: Run,
+    cfg: BacktrackConfig,
+    sources: dict[str, str],
+    trajectory: Path,
+    traj: TrajectoryManifest,
+    teacher: Teacher,
+    prompts: PromptsRef | None,
+    data: DataSource | None,
+    name: str,
+    force: bool,
+) -> BacktrackManifest:
     """Set up (or restore) everything the backtracking loop needs, then run it."""
     ex = run.ex
     path_sha = [node.sha256 for node in traj.nodes]
@@ -200,7 +209,7 @@ def _backtrack(
             cfg.ratio_width,
             cfg.ratio_depth,
         )
-        fake = build_ratio(spec, seed=cfg.seed).to(ex.device)  # fmt: skip
+        fake = build_ratio(spec, seed=cfg.seed).to(ex.device)
     try:
         fake.train().requires_grad_(True)
         set_dropout(fake, cfg.dropout)
@@ -208,11 +217,13 @@ def _backtrack(
             enable_checkpointing(generator)
             enable_checkpointing(fake)
         optimizers = {
-            "generator": make_optimizer(generator.parameters(), cfg.lr_g, cfg.betas,
-                                        cfg.optimizer, cfg.weight_decay),
-            "fake": make_optimizer(fake.parameters(), cfg.lr_fake, cfg.betas, cfg.optimizer,
-                                   cfg.weight_decay),
-        }  # fmt: skip
+            "generator": make_optimizer(
+                generator.parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
+            ),
+            "fake": make_optimizer(
+                fake.parameters(), cfg.lr_fake, cfg.betas, cfg.optimizer, cfg.weight_decay
+            ),
+        }
         modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
         rng = seed_streams(cfg.seed, ex)
         schedule = make_schedule(cfg, traj.last_node)
@@ -225,11 +236,19 @@ def _backtrack(
         if previous is None:
             stamp = now()
             previous = BacktrackManifest(
-                created_at=stamp, updated_at=stamp, status="running", name=name,
-                teacher=TeacherRef.of(teacher), g0=traj.g0, prompts=prompts, data=data_record,
-                path_sha256=path_sha, config=cfg, world_size=ex.world_size,
+                created_at=stamp,
+                updated_at=stamp,
+                status="running",
+                name=name,
+                teacher=TeacherRef.of(teacher),
+                g0=traj.g0,
+                prompts=prompts,
+                data=data_record,
+                path_sha256=path_sha,
+                config=cfg,
+                world_size=ex.world_size,
                 global_batch=ex.global_batch(cfg.batch),
-            )  # fmt: skip
+            )
         step = run.begin(previous, state, cfg, sources)
         ex.prepare(generator.denoiser)
         ex.prepare(fake)
@@ -237,8 +256,9 @@ def _backtrack(
         try:
             save = generator_files(run, teacher, generator_spec, data is not None)
             fit = denoising_step if data is None else functools.partial(ratio_step, data=data)
-            return backtrack(run, cfg, teacher, state, schedule, targets, (loss_fn, fit, levels),
-                             log, save, step)  # fmt: skip
+            return backtrack(
+                run, cfg, teacher, state, schedule, targets, (loss_fn, fit, levels), log, save, step
+            )
         finally:
             log.close()
     finally:
@@ -246,10 +266,17 @@ def _backtrack(
 
 
 def backtrack(
-    run: Run, cfg: BacktrackConfig, teacher: Teacher, state: TrainingState, schedule,
-    targets: PathNodes | LoraPathNodes | NoTargets, losses: tuple[GeneratorLoss, Callable,
-    TrainingSigma], log: TrainingLog, save: Callable[[int], None], start: int,
-) -> BacktrackManifest:  # fmt: skip
+    run: Run,
+    cfg: BacktrackConfig,
+    teacher: Teacher,
+    state: TrainingState,
+    schedule,
+    targets: PathNodes | LoraPathNodes | NoTargets,
+    losses: tuple[GeneratorLoss, Callable, TrainingSigma],
+    log: TrainingLog,
+    save: Callable[[int], None],
+    start: int,
+) -> BacktrackManifest:
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
     `losses`: the generator loss, the fake score's step (`dsm.denoising_step`; diffratio: the
     ratio network's `ratio.ratio_step`) and the noise levels it trains at."""
@@ -260,8 +287,14 @@ def backtrack(
     loss_fn, fit_fake, levels = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
-    for step in run.iterations(f"backtrack {run.directory.name}", start, cfg.iters,
-                               cfg.save_every, stop_every=cfg.log_every, outputs=save):  # fmt: skip
+    for step in run.iterations(
+        f"backtrack {run.directory.name}",
+        start,
+        cfg.iters,
+        cfg.save_every,
+        stop_every=cfg.log_every,
+        outputs=save,
+    ):
         # The target walks the path back: node N-1, then one node closer to the teacher per
         # switch (every --interval iterations, or when the score gap plateaus), then node 0.
         node = schedule.target(step - 1)
@@ -270,20 +303,33 @@ def backtrack(
         # with classifier-free guidance for text-to-image teachers. (The target is not held
         # here: at a switch the old node is freed before the next is read.)
         target = guided(targets.at(node), cfg.guidance_scale)
-        out, grad_norm_g = generator_step(generator, opt_g, loss_fn, fake, target, shape,
-                                          conditions, rng, clip, ex)  # fmt: skip
+        out, grad_norm_g = generator_step(
+            generator, opt_g, loss_fn, fake, target, shape, conditions, rng, clip, ex
+        )
         # Eq. (5): the fake score's denoising step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
-            loss_fake, grad_norm_fake = fit_fake(fake, opt_f, generator, shape, conditions,
-                                                 levels, rng, clip, ex)  # fmt: skip
-        run.check_finite(step, loss_g=out.loss, grad_norm_g=grad_norm_g, loss_fake=loss_fake,
-                         grad_norm_fake=grad_norm_fake)  # fmt: skip
+            loss_fake, grad_norm_fake = fit_fake(
+                fake, opt_f, generator, shape, conditions, levels, rng, clip, ex
+            )
+        run.check_finite(
+            step,
+            loss_g=out.loss,
+            grad_norm_g=grad_norm_g,
+            loss_fake=loss_fake,
+            grad_norm_fake=grad_norm_fake,
+        )
         schedule.observe(ex.mean(out.score_gap))
         # The generator's EMA (EDM half-life in images) is what `sample` draws from.
-        update_ema(generator_ema, generator, ema_beta(n, step * n, cfg.ema_halflife_kimg,
-                                                      cfg.ema_rampup))  # fmt: skip
-        log.add(loss_g=out.loss, loss_fake=loss_fake, score_gap=out.score_gap,
-                grad_norm_g=grad_norm_g, grad_norm_fake=grad_norm_fake)  # fmt: skip
+        update_ema(
+            generator_ema, generator, ema_beta(n, step * n, cfg.ema_halflife_kimg, cfg.ema_rampup)
+        )
+        log.add(
+            loss_g=out.loss,
+            loss_fake=loss_fake,
+            score_gap=out.score_gap,
+            grad_norm_g=grad_norm_g,
+            grad_norm_fake=grad_norm_fake,
+        )
         log.line(step, node, generator_ema, (generator, fake, target))
     return run.manifest
 
@@ -300,17 +346,22 @@ class TrainingLog:
         self.evaluate = None
         if cfg.eval_every and run.ex.is_main:
             self.evaluate = training_evaluator(
-                teacher.dataset, cfg.eval_samples, teacher.spec.data_shape, teacher.conditions,
-                run.ex.device, cfg.batch,
-            )  # fmt: skip
+                teacher.dataset,
+                cfg.eval_samples,
+                teacher.spec.data_shape,
+                teacher.conditions,
+                run.ex.device,
+                cfg.batch,
+            )
         self.mismatch = None
         if cfg.mismatch_every and run.ex.is_main:
             self.mismatch = ScoreMismatch(get_dataset(teacher.dataset), run.ex.device)
         self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
         self.trackers = []
         if run.ex.is_main:
-            self.trackers = open_trackers(cfg.log_to, run.directory, cfg.model_dump(mode="json"),
-                                          run.manifest.created_at)  # fmt: skip
+            self.trackers = open_trackers(
+                cfg.log_to, run.directory, cfg.model_dump(mode="json"), run.manifest.created_at
+            )
 
     def add(self, **values: torch.Tensor) -> None:
         for key, value in values.items():
@@ -361,9 +412,13 @@ def generator_files(
 
     def write(step: int) -> None:
         manifest = run.manifest
-        info = {"role": "generator", "sigma_init": manifest.g0.sigma_init,
-                "step": step, "dataset": teacher.dataset,
-                "teacher_sha256": teacher.sha256}  # fmt: skip
+        info = {
+            "role": "generator",
+            "sigma_init": manifest.g0.sigma_init,
+            "step": step,
+            "dataset": teacher.dataset,
+            "teacher_sha256": teacher.sha256,
+        }
         if manifest.g0.input_scale is not None:
             info["input_scale"] = manifest.g0.input_scale
         if teacher.text_to_image:  # the text encoders and VAE `sample` needs
@@ -372,14 +427,18 @@ def generator_files(
         for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
             file = checkpoint_file(key.replace("_", "-"), step)
             denoiser = run.state.modules[key].denoiser
-            digest = save_denoiser(run.directory / file, denoiser, spec,
-                                   {**info, "weights": weights})  # fmt: skip
+            digest = save_denoiser(
+                run.directory / file, denoiser, spec, {**info, "weights": weights}
+            )
             refs[key] = FileRef(file=file, sha256=digest)
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
         if ratio:
             file = checkpoint_file("ratio", step)
-            digest = save_ratio(run.directory / file, run.state.modules["fake"],
-                                {"role": "verifier", "step": step, **info})  # fmt: skip
+            digest = save_ratio(
+                run.directory / file,
+                run.state.modules["fake"],
+                {"role": "verifier", "step": step, **info},
+            )
             manifest.ratio = FileRef(file=file, sha256=digest)
         manifest.step = step
 

@@ -42,23 +42,43 @@ def demo_configs(quick: bool, device: str) -> tuple[RecordConfig, BacktrackConfi
     """Settings of the demo (the README's numbers); `quick` is the test-suite version."""
     if quick:
         record = RecordConfig(teacher=TEACHER, iters=40, nodes=2, batch=32, device=device)
-        backtrack = BacktrackConfig(iters=60, interval=10, batch=32, lr_g=1e-4, lr_fake=1e-4,
-                                    save_every=20, log_every=10, eval_every=20, eval_samples=200,
-                                    device=device)  # fmt: skip
+        backtrack = BacktrackConfig(
+            iters=60,
+            interval=10,
+            batch=32,
+            lr_g=1e-4,
+            lr_fake=1e-4,
+            save_every=20,
+            log_every=10,
+            eval_every=20,
+            eval_samples=200,
+            device=device,
+        )
         return record, backtrack, 200
     record = RecordConfig(teacher=TEACHER, iters=200, nodes=4, batch=64, lr=1e-4, device=device)
     # lr_g 5e-5 and EMA ramp-up 0.3 were chosen over 1e-4 / 0.05 on this seed: the final FD-digits
     # went 13.9 -> 9.7 with a smooth curve instead of oscillating (see README, "Demo").
-    backtrack = BacktrackConfig(iters=400, interval=25, batch=64, lr_g=5e-5, lr_fake=1e-4,
-                                ema_rampup=0.3, save_every=100, log_every=25, eval_every=25,
-                                eval_samples=SAMPLES, device=device)  # fmt: skip
+    backtrack = BacktrackConfig(
+        iters=400,
+        interval=25,
+        batch=64,
+        lr_g=5e-5,
+        lr_fake=1e-4,
+        ema_rampup=0.3,
+        save_every=100,
+        log_every=25,
+        eval_every=25,
+        eval_samples=SAMPLES,
+        device=device,
+    )
     return record, backtrack, SAMPLES
 
 
 def _images(sampler: torch.nn.Module, seeds, device) -> np.ndarray:
     denoiser = sampler.denoiser
-    batches = one_step_batches(sampler, list(seeds), denoiser.data_shape,
-                               condition_source(denoiser.label_dim), 200, device)  # fmt: skip
+    batches = one_step_batches(
+        sampler, list(seeds), denoiser.data_shape, condition_source(denoiser.label_dim), 200, device
+    )
     return np.concatenate([to_uint8(x) for x, _ in batches])
 
 
@@ -113,8 +133,13 @@ def run_demo(
     for label, sampler in samplers.items():
         reporter.note(f"sampling {label}")
         images = _timed(times, label, lambda s=sampler: _images(s, range(n), torch_device))
-        rows.append({"samples": label, **evaluate_digits(images, floor=False)["metrics"],
-                     "seconds": times[label]})  # fmt: skip
+        rows.append(
+            {
+                "samples": label,
+                **evaluate_digits(images, floor=False)["metrics"],
+                "seconds": times[label],
+            }
+        )
         grids.append(grid(_images(sampler, GRID_SEEDS, torch_device)))
     atomic_write_bytes(out / "grids.png", encode_png(_upscale(side_by_side(grids), 4)))
     run_dir = backtrack_dir(out, "default")

@@ -77,11 +77,29 @@ class RunKind:
     metrics_log: bool = False  # keeps metrics.jsonl, cut back to the resume point on resume
 
 
-RECORDING = RunKind(TRAJECTORY, TrajectoryManifest, "record", "recording", "recorded", "record",
-                    "--out", "recording")  # fmt: skip
-BACKTRACKING = RunKind(BACKTRACK, BacktrackManifest, "backtrack", "run", "trained", "train",
-                       "--name", "running", extendable=("iters",), final_state=True,
-                       metrics_log=True)  # fmt: skip
+RECORDING = RunKind(
+    TRAJECTORY,
+    TrajectoryManifest,
+    "record",
+    "recording",
+    "recorded",
+    "record",
+    "--out",
+    "recording",
+)
+BACKTRACKING = RunKind(
+    BACKTRACK,
+    BacktrackManifest,
+    "backtrack",
+    "run",
+    "trained",
+    "train",
+    "--name",
+    "running",
+    extendable=("iters",),
+    final_state=True,
+    metrics_log=True,
+)
 
 
 class Stateful(Protocol):
@@ -109,8 +127,9 @@ def make_optimizer(
     """Adam, or AdamW with decoupled weight decay. foreach: one fused update over all tensors
     (the default on CUDA; on the CPU it saves the per-tensor Python loop)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
-                                 foreach=True)  # fmt: skip
+        return torch.optim.AdamW(
+            params, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True
+        )
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
@@ -202,8 +221,7 @@ class Run:
         manifest = read_manifest(directory, kind.manifest)
         refuse_foreign(directory, layout, whole=False)
         unset = dict.fromkeys(kind.extendable)
-        found = config_changes({**manifest.config.identity(), **unset},
-                               {**cfg.identity(), **unset})  # fmt: skip
+        found = config_changes({**manifest.config.identity(), **unset}, {**cfg.identity(), **unset})
         found += changes(manifest)
         if manifest.world_size != self.ex.world_size:
             found.append(f"processes: {manifest.world_size} -> {self.ex.world_size} (global batch)")
@@ -249,8 +267,16 @@ class Run:
             if ref is not None:
                 step = ref.step
                 source = check_no_links(self.directory, ref.file)
-                extra = load_state(source, ref.sha256, step, state.modules, state.optimizers,
-                                   state.rng, cfg.verify, self.ex.rank)  # fmt: skip
+                extra = load_state(
+                    source,
+                    ref.sha256,
+                    step,
+                    state.modules,
+                    state.optimizers,
+                    state.rng,
+                    cfg.verify,
+                    self.ex.rank,
+                )
                 for key, loop_state in state.loop.items():
                     loop_state.load_state_dict(extra.get(key, {}), str(self.directory / ref.file))
                 self.note(f"resuming {self.directory} from iteration {step}")
@@ -323,8 +349,15 @@ class Run:
             if outputs is not None:
                 outputs(step)
             extra = {key: loop_state.state_dict() for key, loop_state in state.loop.items()}
-            digest = save_state(self.directory / file, step, state.modules, state.optimizers,
-                                state.rng, extra, rank_rng)  # fmt: skip
+            digest = save_state(
+                self.directory / file,
+                step,
+                state.modules,
+                state.optimizers,
+                state.rng,
+                extra,
+                rank_rng,
+            )
         manifest.state = StateRef(file=file, sha256=digest, step=step)
         if self.ex.is_main:
             write_manifest(self.directory, manifest)

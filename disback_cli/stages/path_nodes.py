@@ -145,8 +145,10 @@ class LoraPathNodes:
             path = check_no_links(self.trajectory, node.file)
             tensors, info = read_lora(path, node.sha256, self.verify)
             if info["rank"] != self.manifest.config.lora_rank:
-                raise DisbackError(f"{path}: LoRA rank {info['rank']}, the trajectory records "
-                                   f"{self.manifest.config.lora_rank}")  # fmt: skip
+                raise DisbackError(
+                    f"{path}: LoRA rank {info['rank']}, the trajectory records "
+                    f"{self.manifest.config.lora_rank}"
+                )
             source = str(path)
         set_lora(self.target, tensors, source)
         self.current = index

@@ -60,15 +60,21 @@ def run_record(
 
 
 def _record(
-    run: Run, cfg: RecordConfig, sources: dict[str, str], teacher: Teacher,
-    student: DenoiserFile | None, prompts: PromptsRef | None, force: bool,
-) -> TrajectoryManifest:  # fmt: skip
+    run: Run,
+    cfg: RecordConfig,
+    sources: dict[str, str],
+    teacher: Teacher,
+    student: DenoiserFile | None,
+    prompts: PromptsRef | None,
+    force: bool,
+) -> TrajectoryManifest:
     """Set up (or restore) everything the recording loop needs, then run it."""
     ex = run.ex
 
     def changes(manifest: TrajectoryManifest) -> list[str]:
-        found = [] if manifest.teacher.sha256 == teacher.sha256 else [
-            "teacher weights (sha256) differ"]  # fmt: skip
+        found = (
+            [] if manifest.teacher.sha256 == teacher.sha256 else ["teacher weights (sha256) differ"]
+        )
         if manifest.prompts != prompts:
             found.append("prompt file (sha256) differs")
         return found
@@ -98,18 +104,33 @@ def _record(
         f" = {remaining * node_bytes / 2**30:,.2f} GiB, and resume points of "
         f"{3 * aux_bytes / 2**30:,.2f} GiB"
     )
-    run.ensure_space(node_bytes * remaining + aux_bytes * 2 * 3,
-                     "the remaining path nodes and resume points")  # fmt: skip
+    run.ensure_space(
+        node_bytes * remaining + aux_bytes * 2 * 3, "the remaining path nodes and resume points"
+    )
 
     if previous is None:
-        teacher_node = NodeRecord(index=0, step=0, file=None, sha256=teacher.sha256,
-                                  dist_to_teacher=0, g0_loss=probe.teacher_loss)  # fmt: skip
+        teacher_node = NodeRecord(
+            index=0,
+            step=0,
+            file=None,
+            sha256=teacher.sha256,
+            dist_to_teacher=0,
+            g0_loss=probe.teacher_loss,
+        )
         stamp = now()
         manifest = TrajectoryManifest(
-            created_at=stamp, updated_at=stamp, status="recording",
-            teacher=TeacherRef.of(teacher), g0=g0_of, prompts=prompts, node_plan=plan, config=cfg,
-            nodes=[teacher_node], world_size=ex.world_size, global_batch=ex.global_batch(cfg.batch),
-        )  # fmt: skip
+            created_at=stamp,
+            updated_at=stamp,
+            status="recording",
+            teacher=TeacherRef.of(teacher),
+            g0=g0_of,
+            prompts=prompts,
+            node_plan=plan,
+            config=cfg,
+            nodes=[teacher_node],
+            world_size=ex.world_size,
+            global_batch=ex.global_batch(cfg.batch),
+        )
     else:
         manifest = previous
         if manifest.state is None:  # killed before its first resume point: start over
@@ -119,9 +140,16 @@ def _record(
 
 
 def record_path(
-    run: Run, cfg: RecordConfig, teacher: Teacher, g0, probe: PathProbe, plan: list[int],
-    state: TrainingState, aux: nn.Module, start: int,
-) -> TrajectoryManifest:  # fmt: skip
+    run: Run,
+    cfg: RecordConfig,
+    teacher: Teacher,
+    g0,
+    probe: PathProbe,
+    plan: list[int],
+    state: TrainingState,
+    aux: nn.Module,
+    start: int,
+) -> TrajectoryManifest:
     """Algorithm 1, degradation recording, from iteration `start` to `cfg.iters`, training the
     auxiliary model `aux` (whose trained parameters `state` holds)."""
     optimizer, losses = state.optimizers["aux"], state.loop["losses"]
@@ -130,8 +158,9 @@ def record_path(
     for step in run.iterations("record", start, cfg.iters, cfg.save_every):
         # Eq. (7): one denoising-score-matching step of the auxiliary model on x0 = G0(z),
         # noised to x0 + sigma n; it drifts from the teacher's distribution toward G0's.
-        loss, grad_norm = denoising_step(aux, optimizer, g0, shape, teacher.conditions, levels,
-                                         state.rng, ex=run.ex)  # fmt: skip
+        loss, grad_norm = denoising_step(
+            aux, optimizer, g0, shape, teacher.conditions, levels, state.rng, ex=run.ex
+        )
         run.check_finite(step, loss=loss, grad_norm=grad_norm)
         losses.add(run.ex.mean(loss.detach()).item())
         run.reporter.advance(step, loss=loss.item())
@@ -145,24 +174,44 @@ def record_path(
 
 
 def save_node(
-    run: Run, aux, index: int, step: int, teacher: Teacher, probe: PathProbe, losses: LossMeans,
+    run: Run,
+    aux,
+    index: int,
+    step: int,
+    teacher: Teacher,
+    probe: PathProbe,
+    losses: LossMeans,
     cfg: RecordConfig,
-) -> NodeRecord:  # fmt: skip
+) -> NodeRecord:
     """Path node `index`: the auxiliary model's weights (rank 0 writes them) and where it stands
     on the probe."""
     file = node_file(index)
-    info = {"role": "path_node", "index": index, "step": step, "dataset": teacher.dataset,
-            "train_sigma": teacher.train_sigma, "teacher_sha256": teacher.sha256}  # fmt: skip
+    info = {
+        "role": "path_node",
+        "index": index,
+        "step": step,
+        "dataset": teacher.dataset,
+        "train_sigma": teacher.train_sigma,
+        "teacher_sha256": teacher.sha256,
+    }
     digest = ""  # known to rank 0, which writes the manifest
     if run.ex.is_main and cfg.lora_rank:
-        digest = save_lora(run.directory / file, aux, cfg.lora_rank,
-                           teacher.spec.model_dump_json(), info)  # fmt: skip
+        digest = save_lora(
+            run.directory / file, aux, cfg.lora_rank, teacher.spec.model_dump_json(), info
+        )
     elif run.ex.is_main:
         dtype = torch.bfloat16 if cfg.node_dtype == "bf16" else None
         digest = save_denoiser(run.directory / file, aux, teacher.spec, info, dtype)
     distance, g0_loss = probe(aux)
-    return NodeRecord(index=index, step=step, file=file, sha256=digest, dist_to_teacher=distance,
-                      g0_loss=g0_loss, train_loss=losses.take())  # fmt: skip
+    return NodeRecord(
+        index=index,
+        step=step,
+        file=file,
+        sha256=digest,
+        dist_to_teacher=distance,
+        g0_loss=g0_loss,
+        train_loss=losses.take(),
+    )
 
 
 def _training_state(
@@ -211,8 +260,16 @@ def plan_by_distance(
     distances: list[tuple[int, float]] = []
     reporter.start("plan nodes", cfg.iters, 0)
     for step in range(1, cfg.iters + 1):
-        denoising_step(aux, optimizer, g0, shape, teacher.conditions,
-                       TrainingSigma.of(cfg, teacher.denoiser), state.rng, ex=ex)  # fmt: skip
+        denoising_step(
+            aux,
+            optimizer,
+            g0,
+            shape,
+            teacher.conditions,
+            TrainingSigma.of(cfg, teacher.denoiser),
+            state.rng,
+            ex=ex,
+        )
         if step % every == 0 or step == cfg.iters:
             distances.append((step, probe(aux)[0]))
             reporter.advance(step)
@@ -269,7 +326,12 @@ class LossMeans:
         state = state or {"total": 0.0, "count": 0}
         ok = isinstance(state, dict) and set(state) == {"total", "count"}
         total, count = (state["total"], state["count"]) if ok else (None, None)
-        if not (type(count) is int and 0 <= count <= 1 << 40 and type(total) in (int, float)
-                and math.isfinite(total) and total >= 0):  # fmt: skip
+        if not (
+            type(count) is int
+            and 0 <= count <= 1 << 40
+            and type(total) in (int, float)
+            and math.isfinite(total)
+            and total >= 0
+        ):
             raise DisbackError(f"{where}: malformed loss means in the recording state")
         self.total, self.count = float(total), count

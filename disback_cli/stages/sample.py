@@ -75,14 +75,17 @@ def write_samples(
         path, sha = verifier_of_run(verifier_run)
         ratio, _ = load_ratio(path, device, sha, cfg.verify)
         denoiser = generator.denoiser
-        if (ratio.spec.data_shape, ratio.spec.label_dim) != (tuple(denoiser.data_shape),
-                                                             denoiser.label_dim):  # fmt: skip
+        if (ratio.spec.data_shape, ratio.spec.label_dim) != (
+            tuple(denoiser.data_shape),
+            denoiser.label_dim,
+        ):
             raise DisbackError(
                 f"{path}: the verifier's data or classes differ from the generator's"
             )
         verifier = (ratio, {"verifier": str(path.absolute()), "verifier_sha256": sha})
-    return write_samples_of(generator, info, cfg, out, reporter, grid_out, default_dir, text,
-                            verifier)  # fmt: skip
+    return write_samples_of(
+        generator, info, cfg, out, reporter, grid_out, default_dir, text, verifier
+    )
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -115,12 +118,18 @@ def write_samples_of(
     generator = generator.to(ex.device)
     denoiser = generator.denoiser
     if (text is None) != (cfg.prompts is None):
-        raise ConfigError("--prompts is for text-to-image generators" if text is None
-                          else "a text-to-image generator needs --prompts FILE")  # fmt: skip
+        raise ConfigError(
+            "--prompts is for text-to-image generators"
+            if text is None
+            else "a text-to-image generator needs --prompts FILE"
+        )
     prompts, prompts_sha256 = read_prompts(cfg.prompts) if text else ([], None)
     # (image name, seed, prompt index) of every image, in the order they are written
-    items = [(j * len(seeds) + i, seed, j) for j in range(len(prompts))
-             for i, seed in enumerate(seeds)] if text else [(s, s, -1) for s in seeds]  # fmt: skip
+    items = (
+        [(j * len(seeds) + i, seed, j) for j in range(len(prompts)) for i, seed in enumerate(seeds)]
+        if text
+        else [(s, s, -1) for s in seeds]
+    )
     if len(items) > MAX_SAMPLES:
         raise ConfigError(f"{len(items)} images in one call, more than {MAX_SAMPLES}")
     shape = denoiser.data_shape
@@ -144,11 +153,14 @@ def write_samples_of(
             grid_out if isinstance(grid_out, Path) else out.with_name(f"{out.stem}-grid.png")
         )
     sample_bytes = math.prod(shape) * (1 if is_image else 4)
-    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(shape) * 4,
-                      ex.device)  # fmt: skip
+    check_fits_memory(f"--batch {cfg.batch}", 16 * cfg.batch * math.prod(shape) * 4, ex.device)
     if fmt == "npz":
-        check_fits_memory(f"{len(items)} samples in one .npz", len(items) * sample_bytes,
-                          torch.device("cpu"), "; write --format png or draw fewer")  # fmt: skip
+        check_fits_memory(
+            f"{len(items)} samples in one .npz",
+            len(items) * sample_bytes,
+            torch.device("cpu"),
+            "; write --format png or draw fewer",
+        )
     meta = {
         "disback_version": __version__,
         "generator": info["file"],
@@ -159,8 +171,11 @@ def write_samples_of(
         "teacher_sha256": info.get("teacher_sha256"),
     }
     if text:
-        meta.update(prompts=str(Path(cfg.prompts).absolute()), prompts_sha256=prompts_sha256,
-                    per_prompt=len(seeds))  # fmt: skip
+        meta.update(
+            prompts=str(Path(cfg.prompts).absolute()),
+            prompts_sha256=prompts_sha256,
+            per_prompt=len(seeds),
+        )
     if (verifier is None) != (cfg.best_of == 1):
         raise ConfigError("--best-of K (K > 1) and --verifier RUN go together")
     if verifier is not None:
@@ -185,13 +200,27 @@ def write_samples_of(
         batch_seeds = [seed for _, seed, _ in batch_items]
         with ex.autocast():
             if verifier is not None:
-                x, cond, _ = best_of_k(generator, verifier[0], batch_seeds, denoiser.data_shape,
-                                       conditions, cfg.best_of, ex.device)  # fmt: skip
+                x, cond, _ = best_of_k(
+                    generator,
+                    verifier[0],
+                    batch_seeds,
+                    denoiser.data_shape,
+                    conditions,
+                    cfg.best_of,
+                    ex.device,
+                )
                 return x, conditions.labels(cond)
             if text is None:
-                x, cond = next(one_step_batches(generator, batch_seeds, denoiser.data_shape,
-                                                conditions, len(batch_seeds),
-                                                ex.device))  # fmt: skip
+                x, cond = next(
+                    one_step_batches(
+                        generator,
+                        batch_seeds,
+                        denoiser.data_shape,
+                        conditions,
+                        len(batch_seeds),
+                        ex.device,
+                    )
+                )
                 return x, conditions.labels(cond)
             encoder, decoder = text
             z, _ = seeded_noise(batch_seeds, denoiser.data_shape)
@@ -218,8 +247,10 @@ def write_samples_of(
                 )
             x = to_uint8(x) if is_image else np.asarray(x, dtype=np.float32)
             if fmt == "png":  # encoded and written on threads while the next batch is generated
-                writes += [writer.submit(_write_png, out / png_name(name), image)
-                           for image, (name, _, _) in zip(x, batch_items, strict=True)]  # fmt: skip
+                writes += [
+                    writer.submit(_write_png, out / png_name(name), image)
+                    for image, (name, _, _) in zip(x, batch_items, strict=True)
+                ]
             first = index * cfg.batch
             mine[index] = (
                 x if fmt == "npz" else None,
@@ -233,8 +264,13 @@ def write_samples_of(
         os.sync()  # one flush for all images instead of an fsync per file
     gathered = ex.gather_to_main(mine)
     seconds = time.perf_counter() - started  # generating and writing, all ranks together
-    summary = {"out": str(out.absolute()), "format": fmt, "n": len(items), "seconds": seconds,
-               "samples_per_second": len(items) / seconds}  # fmt: skip
+    summary = {
+        "out": str(out.absolute()),
+        "format": fmt,
+        "n": len(items),
+        "seconds": seconds,
+        "samples_per_second": len(items) / seconds,
+    }
     if gathered is None:  # other ranks: rank 0 writes the rest
         return summary
     parts = [part for rank_parts in gathered for part in rank_parts.items()]
@@ -250,8 +286,10 @@ def write_samples_of(
             entries = [[png_name(s), int(y)] for s, y in zip(seeds, all_labels, strict=True)]
         atomic_write_bytes(out / LABELS, json.dumps({"labels": entries}).encode())
         if text:
-            listing = [{"file": png_name(name), "prompt": prompts[j], "seed": seed}
-                       for name, seed, j in items]  # fmt: skip
+            listing = [
+                {"file": png_name(name), "prompt": prompts[j], "seed": seed}
+                for name, seed, j in items
+            ]
             atomic_write_bytes(out / PROMPTS, json.dumps({"images": listing}, indent=0).encode())
         write_record(out, "complete", names, meta)  # last: the folder is now complete
     else:

@@ -19,8 +19,18 @@ from disback_cli.store.metrics_log import read_metrics
 
 MAX_DEPTH = 8  # directory levels searched below each given directory
 MAX_RUNS = 10_000
-CONFIG_COLUMNS = ("loss", "no_trajectory", "interval", "switch", "fake_steps", "batch", "lr_g",
-                  "lr_fake", "iters", "seed")  # fmt: skip
+CONFIG_COLUMNS = (
+    "loss",
+    "no_trajectory",
+    "interval",
+    "switch",
+    "fake_steps",
+    "batch",
+    "lr_g",
+    "lr_fake",
+    "iters",
+    "seed",
+)
 
 
 def find_runs(directories: list[Path]) -> list[Path]:
@@ -55,16 +65,23 @@ def _best(lines: list[dict], key: str) -> tuple[float, int] | None:
 
 def run_row(run_dir: Path) -> dict:
     """One run's row: identity, progress, wall time, final and best metrics."""
-    row: dict = {"run": str(run_dir), "trajectory": str(run_dir.parent.parent),
-                 "name": run_dir.name}  # fmt: skip
+    row: dict = {
+        "run": str(run_dir),
+        "trajectory": str(run_dir.parent.parent),
+        "name": run_dir.name,
+    }
     try:
         manifest = read_manifest(run_dir, BacktrackManifest)
         lines = read_metrics(run_dir)
     except DisbackError as exc:
         return {**row, "status": "unreadable", "error": str(exc)}
     config = manifest.config
-    row.update(status=manifest.status, step=manifest.step, seconds=manifest.elapsed_seconds,
-               method="baseline" if config.no_trajectory else "disback")  # fmt: skip
+    row.update(
+        status=manifest.status,
+        step=manifest.step,
+        seconds=manifest.elapsed_seconds,
+        method="baseline" if config.no_trajectory else "disback",
+    )
     row.update({key: getattr(config, key) for key in CONFIG_COLUMNS})
     evals = [ln for ln in lines if "eval" in ln]
     if evals:

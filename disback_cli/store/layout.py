@@ -69,10 +69,12 @@ def checkpoint_file(kind: str, step: int) -> str:
 TRAJECTORY = Layout(
     "trajectory",
     frozenset({MANIFEST, LOCK}),
-    {"nodes": re.compile(r"node-\d{3}\.safetensors"),
-     "state": re.compile(r"record-\d{8}\.safetensors")},
+    {
+        "nodes": re.compile(r"node-\d{3}\.safetensors"),
+        "state": re.compile(r"record-\d{8}\.safetensors"),
+    },
     record_state_file,
-)  # fmt: skip
+)
 BACKTRACK = Layout(
     "backtrack run",
     frozenset({MANIFEST, METRICS, LOCK}),

@@ -98,8 +98,9 @@ class TeacherRef(_Record):
         source = teacher.source
         if not source.startswith(BUILTIN_PREFIX):
             source = str(Path(source).absolute())
-        return cls(source=source, sha256=teacher.sha256, network=teacher.spec,
-                   dataset=teacher.dataset)  # fmt: skip
+        return cls(
+            source=source, sha256=teacher.sha256, network=teacher.spec, dataset=teacher.dataset
+        )
 
 
 class PromptsRef(_Record):
@@ -149,10 +150,9 @@ class _Manifest(_Record):
     created_at: str = Field(max_length=100)
     updated_at: str = Field(max_length=100)
     # Where each config value came from: flag, recipe, teacher, loss, student, default, ...
-    config_sources: dict[Annotated[str, Field(max_length=100)],
-                         Annotated[str, Field(max_length=100)]] = Field(
-        default_factory=dict, max_length=200
-    )  # fmt: skip
+    config_sources: dict[
+        Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=100)]
+    ] = Field(default_factory=dict, max_length=200)
 
 
 class RunManifest(_Manifest):
@@ -210,9 +210,11 @@ class TrajectoryManifest(RunManifest):
             raise ValueError("node steps must increase and stay within iters")
         plan = self.node_plan
         if plan is not None and (
-            len(plan) != wanted or plan != sorted(set(plan)) or plan[0] < 1
+            len(plan) != wanted
+            or plan != sorted(set(plan))
+            or plan[0] < 1
             or plan[-1] > self.config.iters
-        ):  # fmt: skip
+        ):
             raise ValueError(f"node_plan must list {wanted} increasing steps within iters")
         if self.state is not None:
             if self.status == "complete" or not 0 < self.state.step < self.config.iters:
@@ -247,8 +249,11 @@ class BacktrackManifest(RunManifest):
             raise ValueError(f"step {self.step} is beyond iters {self.config.iters}")
         if self.status == "complete" and self.generator is None:
             raise ValueError("a complete run must name its generator")
-        refs = (("generator", self.generator), ("generator-ema", self.generator_ema),
-                ("state", self.state))  # fmt: skip
+        refs = (
+            ("generator", self.generator),
+            ("generator-ema", self.generator_ema),
+            ("state", self.state),
+        )
         if any(ref is None for _, ref in refs) and any(ref is not None for _, ref in refs):
             raise ValueError("generator, generator_ema and state are saved together")
         for kind, ref in (*refs, ("ratio", self.ratio)):
@@ -343,8 +348,13 @@ def run_names(trajectory: Path) -> list[str]:
     def is_run(entry: Path) -> bool:
         manifest = entry / MANIFEST
         named = RUN_NAME.fullmatch(entry.name) is not None
-        return named and entry.is_dir() and not entry.is_symlink() and manifest.is_file() \
-            and not manifest.is_symlink()  # fmt: skip
+        return (
+            named
+            and entry.is_dir()
+            and not entry.is_symlink()
+            and manifest.is_file()
+            and not manifest.is_symlink()
+        )
 
     return sorted(entry.name for entry in runs.iterdir() if is_run(entry))
 
@@ -352,8 +362,10 @@ def run_names(trajectory: Path) -> list[str]:
 def _not_a_trajectory_hint(trajectory: Path) -> str:
     """What to pass instead when -T names a backtrack run rather than its trajectory."""
     if (trajectory / MANIFEST).is_file() and trajectory.parent.name == BACKTRACK_FOLDER:
-        return (f"; {trajectory} is a backtrack run: pass -T {trajectory.parent.parent} "
-                f"--name {trajectory.name}")  # fmt: skip
+        return (
+            f"; {trajectory} is a backtrack run: pass -T {trajectory.parent.parent} "
+            f"--name {trajectory.name}"
+        )
     return ""
 
 

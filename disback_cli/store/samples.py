@@ -49,10 +49,12 @@ def _expand(ranges: object, limit: int) -> list[int]:
     seeds: list[int] = []
     for pair in ranges:
         if not (
-            isinstance(pair, list) and len(pair) == 2
+            isinstance(pair, list)
+            and len(pair) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)
-            and pair[0] <= pair[1] and len(seeds) + pair[1] - pair[0] < limit
-        ):  # fmt: skip
+            and pair[0] <= pair[1]
+            and len(seeds) + pair[1] - pair[0] < limit
+        ):
             raise ValueError("seeds must be a list of [first, last] pairs of at most the limit")
         seeds.extend(range(pair[0], pair[1] + 1))
     return seeds
@@ -143,8 +145,13 @@ def prepare_folder(folder: Path, limit: int, remove: bool) -> int:
 
 
 def write_record(folder: Path, status: str, seeds: Sequence[int], meta: dict) -> None:
-    record = {"kind": KIND, "status": status, "count": len(seeds),
-              "seeds": seed_ranges(seeds), **meta}  # fmt: skip
+    record = {
+        "kind": KIND,
+        "status": status,
+        "count": len(seeds),
+        "seeds": seed_ranges(seeds),
+        **meta,
+    }
     atomic_write_bytes(folder / RECORD, json.dumps(record, indent=1).encode())
 
 

@@ -102,8 +102,12 @@ def save_state(
     for rank, state in enumerate(rank_rng or [local_rng_state(rng.device)]):
         for kind, value in state.items():
             tensors[_rng_key(kind, rank)] = value.cpu()
-    metadata = {"format": FORMAT, "step": str(step), "optim": json.dumps(optim),
-                "extra": json.dumps(extra or {})}  # fmt: skip
+    metadata = {
+        "format": FORMAT,
+        "step": str(step),
+        "optim": json.dumps(optim),
+        "extra": json.dumps(extra or {}),
+    }
     return atomic_write_chunks(path, *safetensors_chunks(tensors, metadata))
 
 

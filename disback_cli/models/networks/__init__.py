@@ -28,8 +28,13 @@ def _image_network(cls: type[nn.Module]) -> Callable[..., nn.Module]:
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise DisbackError(f"{cls.__name__} needs square images (C, H, H), got {data_shape}")
         channels, resolution = data_shape[0], data_shape[1]
-        return cls(img_resolution=resolution, in_channels=channels, out_channels=channels,
-                   label_dim=label_dim, **kwargs)  # fmt: skip
+        return cls(
+            img_resolution=resolution,
+            in_channels=channels,
+            out_channels=channels,
+            label_dim=label_dim,
+            **kwargs,
+        )
 
     return build
 
@@ -158,7 +163,7 @@ class NetworkSpec(BaseModel):
     def _bounded(self) -> NetworkSpec:
         if not 1 <= len(self.data_shape) <= 3 or not all(
             1 <= d <= MAX_DIM for d in self.data_shape
-        ):  # fmt: skip
+        ):
             raise ValueError(
                 f"data_shape of {len(self.data_shape)} sizes {self.data_shape[:4]} is not 1 to "
                 f"3 sizes in 1..{MAX_DIM}"

@@ -31,13 +31,13 @@ def initial_weights(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) 
 class Linear(nn.Module):
     def __init__(
         self,
-        in_features: int,                   # Input width.
-        out_features: int,                  # Output width.
-        bias: bool = True,                  # Learn an additive bias?
+        in_features: int,  # Input width.
+        out_features: int,  # Output width.
+        bias: bool = True,  # Learn an additive bias?
         init_mode: str = "kaiming_normal",  # Initialiser, see initial_weights().
-        init_weight: float = 1,             # Scale of the initial weights.
-        init_bias: float = 0,               # Scale of the initial bias.
-    ) -> None:  # fmt: skip
+        init_weight: float = 1,  # Scale of the initial weights.
+        init_bias: float = 0,  # Scale of the initial bias.
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
@@ -61,18 +61,18 @@ class Conv2d(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,                   # Input channels.
-        out_channels: int,                  # Output channels.
-        kernel: int,                        # Kernel size, 0 = no convolution.
-        bias: bool = True,                  # Learn an additive bias?
-        up: bool = False,                   # Upsample 2x before the convolution?
-        down: bool = False,                 # Downsample 2x?
+        in_channels: int,  # Input channels.
+        out_channels: int,  # Output channels.
+        kernel: int,  # Kernel size, 0 = no convolution.
+        bias: bool = True,  # Learn an additive bias?
+        up: bool = False,  # Upsample 2x before the convolution?
+        down: bool = False,  # Downsample 2x?
         resample_filter: Sequence[int] = (1, 1),  # 1-D taps of the FIR resampling filter.
-        fused_resample: bool = False,       # Combine resampling and convolution (NCSN++ aux path).
+        fused_resample: bool = False,  # Combine resampling and convolution (NCSN++ aux path).
         init_mode: str = "kaiming_normal",  # Initialiser, see initial_weights().
-        init_weight: float = 1,             # Scale of the initial weights.
-        init_bias: float = 0,               # Scale of the initial bias.
-    ) -> None:  # fmt: skip
+        init_weight: float = 1,  # Scale of the initial weights.
+        init_bias: float = 0,  # Scale of the initial bias.
+    ) -> None:
         if up and down:
             raise ValueError("Conv2d cannot both upsample and downsample")
         super().__init__()
@@ -125,9 +125,12 @@ class Conv2d(nn.Module):
 
 class GroupNorm(nn.Module):
     def __init__(
-        self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4,
+        self,
+        num_channels: int,
+        num_groups: int = 32,
+        min_channels_per_group: int = 4,
         eps: float = 1e-5,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.num_groups = min(num_groups, num_channels // min_channels_per_group)
         self.eps = eps
@@ -145,24 +148,24 @@ class UNetBlock(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,                   # Input channels.
-        out_channels: int,                  # Output channels.
-        emb_channels: int,                  # Width of the noise/label embedding.
-        up: bool = False,                   # Upsample 2x?
-        down: bool = False,                 # Downsample 2x?
-        attention: bool = False,            # Self-attention after the residual part?
-        num_heads: int | None = None,       # Attention heads (default: out / channels_per_head).
-        channels_per_head: int = 64,        # Channels per head when num_heads is None.
-        dropout: float = 0,                 # Dropout before the second convolution (training only).
-        skip_scale: float = 1,              # Scale of residual sums.
-        eps: float = 1e-5,                  # GroupNorm epsilon.
+        in_channels: int,  # Input channels.
+        out_channels: int,  # Output channels.
+        emb_channels: int,  # Width of the noise/label embedding.
+        up: bool = False,  # Upsample 2x?
+        down: bool = False,  # Downsample 2x?
+        attention: bool = False,  # Self-attention after the residual part?
+        num_heads: int | None = None,  # Attention heads (default: out / channels_per_head).
+        channels_per_head: int = 64,  # Channels per head when num_heads is None.
+        dropout: float = 0,  # Dropout before the second convolution (training only).
+        skip_scale: float = 1,  # Scale of residual sums.
+        eps: float = 1e-5,  # GroupNorm epsilon.
         resample_filter: Sequence[int] = (1, 1),  # FIR filter for up/down-sampling.
-        resample_proj: bool = False,        # 1x1 projection on the skip path when resampling?
-        adaptive_scale: bool = True,        # Embedding gives scale and shift, or a shift only.
-        init: dict | None = None,           # Init kwargs of the ordinary layers.
-        init_zero: dict | None = None,      # Init kwargs of the last layer of each branch.
-        init_attn: dict | None = None,      # Init kwargs of the qkv projection (default: init).
-    ) -> None:  # fmt: skip
+        resample_proj: bool = False,  # 1x1 projection on the skip path when resampling?
+        adaptive_scale: bool = True,  # Embedding gives scale and shift, or a shift only.
+        init: dict | None = None,  # Init kwargs of the ordinary layers.
+        init_zero: dict | None = None,  # Init kwargs of the last layer of each branch.
+        init_attn: dict | None = None,  # Init kwargs of the qkv projection (default: init).
+    ) -> None:
         super().__init__()
         init = init if init is not None else {}
         init_zero = init_zero if init_zero is not None else {"init_weight": 0}

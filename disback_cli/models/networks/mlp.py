@@ -13,12 +13,12 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        data_shape: tuple[int, ...],        # Shape of one sample.
-        label_dim: int = 0,                 # Number of classes, 0 = unconditional.
-        hidden: int = 128,                  # Width of every hidden layer.
-        depth: int = 3,                     # Number of hidden layers.
-        noise_features: int = 8,            # Sin/cos features of c_noise (even).
-    ) -> None:  # fmt: skip
+        data_shape: tuple[int, ...],  # Shape of one sample.
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        hidden: int = 128,  # Width of every hidden layer.
+        depth: int = 3,  # Number of hidden layers.
+        noise_features: int = 8,  # Sin/cos features of c_noise (even).
+    ) -> None:
         super().__init__()
         self.dim = math.prod(data_shape)
         self.register_buffer(

@@ -38,24 +38,24 @@ class SongUNet(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,                    # Image resolution at input/output.
-        in_channels: int,                       # Colour channels at input.
-        out_channels: int,                      # Colour channels at output.
-        label_dim: int = 0,                     # Number of classes, 0 = unconditional.
-        augment_dim: int = 0,                   # Augmentation label width, 0 = none.
-        model_channels: int = 128,              # Base channel count.
+        img_resolution: int,  # Image resolution at input/output.
+        in_channels: int,  # Colour channels at input.
+        out_channels: int,  # Colour channels at output.
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        augment_dim: int = 0,  # Augmentation label width, 0 = none.
+        model_channels: int = 128,  # Base channel count.
         channel_mult: Sequence[int] = (1, 2, 2, 2),  # Channel multiplier per resolution.
-        channel_mult_emb: int = 4,              # Embedding width multiplier.
-        num_blocks: int = 4,                    # Residual blocks per resolution.
+        channel_mult_emb: int = 4,  # Embedding width multiplier.
+        num_blocks: int = 4,  # Residual blocks per resolution.
         attn_resolutions: Sequence[int] = (16,),  # Resolutions with self-attention.
-        dropout: float = 0.10,                  # Dropout probability inside blocks.
-        label_dropout: float = 0,               # Label dropout for classifier-free guidance.
-        embedding_type: str = "positional",     # 'positional' (DDPM++) or 'fourier' (NCSN++).
-        channel_mult_noise: int = 1,            # Noise embedding width: 1 DDPM++, 2 NCSN++.
-        encoder_type: str = "standard",         # 'standard', 'skip' or 'residual' (NCSN++).
-        decoder_type: str = "standard",         # 'standard' or 'skip'.
+        dropout: float = 0.10,  # Dropout probability inside blocks.
+        label_dropout: float = 0,  # Label dropout for classifier-free guidance.
+        embedding_type: str = "positional",  # 'positional' (DDPM++) or 'fourier' (NCSN++).
+        channel_mult_noise: int = 1,  # Noise embedding width: 1 DDPM++, 2 NCSN++.
+        encoder_type: str = "standard",  # 'standard', 'skip' or 'residual' (NCSN++).
+        decoder_type: str = "standard",  # 'standard' or 'skip'.
         resample_filter: Sequence[int] = (1, 1),  # [1,1] DDPM++, [1,3,3,1] NCSN++.
-    ) -> None:  # fmt: skip
+    ) -> None:
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(
                 f"embedding_type must be 'fourier' or 'positional', not {embedding_type!r}"
@@ -72,10 +72,18 @@ class SongUNet(nn.Module):
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
         block = dict(
-            emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
-            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-            init=init, init_zero=init_zero, init_attn=init_attn,
-        )  # fmt: skip
+            emb_channels=emb_channels,
+            num_heads=1,
+            dropout=dropout,
+            skip_scale=math.sqrt(0.5),
+            eps=1e-6,
+            resample_filter=resample_filter,
+            resample_proj=True,
+            adaptive_scale=False,
+            init=init,
+            init_zero=init_zero,
+            init_attn=init_attn,
+        )
 
         if embedding_type == "positional":
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
@@ -104,9 +112,14 @@ class SongUNet(nn.Module):
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        caux, cout, kernel=3, down=True, resample_filter=resample_filter,
-                        fused_resample=True, **init,
-                    )  # fmt: skip
+                        caux,
+                        cout,
+                        kernel=3,
+                        down=True,
+                        resample_filter=resample_filter,
+                        fused_resample=True,
+                        **init,
+                    )
                     caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
@@ -195,19 +208,19 @@ class DhariwalUNet(nn.Module):
 
     def __init__(
         self,
-        img_resolution: int,                    # Image resolution at input/output.
-        in_channels: int,                       # Colour channels at input.
-        out_channels: int,                      # Colour channels at output.
-        label_dim: int = 0,                     # Number of classes, 0 = unconditional.
-        augment_dim: int = 0,                   # Augmentation label width, 0 = none.
-        model_channels: int = 192,              # Base channel count.
+        img_resolution: int,  # Image resolution at input/output.
+        in_channels: int,  # Colour channels at input.
+        out_channels: int,  # Colour channels at output.
+        label_dim: int = 0,  # Number of classes, 0 = unconditional.
+        augment_dim: int = 0,  # Augmentation label width, 0 = none.
+        model_channels: int = 192,  # Base channel count.
         channel_mult: Sequence[int] = (1, 2, 3, 4),  # Channel multiplier per resolution.
-        channel_mult_emb: int = 4,              # Embedding width multiplier.
-        num_blocks: int = 3,                    # Residual blocks per resolution.
+        channel_mult_emb: int = 4,  # Embedding width multiplier.
+        num_blocks: int = 3,  # Residual blocks per resolution.
         attn_resolutions: Sequence[int] = (32, 16, 8),  # Resolutions with self-attention.
-        dropout: float = 0.10,                  # Dropout probability inside blocks.
-        label_dropout: float = 0,               # Label dropout for classifier-free guidance.
-    ) -> None:  # fmt: skip
+        dropout: float = 0.10,  # Dropout probability inside blocks.
+        label_dropout: float = 0,  # Label dropout for classifier-free guidance.
+    ) -> None:
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
@@ -215,8 +228,13 @@ class DhariwalUNet(nn.Module):
             init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3)
         )
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
-                     init_zero=init_zero)  # fmt: skip
+        block = dict(
+            emb_channels=emb_channels,
+            channels_per_head=64,
+            dropout=dropout,
+            init=init,
+            init_zero=init_zero,
+        )
 
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = (

@@ -84,15 +84,23 @@ class DiffusersFolder:
 
     def spec(self) -> NetworkSpec:
         """The UNet as our network: the `ddpm` preconditioning with the scheduler's noise."""
-        return NetworkSpec(arch=ARCH, arch_kwargs=self.unet, precond="ddpm",
-                           precond_kwargs=self.schedule, data_shape=self.latent_shape)  # fmt: skip
+        return NetworkSpec(
+            arch=ARCH,
+            arch_kwargs=self.unet,
+            precond="ddpm",
+            precond_kwargs=self.schedule,
+            data_shape=self.latent_shape,
+        )
 
     def component_files(self, component: str) -> list[Path]:
         """Every file of `component` that loading it reads (config, vocabularies, weights)."""
         folder = self.root / component
         if component.startswith("tokenizer"):
-            return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in
-                          (".json", ".txt", ".model"))  # fmt: skip
+            return sorted(
+                p
+                for p in folder.iterdir()
+                if p.is_file() and p.suffix in (".json", ".txt", ".model")
+            )
         config = "scheduler_config.json" if component == "scheduler" else "config.json"
         files = [folder / config]
         if component in self.weights:
@@ -107,8 +115,9 @@ class DiffusersFolder:
                 rel = str(path.relative_to(self.root))
                 if rel not in self.files:
                     self.files[rel] = hash_regular_file(path, MAX_SAFETENSORS_BYTES, "model file")
-        self.files.setdefault(INDEX, hash_regular_file(self.root / INDEX, MAX_CONFIG_BYTES,
-                                                      "model_index.json"))  # fmt: skip
+        self.files.setdefault(
+            INDEX, hash_regular_file(self.root / INDEX, MAX_CONFIG_BYTES, "model_index.json")
+        )
         return {k: self.files[k] for k in sorted(self.files)}
 
     @property
@@ -136,8 +145,10 @@ def find_weights(folder: Path, stem: str) -> Path:
             check_regular_file(folder / name, MAX_SAFETENSORS_BYTES, "safetensors file")
             return folder / name
     if any(folder.glob(f"{stem}*.safetensors.index.json")):
-        raise DisbackError(f"{folder}: sharded weights are not supported; merge the shards "
-                           "into one .safetensors file")  # fmt: skip
+        raise DisbackError(
+            f"{folder}: sharded weights are not supported; merge the shards "
+            "into one .safetensors file"
+        )
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise DisbackError(
@@ -184,22 +195,31 @@ def read_folder(root: str | Path) -> DiffusersFolder:
             continue
         name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         if name is not None and name not in allowed:
-            raise DisbackError(f"{root / INDEX}: {component} is a {name!r:.60}, not one of "
-                               f"{', '.join(sorted(allowed))}")  # fmt: skip
-    unet = unet_config(read_config(root / "unet" / "config.json", "UNet config")) if (
-        root / "unet").is_dir() else None  # fmt: skip
+            raise DisbackError(
+                f"{root / INDEX}: {component} is a {name!r:.60}, not one of "
+                f"{', '.join(sorted(allowed))}"
+            )
+    unet = (
+        unet_config(read_config(root / "unet" / "config.json", "UNet config"))
+        if (root / "unet").is_dir()
+        else None
+    )
     xl = unet is not None and unet.get("addition_embed_type") == "text_time"
     for component in NEEDED + (NEEDED_XL if xl else ()):
         if not (root / component).is_dir() or index.get(component) in (None, [None, None]):
             raise DisbackError(f"{root}: the model folder has no {component}/ component")
     folder = DiffusersFolder(
-        root=root, pipeline=pipeline, xl=xl,
+        root=root,
+        pipeline=pipeline,
+        xl=xl,
         zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", xl)),
         unet=unet,
-        schedule=_scheduler(read_config(root / "scheduler" / "scheduler_config.json",
-                                    "scheduler config"), root / "scheduler"),
+        schedule=_scheduler(
+            read_config(root / "scheduler" / "scheduler_config.json", "scheduler config"),
+            root / "scheduler",
+        ),
         vae=read_config(root / "vae" / "config.json", "VAE config"),
-    )  # fmt: skip
+    )
     folder.weights["unet"] = find_weights(root / "unet", DIFFUSERS_WEIGHTS)
     folder.weights["vae"] = find_weights(root / "vae", DIFFUSERS_WEIGHTS)
     for encoder in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
@@ -257,8 +277,10 @@ def read_unet_folder(
     config = unet_config(read_config(config_path, "UNet config"))
     weights = find_weights(path, DIFFUSERS_WEIGHTS)
     tensors, _, weights_sha = read_safetensors(weights, verify=True)
-    listing = {"config.json": hash_regular_file(config_path, MAX_CONFIG_BYTES, "UNet config"),
-               weights.name: weights_sha}  # fmt: skip
+    listing = {
+        "config.json": hash_regular_file(config_path, MAX_CONFIG_BYTES, "UNet config"),
+        weights.name: weights_sha,
+    }
     digest = sha256_bytes(json.dumps(listing, sort_keys=True, separators=(",", ":")).encode())
     if verify and expected_sha256 is not None and digest != expected_sha256:
         raise DisbackError(

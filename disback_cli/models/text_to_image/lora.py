@@ -42,8 +42,9 @@ def add_lora(denoiser: nn.Module, rank: int, seed: int) -> None:
     """Adapters of `rank` on the UNet's attention projections, in place; only they train. A is
     drawn from `seed` (the global random stream is left as it was), B is zero."""
     peft = _peft()
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS),
-                             init_lora_weights=True)  # fmt: skip
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(TARGETS), init_lora_weights=True
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft.inject_adapter_in_model(config, denoiser)
@@ -53,8 +54,11 @@ def add_lora(denoiser: nn.Module, rank: int, seed: int) -> None:
 
 def _layers(denoiser: nn.Module) -> dict[str, nn.Module]:
     """The adapted layers by name (those with a base layer and LoRA factors)."""
-    return {name: m for name, m in denoiser.named_modules()
-            if hasattr(m, "base_layer") and hasattr(m, "lora_A")}  # fmt: skip
+    return {
+        name: m
+        for name, m in denoiser.named_modules()
+        if hasattr(m, "base_layer") and hasattr(m, "lora_A")
+    }
 
 
 def lora_parameters(denoiser: nn.Module) -> dict[str, nn.Parameter]:
@@ -109,8 +113,12 @@ def save_lora(path: Path, denoiser: nn.Module, rank: int, network_json: str, inf
     """Write the adapters of `denoiser` atomically; return the file's sha256."""
     tensors = {k: v.detach() for k, v in lora_parameters(denoiser).items()}
     lora = {"rank": rank, "alpha": rank, "targets": list(TARGETS)}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "network": network_json,
-            "info": json.dumps({**info, "lora": lora}, sort_keys=True)}  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "network": network_json,
+        "info": json.dumps({**info, "lora": lora}, sort_keys=True),
+    }
     return atomic_write_chunks(path, *safetensors_chunks(tensors, meta))
 
 
@@ -123,8 +131,9 @@ def read_lora(
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback LoRA node (metadata 'format' missing)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise DisbackError(f"{path}: unknown LoRA format version "
-                           f"{metadata.get('format_version')!r:.20}")  # fmt: skip
+        raise DisbackError(
+            f"{path}: unknown LoRA format version {metadata.get('format_version')!r:.20}"
+        )
     try:
         info = parse_json(metadata.get("info", "{}"))
         rank = info["lora"]["rank"]

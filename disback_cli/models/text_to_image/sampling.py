@@ -16,8 +16,10 @@ def sampling_info(folder: DiffusersFolder) -> dict:
     """The model folder and the sha256 of every file its text encoders and VAE read."""
     parts = tuple(c for c in SAMPLING_COMPONENTS if c in folder.components)
     files = folder.hash_files(parts)
-    return {"folder": str(folder.root.absolute()),
-            "files": {k: v for k, v in files.items() if k.split("/")[0] in parts}}  # fmt: skip
+    return {
+        "folder": str(folder.root.absolute()),
+        "files": {k: v for k, v in files.items() if k.split("/")[0] in parts},
+    }
 
 
 def open_sampling(
@@ -25,8 +27,11 @@ def open_sampling(
 ) -> tuple[TextEncoder, LatentDecoder]:
     """The text encoder and VAE decoder a generator file names (`sampling_info`), checked by
     sha256 unless `verify` is off; `folder` if the model folder has moved."""
-    if not (isinstance(info, dict) and isinstance(info.get("folder"), str)
-            and isinstance(info.get("files"), dict)):  # fmt: skip
+    if not (
+        isinstance(info, dict)
+        and isinstance(info.get("folder"), str)
+        and isinstance(info.get("files"), dict)
+    ):
         raise DisbackError("the generator file names no text encoder or VAE (not text-to-image)")
     root = folder or info["folder"]
     model = read_folder(root)

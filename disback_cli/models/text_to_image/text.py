@@ -66,8 +66,11 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
     config = transformers.CLIPTextConfig.from_dict(
         read_config(folder.root / component / "config.json", "text encoder config")
     )
-    cls = (transformers.CLIPTextModelWithProjection if component == "text_encoder_2"
-           else transformers.CLIPTextModel)  # fmt: skip
+    cls = (
+        transformers.CLIPTextModelWithProjection
+        if component == "text_encoder_2"
+        else transformers.CLIPTextModel
+    )
     tensors, _, _ = read_safetensors(folder.weights[component], verify=False)
     tensors = {k: v for k, v in tensors.items() if k not in IGNORED_ENCODER_KEYS}
     encoder = build_checked(lambda: cls(config), folder.root / component, "text encoder")
@@ -83,8 +86,9 @@ def _load_tokenizer(folder: DiffusersFolder, component: str):
     import transformers
 
     try:
-        return transformers.CLIPTokenizer.from_pretrained(folder.root / component,
-                                                          local_files_only=True)  # fmt: skip
+        return transformers.CLIPTokenizer.from_pretrained(
+            folder.root / component, local_files_only=True
+        )
     except Exception as exc:  # a vocabulary file anyone may write
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DisbackError(f"{folder.root / component}: unreadable tokenizer ({first})") from None
@@ -101,14 +105,17 @@ class TextEncoder:
         _, height, width = folder.latent_shape
         scale = folder.vae_scale
         # SDXL's micro-conditioning: original size, crop corner (0, 0), target size, in pixels
-        self.time_ids = torch.tensor([height * scale, width * scale, 0, 0, height * scale,
-                                      width * scale], dtype=torch.float32)  # fmt: skip
+        self.time_ids = torch.tensor(
+            [height * scale, width * scale, 0, 0, height * scale, width * scale],
+            dtype=torch.float32,
+        )
         self._empty: Conditioning | None = None
 
     def _tokens(self, tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
         length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids
         return ids.to(self.device)
 
     @torch.no_grad()
@@ -122,8 +129,10 @@ class TextEncoder:
             out = encoder(self._tokens(tokenizer, encoder, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected pooled embedding
-        return {"encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
-                "text_embeds": pooled.float()}  # fmt: skip
+        return {
+            "encoder_hidden_states": torch.cat(hidden, dim=-1).float(),
+            "text_embeds": pooled.float(),
+        }
 
     def unconditional(self) -> dict[str, torch.Tensor]:
         """The one-row unconditional embeddings (the empty prompt's, or zeros for SDXL)."""

@@ -68,8 +68,13 @@ class DiffusersUNet(nn.Module):
             if text_embeds is None or time_ids is None:
                 raise DisbackError(f"{ARCH} (SDXL) needs text_embeds and time_ids")
             added = {"text_embeds": text_embeds.to(x.dtype), "time_ids": time_ids.to(x.dtype)}
-        return self.unet(x, c_noise, encoder_hidden_states.to(x.dtype),
-                         added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip
+        return self.unet(
+            x,
+            c_noise,
+            encoder_hidden_states.to(x.dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
 
 
 def example_conditions(config: dict[str, Any], batch: int) -> dict[str, torch.Tensor]:

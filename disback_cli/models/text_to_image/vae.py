@@ -12,8 +12,12 @@ from disback_cli.models.text_to_image.unet import _diffusers
 from disback_cli.store.tensorfile import read_safetensors
 
 # Attention weights under the names diffusers used before 0.14 (still in some SD 1.x files).
-_OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
-                  ".proj_attn.": ".to_out.0."}  # fmt: skip
+_OLD_ATTENTION = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
 
 
 def _renamed(name: str) -> str:
@@ -26,8 +30,10 @@ def _factor(folder: DiffusersFolder, key: str, default: float) -> float:
     value = folder.vae.get(key)
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e3 < value < 1e3:
-        raise DisbackError(f"{folder.root / 'vae' / 'config.json'}: {key} {value!r:.40} is not a "
-                           "number of sensible size")  # fmt: skip
+        raise DisbackError(
+            f"{folder.root / 'vae' / 'config.json'}: {key} {value!r:.40} is not a "
+            "number of sensible size"
+        )
     if key == "scaling_factor" and value == 0:
         raise DisbackError(f"{folder.root / 'vae' / 'config.json'}: scaling_factor is 0")
     return float(value)
