@@ -35,10 +35,10 @@ from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import OneStepGenerator, load_generator
 from disback_cli.method.losses import make_generator_loss
 from disback_cli.method.noise import TrainingSigma
+from disback_cli.models import path_nodes
 from disback_cli.models.conditioning import Unconditional
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, build_denoiser
-from disback_cli.stages import path_nodes
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.stages.sample import write_samples_of

@@ -21,6 +21,7 @@ import torch
 
 from disback_cli.method.generator import build_g0
 from disback_cli.models.denoiser_files import load_denoiser
+from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.teachers import open_teacher
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
@@ -39,7 +40,7 @@ def first_iteration(trajectory, run_dir) -> dict[str, float]:
     """loss_g, score_gap and grad_norm_g of the first iteration of the run in `run_dir`."""
     traj = read_manifest(trajectory, TrajectoryManifest)
     cfg = read_manifest(run_dir, BacktrackManifest).config  # resolved: p_mean, sid_alpha, ...
-    network = traj.teacher.network
+    network = NetworkSpec.model_validate(traj.teacher.network)
     assert network.label_dim == 0 and len(network.data_shape) == 1, "unconditional vectors only"
     teacher = open_teacher(traj.teacher.source)
     generator, _ = build_g0(traj.g0, teacher, torch.device("cpu"))

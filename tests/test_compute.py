@@ -13,13 +13,13 @@ import torch
 from first_iteration import first_iteration
 
 from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.models import path_nodes
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.models.networks.layers import Conv2d
+from disback_cli.models.path_nodes import PathNodes
 from disback_cli.models.teachers import open_teacher
 from disback_cli.runtime.parallel import Execution
-from disback_cli.stages import path_nodes
 from disback_cli.stages.backtrack import run_backtrack
-from disback_cli.stages.path_nodes import PathNodes
 from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest
@@ -118,7 +118,7 @@ def test_next_node_loads_in_the_background_and_old_targets_are_freed(trajectory,
         return real(trajectory, manifest, index, *args)
 
     monkeypatch.setattr(path_nodes, "load_path_node", counting)
-    nodes = PathNodes(trajectory, traj, teacher, Execution(torch.device("cpu")))
+    nodes = PathNodes(trajectory, traj, teacher, torch.device("cpu"))
     assert teacher.denoiser is None  # taken over: freed once node 0 is not the target
     alive, target = {}, None
     try:

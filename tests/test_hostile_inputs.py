@@ -265,7 +265,7 @@ def npz_header(w: World, shape: tuple, dtype: str = "<f4") -> list[str]:
 
 def small_memory(w: World, command: list[str]) -> list[str]:
     """A machine with 64 MiB: sizes that cannot fit are refused before anything is written."""
-    w.monkeypatch.setattr("disback_cli.runtime.devices.physical_memory", lambda: 64 << 20)
+    w.monkeypatch.setattr("disback_cli.store.fileio.physical_memory", lambda: 64 << 20)
     return command
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from disback_cli.config import SampleConfig
+from disback_cli.evaluation.catalog import unique_labels
 from disback_cli.evaluation.plot import switch_iterations
 from disback_cli.runtime.parallel import cpu_threads, execution
-from disback_cli.store.catalog import unique_labels
 from disback_cli.store.metrics_log import read_metrics
 
 BACKTRACK = [

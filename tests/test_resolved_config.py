@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from conftest import checkout_env
-from disback_cli.config import FAMILY_DEFAULTS
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import save_denoiser
+from disback_cli.models.family import SIZE_DEFAULTS
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.record import LossMeans
 from disback_cli.store.layout import backtrack_dir
@@ -84,7 +84,7 @@ def test_help_shows_the_defaults_of_each_teacher_family():
     ).stdout
     assert "default by teacher: 0.0001 vector, 5e-05 image, 1e-05 edm" in text
     assert "default by teacher: 10 vector, 10 image, 500 edm" in text
-    assert FAMILY_DEFAULTS["lr_g"]["edm"] == 1e-5  # SiD's generator lr on EDM teachers
+    assert SIZE_DEFAULTS["lr_g"]["edm"] == 1e-5  # SiD's generator lr on EDM teachers
 
 
 def test_a_students_own_sigma_init_is_used_and_a_conflicting_flag_refused(cli, tmp_path):

@@ -11,9 +11,9 @@ pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 from t2i_fixtures import PROMPTS, make_sd_folder, write_prompts
 
 from disback_cli.errors import DisbackError
-from disback_cli.method.guidance import Guided, guided
 from disback_cli.models.discrete_ddpm import ddpm_sigmas
 from disback_cli.models.teachers import open_teacher
+from disback_cli.models.text_to_image.guidance import Guided, guided
 from disback_cli.models.text_to_image.text import TextEncoder, read_prompts
 
 
@@ -90,7 +90,7 @@ def test_sd_prompts_are_encoded_as_the_pipeline_does(sd):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     teacher = open_teacher(str(sd), "cpu")
-    encoder = TextEncoder(teacher.folder, "cpu")
+    encoder = TextEncoder(teacher.family.folder, "cpu")
     cond = encoder.encode(PROMPTS[:2])
     tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
     model = CLIPTextModel.from_pretrained(sd / "text_encoder").eval()
@@ -111,7 +111,7 @@ def test_sdxl_prompts_concatenate_penultimate_states_and_zero_the_unconditional(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     teacher = open_teacher(str(sdxl), "cpu")
-    cond = TextEncoder(teacher.folder, "cpu").encode(PROMPTS[:3])
+    cond = TextEncoder(teacher.family.folder, "cpu").encode(PROMPTS[:3])
     ids = CLIPTokenizer.from_pretrained(sdxl / "tokenizer")(
         PROMPTS[:3], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
@@ -129,7 +129,7 @@ def test_sdxl_prompts_concatenate_penultimate_states_and_zero_the_unconditional(
 
 def test_guidance_is_uncond_plus_scale_times_the_difference(sd):
     teacher = open_teacher(str(sd), "cpu")
-    cond = TextEncoder(teacher.folder, "cpu").encode(PROMPTS[:2])
+    cond = TextEncoder(teacher.family.folder, "cpu").encode(PROMPTS[:2])
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 3.0])
     d = teacher.denoiser
     plain = d(x, sigma, **cond)

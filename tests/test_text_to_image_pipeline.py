@@ -336,8 +336,7 @@ def test_lora_nodes_are_small_and_move_along_the_path(lora_path, sd_path):
 
 def test_lora_targets_are_the_recorded_nodes_and_merge_into_plain_weights(lora_path, models):
     from disback_cli.models.teachers import open_teacher
-    from disback_cli.runtime.parallel import Execution
-    from disback_cli.stages.path_nodes import LoraPathNodes
+    from disback_cli.models.text_to_image.lora import LoraPathNodes
 
     traj = read_manifest(lora_path, TrajectoryManifest)
     teacher = open_teacher(str(models["sd"]))
@@ -345,7 +344,7 @@ def test_lora_targets_are_the_recorded_nodes_and_merge_into_plain_weights(lora_p
     x, sigma = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([0.3, 4.0])
     cond = {"encoder_hidden_states": torch.randn(2, 77, 16, generator=gen)}
     reference = teacher.denoiser(x, sigma, **cond)  # before the nodes adapt the teacher in place
-    nodes = LoraPathNodes(lora_path, traj, teacher, Execution(torch.device("cpu")))
+    nodes = LoraPathNodes(lora_path, traj, teacher)
     assert torch.equal(nodes.at(0)(x, sigma, **cond), reference)  # zero adapters: the teacher
     adapted = nodes.at(2)(x, sigma, **cond)
     assert (adapted - reference).abs().max() > 1e-3

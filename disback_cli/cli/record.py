@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,53 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from disback_cli.cli._common import (
-    ChannelsLastOpt,
-    CheckpointingOpt,
-    CompileOpt,
-    ConfigOpt,
-    DeviceOpt,
-    ForceOpt,
-    JsonOpt,
-    PrecisionOpt,
-    PromptsOpt,
-    QuietOpt,
-    SeedOpt,
-    SetOpt,
-    Tf32Opt,
-    ThreadsOpt,
-    VerifyOpt,
-    choices,
-    describe,
-    emit_json,
-    reporting,
-    stdout,
-)
-from disback_cli.config import RecordConfig, build_config
-from disback_cli.errors import ConfigError
+from disback_cli.cli._common import ForceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
+from disback_cli.cli.options import config_command
+from disback_cli.config import RecordConfig
 from disback_cli.models.teachers import BUILTIN_PREFIX
 from disback_cli.runtime.parallel import is_main_process
 from disback_cli.stages.record import fit_warning, run_record
-
-
-def _h(field: str) -> str:
-    return describe(RecordConfig, field)
-
-
-def _c(field: str) -> str:
-    return choices(RecordConfig, field)
-
-
-def _json(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--student-arch-kwargs is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ConfigError("--student-arch-kwargs must be a JSON object, e.g. '{\"hidden\": 32}'")
-    return value
 
 
 def _number(value: float | None) -> str:
@@ -70,50 +28,13 @@ def default_out(teacher: str) -> Path:
     return Path("runs") / name
 
 
+@config_command(RecordConfig, "record")
 def record(
-    teacher: Annotated[str | None, typer.Option("--teacher", "-t", help=_h("teacher"))] = None,
+    cfg: RecordConfig,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Trajectory directory \\[default: runs/NAME]."),
     ] = None,
-    iters: Annotated[int | None, typer.Option(help=_h("iters"))] = None,
-    nodes: Annotated[int | None, typer.Option(help=_h("nodes"))] = None,
-    batch: Annotated[int | None, typer.Option(help=_h("batch"))] = None,
-    lr: Annotated[float | None, typer.Option(help=_h("lr"))] = None,
-    betas: Annotated[tuple[float, float] | None, typer.Option(help=_h("betas"))] = None,
-    sigma_init: Annotated[float | None, typer.Option(help=_h("sigma_init"))] = None,
-    prompts: PromptsOpt = None,
-    timestep: Annotated[int | None, typer.Option(help=_h("timestep"))] = None,
-    lora_rank: Annotated[int | None, typer.Option(help=_h("lora_rank"))] = None,
-    placement: Annotated[
-        str | None, typer.Option(metavar=_c("placement"), help=_h("placement"))
-    ] = None,
-    student: Annotated[str | None, typer.Option(help=_h("student"))] = None,
-    student_arch_kwargs: Annotated[
-        str | None, typer.Option(help=_h("student_arch_kwargs") + " (JSON)")
-    ] = None,
-    loss: Annotated[str | None, typer.Option(metavar=_c("loss"), help=_h("loss"))] = None,
-    dsm_sigma: Annotated[
-        str | None, typer.Option(metavar=_c("dsm_sigma"), help=_h("dsm_sigma"))
-    ] = None,
-    p_mean: Annotated[float | None, typer.Option(help=_h("p_mean"))] = None,
-    p_std: Annotated[float | None, typer.Option(help=_h("p_std"))] = None,
-    dropout: Annotated[float | None, typer.Option(help=_h("dropout"))] = None,
-    save_every: Annotated[int | None, typer.Option(help=_h("save_every"))] = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    verify: VerifyOpt = None,
-    precision: PrecisionOpt = None,
-    tf32: Tf32Opt = None,
-    compile_networks: CompileOpt = None,
-    channels_last: ChannelsLastOpt = None,
-    threads: ThreadsOpt = None,
-    gradient_checkpointing: CheckpointingOpt = None,
-    node_dtype: Annotated[
-        str | None, typer.Option(metavar=_c("node_dtype"), help=_h("node_dtype"))
-    ] = None,
-    config: ConfigOpt = None,
-    settings: SetOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -125,38 +46,6 @@ def record(
 
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
-    flags = dict(
-        teacher=teacher,
-        iters=iters,
-        nodes=nodes,
-        batch=batch,
-        lr=lr,
-        betas=betas,
-        sigma_init=sigma_init,
-        prompts=prompts,
-        timestep=timestep,
-        lora_rank=lora_rank,
-        placement=placement,
-        student=student,
-        student_arch_kwargs=_json(student_arch_kwargs),
-        loss=loss,
-        dsm_sigma=dsm_sigma,
-        p_mean=p_mean,
-        p_std=p_std,
-        dropout=dropout,
-        save_every=save_every,
-        seed=seed,
-        device=device,
-        verify=verify,
-        precision=precision,
-        tf32=tf32,
-        compile=compile_networks,
-        channels_last=channels_last,
-        threads=threads,
-        gradient_checkpointing=gradient_checkpointing,
-        node_dtype=node_dtype,
-    )
-    cfg = build_config(RecordConfig, config, "record", flags, settings)
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:
         manifest = run_record(cfg, out, force=force, reporter=reporter)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from disback_cli.cli._common import Flag, JsonOpt, emit_json, stdout
 from disback_cli.errors import ConfigError
-from disback_cli.store.catalog import find_runs, run_row, unique_labels
+from disback_cli.evaluation.catalog import find_runs, run_row, unique_labels
 
 SHOWN = ("run", "status", "step", "method", "loss", "interval", "seed", "seconds")
 HEADLINE = ("fd_digits", "mmd2", "fid", "precision", "classes_covered", "modes_covered")

@@ -7,19 +7,9 @@ from typing import Annotated
 
 import typer
 
-from disback_cli.cli._common import (
-    ConfigOpt,
-    DeviceOpt,
-    JsonOpt,
-    QuietOpt,
-    SeedOpt,
-    SetOpt,
-    describe,
-    emit_json,
-    reporting,
-    stdout,
-)
-from disback_cli.config import TeacherTrainConfig, build_config
+from disback_cli.cli._common import JsonOpt, QuietOpt, emit_json, reporting, stdout
+from disback_cli.cli.options import config_command
+from disback_cli.config import TeacherTrainConfig
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.teachers import (
     BUILTIN_PREFIX,
@@ -32,7 +22,10 @@ from disback_cli.stages.train_teacher import train_teacher
 app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
 
 TeacherArg = Annotated[
-    str, typer.Argument(help="builtin:NAME, a .safetensors teacher or an EDM .pkl.")
+    str,
+    typer.Argument(
+        help="builtin:NAME, a .safetensors teacher, an EDM .pkl or a diffusers model folder."
+    ),
 ]
 
 
@@ -91,16 +84,10 @@ def list_teachers(json_out: JsonOpt = False) -> None:
 
 
 @app.command("train")
+@config_command(TeacherTrainConfig, "teacher_train")
 def train(
+    cfg: TeacherTrainConfig,
     out: Annotated[Path, typer.Option("--out", "-o", help="Teacher file to write (.safetensors).")],
-    dataset: Annotated[
-        str | None, typer.Option(help=describe(TeacherTrainConfig, "dataset"))
-    ] = None,
-    iters: Annotated[int | None, typer.Option(help=describe(TeacherTrainConfig, "iters"))] = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
-    config: ConfigOpt = None,
-    settings: SetOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -108,8 +95,6 @@ def train(
 
     Example: disback teacher train --config recipes/teacher-ring2d.toml --out ring2d.safetensors
     """
-    flags = dict(dataset=dataset, iters=iters, seed=seed, device=device)
-    cfg = build_config(TeacherTrainConfig, config, "teacher_train", flags, settings)
     with reporting(quiet or json_out) as reporter:
         digest = train_teacher(cfg, out, reporter)
     if json_out:

@@ -8,7 +8,7 @@ every other field defines the run, and a change to it is refused unless the run 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import tomllib
 from pydantic import (
@@ -23,10 +23,8 @@ from pydantic import (
 )
 
 from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
-from disback_cli.method.losses import GENERATOR_LOSSES
-from disback_cli.method.noise import SigmaKind
-from disback_cli.method.sampling import MAX_SAMPLES
 from disback_cli.store.fileio import read_regular_file
+from disback_cli.store.samples import MAX_SAMPLES
 
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
 
@@ -62,18 +60,24 @@ PMean = Annotated[float, Field(ge=-20, le=20)]
 PStd = Annotated[float, Field(gt=0, le=20)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
 PathText = Annotated[str, Field(min_length=1, max_length=4096)]
+# A field's command-line flag is `--field-name` (see `cli.options`); `flags(...)` names it
+# otherwise, and `NO_FLAG` leaves the field to recipes and `--set`.
+NO_FLAG = {"flags": []}
+
+
+def flags(*names: str) -> dict[str, list[str]]:
+    return {"flags": list(names)}
+
+
+def field_flags(model: type[BaseModel], name: str) -> list[str] | None:
+    """The flags a field declares (None: the default `--field-name`; []: no flag)."""
+    extra = model.model_fields[name].json_schema_extra
+    return extra.get("flags") if isinstance(extra, dict) else None
+
+
 DROPOUT_HELP = "dropout of trained copies; none: the teacher's (Diff-Instruct, SiD); 0: off (DMD2)"
 
-# Defaults that depend on the teacher family (`resolve.teacher_family`: vector, small image, or
-# EDM-size image teachers): the toy ring wants fast rates, EDM U-Nets the rates their distillation
-# papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
-# Text-to-image teachers (Stable Diffusion): the DisBack SDXL release's 5e-7 for every network.
-FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5, "text": 5e-7},  # record
-    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5, "text": 5e-7},
-    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5, "text": 5e-7},
-    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0, "text": 10.0},
-}
+SigmaKind = Literal["lognormal", "karras", "discrete"]  # where denoisers learn (`method.noise`)
 
 
 class _Config(BaseModel):
@@ -126,6 +130,8 @@ class _Compute(_Config):
 class _Training(_Compute):
     """What both training stages share: the loss the path serves, noise levels, dropout, seed."""
 
+    resolved_by_teacher: ClassVar[bool] = True  # unset values come from the teacher's family
+
     loss: str = Field(
         "vsd",
         max_length=100,
@@ -158,6 +164,8 @@ class _Training(_Compute):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, value: str) -> str:
+        from disback_cli.method.losses import GENERATOR_LOSSES  # the registry, read when needed
+
         if value not in GENERATOR_LOSSES:
             raise ValueError(f"unknown loss {value!r} (known: {', '.join(GENERATOR_LOSSES)})")
         return value
@@ -167,7 +175,9 @@ class RecordConfig(_Training):
     """Degradation recording: fine-tune a teacher copy on samples of the frozen G0."""
 
     teacher: PathText = Field(
-        description="builtin:NAME, an EDM .pkl or a disback .safetensors file"
+        description="builtin:NAME, an EDM .pkl, a disback .safetensors file or a diffusers model "
+        "folder",
+        json_schema_extra=flags("--teacher", "-t"),
     )
     iters: Iters = Field(1000, description="DSM iterations of the auxiliary model")
     nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = Field(
@@ -265,7 +275,7 @@ class BacktrackConfig(_Training):
         None, description="generator EMA half-life, kimg"
     )
     ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
-        0.05, description="EMA ramp-up ratio (none: off)"
+        0.05, description="EMA ramp-up ratio (none: off)", json_schema_extra=NO_FLAG
     )
     grad_clip: Annotated[float, Field(gt=0, le=1e12)] | None = Field(
         None, description="clip gradient norms (none: off)"
@@ -274,7 +284,7 @@ class BacktrackConfig(_Training):
     log_every: Iters = Field(10, description="metrics.jsonl line every N iterations")
     eval_every: Count = Field(0, description="ground-truth metrics every N (0: off)")
     eval_samples: Annotated[int, Field(ge=2, le=10**6)] = Field(
-        2000, description="samples per evaluation"
+        2000, description="samples per evaluation", json_schema_extra=NO_FLAG
     )
     mismatch_every: Count = Field(
         0,
@@ -318,7 +328,9 @@ class SampleConfig(_Compute):
     """One-step sampling from a trained generator."""
 
     n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = Field(
-        None, description="number of samples (seeds 0..n-1)"
+        None,
+        description="number of samples, seeds 0..n-1 (none: 1000 unless --seeds)",
+        json_schema_extra=flags("-n"),
     )
     seeds: str | None = Field(
         None, max_length=10_000, description="seed list, e.g. 0-999 (instead of -n)"
@@ -329,13 +341,18 @@ class SampleConfig(_Compute):
         "auto", description="npz, png (images: EDM folder layout), auto: png for images"
     )
     class_label: Annotated[int, Field(ge=0, le=100_000)] | None = Field(
-        None, description="fixed class for all samples"
+        None, description="fixed class for all samples", json_schema_extra=flags("--class")
     )
     prompts: PathText | None = Field(
         None, description="text-to-image generators: a prompt file; -n images per prompt"
     )
     best_of: Annotated[int, Field(ge=1, le=1024)] = Field(
         1, description="keep the best of K candidates per seed, scored by --verifier"
+    )
+    guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None,
+        description="classifier-free guidance of a text-to-image --teacher; none: the scale "
+        "backtrack guides its target with (1.75 for SD 1.x/2.x, 8 for SDXL)",
     )
 
 

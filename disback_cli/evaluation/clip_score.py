@@ -15,7 +15,7 @@ import torch
 
 from disback_cli.errors import DisbackError
 from disback_cli.method.sampling import MAX_SAMPLES
-from disback_cli.models.text_to_image.folder import find_weights, read_config
+from disback_cli.store.component_files import find_weights, read_config
 from disback_cli.store.fileio import parse_json, read_regular_file
 from disback_cli.store.samples import PROMPTS, complete_images
 from disback_cli.store.tensorfile import read_safetensors

@@ -23,9 +23,8 @@ from torch import nn
 from disback_cli.errors import DisbackError
 from disback_cli.evaluation.datasets import digits_uint8
 from disback_cli.evaluation.image_metrics import feature_stats, frechet_distance
-from disback_cli.models.denoiser_files import load_weights
 from disback_cli.store.fileio import atomic_write_chunks
-from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks
+from disback_cli.store.tensorfile import load_weights, read_safetensors, safetensors_chunks
 
 FORMAT = "disback.detector"
 COVERAGE_SHARE = 0.03  # a class counts as covered with at least 3 % of the samples

@@ -8,7 +8,7 @@ import itertools
 from pathlib import Path
 
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.store.catalog import unique_labels
+from disback_cli.evaluation.catalog import unique_labels
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.metrics_log import read_metrics
 

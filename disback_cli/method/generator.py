@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -12,10 +11,9 @@ from torch import nn
 
 from disback_cli.config import RecordConfig
 from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
-from disback_cli.models.denoiser_files import DenoiserFile, build_with_weights, load_denoiser
-from disback_cli.models.networks import NetworkSpec, build_denoiser
-from disback_cli.models.teachers import Teacher
-from disback_cli.models.text_to_image.folder import is_unet_folder, read_unet_folder
+from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
+from disback_cli.models.family import Teacher
+from disback_cli.models.networks import NetworkSpec, build_denoiser, network_spec
 from disback_cli.store.manifests import G0Spec
 
 
@@ -38,12 +36,10 @@ class OneStepGenerator(nn.Module):
 
 def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -> G0Spec:
     """Where G0 comes from: the teacher (default), a student file, or a random student; for a
-    text-to-image teacher fed pure noise at `cfg.timestep`."""
-    scale = None
+    teacher whose family feeds G0 its input otherwise (e.g. pure noise at a timestep)."""
+    scale = teacher.family.g0_input_scale(cfg)
     if student is not None and student.info.get("input_scale") is not None:
         scale = student.info["input_scale"]  # a generator file trained with its own input scale
-    elif cfg.timestep is not None:
-        scale = math.sqrt(1 + cfg.sigma_init**2)
     if student is not None:
         return G0Spec(
             kind="file",
@@ -64,7 +60,7 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
             kind="random",
             sigma_init=cfg.sigma_init,
             input_scale=scale,
-            network=network,
+            network=network.model_dump(mode="json"),
             init_seed=cfg.seed,
         )
     return G0Spec(sigma_init=cfg.sigma_init, input_scale=scale)
@@ -89,7 +85,8 @@ def build_g0(
     elif spec.kind == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            denoiser, network = build_denoiser(spec.network).to(device), spec.network
+            network = network_spec(spec.network, "the trajectory's random student")
+            denoiser = build_denoiser(network).to(device)
     else:
         denoiser = teacher.denoiser if share else copy.deepcopy(teacher.denoiser)
         network = teacher.spec
@@ -105,13 +102,9 @@ def load_student(
     expected_sha256: str | None = None,
     verify: bool = True,
 ) -> DenoiserFile:
-    """A student network: a disback denoiser file, or (text-to-image teachers) a diffusers UNet
-    folder such as a distilled one-step UNet, read with the teacher's preconditioning."""
-    if teacher.text_to_image and is_unet_folder(path):
-        spec, tensors, digest = read_unet_folder(path, teacher.spec, expected_sha256, verify)
-        denoiser = build_with_weights(spec, tensors, str(path)).to(device).eval()
-        return DenoiserFile(denoiser.requires_grad_(False), spec, {"role": "student"}, digest)
-    return load_denoiser(path, device, expected_sha256, verify)
+    """A student network: a disback denoiser file, or what else the teacher's family reads as
+    one (e.g. a diffusers UNet folder such as a distilled one-step UNet)."""
+    return teacher.family.load_student(path, teacher, device, expected_sha256, verify)
 
 
 def load_generator(

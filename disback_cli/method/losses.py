@@ -17,7 +17,6 @@ from disback_cli.errors import DisbackError
 from disback_cli.method.dsm import apply_gradients, generator_inputs
 from disback_cli.method.noise import (
     KARRAS_LEVELS,
-    DiscreteSigma,
     SigmaKind,
     karras_sigma,
     sample_karras_index_sigma,
@@ -37,6 +36,8 @@ class GeneratorLossOutput:
 
 
 class GeneratorLoss(Protocol):
+    fake_side: str  # the fake network it works with (`fake_sides.FAKE_SIDES`)
+
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor: ...
 
     def __call__(
@@ -57,6 +58,8 @@ class VSDLoss:
     x_t = x + sigma n, with weight 1 in denoiser space (sigma^2 in score space); sigma is drawn
     from EDM's log-normal training distribution.
     """
+
+    fake_side = "score"
 
     def __init__(self, p_mean: float, p_std: float) -> None:
         self.p_mean, self.p_std = p_mean, p_std
@@ -81,6 +84,8 @@ class DMDLoss:
     mean |x - D_target(x_t)|; sigma uniform over the 2 %..98 % indices of 1000 Karras levels.
     The loss is DMD2's `0.5 * mse_loss(x, sg(x - grad), reduction="mean")`: a mean over every
     element, so DMD2's gradient clipping (10 on ImageNet) means the same here."""
+
+    fake_side = "score"
 
     def __init__(self, low: float = 0.02, high: float = 0.98) -> None:
         self.low, self.high = low, high
@@ -108,6 +113,8 @@ class SiDLoss:
     """Score identity distillation (Zhou et al. 2024): per sample
     (D_t - D_f) . ((D_t - x) - alpha (D_t - D_f)) / mean |x - D_t|, differentiated through x_t and
     both denoisers' inputs; t ~ U(0, 0.8) on EDM's rho grid (sigma up to about 24)."""
+
+    fake_side = "score"
 
     def __init__(self, alpha: float = 1.2, t_max: float = 0.8) -> None:
         self.alpha, self.t_max = alpha, t_max
@@ -144,7 +151,7 @@ class DiffRatioLoss(VSDLoss):
     available to us: this is VSD's (weight 1 in denoiser space, log-normal sigma), so that it
     differs from `vsd` only in how the score difference is estimated."""
 
-    needs_data = True
+    fake_side = "ratio"
 
     def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         x_t = x.detach() + sigma_like(sigma, x) * noise
@@ -175,6 +182,7 @@ class AtLevels:
 
     def __init__(self, loss: GeneratorLoss, levels) -> None:
         self.loss, self.levels = loss, levels
+        self.fake_side = loss.fake_side
 
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.levels.sample(n, rng, device)
@@ -183,15 +191,13 @@ class AtLevels:
         return self.loss(x, sigma, noise, fake, target, cond)
 
 
-def make_generator_loss(cfg, teacher: Denoiser | None = None) -> GeneratorLoss:
-    """The loss named by `cfg.loss`, built from the fields of the config it needs; for a
-    discrete-time `teacher` (dsm_sigma "discrete") queried at its generator timesteps."""
+def make_generator_loss(cfg, levels=None) -> GeneratorLoss:
+    """The loss named by `cfg.loss`, built from the fields of the config it needs; queried at
+    `levels` instead of its own noise levels when the teacher's family says so."""
     if cfg.loss not in GENERATOR_LOSSES:
         raise DisbackError(f"unknown loss {cfg.loss!r} (known: {', '.join(GENERATOR_LOSSES)})")
     loss = GENERATOR_LOSSES[cfg.loss].from_config(cfg)
-    if cfg.dsm_sigma == "discrete":
-        return AtLevels(loss, DiscreteSigma.generator_levels(teacher.sigmas))
-    return loss
+    return loss if levels is None else AtLevels(loss, levels)
 
 
 def generator_step(

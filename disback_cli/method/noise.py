@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from disback_cli.config import SigmaKind
 from disback_cli.errors import ConfigError
-
-SigmaKind = Literal["lognormal", "karras", "discrete"]
-
+from disback_cli.models.discrete_ddpm import DiscreteSigma
 
 KARRAS_LEVELS = 1000  # DMD2's grid of training noise levels
 
@@ -36,28 +34,6 @@ def sample_karras_index_sigma(
     """Noise levels at a uniformly drawn index `low <= i < high` of 1000 Karras levels."""
     index = torch.randint(low, high, (n,), generator=rng, device=device)
     return karras_sigma(index.float() / (KARRAS_LEVELS - 1))
-
-
-@dataclass(frozen=True)
-class DiscreteSigma:
-    """Noise levels of a discrete-time teacher: its sigma_t at a timestep drawn uniformly from
-    `low <= t < high` (default: all of them, as DMD2 trains its fake score on SD)."""
-
-    table: torch.Tensor  # sigma_t of timesteps 0..T-1
-    low: int = 0
-    high: int | None = None
-
-    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
-        high = len(self.table) if self.high is None else self.high
-        index = torch.randint(self.low, high, (n,), generator=rng, device=device)
-        return self.table.to(device)[index]
-
-    @classmethod
-    def generator_levels(cls, table: torch.Tensor) -> DiscreteSigma:
-        """Where DMD2 queries the scores of an SD teacher for the generator: timesteps
-        int(0.02 T) .. int(0.98 T), both included."""
-        steps = len(table)
-        return cls(table, int(0.02 * steps), int(0.98 * steps) + 1)
 
 
 @dataclass(frozen=True)

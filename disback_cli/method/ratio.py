@@ -30,7 +30,7 @@ def score_difference(ratio, x_t: torch.Tensor, sigma: torch.Tensor, cond) -> tor
     input gradient (its weights get no gradient)."""
     x_t = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = ratio(x_t, sigma, cond.get("class_labels"))
+        logits = ratio(x_t, sigma, **cond)
         (grad,) = torch.autograd.grad(logits.sum(), x_t)
     return -(sigma_like(sigma, x_t) ** 2) * grad
 
@@ -66,7 +66,7 @@ def ratio_step(
             fake = generator(ex.to_input(z), **cond)
         real_t = real + sigma_like(sigmas[0], real) * noises[0]
         fake_t = fake + sigma_like(sigmas[1], fake) * noises[1]
-        real_logit = ratio(real_t, sigmas[0], real_cond.get("class_labels"))
-        fake_logit = ratio(fake_t, sigmas[1], cond.get("class_labels"))
+        real_logit = ratio(real_t, sigmas[0], **real_cond)
+        fake_logit = ratio(fake_t, sigmas[1], **cond)
         loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
     return loss.detach(), apply_gradients(loss, ratio, optimizer, ex, clip)

@@ -18,8 +18,8 @@ from disback_cli.models.conditioning import (
     Unconditional,
 )
 from disback_cli.models.precond import Denoiser
+from disback_cli.store.samples import MAX_SAMPLES
 
-MAX_SAMPLES = 10**7  # seeds in one `sample` or `evaluate` call (200x EDM's 50k protocol)
 MAX_SEED = 1 << 62  # seeds of repeats are offset, and torch takes seeds below 2**64
 
 
@@ -114,10 +114,9 @@ def best_of_k(
         many = cond.map(lambda t: t.expand(k, *t.shape[1:])).to(device)
         with torch.no_grad():
             x = generator(z, **many)
-            labels = many.get("class_labels")
             score = torch.stack(
                 [
-                    ratio(x + s * sigma_data * noise[i].to(device), s * sigma_data, labels)
+                    ratio(x + s * sigma_data * noise[i].to(device), s * sigma_data, **many)
                     for i, s in enumerate(VERIFIER_SIGMAS)
                 ]
             ).mean(dim=0)

@@ -19,7 +19,12 @@ from torch import nn
 from disback_cli.errors import DisbackError, describe_validation_error
 from disback_cli.models.networks import NetworkSpec, meta_network
 from disback_cli.store.fileio import atomic_write_chunks, parse_json
-from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks, tensors_of
+from disback_cli.store.tensorfile import (
+    check_weights,
+    read_safetensors,
+    safetensors_chunks,
+    tensors_of,
+)
 
 FORMAT = "disback.denoiser"
 FORMAT_VERSION = 1
@@ -137,39 +142,3 @@ def build_with_weights(spec: NetworkSpec, tensors: dict[str, torch.Tensor], sour
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     denoiser.load_state_dict(tensors, strict=True, assign=True)
     return denoiser
-
-
-def check_weights(
-    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str
-) -> None:
-    """Names, shapes and kinds of `tensors` equal to the network's, and every value finite, or a
-    one-line explanation (a diverged or corrupt file must not sample NaN silently)."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise DisbackError(
-            f"{source}: weights do not match the network "
-            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
-            f"e.g. {[name[:80] for name in unexpected[:2]]})"
-        )
-    for key, value in tensors.items():
-        want = expected[key]
-        if value.shape != want.shape:
-            raise DisbackError(
-                f"{source}: tensor {key} has shape {tuple(value.shape)}, the network expects "
-                f"{tuple(want.shape)} (a file from another teacher?)"
-            )
-        if value.is_floating_point() != want.is_floating_point() or (
-            not want.is_floating_point() and value.dtype != want.dtype
-        ):
-            raise DisbackError(f"{source}: tensor {key} is {value.dtype}, expected {want.dtype}")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise DisbackError(
-                f"{source}: tensor {key} holds NaN or infinite values (a diverged or corrupt file)"
-            )
-
-
-def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load into an existing module, checked first by `check_weights`."""
-    check_weights(module.state_dict(), tensors, source)
-    module.load_state_dict(tensors, strict=True)

@@ -12,6 +12,7 @@ becomes x0_hat through c_skip and c_out. Noise levels outside the trained range
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -121,3 +122,25 @@ class DiscreteDDPMPrecond(Precond):
         if self.prediction_type == "epsilon":
             return 1 / sigma**2
         return (sigma**2 + 1) / sigma**2
+
+
+@dataclass(frozen=True)
+class DiscreteSigma:
+    """Noise levels of a discrete-time teacher: its sigma_t at a timestep drawn uniformly from
+    `low <= t < high` (default: all of them, as DMD2 trains its fake score on SD)."""
+
+    table: torch.Tensor  # sigma_t of timesteps 0..T-1
+    low: int = 0
+    high: int | None = None
+
+    def sample(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        high = len(self.table) if self.high is None else self.high
+        index = torch.randint(self.low, high, (n,), generator=rng, device=device)
+        return self.table.to(device)[index]
+
+    @classmethod
+    def generator_levels(cls, table: torch.Tensor) -> DiscreteSigma:
+        """Where DMD2 queries the scores of an SD teacher for the generator: timesteps
+        int(0.02 T) .. int(0.98 T), both included."""
+        steps = len(table)
+        return cls(table, int(0.02 * steps), int(0.98 * steps) + 1)

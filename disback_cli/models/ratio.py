@@ -21,7 +21,12 @@ from torch import nn
 
 from disback_cli.errors import DisbackError
 from disback_cli.store.fileio import atomic_write_chunks, parse_json
-from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks, tensors_of
+from disback_cli.store.tensorfile import (
+    load_weights,
+    read_safetensors,
+    safetensors_chunks,
+    tensors_of,
+)
 
 FORMAT = "disback.ratio"
 FORMAT_VERSION = 1
@@ -161,7 +166,5 @@ def load_ratio(
     except (KeyError, ValueError, ValidationError):
         raise DisbackError(f"{path}: bad ratio network metadata") from None
     network = build_ratio(spec, str(path))
-    from disback_cli.models.denoiser_files import load_weights
-
     load_weights(network, tensors, str(path))
     return network.to(device).eval().requires_grad_(False), info

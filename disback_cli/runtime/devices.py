@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.store import fileio
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,15 +26,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def physical_memory() -> int:
-    """Bytes of RAM of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return physical_memory()
+    return fileio.physical_memory()
 
 
 def check_fits_memory(what: str, nbytes: int, device: torch.device, hint: str = "") -> None:

@@ -4,12 +4,13 @@ The generator starts as G0. The fake score starts at path node N (fitted to G0) 
 fitted to the generator by denoising score matching; the target starts at node N-1 and moves one
 node toward the teacher every `interval` iterations. `no_trajectory` runs the plain distillation
 baseline through the same loop: target = teacher throughout, fake score initialised as the teacher.
+What the fake network is (a score network, or DiffRatio's ratio network) is the fake side's to
+say (`method.fake_sides`); how the teacher's targets are queried, its family's.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -20,26 +21,18 @@ from disback_cli.config import BacktrackConfig
 from disback_cli.config.resolve import resolve_backtrack
 from disback_cli.errors import ConfigError
 from disback_cli.evaluation.datasets import GaussianMixture, get_dataset
-from disback_cli.evaluation.ground_truth import training_evaluator
-from disback_cli.evaluation.mismatch import ScoreMismatch
-from disback_cli.method.data import DataSource, open_data
-from disback_cli.method.dsm import denoising_step
 from disback_cli.method.ema import ema_beta, update_ema
+from disback_cli.method.fake_sides import FakeSide, make_fake_side
 from disback_cli.method.generator import build_g0
-from disback_cli.method.guidance import guided
 from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.ratio import ratio_step
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
-from disback_cli.models.ratio import build_ratio, ratio_spec_for, save_ratio
+from disback_cli.models.path_nodes import Targets
 from disback_cli.models.teachers import Teacher
-from disback_cli.models.text_to_image.sampling import sampling_info
-from disback_cli.runtime.devices import peak_memory_gib
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
-from disback_cli.runtime.tracking import open_trackers
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
     Run,
@@ -47,20 +40,16 @@ from disback_cli.stages.lifecycle import (
     make_optimizer,
     seed_streams,
 )
-from disback_cli.stages.path_nodes import LoraPathNodes, NoTargets, PathNodes, path_nodes
-from disback_cli.stages.prompts import with_training_prompts
-from disback_cli.store.layout import METRICS, backtrack_dir, check_no_links, checkpoint_file
+from disback_cli.stages.training_log import TrainingLog
+from disback_cli.stages.trajectory import open_trajectory
+from disback_cli.store.layout import backtrack_dir, check_no_links, checkpoint_file
 from disback_cli.store.manifests import (
     BacktrackManifest,
-    DataRecord,
     FileRef,
     PromptsRef,
-    TeacherRef,
     TrajectoryManifest,
     now,
-    open_trajectory,
 )
-from disback_cli.store.metrics_log import MetricsLog
 from disback_cli.store.tensorfile import tensor_bytes
 
 
@@ -79,11 +68,11 @@ def run_backtrack(
     trajectory = Path(trajectory)
     ex, reporter = process_of(cfg, reporter)
     traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
-    cfg, sources = resolve_backtrack(cfg, teacher)
+    cfg, sources = resolve_backtrack(cfg, teacher, traj)
     torch.set_num_threads(cpu_threads(cfg.threads))
-    prompts = None
-    if teacher.text_to_image:
-        cfg, sources, teacher, prompts = _training_prompts(cfg, sources, traj, teacher, ex.device)
+    teacher, conditions = teacher.family.training_conditions(
+        teacher, cfg, sources, ex.device, traj.prompts
+    )
     check_path_noise_levels(cfg, traj, trajectory, force, reporter)
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     if cfg.eval_every and teacher.dataset is None:
@@ -95,17 +84,14 @@ def run_backtrack(
             "--mismatch-every needs a teacher of a Gaussian-mixture data set "
             "(builtin:ring2d), whose exact score is known"
         )
-    data = None  # diffratio's real data, checked before anything is written
-    if cfg.loss == "diffratio":
-        if cfg.mismatch_every:
-            raise ConfigError(
-                "--mismatch-every needs a target and a fake score; diffratio has neither"
-            )
-        data = open_data(cfg.data, teacher.spec.data_shape, teacher.spec.label_dim)
+    fake_side = make_fake_side(cfg)
+    fake_side.open_inputs(cfg, teacher)  # checked before anything is written
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
-        return _backtrack(run, cfg, sources, trajectory, traj, teacher, prompts, data, name, force)
+        return _backtrack(
+            run, cfg, sources, (trajectory, traj), teacher, conditions, fake_side, name, force
+        )
 
 
 def check_path_noise_levels(
@@ -128,22 +114,6 @@ def check_path_noise_levels(
     reporter.note(f"--force: {message}")
 
 
-def _training_prompts(
-    cfg: BacktrackConfig, sources: dict, traj: TrajectoryManifest, teacher: Teacher, device
-) -> tuple[BacktrackConfig, dict, Teacher, PromptsRef]:
-    """A text-to-image run trains on --prompts, or else on the prompts its path was recorded
-    with (checked by sha256)."""
-    expected = None
-    if cfg.prompts is None:
-        if traj.prompts is None:
-            raise ConfigError("a text-to-image teacher needs --prompts FILE")
-        cfg = cfg.model_copy(update={"prompts": traj.prompts.file})
-        sources = {**sources, "prompts": "trajectory"}
-        expected = traj.prompts.sha256
-    teacher, ref = with_training_prompts(teacher, cfg.prompts, device, expected)
-    return cfg, sources, teacher, ref
-
-
 def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:
     """Which path node is the target: always the teacher for --no-trajectory, else the rule."""
     if cfg.no_trajectory:
@@ -157,18 +127,17 @@ def _backtrack(
     run: Run,
     cfg: BacktrackConfig,
     sources: dict[str, str],
-    trajectory: Path,
-    traj: TrajectoryManifest,
+    recorded: tuple[Path, TrajectoryManifest],
     teacher: Teacher,
     prompts: PromptsRef | None,
-    data: DataSource | None,
+    fake_side: FakeSide,
     name: str,
     force: bool,
 ) -> BacktrackManifest:
     """Set up (or restore) everything the backtracking loop needs, then run it."""
-    ex = run.ex
+    ex, (trajectory, traj) = run.ex, recorded
     path_sha = [node.sha256 for node in traj.nodes]
-    data_record = None if data is None else DataRecord(**vars(data.ref))
+    data = fake_side.data_record
 
     def changes(manifest: BacktrackManifest) -> list[str]:
         found = []
@@ -180,7 +149,7 @@ def _backtrack(
             found.append("the trajectory's path nodes were re-recorded")
         if manifest.prompts != prompts:
             found.append("prompt file (sha256) differs")
-        if manifest.data != data_record:
+        if manifest.data != data:
             found.append("the --data content (sha256) differs")
         return found
 
@@ -191,46 +160,15 @@ def _backtrack(
     generator, generator_spec = build_g0(traj.g0, teacher, ex.device)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
-    # Noise levels from the teacher's denoiser before `PathNodes` takes its weights.
-    loss_fn, levels = (
-        make_generator_loss(cfg, teacher.denoiser),
-        TrainingSigma.of(cfg, teacher.denoiser),
-    )
+    # Noise levels from the teacher's denoiser before the targets take its weights.
+    loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
+    levels = TrainingSigma.of(cfg, teacher.denoiser)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    if data is None:
-        targets = path_nodes(trajectory, traj, teacher, ex, cfg.verify)  # the teacher's too
-        fake = targets.copy_of(0 if cfg.no_trajectory else traj.last_node)
-    else:  # diffratio: a density-ratio network instead of the fake score; no target
-        targets, teacher.denoiser = NoTargets(), None  # nothing queries the teacher's score
-        spec = ratio_spec_for(
-            teacher.spec.data_shape,
-            teacher.spec.label_dim,
-            generator.denoiser.sigma_data,
-            cfg.ratio_width,
-            cfg.ratio_depth,
-        )
-        fake = build_ratio(spec, seed=cfg.seed).to(ex.device)
+    fake, targets = fake_side.build(cfg, trajectory, traj, teacher, generator, ex)
     try:
-        fake.train().requires_grad_(True)
-        set_dropout(fake, cfg.dropout)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(generator)
-            enable_checkpointing(fake)
-        optimizers = {
-            "generator": make_optimizer(
-                generator.parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
-            ),
-            "fake": make_optimizer(
-                fake.parameters(), cfg.lr_fake, cfg.betas, cfg.optimizer, cfg.weight_decay
-            ),
-        }
-        modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
-        rng = seed_streams(cfg.seed, ex)
-        schedule = make_schedule(cfg, traj.last_node)
-        history = TargetHistory()
-        state = TrainingState(modules, optimizers, rng, {"schedule": schedule, "targets": history})
+        state = _training_state(cfg, traj, generator, generator_ema, fake, ex)
         # Room for two checkpoints (the previous one goes once the next is complete): generator,
-        # EMA, and the state (generator, EMA, fake score, two Adam moments each for G and fake).
+        # EMA, and the state (generator, EMA, fake network, two Adam moments each for G, fake).
         g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
         run.ensure_space(2 * (5 * g_size + 3 * f_size), "two checkpoints")
         if previous is None:
@@ -240,10 +178,10 @@ def _backtrack(
                 updated_at=stamp,
                 status="running",
                 name=name,
-                teacher=TeacherRef.of(teacher),
+                teacher=teacher.reference(),
                 g0=traj.g0,
                 prompts=prompts,
-                data=data_record,
+                data=data,
                 path_sha256=path_sha,
                 config=cfg,
                 world_size=ex.world_size,
@@ -254,15 +192,38 @@ def _backtrack(
         ex.prepare(fake)
         log = TrainingLog(run, cfg, teacher)
         try:
-            save = generator_files(run, teacher, generator_spec, data is not None)
-            fit = denoising_step if data is None else functools.partial(ratio_step, data=data)
-            return backtrack(
-                run, cfg, teacher, state, schedule, targets, (loss_fn, fit, levels), log, save, step
-            )
+            save = generator_files(run, teacher, generator_spec, fake_side)
+            losses = (loss_fn, fake_side.step, levels)
+            return backtrack(run, cfg, teacher, state, targets, losses, log, save, step)
         finally:
             log.close()
     finally:
         targets.close()
+
+
+def _training_state(
+    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, generator_ema, fake, ex
+) -> TrainingState:
+    """What trains (generator, fake network), its optimisers, the random streams and the
+    switching rule, exactly as at iteration 0."""
+    fake.train().requires_grad_(True)
+    set_dropout(fake, cfg.dropout)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(generator)
+        enable_checkpointing(fake)
+    optimizers = {
+        "generator": make_optimizer(
+            generator.parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
+        ),
+        "fake": make_optimizer(
+            fake.parameters(), cfg.lr_fake, cfg.betas, cfg.optimizer, cfg.weight_decay
+        ),
+    }
+    # The fake network (score or ratio) keeps the state file's "fake" slot.
+    modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
+    rng = seed_streams(cfg.seed, ex)
+    loop = {"schedule": make_schedule(cfg, traj.last_node), "targets": TargetHistory()}
+    return TrainingState(modules, optimizers, rng, loop)
 
 
 def backtrack(
@@ -270,17 +231,16 @@ def backtrack(
     cfg: BacktrackConfig,
     teacher: Teacher,
     state: TrainingState,
-    schedule,
-    targets: PathNodes | LoraPathNodes | NoTargets,
+    targets: Targets,
     losses: tuple[GeneratorLoss, Callable, TrainingSigma],
     log: TrainingLog,
     save: Callable[[int], None],
     start: int,
 ) -> BacktrackManifest:
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
-    `losses`: the generator loss, the fake score's step (`dsm.denoising_step`; diffratio: the
-    ratio network's `ratio.ratio_step`) and the noise levels it trains at."""
-    ex, rng = run.ex, state.rng
+    `losses`: the generator loss, the fake network's step (`fake_sides`) and the noise levels it
+    trains at."""
+    ex, rng, schedule = run.ex, state.rng, state.loop["schedule"]
     modules = state.modules
     generator, generator_ema, fake = modules["generator"], modules["generator_ema"], modules["fake"]
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
@@ -300,13 +260,13 @@ def backtrack(
         node = schedule.target(step - 1)
         state.loop["targets"].used(step - 1, node)
         # Eq. (8): a generator step on (fake - target) at noised generator samples, the target
-        # with classifier-free guidance for text-to-image teachers. (The target is not held
-        # here: at a switch the old node is freed before the next is read.)
-        target = guided(targets.at(node), cfg.guidance_scale)
+        # as the teacher's family queries it (guided, for text-to-image teachers). (The target
+        # is not held here: at a switch the old node is freed before the next is read.)
+        target = teacher.family.target(targets.at(node), cfg.guidance_scale)
         out, grad_norm_g = generator_step(
             generator, opt_g, loss_fn, fake, target, shape, conditions, rng, clip, ex
         )
-        # Eq. (5): the fake score's denoising step(s) keep it fitted to the current generator.
+        # Eq. (5): the fake network's step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
             loss_fake, grad_norm_fake = fit_fake(
                 fake, opt_f, generator, shape, conditions, levels, rng, clip, ex
@@ -334,81 +294,12 @@ def backtrack(
     return run.manifest
 
 
-class TrainingLog:
-    """metrics.jsonl of a run: means of the logged values over the last `log_every` iterations
-    (averaged over ranks, kept on the device between lines), and with `eval_every` the
-    ground-truth metrics of the EMA generator."""
-
-    def __init__(self, run: Run, cfg: BacktrackConfig, teacher: Teacher) -> None:
-        self.run, self.cfg = run, cfg
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.evaluate = None
-        if cfg.eval_every and run.ex.is_main:
-            self.evaluate = training_evaluator(
-                teacher.dataset,
-                cfg.eval_samples,
-                teacher.spec.data_shape,
-                teacher.conditions,
-                run.ex.device,
-                cfg.batch,
-            )
-        self.mismatch = None
-        if cfg.mismatch_every and run.ex.is_main:
-            self.mismatch = ScoreMismatch(get_dataset(teacher.dataset), run.ex.device)
-        self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
-        self.trackers = []
-        if run.ex.is_main:
-            self.trackers = open_trackers(
-                cfg.log_to, run.directory, cfg.model_dump(mode="json"), run.manifest.created_at
-            )
-
-    def add(self, **values: torch.Tensor) -> None:
-        for key, value in values.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        self.count += 1
-
-    def _means(self) -> dict[str, float]:
-        keys = list(self.sums)
-        values = self.run.ex.mean(torch.stack([self.sums[k] for k in keys]) / self.count)
-        self.sums, self.count = {}, 0
-        return dict(zip(keys, values.tolist(), strict=True))
-
-    def line(self, step: int, target_node: int, generator_ema, networks: tuple) -> None:
-        """The log line of `step`, if one is due; `networks`: (generator, fake, target) for the
-        score-mismatch diagnostics."""
-        cfg, line = self.cfg, {}
-        last = step == cfg.iters
-        if step % cfg.log_every == 0 or last:
-            line.update(target_node=target_node, **self._means(), seconds=self.run.elapsed())
-            switched = self.run.state.loop["targets"].take_switch()
-            if switched is not None:  # the target moved after this many iterations
-                line["target_switch_at"] = switched
-            peak = peak_memory_gib(self.run.ex.device)
-            if peak is not None:  # this GPU's peak so far (rank 0's)
-                line["peak_memory_gib"] = peak
-            self.run.reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
-        if self.evaluate and (step % cfg.eval_every == 0 or last):
-            line["eval"] = self.evaluate(generator_ema)
-        if self.mismatch and (step % cfg.mismatch_every == 0 or last):
-            line["mismatch"] = self.mismatch(*networks)
-        if line:
-            self.log.write(step, line)
-            for tracker in self.trackers:
-                tracker.log(step, line)
-
-    def close(self) -> None:
-        self.log.close()
-        for tracker in self.trackers:
-            tracker.close()
-
-
 def generator_files(
-    run: Run, teacher: Teacher, spec: NetworkSpec, ratio: bool = False
+    run: Run, teacher: Teacher, spec: NetworkSpec, fake_side: FakeSide
 ) -> Callable[[int], None]:
     """What a backtrack resume point writes besides the state: the generator and its EMA as
-    denoiser files that `sample` reads (and diffratio's ratio network, its verifier)."""
+    denoiser files that `sample` reads (with what the teacher's family needs to sample them),
+    and the fake side's own files (DiffRatio: its ratio network, the verifier)."""
 
     def write(step: int) -> None:
         manifest = run.manifest
@@ -421,8 +312,7 @@ def generator_files(
         }
         if manifest.g0.input_scale is not None:
             info["input_scale"] = manifest.g0.input_scale
-        if teacher.text_to_image:  # the text encoders and VAE `sample` needs
-            info["text_to_image"] = sampling_info(teacher.folder)
+        info.update(teacher.family.generator_info(teacher))
         refs = {}
         for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
             file = checkpoint_file(key.replace("_", "-"), step)
@@ -432,14 +322,9 @@ def generator_files(
             )
             refs[key] = FileRef(file=file, sha256=digest)
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
-        if ratio:
-            file = checkpoint_file("ratio", step)
-            digest = save_ratio(
-                run.directory / file,
-                run.state.modules["fake"],
-                {"role": "verifier", "step": step, **info},
-            )
-            manifest.ratio = FileRef(file=file, sha256=digest)
+        fake = run.state.modules["fake"]
+        for kind, ref in fake_side.save(run.directory, step, fake, info).items():
+            setattr(manifest, kind, ref)
         manifest.step = step
 
     return write

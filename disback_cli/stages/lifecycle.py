@@ -187,7 +187,8 @@ class Run:
 
     def __enter__(self) -> Run:
         if self.ex.is_main:  # one process per run directory
-            self._exits.enter_context(run_lock(self.directory, self.kind.command, self.reporter))
+            lock = run_lock(self.directory, self.kind.command, self.reporter.note)
+            self._exits.enter_context(lock)
         return self
 
     def __exit__(self, *exc_info) -> None:

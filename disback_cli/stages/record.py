@@ -22,16 +22,15 @@ from disback_cli.method.generator import build_g0, g0_spec, load_student
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.probe import PathProbe
 from disback_cli.method.schedule import node_steps
-from disback_cli.models.denoiser_files import DenoiserFile, save_denoiser
+from disback_cli.models.denoiser_files import DenoiserFile
 from disback_cli.models.networks import enable_checkpointing, set_dropout
+from disback_cli.models.path_nodes import NodeFormat
 from disback_cli.models.teachers import Teacher, open_teacher
-from disback_cli.models.text_to_image.lora import LoraFactors, add_lora, save_lora
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
-from disback_cli.stages.prompts import with_training_prompts
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
-from disback_cli.store.manifests import NodeRecord, PromptsRef, TeacherRef, TrajectoryManifest, now
+from disback_cli.store.manifests import NodeRecord, PromptsRef, TrajectoryManifest, now
 from disback_cli.store.tensorfile import tensor_bytes
 
 
@@ -52,9 +51,7 @@ def run_record(
     cfg, sources = resolve_record(cfg, teacher, student)
     torch.set_num_threads(cpu_threads(cfg.threads))
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
-    prompts = None
-    if teacher.text_to_image:
-        teacher, prompts = with_training_prompts(teacher, cfg.prompts, ex.device)
+    teacher, prompts = teacher.family.training_conditions(teacher, cfg, sources, ex.device)
     with Run(out, RECORDING, ex, reporter) as run:
         return _record(run, cfg, sources, teacher, student, prompts, force)
 
@@ -92,22 +89,10 @@ def _record(
         if cfg.placement == "distance":
             plan = plan_by_distance(cfg, teacher, g0, probe, ex, run.reporter)
     ex.prepare(g0.denoiser)
-    state, aux = _training_state(cfg, teacher, ex)
+    node_format = teacher.family.node_format(cfg)
+    state, aux = _training_state(cfg, teacher, node_format, ex)
     start = previous.state.step if previous is not None and previous.state else 0
-    # Room for the remaining nodes and two resume points (weights + two Adam moments each).
-    aux_bytes = tensor_bytes(state.modules["aux"])
-    node_bytes = aux_bytes // 2 if cfg.node_dtype == "bf16" and not cfg.lora_rank else aux_bytes
-    remaining = sum(s > start for s in plan)
-    run.reporter.note(
-        f"disk: {remaining} path nodes x {node_bytes / 2**20:,.1f} MiB "
-        f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else cfg.node_dtype + ' weights'})"
-        f" = {remaining * node_bytes / 2**30:,.2f} GiB, and resume points of "
-        f"{3 * aux_bytes / 2**30:,.2f} GiB"
-    )
-    run.ensure_space(
-        node_bytes * remaining + aux_bytes * 2 * 3, "the remaining path nodes and resume points"
-    )
-
+    _check_disk(run, cfg, node_format, tensor_bytes(state.modules["aux"]), plan, start)
     if previous is None:
         teacher_node = NodeRecord(
             index=0,
@@ -122,7 +107,7 @@ def _record(
             created_at=stamp,
             updated_at=stamp,
             status="recording",
-            teacher=TeacherRef.of(teacher),
+            teacher=teacher.reference(),
             g0=g0_of,
             prompts=prompts,
             node_plan=plan,
@@ -136,7 +121,24 @@ def _record(
         if manifest.state is None:  # killed before its first resume point: start over
             manifest.nodes = manifest.nodes[:1]
     step = run.begin(manifest, state, cfg, sources)
-    return record_path(run, cfg, teacher, g0, probe, plan, state, aux, step)
+    return record_path(run, cfg, teacher, g0, probe, plan, state, aux, step, node_format)
+
+
+def _check_disk(
+    run: Run, cfg: RecordConfig, node_format: NodeFormat, aux_bytes: int, plan, start: int
+) -> None:
+    """Say what the remaining nodes and two resume points (weights + two Adam moments each)
+    take on disk, and refuse to start without that much room."""
+    node_bytes = node_format.node_bytes(aux_bytes, cfg)
+    remaining = sum(s > start for s in plan)
+    run.reporter.note(
+        f"disk: {remaining} path nodes x {node_bytes / 2**20:,.1f} MiB "
+        f"({node_format.describe(cfg)}) = {remaining * node_bytes / 2**30:,.2f} GiB, and resume "
+        f"points of {3 * aux_bytes / 2**30:,.2f} GiB"
+    )
+    run.ensure_space(
+        node_bytes * remaining + aux_bytes * 2 * 3, "the remaining path nodes and resume points"
+    )
 
 
 def record_path(
@@ -149,6 +151,7 @@ def record_path(
     state: TrainingState,
     aux: nn.Module,
     start: int,
+    node_format: NodeFormat,
 ) -> TrajectoryManifest:
     """Algorithm 1, degradation recording, from iteration `start` to `cfg.iters`, training the
     auxiliary model `aux` (whose trained parameters `state` holds)."""
@@ -167,7 +170,8 @@ def record_path(
         # Every iters/N iterations (or as planned) it is saved as the next path node; node N
         # fits G0. A resume point follows, so a resumed recording never saves a node twice.
         if step in node_at_step:
-            node = save_node(run, aux, node_at_step[step], step, teacher, probe, losses, cfg)
+            index = node_at_step[step]
+            node = save_node(run, aux, index, step, teacher, probe, losses, cfg, node_format)
             run.manifest.nodes.append(node)
             run.request_save()
     return run.manifest
@@ -182,9 +186,10 @@ def save_node(
     probe: PathProbe,
     losses: LossMeans,
     cfg: RecordConfig,
+    node_format: NodeFormat,
 ) -> NodeRecord:
-    """Path node `index`: the auxiliary model's weights (rank 0 writes them) and where it stands
-    on the probe."""
+    """Path node `index`: the auxiliary model's weights or adapters, as `node_format` stores
+    them (rank 0 writes them), and where it stands on the probe."""
     file = node_file(index)
     info = {
         "role": "path_node",
@@ -195,13 +200,8 @@ def save_node(
         "teacher_sha256": teacher.sha256,
     }
     digest = ""  # known to rank 0, which writes the manifest
-    if run.ex.is_main and cfg.lora_rank:
-        digest = save_lora(
-            run.directory / file, aux, cfg.lora_rank, teacher.spec.model_dump_json(), info
-        )
-    elif run.ex.is_main:
-        dtype = torch.bfloat16 if cfg.node_dtype == "bf16" else None
-        digest = save_denoiser(run.directory / file, aux, teacher.spec, info, dtype)
+    if run.ex.is_main:
+        digest = node_format.save(run.directory / file, aux, teacher, info, cfg)
     distance, g0_loss = probe(aux)
     return NodeRecord(
         index=index,
@@ -215,17 +215,14 @@ def save_node(
 
 
 def _training_state(
-    cfg: RecordConfig, teacher: Teacher, ex: Execution
+    cfg: RecordConfig, teacher: Teacher, node_format: NodeFormat, ex: Execution
 ) -> tuple[TrainingState, nn.Module]:
-    """The auxiliary model (a trainable teacher copy, or with --lora-rank a frozen copy with
-    trainable adapters), the state of what trains (weights, optimiser, random streams) exactly
-    as at iteration 0."""
+    """The auxiliary model (a trainable teacher copy, or a frozen copy with trainable adapters,
+    as the node format wants), the state of what trains (weights, optimiser, random streams)
+    exactly as at iteration 0."""
     aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
-    trained: nn.Module = aux
-    if cfg.lora_rank:
-        add_lora(aux, cfg.lora_rank, cfg.seed)
-        trained = LoraFactors(aux)
+    trained = node_format.trained(aux, cfg)
     if cfg.gradient_checkpointing:
         enable_checkpointing(aux)
     ex.prepare(aux)
@@ -253,7 +250,7 @@ def plan_by_distance(
     """Node steps such that node i is the first checkpoint at >= i/N of the final distance from
     the teacher. A dry run of the (deterministic) recording measures the distances; the real run
     repeats it and saves at the planned steps."""
-    state, aux = _training_state(cfg, teacher, ex)
+    state, aux = _training_state(cfg, teacher, teacher.family.node_format(cfg), ex)
     optimizer = state.optimizers["aux"]
     shape = (cfg.batch, *teacher.spec.data_shape)
     every = max(1, cfg.iters // max(PLAN_CHECKS, 4 * cfg.nodes))

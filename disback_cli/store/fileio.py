@@ -185,3 +185,8 @@ def atomic_write_chunks(
         finally:
             os.close(dir_fd)
     return digest.hexdigest()
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine (readers bound what they allocate by it)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

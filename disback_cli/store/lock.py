@@ -14,11 +14,10 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from disback_cli.errors import DisbackError
-from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.layout import LOCK
 
 LOCK_FILE = LOCK
@@ -79,9 +78,10 @@ def _open_locked(directory: Path) -> int:
 
 @contextlib.contextmanager
 def run_lock(
-    directory: str | Path, command: str, reporter: Reporter | None = None
+    directory: str | Path, command: str, note: Callable[[str], None] = lambda text: None
 ) -> Iterator[None]:
-    """Hold the lock of `directory` (created if needed; removed again if left empty)."""
+    """Hold the lock of `directory` (created if needed; removed again if left empty); `note`
+    tells the user when a stale lock is taken over."""
     directory = Path(directory)
     created = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
@@ -92,8 +92,8 @@ def run_lock(
     lock_path = directory / LOCK_FILE
     try:
         stale = _holder(fd)
-        if stale and reporter is not None:
-            reporter.note(
+        if stale:
+            note(
                 f"{directory}: taking over a stale lock of pid {stale.get('pid', '?')} on "
                 f"{stale.get('host', '?')} (that process is gone)"
             )

@@ -19,16 +19,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from disback_cli import __version__
 from disback_cli.config import STORED, BacktrackConfig, RecordConfig
 from disback_cli.errors import DisbackError, describe_validation_error
-from disback_cli.models.networks import NetworkSpec
-from disback_cli.models.teachers import BUILTIN_PREFIX, Teacher, open_teacher, resolve_teacher_path
-from disback_cli.store.fileio import atomic_write_bytes, check_sha256, read_json_file, sha256_file
+from disback_cli.store.fileio import atomic_write_bytes, read_json_file
 from disback_cli.store.layout import (
     BACKTRACK_FOLDER,
     MANIFEST,
@@ -48,6 +54,18 @@ Sha256 = Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]  # empty only while
 Step = Annotated[int, Field(ge=0, le=1 << 40)]
 Seconds = Annotated[float, Field(ge=0, le=1e12)]
 Loss = Annotated[float, Field(ge=0, le=1e30)]
+MAX_NETWORK_JSON = 1 << 16
+
+
+def _bounded_network(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_NETWORK_JSON:
+        raise ValueError(f"a network description longer than {MAX_NETWORK_JSON} characters")
+    return value
+
+
+# A network's description as `models.networks.NetworkSpec` writes it, kept as it is here: the
+# models check it (bounds, known architecture) before they build anything from it.
+NetworkRecord = Annotated[dict[str, Any], AfterValidator(_bounded_network)]
 
 
 def now() -> str:
@@ -88,19 +106,8 @@ class NodeRecord(_Record):
 class TeacherRef(_Record):
     source: str = Field(max_length=4096)  # outside the run directory: read only, sha256 first
     sha256: Sha256
-    network: NetworkSpec
+    network: NetworkRecord
     dataset: str | None = Field(max_length=100)
-
-    @classmethod
-    def of(cls, teacher: Teacher) -> TeacherRef:
-        """A file teacher is named by its absolute path, so the trajectory finds it from any
-        working directory (its sha256 still decides whether it is the same teacher)."""
-        source = teacher.source
-        if not source.startswith(BUILTIN_PREFIX):
-            source = str(Path(source).absolute())
-        return cls(
-            source=source, sha256=teacher.sha256, network=teacher.spec, dataset=teacher.dataset
-        )
 
 
 class PromptsRef(_Record):
@@ -132,7 +139,7 @@ class G0Spec(_Record):
     file: str | None = Field(None, max_length=4096)  # kind "file": a disback denoiser file
     # or a diffusers UNet folder ...
     sha256: Sha256 | None = None  # ... with this hash (checked before the file is parsed)
-    network: NetworkSpec | None = None  # kind "random": this network ...
+    network: NetworkRecord | None = None  # kind "random": this network ...
     init_seed: Annotated[int, Field(ge=0, lt=1 << 63)] | None = None  # ... from this seed
 
     @model_validator(mode="after")
@@ -307,36 +314,6 @@ def write_manifest(directory: str | Path, manifest: _Manifest) -> None:
             f"({describe_validation_error(exc)})"
         ) from None
     atomic_write_bytes(check_no_links(Path(directory), MANIFEST), text.encode())
-
-
-def open_trajectory(
-    trajectory: Path, teacher_override: str | None, device, verify: bool = True
-) -> tuple[TrajectoryManifest, Teacher]:
-    """A completed trajectory and its teacher, verified by sha256 (node files too, up front, so
-    a bad node stops the run before it writes anything rather than at its target switch)."""
-    manifest = read_manifest(trajectory, TrajectoryManifest)
-    if manifest.status != "complete":
-        step = manifest.state.step if manifest.state else 0
-        raise DisbackError(
-            f"{trajectory}: trajectory is still recording (iteration {step} of "
-            f"{manifest.config.iters}); finish it with `disback record` first"
-        )
-    source = teacher_override or manifest.teacher.source
-    if teacher_override is None and not resolve_teacher_path(source).exists():
-        raise DisbackError(
-            f"{trajectory}: its teacher {source} is not there any more; pass --teacher PATH "
-            "(the file is checked against the recorded sha256)"
-        )
-    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
-    for node in manifest.nodes:
-        if node.file is None:
-            continue
-        path = check_no_links(trajectory, node.file)
-        if not path.is_file():
-            raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
-        if verify:
-            check_sha256(path, sha256_file(path), node.sha256)
-    return manifest, teacher
 
 
 def run_names(trajectory: Path) -> list[str]:

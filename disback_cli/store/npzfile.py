@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from disback_cli.errors import DisbackError
-from disback_cli.runtime.devices import physical_memory
+from disback_cli.store import fileio
 from disback_cli.store.fileio import check_regular_file, parse_json
 
 MAX_NPZ_BYTES = 1 << 40
@@ -39,7 +39,7 @@ def read_npz(path: Path, what: str = ".npz file") -> dict[str, np.ndarray]:
     """Every array of an .npz, each checked (plain numeric or text dtype, declared size equal to
     the stored size, fits in memory) before it is loaded; one-line errors for anything else."""
     check_regular_file(path, MAX_NPZ_BYTES, what)
-    budget = physical_memory() // 2
+    budget = fileio.physical_memory() // 2
     arrays: dict[str, np.ndarray] = {}
     try:
         with zipfile.ZipFile(path) as archive:

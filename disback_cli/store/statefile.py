@@ -14,9 +14,13 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.models.denoiser_files import load_weights
 from disback_cli.store.fileio import atomic_write_chunks
-from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks, tensors_of
+from disback_cli.store.tensorfile import (
+    load_weights,
+    read_safetensors,
+    safetensors_chunks,
+    tensors_of,
+)
 
 FORMAT = "disback.state"
 

@@ -96,3 +96,39 @@ def read_safetensors(
     except Exception:
         raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
     return tensors, metadata, digest
+
+
+def check_weights(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str
+) -> None:
+    """Names, shapes and kinds of `tensors` equal to the network's, and every value finite, or a
+    one-line explanation (a diverged or corrupt file must not sample NaN silently)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise DisbackError(
+            f"{source}: weights do not match the network "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+            f"e.g. {[name[:80] for name in unexpected[:2]]})"
+        )
+    for key, value in tensors.items():
+        want = expected[key]
+        if value.shape != want.shape:
+            raise DisbackError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the network expects "
+                f"{tuple(want.shape)} (a file from another teacher?)"
+            )
+        if value.is_floating_point() != want.is_floating_point() or (
+            not want.is_floating_point() and value.dtype != want.dtype
+        ):
+            raise DisbackError(f"{source}: tensor {key} is {value.dtype}, expected {want.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DisbackError(
+                f"{source}: tensor {key} holds NaN or infinite values (a diverged or corrupt file)"
+            )
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load into an existing module, checked first by `check_weights`."""
+    check_weights(module.state_dict(), tensors, source)
+    module.load_state_dict(tensors, strict=True)

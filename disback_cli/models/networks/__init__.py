@@ -18,7 +18,6 @@ from disback_cli.models.networks.layers import UNetBlock
 from disback_cli.models.networks.mlp import MLP
 from disback_cli.models.networks.unets import DhariwalUNet, SongUNet
 from disback_cli.models.precond import EDMPrecond, VEPrecond, VPPrecond
-from disback_cli.models.text_to_image import unet as t2i_unet
 
 
 def _image_network(cls: type[nn.Module]) -> Callable[..., nn.Module]:
@@ -46,7 +45,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "SongUNet": _image_network(SongUNet),
     "DhariwalUNet": _image_network(DhariwalUNet),
-    t2i_unet.ARCH: t2i_unet.DiffusersUNet,
 }
 PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
     "edm": EDMPrecond,
@@ -56,20 +54,26 @@ PRECONDITIONINGS: dict[str, Callable[..., nn.Module]] = {
 }
 # Conditions an architecture cannot run without (zeros of the right shapes), by name: the check
 # that a spec's network runs (`meta_network`) passes them.
-EXAMPLE_CONDITIONS: dict[str, Callable[[NetworkSpec, int], dict[str, torch.Tensor]]] = {
-    t2i_unet.ARCH: lambda spec, n: t2i_unet.example_conditions(spec.arch_kwargs, n),
-}
+EXAMPLE_CONDITIONS: dict[str, Callable[[NetworkSpec, int], dict[str, torch.Tensor]]] = {}
 
 
-def register_architecture(name: str, build: Callable[..., nn.Module]) -> None:
+def register_architecture(
+    name: str,
+    build: Callable[..., nn.Module],
+    example_conditions: Callable[[NetworkSpec, int], dict[str, torch.Tensor]] | None = None,
+) -> None:
     """Make `name` a `NetworkSpec.arch`: `build(data_shape=..., label_dim=..., **arch_kwargs)`
-    returns a raw network F(x, c_noise, class_labels=None, **cond).
+    returns a raw network F(x, c_noise, class_labels=None, **cond); `example_conditions(spec, n)`
+    gives the conditions it cannot run without (zeros of the right shapes), for checking that a
+    spec's network runs.
 
     This is how a foreign model family plugs in: its adapter builds (or wraps) the foreign network
     behind that call, and a preconditioning (ours, or one given to `register_preconditioning`)
     turns it into a denoiser. Its teachers, path nodes and generators are then files like any
     other, a spec naming the adapter plus the weights, and every stage runs on them."""
     _register(ARCHITECTURES, "architecture", name, build)
+    if example_conditions is not None:
+        EXAMPLE_CONDITIONS[name] = example_conditions
 
 
 def register_preconditioning(name: str, build: Callable[..., nn.Module]) -> None:
@@ -257,6 +261,14 @@ def _checked_template(spec_json: str) -> nn.Module:
     if out.shape != x.shape:
         raise DisbackError(f"network spec of {spec.arch} maps {x.shape} to {out.shape}")
     return network
+
+
+def network_spec(data: object, where: str) -> NetworkSpec:
+    """A network description read from a file as a `NetworkSpec`, or a one-line refusal."""
+    try:
+        return NetworkSpec.model_validate(data)
+    except ValueError as exc:  # pydantic's ValidationError: name the first broken bound
+        raise DisbackError(f"{where}: bad network ({str(exc).splitlines()[-1].strip()})") from None
 
 
 def meta_network(spec: NetworkSpec) -> nn.Module:

@@ -25,18 +25,16 @@ import torch
 from disback_cli.errors import DisbackError
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.text_to_image.unet import ARCH, unet_config
+from disback_cli.store.component_files import MAX_CONFIG_BYTES, find_weights, read_config
 from disback_cli.store.fileio import (
     check_regular_file,
     hash_regular_file,
-    read_json_file,
     sha256_bytes,
 )
 from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
 
 INDEX = "model_index.json"
-MAX_CONFIG_BYTES = 1 << 20
 MAX_TOKENIZER_BYTES = 64 << 20
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
 # The classes a component may name in model_index.json; nothing else is built.
@@ -128,34 +126,6 @@ class DiffusersFolder:
         """The teacher's sha256: of the sorted list of its files and their sha256."""
         listing = json.dumps(self.hash_files(), sort_keys=True, separators=(",", ":"))
         return sha256_bytes(listing.encode())
-
-
-def read_config(path: Path, what: str) -> dict[str, Any]:
-    data = read_json_file(path, MAX_CONFIG_BYTES, what)
-    if not isinstance(data, dict):
-        raise DisbackError(f"{path}: {what} must be a JSON object")
-    return data
-
-
-def find_weights(folder: Path, stem: str) -> Path:
-    """The safetensors weights of a component (the full-precision file, else the fp16 variant),
-    or a refusal naming the pickle file that is there instead."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
-        if (folder / name).exists():
-            check_regular_file(folder / name, MAX_SAFETENSORS_BYTES, "safetensors file")
-            return folder / name
-    if any(folder.glob(f"{stem}*.safetensors.index.json")):
-        raise DisbackError(
-            f"{folder}: sharded weights are not supported; merge the shards "
-            "into one .safetensors file"
-        )
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise DisbackError(
-            f"{pickles[0]}: weights stored as a pickle, which can run code when loaded; "
-            "disback reads only .safetensors (convert the file first)"
-        )
-    raise DisbackError(f"{folder}: no {stem}.safetensors weights")
 
 
 def _scheduler(config: dict[str, Any], path: Path) -> dict[str, Any]:

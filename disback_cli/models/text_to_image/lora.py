@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
+from disback_cli.models.path_nodes import Prepare
 from disback_cli.store.fileio import atomic_write_chunks, parse_json
+from disback_cli.store.layout import check_no_links
+from disback_cli.store.manifests import TrajectoryManifest
 from disback_cli.store.tensorfile import read_safetensors, safetensors_chunks
 
 FORMAT = "disback.lora"
@@ -143,3 +146,75 @@ def read_lora(
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise DisbackError(f"{path}: tensor {name} is not finite floating point")
     return {k: v.float() for k, v in tensors.items()}, {**info, "rank": rank}
+
+
+class Adapters:
+    """Path nodes stored as the auxiliary model's rank-r adapters (`record --lora-rank`)."""
+
+    def trained(self, aux: nn.Module, cfg) -> nn.Module:
+        add_lora(aux, cfg.lora_rank, cfg.seed)
+        return LoraFactors(aux)
+
+    def save(self, path: Path, aux: nn.Module, teacher, info: dict, cfg) -> str:
+        return save_lora(path, aux, cfg.lora_rank, teacher.spec.model_dump_json(), info)
+
+    def node_bytes(self, aux_bytes: int, cfg) -> int:
+        return aux_bytes  # (the trained adapters: a resume point's own measure)
+
+    def describe(self, cfg) -> str:
+        return f"LoRA rank {cfg.lora_rank}"
+
+    def targets(self, trajectory, manifest, teacher, device, prepare, verify) -> LoraPathNodes:
+        return LoraPathNodes(trajectory, manifest, teacher, prepare, verify)
+
+
+class LoraPathNodes:
+    """Targets of a path recorded as low-rank adapters: one adapted copy of the teacher, whose
+    adapters are replaced by the next node's at each switch (node 0: zero adapters, exactly the
+    teacher). Targets then hold one UNet's memory, and reading a node is reading a few
+    megabytes, so nothing is prefetched."""
+
+    def __init__(
+        self,
+        trajectory: Path,
+        manifest: TrajectoryManifest,
+        teacher,
+        prepare: Prepare = lambda node: node,
+        verify: bool = True,
+    ) -> None:
+        self.trajectory, self.manifest, self.verify = trajectory, manifest, verify
+        self.target = teacher.denoiser  # takes over the teacher's weights
+        teacher.denoiser = None
+        add_lora(self.target, manifest.config.lora_rank, seed=0)  # factors are set before use
+        self.target.eval().requires_grad_(False)
+        prepare(self.target)
+        self.current: int | None = None
+
+    def _set(self, index: int) -> None:
+        if index == self.current:
+            return
+        tensors, source = None, "the teacher"
+        if index > 0:
+            node = self.manifest.nodes[index]
+            path = check_no_links(self.trajectory, node.file)
+            tensors, info = read_lora(path, node.sha256, self.verify)
+            if info["rank"] != self.manifest.config.lora_rank:
+                raise DisbackError(
+                    f"{path}: LoRA rank {info['rank']}, the trajectory records "
+                    f"{self.manifest.config.lora_rank}"
+                )
+            source = str(path)
+        set_lora(self.target, tensors, source)
+        self.current = index
+
+    def copy_of(self, index: int) -> nn.Module:
+        """Node `index` merged into plain weights, to train (the fake score starts from one)."""
+        self._set(index)
+        return merged(self.target)
+
+    def at(self, index: int) -> nn.Module:
+        self._set(index)
+        return self.target
+
+    def close(self) -> None:
+        pass

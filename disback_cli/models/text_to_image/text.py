@@ -21,8 +21,9 @@ from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning
-from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked, read_config
+from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
+from disback_cli.store.component_files import read_config
 from disback_cli.store.fileio import parse_json, read_regular_file
 from disback_cli.store.tensorfile import read_safetensors
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
+from disback_cli.models.networks import register_architecture
 
 ARCH = "diffusers.UNet2DConditionModel"
 UNCOND_PREFIX = "uncond_"
@@ -94,3 +95,6 @@ def unet_config(raw: dict[str, Any]) -> dict[str, Any]:
     """A UNet config.json as constructor kwargs: diffusers' bookkeeping keys (`_class_name`,
     `_diffusers_version`, `_use_default_values`, ...) dropped, lists kept as lists."""
     return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+register_architecture(ARCH, DiffusersUNet, lambda spec, n: example_conditions(spec.arch_kwargs, n))

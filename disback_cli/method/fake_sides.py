@@ -1,0 +1,168 @@
+"""The fake side of distillation: the network kept fitted to the generator's samples, whose opinion
+of them stands against the target's in the generator's update.
+
+Score distillation keeps a *fake score*, a denoiser trained by denoising score matching on the
+generator's samples (Eq. 5); DisBack starts it at path node N and walks the targets back along the
+path. DiffRatio keeps a *density-ratio network* instead, a classifier of noised real data against
+noised generator samples, whose input gradient is the score difference itself: it needs real data,
+no target and no path. A fake side owns its network's building, its training step, the files it
+adds to a checkpoint and the settings it takes; the loss names the side it works with
+(`fake_side`), and the backtracking loop only calls these.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+from torch import nn
+
+from disback_cli.errors import ConfigError
+from disback_cli.method.data import DataSource, open_data
+from disback_cli.method.dsm import denoising_step
+from disback_cli.method.losses import GENERATOR_LOSSES
+from disback_cli.method.ratio import ratio_step
+from disback_cli.models.family import Teacher
+from disback_cli.models.path_nodes import Targets
+from disback_cli.models.ratio import build_ratio, ratio_spec_for, save_ratio
+from disback_cli.store.layout import checkpoint_file
+from disback_cli.store.manifests import DataRecord, FileRef, TrajectoryManifest
+
+
+class FakeSide(Protocol):
+    description: str  # names the side in messages ("--loss diffratio")
+    options: dict[str, Any]  # config fields only this side takes -> their "not used" value
+
+    def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
+        """Its defaults and refusals for a backtrack config."""
+        ...
+
+    def open_inputs(self, cfg, teacher: Teacher) -> None:
+        """Read and check what it learns from besides the teacher, before anything is written."""
+        ...
+
+    @property
+    def data_record(self) -> DataRecord | None: ...
+
+    def build(
+        self, cfg, trajectory, traj: TrajectoryManifest, teacher: Teacher, generator, ex
+    ) -> tuple[nn.Module, Targets]:
+        """The network to train and the targets of the generator loss."""
+        ...
+
+    @property
+    def step(self) -> Callable: ...
+
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
+        """Its files of a checkpoint, by the manifest field that names them."""
+        ...
+
+
+class ScoreFake:
+    """A fake score network, started from path node N (or the teacher, without the path) and
+    trained by denoising score matching; the targets are the path's nodes."""
+
+    description: ClassVar[str] = "score distillation"
+    options: ClassVar[dict[str, Any]] = {}
+
+    def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
+        pass
+
+    def open_inputs(self, cfg, teacher: Teacher) -> None:
+        """Read what the run learns from besides the teacher (nothing)."""
+
+    @property
+    def data_record(self) -> DataRecord | None:
+        return None
+
+    def build(
+        self, cfg, trajectory, traj: TrajectoryManifest, teacher: Teacher, generator, ex
+    ) -> tuple[nn.Module, Targets]:
+        """The fake score to train and the targets (which take over the teacher's weights)."""
+        node_format = teacher.family.node_format(traj.config)
+        targets = node_format.targets(trajectory, traj, teacher, ex.device, ex.prepare, cfg.verify)
+        return targets.copy_of(0 if cfg.no_trajectory else traj.last_node), targets
+
+    @property
+    def step(self) -> Callable:
+        """One training step of the fake network, called like `dsm.denoising_step`."""
+        return denoising_step
+
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
+        """Files of a checkpoint besides the generator's (none)."""
+        return {}
+
+
+class NoTargets:
+    """No target at all (DiffRatio learns from data, not from the teacher's score)."""
+
+    def at(self, index: int) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class RatioFake:
+    """DiffRatio's density-ratio network, trained as a classifier of noised real data (`--data`)
+    against noised generator samples; no target, no path (its G0 still comes from the
+    trajectory: docs/method.md says why). Its network is saved with each checkpoint, as the
+    verifier of best-of-K sampling."""
+
+    description: ClassVar[str] = "--loss diffratio"
+    options: ClassVar[dict[str, Any]] = {"data": None, "ratio_width": None, "ratio_depth": None}
+
+    def __init__(self) -> None:
+        self.data: DataSource | None = None
+
+    def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
+        if cfg.data is None:
+            raise ConfigError(
+                "--loss diffratio learns from real data: give --data (builtin:NAME, an image "
+                "folder or an EDM dataset zip)"
+            )
+        if not teacher.family.supports_real_data:
+            raise ConfigError(f"--loss diffratio is not available for {teacher.family.description}")
+        if cfg.mismatch_every:
+            raise ConfigError(
+                "--mismatch-every needs a target and a fake score; diffratio has neither"
+            )
+        if not cfg.no_trajectory:
+            update["no_trajectory"], sources["no_trajectory"] = True, "loss diffratio"
+
+    def open_inputs(self, cfg, teacher: Teacher) -> None:
+        """Open --data (checked before the run writes anything)."""
+        self.data = open_data(cfg.data, teacher.spec.data_shape, teacher.spec.label_dim)
+
+    @property
+    def data_record(self) -> DataRecord:
+        return DataRecord(**vars(self.data.ref))
+
+    def build(self, cfg, trajectory, traj, teacher: Teacher, generator, ex):
+        teacher.denoiser = None  # nothing queries the teacher's score
+        spec = ratio_spec_for(
+            teacher.spec.data_shape,
+            teacher.spec.label_dim,
+            generator.denoiser.sigma_data,
+            cfg.ratio_width,
+            cfg.ratio_depth,
+        )
+        return build_ratio(spec, seed=cfg.seed).to(ex.device), NoTargets()
+
+    @property
+    def step(self) -> Callable:
+        return functools.partial(ratio_step, data=self.data)
+
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
+        file = checkpoint_file("ratio", step)
+        digest = save_ratio(run_dir / file, fake, {"role": "verifier", "step": step, **info})
+        return {"ratio": FileRef(file=file, sha256=digest)}
+
+
+FAKE_SIDES: dict[str, type] = {"score": ScoreFake, "ratio": RatioFake}
+
+
+def make_fake_side(cfg) -> ScoreFake | RatioFake:
+    """The fake side the run's loss works with."""
+    return FAKE_SIDES[GENERATOR_LOSSES[cfg.loss].fake_side]()

@@ -1,0 +1,2 @@
+"""Stable Diffusion teachers (diffusers model folders), one teacher family:
+`family.DiffusersFamily`."""

@@ -1,0 +1,42 @@
+"""Opening a recorded trajectory for the stages that read it: its manifest, its teacher (checked
+against the recorded sha256) and its path node files (checked up front)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from disback_cli.errors import DisbackError
+from disback_cli.models.teachers import Teacher, open_teacher, teacher_location
+from disback_cli.store.fileio import check_sha256, sha256_file
+from disback_cli.store.layout import check_no_links
+from disback_cli.store.manifests import TrajectoryManifest, read_manifest
+
+
+def open_trajectory(
+    trajectory: Path, teacher_override: str | None, device, verify: bool = True
+) -> tuple[TrajectoryManifest, Teacher]:
+    """A completed trajectory and its teacher, verified by sha256 (node files too, up front, so
+    a bad node stops the run before it writes anything rather than at its target switch)."""
+    manifest = read_manifest(trajectory, TrajectoryManifest)
+    if manifest.status != "complete":
+        step = manifest.state.step if manifest.state else 0
+        raise DisbackError(
+            f"{trajectory}: trajectory is still recording (iteration {step} of "
+            f"{manifest.config.iters}); finish it with `disback record` first"
+        )
+    source = teacher_override or manifest.teacher.source
+    if teacher_override is None and not teacher_location(source).exists():
+        raise DisbackError(
+            f"{trajectory}: its teacher {source} is not there any more; pass --teacher PATH "
+            "(the file is checked against the recorded sha256)"
+        )
+    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
+    for node in manifest.nodes:
+        if node.file is None:
+            continue
+        path = check_no_links(trajectory, node.file)
+        if not path.is_file():
+            raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
+        if verify:
+            check_sha256(path, sha256_file(path), node.sha256)
+    return manifest, teacher
