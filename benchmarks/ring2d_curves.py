@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from disback_cli.config import BacktrackConfig, RecordConfig, read_recipe
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.config.recipes import read_recipe
 from disback_cli.evaluation.ground_truth import training_evaluator
 from disback_cli.method.generator import build_g0
 from disback_cli.models.conditioning import Unconditional

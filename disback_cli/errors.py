@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
+
+
+def one_line(text: str) -> str:
+    """Messages quote names and values from files anyone may write: keep them to one line of
+    printable characters (no terminal escapes, no forged extra lines)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class DisbackError(Exception):
-    """A problem with the user's input or files, explained in one line."""
+    """A problem with the user's input or files, explained in one line (made one line here,
+    whatever a file put into the message)."""
 
     exit_code = 1
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 class InterruptedRun(DisbackError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -32,24 +33,20 @@ CLOCK_KEYS = {
 }
 
 
-def disback(*args: str, torchrun: int = 0) -> str:
+def disback(command: str, torchrun: int = 0) -> str:
+    """Run `disback COMMAND` (a shell-like string) and return its stdout; stop on failure."""
+    args = shlex.split(command)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     if torchrun:
-        command = [
-            str(BIN / "torchrun"),
-            "--standalone",
-            f"--nproc_per_node={torchrun}",
-            "-m",
-            "disback_cli",
-            *args,
-        ]
+        launch = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}"]
+        args = [*launch, "-m", "disback_cli", *args]
     else:
-        command = [str(BIN / "disback"), *args]
+        args = [str(BIN / "disback"), *args]
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    print(f"{time.perf_counter() - started:6.1f} s  disback {' '.join(args)}", flush=True)
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    print(f"{time.perf_counter() - started:6.1f} s  disback {command}", flush=True)
     if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(args)}\n{done.stderr[-3000:]}")
+        sys.exit(f"failed ({done.returncode}): {command}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
@@ -78,348 +75,88 @@ def fixtures(where: Path) -> dict[str, Path]:
 
 def run(out: Path) -> None:
     out.mkdir(parents=True)
-    fx = fixtures(out.parent / "fixtures")
+    fx = {k: shlex.quote(str(v)) for k, v in fixtures(out.parent / "fixtures").items()}
+    o = shlex.quote(str(out))
     reports: dict[str, str] = {}
-    ring, fast = out / "ring", ["--batch", "64", "--seed", "0"]
-    disback(
-        "record",
-        "--teacher",
-        "builtin:ring2d",
-        "--out",
-        str(ring),
-        "--iters",
-        "60",
-        "--nodes",
-        "3",
-        *fast,
+    ring = (
+        f"-T {o}/ring --iters 40 --interval 10 --save-every 20 --log-every 10 --batch 64 --seed 0"
     )
-    common = [
-        "-T",
-        str(ring),
-        "--iters",
-        "40",
-        "--interval",
-        "10",
-        "--save-every",
-        "20",
-        "--log-every",
-        "10",
-        *fast,
-    ]
-    disback("backtrack", *common, "--eval-every", "20", "--set", "eval_samples=200")
-    disback("backtrack", *common, "--loss", "dmd", "--dsm-sigma", "lognormal", "--name", "dmd")
-    disback("backtrack", *common, "--loss", "sid", "--name", "sid")
     disback(
-        "backtrack",
-        *common,
-        "--switch",
-        "adaptive",
-        "--switch-patience",
-        "3",
-        "--name",
-        "adaptive",
-        "--mismatch-every",
-        "20",
+        f"record --teacher builtin:ring2d --out {o}/ring --iters 60 --nodes 3 --batch 64 --seed 0"
     )
-    disback("backtrack", *common, "--no-trajectory", "--name", "baseline")
-    disback(
-        "backtrack", *common, "--loss", "diffratio", "--data", "builtin:ring2d", "--name", "ratio"
-    )
-    disback("backtrack", *common, "--iters", "60", "--name", "default")  # extends
-    disback("sample", "-T", str(ring), "-n", "300", "--out", str(out / "ring.npz"))
-    disback(
-        "sample",
-        "-T",
-        str(ring),
-        "--name",
-        "ratio",
-        "-n",
-        "50",
-        "--best-of",
-        "4",
-        "--verifier",
-        str(ring / "backtrack" / "ratio"),
-        "--out",
-        str(out / "best.npz"),
-    )
-    reports["evaluate ring"] = disback("evaluate", str(out / "ring.npz"), "--json")
-    disback(
-        "sample",
-        "--teacher",
-        "builtin:ring2d",
-        "--steps",
-        "6",
-        "-n",
-        "100",
-        "--out",
-        str(out / "ring-teacher.npz"),
-    )
+    disback(f"backtrack {ring} --eval-every 20 --set eval_samples=200")
+    disback(f"backtrack {ring} --loss dmd --dsm-sigma lognormal --name dmd")
+    disback(f"backtrack {ring} --loss sid --name sid")
+    adaptive = "--switch adaptive --switch-patience 3 --mismatch-every 20"
+    disback(f"backtrack {ring} {adaptive} --name adaptive")
+    disback(f"backtrack {ring} --no-trajectory --name baseline")
+    disback(f"backtrack {ring} --loss diffratio --data builtin:ring2d --name ratio")
+    disback(f"backtrack {ring} --iters 60 --name default")  # extends
+    disback(f"sample -T {o}/ring -n 300 --out {o}/ring.npz")
+    verifier = f"--best-of 4 --verifier {o}/ring/backtrack/ratio"
+    disback(f"sample -T {o}/ring --name ratio -n 50 {verifier} --out {o}/best.npz")
+    reports["evaluate ring"] = disback(f"evaluate {o}/ring.npz --json")
+    disback(f"sample --teacher builtin:ring2d --steps 6 -n 100 --out {o}/ring-teacher.npz")
 
-    digits, small = out / "digits", ["--batch", "8", "--seed", "1"]
+    digits = f"-T {o}/digits --batch 8 --seed 1"
     disback(
-        "record",
-        "--teacher",
-        "builtin:digits",
-        "--out",
-        str(digits),
-        "--iters",
-        "12",
-        "--nodes",
-        "2",
-        *small,
+        f"record --teacher builtin:digits --out {o}/digits --iters 12 --nodes 2 --batch 8 --seed 1"
     )
     disback(
-        "backtrack",
-        "-T",
-        str(digits),
-        "--iters",
-        "10",
-        "--interval",
-        "4",
-        "--save-every",
-        "5",
-        "--log-every",
-        "5",
-        "--eval-every",
-        "10",
-        "--set",
-        "eval_samples=100",
-        *small,
+        f"backtrack {digits} --iters 10 --interval 4 --save-every 5 --log-every 5 --eval-every 10 "
+        "--set eval_samples=100"
     )
     disback(
-        "backtrack",
-        "-T",
-        str(digits),
-        "--iters",
-        "6",
-        "--loss",
-        "diffratio",
-        "--data",
-        "builtin:digits",
-        "--name",
-        "ratio",
-        "--log-every",
-        "3",
-        "--save-every",
-        "3",
-        *small,
+        f"backtrack {digits} --iters 6 --loss diffratio --data builtin:digits --name ratio "
+        "--log-every 3 --save-every 3"
     )
-    disback(
-        "sample",
-        "-T",
-        str(digits),
-        "-n",
-        "40",
-        "--format",
-        "png",
-        "--grid",
-        "--out",
-        str(out / "digits-png"),
-    )
-    reports["evaluate digits"] = disback("evaluate", str(out / "digits-png"), "--json")
+    disback(f"sample -T {o}/digits -n 40 --format png --grid --out {o}/digits-png")
+    reports["evaluate digits"] = disback(f"evaluate {o}/digits-png --json")
 
-    edm, tiny = out / "edm", ["--batch", "4", "--seed", "2"]
-    disback(
-        "record",
-        "--teacher",
-        str(fx["edm"]),
-        "--out",
-        str(edm),
-        "--iters",
-        "6",
-        "--nodes",
-        "2",
-        *tiny,
-    )
-    disback(
-        "backtrack",
-        "-T",
-        str(edm),
-        "--iters",
-        "4",
-        "--interval",
-        "2",
-        "--log-every",
-        "2",
-        "--save-every",
-        "2",
-        *tiny,
-    )
-    disback(
-        "backtrack",
-        "-T",
-        str(edm),
-        "--iters",
-        "4",
-        "--interval",
-        "2",
-        "--log-every",
-        "2",
-        "--save-every",
-        "2",
-        "--loss",
-        "sid",
-        "--dropout",
-        "0",
-        "--name",
-        "sid",
-        *tiny,
-    )
-    disback(
-        "sample",
-        "-T",
-        str(edm),
-        "-n",
-        "6",
-        "--format",
-        "npz",
-        "--class",
-        "1",
-        "--out",
-        str(out / "edm.npz"),
-    )
+    edm = f"-T {o}/edm --iters 4 --interval 2 --log-every 2 --save-every 2 --batch 4 --seed 2"
+    disback(f"record --teacher {fx['edm']} --out {o}/edm --iters 6 --nodes 2 --batch 4 --seed 2")
+    disback(f"backtrack {edm}")
+    disback(f"backtrack {edm} --loss sid --dropout 0 --name sid")
+    disback(f"sample -T {o}/edm -n 6 --format npz --class 1 --out {o}/edm.npz")
 
-    prompts = ["--prompts", str(fx["prompts"])]
-    for name, extra in (("sd", []), ("sd-lora", ["--lora-rank", "2"])):
-        traj = out / name
+    prompts = f"--prompts {fx['prompts']}"
+    for name, extra in (("sd", ""), ("sd-lora", "--lora-rank 2")):
         disback(
-            "record",
-            "--teacher",
-            str(fx["sd"]),
-            *prompts,
-            "--out",
-            str(traj),
-            "--iters",
-            "4",
-            "--nodes",
-            "2",
-            "--batch",
-            "2",
-            *extra,
+            f"record --teacher {fx['sd']} {prompts} --out {o}/{name} --iters 4 --nodes 2 --batch 2 "
+            + extra
         )
         disback(
-            "backtrack",
-            "-T",
-            str(traj),
-            "--iters",
-            "4",
-            "--interval",
-            "2",
-            "--batch",
-            "2",
-            "--log-every",
-            "2",
-            "--save-every",
-            "2",
+            f"backtrack -T {o}/{name} --iters 4 --interval 2 --batch 2 --log-every 2 --save-every 2"
         )
-        disback("sample", "-T", str(traj), *prompts, "-n", "1", "--out", str(out / f"{name}-png"))
-    sdxl = out / "sdxl"
+        disback(f"sample -T {o}/{name} {prompts} -n 1 --out {o}/{name}-png")
     disback(
-        "record",
-        "--teacher",
-        str(fx["sdxl"]),
-        *prompts,
-        "--out",
-        str(sdxl),
-        "--iters",
-        "2",
-        "--nodes",
-        "1",
-        "--batch",
-        "2",
-        "--timestep",
-        "399",
+        f"record --teacher {fx['sdxl']} {prompts} --out {o}/sdxl --iters 2 --nodes 1 --batch 2 "
+        "--timestep 399"
     )
+    disback(f"backtrack -T {o}/sdxl --iters 2 --batch 2 --log-every 1 --save-every 2 --loss dmd")
+    disback(f"sample -T {o}/sdxl {prompts} -n 1 --format npz --out {o}/sdxl.npz")
     disback(
-        "backtrack",
-        "-T",
-        str(sdxl),
-        "--iters",
-        "2",
-        "--batch",
-        "2",
-        "--log-every",
-        "1",
-        "--save-every",
-        "2",
-        "--loss",
-        "dmd",
-    )
-    disback(
-        "sample",
-        "-T",
-        str(sdxl),
-        *prompts,
-        "-n",
-        "1",
-        "--format",
-        "npz",
-        "--out",
-        str(out / "sdxl.npz"),
-    )
-    disback(
-        "sample",
-        "--teacher",
-        str(fx["sd"]),
-        *prompts,
-        "--steps",
-        "3",
-        "--guidance-scale",
-        "2",
-        "-n",
-        "1",
-        "--format",
-        "npz",
-        "--out",
-        str(out / "sd-teacher.npz"),
+        f"sample --teacher {fx['sd']} {prompts} --steps 3 --guidance-scale 2 -n 1 --format npz "
+        f"--out {o}/sd-teacher.npz"
     )
 
-    dist = out / "ring-2proc"
+    two = f"{o}/ring-2proc"
+    disback(f"record --teacher builtin:ring2d --out {two} --iters 40 --nodes 2 --batch 32", 2)
     disback(
-        "record",
-        "--teacher",
-        "builtin:ring2d",
-        "--out",
-        str(dist),
-        "--iters",
-        "40",
-        "--nodes",
-        "2",
-        "--batch",
-        "32",
-        torchrun=2,
+        f"backtrack -T {two} --iters 20 --interval 5 --batch 32 --log-every 5 --save-every 10", 2
     )
-    disback(
-        "backtrack",
-        "-T",
-        str(dist),
-        "--iters",
-        "20",
-        "--interval",
-        "5",
-        "--batch",
-        "32",
-        "--log-every",
-        "5",
-        "--save-every",
-        "10",
-        torchrun=2,
-    )
-    disback(
-        "sample", "-T", str(dist), "-n", "100", "--out", str(out / "ring-2proc.npz"), torchrun=2
-    )
+    disback(f"sample -T {two} -n 100 --out {o}/ring-2proc.npz", 2)
 
     if os.environ.get("GOLDEN_DEMO", "1") == "1":
-        reports["demo"] = disback("demo", "--out", str(out / "demo"), "--json")
+        reports["demo"] = disback(f"demo --out {o}/demo --json")
     hashes = {
         str(path.relative_to(out)): digest(path)
         for path in sorted(out.rglob("*"))
         if path.is_file() and path.name != ".lock"
     }
     for key, text in reports.items():
-        hashes[f"stdout: {key}"] = hashlib.sha256(
-            json.dumps(scrub(json.loads(text)), sort_keys=True).encode()
-        ).hexdigest()
+        report = json.dumps(scrub(json.loads(text)), sort_keys=True)
+        hashes[f"stdout: {key}"] = hashlib.sha256(report.encode()).hexdigest()
     (out / "golden.json").write_text(json.dumps(hashes, indent=1, sort_keys=True))
     print(f"{len(hashes)} files hashed into {out / 'golden.json'}")
 

@@ -202,7 +202,7 @@ def test_random_student_smaller_than_the_teacher(tmp_path):
     )
     traj = run_record(cfg, tmp_path / "t")
     assert traj.g0.kind == "random"
-    assert traj.g0.network.arch_kwargs["hidden"] == 32
+    assert traj.g0.network["arch_kwargs"]["hidden"] == 32
     manifest = run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), tmp_path / "t")
     generator = load_denoiser(backtrack_dir(tmp_path / "t", "default") / manifest.generator.file)
     node = load_denoiser(tmp_path / "t" / traj.nodes[-1].file)

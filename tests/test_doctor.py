@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from disback_cli.runtime import doctor
+from disback_cli.stages import doctor, doctor_checks
 
 CHECKS = list(doctor.CHECKS)
 CPU = torch.device("cpu")
@@ -81,9 +81,9 @@ def test_a_compile_that_fails_is_reported_in_one_line_and_exits_1(cli, monkeypat
 
 def test_the_compile_check_compares_compiled_with_eager_outputs(monkeypatch):
     monkeypatch.setenv("DISBACK_COMPILE_BACKEND", "eager")  # dynamo's tracing, no code generation
-    check = doctor.check_compile(doctor.Workload.for_device(CPU), CPU)
+    check = doctor_checks.check_compile(doctor_checks.Workload.for_device(CPU), CPU)
     assert check.status == "ok" and check.detail.startswith("eager, built in")
-    assert check.numbers["relative_error"] <= doctor.FP32_TOLERANCE
+    assert check.numbers["relative_error"] <= doctor_checks.FP32_TOLERANCE
 
 
 def test_gradients_that_differ_fail_the_all_reduce_comparison():
@@ -101,7 +101,7 @@ def test_gradients_that_differ_fail_the_all_reduce_comparison():
 
 def test_a_data_parallel_process_that_dies_fails_the_check(monkeypatch):
     monkeypatch.setattr(doctor, "RANK_COMMAND", "import sys; print('boom'); sys.exit(3)")
-    check = doctor.check_data_parallel(doctor.Workload.for_device(CPU), CPU)
+    check = doctor.check_data_parallel(doctor_checks.Workload.for_device(CPU), CPU)
     assert check.status == "failed"
     assert re.fullmatch("rank [01] exited with code 3: boom", check.detail)
 
@@ -109,7 +109,7 @@ def test_a_data_parallel_process_that_dies_fails_the_check(monkeypatch):
 def test_data_parallel_processes_that_hang_are_killed(monkeypatch):
     monkeypatch.setattr(doctor, "RANK_COMMAND", "import threading; threading.Event().wait()")
     monkeypatch.setattr(doctor, "DATA_PARALLEL_TIMEOUT", 1.0)
-    check = doctor.check_data_parallel(doctor.Workload.for_device(CPU), CPU)
+    check = doctor.check_data_parallel(doctor_checks.Workload.for_device(CPU), CPU)
     assert check.status == "failed" and "did not finish within 1 s" in check.detail
 
 

@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from disback_cli.config import (
-    BacktrackConfig,
-    RecordConfig,
-    SampleConfig,
-    TeacherTrainConfig,
-    build_config,
-    read_recipe,
-)
+from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig, TeacherTrainConfig
+from disback_cli.config.recipes import build_config, read_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.toml"))

@@ -16,7 +16,7 @@ import torch
 from edm_fixtures import edm_pickle_bytes, tiny_network, write_edm_snapshot
 
 from disback_cli.errors import DisbackError
-from disback_cli.models import edm_pickle
+from disback_cli.models import edm_unpickler
 from disback_cli.models.edm_pickle import read_edm_pickle
 
 
@@ -108,7 +108,7 @@ def test_backward_hooks_are_refused(tmp_path):
 
 
 def test_too_many_opcodes_are_refused_before_anything_is_built(tmp_path, monkeypatch):
-    monkeypatch.setattr(edm_pickle, "MAX_OPCODES", 50)
+    monkeypatch.setattr(edm_unpickler, "MAX_OPCODES", 50)
     refused(tmp_path, {"ema": list(range(100))}, "more than 50 pickle opcodes")
 
 

@@ -27,7 +27,7 @@ from disback_cli.cli import (
     teacher,
 )
 from disback_cli.cli._common import Flag
-from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error
+from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error, one_line
 from disback_cli.runtime.parallel import shutdown
 
 app = typer.Typer(
@@ -70,14 +70,8 @@ def root(
     """
 
 
-def _one_line(message: str) -> str:
-    """Messages quote names and values from files anyone may write: keep them to one line of
-    printable characters (no terminal escapes, no forged extra lines)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-
-
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {_one_line(message)}\n")
+    sys.stderr.write(f"error: {one_line(message)}\n")
     sys.exit(code)
 
 

@@ -9,7 +9,8 @@ import typer
 from disback_cli.cli._common import DeviceOpt, JsonOpt, emit_json, stdout
 from disback_cli.errors import ConfigError
 from disback_cli.runtime.devices import resolve_device
-from disback_cli.runtime.doctor import CHECKS, Check, Workload, run_checks, versions
+from disback_cli.stages.doctor import CHECKS, run_checks, versions
+from disback_cli.stages.doctor_checks import Check, Workload
 
 
 def _show_versions(info: dict[str, Any]) -> None:

@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from disback_cli.config import build_config, field_flags
+from disback_cli.config import field_flags
+from disback_cli.config.recipes import build_config
 from disback_cli.errors import ConfigError
 from disback_cli.method.losses import GENERATOR_LOSSES
 from disback_cli.models.teachers import TEACHER_FAMILIES
@@ -77,7 +78,8 @@ def describe(model: type, field: str) -> str:
         shown = ", ".join(f"{value:g} {kind}" for kind, value in by_family.items())
         return f"{info.description} \\[default by teacher: {shown}]"
     default = info.get_default(call_default_factory=True)
-    shown = "none" if default is None else default
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    shown = extra.get("default_text", "none" if default is None else default)
     return f"{info.description} \\[default: {shown}]"
 
 

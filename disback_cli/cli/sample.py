@@ -15,51 +15,54 @@ from disback_cli.stages.sample import write_samples, write_teacher_samples
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
+TrajectoryOpt = Annotated[Path, typer.Option("--trajectory", "-T", help="Trajectory directory.")]
+GeneratorOpt = Annotated[
+    Path | None, typer.Option(help="A generator .safetensors file instead of a run.")
+]
+TeacherOpt = Annotated[
+    str | None, typer.Option(help="Sample a teacher with EDM's Heun sampler instead.")
+]
+VerifierOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A --loss diffratio backtrack run (RUN = TRAJECTORY/backtrack/NAME) "
+        "whose density-ratio network picks the best of --best-of candidates."
+    ),
+]
+ModelFolderOpt = Annotated[
+    str | None,
+    typer.Option(help="A text-to-image generator's model folder, if it moved (checked by sha256)."),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Output .npz or PNG folder \\[default: RUN/samples(.npz)]."),
+]
+GridOpt = Annotated[
+    bool,
+    Flag(
+        "--grid",
+        help="Also write a PNG grid of the first 64 images, enlarged to at least "
+        "512 pixels a side, beside the output (OUT-grid.png).",
+    ),
+]
+GridOutOpt = Annotated[
+    Path | None, typer.Option(help="Write the grid here instead (implies --grid).")
+]
+
 
 @config_command(SampleConfig, "sample")
 def sample(
     cfg: SampleConfig,
-    trajectory: Annotated[
-        Path, typer.Option("--trajectory", "-T", help="Trajectory directory.")
-    ] = Path("."),
+    trajectory: TrajectoryOpt = Path("."),
     name: Annotated[str, typer.Option(help="Backtrack run to sample from.")] = "default",
-    generator: Annotated[
-        Path | None, typer.Option(help="A generator .safetensors file instead of a run.")
-    ] = None,
-    teacher: Annotated[
-        str | None, typer.Option(help="Sample a teacher with EDM's Heun sampler instead.")
-    ] = None,
+    generator: GeneratorOpt = None,
+    teacher: TeacherOpt = None,
     steps: Annotated[int, typer.Option(min=2, help="Heun steps for --teacher.")] = 18,
-    verifier: Annotated[
-        Path | None,
-        typer.Option(
-            help="A --loss diffratio backtrack run (RUN = TRAJECTORY/backtrack/NAME) "
-            "whose density-ratio network picks the best of --best-of candidates."
-        ),
-    ] = None,
-    model_folder: Annotated[
-        str | None,
-        typer.Option(
-            help="A text-to-image generator's model folder, if it moved (checked by sha256)."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="Output .npz or PNG folder \\[default: RUN/samples(.npz)]."
-        ),
-    ] = None,
-    grid: Annotated[
-        bool,
-        Flag(
-            "--grid",
-            help="Also write a PNG grid of the first 64 images, enlarged to at least "
-            "512 pixels a side, beside the output (OUT-grid.png).",
-        ),
-    ] = False,
-    grid_out: Annotated[
-        Path | None, typer.Option(help="Write the grid here instead (implies --grid).")
-    ] = None,
+    verifier: VerifierOpt = None,
+    model_folder: ModelFolderOpt = None,
+    out: OutOpt = None,
+    grid: GridOpt = False,
+    grid_out: GridOutOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -1,4 +1,6 @@
-"""Run configurations: pydantic models filled from defaults, then a recipe file, then flags.
+"""Run configurations: pydantic models filled from defaults, then a recipe file, then flags
+(`recipes`), then what the teacher's family and the fake side decide (`resolve`). Each field is
+the single declaration of its option: `cli.options` makes the command-line flag from it.
 
 The resolved model is stored in the run's manifest. Fields listed in `SESSION_FIELDS` only change
 how a run is carried out (logging, saving, device), so they may differ when a run is resumed;
@@ -7,23 +9,18 @@ every other field defines the run, and a change to it is refused unless the run 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal
 
-import tomllib
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
-from disback_cli.store.fileio import read_regular_file
 from disback_cli.store.samples import MAX_SAMPLES
 
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
@@ -329,8 +326,8 @@ class SampleConfig(_Compute):
 
     n: Annotated[int, Field(ge=1, le=MAX_SAMPLES)] | None = Field(
         None,
-        description="number of samples, seeds 0..n-1 (none: 1000 unless --seeds)",
-        json_schema_extra=flags("-n"),
+        description="number of samples, seeds 0..n-1",
+        json_schema_extra={**flags("-n"), "default_text": "1000 unless --seeds"},
     )
     seeds: str | None = Field(
         None, max_length=10_000, description="seed list, e.g. 0-999 (instead of -n)"
@@ -379,85 +376,3 @@ class TeacherTrainConfig(_Config):
         0.05, description="EMA ramp-up ratio"
     )
     seed: Seed = Field(0, description="random seed")
-
-
-ConfigT = TypeVar("ConfigT", bound=_Config)
-
-
-RECIPE_TABLES = ("record", "backtrack", "sample", "teacher_train")
-MAX_RECIPE_BYTES = 1 << 20
-
-
-def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
-    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables.
-
-    Tables other than the commands' and keys outside any table are refused, so a misspelt table
-    name cannot silently drop its settings."""
-    try:
-        data = tomllib.loads(read_regular_file(path, MAX_RECIPE_BYTES, "recipe").decode())
-    except DisbackError as exc:
-        raise ConfigError(str(exc).replace("no such file", "recipe file not found")) from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise ConfigError(f"{path}: not a valid TOML recipe ({exc})") from None
-    tables = [k for k, v in data.items() if isinstance(v, dict)]
-    if not tables:
-        return data
-    unknown = [k for k in tables if k not in RECIPE_TABLES]
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown table [{unknown[0]}] (known: {', '.join(RECIPE_TABLES)})"
-        )
-    loose = [k for k in data if k not in tables]
-    if loose:
-        raise ConfigError(f"{path}: key {loose[0]!r} is outside any table; put it in one")
-    return data.get(section, {})
-
-
-MAX_SETTINGS = 200  # --set options in one command
-
-
-def parse_settings(settings: list[str] | None) -> dict[str, Any]:
-    """`--set KEY=VALUE` options as config values: VALUE is read as TOML (`0.3`, `true`,
-    `[0.9, 0.99]`, `"text"`), or taken as text when it is not TOML (`--set device=cpu`). Keys may
-    use '-' for '_'; each key once."""
-    values: dict[str, Any] = {}
-    for setting in (settings or [])[: MAX_SETTINGS + 1]:
-        key, sep, text = setting.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"--set {setting!r:.80}: expected KEY=VALUE, e.g. ema_rampup=0.3")
-        if key in values:
-            raise ConfigError(f"--set {key}: given twice")
-        try:
-            values[key] = tomllib.loads(f"value = {text}")["value"]
-        except (tomllib.TOMLDecodeError, RecursionError):
-            values[key] = text
-    if len(values) > MAX_SETTINGS:
-        raise ConfigError(f"more than {MAX_SETTINGS} --set options")
-    return values
-
-
-def build_config(
-    model: type[ConfigT],
-    recipe: str | Path | None,
-    section: str,
-    flags: dict[str, Any],
-    settings: list[str] | None = None,
-) -> ConfigT:
-    """Defaults < recipe < flags and `--set KEY=VALUE` (flags left as None are not given; a key
-    set both ways is refused)."""
-    values = read_recipe(recipe, section) if recipe else {}
-    from_recipe = set(values)
-    given = {k: v for k, v in flags.items() if v is not None}
-    extra = parse_settings(settings)
-    both = sorted(set(given) & set(extra))
-    if both:
-        raise ConfigError(f"--set {both[0]} and its own flag were both given; keep one")
-    given.update(extra)
-    values.update(given)
-    try:
-        cfg = model.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-    cfg._recipe_keys = frozenset(from_recipe - set(given))
-    return cfg

@@ -1,2 +1,2 @@
-"""Metrics: ground truth for vectors and digits, FID-style image metrics, detectors, image IO,
-plots."""
+"""Metrics: ground truth for vectors, digits and shapes, FID-style image metrics, the CLIP score,
+detectors, image IO, the score-mismatch diagnostics, and the catalog and plots of runs."""

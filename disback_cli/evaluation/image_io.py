@@ -41,6 +41,10 @@ class ImageSet:
     count: int
     read: Callable[[int, int], np.ndarray]
 
+    def array(self) -> np.ndarray:
+        """All the images at once (small sets: the built-in data sets' metrics)."""
+        return np.concatenate(list(self.batches(1000)))
+
     def batches(self, batch: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         stop = self.count if stop is None else stop
         for first in range(start, stop, batch):

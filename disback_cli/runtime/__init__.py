@@ -1,2 +1,2 @@
-"""How a run executes: devices, torchrun data parallelism, stop signals, progress reports and the
-doctor's self-check."""
+"""How a run executes: devices, torchrun data parallelism, stop signals, progress reports and
+experiment trackers."""

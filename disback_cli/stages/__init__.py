@@ -1,1 +1,2 @@
-"""The stages of a DisBack run: record, backtrack, sample (and the demo that chains them)."""
+"""What each command runs: record, backtrack, sample, evaluate, doctor (and the demo that chains
+them), with the resumable-run lifecycle the training stages share."""
