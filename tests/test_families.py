@@ -27,8 +27,12 @@ from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, r
 from disback_cli.store.samples import read_samples
 from disback_cli.store.tensorfile import read_safetensors
 
-if FlowFamily not in TEACHER_FAMILIES:
+
+@pytest.fixture(scope="module", autouse=True)
+def flow_family_registered():
     register_family(FlowFamily)  # the one registry line
+    yield
+    TEACHER_FAMILIES.remove(FlowFamily)
 
 
 def test_the_flow_denoiser_of_an_exact_velocity_is_the_exact_denoiser():
@@ -125,12 +129,12 @@ class VSDFrozen(VSDLoss):
     fake_side = "frozen"
 
 
-def test_a_fake_side_registered_from_python_is_used(tmp_path, small_trajectory):
+def test_a_fake_side_registered_from_python_is_used(tmp_path, small_trajectory, monkeypatch):
     ring_trajectory = tmp_path / "t"
     shutil.copytree(small_trajectory, ring_trajectory)
-    FAKE_SIDES.setdefault("frozen", FrozenFake)
-    GENERATOR_LOSSES.setdefault("vsd-frozen", VSDFrozen)
-    LOSS_TRAINING_SIGMA.setdefault("vsd-frozen", "lognormal")
+    monkeypatch.setitem(FAKE_SIDES, "frozen", FrozenFake)
+    monkeypatch.setitem(GENERATOR_LOSSES, "vsd-frozen", VSDFrozen)
+    monkeypatch.setitem(LOSS_TRAINING_SIGMA, "vsd-frozen", "lognormal")
     cfg = BacktrackConfig(
         loss="vsd-frozen", iters=10, interval=5, batch=32, save_every=10, log_every=5
     )
