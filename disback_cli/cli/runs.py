@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from disback_cli.cli._common import Flag, JsonOpt, emit_json, stdout
-from disback_cli.errors import ConfigError
+from disback_cli.errors import ConfigError, one_line
 from disback_cli.evaluation.catalog import find_runs, run_row, unique_labels
 
 SHOWN = ("run", "status", "step", "method", "loss", "interval", "seed", "seconds")
@@ -86,6 +87,14 @@ def runs(
         _print(rows, keys, columns)
 
 
+def _cell(value: object) -> Text:
+    """A table cell as plain text: folder names and manifest values are anyone's, so control
+    characters are shown escaped and rich markup is not interpreted."""
+    if value is None:
+        return Text("-")
+    return Text(one_line(f"{value:.4g}" if isinstance(value, float) else str(value)))
+
+
 def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
     if columns:
         shown = [c.strip() for c in columns.split(",") if c.strip()]
@@ -100,7 +109,5 @@ def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in rows:
         cells = [row["label"] if c == "run" else row.get(c) for c in shown]
-        table.add_row(
-            *("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells)
-        )
+        table.add_row(*(_cell(v) for v in cells))
     stdout.print(table)

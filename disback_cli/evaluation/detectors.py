@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from disback_cli.errors import DisbackError
-from disback_cli.store.fileio import sha256_file
+from disback_cli.store.fileio import hash_regular_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
+MAX_DETECTOR_BYTES = 1 << 30  # the Inception network is 92 MB
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_URL = (
     f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
@@ -93,7 +94,7 @@ class InceptionDetector:
     ) -> None:
         if mode not in MODES:
             raise DisbackError(f"unknown FID mode {mode!r} (use {' or '.join(MODES)})")
-        digest = sha256_file(path)
+        digest = hash_regular_file(path, MAX_DETECTOR_BYTES, "detector weights file")
         if expected_sha256 is not None and digest != expected_sha256:
             raise DisbackError(
                 f"{path}: sha256 {digest[:12]}... is not that of {INCEPTION_FILE} "

@@ -29,8 +29,8 @@ from disback_cli.evaluation.image_metrics import (
 from disback_cli.evaluation.reports import make_report
 from disback_cli.runtime.parallel import Execution
 from disback_cli.runtime.reporting import Reporter, SilentReporter
-from disback_cli.store.fileio import atomic_write_bytes, sha256_file
-from disback_cli.store.npzfile import read_meta, read_npz
+from disback_cli.store.fileio import atomic_write_bytes, hash_regular_file
+from disback_cli.store.npzfile import MAX_NPZ_BYTES, read_meta, read_npz
 
 REFERENCE_FEATURES = 10_000  # features kept in a reference for KID and precision/recall
 KID_SUBSETS, KID_SUBSET_SIZE, PR_K, PR_MAX = 100, 1000, 3, 10_000
@@ -151,7 +151,8 @@ def load_reference(path: Path) -> Reference:
         raise DisbackError(f"{path}: the reference holds NaN or infinite values")
     if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-8 * np.abs(sigma).max()):
         raise DisbackError(f"{path}: sigma is not symmetric (not a covariance matrix)")
-    return Reference(path, sha256_file(path), mu, sigma, features, read_meta(arrays, path))
+    digest = hash_regular_file(path, MAX_NPZ_BYTES, "reference")
+    return Reference(path, digest, mu, sigma, features, read_meta(arrays, path))
 
 
 def check_compatible(reference: Reference, detector: Detector, image_shape: tuple) -> None:

@@ -4,7 +4,7 @@ dataset zip, or a generator sampled on the fly. Each yields uint8 (N, H, W, C) b
 from __future__ import annotations
 
 import io
-import zipfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +15,37 @@ import torch
 from disback_cli.errors import DisbackError
 from disback_cli.method.sampling import MAX_SAMPLES, one_step_batches
 from disback_cli.models.conditioning import condition_source
+from disback_cli.store.archives import open_zip, read_member
+from disback_cli.store.fileio import read_regular_file
 from disback_cli.store.images import to_uint8
 from disback_cli.store.npzfile import read_npz
 from disback_cli.store.samples import complete_images
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+MAX_IMAGE_BYTES = 256 << 20  # one image file
+MAX_PIXELS = 1 << 26  # one image, decoded (a small file may declare a vast canvas)
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
+    """uint8 (H, W, C) pixels, C 1 or 3; the canvas is bounded before it is decoded, and 16-bit
+    images keep their contrast (their high byte), where a plain conversion saturates them."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("L" if image.mode in ("L", "1", "I;16") else "RGB"))
+        with warnings.catch_warnings():  # PIL's own bomb warning: the bound below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise DisbackError(f"{name}: {width}x{height} pixels, more than an image may hold")
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+                array = (wide.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            else:
+                array = np.asarray(image.convert("L" if image.mode in ("L", "1") else "RGB"))
+    except DisbackError:
+        raise
     except Exception as exc:
         raise DisbackError(f"{name}: not a readable image ({exc})") from None
     return array[:, :, None] if array.ndim == 2 else array
@@ -74,24 +92,25 @@ def folder_images(path: Path, any_images: bool = True) -> ImageSet:
         raise DisbackError(f"{path}: no images found (png, jpg, ...)")
 
     def read(start: int, stop: int) -> np.ndarray:
-        return _stacked([_decode(f.read_bytes(), str(f)) for f in files[start:stop]], str(path))
+        chunk = files[start:stop]
+        images = [_decode(read_regular_file(f, MAX_IMAGE_BYTES, "image"), str(f)) for f in chunk]
+        return _stacked(images, str(path))
 
     return ImageSet(f"folder {path}", len(files), read)
 
 
 def zip_images(path: Path) -> ImageSet:
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DisbackError(f"{path}: not a readable zip ({exc})") from None
+    archive = open_zip(path, "dataset zip")
     names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in EXTENSIONS)
     if not names:
         raise DisbackError(f"{path}: no images in the zip")
 
     def read(start: int, stop: int) -> np.ndarray:
-        return _stacked(
-            [_decode(archive.read(n), f"{path}:{n}") for n in names[start:stop]], str(path)
-        )
+        images = [
+            _decode(read_member(archive, n, MAX_IMAGE_BYTES, f"{path}:{n}"), f"{path}:{n}")
+            for n in names[start:stop]
+        ]
+        return _stacked(images, str(path))
 
     return ImageSet(f"dataset zip {path}", len(names), read)
 

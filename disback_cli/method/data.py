@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.evaluation.datasets import DATASETS, GaussianMixture, get_dataset
-from disback_cli.evaluation.image_io import EXTENSIONS, _decode
+from disback_cli.evaluation.image_io import EXTENSIONS, MAX_IMAGE_BYTES, _decode
 from disback_cli.models.conditioning import NO_CONDITIONS, Conditioning
-from disback_cli.store.fileio import hash_regular_file, parse_json, sha256_file
+from disback_cli.store.archives import open_zip, read_member
+from disback_cli.store.fileio import hash_regular_file, parse_json, read_regular_file
 
 BUILTIN = "builtin:"
 MAX_DATA_BYTES = 1 << 40
@@ -139,25 +139,27 @@ def _image_files(path: Path, data_shape: tuple[int, ...], label_dim: int) -> Dat
             p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and not p.is_symlink()
         )
         names = [str(p.relative_to(path)) for p in files]
-        listing = json.dumps([[n, sha256_file(p)] for n, p in zip(names, files, strict=True)])
+        hashes = [hash_regular_file(p, MAX_IMAGE_BYTES, "image") for p in files]
+        listing = json.dumps([[n, h] for n, h in zip(names, hashes, strict=True)])
         digest = hashlib.sha256(listing.encode()).hexdigest()
         labels_file = path / "dataset.json"
-        raw = labels_file.read_bytes() if labels_file.is_file() else None
+        raw = None
+        if labels_file.exists() or labels_file.is_symlink():
+            raw = read_regular_file(labels_file, MAX_LABELS_BYTES, "labels file")
 
         def fetch(i: int) -> bytes:
-            return files[i].read_bytes()
+            return read_regular_file(files[i], MAX_IMAGE_BYTES, "image")
 
     else:
         digest = hash_regular_file(path, MAX_DATA_BYTES, "dataset zip")
-        try:
-            archive = zipfile.ZipFile(path)
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise ConfigError(f"--data {path}: not a readable zip ({exc})") from None
+        archive = open_zip(path, "dataset zip")
         names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in EXTENSIONS)
-        raw = archive.read("dataset.json") if "dataset.json" in archive.namelist() else None
+        raw = None
+        if "dataset.json" in archive.namelist():
+            raw = read_member(archive, "dataset.json", MAX_LABELS_BYTES, f"{path}:dataset.json")
 
         def fetch(i: int) -> bytes:
-            return archive.read(names[i])
+            return read_member(archive, names[i], MAX_IMAGE_BYTES, f"{path}:{names[i]}")
 
     if len(names) < 2:
         raise ConfigError(f"--data {path}: {len(names)} images; at least 2 are needed")

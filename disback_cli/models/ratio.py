@@ -48,6 +48,11 @@ class RatioSpec(BaseModel):
     # fmt: on
 
 
+def _groups(channels: int) -> int:
+    """GroupNorm's groups: the largest divisor of `channels` up to 8 (any width builds)."""
+    return max(g for g in range(1, 9) if channels % g == 0)
+
+
 def _fourier(log_sigma: torch.Tensor, features: int) -> torch.Tensor:
     frequencies = torch.arange(1, features // 2 + 1, device=log_sigma.device, dtype=torch.float32)
     angles = log_sigma.float().reshape(-1, 1) * frequencies
@@ -79,7 +84,7 @@ class RatioNetwork(nn.Module):
             for i in range(spec.depth):  # width x 2, 4, 8, 8, ...
                 wide = spec.width * 2 ** min(i + 1, 3)
                 layers += [
-                    nn.GroupNorm(min(8, width), width),
+                    nn.GroupNorm(_groups(width), width),
                     nn.SiLU(),
                     nn.Conv2d(width, wide, 3, stride=2, padding=1),
                 ]

@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from disback_cli.errors import ConfigError
+from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.store.layout import check_no_links
 
 TRACKERS = ("tensorboard", "wandb")
 TENSORBOARD_FOLDER = "tensorboard"
@@ -53,7 +54,8 @@ class TensorBoardTracker:
                 "pip install 'disback[tensorboard]'"
             ) from None
         started = "".join(c for c in created_at[:19] if c.isdigit() or c == "T")
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_FOLDER / started))
+        log_dir = check_no_links(run_dir, f"{TENSORBOARD_FOLDER}/{started}")
+        self.writer = SummaryWriter(log_dir=str(log_dir))
         self.writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", 0)
 
     def log(self, iteration: int, line: dict) -> None:
@@ -73,21 +75,36 @@ class WandbTracker:
             raise ConfigError(
                 "--log-to wandb needs the wandb package: pip install 'disback[wandb]'"
             ) from None
+        check_no_links(run_dir, WANDB_FOLDER)
         identity = f"{run_dir.absolute()}|{created_at}".encode()
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "disback"),
-            name=f"{run_dir.parent.parent.name}/{run_dir.name}",
-            id=hashlib.sha256(identity).hexdigest()[:16],
-            resume="allow",
-            dir=str(run_dir),
-            config=config,
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "disback"),
+                name=f"{run_dir.parent.parent.name}/{run_dir.name}",
+                id=hashlib.sha256(identity).hexdigest()[:16],
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+            )
+        except Exception as exc:  # no credentials, no network, a bad setting: say which
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DisbackError(
+                f"--log-to wandb: {first} (log in with `wandb login`, or set WANDB_MODE=offline)"
+            ) from None
 
     def log(self, iteration: int, line: dict) -> None:
         self.run.log(scalars(line), step=iteration)
 
     def close(self) -> None:
         self.run.finish()
+
+
+def check_tracker_folders(names: list[str], run_dir: Path) -> None:
+    """The folders the trackers write in must be the run's own (no link to elsewhere): checked
+    before the run starts, so a refusal leaves the run as it was."""
+    for name in names:
+        if name in (TENSORBOARD_FOLDER, WANDB_FOLDER) and run_dir.is_dir():
+            check_no_links(run_dir, name)
 
 
 def open_trackers(names: list[str], run_dir: Path, config: dict, created_at: str) -> list[Tracker]:

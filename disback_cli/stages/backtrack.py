@@ -33,6 +33,7 @@ from disback_cli.models.path_nodes import Targets
 from disback_cli.models.teachers import Teacher
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
+from disback_cli.runtime.tracking import check_tracker_folders
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
     Run,
@@ -88,6 +89,7 @@ def run_backtrack(
     fake_side.open_inputs(cfg, teacher)  # checked before anything is written
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
+    check_tracker_folders(cfg.log_to, run_dir)
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
         return _backtrack(
             run, cfg, sources, (trajectory, traj), teacher, conditions, fake_side, name, force

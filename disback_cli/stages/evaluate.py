@@ -36,6 +36,7 @@ from disback_cli.runtime.parallel import Execution
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import parse_json, read_regular_file
 from disback_cli.store.manifests import generator_file_of_run
+from disback_cli.store.npzfile import read_npz
 from disback_cli.store.samples import LABELS, read_provenance, read_samples, seed_ranges
 
 # Image data sets the built-in metrics score without reference statistics.
@@ -291,8 +292,8 @@ def _sample_labels(source: Path, count: int) -> np.ndarray | None:
             entries = parse_json(read_regular_file(source / LABELS, 1 << 30, "labels file"))
             labels = [label for _, label in entries["labels"]]
         else:
-            with np.load(source, allow_pickle=False) as data:
-                labels = data["labels"].tolist() if "labels" in data else None
+            arrays = read_npz(source)
+            labels = arrays["labels"].tolist() if "labels" in arrays else None
     except (OSError, DisbackError, ValueError, KeyError, TypeError):
         return None
     if labels is None or len(labels) != count or not all(isinstance(v, int) for v in labels):

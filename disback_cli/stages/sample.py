@@ -157,23 +157,29 @@ def write_samples_of(
     meta = _provenance(info, conditions, seeds, cfg, verifier)
     names = [name for name, _, _ in items]
     writer = PngFolder(out, names, meta) if fmt == "png" else NpzFile(out, names, meta, is_image)
+    with writer.lock(ex.is_main, reporter.note):  # one `sample` at a time writes a folder
+        draw = (generator, conditions, verifier)
+        return _write(draw, cfg, ex, reporter, seeds, items, writer, grid_path, fmt)
+
+
+def _write(draw, cfg, ex: Execution, reporter, seeds, items, writer, grid_path, fmt) -> dict:
+    """Draw and write every sample (see `write_samples_of`); rank 0 finishes the output."""
+    generator, conditions, _ = draw
     writer.check()
     ex.barrier()
     if ex.is_main:
         removed = writer.start()
         if removed:
-            reporter.note(f"{out}: replaced {removed} images of an earlier `disback sample`")
+            reporter.note(f"{writer.out}: replaced {removed} images of an earlier `disback sample`")
     ex.barrier()
     ex.prepare(generator.denoiser)
     started = time.perf_counter()
-    mine = _draw_and_write(
-        generator, conditions, verifier, cfg, ex, reporter, items, writer, grid_path
-    )
+    mine = _draw_and_write(draw, cfg, ex, reporter, items, writer, grid_path)
     writer.flush()
     gathered = ex.gather_to_main(mine)
     seconds = time.perf_counter() - started  # generating and writing, all ranks together
     summary = {
-        "out": str(out.absolute()),
+        "out": str(writer.out.absolute()),
         "format": fmt,
         "n": len(items),
         "seconds": seconds,
@@ -185,7 +191,7 @@ def write_samples_of(
     ordered = [value for _, value in sorted(parts, key=lambda item: item[0])]
     labels = [lab for _, lab, _ in ordered if lab is not None]
     all_labels = np.concatenate(labels).astype(np.int64) if labels else None
-    summary.update(meta)
+    summary.update(writer.meta)
     arrays = [a for a, _, _ in ordered if a is not None]
     prompts = conditions.prompts_of(items)
     summary.update(writer.finish(seeds, all_labels, items, prompts, arrays))
@@ -229,10 +235,12 @@ def _provenance(info: dict, conditions, seeds, cfg: SampleConfig, verifier) -> d
 
 
 def _draw_and_write(
-    generator, conditions, verifier, cfg, ex: Execution, reporter, items, writer, grid_path
+    draw: tuple, cfg, ex: Execution, reporter, items, writer, grid_path
 ) -> dict[int, tuple]:
-    """This rank's batches: drawn, written (PNGs), and kept for rank 0 (arrays for an .npz,
-    labels, grid images), by batch index."""
+    """This rank's batches: drawn (`draw`: the generator, its conditions and the verifier),
+    written (PNGs), and kept for rank 0 (arrays for an .npz, labels, grid images), by batch
+    index."""
+    generator, conditions, verifier = draw
     batches = [items[i : i + cfg.batch] for i in range(0, len(items), cfg.batch)]
     denoiser = generator.denoiser
     mine: dict[int, tuple] = {}

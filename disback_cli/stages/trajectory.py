@@ -7,9 +7,10 @@ from pathlib import Path
 
 from disback_cli.errors import DisbackError
 from disback_cli.models.teachers import Teacher, open_teacher, teacher_location
-from disback_cli.store.fileio import check_sha256, sha256_file
+from disback_cli.store.fileio import check_sha256, hash_regular_file
 from disback_cli.store.layout import check_no_links
 from disback_cli.store.manifests import TrajectoryManifest, read_manifest
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
 
 
 def open_trajectory(
@@ -38,5 +39,7 @@ def open_trajectory(
         if not path.is_file():
             raise DisbackError(f"{path}: path node {node.index} named by the manifest is missing")
         if verify:
-            check_sha256(path, sha256_file(path), node.sha256)
+            check_sha256(
+                path, hash_regular_file(path, MAX_SAFETENSORS_BYTES, "path node"), node.sha256
+            )
     return manifest, teacher

@@ -44,14 +44,23 @@ def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> in
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
-    """The bytes of a regular file of at most `max_bytes` (see `check_regular_file`)."""
-    size = check_regular_file(path, max_bytes, what)
+    """The bytes of a regular file of at most `max_bytes` (see `check_regular_file`). The file
+    is opened without blocking and checked again on its descriptor, so one swapped for a FIFO
+    or a device after the first check is refused rather than waited on."""
+    check_regular_file(path, max_bytes, what)
     try:
-        with open(path, "rb") as f:
-            data = f.read(size + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > size:  # grew after the check
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            raise DisbackError(f"{path}: changed while being read")
+        try:
+            data = f.read(info.st_size + 1)
+        except OSError as exc:
+            raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > info.st_size:  # grew after the check
         raise DisbackError(f"{path}: changed while being read")
     return data
 
@@ -91,12 +100,21 @@ def check_sha256(path: str | os.PathLike, digest: str, expected: str) -> None:
 
 
 def hash_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> str:
-    """sha256 of a file checked by `check_regular_file`, read in blocks (nothing parsed)."""
+    """sha256 of a file checked by `check_regular_file`, read in blocks (nothing parsed); opened
+    without blocking and checked again on its descriptor, as `read_regular_file` does."""
     check_regular_file(path, max_bytes, what)
+    digest = hashlib.sha256()
     try:
-        return sha256_file(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                raise DisbackError(f"{path}: changed while being read")
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     except OSError as exc:
         raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    return digest.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

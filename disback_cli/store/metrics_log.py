@@ -10,7 +10,6 @@ from pathlib import Path
 from disback_cli.errors import DisbackError
 from disback_cli.store.fileio import (
     atomic_write_bytes,
-    check_regular_file,
     parse_json,
     read_regular_file,
 )
@@ -24,19 +23,18 @@ def truncate_metrics(path: Path, step: int) -> None:
     (a line cut short by a kill)."""
     if not path.exists():
         return
-    check_regular_file(path, MAX_METRICS_BYTES, "metrics log")  # a FIFO would block the read
     keep = []
-    with open(path, "rb") as log:
-        for line in log:
-            try:
-                record = json.loads(line)
-                if not (isinstance(record, dict) and isinstance(record.get("iteration"), int)):
-                    break
-            except (ValueError, RecursionError):
+    data = read_regular_file(path, MAX_METRICS_BYTES, "metrics log")  # never a FIFO's wait
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("iteration"), int)):
                 break
-            if record["iteration"] > step:
-                break
-            keep.append(line.rstrip(b"\n") + b"\n")
+        except (ValueError, RecursionError):
+            break
+        if record["iteration"] > step:
+            break
+        keep.append(line + b"\n")
     atomic_write_bytes(path, b"".join(keep))
 
 

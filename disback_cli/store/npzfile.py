@@ -16,6 +16,7 @@ import numpy as np
 
 from disback_cli.errors import DisbackError
 from disback_cli.store import fileio
+from disback_cli.store.archives import check_member
 from disback_cli.store.fileio import check_regular_file, parse_json
 
 MAX_NPZ_BYTES = 1 << 40
@@ -48,6 +49,7 @@ def read_npz(path: Path, what: str = ".npz file") -> dict[str, np.ndarray]:
                 raise ValueError(f"{len(members)} arrays")
             total = 0
             for info in members:
+                check_member(archive, info, MAX_NPZ_BYTES, f"{path}:{info.filename}")
                 shape, dtype, header = _declared(archive, info)
                 if dtype.kind not in NUMERIC_KINDS or dtype.hasobject or dtype.fields:
                     raise ValueError(f"{info.filename}: arrays of {dtype} are not supported")
@@ -60,7 +62,15 @@ def read_npz(path: Path, what: str = ".npz file") -> dict[str, np.ndarray]:
                     arrays[info.filename[: -len(".npy")]] = np.lib.format.read_array(
                         member, allow_pickle=False
                     )
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+    ) as exc:
         raise DisbackError(f"{path}: not a readable {what} ({exc})") from None
     return arrays
 

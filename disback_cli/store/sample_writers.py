@@ -11,6 +11,7 @@ prompt and seed, for text-to-image samples) and the record again, `complete`, la
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, png_name
+from disback_cli.store.lock import run_lock
 from disback_cli.store.samples import LABELS, MAX_SAMPLES, PROMPTS, prepare_folder, write_record
 
 PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
@@ -39,6 +41,11 @@ class PngFolder:
         self.out, self.names, self.meta = out, names, meta
         self.writer = ThreadPoolExecutor(max_workers=PNG_WRITERS)
         self.writes: list[Future] = []
+
+    def lock(self, main: bool, note) -> contextlib.AbstractContextManager:
+        """Rank 0 holds the folder's lock while it is written: a second `sample` into it is
+        refused, naming the first, instead of mixing two generators' images."""
+        return run_lock(self.out, "sample", note) if main else contextlib.nullcontext()
 
     def check(self) -> None:
         """Refuse a folder holding anything but an earlier `disback sample`'s files (every rank
@@ -90,6 +97,9 @@ class NpzFile:
 
     def __init__(self, out: Path, names: list[int], meta: dict, is_image: bool) -> None:
         self.out, self.meta, self.is_image = out, meta, is_image
+
+    def lock(self, main: bool, note) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # written atomically, once, at the end
 
     def check(self) -> None:
         pass

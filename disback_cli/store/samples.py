@@ -20,6 +20,7 @@ import torch
 from disback_cli.errors import DisbackError
 from disback_cli.store.fileio import TMP_SUFFIX, atomic_write_bytes, parse_json, read_regular_file
 from disback_cli.store.images import png_name
+from disback_cli.store.layout import LOCK
 from disback_cli.store.npzfile import read_meta, read_npz
 
 RECORD = "provenance.json"
@@ -102,6 +103,8 @@ def _is_ours(entry: str, folder: Path, ours: set[str]) -> bool:
     path = folder / entry
     if path.is_symlink():
         return False
+    if entry == LOCK:  # held by the `sample` writing the folder (see `sample_writers`)
+        return path.is_file()
     if path.is_dir():
         return SUBFOLDER.fullmatch(entry) is not None
     parent, name = os.path.split(entry)
@@ -138,7 +141,7 @@ def prepare_folder(folder: Path, limit: int, remove: bool) -> int:
         if path.is_dir():
             if not any(path.iterdir()):
                 path.rmdir()
-        else:
+        elif entry != LOCK:  # the lock of the `sample` about to write here
             path.unlink()
             removed += entry.endswith(".png")
     return removed

@@ -38,17 +38,11 @@ def read_prompts(path: str | Path) -> tuple[list[str], str]:
     data = read_regular_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: a prompt file must be UTF-8 text") from None
-    if text.lstrip().startswith("["):
-        try:
-            prompts = parse_json(text)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: not a JSON list of prompts ({exc})") from None
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"{path}: a JSON prompt file must be a list of strings")
-    else:
+    prompts = _json_prompts(text, path)
+    if prompts is None:  # text: a prompt a line (one may well start with "[")
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"{path}: no prompts")
@@ -58,6 +52,20 @@ def read_prompts(path: str | Path) -> tuple[list[str], str]:
     if long is not None:
         raise ConfigError(f"{path}: prompt {long + 1} is longer than {MAX_PROMPT_CHARS} characters")
     return prompts, digest
+
+
+def _json_prompts(text: str, path) -> list[str] | None:
+    """The prompts of a file that is a JSON list, None for one that is not JSON at all; a JSON
+    value that is not a list of strings is refused."""
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        prompts = parse_json(text)
+    except ValueError:
+        return None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{path}: a JSON prompt file must be a list of strings")
+    return prompts
 
 
 def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:

@@ -1,0 +1,224 @@
+"""Readers held to bounds (issue #27): every file a command reads that someone else wrote goes
+through a bounded reader. FIFOs and devices where a file is expected are refused instead of
+waited on; zip members are checked for size and inflation before they are decompressed, and a
+damaged, encrypted or oddly compressed member is one line; trackers and sample folders stay
+inside what the run owns. Each case: one `error:` line, its exit code, nothing anywhere changed
+(the corpus's snapshot), and within a time bound where the failure would be a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from corpus import EXTEND, RUN, Case, World, check_ids, run_case
+from test_fid import images_like, write_folder
+
+from conftest import checkout_env
+from disback_cli.errors import DisbackError
+from disback_cli.evaluation.image_io import _decode
+from disback_cli.models.ratio import RatioSpec, build_ratio
+from disback_cli.models.text_to_image.text import read_prompts
+from disback_cli.store.archives import read_member
+from disback_cli.store.images import encode_png
+from disback_cli.store.sample_writers import PngFolder
+
+DIGITS = ["--dataset", "digits"]
+
+
+def digits_folder(w: World, name: str = "imgs", count: int = 4) -> str:
+    write_folder(w / name, images_like(count, 1, size=8, channels=1))
+    return name
+
+
+def fifo_in_folder(w: World) -> list[str]:
+    folder = digits_folder(w)
+    os.mkfifo(w / folder / "z-fifo.png")
+    return ["evaluate", folder, "--any-images", *DIGITS]
+
+
+def zip_of(w: World, name: str, members: dict[str, bytes], level: int = 6) -> str:
+    with zipfile.ZipFile(w / name, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    return name
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    return encode_png(images_like(1, seed, size=8, channels=1)[0])
+
+
+def zip_bomb(w: World) -> list[str]:
+    """A 100 MB member of zeros stored in about 100 kB."""
+    name = zip_of(w, "bomb.zip", {"a.png": png_bytes(), "b.png": bytes(100 << 20)}, level=9)
+    return ["evaluate", name, *DIGITS]
+
+
+def patched_zip(w: World, patch) -> list[str]:
+    """A zip of two PNGs with `patch(data, local_offset, central_offset)` applied to its bytes
+    (offsets of the second member's local and central headers)."""
+    name = zip_of(w, "d.zip", {"a.png": png_bytes(0), "b.png": png_bytes(1)}, level=0)
+    data = bytearray((w / name).read_bytes())
+    with zipfile.ZipFile(w / name) as archive:
+        local = archive.getinfo("b.png").header_offset
+    central = data.rfind(b"PK\x01\x02")  # the last central entry: b.png
+    patch(data, local, central)
+    (w / name).write_bytes(bytes(data))
+    return ["evaluate", name, *DIGITS]
+
+
+def bad_crc(data: bytearray, local: int, central: int) -> None:
+    name_length, extra_length = struct.unpack_from("<HH", data, local + 26)
+    data[local + 30 + name_length + extra_length + 40] ^= 0xFF  # inside the stored PNG
+
+
+def encrypted(data: bytearray, local: int, central: int) -> None:
+    for at in (local + 6, central + 8):  # general-purpose flag bit 0 in both headers
+        data[at] |= 0x1
+
+
+def unknown_method(data: bytearray, local: int, central: int) -> None:
+    for at in (local + 8, central + 10):
+        struct.pack_into("<H", data, at, 99)
+
+
+def npz_bomb(w: World) -> list[str]:
+    path = w / "bomb.npz"
+    np.savez_compressed(path, samples=np.zeros((1 << 24, 2), dtype=np.float32))
+    return ["evaluate", "bomb.npz", "--dataset", "ring2d"]
+
+
+def linked_tracker(w: World) -> list[str]:
+    (w / RUN / "tensorboard").symlink_to(w / "outside" / "dir")
+    return [*EXTEND, "--log-to", "tensorboard"]
+
+
+CASES = [
+    Case("an image that is a FIFO", fifo_in_folder, "not a regular file"),
+    Case("a zip member that inflates 1000 times", zip_bomb, "a zip bomb?"),
+    Case("a zip member with a bad CRC", lambda w: patched_zip(w, bad_crc), "b.png: unreadable"),
+    Case("an encrypted zip member", lambda w: patched_zip(w, encrypted), "encrypted"),
+    Case("an unknown compression", lambda w: patched_zip(w, unknown_method), "b.png: unreadable"),
+    Case("an npz array that inflates 1000 times", npz_bomb, "a zip bomb?"),
+]
+check_ids(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_hostile_file_is_refused_in_one_line(case, template, tmp_path, monkeypatch, cli):
+    run_case(case, template, tmp_path, monkeypatch, cli)
+
+
+def test_tracker_folders_are_not_followed_out_of_the_run(template, tmp_path, monkeypatch, cli):
+    pytest.importorskip("torch.utils.tensorboard")
+    case = Case("a tensorboard folder linked elsewhere", linked_tracker, "is a symbolic link")
+    run_case(case, template, tmp_path, monkeypatch, cli)
+
+
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path):
+    """In a subprocess with a time bound: a regression here would hang, not fail."""
+    write_folder(tmp_path / "imgs", images_like(3, 1, size=8, channels=1))
+    os.mkfifo(tmp_path / "imgs" / "z.png")
+    done = subprocess.run(
+        [sys.executable, "-m", "disback_cli", "evaluate", "imgs", "--any-images", *DIGITS],
+        cwd=tmp_path,
+        env=checkout_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "not a regular file" in done.stderr
+
+
+def test_a_member_that_lies_about_its_size_is_refused(tmp_path):
+    """The zip library reads no more than the declared size; the data then fail their CRC."""
+    path = tmp_path / "x.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("a.png", b"x" * 5000)
+    with zipfile.ZipFile(path) as archive:
+        archive.getinfo("a.png").file_size = 10  # the central directory's word, not the data's
+        with pytest.raises(DisbackError, match=r"unreadable zip member .*CRC"):
+            read_member(archive, "a.png", 100, "x.zip:a.png")
+
+
+def test_sixteen_bit_images_keep_their_values():
+    """A 16-bit grey PNG decodes to its high byte (it decoded as all white)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    values = np.array([[0, 256, 32768], [65535, 4096, 512]], dtype=np.uint16)
+    buffer = BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    decoded = _decode(buffer.getvalue(), "grey16.png")
+    assert decoded.dtype == np.uint8 and decoded.shape == (2, 3, 1)
+    assert decoded[:, :, 0].tolist() == (values >> 8).tolist()
+
+
+def test_a_canvas_too_large_is_refused_before_decoding():
+    header = zlib.compress(b"\x00" * 64)
+    ihdr = struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0)  # 10^8 grey pixels
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    data = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", header) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(DisbackError, match="more than an image may hold"):
+        _decode(data, "huge.png")
+
+
+@pytest.mark.parametrize("width", [6, 12, 20, 24])
+def test_every_documented_ratio_width_builds_and_runs(width):
+    import torch
+
+    spec = RatioSpec(arch="conv", data_shape=(1, 8, 8), label_dim=0, width=width, depth=3)
+    network = build_ratio(spec)
+    assert network(torch.zeros(2, 1, 8, 8), torch.ones(2)).shape == (2,)
+
+
+def test_prompt_files_with_a_byte_order_mark_or_a_leading_bracket(tmp_path):
+    listing = tmp_path / "p.json"
+    listing.write_bytes(b"\xef\xbb\xbf" + json.dumps(["a cat", "a dog", "[x] y"]).encode())
+    assert read_prompts(listing)[0] == ["a cat", "a dog", "[x] y"]
+    text = tmp_path / "p.txt"
+    text.write_text("[draft] a red cat\na blue dog\n")
+    assert read_prompts(text)[0] == ["[draft] a red cat", "a blue dog"]
+    bad = tmp_path / "q.json"
+    bad.write_text('["a cat", 3]')
+    with pytest.raises(DisbackError, match="list of strings"):
+        read_prompts(bad)
+
+
+def test_a_sample_folder_has_one_writer(tmp_path):
+    """While one `sample` writes a folder, a second one is refused, naming the first."""
+    out = tmp_path / "samples"
+    first = PngFolder(out, [0, 1], {})
+    with first.lock(True, print):
+        second = PngFolder(out, [5], {})
+        with pytest.raises(DisbackError, match="disback sample"), second.lock(True, print):
+            pass
+        first.check()  # its own lock is no foreign file
+        assert first.start() == 0
+    assert not out.exists() or not (out / ".lock").exists()
+
+
+def test_runs_shows_control_characters_escaped(tmp_path, small_trajectory, cli):
+    import shutil
+
+    for name in ("t\x1b[31mred", "u"):  # folder names anyone may choose
+        shutil.copytree(small_trajectory, tmp_path / name)
+        run = ["-T", tmp_path / name, "--iters", "10", "--save-every", "10", "--batch", "32"]
+        done = cli("backtrack", *run)
+        assert done.code == 0, done.stderr
+    shown = cli("runs", tmp_path).stdout
+    assert "\x1b" not in shown, repr(shown)
+    assert "t\\x1b[31mred" in shown
