@@ -64,6 +64,7 @@ TESTS = {
     ],
     "store/fileio": ["test_recovery.py", "test_rundir.py", "test_hostile_inputs.py"],
     "models/edm_pickle": ["test_unpickler.py", "test_edm.py", "test_hostile_inputs.py"],
+    "models/edm_unpickler": ["test_unpickler.py", "test_edm.py", "test_hostile_inputs.py"],
 }
 
 M = Mutant
@@ -111,8 +112,8 @@ MUTANTS = [
     ),
     M(
         "method/losses:vsd-batch-sum",
-        "loss = (gap * x).flatten(1).sum(dim=1).mean()",
-        "loss = (gap * x).flatten(1).sum(dim=1).sum()",
+        "target(x_t, sigma, **cond)\n        loss = (gap * x).flatten(1).sum(dim=1).mean()",
+        "target(x_t, sigma, **cond)\n        loss = (gap * x).flatten(1).sum(dim=1).sum()",
     ),
     M(
         "method/losses:dmd-scale-signed",
@@ -161,8 +162,8 @@ MUTANTS = [
     ),
     M(
         "method/losses:dmd-trains-lognormal",
-        '"vsd": "lognormal", "dmd": "karras"',
-        '"vsd": "lognormal", "dmd": "lognormal"',
+        '"dmd": "karras",',
+        '"dmd": "lognormal",',
     ),
     M(
         "method/dsm:clip-ignored",
@@ -240,8 +241,8 @@ MUTANTS = [
     ),
     M(
         "method/sampling:seed-stream-shared",
-        "rng = torch.Generator().manual_seed(seed)",
-        "rng = torch.Generator().manual_seed(seeds[0])",
+        "rng = torch.Generator().manual_seed(seed)\n        z.append",
+        "rng = torch.Generator().manual_seed(seeds[0])\n        z.append",
     ),
     # --- image metrics: KID, Fréchet distance, precision/recall --------------------------------
     M("evaluation/image_metrics:kid-biased", "/ (m * (m - 1))", "/ (m * m)"),
@@ -401,33 +402,37 @@ MUTANTS = [
     ),
     # --- the restricted EDM unpickler ---------------------------------------------------------
     M(
-        "models/edm_pickle:torch-fallback",
+        "models/edm_unpickler:torch-fallback",
         "            return self.allowed[(module, name)]\n",
         "            if module.startswith('torch') and (module, name) not in self.allowed:\n"
         "                return super().find_class(module, name)\n"
         "            return self.allowed[(module, name)]\n",
     ),
     M(
-        "models/edm_pickle:view-end-unchecked",
+        "models/edm_unpickler:view-end-unchecked",
         "if numel and (numel > flat.numel() or last >= flat.numel()):",
         "if numel and numel > flat.numel():",
     ),
     M(
-        "models/edm_pickle:budget-in-elements",
+        "models/edm_unpickler:budget-in-elements",
         "self.budget -= numel * flat.element_size()",
         "self.budget -= numel",
     ),
     M(
-        "models/edm_pickle:storage-bytes-at-least",
+        "models/edm_unpickler:storage-bytes-at-least",
         "if len(data) - stream.tell() != nbytes:",
         "if len(data) - stream.tell() < nbytes:",
     ),
     M(
-        "models/edm_pickle:dtype-state-unchecked",
+        "models/edm_unpickler:dtype-state-unchecked",
         "if state != NUMPY_STATES[self.name]:",
         "if state is None:",
     ),
-    M("models/edm_pickle:depth-unbounded", "MAX_PICKLE_DEPTH = 1000", "MAX_PICKLE_DEPTH = 10**9"),
+    M(
+        "models/edm_unpickler:depth-unbounded",
+        "MAX_PICKLE_DEPTH = 1000",
+        "MAX_PICKLE_DEPTH = 10**9",
+    ),
     M(
         "models/edm_pickle:kwargs-int-unbounded",
         "if abs(value) >= 2**31:",
@@ -439,9 +444,13 @@ MUTANTS = [
         "if id(record) in seen or len(seen) > MAX_MODULES:",
         "if len(seen) > MAX_MODULES:",
     ),
-    M("models/edm_pickle:hooks-accepted", "if hooks is not None and not (", "if False and not ("),
     M(
-        "models/edm_pickle:negative-strides",
+        "models/edm_unpickler:hooks-accepted",
+        "if hooks is not None and not (",
+        "if False and not (",
+    ),
+    M(
+        "models/edm_unpickler:negative-strides",
         "all(type(v) is int and v >= 0 for v in integers)",
         "all(type(v) is int for v in integers)",
     ),

@@ -98,3 +98,22 @@ def test_one_formatting_style():
         for path in (PACKAGE.parent / folder).rglob("*.py")
     )
     assert skips <= MAX_FMT_SKIPS
+
+
+def test_the_hand_written_mutants_still_apply():
+    """`make mutation`'s second layer plants each bug by exact text: a refactor that moves or
+    reformats the code must move the mutant too, or it would silently test nothing."""
+    import importlib.util
+    import sys
+
+    path = PACKAGE.parent / "benchmarks" / "mutation.py"
+    spec = importlib.util.spec_from_file_location("hand_written_mutants", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    stale = [
+        mutant.name
+        for mutant in module.MUTANTS
+        if (PACKAGE / f"{mutant.module}.py").read_text().count(mutant.before) != 1
+    ]
+    assert stale == []

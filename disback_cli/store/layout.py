@@ -61,8 +61,21 @@ def record_state_file(step: int) -> str:
     return f"state/record-{step:08d}.safetensors"
 
 
+# Every file a backtrack manifest names, by its field, and the kind of checkpoint file it is: the
+# one rule of what such a field may name (`checkpoint_file`), and the only names the run's
+# cleanup may delete. A new kind of file is one entry here (the hostile cases follow from it).
+CHECKPOINT_FILES = {
+    "generator": "generator",
+    "generator_ema": "generator-ema",
+    "ratio": "ratio",  # diffratio's density-ratio network (the verifier)
+    "state": "state",
+}
+
+
 def checkpoint_file(kind: str, step: int) -> str:
-    """kind: 'generator', 'generator-ema', 'ratio' (diffratio's network) or 'state'."""
+    """The file of a checkpoint kind (a value of `CHECKPOINT_FILES`) at `step`."""
+    if kind not in CHECKPOINT_FILES.values():
+        raise ValueError(f"no checkpoint file kind {kind!r}")
     return f"checkpoints/{kind}-{step:08d}.safetensors"
 
 
@@ -78,7 +91,7 @@ TRAJECTORY = Layout(
 BACKTRACK = Layout(
     "backtrack run",
     frozenset({MANIFEST, METRICS, LOCK}),
-    {"checkpoints": re.compile(r"(generator|generator-ema|ratio|state)-\d{8}\.safetensors")},
+    {"checkpoints": re.compile(rf"({'|'.join(CHECKPOINT_FILES.values())})-\d{{8}}\.safetensors")},
     lambda step: checkpoint_file("state", step),
 )
 

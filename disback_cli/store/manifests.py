@@ -37,6 +37,7 @@ from disback_cli.errors import DisbackError, describe_validation_error
 from disback_cli.store.fileio import atomic_write_bytes, read_json_file
 from disback_cli.store.layout import (
     BACKTRACK_FOLDER,
+    CHECKPOINT_FILES,
     MANIFEST,
     METRICS,
     RUN_NAME,
@@ -246,7 +247,7 @@ class BacktrackManifest(RunManifest):
 
     def files(self) -> set[str]:
         """The latest checkpoint's files (metrics.jsonl is always the run's)."""
-        refs = (self.generator, self.generator_ema, self.ratio, self.state)
+        refs = (getattr(self, field) for field in CHECKPOINT_FILES)
         return {ref.file for ref in refs if ref}
 
     @model_validator(mode="after")
@@ -263,7 +264,8 @@ class BacktrackManifest(RunManifest):
         )
         if any(ref is None for _, ref in refs) and any(ref is not None for _, ref in refs):
             raise ValueError("generator, generator_ema and state are saved together")
-        for kind, ref in (*refs, ("ratio", self.ratio)):
+        for field, kind in CHECKPOINT_FILES.items():  # every file it names, by one rule
+            ref = getattr(self, field)
             if ref is not None and ref.file != checkpoint_file(kind, self.step):
                 raise ValueError(f"{kind} file must be {checkpoint_file(kind, self.step)!r}")
         if self.ratio is not None and self.generator is None:

@@ -1,0 +1,170 @@
+"""Mechanical mutation testing with mutmut: every mutant mutmut makes of the modules where a
+silent bug costs results or safety, each run against the tests that guard its module.
+
+The hand-written list (`benchmarks/mutation.py`) holds bugs someone imagined; this one holds every
+operator, constant, comparison and argument mutmut can change, so the tests are judged on bugs
+nobody listed. Each module runs in its own copy of the checkout (`mutants/` of mutmut, never the
+checkout itself), with mutmut's test selection set to the module's fast tests, and its result is
+kept with the sha256 of the module's source: by default only modules whose source changed since
+their result run again.
+
+    python benchmarks/mutation_tool.py                     # modules changed since their result
+    python benchmarks/mutation_tool.py --all               # every module below
+    python benchmarks/mutation_tool.py --module method/noise --module models/precond
+
+Results: benchmarks/results/mutmut.json, one entry per module: killed (a test failed), timeout (a
+test ran past mutmut's time bound: detected), survived (every test passed), untested (no selected
+test reaches the function), the kill rate over the mutants not listed as equivalent in
+`EQUIVALENT`, and each survivor with its diff. docs/testing.md has the reasons for the
+equivalent ones. Not part of the timed suite; a module takes 2 to 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "mutmut.json"
+BIN = Path(sys.executable).parent
+
+# The modules of issue #27's list and the tests that guard each (fast ones: mutmut runs them for
+# every mutant of the module; the CLI end-to-end tests cover the rest of the suite's ground).
+MODULES: dict[str, list[str]] = {
+    "method/noise": ["test_losses.py", "test_schedule.py"],
+    "method/losses": ["test_losses.py", "test_dropout.py", "test_diffratio.py"],
+    "method/dsm": ["test_losses.py", "test_dropout.py", "test_seams.py"],
+    "method/schedule": ["test_schedule.py"],
+    "method/ema": ["test_ema.py"],
+    "method/sampling": ["test_sample.py", "test_seams.py"],
+    "method/ratio": ["test_diffratio.py"],
+    "method/data": ["test_diffratio.py"],
+    "method/fake_sides": ["test_diffratio.py", "test_families.py"],
+    "models/precond": ["test_precond.py", "test_families.py"],
+    "models/discrete_ddpm": ["test_text_to_image.py"],
+    "models/ratio": ["test_diffratio.py", "test_hostile_readers.py"],
+    "evaluation/vectors": ["test_metrics.py"],
+    "evaluation/image_metrics": ["test_image_metrics.py"],
+    "evaluation/shapes": ["test_shapes.py"],
+    "evaluation/mismatch": ["test_mismatch.py"],
+    "store/layout": ["test_rundir.py"],
+    "store/fileio": ["test_rundir.py", "test_hostile_readers.py"],
+    "store/archives": ["test_hostile_readers.py"],
+    "store/statefile": ["test_checkpoint.py"],
+    "store/manifests": ["test_manifest.py"],
+    "stages/lifecycle": ["test_rundir.py", "test_recovery.py"],
+    "config/resolve": ["test_resolved_config.py"],
+}
+
+# mutmut's exit codes in its .meta files.
+KILLED, SURVIVED, UNTESTED = 1, 0, 33
+TIMEOUTS = {-24, -9, 36}  # CPU time limit, killed, mutmut's own timeout code
+
+# Mutants no test can tell apart from the original, by name, with the reason (docs/testing.md).
+EQUIVALENT: dict[str, str] = {}
+
+
+def source_digest(module: str) -> str:
+    return hashlib.sha256((ROOT / "disback_cli" / f"{module}.py").read_bytes()).hexdigest()
+
+
+def checkout_copy(where: Path) -> None:
+    """The working tree's tracked and new files (what the suite would test), into `where`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, where / name)
+
+
+def configure(where: Path, module: str) -> None:
+    tests = [f"tests/{name}" for name in MODULES[module]]
+    settings = {
+        "source_paths": ["disback_cli"],
+        "only_mutate": [f"disback_cli/{module}.py"],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-q", "-p", "no:cacheprovider", "-x"],
+        "timeout_constant": 60.0,
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    with open(where / "pyproject.toml", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_module(module: str) -> dict:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="disback-mutmut-") as folder:
+        where = Path(folder)
+        checkout_copy(where)
+        configure(where, module)
+        subprocess.run([str(BIN / "mutmut"), "run"], cwd=where, capture_output=True, text=True)
+        meta = where / "mutants" / "disback_cli" / f"{module}.py.meta"
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        survivors = [key for key, code in codes.items() if code in (SURVIVED, UNTESTED)]
+        diffs = {key: show(where, key) for key in survivors}
+    counted = {k: c for k, c in codes.items() if k not in EQUIVALENT}
+    detected = sum(c == KILLED or c in TIMEOUTS for c in counted.values())
+    return {
+        "source_sha256": source_digest(module),
+        "tests": MODULES[module],
+        "mutants": len(codes),
+        "killed": sum(c == KILLED for c in codes.values()),
+        "timeout": sum(c in TIMEOUTS for c in codes.values()),
+        "survived": sum(c == SURVIVED for c in codes.values()),
+        "untested": sum(c == UNTESTED for c in codes.values()),
+        "equivalent": sum(k in EQUIVALENT for k in codes),
+        "kill_rate": detected / len(counted) if counted else None,
+        "survivors": diffs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def show(where: Path, key: str) -> str:
+    done = subprocess.run(
+        [str(BIN / "mutmut"), "show", key], cwd=where, capture_output=True, text=True
+    )
+    return done.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all", action="store_true", help="every module, changed or not")
+    parser.add_argument("--module", action="append", choices=sorted(MODULES), default=[])
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.module:
+        todo = args.module
+    elif args.all:
+        todo = list(MODULES)
+    else:  # incremental: what changed since its result
+        todo = [m for m in MODULES if results.get(m, {}).get("source_sha256") != source_digest(m)]
+    for module in todo:
+        results[module] = result = run_module(module)
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        rate = "-" if result["kill_rate"] is None else f"{result['kill_rate']:.0%}"
+        print(
+            f"{module:28s} {result['mutants']:4d} mutants  killed {result['killed']:3d}  "
+            f"timeout {result['timeout']:3d}  survived {result['survived']:3d}  untested "
+            f"{result['untested']:3d}  kill rate {rate}  ({result['seconds']:.0f} s)",
+            flush=True,
+        )
+    if not todo:
+        print("every module's result is up to date (--all runs them again)")
+
+
+if __name__ == "__main__":
+    main()
