@@ -222,3 +222,88 @@ def test_runs_shows_control_characters_escaped(tmp_path, small_trajectory, cli):
     shown = cli("runs", tmp_path).stdout
     assert "\x1b" not in shown, repr(shown)
     assert "t\\x1b[31mred" in shown
+
+
+# --- text-to-image folders: what transformers and diffusers would build from is checked first
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from t2i_fixtures import make_sd_folder, write_prompts
+
+    root = tmp_path_factory.mktemp("sd")
+    write_prompts(root / "prompts.txt")
+    return make_sd_folder(root / "sd")
+
+
+def spoiled(sd_folder, tmp_path, spoil) -> str:
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    spoil(folder)
+    return str(folder)
+
+
+def set_config(path, **values) -> None:
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+def nan_weights(path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    first = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, str(path))
+
+
+def empty_tokenizer(folder) -> None:
+    for path in (folder / "tokenizer").iterdir():
+        if path.name != "tokenizer_config.json":
+            path.unlink()
+
+
+def fifo_tokenizer(folder) -> None:
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer" / "tokenizer.json")
+
+
+FOLDER_CASES = {
+    "sample_size an empty list": (
+        lambda f: set_config(f / "unet" / "config.json", sample_size=[]),
+        "sample_size [] is not a positive size",
+    ),
+    "sample_size null": (
+        lambda f: set_config(f / "unet" / "config.json", sample_size=None),
+        "sample_size None is not a positive size",
+    ),
+    "sample_size an object": (
+        lambda f: set_config(f / "unet" / "config.json", sample_size={}),
+        "is not a positive size",
+    ),
+    "a tokenizer without its vocabulary": (empty_tokenizer, "no vocabulary"),
+    "a tokenizer file that is a FIFO": (fifo_tokenizer, "not a regular file"),
+    "NaN text-encoder weights": (
+        lambda f: nan_weights(f / "text_encoder" / "model.safetensors"),
+        "holds NaN or infinite values",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_a_spoiled_model_folder_is_refused_before_anything_is_written(
+    case, sd_folder, tmp_path, cli
+):
+    spoil, message = FOLDER_CASES[case]
+    teacher = spoiled(sd_folder, tmp_path, spoil)
+    prompts = sd_folder.parent / "prompts.txt"
+    short = ["--iters", "2", "--nodes", "1", "--batch", "2"]
+    done = cli(
+        "record", "--teacher", teacher, "--prompts", prompts, "--out", tmp_path / "t", *short
+    )
+    assert done.code == 1 and message in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "t").exists()

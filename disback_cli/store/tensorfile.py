@@ -132,3 +132,13 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: st
     """Strict load into an existing module, checked first by `check_weights`."""
     check_weights(module.state_dict(), tensors, source)
     module.load_state_dict(tensors, strict=True)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged or corrupt file)."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DisbackError(
+                f"{source}: tensor {key[:80]} holds NaN or infinite values (a diverged or "
+                "corrupt file)"
+            )

@@ -47,6 +47,8 @@ COMPONENT_CLASSES = {
     "tokenizer_2": {"CLIPTokenizer", "CLIPTokenizerFast"},
 }
 NEEDED = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+# A CLIP tokenizer's vocabulary: slow files, or the fast tokenizer's one file.
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 NEEDED_XL = ("text_encoder_2", "tokenizer_2")
 
 
@@ -71,9 +73,18 @@ class DiffusersFolder:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.get("sample_size", 64)
-        size = size if isinstance(size, int) else size[0]
-        return (self.unet.get("in_channels", 4), size, size)
+        """(channels, height, width) of the latents, from the UNet config, checked: a size that
+        is not a positive number, or a pair of equal ones, is refused in one line."""
+        size, channels = self.unet.get("sample_size", 64), self.unet.get("in_channels", 4)
+        if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
+            size = size[0]
+        for name, value in (("sample_size", size), ("in_channels", channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 14:
+                raise DisbackError(
+                    f"{self.root / 'unet' / 'config.json'}: {name} {str(value)[:40]} is not a "
+                    "positive size (square latents only)"
+                )
+        return (channels, size, size)
 
     @property
     def vae_scale(self) -> int:
@@ -93,11 +104,9 @@ class DiffusersFolder:
     def component_files(self, component: str) -> list[Path]:
         """Every file of `component` that loading it reads (config, vocabularies, weights)."""
         folder = self.root / component
-        if component.startswith("tokenizer"):
-            return sorted(
-                p
-                for p in folder.iterdir()
-                if p.is_file() and p.suffix in (".json", ".txt", ".model")
+        if component.startswith("tokenizer"):  # every entry it may read, whatever its kind:
+            return sorted(  # a FIFO or a link to a device is refused, not skipped
+                p for p in folder.iterdir() if p.suffix in (".json", ".txt", ".model")
             )
         config = "scheduler_config.json" if component == "scheduler" else "config.json"
         files = [folder / config]
@@ -197,6 +206,11 @@ def read_folder(root: str | Path) -> DiffusersFolder:
     for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
         for path in folder.component_files(tokenizer):
             check_regular_file(path, MAX_TOKENIZER_BYTES, "tokenizer file")
+        present = [all((root / tokenizer / n).is_file() for n in s) for s in TOKENIZER_FILES]
+        if not any(present):  # without them a tokenizer is built blank: every prompt the same
+            raise DisbackError(
+                f"{root / tokenizer}: no vocabulary (vocab.json and merges.txt, or tokenizer.json)"
+            )
     try:
         folder.spec()
     except ValueError as exc:  # pydantic: the UNet config breaks a NetworkSpec bound

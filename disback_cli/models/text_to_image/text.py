@@ -25,7 +25,7 @@ from disback_cli.models.text_to_image.folder import DiffusersFolder, build_check
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
 from disback_cli.store.component_files import read_config
 from disback_cli.store.fileio import parse_json, read_regular_file
-from disback_cli.store.tensorfile import read_safetensors
+from disback_cli.store.tensorfile import check_finite, read_safetensors
 
 MAX_PROMPT_FILE_BYTES = 256 << 20
 MAX_PROMPTS = 10**7
@@ -82,6 +82,7 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
     )
     tensors, _, _ = read_safetensors(folder.weights[component], verify=False)
     tensors = {k: v for k, v in tensors.items() if k not in IGNORED_ENCODER_KEYS}
+    check_finite(tensors, folder.weights[component])
     encoder = build_checked(lambda: cls(config), folder.root / component, "text encoder")
     try:
         encoder.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
@@ -103,6 +104,16 @@ def _load_tokenizer(folder: DiffusersFolder, component: str):
         raise DisbackError(f"{folder.root / component}: unreadable tokenizer ({first})") from None
 
 
+def _check_vocabulary(tokenizer, encoder: nn.Module, where: Path) -> None:
+    """A tokenizer whose vocabulary is blank (special tokens only) makes every prompt the same
+    condition; one with more tokens than the encoder embeds indexes past its table."""
+    size, embedded = len(tokenizer), encoder.config.vocab_size
+    if size <= len(tokenizer.all_special_tokens) or size > embedded:
+        raise DisbackError(
+            f"{where}: the tokenizer has {size} tokens, the text encoder embeds {embedded}"
+        )
+
+
 class TextEncoder:
     """Prompts -> Conditioning (with the unconditional twins guidance needs)."""
 
@@ -111,6 +122,8 @@ class TextEncoder:
         names = ("", "_2") if self.xl else ("",)
         self.tokenizers = [_load_tokenizer(folder, f"tokenizer{n}") for n in names]
         self.encoders = [_load_encoder(folder, f"text_encoder{n}", device) for n in names]
+        for n, tokenizer, encoder in zip(names, self.tokenizers, self.encoders, strict=True):
+            _check_vocabulary(tokenizer, encoder, folder.root / f"tokenizer{n}")
         _, height, width = folder.latent_shape
         scale = folder.vae_scale
         # SDXL's micro-conditioning: original size, crop corner (0, 0), target size, in pixels

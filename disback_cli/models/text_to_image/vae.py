@@ -9,7 +9,7 @@ from torch import nn
 from disback_cli.errors import DisbackError
 from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked
 from disback_cli.models.text_to_image.unet import _diffusers
-from disback_cli.store.tensorfile import read_safetensors
+from disback_cli.store.tensorfile import check_finite, read_safetensors
 
 # Attention weights under the names diffusers used before 0.14 (still in some SD 1.x files).
 _OLD_ATTENTION = {
@@ -45,6 +45,7 @@ class LatentDecoder(nn.Module):
     def __init__(self, folder: DiffusersFolder, device) -> None:
         super().__init__()
         tensors, _, _ = read_safetensors(folder.weights["vae"], verify=False)
+        check_finite(tensors, folder.weights["vae"])
         build = _diffusers().AutoencoderKL.from_config
         self.vae = build_checked(lambda: build(folder.vae), folder.root / "vae", "VAE")
         tensors = {_renamed(k): v.float() for k, v in tensors.items()}
