@@ -287,6 +287,14 @@ FOLDER_CASES = {
     ),
     "a tokenizer without its vocabulary": (empty_tokenizer, "no vocabulary"),
     "a tokenizer file that is a FIFO": (fifo_tokenizer, "not a regular file"),
+    "a million-layer text encoder": (
+        lambda f: set_config(f / "text_encoder" / "config.json", num_hidden_layers=10**6),
+        "num_hidden_layers = 1000000 is too large",
+    ),
+    "a text encoder config its weights do not fit": (
+        lambda f: set_config(f / "text_encoder" / "config.json", intermediate_size=4096),
+        "the text encoder weights do not fit its config",
+    ),
     "NaN text-encoder weights": (
         lambda f: nan_weights(f / "text_encoder" / "model.safetensors"),
         "holds NaN or infinite values",
@@ -307,3 +315,19 @@ def test_a_spoiled_model_folder_is_refused_before_anything_is_written(
     )
     assert done.code == 1 and message in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and not (tmp_path / "t").exists()
+
+
+def test_a_vae_config_its_weights_do_not_fit_is_refused_before_it_is_built(
+    sd_folder, tmp_path, cli
+):
+    """Wide VAE blocks in a 2 kB config: refused on the meta device, nothing allocated."""
+    teacher = spoiled(
+        sd_folder,
+        tmp_path,
+        lambda f: set_config(f / "vae" / "config.json", block_out_channels=[2048, 4096]),
+    )
+    prompts = sd_folder.parent / "prompts.txt"
+    run = ["--teacher", teacher, "--prompts", prompts, "-n", "1", "--steps", "2"]
+    done = cli("sample", *run, "--out", tmp_path / "s")
+    assert done.code == 1 and "the VAE weights do not fit its config" in done.stderr, done.stderr
+    assert not (tmp_path / "s").exists()

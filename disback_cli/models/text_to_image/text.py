@@ -21,7 +21,11 @@ from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning
-from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked
+from disback_cli.models.text_to_image.folder import (
+    DiffusersFolder,
+    bounded_config,
+    build_checked,
+)
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
 from disback_cli.store.component_files import read_config
 from disback_cli.store.fileio import parse_json, read_regular_file
@@ -72,9 +76,9 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
     """A CLIP text encoder built from its config and loaded strictly from its safetensors."""
     import transformers
 
-    config = transformers.CLIPTextConfig.from_dict(
-        read_config(folder.root / component / "config.json", "text encoder config")
-    )
+    where = folder.root / component
+    raw = read_config(where / "config.json", "text encoder config")
+    config = transformers.CLIPTextConfig.from_dict(bounded_config(raw, where, "text encoder"))
     cls = (
         transformers.CLIPTextModelWithProjection
         if component == "text_encoder_2"
@@ -83,7 +87,7 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
     tensors, _, _ = read_safetensors(folder.weights[component], verify=False)
     tensors = {k: v for k, v in tensors.items() if k not in IGNORED_ENCODER_KEYS}
     check_finite(tensors, folder.weights[component])
-    encoder = build_checked(lambda: cls(config), folder.root / component, "text encoder")
+    encoder = build_checked(lambda: cls(config), where, "text encoder", tensors)
     try:
         encoder.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     except RuntimeError as exc:

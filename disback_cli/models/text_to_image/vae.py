@@ -46,9 +46,9 @@ class LatentDecoder(nn.Module):
         super().__init__()
         tensors, _, _ = read_safetensors(folder.weights["vae"], verify=False)
         check_finite(tensors, folder.weights["vae"])
-        build = _diffusers().AutoencoderKL.from_config
-        self.vae = build_checked(lambda: build(folder.vae), folder.root / "vae", "VAE")
         tensors = {_renamed(k): v.float() for k, v in tensors.items()}
+        build = _diffusers().AutoencoderKL.from_config
+        self.vae = build_checked(lambda: build(folder.vae), folder.root / "vae", "VAE", tensors)
         try:
             self.vae.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
