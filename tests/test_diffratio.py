@@ -283,7 +283,18 @@ def write_folder(root, images: np.ndarray, labels: list | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["none", "missing", "shape", "no-labels", "bad-label", "unreadable", "other-loss"]
+    "case",
+    [
+        "none",
+        "missing",
+        "shape",
+        "no-labels",
+        "bad-label",
+        "unreadable",
+        "unreadable-last",
+        "size-last",
+        "other-loss",
+    ],
 )
 def test_bad_data_is_refused_in_one_line_with_nothing_written(case, cli, tmp_path, digits_path):
     images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1), dtype=np.uint8)
@@ -306,6 +317,14 @@ def test_bad_data_is_refused_in_one_line_with_nothing_written(case, cli, tmp_pat
         write_folder(folder, images, [0, 1, 2, 3, 4, 5])
         (folder / png_name(0)).write_bytes(b"not a png")
         code, phrase = 1, "not a readable image"
+    elif case == "unreadable-last":  # found before the run starts, not at its first draw of it
+        write_folder(folder, images, [0, 1, 2, 3, 4, 5])
+        (folder / png_name(5)).write_bytes(b"not a png")
+        code, phrase = 1, "not a readable image"
+    elif case == "size-last":
+        write_folder(folder, images, [0, 1, 2, 3, 4, 5])
+        (folder / png_name(5)).write_bytes(encode_png(np.zeros((16, 16, 1), dtype=np.uint8)))
+        phrase = "its size differs from the first image's"
     args = ["backtrack", "-T", digits_path, "--iters", "2", "--batch", "4", "--name", case]
     args += ["--loss", "vsd" if case == "other-loss" else "diffratio"]
     if case == "other-loss":

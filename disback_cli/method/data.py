@@ -171,6 +171,9 @@ def _image_files(path: Path, data_shape: tuple[int, ...], label_dim: int) -> Dat
             f"--data {path}: images of shape {shape} (C, H, W), the teacher's are "
             f"{tuple(data_shape)}"
         )
+    for i in range(1, len(names)):  # every image, before the run writes anything
+        if _decode(fetch(i), f"{path}/{names[i]}").shape != first.shape:
+            raise ConfigError(f"--data {path}/{names[i]}: its size differs from the first image's")
 
     def read(index: list[int]) -> tuple[torch.Tensor, list]:
         arrays = []
