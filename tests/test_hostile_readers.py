@@ -331,3 +331,22 @@ def test_a_vae_config_its_weights_do_not_fit_is_refused_before_it_is_built(
     done = cli("sample", *run, "--out", tmp_path / "s")
     assert done.code == 1 and "the VAE weights do not fit its config" in done.stderr, done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"projection_dim": 10**9}, "is too large"),
+        ({"projection_dim": 64}, "the CLIP weights do not fit its config"),
+    ],
+)
+def test_a_clip_folder_is_counted_before_it_is_built(tmp_path, change, message):
+    pytest.importorskip("transformers")
+    from t2i_fixtures import make_clip_folder
+
+    from disback_cli.evaluation.clip_score import ClipScorer
+
+    folder = make_clip_folder(tmp_path / "clip")
+    set_config(folder / "config.json", **change)
+    with pytest.raises(DisbackError, match=message):
+        ClipScorer(folder, "cpu")

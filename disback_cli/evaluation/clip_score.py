@@ -15,13 +15,15 @@ import torch
 
 from disback_cli.errors import DisbackError
 from disback_cli.method.sampling import MAX_SAMPLES
-from disback_cli.store.component_files import find_weights, read_config
-from disback_cli.store.fileio import parse_json, read_regular_file
+from disback_cli.models.components import bounded_config, build_checked
+from disback_cli.store.component_files import MAX_CONFIG_BYTES, find_weights, read_config
+from disback_cli.store.fileio import check_regular_file, parse_json, read_regular_file
 from disback_cli.store.samples import PROMPTS, complete_images
-from disback_cli.store.tensorfile import read_safetensors
+from disback_cli.store.tensorfile import check_finite, read_safetensors
 
 IGNORED_KEYS = {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
 MAX_LISTING_BYTES = 1 << 30
+PREPROCESSOR = "preprocessor_config.json"
 
 
 class ClipScorer:
@@ -36,12 +38,17 @@ class ClipScorer:
             raise DisbackError(f"--clip {folder}: not a folder (a transformers CLIP model)")
         weights = find_weights(folder, "model")
         tensors, _, digest = read_safetensors(weights, expected_sha256)
-        config = transformers.CLIPConfig.from_dict(
-            read_config(folder / "config.json", "CLIP config")
-        )
-        with torch.random.fork_rng(devices=[]):
-            model = transformers.CLIPModel(config)
+        raw = read_config(folder / "config.json", "CLIP config")
+        config = transformers.CLIPConfig.from_dict(bounded_config(raw, folder, "CLIP"))
         tensors = {k: v.float() for k, v in tensors.items() if k not in IGNORED_KEYS}
+        check_finite(tensors, weights)
+        model = build_checked(lambda: transformers.CLIPModel(config), folder, "CLIP", tensors)
+        for path in folder.iterdir():  # what the tokenizer and the preprocessor will read
+            if path.suffix in (".json", ".txt"):
+                check_regular_file(path, MAX_CONFIG_BYTES, "CLIP tokenizer or preprocessor file")
+        if (folder / PREPROCESSOR).exists():
+            preprocessor = read_config(folder / PREPROCESSOR, "preprocessor config")
+            bounded_config(preprocessor, folder, "preprocessor")
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:

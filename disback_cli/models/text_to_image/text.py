@@ -20,12 +20,9 @@ import torch
 from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.models.components import bounded_config, build_checked
 from disback_cli.models.conditioning import Conditioning
-from disback_cli.models.text_to_image.folder import (
-    DiffusersFolder,
-    bounded_config,
-    build_checked,
-)
+from disback_cli.models.text_to_image.folder import DiffusersFolder
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
 from disback_cli.store.component_files import read_config
 from disback_cli.store.fileio import parse_json, read_regular_file

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.models.text_to_image.folder import DiffusersFolder, build_checked
+from disback_cli.models.components import build_checked
+from disback_cli.models.text_to_image.folder import DiffusersFolder
 from disback_cli.models.text_to_image.unet import _diffusers
 from disback_cli.store.tensorfile import check_finite, read_safetensors
 
