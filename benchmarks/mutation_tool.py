@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent
 # the covering ones for every mutant (the slow end-to-end tests would take hours per module).
 MODULES: dict[str, list[str]] = {
     "method/noise": ["test_noise_levels.py", "test_losses.py", "test_schedule.py"],
-    "method/losses": ["test_losses.py", "test_pins.py", "test_dropout.py"],
+    "method/losses": ["test_loss_units.py", "test_losses.py", "test_pins.py", "test_dropout.py"],
     "method/dsm": ["test_losses.py", "test_dropout.py"],
     "method/schedule": ["test_schedule.py"],
     "method/ema": ["test_ema.py"],
@@ -78,6 +78,15 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.method.noise.xǁTrainingSigmaǁsample__mutmut_6": CPU_ONLY,
     "disback_cli.method.noise.xǁTrainingSigmaǁsample__mutmut_15": CPU_ONLY,
     "disback_cli.method.noise.xǁTrainingSigmaǁsample__mutmut_24": CPU_ONLY,
+    "disback_cli.method.losses.x_generator_step__mutmut_3": CPU_ONLY,
+    "disback_cli.method.losses.x_generator_step__mutmut_4": CPU_ONLY,
+    "disback_cli.method.losses.x_generator_step__mutmut_23": CPU_ONLY,
+    "disback_cli.method.losses.x_generator_step__mutmut_31": CPU_ONLY,
+    "disback_cli.method.losses.x_generator_step__mutmut_34": CPU_ONLY,
+    "disback_cli.method.losses.xǁDMDLossǁsample_sigma__mutmut_8": CPU_ONLY,
+    "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_5": CPU_ONLY,
+    "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_8": CPU_ONLY,
+    "disback_cli.method.losses.xǁVSDLossǁsample_sigma__mutmut_5": CPU_ONLY,
     "disback_cli.method.noise.xǁTrainingSigmaǁof__mutmut_1": (
         "the table of a non-discrete kind is never read (and not compared)"
     ),
