@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -9,9 +10,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from disback_cli.errors import DisbackError
 
@@ -43,24 +44,28 @@ def check_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> in
     return info.st_size
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
-    """The bytes of a regular file of at most `max_bytes` (see `check_regular_file`). The file
-    is opened without blocking and checked again on its descriptor, so one swapped for a FIFO
-    or a device after the first check is refused rather than waited on."""
+@contextlib.contextmanager
+def open_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> Iterator[BinaryIO]:
+    """A regular file of at most `max_bytes`, open for reading (see `check_regular_file`). It is
+    opened without blocking and checked again on its descriptor, so one swapped for a FIFO or a
+    device after the first check is refused rather than waited on; read errors are one line."""
     check_regular_file(path, max_bytes, what)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+                raise DisbackError(f"{path}: changed while being read")
+            yield f
     except OSError as exc:
         raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise DisbackError(f"{path}: changed while being read")
-        try:
-            data = f.read(info.st_size + 1)
-        except OSError as exc:
-            raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > info.st_size:  # grew after the check
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (see `open_regular_file`)."""
+    with open_regular_file(path, max_bytes, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(size + 1)
+    if len(data) > size:  # grew after the check
         raise DisbackError(f"{path}: changed while being read")
     return data
 
@@ -100,20 +105,11 @@ def check_sha256(path: str | os.PathLike, digest: str, expected: str) -> None:
 
 
 def hash_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> str:
-    """sha256 of a file checked by `check_regular_file`, read in blocks (nothing parsed); opened
-    without blocking and checked again on its descriptor, as `read_regular_file` does."""
-    check_regular_file(path, max_bytes, what)
+    """sha256 of a regular file (see `open_regular_file`), read in blocks, nothing parsed."""
     digest = hashlib.sha256()
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-                raise DisbackError(f"{path}: changed while being read")
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise DisbackError(f"{path}: cannot read ({exc.strerror})") from None
+    with open_regular_file(path, max_bytes, what) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
