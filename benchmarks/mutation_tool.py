@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 MODULES: dict[str, list[str]] = {
     "method/noise": ["test_noise_levels.py", "test_losses.py", "test_schedule.py"],
     "method/losses": ["test_loss_units.py", "test_losses.py", "test_pins.py", "test_dropout.py"],
-    "method/dsm": ["test_losses.py", "test_dropout.py"],
+    "method/dsm": ["test_dsm_units.py", "test_losses.py", "test_dropout.py"],
     "method/schedule": ["test_schedule.py"],
     "method/ema": ["test_ema.py"],
     "method/ratio": ["test_pins.py", "test_hostile_readers.py"],
@@ -87,6 +87,20 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_5": CPU_ONLY,
     "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_8": CPU_ONLY,
     "disback_cli.method.losses.xǁVSDLossǁsample_sigma__mutmut_5": CPU_ONLY,
+    "disback_cli.method.dsm.x_apply_gradients__mutmut_1": (
+        "zero_grad's set_to_none=None is its default, True"
+    ),
+    "disback_cli.method.dsm.x_apply_gradients__mutmut_2": (
+        "zero_grad(set_to_none=False) zeroes the gradients instead of freeing them: the same "
+        "numbers, more memory"
+    ),
+    "disback_cli.method.dsm.x_denoising_step__mutmut_4": CPU_ONLY,
+    "disback_cli.method.dsm.x_denoising_step__mutmut_18": CPU_ONLY,
+    "disback_cli.method.dsm.x_denoising_step__mutmut_26": CPU_ONLY,
+    "disback_cli.method.dsm.x_denoising_step__mutmut_29": CPU_ONLY,
+    "disback_cli.method.dsm.x_generator_inputs__mutmut_8": CPU_ONLY,
+    "disback_cli.method.dsm.x_generator_inputs__mutmut_11": CPU_ONLY,
+    "disback_cli.method.dsm.x_generator_inputs__mutmut_16": CPU_ONLY,
     "disback_cli.method.noise.xǁTrainingSigmaǁof__mutmut_1": (
         "the table of a non-discrete kind is never read (and not compared)"
     ),
