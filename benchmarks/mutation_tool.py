@@ -45,7 +45,7 @@ MODULES: dict[str, list[str]] = {
     "method/dsm": ["test_dsm_units.py", "test_losses.py", "test_dropout.py"],
     "method/schedule": ["test_schedule_units.py", "test_schedule.py"],
     "method/ema": ["test_schedule_units.py", "test_ema.py"],
-    "method/ratio": ["test_pins.py", "test_hostile_readers.py"],
+    "method/ratio": ["test_ratio_units.py", "test_pins.py", "test_hostile_readers.py"],
     "method/data": ["test_pins.py"],
     "method/fake_sides": ["test_families.py"],
     "models/precond": ["test_precond.py", "test_families.py"],
