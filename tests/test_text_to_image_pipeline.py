@@ -371,6 +371,42 @@ def test_lora_recording_resumes_bit_for_bit_from_adapter_only_state(lora_path, m
     assert file_digests(tmp_path / "t") == file_digests(lora_path)
 
 
+def test_the_fake_score_starts_as_an_own_copy_of_node_n_on_lora_nodes(lora_path, models):
+    """Eq. 5's fake starts at the path's last node, not a neighbour and not the teacher, and
+    training it must not move the targets it was copied from."""
+    from disback_cli.method.fake_sides import ScoreFake
+    from disback_cli.models.teachers import open_teacher
+    from disback_cli.runtime.parallel import Execution
+
+    traj = read_manifest(lora_path, TrajectoryManifest)
+    gen = torch.Generator().manual_seed(2)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([0.5, 3.0])
+    cond = {"encoder_hidden_states": torch.randn(2, 77, 16, generator=gen)}
+    ex = Execution(torch.device("cpu"))
+
+    def fake_and_targets(**options):
+        cfg = BacktrackConfig(**{**BACKTRACK, **options})
+        teacher = open_teacher(str(models["sd"]))
+        return ScoreFake().build(cfg, lora_path, traj, teacher, None, ex)
+
+    fake, targets = fake_and_targets()
+    with torch.no_grad():
+        node_n = targets.at(traj.last_node)(x, sigma, **cond)
+        torch.testing.assert_close(fake(x, sigma, **cond), node_n, rtol=1e-4, atol=1e-5)
+        before = targets.at(traj.last_node - 1)(x, sigma, **cond)
+        assert (fake(x, sigma, **cond) - before).abs().max() > 1e-3
+        for p in fake.parameters():
+            p.add_(0.1)
+        assert torch.equal(targets.at(traj.last_node)(x, sigma, **cond), node_n)
+    targets.close()
+    fake, targets = fake_and_targets(no_trajectory=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fake(x, sigma, **cond), targets.at(0)(x, sigma, **cond), rtol=1e-4, atol=1e-5
+        )
+    targets.close()
+
+
 def test_backtracking_along_lora_nodes(lora_path, tmp_path):
     traj = copy_of(lora_path, tmp_path)
     first = dict(BACKTRACK, iters=1, save_every=0, guidance_scale=1.0)
