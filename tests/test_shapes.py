@@ -1,4 +1,5 @@
-"""The built-in shapes data set and its exact mode statistics (issue 18's harder testbed)."""
+"""The built-in shapes data set and its exact mode statistics (issue 18's harder testbed), pinned
+on hand-built sets whose answers are counted by construction."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def test_samples_of_the_shapes_teacher_are_scored_with_their_labels(cli, tmp_pat
     report = json.loads(result.stdout)
     assert report["kind"] == "shapes" and report["floor"]["precision"] == 1.0
     assert 0 <= report["results"][0]["label_accuracy"] <= 1  # labels came from dataset.json
+
+
+def templates(modes: list[int]) -> torch.Tensor:
+    """Each mode's own variant (centred, full size, brightness 0.97: on the bank's grid)."""
+    m = torch.tensor(modes)
+    n = len(modes)
+    return render(
+        m // 16, (m // 4) % 4, m % 4, torch.zeros(n, 2), torch.ones(n), 0.97 * torch.ones(n)
+    )
+
+
+def test_scores_of_hand_built_sets_are_the_counts_they_were_built_from():
+    # 32 modes x 4 templates, plus 32 images of mode 40 under +-0.5 noise: nearest to mode 40,
+    # but far beyond real images' distances, so neither precise nor counted as covering it.
+    modes = [m for m in range(32) for _ in range(4)]
+    signs = torch.randint(2, (32, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    noisy = templates([40] * 32) + (signs - 0.5)
+    images = torch.cat([templates(modes), noisy])
+    found, distance = nearest_mode(images)
+    assert found.tolist() == modes + [40] * 32
+    assert distance[:128].max() < 0.05  # 0 up to cdist rounding; real images ~1.1
+    assert (distance[128:] <= 768**0.5 / 2 + 1e-3).all()  # at most the noise's own norm
+    labels = torch.tensor(modes + [40] * 32) // 4
+    labels[:64] = (labels[:64] + 1) % 16  # half the precise ones were drawn for another class
+    scores = shapes_scores(images, labels)
+    assert scores["n"] == 160 and scores["precision"] == 128 / 160
+    assert scores["modes_covered"] == 32
+    assert abs(scores["mode_tv"] - 0.5) < 1e-12  # half the mass sits on the missing 32 modes
+    assert scores["label_accuracy"] == 0.5  # the noisy images' right labels are not counted
+    expected = float(distance.double().sum() / 160)
+    assert abs(scores["template_distance"] - expected) < 1e-5
+    assert 0.1 * 768**0.5 / 2 < scores["template_distance"] < 0.2 * 768**0.5 / 2 + 0.05
+
+
+def test_a_mode_is_covered_from_a_fifth_of_its_fair_share():
+    # 320 precise samples: one sample is exactly a fifth of 1/64, so it counts; 0 does not.
+    modes = [0] * 300 + [1] * 19 + [2]
+    scores = shapes_scores(templates(modes))
+    assert scores["precision"] == 1.0 and scores["modes_covered"] == 3
+    fewer = shapes_scores(templates([0] * 320 + [2]))  # 1 of 321: below a fifth
+    assert fewer["modes_covered"] == 1
