@@ -91,6 +91,27 @@ def test_sigint_saves_state_and_rerun_resumes_identically(trajectory):
     assert file_digests(whole) == file_digests(stopped)
 
 
+def test_a_stop_on_a_save_step_keeps_one_resume_point_and_a_stop_on_the_last_completes(trajectory):
+    """The lifecycle where a stop meets a periodic save (iteration 40) or the end (60)."""
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, "whole")
+    stop_at = lambda step: At(step, lambda: os.kill(os.getpid(), signal.SIGINT))  # noqa: E731
+    with pytest.raises(InterruptedRun, match="SIGINT at iteration 40"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory, "stopped", reporter=stop_at(40))
+    stopped = backtrack_dir(trajectory, "stopped")
+    manifest = read_manifest(stopped, BacktrackManifest)
+    assert manifest.status == "running" and manifest.state.step == 40
+    states = [p for p in stopped.rglob("*") if "state" in p.name]
+    assert [p.relative_to(stopped).as_posix() for p in states] == [manifest.state.file]
+    resumed = run_backtrack(BacktrackConfig(**SMALL), trajectory, "stopped")
+    assert resumed.session["resumed_from"] == 40 and resumed.session["iterations_run"] == 20
+    assert file_digests(backtrack_dir(trajectory, "whole")) == file_digests(stopped)
+    last = run_backtrack(BacktrackConfig(**SMALL), trajectory, "last", reporter=stop_at(60))
+    assert last.status == "complete" and last.state.step == 60
+    assert file_digests(backtrack_dir(trajectory, "whole")) == file_digests(
+        backtrack_dir(trajectory, "last")
+    )
+
+
 def test_extending_a_finished_run_equals_a_longer_run(trajectory):
     run_backtrack(BacktrackConfig(**{**SMALL, "iters": 40}), trajectory, "short")
     run_backtrack(BacktrackConfig(**SMALL), trajectory, "short")
