@@ -407,6 +407,33 @@ def test_the_fake_score_starts_as_an_own_copy_of_node_n_on_lora_nodes(lora_path,
     targets.close()
 
 
+def test_every_lora_node_is_matched_against_the_network_when_the_targets_open(
+    lora_path, models, tmp_path
+):
+    """A spoiled node 1 (hash consistent, one factor renamed) is refused at the start, not at
+    its switch near the end of the run."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from disback_cli.errors import DisbackError
+    from disback_cli.models.teachers import open_teacher
+    from disback_cli.models.text_to_image.lora import LoraPathNodes
+    from disback_cli.store.fileio import sha256_file
+
+    traj = copy_of(lora_path, tmp_path)
+    node = traj / "nodes" / "node-001.safetensors"
+    with safe_open(str(node), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(node)
+    first = sorted(tensors)[0]
+    tensors[first.replace("lora_A", "lora_Z")] = tensors.pop(first)
+    save_file(tensors, str(node), metadata)
+    manifest = read_manifest(traj, TrajectoryManifest)
+    manifest.nodes[1].sha256 = sha256_file(node)
+    with pytest.raises(DisbackError, match=r"node-001\.safetensors: adapters do not match"):
+        LoraPathNodes(traj, manifest, open_teacher(str(models["sd"])))
+
+
 def test_backtracking_along_lora_nodes(lora_path, tmp_path):
     traj = copy_of(lora_path, tmp_path)
     first = dict(BACKTRACK, iters=1, save_every=0, guidance_scale=1.0)

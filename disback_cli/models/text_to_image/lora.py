@@ -83,19 +83,26 @@ class LoraFactors(nn.Module):
         self.factors = nn.ParameterList(lora_parameters(denoiser).values())
 
 
-def set_lora(denoiser: nn.Module, tensors: dict[str, torch.Tensor] | None, source: str) -> None:
-    """Load a node's factors into the adapted `denoiser` (None: zeros, i.e. the teacher)."""
+def check_lora(denoiser: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse factors that are not exactly the adapted `denoiser`'s, by name and shape."""
     params = lora_parameters(denoiser)
-    if tensors is not None and set(tensors) != set(params):
+    if set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:2]
         raise DisbackError(f"{source}: adapters do not match the network (e.g. {missing})")
+    for name, param in params.items():
+        if tensors[name].shape != param.shape:
+            raise DisbackError(f"{source}: {name} has shape {tuple(tensors[name].shape)}")
+
+
+def set_lora(denoiser: nn.Module, tensors: dict[str, torch.Tensor] | None, source: str) -> None:
+    """Load a node's factors into the adapted `denoiser` (None: zeros, i.e. the teacher)."""
+    if tensors is not None:
+        check_lora(denoiser, tensors, source)
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in lora_parameters(denoiser).items():
             if tensors is None:
                 param.zero_()
             else:
-                if tensors[name].shape != param.shape:
-                    raise DisbackError(f"{source}: {name} has shape {tuple(tensors[name].shape)}")
                 param.copy_(tensors[name])
 
 
@@ -129,7 +136,7 @@ def read_lora(
     path: Path, expected_sha256: str | None = None, verify: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """A node's adapters and info, checked: the format, the rank the config asked for, finite
-    values (which factors exist is checked against the network by `set_lora`)."""
+    values (which factors exist is checked against the network by `check_lora`)."""
     tensors, metadata, _ = read_safetensors(path, expected_sha256, verify)
     if metadata.get("format") != FORMAT:
         raise DisbackError(f"{path}: not a disback LoRA node (metadata 'format' missing)")
@@ -172,7 +179,8 @@ class LoraPathNodes:
     """Targets of a path recorded as low-rank adapters: one adapted copy of the teacher, whose
     adapters are replaced by the next node's at each switch (node 0: zero adapters, exactly the
     teacher). Targets then hold one UNet's memory, and reading a node is reading a few
-    megabytes, so nothing is prefetched."""
+    megabytes, so nothing is prefetched, and every node is read and matched against the network
+    when the targets are opened."""
 
     def __init__(
         self,
@@ -189,21 +197,25 @@ class LoraPathNodes:
         self.target.eval().requires_grad_(False)
         prepare(self.target)
         self.current: int | None = None
+        for index in range(1, len(manifest.nodes)):  # now, not at its switch hours later
+            check_lora(self.target, *self._read(index))
+
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Node `index`'s factors (index >= 1), checked against the manifest, and their file."""
+        node = self.manifest.nodes[index]
+        path = check_no_links(self.trajectory, node.file)
+        tensors, info = read_lora(path, node.sha256, self.verify)
+        if info["rank"] != self.manifest.config.lora_rank:
+            raise DisbackError(
+                f"{path}: LoRA rank {info['rank']}, the trajectory records "
+                f"{self.manifest.config.lora_rank}"
+            )
+        return tensors, str(path)
 
     def _set(self, index: int) -> None:
         if index == self.current:
             return
-        tensors, source = None, "the teacher"
-        if index > 0:
-            node = self.manifest.nodes[index]
-            path = check_no_links(self.trajectory, node.file)
-            tensors, info = read_lora(path, node.sha256, self.verify)
-            if info["rank"] != self.manifest.config.lora_rank:
-                raise DisbackError(
-                    f"{path}: LoRA rank {info['rank']}, the trajectory records "
-                    f"{self.manifest.config.lora_rank}"
-                )
-            source = str(path)
+        tensors, source = self._read(index) if index > 0 else (None, "the teacher")
         set_lora(self.target, tensors, source)
         self.current = index
 
