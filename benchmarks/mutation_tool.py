@@ -223,10 +223,14 @@ def main() -> None:
     else:  # incremental: what changed since its result
         todo = [m for m in MODULES if results.get(m, {}).get("source_sha256") != source_digest(m)]
     for module in todo:
+        result = run_module(module)
+        # Read again after the run (minutes): another run may have stored its modules meanwhile.
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        results[module] = run_module(module)
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        report(module, results[module])
+        results[module] = result
+        partial = RESULTS.with_suffix(".json.partial")
+        partial.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        partial.replace(RESULTS)
+        report(module, result)
     if not todo:
         print("every module's result is up to date (--all runs them again)")
 
