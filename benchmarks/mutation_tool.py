@@ -104,6 +104,15 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.method.noise.xǁTrainingSigmaǁof__mutmut_1": (
         "the table of a non-discrete kind is never read (and not compared)"
     ),
+    "disback_cli.method.schedule.xǁAdaptiveScheduleǁ_reset__mutmut_5": (
+        'float("INF") is float("inf")'
+    ),
+    "disback_cli.method.schedule.xǁFixedScheduleǁload_state_dict__mutmut_1": (
+        "the fixed rule has no state: its source name is never used"
+    ),
+    "disback_cli.method.schedule.xǁFixedScheduleǁload_state_dict__mutmut_2": (
+        "the fixed rule has no state: its source name is never used"
+    ),
 }
 
 

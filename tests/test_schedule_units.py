@@ -52,6 +52,11 @@ def test_the_history_says_after_how_many_iterations_the_target_moved():
     for bad in (-1, True, 1.5, 100_001):
         with pytest.raises(DisbackError, match=r"^s.safetensors: malformed target history"):
             TargetHistory().load_state_dict({"node": bad}, "s.safetensors")
+    with pytest.raises(DisbackError, match=r"^state: malformed target history \(-1\)$"):
+        TargetHistory().load_state_dict({"node": -1})  # the default source name
+    for edge in (0, 100_000):  # the teacher and the largest path both load
+        resumed.load_state_dict({"node": edge})
+        assert resumed.node == edge
 
 
 def test_the_adaptive_rule_defaults_and_its_last_node():
@@ -83,7 +88,7 @@ def test_a_malformed_adaptive_state_is_refused_naming_what(change, message):
     with pytest.raises(DisbackError) as refused:
         rule.load_state_dict({**GOOD, **change}, "s.safetensors")
     assert str(refused.value).startswith("s.safetensors: malformed adaptive-switch state (")
-    assert message in str(refused.value)
+    assert str(refused.value).endswith(f"({message})")  # the reason, word for word
     with pytest.raises(DisbackError, match=r"^state: malformed adaptive-switch state"):
         rule.load_state_dict({**GOOD, **change})  # the default source name
 
