@@ -87,6 +87,11 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_5": CPU_ONLY,
     "disback_cli.method.losses.xǁSiDLossǁsample_sigma__mutmut_8": CPU_ONLY,
     "disback_cli.method.losses.xǁVSDLossǁsample_sigma__mutmut_5": CPU_ONLY,
+    "disback_cli.method.ratio.x_ratio_step__mutmut_4": CPU_ONLY,
+    "disback_cli.method.ratio.x_ratio_step__mutmut_17": CPU_ONLY,
+    "disback_cli.method.ratio.x_ratio_step__mutmut_31": CPU_ONLY,
+    "disback_cli.method.ratio.x_ratio_step__mutmut_39": CPU_ONLY,
+    "disback_cli.method.ratio.x_ratio_step__mutmut_42": CPU_ONLY,
     "disback_cli.method.dsm.x_apply_gradients__mutmut_1": (
         "zero_grad's set_to_none=None is its default, True"
     ),

@@ -59,12 +59,13 @@ def test_a_ratio_step_is_the_logistic_loss_on_noised_data_against_noised_samples
         ratio = Ratio()
         optimizer = torch.optim.SGD(ratio.parameters(), lr=0.0)
         torch.manual_seed(seed + 50)  # the global stream must not matter
+        rng = seeded(seed)
         loss, norm = ratio_step(
-            ratio, optimizer, Generator(), (4, 3), Labels(), Levels(), seeded(seed), data=Data()
+            ratio, optimizer, Generator(), (4, 3), Labels(), Levels(), rng, data=Data()
         )
-        return loss, norm, ratio
+        return loss, norm, ratio, rng
 
-    loss, norm, ratio = step(9)
+    loss, norm, ratio, rng = step(9)
     replay = seeded(9)
     z = torch.randn(4, 3, generator=replay)
     labels = torch.rand(4, 2, generator=replay)
@@ -73,6 +74,7 @@ def test_a_ratio_step_is_the_logistic_loss_on_noised_data_against_noised_samples
     noise_real = torch.randn(4, 3, generator=replay)
     sigma_fake = torch.rand(4, generator=replay) + 0.1
     noise_fake = torch.randn(4, 3, generator=replay)
+    assert torch.equal(rng.get_state(), replay.get_state())  # those draws and no others
     fake = 2 * z - labels[:, :1]
     w = torch.tensor([0.3, -0.2, 0.1])
     real_logit = (real + sigma_real[:, None] * noise_real) @ w + sigma_real + 1.0
@@ -81,7 +83,7 @@ def test_a_ratio_step_is_the_logistic_loss_on_noised_data_against_noised_samples
     torch.testing.assert_close(loss, expected)
     assert torch.equal(ratio.labels[0], torch.full((4, 2), 0.5))  # the data's own labels
     assert torch.equal(ratio.labels[1], labels)  # the generator's
-    again, again_norm, _ = step(9)
+    again, again_norm, _, _ = step(9)
     assert torch.equal(loss, again) and torch.equal(norm, again_norm) and norm > 0
 
 
