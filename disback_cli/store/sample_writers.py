@@ -23,7 +23,14 @@ import numpy as np
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.images import encode_png, png_name
 from disback_cli.store.lock import run_lock
-from disback_cli.store.samples import LABELS, MAX_SAMPLES, PROMPTS, prepare_folder, write_record
+from disback_cli.store.samples import (
+    LABELS,
+    MAX_SAMPLES,
+    PROMPTS,
+    check_is_folder,
+    prepare_folder,
+    write_record,
+)
 
 PNG_WRITERS = 4  # threads encoding and writing PNGs (zlib and file writes release the GIL)
 
@@ -45,6 +52,7 @@ class PngFolder:
     def lock(self, main: bool, note) -> contextlib.AbstractContextManager:
         """Rank 0 holds the folder's lock while it is written: a second `sample` into it is
         refused, naming the first, instead of mixing two generators' images."""
+        check_is_folder(self.out)
         return run_lock(self.out, "sample", note) if main else contextlib.nullcontext()
 
     def check(self) -> None:

@@ -119,12 +119,17 @@ def _describe(entries: list[str]) -> str:
     return ", ".join(entries[:SHOWN]) + more
 
 
+def check_is_folder(folder: Path) -> None:
+    """Refuse an --out that is a file or a link (before anything, its lock included, is made)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise DisbackError(f"{folder}: exists and is not a folder; choose another --out")
+
+
 def prepare_folder(folder: Path, limit: int, remove: bool) -> int:
     """Check that `folder` can take new samples: absent or empty, or holding only files an earlier
     `disback sample` wrote. With `remove`, those are deleted (their image count is returned). A
     folder with anything else is refused, and nothing in it is touched."""
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise DisbackError(f"{folder}: exists and is not a folder; choose another --out")
+    check_is_folder(folder)
     if not folder.exists():
         return 0
     ours = _ours(read_record(folder, limit))
