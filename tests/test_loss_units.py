@@ -138,6 +138,7 @@ def test_the_generator_step_draws_everything_from_the_run_stream_and_passes_the_
         optimizer = torch.optim.SGD(generator.parameters(), lr=0.0)
         levels = Levels()
         loss = AtLevels(VSDLoss(0.0, 1.0), levels)
+        rng = seeded(seed)
         out, norm = generator_step(
             generator,
             optimizer,
@@ -146,8 +147,9 @@ def test_the_generator_step_draws_everything_from_the_run_stream_and_passes_the_
             Scale(0.25),
             (4, 2),
             Source(),
-            seeded(seed),
+            rng,
         )
+        assert levels.asked == [(4, rng, rng.device)]  # the levels come from the run's stream
         return out, norm, generator
 
     out, norm, generator = run(7)
