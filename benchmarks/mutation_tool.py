@@ -191,8 +191,8 @@ def summary(result: dict) -> dict:
     detected = sum(c == KILLED or c in TIMEOUTS for c in counted.values())
     return {
         "mutants": len(codes),
-        "killed": sum(c == KILLED for c in codes.values()),
-        "timeout": sum(c in TIMEOUTS for c in codes.values()),
+        "killed": sum(c == KILLED for c in counted.values()),  # the columns add up to mutants
+        "timeout": sum(c in TIMEOUTS for c in counted.values()),
         "survived": sum(c == SURVIVED and k not in EQUIVALENT for k, c in codes.items()),
         "untested": sum(c == UNTESTED and k not in EQUIVALENT for k, c in codes.items()),
         "equivalent": sum(k in EQUIVALENT for k in codes),
@@ -202,7 +202,7 @@ def summary(result: dict) -> dict:
 
 def report(module: str, result: dict) -> None:
     counts = summary(result)
-    rate = "-" if counts["kill_rate"] is None else f"{counts['kill_rate']:.0%}"
+    rate = "-" if counts["kill_rate"] is None else f"{counts['kill_rate']:.1%}"
     print(
         f"{module:26s} {counts['mutants']:4d} mutants  killed {counts['killed']:3d}  timeout "
         f"{counts['timeout']:3d}  survived {counts['survived']:3d}  untested "
