@@ -167,43 +167,14 @@ def test_diffratio_backtracks_on_the_ring_resumes_bit_for_bit_and_verifies(
     plain = tmp_path / "k1.npz"
     assert cli("sample", "-T", traj, "--name", "whole", "-n", "32", "--out", plain).code == 0
     best = tmp_path / "k4.npz"
-    assert (
-        cli(
-            "sample",
-            "-T",
-            traj,
-            "--name",
-            "whole",
-            "-n",
-            "32",
-            "--best-of",
-            "4",
-            "--verifier",
-            run,
-            "--out",
-            best,
-        ).code
-        == 0
-    )
+
+    def best_of_four(out) -> int:
+        args = ["-n", "32", "--best-of", "4", "--verifier", run, "--out", out]
+        return cli("sample", "-T", traj, "--name", "whole", *args).code
+
+    assert best_of_four(best) == 0
     again = tmp_path / "k4-again.npz"
-    assert (
-        cli(
-            "sample",
-            "-T",
-            traj,
-            "--name",
-            "whole",
-            "-n",
-            "32",
-            "--best-of",
-            "4",
-            "--verifier",
-            run,
-            "--out",
-            again,
-        ).code
-        == 0
-    )
+    assert best_of_four(again) == 0
     k1, k4 = np.load(plain)["samples"], np.load(best)["samples"]
     assert np.array_equal(k4, np.load(again)["samples"])  # deterministic per seed
     assert not np.array_equal(k1, k4) and (k1 == k4).all(axis=1).any()  # some seeds keep #0
