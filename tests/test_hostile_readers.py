@@ -350,3 +350,83 @@ def test_a_clip_folder_is_counted_before_it_is_built(tmp_path, change, message):
     set_config(folder / "config.json", **change)
     with pytest.raises(DisbackError, match=message):
         ClipScorer(folder, "cpu")
+
+
+RECORDED_SPOILS = {
+    "sample_size an empty list": lambda f: set_config(f / "unet" / "config.json", sample_size=[]),
+    "a million-layer text encoder": lambda f: set_config(
+        f / "text_encoder" / "config.json", num_hidden_layers=10**6
+    ),
+    "a tokenizer file added": lambda f: (f / "tokenizer" / "added_tokens.json").write_text("{}"),
+    "a tokenizer without its vocabulary": empty_tokenizer,
+}
+
+
+@pytest.mark.parametrize("xl", [False, True])
+@pytest.mark.parametrize("case", list(RECORDED_SPOILS))
+def test_a_recorded_folder_changed_since_is_refused_by_its_hash_before_parsing(
+    case, xl, sd_folder, tmp_path
+):
+    """A trajectory's teacher folder is hashed from its listing alone and compared before any
+    config is read: what the changed configs would do (crash, allocate, refuse otherwise) never
+    happens. An unchanged copy elsewhere is the same teacher."""
+    from t2i_fixtures import make_sd_folder
+
+    from disback_cli.models.teachers import open_teacher
+
+    pristine = make_sd_folder(tmp_path / "xl", xl=True) if xl else sd_folder
+    recorded = open_teacher(str(pristine)).sha256
+    copy = spoiled(pristine, tmp_path / "copy", lambda f: None)
+    assert open_teacher(copy, "cpu", recorded, recorded_in="t").sha256 == recorded
+    changed = spoiled(pristine, tmp_path / "changed", RECORDED_SPOILS[case])
+    with pytest.raises(DisbackError) as caught:
+        open_teacher(changed, "cpu", recorded, recorded_in="t")
+    assert (
+        str(caught.value)
+        == f"teacher {changed} is not the one t was recorded with (sha256 differs)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (
+            lambda f: set_config(f / "vae" / "config.json", block_out_channels=[2048, 4096]),
+            "vae/config.json: not the file the generator was trained with (sha256 differs",
+        ),
+        (
+            lambda f: (f / "tokenizer" / "added_tokens.json").write_text("{}"),
+            "its text encoder and VAE files are not those the generator was trained with",
+        ),
+        (
+            lambda f: (f / "vae" / "config.json").unlink(),
+            "vae/config.json: missing (moved? pass --model-folder)",
+        ),
+    ],
+)
+def test_a_generators_text_encoder_and_vae_are_compared_before_they_are_parsed(
+    spoil, message, sd_folder, tmp_path
+):
+    from disback_cli.models.text_to_image.folder import read_folder
+    from disback_cli.models.text_to_image.sampling import open_sampling, sampling_info
+
+    info = sampling_info(read_folder(sd_folder))
+    encoder, _ = open_sampling(
+        info, "cpu", True, spoiled(sd_folder, tmp_path / "a", lambda f: None)
+    )
+    assert encoder.folder.root == tmp_path / "a" / "sd"  # an unchanged copy elsewhere is fine
+    changed = spoiled(sd_folder, tmp_path / "b", spoil)
+    with pytest.raises(DisbackError) as caught:
+        open_sampling(info, "cpu", True, changed)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "unet/config.json", "/etc/passwd", "vae"])
+def test_a_generator_naming_a_file_outside_its_components_is_refused(name, sd_folder):
+    from disback_cli.models.text_to_image.folder import read_folder
+    from disback_cli.models.text_to_image.sampling import open_sampling, sampling_info
+
+    info = sampling_info(read_folder(sd_folder))
+    info["files"][name] = "0" * 64
+    with pytest.raises(DisbackError, match="not a model file"):
+        open_sampling(info, "cpu", True)

@@ -25,6 +25,7 @@ from disback_cli.models.family import EDM_DEFAULT_SIGMA, Teacher, TeacherFamily
 from disback_cli.models.path_nodes import FULL_WEIGHTS
 from disback_cli.models.text_to_image.folder import (
     DiffusersFolder,
+    hash_recorded,
     is_diffusers_folder,
     is_unet_folder,
     read_folder,
@@ -75,11 +76,16 @@ class DiffusersFamily(TeacherFamily):
 
     @classmethod
     def open(cls, source, path, device, expected_sha256, recorded_in) -> Teacher:
+        differs = (
+            f"teacher {source} is not the one {recorded_in} was recorded with (sha256 differs)"
+        )
+        hashed = {} if expected_sha256 is None else hash_recorded(path, expected_sha256)
+        if hashed is None:
+            raise DisbackError(differs)
         folder = read_folder(path)
+        folder.files.update(hashed)  # parsed as SDXL but recorded as SD (or back): differs
         if expected_sha256 is not None and folder.digest() != expected_sha256:
-            raise DisbackError(
-                f"teacher {source} is not the one {recorded_in} was recorded with (sha256 differs)"
-            )
+            raise DisbackError(differs)
         weights = folder.weights["unet"]
         tensors, _, digest = read_safetensors(weights)
         rel = str(weights.relative_to(folder.root))

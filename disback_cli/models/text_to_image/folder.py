@@ -51,6 +51,13 @@ NEEDED = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
 # A CLIP tokenizer's vocabulary: slow files, or the fast tokenizer's one file.
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 NEEDED_XL = ("text_encoder_2", "tokenizer_2")
+# The stem of each weighted component's safetensors file.
+WEIGHT_STEMS = {
+    "unet": DIFFUSERS_WEIGHTS,
+    "vae": DIFFUSERS_WEIGHTS,
+    "text_encoder": TRANSFORMERS_WEIGHTS,
+    "text_encoder_2": TRANSFORMERS_WEIGHTS,
+}
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -104,16 +111,7 @@ class DiffusersFolder:
 
     def component_files(self, component: str) -> list[Path]:
         """Every file of `component` that loading it reads (config, vocabularies, weights)."""
-        folder = self.root / component
-        if component.startswith("tokenizer"):  # every entry it may read, whatever its kind:
-            return sorted(  # a FIFO or a link to a device is refused, not skipped
-                p for p in folder.iterdir() if p.suffix in (".json", ".txt", ".model")
-            )
-        config = "scheduler_config.json" if component == "scheduler" else "config.json"
-        files = [folder / config]
-        if component in self.weights:
-            files.append(self.weights[component])
-        return files
+        return _component_files(self.root, component, self.weights.get(component))
 
     def hash_files(self, components: tuple[str, ...] | None = None) -> dict[str, str]:
         """sha256 of every file the given components (default: all) read, by relative path."""
@@ -134,8 +132,44 @@ class DiffusersFolder:
 
     def digest(self) -> str:
         """The teacher's sha256: of the sorted list of its files and their sha256."""
-        listing = json.dumps(self.hash_files(), sort_keys=True, separators=(",", ":"))
-        return sha256_bytes(listing.encode())
+        return listing_digest(self.hash_files())
+
+
+def listing_digest(files: dict[str, str]) -> str:
+    return sha256_bytes(json.dumps(files, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _component_files(root: Path, component: str, weights: Path | None) -> list[Path]:
+    folder = root / component
+    if component.startswith("tokenizer"):  # every entry it may read, whatever its kind:
+        return sorted(  # a FIFO or a link to a device is refused, not skipped
+            p for p in folder.iterdir() if p.suffix in (".json", ".txt", ".model")
+        )
+    config = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return [folder / config] + ([weights] if weights is not None else [])
+
+
+def hash_recorded(root: Path, expected_sha256: str) -> dict[str, str] | None:
+    """The sha256 of every file of the folder, by relative path, if together they are the
+    teacher `expected_sha256` (as an SD or as an SDXL folder), else None: found from the file
+    listing alone, before any configuration is parsed, so a folder changed since it was
+    recorded is refused by its hash, not by whatever its new configs would do."""
+    hashed: dict[str, str] = {}
+    for components in (NEEDED, NEEDED + NEEDED_XL):
+        if not all((root / c).is_dir() for c in components):
+            continue
+        listing = {INDEX: hash_regular_file(root / INDEX, MAX_CONFIG_BYTES, "model_index.json")}
+        for component in components:
+            stem = WEIGHT_STEMS.get(component)
+            weights = find_weights(root / component, stem) if stem else None
+            for path in _component_files(root, component, weights):
+                rel = str(path.relative_to(root))
+                if rel not in hashed:
+                    hashed[rel] = hash_regular_file(path, MAX_SAFETENSORS_BYTES, "model file")
+                listing[rel] = hashed[rel]
+        if listing_digest(listing) == expected_sha256:
+            return listing
+    return None
 
 
 def _scheduler(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -202,10 +236,9 @@ def read_folder(root: str | Path) -> DiffusersFolder:
             read_config(root / "vae" / "config.json", "VAE config"), root / "vae", "VAE"
         ),
     )
-    folder.weights["unet"] = find_weights(root / "unet", DIFFUSERS_WEIGHTS)
-    folder.weights["vae"] = find_weights(root / "vae", DIFFUSERS_WEIGHTS)
-    for encoder in ("text_encoder", "text_encoder_2") if xl else ("text_encoder",):
-        folder.weights[encoder] = find_weights(root / encoder, TRANSFORMERS_WEIGHTS)
+    for component in folder.components:
+        if component in WEIGHT_STEMS:
+            folder.weights[component] = find_weights(root / component, WEIGHT_STEMS[component])
     for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
         for path in folder.component_files(tokenizer):
             check_regular_file(path, MAX_TOKENIZER_BYTES, "tokenizer file")

@@ -4,10 +4,14 @@ model folder and the sha256 of their files, so a changed encoder or VAE is caugh
 
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
+
 from disback_cli.errors import DisbackError
 from disback_cli.models.text_to_image.folder import DiffusersFolder, read_folder
 from disback_cli.models.text_to_image.text import TextEncoder
 from disback_cli.models.text_to_image.vae import LatentDecoder
+from disback_cli.store.fileio import hash_regular_file
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
 
 SAMPLING_COMPONENTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -22,6 +26,28 @@ def sampling_info(folder: DiffusersFolder) -> dict:
     }
 
 
+MAX_RECORDED_FILES = 10_000
+
+
+def check_recorded_files(root: Path, recorded: dict) -> None:
+    """Each file a generator names (inside a text-encoder, tokenizer or VAE folder of `root`)
+    against its recorded sha256, in one line."""
+    if len(recorded) > MAX_RECORDED_FILES:
+        raise DisbackError(f"the generator file names {len(recorded):,} model files")
+    for rel, sha in recorded.items():
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) and len(rel) < 1000 else ()
+        if len(parts) < 2 or parts[0] not in SAMPLING_COMPONENTS or ".." in parts:
+            raise DisbackError(f"the generator file names {str(rel)[:100]!r}, not a model file")
+        path = root.joinpath(*parts)
+        if not (path.exists() or path.is_symlink()):
+            raise DisbackError(f"{path}: missing (moved? pass --model-folder)")
+        if hash_regular_file(path, MAX_SAFETENSORS_BYTES, "model file") != sha:
+            raise DisbackError(
+                f"{path}: not the file the generator was trained with "
+                "(sha256 differs; moved? pass --model-folder)"
+            )
+
+
 def open_sampling(
     info: object, device, verify: bool = True, folder: str | None = None
 ) -> tuple[TextEncoder, LatentDecoder]:
@@ -33,14 +59,18 @@ def open_sampling(
         and isinstance(info.get("files"), dict)
     ):
         raise DisbackError("the generator file names no text encoder or VAE (not text-to-image)")
-    root = folder or info["folder"]
+    root = Path(folder or info["folder"])
+    recorded = info["files"]
+    if verify:  # every file the generator names, hashed before any of them is parsed
+        check_recorded_files(root, recorded)
     model = read_folder(root)
     if verify:
-        found = model.hash_files(tuple(c for c in SAMPLING_COMPONENTS if c in model.components))
-        for rel, sha in info["files"].items():
-            if found.get(rel) != sha:
-                raise DisbackError(
-                    f"{model.root / str(rel)[:200]}: not the file the generator was trained with "
-                    "(sha256 differs; moved? pass --model-folder)"
-                )
+        model.files.update(recorded)  # just compared: not hashed again
+        parts = tuple(c for c in SAMPLING_COMPONENTS if c in model.components)
+        found = model.hash_files(parts)
+        if {k for k in found if k.split("/")[0] in parts} != recorded.keys():
+            raise DisbackError(
+                f"{model.root}: its text encoder and VAE files are not those the generator was "
+                "trained with (files added or missing; moved? pass --model-folder)"
+            )
     return TextEncoder(model, device), LatentDecoder(model, device)
