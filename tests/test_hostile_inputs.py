@@ -214,6 +214,15 @@ def spec_file(w: World, **change) -> list[str]:
     return ["teacher", "inspect", teacher_file(w / "spec.safetensors", metadata, ring_tensors())]
 
 
+def foreign_node(w: World, tensors=None, **metadata: str) -> list[str]:
+    """Path node 1 of another network, in a trajectory that vouches for it: refused when the
+    targets open, before the run writes anything, not at node 1's switch."""
+    path = w / T / "nodes" / "node-001.safetensors"
+    rewrite_denoiser(path, tensors, **metadata)
+    rehash(w / TRAJ, ["nodes", 1, "sha256"], path)
+    return ["backtrack", "-T", "t", "--name", "new", "--iters", "40", "--interval", "10"]
+
+
 def state_metadata(w: World, **metadata: str) -> list[str]:
     """The run's resume state with changed metadata, and a manifest that vouches for it."""
     manifest = json.loads((w / RUN_MANIFEST).read_text())
@@ -300,6 +309,32 @@ HOSTILE = [
             ["backtrack", "-T", "t", "--name", "new"],
         )[-1],
         "node 1 must be file",
+    ),
+    Case(
+        "path node of another preconditioning, rehashed",
+        lambda w: foreign_node(
+            w,
+            network=ring_metadata()["network"].replace('"sigma_data":1.4', '"sigma_data":1.0'),
+        ),
+        "nodes/node-001.safetensors: network differs from the teacher's",
+    ),
+    Case(
+        "path node missing a tensor, rehashed",
+        lambda w: foreign_node(
+            w, {k: v for k, v in ring_tensors().items() if k != "model.noise_freqs"}
+        ),
+        "nodes/node-001.safetensors: network differs from the teacher's",
+    ),
+    Case(
+        "path node with a header that is not JSON, rehashed",
+        lambda w: (
+            write_and(
+                w / T / "nodes" / "node-001.safetensors", b"\x08" + bytes(7) + b"{nojson}", []
+            ),
+            rehash(w / TRAJ, ["nodes", 1, "sha256"], w / T / "nodes" / "node-001.safetensors"),
+            ["backtrack", "-T", "t", "--name", "new"],
+        )[-1],
+        "node-001.safetensors: not a valid safetensors file (truncated or corrupt)",
     ),
     Case(
         "node 0 given a file",

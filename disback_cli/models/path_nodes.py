@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
+from disback_cli.models.networks import NetworkSpec
+from disback_cli.store.fileio import parse_json
 from disback_cli.store.layout import check_no_links
 from disback_cli.store.manifests import TrajectoryManifest
+from disback_cli.store.tensorfile import read_safetensors_header
 
 if TYPE_CHECKING:
     from disback_cli.models.family import Teacher
@@ -92,6 +96,24 @@ class FullWeights:
 FULL_WEIGHTS = FullWeights()
 
 
+def check_node_networks(trajectory: Path, manifest: TrajectoryManifest, teacher: Teacher) -> None:
+    """Every node file's network and tensor shapes against the teacher's, from the file headers
+    (nothing loaded): a node of another network stops the run before it writes anything, not at
+    its target switch hours in."""
+    expected = {name: tuple(t.shape) for name, t in teacher.denoiser.state_dict().items()}
+    for node in manifest.nodes:
+        if node.file is None:
+            continue
+        path = check_no_links(trajectory, node.file)
+        metadata, shapes = read_safetensors_header(path)
+        try:
+            spec = NetworkSpec.model_validate(parse_json(metadata["network"]))
+        except (KeyError, ValueError, ValidationError):
+            raise DisbackError(f"{path}: bad network metadata") from None
+        if spec != teacher.spec or shapes != expected:
+            raise DisbackError(f"{path}: network differs from the teacher's")
+
+
 def load_path_node(
     trajectory: Path,
     manifest: TrajectoryManifest,
@@ -124,6 +146,7 @@ class PathNodes:
         prepare: Prepare = lambda node: node,
         verify: bool = True,
     ) -> None:
+        check_node_networks(trajectory, manifest, teacher)
         self.trajectory, self.manifest, self.teacher = trajectory, manifest, teacher
         self.device, self.prepare, self.verify = device, prepare, verify
         self.held_teacher: nn.Module | None = teacher.denoiser  # released after the first target

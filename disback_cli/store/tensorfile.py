@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.store.fileio import check_sha256, parse_json, read_regular_file, sha256_bytes
+from disback_cli.store.fileio import (
+    check_sha256,
+    open_regular_file,
+    parse_json,
+    read_regular_file,
+    sha256_bytes,
+)
 
 _DTYPES = {
     torch.float64: "F64",
@@ -28,6 +34,7 @@ _DTYPES = {
 }
 
 MAX_SAFETENSORS_BYTES = 32 << 30  # far above any network we run; refused unread beyond this
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound on a header
 
 
 def safetensors_chunks(
@@ -96,6 +103,31 @@ def read_safetensors(
     except Exception:
         raise DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)") from None
     return tensors, metadata, digest
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple]]:
+    """The metadata and each tensor's shape of a safetensors file, from its header alone (the
+    weights are not read): for checking a file against a network long before it is loaded."""
+    bad = DisbackError(f"{path}: not a valid safetensors file (truncated or corrupt)")
+    with open_regular_file(path, MAX_SAFETENSORS_BYTES, ".safetensors file") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise bad
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise bad
+        raw = f.read(header_len)
+    try:
+        header = parse_json(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
+        if not all(isinstance(v, str) for v in metadata.values()) or not all(
+            type(n) is int for shape in shapes.values() for n in shape
+        ):
+            raise ValueError("not strings and integers")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise bad from None
+    return metadata, shapes
 
 
 def check_weights(
