@@ -96,3 +96,25 @@ def test_an_extended_run_writes_into_its_own_tensorboard_folder(cli, tmp_path, s
     events = EventAccumulator(str(folder))
     events.Reload()
     assert [e.step for e in events.Scalars("loss_g")] == [10, 20, 30, 40, 50]
+
+
+def test_wandb_without_credentials_is_one_line_and_the_run_resumes_without_it(
+    cli, tmp_path, small_trajectory, monkeypatch
+):
+    """W&B refuses an online run without an API key before it touches the network, so this
+    runs offline: the refusal is one line with what to do, and the run it interrupted resumes."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    shutil.copytree(small_trajectory, tmp_path / "t")
+    refused = cli("backtrack", "-T", tmp_path / "t", *BACKTRACK, "--log-to", "wandb")
+    assert refused.code == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--log-to wandb: No API key configured" in refused.stderr
+    assert "(log in with `wandb login`, or set WANDB_MODE=offline)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    resumed = cli("backtrack", "-T", tmp_path / "t", *BACKTRACK)
+    assert resumed.code == 0, resumed.stderr
+    assert [m["iteration"] for m in read_metrics(tmp_path / "t/backtrack/default")][-1] == 30
