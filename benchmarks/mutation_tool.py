@@ -52,7 +52,7 @@ MODULES: dict[str, list[str]] = {
         "test_families.py",
         "test_text_to_image_pipeline.py::test_the_fake_score_starts_as_an_own_copy_of_node_n_on_lora_nodes",
     ],
-    "models/precond": ["test_precond.py", "test_families.py"],
+    "models/precond": ["test_precond_units.py", "test_precond.py", "test_families.py"],
     "models/discrete_ddpm": ["test_ddpm_units.py", "test_pins.py"],
     "models/ratio": ["test_hostile_readers.py", "test_pins.py"],
     "evaluation/vectors": ["test_metrics.py"],
