@@ -140,6 +140,10 @@ EQUIVALENT: dict[str, str] = {
     ),
     "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_20": NORM_BROADCAST,
     "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_22": NORM_BROADCAST,
+    "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
+        "the chunk size bounds memory; the nearest variant of each image is the same"
+    ),
+    "disback_cli.evaluation.shapes.x_shapes_scores__mutmut_52": CPU_ONLY,
 }
 
 

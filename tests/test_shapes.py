@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.evaluation.shapes import (
     MODES,
+    factors,
+    heldout_floor,
     nearest_mode,
     render,
     shapes_scores,
@@ -101,3 +104,57 @@ def test_a_mode_is_covered_from_a_fifth_of_its_fair_share():
     assert scores["precision"] == 1.0 and scores["modes_covered"] == 3
     fewer = shapes_scores(templates([0] * 320 + [2]))  # 1 of 321: below a fifth
     assert fewer["modes_covered"] == 1
+
+
+def test_the_jitters_are_drawn_per_image_within_their_ranges():
+    shape, colour, position, offset, scale, brightness = factors(
+        2000, torch.Generator().manual_seed(3)
+    )
+    assert offset.shape == (2000, 2) and len(set(offset[:, 0].tolist())) == 2000
+    assert -0.75 <= offset.min() < -0.7 and 0.7 < offset.max() <= 0.75  # +-0.75 px
+    assert 0.85 <= scale.min() < 0.86 and 1.14 < scale.max() <= 1.15
+    assert 0.85 <= brightness.min() < 0.86 and 0.99 < brightness.max() <= 1.0
+    for index in (shape, colour, position):
+        assert set(index.tolist()) == {0, 1, 2, 3}
+
+
+def test_only_the_two_named_splits_exist():
+    with pytest.raises(ValueError, match="no shapes split 'test'"):
+        split("test")
+
+
+def test_the_held_out_floor_scores_real_images_with_their_labels():
+    images, labels = split("heldout")
+    floor = heldout_floor(40)
+    assert floor == shapes_scores(images[:40], labels[:40])
+    assert floor["n"] == 40 and floor["label_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_fewer_than_two_images_or_another_size_are_refused(count):
+    expected = rf"at least 2 images of 3x16x16, got \({count}, 3, 16, 16\)"
+    with pytest.raises(ValueError, match=expected):
+        shapes_scores(templates([0])[:count])
+    with pytest.raises(ValueError, match=r"got \(5, 3, 8, 8\)"):
+        shapes_scores(torch.zeros(5, 3, 8, 8))
+    assert shapes_scores(templates([0, 1]))["n"] == 2
+
+
+def test_a_sample_exactly_at_the_precision_bound_is_precise(monkeypatch):
+    images = templates([5, 6]) + 0.3  # both off their templates by the same distance
+    _, distance = nearest_mode(images)
+    monkeypatch.setattr(
+        "disback_cli.evaluation.shapes.precise_distance", lambda: float(distance[0])
+    )
+    assert shapes_scores(images)["precision"] == (1.0 if distance[1] <= distance[0] else 0.5)
+    assert shapes_scores(images[:1].repeat(2, 1, 1, 1))["precision"] == 1.0
+
+
+def test_one_precise_sample_is_all_of_the_balance_and_of_the_label_accuracy():
+    noise = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = torch.cat([templates([9]), noise])
+    scores = shapes_scores(images, torch.tensor([9 // 4, 0]))
+    assert scores["precision"] == 0.5 and scores["modes_covered"] == 1
+    assert scores["mode_tv"] == pytest.approx(63 / 64)  # all the mass on 1 mode of 64
+    assert scores["label_accuracy"] == 1.0
+    assert scores["modes_total"] == 64

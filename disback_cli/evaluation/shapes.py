@@ -82,6 +82,8 @@ def factors(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
 def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels (shape * 4 + colour) of the 'train' (20 000) or 'heldout' (5 000)
     split, drawn from fixed seeds."""
+    if name not in ("train", "heldout"):
+        raise ValueError(f"no shapes split {name!r}")
     n, seed = (TRAIN_IMAGES, SEED) if name == "train" else (HELD_OUT, SEED + 1)
     shape, colour, position, *jitter = factors(n, torch.Generator().manual_seed(seed))
     return render(shape, colour, position, *jitter), shape * 4 + colour
