@@ -140,6 +140,32 @@ EQUIVALENT: dict[str, str] = {
     ),
     "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_20": NORM_BROADCAST,
     "disback_cli.evaluation.vectors.x_sliced_wasserstein__mutmut_22": NORM_BROADCAST,
+    **{f"disback_cli.method.data.x__image_files__mutmut_{n}": SAME_LENGTHS for n in (25, 28, 29)},
+    **{f"disback_cli.method.data.x__labels__mutmut_{n}": SAME_LENGTHS for n in (19, 22, 23)},
+    **{
+        f"disback_cli.method.data.x__image_files__mutmut_{n}": (
+            "the label of open_zip's own check: the zip passed the same check under the same "
+            "label while it was hashed a moment before"
+        )
+        for n in (66, 69, 70)
+    },
+    "disback_cli.method.data.x__image_files__mutmut_130": (
+        "the first image compared with its own size as well"
+    ),
+    **{
+        f"disback_cli.method.data.x__builtin__mutmut_{n}": (
+            "the ring's exact draws never read the count, the reader or the label width"
+        )
+        for n in (43, 44, 45)
+    },
+    **{
+        f"disback_cli.method.data.xǁDataSourceǁdraw__mutmut_{n}": CPU_ONLY
+        for n in (6, 10, 14, 18, 21, 27, 31, 41, 43, 48)
+    },
+    "disback_cli.method.fake_sides.xǁRatioFakeǁ__init____mutmut_1": (
+        "nothing reads the data before open_inputs sets it"
+    ),
+    "disback_cli.method.fake_sides.xǁRatioFakeǁbuild__mutmut_13": CPU_ONLY,
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),
