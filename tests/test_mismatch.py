@@ -103,3 +103,21 @@ def test_backtrack_logs_the_mismatch_on_the_ring_and_refuses_it_elsewhere(
     assert digits.code == 0
     refused = cli("backtrack", "-T", tmp_path / "d", "--iters", "2", "--mismatch-every", "1")
     assert refused.code == 2 and "Gaussian-mixture" in refused.stderr
+
+
+def test_the_probe_is_fixed_whatever_the_global_stream_and_fresh_at_every_level():
+    """Evaluations compare along training only if every one uses the same z and noise; and each
+    noise level gets its own noise for each query."""
+    data = ring2d()
+    torch.manual_seed(1)
+    first = ScoreMismatch(data, "cpu")
+    torch.manual_seed(2)
+    second = ScoreMismatch(data, "cpu")
+    for name in ("z_empirical", "z", "noise"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    levels, queries = first.noise.shape[:2]
+    assert first.noise.shape == first.z.shape == (levels, queries, 2) and levels > 1
+    assert not torch.equal(first.noise[0], first.noise[1])
+    assert not torch.equal(first.z[0], first.noise[0])  # one stream, drawn in turn
+    generator, fake = Scaled(0.5), GaussianDenoiser(0.5)
+    assert first(generator, fake, DataDenoiser()) == second(generator, fake, DataDenoiser())
