@@ -139,10 +139,10 @@ def foreign_entries(root: Path, layout: Layout, whole: bool) -> list[str]:
     if whole and root.is_dir():
         for entry in sorted(root.iterdir()):
             name = entry.name
+            if name in layout.folders:  # checked below, whatever it is
+                continue
             if entry.is_symlink():
                 foreign.append(name)
-            elif name in layout.folders and entry.is_dir():
-                continue
             elif not (name in layout.root_files and entry.is_file()) and not (
                 entry.is_file() and layout.owns_temporary("", name)
             ):
