@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     "evaluation/mismatch": ["test_mismatch.py"],
     "store/layout": ["test_layout_units.py", "test_rundir.py", "test_file_kinds.py"],
     "store/fileio": ["test_rundir.py", "test_hostile_readers.py", "test_recovery.py"],
-    "store/archives": ["test_hostile_readers.py"],
+    "store/archives": ["test_archive_units.py", "test_hostile_readers.py"],
     "store/statefile": ["test_statefile_units.py", "test_checkpoint.py", "test_recovery.py"],
     "store/manifests": ["test_manifest.py", "test_file_kinds.py", "test_recovery.py"],
     "stages/lifecycle": [

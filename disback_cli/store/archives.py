@@ -27,7 +27,7 @@ def open_zip(path: Path, what: str) -> zipfile.ZipFile:
         raise DisbackError(f"{path}: not a readable zip ({exc})") from None
 
 
-def check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, where: str) -> None:
+def check_member(info: zipfile.ZipInfo, limit: int, where: str) -> None:
     """Refuse a member whose declared size is over `limit`, or that inflates more than any
     real content does (a zip bomb), before anything is decompressed."""
     if info.file_size > limit:
@@ -47,7 +47,7 @@ def read_member(archive: zipfile.ZipFile, name: str, limit: int, where: str) -> 
         info = archive.getinfo(name)
     except KeyError:
         raise DisbackError(f"{where}: no such member") from None
-    check_member(archive, info, limit, where)
+    check_member(info, limit, where)
     try:
         with archive.open(info) as member:
             return member.read()

@@ -49,7 +49,7 @@ def read_npz(path: Path, what: str = ".npz file") -> dict[str, np.ndarray]:
                 raise ValueError(f"{len(members)} arrays")
             total = 0
             for info in members:
-                check_member(archive, info, MAX_NPZ_BYTES, f"{path}:{info.filename}")
+                check_member(info, MAX_NPZ_BYTES, f"{path}:{info.filename}")
                 shape, dtype, header = _declared(archive, info)
                 if dtype.kind not in NUMERIC_KINDS or dtype.hasobject or dtype.fields:
                     raise ValueError(f"{info.filename}: arrays of {dtype} are not supported")
