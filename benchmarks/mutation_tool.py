@@ -57,7 +57,7 @@ MODULES: dict[str, list[str]] = {
     "models/discrete_ddpm": ["test_ddpm_units.py", "test_pins.py"],
     "models/ratio": ["test_ratio_network.py", "test_fake_sides.py", "test_pins.py"],
     "evaluation/vectors": ["test_vector_units.py", "test_metrics.py", "test_datasets.py"],
-    "evaluation/image_metrics": ["test_image_metrics.py"],
+    "evaluation/image_metrics": ["test_image_metric_units.py", "test_image_metrics.py"],
     "evaluation/shapes": ["test_shapes.py"],
     "evaluation/mismatch": ["test_mismatch.py"],
     "store/layout": ["test_layout_units.py", "test_rundir.py", "test_file_kinds.py"],

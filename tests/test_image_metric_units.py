@@ -1,0 +1,51 @@
+"""The feature-set distances on sets small enough to work out by hand
+(`evaluation/image_metrics.py`): Fréchet distance of one-dimensional Gaussians, refusals,
+round-off in a covariance, and k-NN precision/recall at the edge of a ball."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from disback_cli.evaluation.image_metrics import (
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+)
+
+
+def test_the_frechet_distance_of_scalars_is_the_one_dimensional_formula():
+    # (0 - 3)^2 + 1 + 4 - 2 sqrt(1 * 4)
+    assert frechet_distance(0.0, 1.0, 3.0, 4.0) == pytest.approx(10.0)
+
+
+def test_features_of_different_sizes_are_refused():
+    with pytest.raises(ValueError, match=r"feature dimensions differ: \(2,\) vs \(3,\)"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3)[:2, :3])
+
+
+def test_round_off_below_zero_in_a_covariance_is_clipped():
+    rank_one = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    noisy = rank_one - 1e-12 * np.eye(3)  # eigenvalues -1e-12, -1e-12, 14
+    value = frechet_distance(np.zeros(3), noisy, np.zeros(3), noisy)
+    assert np.isfinite(value) and abs(value) < 1e-5  # sqrt of 1e-12 round-off: ~1e-6 scale
+
+
+def test_precision_and_recall_count_a_sample_on_the_edge_of_a_ball():
+    """Real 0..3: the 3rd neighbour of 0 and 3 is 3 away. Fake 6 sits on the edge of 3's ball
+    (in), 6.5 beyond it; every real point is within a fake ball of radius 14 or 15."""
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[6.0], [6.5], [20.0], [21.0]])
+    assert precision_recall(real, fake) == (0.25, 1.0)
+    assert precision_recall(real, fake, chunk=1) == (0.25, 1.0)
+    assert precision_recall(real, fake, k=1) == (0.0, 0.0)
+
+
+def test_kid_defaults_are_clean_fids():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(60, 4)), rng.normal(0.3, 1.0, size=(50, 4))
+    explicit = kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, seed=0)
+    assert kernel_inception_distance(f1, f2) == explicit
+    assert kernel_inception_distance(f1, f2, seed=1) != explicit
