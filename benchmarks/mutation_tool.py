@@ -61,7 +61,7 @@ MODULES: dict[str, list[str]] = {
     "evaluation/shapes": ["test_shapes.py"],
     "evaluation/mismatch": ["test_mismatch.py"],
     "store/layout": ["test_layout_units.py", "test_rundir.py", "test_file_kinds.py"],
-    "store/fileio": ["test_rundir.py", "test_hostile_readers.py", "test_recovery.py"],
+    "store/fileio": ["test_fileio_units.py", "test_recovery.py", "test_hostile_readers.py"],
     "store/archives": ["test_archive_units.py", "test_hostile_readers.py"],
     "store/statefile": ["test_statefile_units.py", "test_checkpoint.py", "test_recovery.py"],
     "store/manifests": ["test_manifest.py", "test_file_kinds.py", "test_recovery.py"],
