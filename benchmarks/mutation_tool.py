@@ -64,8 +64,14 @@ MODULES: dict[str, list[str]] = {
     "store/fileio": ["test_fileio_units.py", "test_recovery.py", "test_hostile_readers.py"],
     "store/archives": ["test_archive_units.py", "test_hostile_readers.py"],
     "store/statefile": ["test_statefile_units.py", "test_checkpoint.py", "test_recovery.py"],
-    "store/manifests": ["test_manifest.py", "test_file_kinds.py", "test_recovery.py"],
+    "store/manifests": [
+        "test_manifest.py",
+        "test_file_kinds.py",
+        "test_hostile_inputs.py",
+        "test_recovery.py",
+    ],
     "stages/lifecycle": [
+        "test_lifecycle_units.py",
         "test_rundir.py",
         "test_backtrack.py",
         "test_record.py",
