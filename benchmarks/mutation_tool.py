@@ -277,6 +277,18 @@ def report(module: str, result: dict) -> None:
     )
 
 
+def markdown_row(module: str, result: dict) -> str:
+    counts = summary(result)
+    rate = "-" if counts["kill_rate"] is None else f"{counts['kill_rate']:.1%}"
+    stale = "" if result["source_sha256"] == source_digest(module) else " (source changed since)"
+    cells = [counts[k] for k in ("mutants", "killed", "timeout", "survived", "untested")]
+    return (
+        f"| `{module}`{stale} | "
+        + " | ".join(map(str, cells))
+        + (f" | {counts['equivalent']} | {rate} |")
+    )
+
+
 def show(where: Path, key: str) -> str:
     done = subprocess.run(
         [str(BIN / "mutmut"), "show", key], cwd=where, capture_output=True, text=True
@@ -289,8 +301,17 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every module, changed or not")
     parser.add_argument("--module", action="append", choices=sorted(MODULES), default=[])
     parser.add_argument("--report", action="store_true", help="print the stored results only")
+    parser.add_argument("--markdown", action="store_true", help="the results as docs' table")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.markdown:
+        print(
+            "| module | mutants | killed | timeout | survived | untested | equivalent | kill rate |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for module in sorted(results):
+            print(markdown_row(module, results[module]))
+        return
     if args.report:
         for module, result in results.items():
             if "exit_codes" in result:
