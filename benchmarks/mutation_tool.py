@@ -163,8 +163,11 @@ EQUIVALENT: dict[str, str] = {
         f"disback_cli.method.data.x__builtin__mutmut_{n}": (
             "the ring's exact draws never read the count, the reader or the label width"
         )
-        for n in (43, 44, 45)
+        for n in (34, 35, 36, 43, 44, 45)
     },
+    "disback_cli.method.data.x__builtin__mutmut_27": (
+        "None classes read as 'no' classes, as 0 does: the same refusal"
+    ),
     **{
         f"disback_cli.method.data.xǁDataSourceǁdraw__mutmut_{n}": CPU_ONLY
         for n in (6, 10, 14, 18, 21, 27, 31, 41, 43, 48)

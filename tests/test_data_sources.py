@@ -295,3 +295,12 @@ def test_a_malformed_labels_file_is_refused(tmp_path, text):
     (source / "dataset.json").write_text(text)
     assert f"--data {source}: malformed dataset.json" in refusal(source, label_dim=2)
     assert open_data(str(source), (1, 2, 2), 0).ref.count == 2  # unread without classes
+
+
+def test_an_image_swapped_for_a_fifo_after_the_check_is_refused_when_drawn(tmp_path):
+    source = image_folder(tmp_path / "d", [grey(0), grey(1)])
+    data = open_data(str(source), (1, 2, 2), 0)
+    (source / "img1.png").unlink()
+    os.mkfifo(source / "img1.png")
+    with pytest.raises(DisbackError, match=r"img1\.png: not a regular file, expected a image$"):
+        draw(data, 16)
