@@ -9,6 +9,7 @@ import pytest
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.config.resolve import refuse_foreign_options, resolve_backtrack, resolve_record
 from disback_cli.errors import ConfigError
+from disback_cli.method.fake_sides import FAKE_SIDES, ScoreFake
 from disback_cli.models.networks import set_dropout
 from disback_cli.models.teachers import open_teacher
 
@@ -99,3 +100,45 @@ def test_foreign_options_at_their_unused_value_or_taken_by_the_run_pass():
     refuse_foreign_options(cfg, [other], [Owner("mine", {"data": None})])  # data is mine too
     with pytest.raises(ConfigError, match=r"^--data is for others$"):
         refuse_foreign_options(cfg, [other], [])
+
+
+def test_a_discrete_noise_rule_is_for_discrete_time_teachers(ring):
+    with pytest.raises(ConfigError, match=r"^--dsm-sigma discrete is for discrete-time"):
+        resolve_backtrack(BacktrackConfig(dsm_sigma="discrete"), ring)
+
+
+def test_the_family_and_the_fake_side_see_the_run_and_fill_in_what_they_own(ring, monkeypatch):
+    """What a family or a fake side sets wins over the generic defaults, with its source; each
+    is handed the config, the teacher, the trajectory's manifest and the dicts it fills."""
+    seen = {}
+    recorded = object()
+
+    def family_resolve(cfg, teacher, update, sources, recorded=None):
+        seen["family"] = (cfg, teacher, recorded)
+        update["dsm_sigma"], sources["dsm_sigma"] = "karras", "the family"
+
+    class SpySide(ScoreFake):
+        def resolve(self, cfg, teacher, update, sources):
+            seen["side"] = (cfg, teacher)
+            update["lr_fake"], sources["lr_fake"] = 0.5, "the fake side"
+
+    monkeypatch.setattr(ring.family, "resolve", family_resolve)
+    monkeypatch.setitem(FAKE_SIDES, "score", SpySide)
+    given = BacktrackConfig(loss="vsd")
+    cfg, sources = resolve_backtrack(given, ring, recorded)
+    assert seen["family"] == (given, ring, recorded) and seen["side"] == (given, ring)
+    assert (cfg.dsm_sigma, sources["dsm_sigma"]) == ("karras", "the family")
+    assert (cfg.lr_fake, sources["lr_fake"]) == (0.5, "the fake side")
+
+
+def test_the_family_chooses_g0s_noise_level_for_a_recording(ring, monkeypatch):
+    seen = {}
+
+    def resolve_g0(cfg, teacher, student_sigma, update, sources):
+        seen["g0"] = (teacher, student_sigma)
+        update["sigma_init"], sources["sigma_init"] = 7.0, "the family"
+
+    monkeypatch.setattr(ring.family, "resolve_g0", resolve_g0)
+    cfg, sources = resolve_record(RecordConfig(teacher="builtin:ring2d"), ring)
+    assert seen["g0"] == (ring, None)
+    assert (cfg.sigma_init, sources["sigma_init"]) == (7.0, "the family")

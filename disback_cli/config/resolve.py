@@ -44,8 +44,8 @@ def _resolve(cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) 
     if cfg.dsm_sigma is None and "dsm_sigma" not in update:
         update["dsm_sigma"] = LOSS_TRAINING_SIGMA[cfg.loss]
         sources["dsm_sigma"] = f"loss {cfg.loss}"
-    for key, (value, source) in family.defaults(teacher).items():
-        if key in type(cfg).model_fields and getattr(cfg, key) is None:
+    for key, (value, source) in family.defaults(teacher).items():  # after the specific rules
+        if key in type(cfg).model_fields and getattr(cfg, key) is None and key not in update:
             update[key], sources[key] = value, source
     vector = family.size_class(teacher) == "vector"
     if cfg.threads is None and vector and not os.environ.get("OMP_NUM_THREADS"):
