@@ -87,6 +87,7 @@ TIMEOUTS = {-24, -9, 36}  # CPU time limit, killed, mutmut's own timeout code
 
 # Mutants no test can tell apart from the original, by name, with the reason (docs/testing.md).
 CPU_ONLY = "device=None is the CPU here; on CUDA the draw would be on the wrong device"
+CUDA_ONLY = "the CUDA generators' streams: this machine has no CUDA device (their keys are tested)"
 SAME_LENGTHS = "zip(strict=...) over sequences whose lengths are equal by construction"
 NORM_BROADCAST = "a (P,) norm broadcasts over the (d, P) directions just as a (1, P) one does"
 EQUIVALENT: dict[str, str] = {
@@ -176,6 +177,24 @@ EQUIVALENT: dict[str, str] = {
         "nothing reads the data before open_inputs sets it"
     ),
     "disback_cli.method.fake_sides.xǁRatioFakeǁbuild__mutmut_13": CPU_ONLY,
+    **{
+        f"disback_cli.store.statefile.x_load_state__mutmut_{n}": CUDA_ONLY
+        for n in (76, *range(92, 108), *range(112, 116))
+    },
+    **{
+        f"disback_cli.store.statefile.x_local_rng_state__mutmut_{n}": CUDA_ONLY
+        for n in range(5, 11)
+    },
+    **{
+        f"disback_cli.store.statefile.x_load_state__mutmut_{n}": (
+            "any kind but 'cpu' names the CUDA stream's key, as 'cuda' does"
+        )
+        for n in (75, 79, 80)
+    },
+    "disback_cli.store.statefile.x__unpack_optimizer__mutmut_11": (
+        "rpartition and partition split 'INDEX.FIELD' alike (field names have no dot; a name "
+        "with more dots is refused either way)"
+    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

@@ -33,12 +33,11 @@ def saved(tmp_path, **kwargs):
     return path, digest, net, opt, rng
 
 
-def load_into(path, digest=None, step=7, rank=0, lr=0.5):
+def load_into(path, digest=None, step=7, rank=0, lr=0.5, verify=None):
     net, opt = trained(lr=lr, seed=1)
     rng = torch.Generator()
-    extra = load_state(
-        path, digest, step, {"net": net}, {"net": opt}, rng, digest is not None, rank
-    )
+    verify = digest is not None if verify is None else verify
+    extra = load_state(path, digest, step, {"net": net}, {"net": opt}, rng, verify, rank)
     return extra, net, opt, rng
 
 
@@ -140,3 +139,58 @@ def test_the_metadata_names_the_step_and_the_optimiser_groups(tmp_path):
     assert metadata["step"] == "7" and json.loads(metadata["extra"]) == {"a": 1}
     optim = json.loads(metadata["optim"])
     assert optim["net"]["param_groups"][0]["lr"] == 0.1
+
+
+def test_each_ranks_cpu_and_cuda_streams_get_keys_of_their_own(tmp_path):
+    net, opt = trained()
+    cpu, cuda = torch.full((10,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)
+    path = tmp_path / "state.safetensors"
+    streams = [{"cpu": cpu, "cuda": cuda}, {"cpu": cpu + 1, "cuda": cuda + 1}]
+    save_state(path, 1, {"net": net}, {"net": opt}, torch.Generator(), rank_rng=streams)
+    tensors = read_safetensors(path)[0]
+    assert torch.equal(tensors["rng.global"], cpu) and torch.equal(tensors["rng.global_cuda"], cuda)
+    assert torch.equal(tensors["rng.global.rank1"], cpu + 1)
+    assert torch.equal(tensors["rng.global_cuda.rank1"], cuda + 1)
+
+
+@pytest.mark.parametrize("index", [2, 10**90])
+def test_an_optimiser_index_past_the_parameters_is_refused_with_its_key_cut_short(tmp_path, index):
+    path, *_ = saved(tmp_path)
+    key = f"optim.net.{index}.exp_avg"
+    rewritten(path, {key: torch.zeros(2, 3)})
+    with pytest.raises(DisbackError) as caught:
+        load_into(path)
+    assert f"unexpected optimiser tensor {key[:80]!r}" in str(caught.value)
+    assert key[:81] == key or repr(key[:81]) not in str(caught.value)
+
+
+def test_a_second_moment_of_zero_is_possible_and_accepted(tmp_path):
+    path, *_ = saved(tmp_path)
+    rewritten(path, {"optim.net.0.exp_avg_sq": torch.zeros(2, 3)})
+    _, _, opt, _ = load_into(path)
+    assert torch.equal(opt.state[opt.param_groups[0]["params"][0]]["exp_avg_sq"], torch.zeros(2, 3))
+
+
+def test_a_state_without_loop_state_loads_with_none(tmp_path):
+    path, *_ = saved(tmp_path, extra={"a": 1})
+    tensors, metadata, _ = read_safetensors(path)
+    del metadata["extra"]
+    path.write_bytes(encode_safetensors(tensors, metadata))
+    assert load_into(path)[0] == {}
+
+
+def test_weights_that_do_not_fit_name_the_network_in_the_file(tmp_path):
+    path, *_ = saved(tmp_path)
+    rewritten(path, {"module.net.weight": torch.zeros(5, 5)})
+    with pytest.raises(DisbackError, match=r"state\.safetensors \[net\]: tensor weight has shape"):
+        load_into(path)
+
+
+def test_without_verification_a_changed_file_is_not_hashed(tmp_path):
+    path, _, net, *_ = saved(tmp_path)
+    _, loaded, *_ = load_into(path, "0" * 64, verify=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.parameters(), loaded.parameters(), strict=True)
+    )
+    with pytest.raises(DisbackError, match="sha256 does not match"):
+        load_into(path, "0" * 64)

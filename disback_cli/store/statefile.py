@@ -26,15 +26,16 @@ FORMAT = "disback.state"
 
 
 def _pack_optimizer(name: str, opt: torch.optim.Optimizer, tensors: dict) -> dict:
+    """Adam's per-parameter state into `tensors` (all of it is tensors: moments and step
+    counts); the hyper-parameters into the metadata, for reading only (a resume keeps the run's
+    own)."""
     state_dict = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
     for index, state in state_dict["state"].items():
         for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{name}.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimiser state {key!r} is not a tensor")
+            tensors[f"optim.{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+    return {"param_groups": state_dict["param_groups"]}
 
 
 OPTIMIZER_TENSORS = {"step": False, "exp_avg": True, "exp_avg_sq": True}  # field: param-shaped
