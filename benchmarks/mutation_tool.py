@@ -65,6 +65,7 @@ MODULES: dict[str, list[str]] = {
     "store/archives": ["test_archive_units.py", "test_hostile_readers.py"],
     "store/statefile": ["test_statefile_units.py", "test_checkpoint.py", "test_recovery.py"],
     "store/manifests": [
+        "test_manifest_units.py",
         "test_manifest.py",
         "test_file_kinds.py",
         "test_hostile_inputs.py",
