@@ -40,6 +40,8 @@ BIN = Path(sys.executable).parent
 
 # The modules of issue #27's list and the tests that guard each: fast ones, since mutmut runs
 # the covering ones for every mutant (the slow end-to-end tests would take hours per module).
+# A test that starts disback in a subprocess cannot guard a module that subprocess imports: the
+# mutated copy runs only inside mutmut's own processes (mutmut then records nothing at all).
 MODULES: dict[str, list[str]] = {
     "method/noise": ["test_noise_levels.py", "test_losses.py", "test_schedule.py"],
     "method/losses": ["test_loss_units.py", "test_losses.py", "test_pins.py", "test_dropout.py"],
@@ -61,7 +63,7 @@ MODULES: dict[str, list[str]] = {
     "evaluation/shapes": ["test_shapes.py"],
     "evaluation/mismatch": ["test_mismatch.py"],
     "store/layout": ["test_layout_units.py", "test_rundir.py", "test_file_kinds.py"],
-    "store/fileio": ["test_fileio_units.py", "test_recovery.py", "test_hostile_readers.py"],
+    "store/fileio": ["test_fileio_units.py", "test_recovery.py", "test_rundir.py"],
     "store/archives": ["test_archive_units.py", "test_hostile_readers.py"],
     "store/statefile": ["test_statefile_units.py", "test_checkpoint.py", "test_recovery.py"],
     "store/manifests": [
