@@ -247,7 +247,8 @@ def configure(where: Path, module: str, tests: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def run_module(module: str) -> dict:
+def run_module(module: str) -> dict | None:
+    """The module's result, or None (said on stderr) when mutmut could not test it at all."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="disback-mutmut-") as folder:
         where = Path(folder)
@@ -255,7 +256,7 @@ def run_module(module: str) -> dict:
         guards = current_guards(module)
         configure(where, module, guards)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(
+        done = subprocess.run(
             [str(BIN / "mutmut"), "run", "--max-children", "2"],
             cwd=where,
             env=env,
@@ -263,7 +264,11 @@ def run_module(module: str) -> dict:
             text=True,
         )
         meta = where / "mutants" / "disback_cli" / f"{module}.py.meta"
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+        if all(code is None for code in codes.values()):  # e.g. its clean run of the tests failed
+            last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+            print(f"{module}: mutmut tested nothing ({last[0][-200:]})", file=sys.stderr)
+            return None
         survivors = [key for key, code in codes.items() if code in (SURVIVED, UNTESTED)]
         diffs = {key: show(where, key) for key in survivors}
     return {
@@ -350,6 +355,8 @@ def main() -> None:
         todo = [m for m in MODULES if results.get(m, {}).get("source_sha256") != source_digest(m)]
     for module in todo:
         result = run_module(module)
+        if result is None:
+            continue
         # Read again after the run (minutes): another run may have stored its modules meanwhile.
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         results[module] = result
