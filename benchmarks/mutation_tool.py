@@ -198,6 +198,9 @@ EQUIVALENT: dict[str, str] = {
         "rpartition and partition split 'INDEX.FIELD' alike (field names have no dot; a name "
         "with more dots is refused either way)"
     ),
+    "disback_cli.store.layout.x_foreign_entries__mutmut_14": (
+        "owns_temporary(None, ...) reads the root folder as owns_temporary('', ...) does"
+    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

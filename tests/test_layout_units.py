@@ -81,15 +81,19 @@ def test_plain_run_names_are_accepted(name, tmp_path):
 def test_other_run_names_are_refused(name):
     with pytest.raises(ConfigError) as caught:
         check_run_name(name)
-    assert str(caught.value).startswith(f"--name {name!r} is not a plain run name")
+    assert str(caught.value) == (
+        f"--name {name!r} is not a plain run name (letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit, at most 100 characters)"
+    )
 
 
 def test_paths_stay_below_the_run_without_links(tmp_path):
     (tmp_path / "nodes").mkdir()
     assert check_no_links(tmp_path, "nodes/a.safetensors") == tmp_path / "nodes/a.safetensors"
     for bad in ("../x", "nodes/../../x", "/etc/passwd"):
-        with pytest.raises(DisbackError, match="leaves the directory"):
+        with pytest.raises(DisbackError) as caught:
             check_no_links(tmp_path, bad)
+        assert str(caught.value) == f"{tmp_path}: refusing the path {bad!r} (leaves the directory)"
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "linked").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(DisbackError) as caught:
@@ -161,8 +165,11 @@ def test_a_manifest_or_log_that_is_a_link_or_a_folder_is_refused(tmp_path, name)
     root = tmp_path / "run"
     root.mkdir()
     (root / name).symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(DisbackError, match="is a symbolic link"):
+    with pytest.raises(DisbackError) as caught:
         refuse_foreign(root, BACKTRACK, whole=False)
+    assert str(caught.value) == (
+        f"{root / name}: is a symbolic link; disback does not follow links inside a run directory"
+    )
     (root / name).unlink()
     (root / name).mkdir()
     with pytest.raises(DisbackError, match=f"{name}: not a regular file"):
@@ -208,3 +215,27 @@ def test_only_empty_owned_folders_are_removed(tmp_path):
     (root / "nodes").symlink_to(outside)
     remove_empty_folders(root, TRAJECTORY)
     assert outside.is_dir() and (root / "nodes").is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_folder_that_is_a_link_or_a_file_does_not_hide_the_next_folder(tmp_path, kind):
+    root = tmp_path / "t"
+    root.mkdir()
+    if kind == "link":
+        (tmp_path / "elsewhere").mkdir()
+        (root / "nodes").symlink_to(tmp_path / "elsewhere")
+    else:
+        (root / "nodes").write_text("")
+    (root / "state").mkdir()
+    (root / "state" / "notes.txt").write_text("")
+    assert foreign_entries(root, TRAJECTORY, whole=False) == ["nodes", "state/notes.txt"]
+    assert foreign_entries(root, TRAJECTORY, whole=True) == ["nodes", "state/notes.txt"]
+
+
+def test_exactly_five_foreign_entries_are_all_named_without_a_count(tmp_path):
+    root = run_folder(tmp_path / "t")
+    for i in range(5):
+        (root / "nodes" / f"n{i}.txt").write_text("")
+    with pytest.raises(DisbackError) as caught:
+        refuse_foreign(root, TRAJECTORY, whole=False)
+    assert "nodes/n4.txt); move them away" in str(caught.value)

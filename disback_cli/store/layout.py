@@ -98,7 +98,7 @@ BACKTRACK = Layout(
 
 def check_run_name(name: str) -> str:
     """A backtrack run name is one plain folder name: no separators, no '..', no hidden names."""
-    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+    if not RUN_NAME.fullmatch(name):  # its first character is a letter or digit: no . or ..
         raise ConfigError(
             f"--name {name!r} is not a plain run name (letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, at most 100 characters)"
