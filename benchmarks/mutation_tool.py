@@ -201,6 +201,21 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.store.layout.x_foreign_entries__mutmut_14": (
         "owns_temporary(None, ...) reads the root folder as owns_temporary('', ...) does"
     ),
+    "disback_cli.evaluation.image_metrics.x_feature_stats__mutmut_9": (
+        "rowvar=None is falsy like rowvar=False"
+    ),
+    "disback_cli.evaluation.image_metrics.x__kth_neighbour_radius__mutmut_19": (
+        "kthvalue's default dim (-1) is dim 1 of the 2-D distance matrix"
+    ),
+    **{
+        f"disback_cli.evaluation.image_metrics.x_kernel_inception_distance__mutmut_{n}": (
+            "replace=None is falsy like replace=False"
+        )
+        for n in (30, 38)
+    },
+    "disback_cli.evaluation.image_metrics.x_precision_recall__mutmut_2": (
+        "the chunk size bounds memory; every distance is the same"
+    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

@@ -4,10 +4,13 @@ round-off in a covariance, and k-NN precision/recall at the edge of a ball."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 from disback_cli.evaluation.image_metrics import (
+    feature_stats,
     frechet_distance,
     kernel_inception_distance,
     precision_recall,
@@ -44,8 +47,47 @@ def test_precision_and_recall_count_a_sample_on_the_edge_of_a_ball():
 
 
 def test_kid_defaults_are_clean_fids():
+    """100 subsets of at most 1000: sets of 1001 and 1002 are subsampled to 1000."""
+    defaults = inspect.signature(kernel_inception_distance).parameters
+    assert (defaults["subsets"].default, defaults["subset_size"].default) == (100, 1000)
     rng = np.random.default_rng(0)
-    f1, f2 = rng.normal(size=(60, 4)), rng.normal(0.3, 1.0, size=(50, 4))
-    explicit = kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, seed=0)
-    assert kernel_inception_distance(f1, f2) == explicit
-    assert kernel_inception_distance(f1, f2, seed=1) != explicit
+    f1, f2 = rng.normal(size=(1001, 4)), rng.normal(0.3, 1.0, size=(1002, 4))
+    explicit = kernel_inception_distance(f1, f2, subsets=2, subset_size=1000, seed=0)
+    assert kernel_inception_distance(f1, f2, subsets=2) == explicit
+    assert kernel_inception_distance(f1, f2, subsets=2, seed=1) != explicit
+
+
+def test_kid_subsets_are_as_large_as_the_smaller_set():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(size=(30, 4)), rng.normal(size=(80, 4))
+    assert np.isfinite(kernel_inception_distance(small, large, subsets=3))
+    assert np.isfinite(kernel_inception_distance(large, small, subsets=3))
+
+
+def test_float32_features_are_scored_in_float64():
+    """Inception features arrive in float32; every distance is computed in float64, so it
+    equals the float64 computation on the same values exactly."""
+    rng = np.random.default_rng(2)
+    a32 = rng.normal(size=(200, 8)).astype(np.float32)
+    b32 = (rng.normal(size=(180, 8)) * 1.3 + 0.2).astype(np.float32)
+    a64, b64 = a32.astype(np.float64), b32.astype(np.float64)
+    stats32, stats64 = feature_stats(a32), feature_stats(b32)
+    assert stats32[1].dtype == np.float64
+    assert np.array_equal(stats32[0], feature_stats(a64)[0])
+    assert np.array_equal(stats32[1], feature_stats(a64)[1])
+    assert frechet_distance(*stats32, *stats64) == frechet_distance(
+        *feature_stats(a64), *feature_stats(b64)
+    )
+    mu, sigma = feature_stats(a64)
+    assert frechet_distance(mu.astype(np.float32), sigma.astype(np.float32), mu, sigma) == (
+        frechet_distance(
+            mu.astype(np.float32).astype(np.float64),
+            sigma.astype(np.float32).astype(np.float64),
+            mu,
+            sigma,
+        )
+    )
+    assert kernel_inception_distance(a32, b32, subsets=5) == kernel_inception_distance(
+        a64, b64, subsets=5
+    )
+    assert precision_recall(a32, b32) == precision_recall(a64, b64)
