@@ -4,12 +4,18 @@ that resume, extend and stop are in test_backtrack.py, test_record.py and test_r
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch import nn
 
-from disback_cli.errors import DisbackError
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.runtime.parallel import Execution
+from disback_cli.runtime.reporting import SilentReporter
+from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
     RECORDING,
@@ -18,6 +24,8 @@ from disback_cli.stages.lifecycle import (
     make_optimizer,
     seed_streams,
 )
+from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import StateRef
 
 
@@ -93,3 +101,73 @@ def test_what_each_stage_keeps():
         False,
         False,
     )
+
+
+class Notes(SilentReporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+SMALL = dict(iters=20, interval=10, batch=32, save_every=10, log_every=10, device="cpu")
+
+
+@pytest.fixture
+def trajectory(small_trajectory, tmp_path):
+    shutil.copytree(small_trajectory, tmp_path / "t")
+    return tmp_path / "t"
+
+
+def test_a_rerun_and_a_forced_one_say_what_they_do(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    notes = Notes()
+    again = run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=notes)
+    assert notes.notes == [f"{run_dir}: run already complete, nothing to do"]
+    assert again.session == {"noop": True, "iterations_run": 0}
+    notes = Notes()
+    forced = BacktrackConfig(**{**SMALL, "lr_g": 1e-3})
+    done = run_backtrack(forced, trajectory, force=True, reporter=notes)
+    assert f"--force: discarding the previous run in {run_dir}" in notes.notes
+    assert done.session == {"noop": False, "resumed_from": 0, "iterations_run": 20}
+
+
+def test_another_configuration_or_process_count_is_refused_naming_the_change(trajectory):
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    run_dir = backtrack_dir(trajectory, "default")
+    with pytest.raises(ConfigError) as caught:
+        run_backtrack(BacktrackConfig(**{**SMALL, "lr_g": 1e-3, "iters": 30}), trajectory)
+    assert str(caught.value) == (
+        f"{run_dir} was trained with another configuration (lr_g: 0.0001 -> 0.001); pass "
+        "--force to train it again from scratch, or choose another --name"
+    )
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["world_size"] = 2
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"\(processes: 2 -> 1 \(global batch\)\)"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory)
+
+
+def test_a_resumed_run_says_where_it_resumed_and_what_it_removed(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+    stray = run_dir / "checkpoints" / "generator-00000015.safetensors"
+    stray.write_bytes(b"left by a killed run")
+    notes = Notes()
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=notes)
+    assert f"resuming {run_dir} from iteration 10" in notes.notes
+    assert f"removed {stray} (written after the last resume point)" in notes.notes
+    assert not stray.exists()
+
+
+def test_a_recording_refused_for_another_configuration_names_its_flags(tmp_path):
+    record = RecordConfig(teacher="builtin:ring2d", iters=20, nodes=2, batch=32, device="cpu")
+    run_record(record, tmp_path / "t")
+    with pytest.raises(ConfigError) as caught:
+        run_record(record.model_copy(update={"lr": 0.5}), tmp_path / "t")
+    assert str(caught.value).endswith(
+        "; pass --force to record it again from scratch, or choose another --out"
+    )
+    assert f"{tmp_path / 't'} was recorded with another configuration (lr: " in str(caught.value)
