@@ -216,6 +216,39 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.evaluation.image_metrics.x_precision_recall__mutmut_2": (
         "the chunk size bounds memory; every distance is the same"
     ),
+    **{
+        f"disback_cli.models.discrete_ddpm.xǁDiscreteDDPMPrecondǁ__init____mutmut_{n}": (
+            "persistent=None is falsy like persistent=False: the table stays out of the state dict"
+        )
+        for n in (48, 58)
+    },
+    "disback_cli.models.discrete_ddpm.xǁDiscreteDDPMPrecondǁtimestep__mutmut_11": CPU_ONLY,
+    "disback_cli.models.discrete_ddpm.xǁDiscreteDDPMPrecondǁtimestep__mutmut_13": (
+        "below the table the unclamped index -1 interpolates from the last entry to the first "
+        "with a weight clamped to 1: timestep 0, as clamped"
+    ),
+    "disback_cli.models.discrete_ddpm.xǁDiscreteDDPMPrecondǁtimestep__mutmut_19": (
+        "at a table value > finds the step below with weight 1: the same timestep as >="
+    ),
+    **{
+        f"disback_cli.models.discrete_ddpm.xǁDiscreteSigmaǁsample__mutmut_{n}": CPU_ONLY
+        for n in (10, 15, 16)
+    },
+    **{
+        f"disback_cli.models.precond.x_sigma_like__mutmut_{n}": (
+            "expanding a per-sample sigma of the batch's size to the batch's size changes nothing"
+        )
+        for n in (19, 25)
+    },
+    **{f"disback_cli.models.precond.x_sigma_like__mutmut_{n}": CPU_ONLY for n in (4, 7)},
+    **{f"disback_cli.models.precond.xǁPrecondǁforward__mutmut_{n}": CPU_ONLY for n in (13, 16)},
+    **{
+        f"disback_cli.models.precond.xǁPrecondǁforward__mutmut_{n}": (
+            "the raw network's bf16 input, used on CUDA only: on the CPU it runs in float32 either "
+            "way"
+        )
+        for n in (27, 28, 32, 33, 44)
+    },
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

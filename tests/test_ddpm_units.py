@@ -80,6 +80,19 @@ def test_the_schedule_is_built_on_the_cpu_even_under_a_meta_device():
     assert denoiser.sigma_max == precond().sigma_max
 
 
+def test_the_labels_and_the_fp16_flag_reach_the_wrapper():
+    denoiser = precond(label_dim=5, use_fp16=True)
+    assert (denoiser.label_dim, denoiser.use_fp16) == (5, True)
+
+
+def test_a_bad_schedule_is_refused_with_its_bounds():
+    with pytest.raises(DisbackError) as caught:
+        precond(beta_end=2.0)
+    assert str(caught.value) == (
+        "beta schedule must have 0 < beta_start < beta_end < 1 and 2..1e5 steps"
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

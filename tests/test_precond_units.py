@@ -34,6 +34,7 @@ def test_sigma_broadcasts_against_the_batch_as_float32():
     assert scalar.flatten().tolist() == pytest.approx([0.7] * 3)
     per_sample = sigma_like(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), x)
     assert per_sample.shape == (3, 1, 1, 1) and per_sample.flatten().tolist() == [1, 2, 3]
+    assert per_sample.dtype == torch.float32  # a float64 sigma too
     assert sigma_like(torch.tensor([[0.5]]), torch.zeros(2, 5)).shape == (2, 1)
 
 
@@ -42,7 +43,7 @@ def test_the_raw_network_gets_the_scaled_input_and_noise_and_answers_through_c_o
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigma = torch.tensor([0.1, 1.0, 5.0, 80.0])
     answer = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-    raw = Recorder(answer)
+    raw = Recorder(answer.double())  # whatever the raw network answers in: float32 out
     denoiser = EDMPrecond(raw, (3,), sigma_data=0.5, use_fp16=use_fp16)
     out = denoiser(x, sigma, extra=torch.ones(4, 7))
     seen_x, c_noise, labels, cond = raw.calls[0]
@@ -96,3 +97,10 @@ def test_ve_and_vp_hand_their_labels_and_fp16_flag_to_the_wrapper():
     for cls in (VEPrecond, VPPrecond, EDMPrecond):
         denoiser = cls(nn.Identity(), (3, 4, 4), label_dim=7, use_fp16=True)
         assert (denoiser.label_dim, denoiser.use_fp16, denoiser.data_shape) == (7, True, (3, 4, 4))
+
+
+def test_the_wrapper_alone_is_unconditional_and_in_float32_by_default():
+    from disback_cli.models.precond import Precond
+
+    plain = Precond(nn.Identity(), (2,))
+    assert (plain.label_dim, plain.use_fp16, plain.data_shape) == (0, False, (2,))
