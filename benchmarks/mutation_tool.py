@@ -249,6 +249,28 @@ EQUIVALENT: dict[str, str] = {
         )
         for n in (27, 28, 32, 33, 44)
     },
+    **{f"disback_cli.models.ratio.x__fourier__mutmut_{n}": CPU_ONLY for n in (4, 8)},
+    **{
+        f"disback_cli.models.ratio.x__fourier__mutmut_{n}": (
+            "integer or float frequencies 1..F/2 times a float32 log sigma: the same float32 angles"
+        )
+        for n in (5, 9, 12)
+    },
+    "disback_cli.models.ratio.x_build_ratio__mutmut_12": (
+        "fork_rng(devices=None) forks every CUDA device's stream: none here, and the CPU "
+        "stream is forked either way"
+    ),
+    "disback_cli.models.ratio.x_load_ratio__mutmut_49": CPU_ONLY,
+    **{
+        f"disback_cli.models.ratio.xǁRatioNetworkǁforward__mutmut_{n}": CPU_ONLY
+        for n in (6, 9, 44, 47)
+    },
+    "disback_cli.models.ratio.xǁRatioNetworkǁforward__mutmut_14": (
+        "expanding a per-sample sigma of the batch's size to the batch's size changes nothing"
+    ),
+    "disback_cli.models.ratio.x_load_ratio__mutmut_8": (
+        "read_safetensors' own default verify=True is load_ratio's default"
+    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

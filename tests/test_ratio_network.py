@@ -183,3 +183,78 @@ def test_a_ratio_file_without_info_loads_with_none(tmp_path):
     del old["info"]
     (tmp_path / "r.safetensors").write_bytes(encode_safetensors(tensors, old))
     assert load_ratio(tmp_path / "r.safetensors", CPU)[1] == {}
+
+
+def test_the_size_bound_is_inclusive_and_names_a_default_source(monkeypatch):
+    from disback_cli.models import ratio as ratio_module
+
+    spec = RatioSpec(arch="mlp", data_shape=(2,), width=8, depth=1)
+    count = sum(p.numel() for p in RatioNetwork(spec).parameters())
+    monkeypatch.setattr(ratio_module, "MAX_PARAMETERS", count)
+    build_ratio(spec)
+    monkeypatch.setattr(ratio_module, "MAX_PARAMETERS", count - 1)
+    with pytest.raises(DisbackError, match=rf"^ratio network: a ratio network of {count} "):
+        build_ratio(spec)
+
+
+def test_the_default_seed_is_zero():
+    spec = RatioSpec(arch="mlp", data_shape=(2,))
+    assert same(build_ratio(spec), build_ratio(spec, seed=0))
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_ratio_file_is_hashed_unless_told_not_to_and_its_errors_name_it(tmp_path, monkeypatch):
+    from disback_cli.models import ratio as ratio_module
+
+    network = build_ratio(RatioSpec(arch="mlp", data_shape=(2,)))
+    path = tmp_path / "r.safetensors"
+    save_ratio(path, network, {})
+    with pytest.raises(DisbackError, match="sha256 does not match"):
+        load_ratio(path, CPU, "0" * 64)
+    assert same(load_ratio(path, CPU, "0" * 64, verify=False)[0], network)
+    monkeypatch.setattr(ratio_module, "MAX_PARAMETERS", 10)
+    with pytest.raises(DisbackError, match=f"^{path}: a ratio network of "):
+        load_ratio(path, CPU)
+    monkeypatch.undo()
+    tensors, metadata, _ = read_safetensors(path)
+    del tensors[next(iter(tensors))]
+    path.write_bytes(encode_safetensors(tensors, metadata))
+    with pytest.raises(DisbackError, match=f"^{path}: weights do not match the network"):
+        load_ratio(path, CPU)
+
+
+def test_the_conv_encoder_keeps_its_geometry():
+    """Weights alone do not fix padding: a file must compute what it computed when saved. The
+    stem keeps the image's size, each strided layer halves it, the label and noise embedding is
+    added to every position of the stem's features."""
+    spec = RatioSpec(arch="conv", data_shape=(3, 16, 16), label_dim=2, width=4, depth=3)
+    network = RatioNetwork(spec)
+    sizes, stem, first = [], [], []
+    for layer in network.body:
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[2:])))
+    network.stem.register_forward_hook(lambda m, i, o: stem.append(o))
+    network.body[0].register_forward_hook(lambda m, i, o: first.append(i[0]))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma, labels = torch.tensor([0.5, 2.0]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    network(x, sigma, class_labels=labels)
+    assert tuple(stem[0].shape) == (2, 4, 16, 16) and sizes == [(8, 8), (4, 4), (2, 2)]
+    extra = torch.cat([_fourier(sigma.log() / 4, 16), labels], dim=1)
+    embedded = network.embed(extra)[:, :, None, None]
+    torch.testing.assert_close(first[0], stem[0] + embedded)
+
+
+def test_a_float64_noise_level_is_read_as_float32():
+    network = build_ratio(RatioSpec(arch="mlp", data_shape=(2,)))
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(network(x, sigma), network(x, sigma.float()))
+
+
+def test_the_conv_refusal_is_exactly_one_line():
+    with pytest.raises(DisbackError) as caught:
+        RatioNetwork(RatioSpec(arch="conv", data_shape=(5,)))
+    assert str(caught.value) == "a conv ratio network needs images (C, H, W)"
