@@ -268,9 +268,6 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.models.ratio.xǁRatioNetworkǁforward__mutmut_14": (
         "expanding a per-sample sigma of the batch's size to the batch's size changes nothing"
     ),
-    "disback_cli.models.ratio.x_load_ratio__mutmut_8": (
-        "read_safetensors' own default verify=True is load_ratio's default"
-    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),
