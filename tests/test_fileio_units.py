@@ -21,8 +21,10 @@ from disback_cli.store.fileio import (
     ensure_free_space,
     hash_regular_file,
     parse_json,
+    physical_memory,
     read_json_file,
     read_regular_file,
+    sha256_bytes,
     sha256_file,
 )
 
@@ -186,3 +188,69 @@ def test_a_durable_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
     assert len(synced) == 2
     atomic_write_bytes(tmp_path / "b", b"1", durable=False)
     assert len(synced) == 2
+
+
+def test_an_atomic_write_is_durable_by_default(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    atomic_write_chunks(tmp_path / "a" / "b" / "f.bin", 1, [b"1"])  # two folders made
+    assert len(synced) == 2 and (tmp_path / "a" / "b" / "f.bin").read_bytes() == b"1"
+
+
+def test_the_temporary_file_is_hidden_beside_its_target(tmp_path):
+    seen = []
+
+    def chunks():
+        yield b"a"
+        seen.extend(os.listdir(tmp_path))
+
+    atomic_write_chunks(tmp_path / "f.bin", 1, chunks())
+    assert len(seen) == 1 and fileio_temporary(seen[0])
+
+
+def fileio_temporary(name: str) -> bool:
+    from disback_cli.store.layout import TEMPORARY
+
+    match = TEMPORARY.fullmatch(name)
+    return match is not None and match["name"] == "f.bin"
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_write_names_its_file_when_the_disk_is_too_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "free_bytes", lambda where: 0)
+    with pytest.raises(DisbackError, match=r"^not enough disk space for f\.bin in "):
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+
+
+def test_an_error_after_the_temporary_file_is_gone_is_the_error_itself(tmp_path):
+    def chunks():
+        yield b"a"
+        for name in os.listdir(tmp_path):
+            os.unlink(tmp_path / name)
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_write_chunks(tmp_path / "f.bin", 2, chunks())
+
+
+def test_the_nesting_refusal_and_the_json_label(tmp_path):
+    with pytest.raises(ValueError, match=r"^nested too deeply$"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(tmp_path / "r.json")
+    with pytest.raises(DisbackError, match=r"not a regular file, expected a recipe$"):
+        read_json_file(tmp_path / "r.json", 100, "recipe")
+
+
+def test_bytes_hash_and_physical_memory():
+    assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
+    memory = physical_memory()
+    assert isinstance(memory, int) and memory >= 1 << 30  # any machine that runs torch
