@@ -302,7 +302,9 @@ def configure(where: Path, module: str, tests: list[str]) -> None:
         "only_mutate": [f"disback_cli/{module}.py"],
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": ["-q", "-p", "no:cacheprovider", "-x"],
-        "timeout_constant": 60.0,
+        # CPU seconds a mutant may use: (its tests' time + 5) x 15 x 2; a mutant that loops forever
+        # costs that much (at 60, half an hour each)
+        "timeout_constant": 5.0,
         # torch is not fork-safe once its thread pools run: fork workers from a clean server
         "process_isolation": "forkserver",
     }
