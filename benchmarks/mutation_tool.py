@@ -262,6 +262,22 @@ EQUIVALENT: dict[str, str] = {
     "disback_cli.models.ratio.xǁRatioNetworkǁforward__mutmut_14": (
         "expanding a per-sample sigma of the batch's size to the batch's size changes nothing"
     ),
+    "disback_cli.store.fileio.x__umask__mutmut_3": (
+        "the umask read back is the one set before, whatever is set meanwhile"
+    ),
+    **{
+        f"disback_cli.store.fileio.x_{name}__mutmut_{n}": (
+            "the block size of a hash bounds memory; the digest is the same"
+        )
+        for name in ("hash_regular_file", "sha256_file")
+        for n in (13, 15, 16)
+    },
+    **{
+        f"disback_cli.store.fileio.x_read_regular_file__mutmut_{n}": (
+            "reading more of a file that grew during the read: refused all the same"
+        )
+        for n in (10, 12)
+    },
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

@@ -217,12 +217,13 @@ def fileio_temporary(name: str) -> bool:
 
 
 def test_written_files_get_the_usual_mode(tmp_path):
-    old = os.umask(0o027)
-    try:
-        atomic_write_bytes(tmp_path / "f.bin", b"x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o640
+    for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            atomic_write_bytes(tmp_path / "f.bin", b"x")
+        finally:
+            os.umask(old)
+        assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode
 
 
 def test_a_write_names_its_file_when_the_disk_is_too_full(tmp_path, monkeypatch):
@@ -254,3 +255,10 @@ def test_bytes_hash_and_physical_memory():
     assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
     memory = physical_memory()
     assert isinstance(memory, int) and memory >= 1 << 30  # any machine that runs torch
+
+
+def test_a_path_that_cannot_be_looked_at_says_why(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DisbackError) as caught:
+        check_regular_file(tmp_path / "file" / "x", 10, "thing")
+    assert str(caught.value) == f"{tmp_path / 'file' / 'x'}: cannot read (Not a directory)"
