@@ -194,3 +194,11 @@ def test_without_verification_a_changed_file_is_not_hashed(tmp_path):
     )
     with pytest.raises(DisbackError, match="sha256 does not match"):
         load_into(path, "0" * 64)
+
+
+def test_optimiser_state_that_is_not_a_tensor_is_refused_when_saving(tmp_path):
+    net, opt = trained()
+    opt.state[next(net.parameters())]["count"] = 3
+    with pytest.raises(TypeError, match=r"^optimiser state 'count' is not a tensor$"):
+        save_state(tmp_path / "s.safetensors", 1, {"net": net}, {"net": opt}, torch.Generator())
+    assert not (tmp_path / "s.safetensors").exists()
