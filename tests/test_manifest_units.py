@@ -11,12 +11,17 @@ import pytest
 
 from disback_cli.errors import DisbackError
 from disback_cli.store.manifests import (
+    MAX_NETWORK_JSON,
+    SCHEMA_VERSION,
     BacktrackManifest,
     TrajectoryManifest,
+    _bounded_network,
     generator_file_of_run,
+    now,
     read_manifest,
     run_names,
     verifier_of_run,
+    write_manifest,
 )
 
 RUN = "t/backtrack/default"
@@ -248,3 +253,61 @@ def test_a_run_without_a_generator_or_a_verifier_says_so(template, tmp_path):
     )
     with pytest.raises(DisbackError, match="the run has not saved a generator yet"):
         generator_file_of_run(tmp_path / "t", "default", "ema")
+
+
+def test_a_stored_run_keeps_a_setting_refused_for_new_runs_since(template, tmp_path):
+    """Adaptive switching with patience >= interval is refused for new settings only."""
+    edited(
+        template / RUN,
+        tmp_path,
+        lambda raw: raw["config"].update(switch="adaptive", switch_patience=10, interval=10),
+    )
+    manifest = read_manifest(tmp_path, BacktrackManifest)
+    assert (manifest.config.switch, manifest.config.switch_patience) == ("adaptive", 10)
+
+
+def test_the_kind_and_the_schema_version_found_are_named(small_trajectory, tmp_path):
+    edited(small_trajectory, tmp_path, lambda raw: raw.update(kind="disback.backtrack"))
+    assert refusal(tmp_path, TrajectoryManifest).endswith(
+        "expected a disback.trajectory manifest, found 'disback.backtrack'"
+    )
+    edited(small_trajectory, tmp_path, lambda raw: raw.update(schema_version=SCHEMA_VERSION + 9))
+    assert refusal(tmp_path, TrajectoryManifest).endswith(
+        f"schema_version {SCHEMA_VERSION + 9} was written by a newer disback (this one reads up "
+        f"to {SCHEMA_VERSION}); upgrade disback"
+    )
+
+
+def test_a_network_description_is_bounded_inclusively():
+    fits = {"arch": "x" * (MAX_NETWORK_JSON - len(json.dumps({"arch": ""})))}
+    assert len(json.dumps(fits)) == MAX_NETWORK_JSON and _bounded_network(fits) == fits
+    with pytest.raises(ValueError) as caught:
+        _bounded_network({"arch": fits["arch"] + "x"})
+    assert str(caught.value) == f"a network description longer than {MAX_NETWORK_JSON} characters"
+
+
+def test_manifests_are_written_indented_with_their_file_names_for_fields(
+    small_trajectory, tmp_path
+):
+    write_manifest(tmp_path, read_manifest(small_trajectory, TrajectoryManifest))
+    text = (tmp_path / "manifest.json").read_text()
+    assert text.startswith('{\n  "') and text.endswith("}\n")
+    raw = json.loads(text)
+    assert "generator_init" in raw and "g0" not in raw
+    assert raw["updated_at"].endswith("+00:00")  # UTC
+    assert now().endswith("+00:00")
+
+
+def test_two_runs_are_listed_when_a_third_is_missing(template, tmp_path):
+    shutil.copytree(template / "t", tmp_path / "t", symlinks=True)
+    shutil.copytree(tmp_path / RUN, tmp_path / "t/backtrack/second")
+    with pytest.raises(DisbackError, match=r"\(runs here: default, second; run `disback"):
+        generator_file_of_run(tmp_path / "t", "third", "ema")
+
+
+def test_a_diffratio_runs_verifier_is_its_ratio_file(template, tmp_path):
+    shutil.copytree(template / "t", tmp_path / "t", symlinks=True)
+    run = tmp_path / RUN
+    ratio = {"file": "checkpoints/ratio-00000020.safetensors", "sha256": "a" * 64}
+    edited(run, run, lambda raw: raw.update(ratio=ratio))
+    assert verifier_of_run(run) == (run / ratio["file"], "a" * 64)
