@@ -26,7 +26,7 @@ from disback_cli.stages.lifecycle import (
 )
 from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
-from disback_cli.store.manifests import StateRef
+from disback_cli.store.manifests import BacktrackManifest, StateRef, read_manifest
 
 
 def test_adam_or_adamw_with_the_given_rates_and_decay():
@@ -171,3 +171,102 @@ def test_a_recording_refused_for_another_configuration_names_its_flags(tmp_path)
         "; pass --force to record it again from scratch, or choose another --out"
     )
     assert f"{tmp_path / 't'} was recorded with another configuration (lr: " in str(caught.value)
+
+
+class At(SilentReporter):
+    """Calls `action` when the loop reports iteration `step` (log lines report)."""
+
+    def __init__(self, step: int, action) -> None:
+        self.step, self.action = step, action
+
+    def advance(self, completed: int, **fields: float) -> None:
+        if completed == self.step:
+            self.action()
+
+
+def test_a_run_holds_its_lock_under_its_command_while_it_trains(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    seen = []
+
+    def peek():
+        holder = json.loads((run_dir / ".lock").read_text())
+        seen.append(holder["command"])
+
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=At(10, peek))
+    assert seen == ["disback backtrack"] and not (run_dir / ".lock").exists()
+
+
+def test_a_new_run_needs_a_folder_of_its_own_and_a_resumed_one_keeps_files_beside_it(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(DisbackError, match=r"holds files disback did not write \(notes\.txt\)"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    (run_dir / "notes.txt").unlink()
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+    (run_dir / "notes.txt").write_text("mine")
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)  # extended beside the user's file
+    assert (run_dir / "notes.txt").read_text() == "mine"
+
+
+def test_leftovers_of_a_run_killed_before_it_started_are_removed_and_named(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    leftover = run_dir / "checkpoints" / ".state-00000010.safetensors.abcdefgh.tmp"
+    leftover.write_bytes(b"partial")
+    notes = Notes()
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=notes)
+    assert f"removed {leftover} (left by a run killed before it started)" in notes.notes
+
+
+def test_every_change_is_listed_in_a_refusal(trajectory):
+    run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    with pytest.raises(
+        ConfigError, match=r"\(lr_fake: 0\.001 -> 0\.002; lr_g: 0\.0001 -> 0\.001\)"
+    ):
+        run_backtrack(BacktrackConfig(**{**SMALL, "lr_g": 1e-3, "lr_fake": 2e-3}), trajectory)
+
+
+def test_a_run_without_room_for_its_checkpoints_says_so_before_training(trajectory, monkeypatch):
+    from disback_cli.store import fileio
+
+    monkeypatch.setattr(fileio, "free_bytes", lambda where: 0)
+    with pytest.raises(DisbackError, match=r"^not enough disk space for two checkpoints in "):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory)
+
+
+def spoil_state(run_dir) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    path = run_dir / manifest["state"]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # a finite number changed: the hash no longer matches
+    path.write_bytes(bytes(raw))
+
+
+def test_a_resume_point_is_checked_by_its_hash_unless_told_not_to(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+    spoil_state(run_dir)
+    with pytest.raises(DisbackError, match="sha256 does not match the manifest"):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    done = run_backtrack(BacktrackConfig(**{**SMALL, "verify": False}), trajectory, force=False)
+    assert done.step == 20
+
+
+def test_a_resumed_run_killed_before_its_next_save_can_resume_again(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=At(20, crash))
+    manifest = read_manifest(run_dir, BacktrackManifest)
+    assert manifest.step == 10 and (run_dir / manifest.state.file).is_file()
+    assert run_backtrack(BacktrackConfig(**SMALL), trajectory).step == 20
+
+
+def test_training_time_is_counted_from_this_process_start(trajectory):
+    done = run_backtrack(BacktrackConfig(**SMALL), trajectory)
+    assert 0 < done.elapsed_seconds < 600
