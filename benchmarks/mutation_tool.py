@@ -85,6 +85,10 @@ TIMEOUTS = {-24, -9, 36}  # CPU time limit, killed, mutmut's own timeout code
 # Mutants no test can tell apart from the original, by name, with the reason (docs/testing.md).
 CPU_ONLY = "device=None is the CPU here; on CUDA the draw would be on the wrong device"
 CUDA_ONLY = "the CUDA generators' streams: this machine has no CUDA device (their keys are tested)"
+ONE_PROCESS = (
+    "differs only on ranks > 0 of a torchrun launch (rank 0 alone writes; one process gathers "
+    "only its own streams); the distributed tests run in subprocesses, outside mutmut's reach"
+)
 SAME_LENGTHS = "zip(strict=...) over sequences whose lengths are equal by construction"
 NORM_BROADCAST = "a (P,) norm broadcasts over the (d, P) directions just as a (1, P) one does"
 EQUIVALENT: dict[str, str] = {
@@ -278,6 +282,12 @@ EQUIVALENT: dict[str, str] = {
         )
         for n in (10, 12)
     },
+    "disback_cli.stages.lifecycle.xǁRunǁstart_or_resume__mutmut_15": ONE_PROCESS,
+    "disback_cli.stages.lifecycle.xǁRunǁsave__mutmut_9": ONE_PROCESS,
+    **{f"disback_cli.stages.lifecycle.xǁRunǁsave__mutmut_{n}": ONE_PROCESS for n in (3, 20, 27)},
+    "disback_cli.stages.lifecycle.xǁRunǁstart_or_resume__mutmut_28": (
+        "whole=None is falsy like whole=False"
+    ),
     "disback_cli.evaluation.shapes.x_nearest_mode__mutmut_1": (
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),

@@ -270,3 +270,26 @@ def test_a_resumed_run_killed_before_its_next_save_can_resume_again(trajectory):
 def test_training_time_is_counted_from_this_process_start(trajectory):
     done = run_backtrack(BacktrackConfig(**SMALL), trajectory)
     assert 0 < done.elapsed_seconds < 600
+
+
+def test_a_checkpoint_file_already_gone_is_no_reason_to_fail(trajectory):
+    run_dir = backtrack_dir(trajectory, "default")
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+    (run_dir / "checkpoints" / "generator-00000010.safetensors").unlink()
+    assert run_backtrack(BacktrackConfig(**SMALL), trajectory).step == 20
+
+
+class Starts(SilentReporter):
+    def __init__(self) -> None:
+        self.starts: list[tuple] = []
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.starts.append((description, total, completed))
+
+
+def test_progress_starts_at_the_resume_point_of_the_whole_run(trajectory):
+    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 10}), trajectory)
+    starts = Starts()
+    run_backtrack(BacktrackConfig(**SMALL), trajectory, reporter=starts)
+    ((description, total, completed),) = starts.starts
+    assert (total, completed) == (20, 10) and description.startswith("backtrack")
