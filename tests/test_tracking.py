@@ -103,7 +103,8 @@ def test_wandb_without_credentials_is_one_line_and_the_run_resumes_without_it(
 ):
     """W&B refuses an online run without an API key before it touches the network, so this
     runs offline: the refusal is one line with what to do, and the run it interrupted resumes."""
-    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    wandb.teardown()  # settings an earlier test's run left in W&B's process-wide singleton
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
