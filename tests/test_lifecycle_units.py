@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from test_backtrack import At
 from torch import nn
 
 from disback_cli.config import BacktrackConfig, RecordConfig
@@ -171,17 +172,6 @@ def test_a_recording_refused_for_another_configuration_names_its_flags(tmp_path)
         "; pass --force to record it again from scratch, or choose another --out"
     )
     assert f"{tmp_path / 't'} was recorded with another configuration (lr: " in str(caught.value)
-
-
-class At(SilentReporter):
-    """Calls `action` when the loop reports iteration `step` (log lines report)."""
-
-    def __init__(self, step: int, action) -> None:
-        self.step, self.action = step, action
-
-    def advance(self, completed: int, **fields: float) -> None:
-        if completed == self.step:
-            self.action()
 
 
 def test_a_run_holds_its_lock_under_its_command_while_it_trains(trajectory):
