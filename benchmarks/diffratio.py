@@ -86,9 +86,13 @@ def run(dataset: str, seeds: list[int], work: Path) -> list[dict]:
         run_record(RecordConfig(**record, seed=seed, device="cpu", threads=1), trajectory)
         record_seconds = time.perf_counter() - started
         for arm, (loss, plain) in ARMS.items():
-            data = {"data": f"builtin:{dataset}"} if loss == "diffratio" else {}
+            settings = dict(backtrack)
+            data = {}
+            if loss == "diffratio":  # the ratio network at its own default rate (--lr-ratio)
+                settings.pop("lr_fake")
+                data = {"data": f"builtin:{dataset}"}
             cfg = BacktrackConfig(
-                **backtrack,
+                **settings,
                 loss=loss,
                 seed=seed,
                 device="cpu",

@@ -91,10 +91,28 @@ def test_diffratio_takes_no_path_and_records_why(small_trajectory):
     _, teacher = open_trajectory(small_trajectory, None, CPU)
     update, sources = {}, {}
     RatioFake().resolve(ratio_config(), teacher, update, sources)
-    assert update == {"no_trajectory": True} and sources == {"no_trajectory": "loss diffratio"}
+    assert update == {"no_trajectory": True, "lr_ratio": 1e-3, "lr_fake": None}
+    assert sources == {
+        "no_trajectory": "loss diffratio",
+        "lr_ratio": "default for a ratio network on vectors (trained from scratch)",
+        "lr_fake": "not used by --loss diffratio",
+    }
     update, sources = {}, {}
-    RatioFake().resolve(ratio_config(no_trajectory=True), teacher, update, sources)
-    assert update == {} and sources == {}
+    RatioFake().resolve(ratio_config(no_trajectory=True, lr_ratio=3e-4), teacher, update, sources)
+    assert update == {"lr_fake": None} and sources == {"lr_fake": "not used by --loss diffratio"}
+
+
+def test_a_ratio_network_trains_at_a_from_scratch_rate_whatever_the_teachers_size():
+    """Not the fake score's rate: that one fine-tunes a teacher copy (1e-5 for EDM U-Nets)."""
+    family = SimpleNamespace(supports_real_data=True)
+    for shape, rate in (((2,), 1e-3), ((3, 64, 64), 1e-4)):
+        teacher = SimpleNamespace(family=family, spec=SimpleNamespace(data_shape=shape))
+        update: dict = {}
+        RatioFake().resolve(ratio_config(lr_fake=None), teacher, update, {})
+        assert update["lr_ratio"] == rate
+        resolved = ratio_config(**update)
+        assert RatioFake().learning_rate(resolved) == rate
+    assert ScoreFake().learning_rate(BacktrackConfig(lr_fake=2e-5, lr_ratio=None)) == 2e-5
 
 
 @pytest.mark.parametrize(

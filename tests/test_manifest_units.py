@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from disback_cli.config import BacktrackConfig
 from disback_cli.errors import DisbackError
 from disback_cli.store.manifests import (
     MAX_NETWORK_JSON,
@@ -264,6 +265,20 @@ def test_a_stored_run_keeps_a_setting_refused_for_new_runs_since(template, tmp_p
     )
     manifest = read_manifest(tmp_path, BacktrackManifest)
     assert (manifest.config.switch, manifest.config.switch_patience) == ("adaptive", 10)
+
+
+def test_a_diffratio_run_made_before_lr_ratio_trained_its_ratio_at_lr_fake(template, tmp_path):
+    """Read back as it ran: the ratio network's rate was --lr-fake's, and no fake score had one."""
+
+    def before_lr_ratio(raw):
+        raw["config"].update(loss="diffratio", data="builtin:ring2d", lr_fake=3e-4)
+        del raw["config"]["lr_ratio"]
+
+    edited(template / RUN, tmp_path, before_lr_ratio)
+    config = read_manifest(tmp_path, BacktrackManifest).config
+    assert (config.lr_ratio, config.lr_fake) == (3e-4, None)
+    current = BacktrackConfig(loss="diffratio", data="builtin:ring2d", lr_fake=3e-4)
+    assert (current.lr_ratio, current.lr_fake) == (None, 3e-4)  # new settings are not moved
 
 
 def test_the_kind_and_the_schema_version_found_are_named(small_trajectory, tmp_path):

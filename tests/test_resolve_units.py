@@ -79,6 +79,11 @@ def test_a_recording_takes_the_teachers_dropout(ring):
         ),
         ({"data": "builtin:ring2d"}, "--data is for --loss diffratio"),
         ({"ratio_width": 12}, "--ratio-width is for --loss diffratio"),
+        ({"lr_ratio": 1e-3}, "--lr-ratio is for --loss diffratio"),
+        (
+            {"loss": "diffratio", "data": "builtin:ring2d", "lr_fake": 1e-3},
+            "--lr-fake is for score distillation",
+        ),
     ],
 )
 def test_an_option_of_another_family_or_fake_side_is_refused_naming_its_owner(

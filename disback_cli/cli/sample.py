@@ -26,7 +26,7 @@ VerifierOpt = Annotated[
     Path | None,
     typer.Option(
         help="A --loss diffratio backtrack run (RUN = TRAJECTORY/backtrack/NAME) "
-        "whose density-ratio network picks the best of --best-of candidates."
+        "whose density-ratio network picks one of --best-of candidates (--best-of-rule)."
     ),
 ]
 ModelFolderOpt = Annotated[

@@ -259,8 +259,11 @@ class BacktrackConfig(_Training):
     switch_tolerance: float = Field(0.02, ge=0, lt=1, description="adaptive: relative progress")
     batch: Batch = Field(256, description="generator samples per iteration")
     lr_g: Rate | None = Field(None, description="generator learning rate")
-    lr_fake: Rate | None = Field(
-        None, description="fake score learning rate (diffratio: the ratio network's)"
+    lr_fake: Rate | None = Field(None, description="fake score learning rate")
+    lr_ratio: Rate | None = Field(
+        None,
+        description="diffratio: the density-ratio network's learning rate (none: 1e-3 for "
+        "vectors, 1e-4 for images; a classifier trained from scratch, not a teacher copy)",
     )
     optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
     betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
@@ -293,6 +296,16 @@ class BacktrackConfig(_Training):
         max_length=2,
         description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ratio_rate_of_old_runs(cls, data: Any, info: ValidationInfo) -> Any:
+        # Runs made before --lr-ratio trained the ratio network at --lr-fake.
+        stored = (info.context or {}).get(STORED, False)
+        old_ratio_run = isinstance(data, dict) and data.get("loss") == "diffratio"
+        if stored and old_ratio_run and "lr_ratio" not in data:
+            data = {**data, "lr_ratio": data.get("lr_fake"), "lr_fake": None}
+        return data
 
     @model_validator(mode="after")
     def _saves_on_log_lines(self) -> BacktrackConfig:
@@ -344,7 +357,13 @@ class SampleConfig(_Compute):
         None, description="text-to-image generators: a prompt file; -n images per prompt"
     )
     best_of: Annotated[int, Field(ge=1, le=1024)] = Field(
-        1, description="keep the best of K candidates per seed, scored by --verifier"
+        1, description="draw K candidates per seed and keep one, chosen by --verifier"
+    )
+    best_of_rule: Literal["resample", "argmax"] = Field(
+        "resample",
+        description="how the verifier chooses: resample draws a candidate with probability "
+        "proportional to its estimated density ratio (importance resampling: towards the data "
+        "as K grows); argmax keeps the highest (more precision, less diversity)",
     )
     guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
         None,

@@ -38,6 +38,10 @@ class FakeSide(Protocol):
         """Its defaults and refusals for a backtrack config."""
         ...
 
+    def learning_rate(self, cfg) -> float:
+        """Its network's learning rate in a resolved config."""
+        ...
+
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Read and check what it learns from besides the teacher, before anything is written."""
         ...
@@ -64,10 +68,13 @@ class ScoreFake:
     trained by denoising score matching; the targets are the path's nodes."""
 
     description: ClassVar[str] = "score distillation"
-    options: ClassVar[dict[str, Any]] = {}
+    options: ClassVar[dict[str, Any]] = {"lr_fake": None}
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         pass
+
+    def learning_rate(self, cfg) -> float:
+        return cfg.lr_fake
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Read what the run learns from besides the teacher (nothing)."""
@@ -104,6 +111,12 @@ class NoTargets:
         pass
 
 
+# A ratio network starts from random weights: it needs a classifier's rates, not the rates that
+# fine-tune a teacher copy (1e-5 for EDM U-Nets). On the ring, 1e-5 leaves it at chance and the
+# generator drifts away from the data (MMD² 0.19 -> 0.31); docs/benchmarks.md has the measurements.
+RATIO_LEARNING_RATE = {"vectors": 1e-3, "images": 1e-4}
+
+
 class RatioFake:
     """DiffRatio's density-ratio network, trained as a classifier of noised real data (`--data`)
     against noised generator samples; no target, no path (its G0 still comes from the
@@ -111,7 +124,12 @@ class RatioFake:
     verifier of best-of-K sampling."""
 
     description: ClassVar[str] = "--loss diffratio"
-    options: ClassVar[dict[str, Any]] = {"data": None, "ratio_width": None, "ratio_depth": None}
+    options: ClassVar[dict[str, Any]] = {
+        "data": None,
+        "ratio_width": None,
+        "ratio_depth": None,
+        "lr_ratio": None,
+    }
 
     def __init__(self) -> None:
         self.data: DataSource | None = None
@@ -130,6 +148,14 @@ class RatioFake:
             )
         if not cfg.no_trajectory:
             update["no_trajectory"], sources["no_trajectory"] = True, "loss diffratio"
+        if cfg.lr_ratio is None:
+            kind = "vectors" if len(teacher.spec.data_shape) == 1 else "images"
+            update["lr_ratio"] = RATIO_LEARNING_RATE[kind]
+            sources["lr_ratio"] = f"default for a ratio network on {kind} (trained from scratch)"
+        update["lr_fake"], sources["lr_fake"] = None, "not used by --loss diffratio"
+
+    def learning_rate(self, cfg) -> float:
+        return cfg.lr_ratio
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Open --data (checked before the run writes anything)."""

@@ -86,6 +86,24 @@ def one_step_batches(
 VERIFIER_SIGMAS = (0.05, 0.1, 0.2)  # x sigma_data: where the ratio network scores a candidate
 
 
+def resample(score: torch.Tensor, rng: torch.Generator) -> int:
+    """Importance resampling: the verifier's logit estimates log p_data / p_gen, so drawing a
+    candidate with probability proportional to exp(logit) turns K generator samples into an
+    approximate data sample (exact as K grows, if the ratio is). A verifier that knows little
+    (logits near equal) leaves plain sampling almost unchanged."""
+    weights = torch.softmax(score.detach().to("cpu", torch.float64), dim=0)
+    return int(torch.multinomial(weights, 1, generator=rng))
+
+
+def argmax(score: torch.Tensor, rng: torch.Generator) -> int:
+    """The most data-like candidate: raises precision but concentrates samples where the
+    verifier is most confident, including where it is confidently wrong."""
+    return int(score.argmax())
+
+
+SELECTION_RULES = {"resample": resample, "argmax": argmax}
+
+
 def best_of_k(
     generator: torch.nn.Module,
     ratio: torch.nn.Module,
@@ -94,14 +112,17 @@ def best_of_k(
     conditions: ConditionSource,
     k: int,
     device: torch.device,
+    rule: str = "resample",
 ) -> tuple[torch.Tensor, Conditioning, torch.Tensor]:
-    """For each seed, K one-step candidates and the one the density-ratio network (DiffRatio's
-    verifier) finds most data-like: the highest mean log-ratio at a few small noise levels.
+    """For each seed, K one-step candidates and one chosen by `rule` (`SELECTION_RULES`) from
+    the density-ratio network's (DiffRatio's verifier's) score: the mean log-ratio at a few
+    small noise levels.
 
     Candidate 0 is the seed's ordinary sample (its noise, then its conditions, as
-    `seeded_noise` draws them), so K = 1 is plain sampling; candidates 1..K-1 and the scoring
-    noise continue the seed's own stream, so the choice depends on the seed alone. Returns the
-    chosen samples and conditions (on the CPU) and their scores."""
+    `seeded_noise` draws them), so K = 1 is plain sampling; candidates 1..K-1, the scoring
+    noise and the rule's draw continue the seed's own stream, so the choice depends on the seed
+    alone. Returns the chosen samples and conditions (on the CPU) and their scores."""
+    choose = SELECTION_RULES[rule]
     chosen, conds, scores = [], [], []
     sigma_data = float(getattr(generator.denoiser, "sigma_data", 0.5))
     for seed in seeds:
@@ -120,10 +141,10 @@ def best_of_k(
                     for i, s in enumerate(VERIFIER_SIGMAS)
                 ]
             ).mean(dim=0)
-        best = int(score.argmax())
-        chosen.append(x[best].cpu())
+        pick = choose(score, rng)
+        chosen.append(x[pick].cpu())
         conds.append(cond)
-        scores.append(score[best].cpu())
+        scores.append(score[pick].cpu())
     return torch.stack(chosen), Conditioning.cat(conds), torch.stack(scores)
 
 

@@ -168,7 +168,8 @@ def _backtrack(
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     fake, targets = fake_side.build(cfg, trajectory, traj, teacher, generator, ex)
     try:
-        state = _training_state(cfg, traj, generator, generator_ema, fake, ex)
+        fake_rate = fake_side.learning_rate(cfg)
+        state = _training_state(cfg, traj, generator, generator_ema, fake, ex, fake_rate)
         # Room for two checkpoints (the previous one goes once the next is complete): generator,
         # EMA, and the state (generator, EMA, fake network, two Adam moments each for G, fake).
         g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
@@ -204,10 +205,11 @@ def _backtrack(
 
 
 def _training_state(
-    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, generator_ema, fake, ex
+    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, generator_ema, fake, ex, fake_rate
 ) -> TrainingState:
-    """What trains (generator, fake network), its optimisers, the random streams and the
-    switching rule, exactly as at iteration 0."""
+    """What trains (generator, fake network), its optimisers (the fake network's at
+    `fake_rate`, its fake side's rate), the random streams and the switching rule, exactly as
+    at iteration 0."""
     fake.train().requires_grad_(True)
     set_dropout(fake, cfg.dropout)
     if cfg.gradient_checkpointing:
@@ -218,7 +220,7 @@ def _training_state(
             generator.parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
         ),
         "fake": make_optimizer(
-            fake.parameters(), cfg.lr_fake, cfg.betas, cfg.optimizer, cfg.weight_decay
+            fake.parameters(), fake_rate, cfg.betas, cfg.optimizer, cfg.weight_decay
         ),
     }
     # The fake network (score or ratio) keeps the state file's "fake" slot.

@@ -2,7 +2,7 @@
 an EDM-layout PNG folder.
 
 What to draw is the generator and its family's `SampleConditions` (which images, their
-conditions, how the output is decoded), optionally with a verifier that keeps the best of K
+conditions, how the output is decoded), optionally with a verifier that picks one of K
 candidates per seed; where it goes is a writer from `store.sample_writers`. Under torchrun,
 batches go round-robin to the ranks; each rank writes its own PNGs and sends arrays (npz),
 labels and grid images to rank 0, so the files equal a one-process run's byte for byte.
@@ -60,8 +60,8 @@ def write_samples(
 ) -> dict:
     """Sample a generator file one step per seed (see `write_samples_of`), conditioned and
     decoded as its family says (a text-to-image generator with the text encoders and VAE its
-    file names, from `model_folder` if moved); with `verifier_run` (a diffratio run) the best of
-    `cfg.best_of` candidates per seed."""
+    file names, from `model_folder` if moved); with `verifier_run` (a diffratio run) one of
+    `cfg.best_of` candidates per seed, chosen by its ratio network."""
     device = execution(cfg).device
     generator, info = load_generator(generator_path, device, expected_sha256, cfg.verify)
     family = generator_family(info, device, cfg.verify, model_folder)
@@ -132,7 +132,8 @@ def write_samples_of(
     PNG folder in EDM's layout with `dataset.json` and a completion record `provenance.json`
     (see `samplefolder`), or to an .npz (`images` N,H,W,C uint8). Sizes whose arrays cannot fit
     in memory are refused before anything is written. With a `verifier` (a DiffRatio ratio
-    network and what identifies it) each seed's sample is the best of `cfg.best_of` candidates.
+    network and what identifies it) each seed's sample is one of `cfg.best_of` candidates, chosen
+    by `cfg.best_of_rule`.
     """
     ex, reporter = process_of(cfg, reporter)
     seeds = sample_seeds(cfg)
@@ -230,7 +231,7 @@ def _provenance(info: dict, conditions, seeds, cfg: SampleConfig, verifier) -> d
         raise ConfigError("--best-of K (K > 1) and --verifier RUN go together")
     if verifier is not None:
         conditions.allow_best_of()
-        meta.update(best_of=cfg.best_of, **verifier[1])
+        meta.update(best_of=cfg.best_of, best_of_rule=cfg.best_of_rule, **verifier[1])
     return meta
 
 
@@ -279,6 +280,7 @@ def _draw(generator, denoiser, conditions, verifier, cfg, ex: Execution, batch):
             conditions.per_seed,
             cfg.best_of,
             ex.device,
+            cfg.best_of_rule,
         )
         return x, conditions.labels(cond)
     z, per_seed = seeded_noise(seeds, denoiser.data_shape, conditions.per_seed)
