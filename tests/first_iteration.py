@@ -7,7 +7,7 @@ a generator seeded with the run's seed, and each generator loss is written out f
 - VSD (Diff-Instruct): sum over elements of sg(D_fake - D_target) * x, averaged over samples,
   sigma from EDM's log-normal;
 - DMD (DMD2): 0.5 * mse(x, sg(x - g)) with g = (D_fake - D_target) / mean |x - D_target| per
-  sample, sigma at a uniform index 20 <= i < 980 of 1000 Karras levels;
+  sample, sigma at a uniform index 20 <= i <= 980 of 1000 Karras levels (DMD2);
 - SiD: per sample (D_t - D_f) . ((D_t - x) - alpha (D_t - D_f)) / sg(mean |x - D_t|), through
   both denoisers' inputs but not their weights, sigma at t ~ U(0, 0.8) on the Karras grid.
 
@@ -60,7 +60,7 @@ def first_iteration(trajectory, run_dir) -> dict[str, float]:
     if cfg.loss == "vsd":
         sigma = (torch.randn(n, generator=rng) * cfg.p_std + cfg.p_mean).exp()
     elif cfg.loss == "dmd":
-        sigma = karras(torch.randint(20, 980, (n,), generator=rng).float() / 999)
+        sigma = karras(torch.randint(20, 981, (n,), generator=rng).float() / 999)
     else:
         sigma = karras(torch.rand(n, generator=rng) * 0.8)
     noise = torch.randn(shape, generator=rng)

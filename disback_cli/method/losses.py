@@ -81,7 +81,8 @@ class VSDLoss:
 
 class DMDLoss:
     """Distribution matching distillation (DMD / DMD2): the VSD direction normalised per sample by
-    mean |x - D_target(x_t)|; sigma uniform over the 2 %..98 % indices of 1000 Karras levels.
+    mean |x - D_target(x_t)|; sigma at a uniform index of 1000 Karras levels from int(2 %) to
+    int(98 %), both included (DMD2's 20..980).
     The loss is DMD2's `0.5 * mse_loss(x, sg(x - grad), reduction="mean")`: a mean over every
     element, so DMD2's gradient clipping (10 on ImageNet) means the same here."""
 
@@ -96,7 +97,7 @@ class DMDLoss:
 
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         low, high = round(self.low * KARRAS_LEVELS), round(self.high * KARRAS_LEVELS)
-        return sample_karras_index_sigma(n, rng, device, low, high)
+        return sample_karras_index_sigma(n, rng, device, low, high + 1)
 
     def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         with torch.no_grad():
