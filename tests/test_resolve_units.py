@@ -34,6 +34,13 @@ def test_unset_backtrack_values_come_from_the_teacher_the_loss_and_the_family(ri
         if key in BacktrackConfig.model_fields:
             assert (getattr(cfg, key), sources[key]) == (value, source)
     assert (cfg.threads, sources["threads"]) == (1, "default for vector teachers")
+    # SiD's optimiser and one fake-score step, as before these were set by teacher
+    assert (cfg.fake_steps, cfg.optimizer, cfg.betas, cfg.weight_decay) == (
+        1,
+        "adam",
+        (0.0, 0.999),
+        0.0,
+    )
     assert sources["dropout"] == "each network's own" and cfg.dropout is None
     assert set(sources) == set(BacktrackConfig.model_fields) and list(sources) == sorted(sources)
     assert sources["iters"] == "default"

@@ -158,3 +158,49 @@ def test_peak_gpu_memory_is_reported_in_gib_and_not_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
     assert peak_memory_gib(torch.device("cuda", 0)) == 3.0
     assert peak_memory_gib(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    ("which", "kind", "rate", "fake_steps"),
+    [("sd", "SD 1.x/2.x (DMD2 SD1.5)", 1e-5, 10), ("sdxl", "SDXL (DisBack SDXL)", 5e-7, 5)],
+)
+def test_a_bare_run_takes_the_settings_its_teacher_was_distilled_with(
+    which, kind, rate, fake_steps, request, tmp_path
+):
+    """DMD2's SD 1.5 run and the DisBack SDXL release: AdamW (0.9, 0.999) with weight decay
+    0.01, their rates and fake-score steps; each value names its source."""
+    from disback_cli.config import BacktrackConfig, RecordConfig
+    from disback_cli.config.resolve import resolve_backtrack, resolve_record
+
+    teacher = open_teacher(str(request.getfixturevalue(which)), "cpu")
+    prompts = str(write_prompts(tmp_path / "prompts.txt"))
+    cfg, sources = resolve_backtrack(BacktrackConfig(prompts=prompts), teacher)
+    expected = {
+        "lr_g": rate,
+        "lr_fake": rate,
+        "fake_steps": fake_steps,
+        "optimizer": "adamw",
+        "betas": (0.9, 0.999),
+        "weight_decay": 0.01,
+    }
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    assert {sources[key] for key in expected} == {f"default for {kind}"}
+    record, sources = resolve_record(RecordConfig(teacher="x", prompts=prompts), teacher)
+    assert (record.lr, sources["lr"]) == (rate, f"default for {kind}")
+
+
+def test_weight_decay_is_refused_where_the_resolved_optimiser_is_adam(sd, tmp_path):
+    from disback_cli.config import BacktrackConfig
+    from disback_cli.config.resolve import resolve_backtrack
+    from disback_cli.errors import ConfigError
+
+    prompts = str(write_prompts(tmp_path / "prompts.txt"))
+    teacher = open_teacher(str(sd), "cpu")
+    given = BacktrackConfig(prompts=prompts, weight_decay=0.05)
+    assert resolve_backtrack(given, teacher)[0].weight_decay == 0.05  # adamw by default here
+    with pytest.raises(ConfigError) as caught:
+        resolve_backtrack(given.model_copy(update={"optimizer": "adam"}), teacher)
+    assert str(caught.value) == "--weight-decay needs --optimizer adamw (the flag is adam)"
+    ring = open_teacher("builtin:ring2d", "cpu")
+    with pytest.raises(ConfigError, match=r"the default for vector teachers is adam\)$"):
+        resolve_backtrack(BacktrackConfig(weight_decay=0.05), ring)

@@ -65,6 +65,13 @@ def choices(model: type, field: str) -> str | None:
     return None if values is None else "<" + "|".join(values) + ">"
 
 
+def _shown(value: Any) -> str:
+    """A default as `--help` prints it: numbers short, pairs as the flag takes them."""
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def describe(model: type, field: str) -> str:
     """Help text of a config field with its default (by teacher family where the families set
     it), so flags and recipes share one source."""
@@ -75,7 +82,7 @@ def describe(model: type, field: str) -> str:
     families = reversed(TEACHER_FAMILIES) if resolved else []  # the built-in families first
     by_family = {kind: value for f in families for kind, value in f.default_help(field)}
     if by_family:
-        shown = ", ".join(f"{value:g} {kind}" for kind, value in by_family.items())
+        shown = ", ".join(f"{_shown(value)} {kind}" for kind, value in by_family.items())
         return f"{info.description} \\[default by teacher: {shown}]"
     default = info.get_default(call_default_factory=True)
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}

@@ -100,8 +100,8 @@ class _Config(BaseModel):
 
     @field_validator("betas", check_fields=False)
     @classmethod
-    def _betas_in_range(cls, value: Betas) -> Betas:
-        if not all(0 <= b < 1 for b in value):
+    def _betas_in_range(cls, value: Betas | None) -> Betas | None:
+        if value is not None and not all(0 <= b < 1 for b in value):
             raise ValueError("Adam betas must lie in [0, 1)")
         return value
 
@@ -265,11 +265,16 @@ class BacktrackConfig(_Training):
         description="diffratio: the density-ratio network's learning rate (none: 1e-3 for "
         "vectors, 1e-4 for images; a classifier trained from scratch, not a teacher copy)",
     )
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser of both networks")
-    betas: Betas = Field((0.0, 0.999), description="Adam betas of both optimisers")
-    weight_decay: float = Field(0.0, ge=0, le=10, description="decoupled weight decay (adamw only)")
-    fake_steps: Annotated[int, Field(ge=1, le=1000)] = Field(
-        1, description="fake-score DSM steps per generator step (diffratio: ratio-network steps)"
+    optimizer: Literal["adam", "adamw"] | None = Field(
+        None, description="optimiser of both networks"
+    )
+    betas: Betas | None = Field(None, description="Adam betas of both optimisers")
+    weight_decay: Annotated[float, Field(ge=0, le=10)] | None = Field(
+        None, description="decoupled weight decay (adamw only)"
+    )
+    fake_steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        None,
+        description="fake-score DSM steps per generator step (diffratio: ratio-network steps)",
     )
     ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
         None, description="generator EMA half-life, kimg"
@@ -329,7 +334,8 @@ class BacktrackConfig(_Training):
 
     @model_validator(mode="after")
     def _decay_needs_adamw(self) -> BacktrackConfig:
-        if self.weight_decay and self.optimizer != "adamw":
+        # An unset optimiser is the teacher family's to choose: checked again once resolved.
+        if self.weight_decay and self.optimizer not in (None, "adamw"):
             raise ValueError("weight-decay needs --optimizer adamw")
         return self
 

@@ -54,7 +54,13 @@ def _resolve(cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) 
         update["threads"], sources["threads"] = 1, "default for vector teachers"
     for key in type(cfg).model_fields:
         sources.setdefault(key, "default")
-    return cfg.model_copy(update=update), dict(sorted(sources.items()))
+    resolved = cfg.model_copy(update=update)
+    if getattr(resolved, "weight_decay", None) and resolved.optimizer != "adamw":
+        raise ConfigError(
+            f"--weight-decay needs --optimizer adamw (the {sources['optimizer']} is "
+            f"{resolved.optimizer})"
+        )
+    return resolved, dict(sorted(sources.items()))
 
 
 def resolve_record(

@@ -40,12 +40,17 @@ EDM_SIZE_PARAMETERS = 10_000_000  # the smallest released EDM teacher has 56 M
 DEFAULT_SIGMA_INIT = 2.5  # SiD's init_sigma
 
 # Defaults by teacher size: the toy ring wants fast rates, EDM U-Nets the rates their distillation
-# papers used (SiD: lr 1e-5 for both networks, EMA half-life 0.5 Mimg).
-SIZE_DEFAULTS: dict[str, dict[str, float]] = {
+# papers used (SiD: lr 1e-5 for both networks, Adam with beta1 = 0, one fake-score step per
+# generator step, EMA half-life 0.5 Mimg).
+SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
     "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
     "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5},
     "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0},
+    "fake_steps": {"vector": 1, "image": 1, "edm": 1},
+    "optimizer": {"vector": "adam", "image": "adam", "edm": "adam"},
+    "betas": {"vector": (0.0, 0.999), "image": (0.0, 0.999), "edm": (0.0, 0.999)},
+    "weight_decay": {"vector": 0.0, "image": 0.0, "edm": 0.0},
 }
 
 
@@ -210,7 +215,7 @@ class TeacherFamily:
         return {key: (by[size], source) for key, by in SIZE_DEFAULTS.items()}
 
     @classmethod
-    def default_help(cls, key: str) -> list[tuple[str, float]]:
+    def default_help(cls, key: str) -> list[tuple[str, Any]]:
         """(teacher kind, value) pairs that `--help` shows for a default set by teacher."""
         return list(SIZE_DEFAULTS.get(key, {}).items())
 

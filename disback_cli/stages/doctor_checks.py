@@ -288,6 +288,7 @@ def _backtrack_rate(work: Workload, ex: Execution) -> float:
         p_mean=-1.2,
         p_std=1.2,
         dsm_sigma="lognormal",
+        betas=(0.0, 0.999),  # SiD's, as for EDM teachers
         batch=work.step_batch,
         device=str(device),
     )

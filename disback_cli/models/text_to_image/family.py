@@ -40,8 +40,28 @@ from disback_cli.models.text_to_image.vae import LatentDecoder
 from disback_cli.store.manifests import PromptsRef
 from disback_cli.store.tensorfile import read_safetensors
 
-# The DisBack SDXL release's 5e-7 for every network.
-TEXT_DEFAULTS = {"lr": 5e-7, "lr_g": 5e-7, "lr_fake": 5e-7, "ema_halflife_kimg": 10.0}
+# Defaults by text-to-image teacher, from the runs that distilled it: DMD2's SD 1.5 run (AdamW
+# (0.9, 0.999), weight decay 0.01, both rates 1e-5, 10 fake-score steps per generator step) and
+# the DisBack SDXL release (the same optimiser, 5e-7 for every network, 5 fake-score steps).
+ADAMW = {"optimizer": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.01}
+TEXT_DEFAULTS = {
+    "SD 1.x/2.x (DMD2 SD1.5)": {
+        "lr": 1e-5,
+        "lr_g": 1e-5,
+        "lr_fake": 1e-5,
+        "fake_steps": 10,
+        **ADAMW,
+        "ema_halflife_kimg": 10.0,
+    },
+    "SDXL (DisBack SDXL)": {
+        "lr": 5e-7,
+        "lr_g": 5e-7,
+        "lr_fake": 5e-7,
+        "fake_steps": 5,
+        **ADAMW,
+        "ema_halflife_kimg": 10.0,
+    },
+}
 NEEDS_PROMPTS = "a text-to-image teacher needs --prompts FILE"
 
 
@@ -123,11 +143,12 @@ class DiffusersFamily(TeacherFamily):
         return "text"
 
     def defaults(self, teacher: Teacher) -> dict[str, tuple[Any, str]]:
-        return {key: (value, "default for text teachers") for key, value in TEXT_DEFAULTS.items()}
+        kind = next(k for k in TEXT_DEFAULTS if k.startswith("SDXL") == self.folder.xl)
+        return {key: (value, f"default for {kind}") for key, value in TEXT_DEFAULTS[kind].items()}
 
     @classmethod
-    def default_help(cls, key: str) -> list[tuple[str, float]]:
-        return [("text", TEXT_DEFAULTS[key])] if key in TEXT_DEFAULTS else []
+    def default_help(cls, key: str) -> list[tuple[str, Any]]:
+        return [(kind, values[key]) for kind, values in TEXT_DEFAULTS.items() if key in values]
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) -> None:
         """A discrete-time teacher knows only its own timesteps: its fake score and path nodes
