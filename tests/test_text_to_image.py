@@ -204,3 +204,29 @@ def test_weight_decay_is_refused_where_the_resolved_optimiser_is_adam(sd, tmp_pa
     ring = open_teacher("builtin:ring2d", "cpu")
     with pytest.raises(ConfigError, match=r"the default for vector teachers is adam\)$"):
         resolve_backtrack(BacktrackConfig(weight_decay=0.05), ring)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 64, 4096])
+def test_adapters_default_to_dmd2s_rate_scaled_by_rank(sd, sdxl, rank, tmp_path):
+    """DMD2's LoRA SDXL run: 100x the full-weight rate at rank 64 with alpha 8; ours (alpha = r)
+    move the weights as far at full rate x 100 / sqrt(r). The source fits a manifest."""
+    from disback_cli.config import RecordConfig
+    from disback_cli.config.resolve import resolve_record
+    from disback_cli.models.text_to_image.lora import adapter_rate
+    from disback_cli.store.manifests import MAX_SOURCE_CHARS
+
+    prompts = str(write_prompts(tmp_path / "prompts.txt"))
+    for folder, full_rate in ((sd, 1e-5), (sdxl, 5e-7)):
+        teacher = open_teacher(str(folder), "cpu")
+        given = RecordConfig(teacher="x", prompts=prompts, lora_rank=rank)
+        cfg, sources = resolve_record(given, teacher)
+        assert cfg.lr == pytest.approx(full_rate * 100 / rank**0.5, rel=1e-12)
+        assert sources["lr"].startswith(f"default for rank-{rank} adapters")
+        assert len(sources["lr"]) <= MAX_SOURCE_CHARS
+    assert resolve_record(given.model_copy(update={"lr": 3e-4}), teacher)[0].lr == 3e-4
+
+    def step(lr, alpha, r):  # how far one Adam step from B = 0 moves W, up to 1 / sqrt(fan_in)
+        return (alpha / r) * lr * r**0.5
+
+    ours = step(adapter_rate(1e-5, 64), alpha=64, r=64)
+    assert ours == pytest.approx(step(100 * 1e-5, alpha=8, r=64))  # DMD2: 100x, alpha 8

@@ -325,6 +325,49 @@ def lora_path(models, tmp_path_factory):
     return out
 
 
+def test_lora_at_its_default_rate_moves_the_path_as_far_as_full_weights(models, tmp_path):
+    """The same recording as full weights and as rank-4 adapters, each at its default rate: the
+    adapters' path goes at least half as far from the teacher and fits G0 at least half as much
+    better. (At the full-weight rate they moved about 30x less: the path stayed at the
+    teacher.)"""
+    common = dict(teacher=str(models["sd"]), prompts=str(models["prompts"]), iters=30, nodes=1)
+    common.update(batch=8, device="cpu")
+    full = run_record(RecordConfig(**common), tmp_path / "full")
+    adapters = run_record(RecordConfig(**common, lora_rank=4), tmp_path / "lora")
+    assert adapters.config.lr == 100 * full.config.lr / 2  # x 100 / sqrt(rank)
+    assert adapters.config_sources["lr"].startswith("default for rank-4 adapters")
+
+    def moved(manifest):
+        first, last = manifest.nodes[0], manifest.nodes[-1]
+        return last.dist_to_teacher, 1 - last.g0_loss / first.g0_loss
+
+    (full_distance, full_fit), (distance, fit) = moved(full), moved(adapters)
+    assert full_distance > 0 and full_fit > 0
+    assert distance >= 0.5 * full_distance and fit >= 0.5 * full_fit, (moved(full), moved(adapters))
+
+
+def test_adapters_too_slow_to_move_the_path_are_named_before_recording(models, tmp_path):
+    """--lr at the full-weight rate with --lora-rank: one warning line on stderr before the run
+    starts (even with --json), listed in the JSON; each node's fit is reported against the
+    teacher's."""
+    args = ["record", "-t", models["sd"], "--prompts", models["prompts"], "--iters", "2"]
+    args += ["--nodes", "1", "--batch", "2", "--device", "cpu", "--json", "--out", tmp_path / "t"]
+    result = run_cli(*args, "--lora-rank", "4", "--lr", "1e-5")
+    assert result.code == 0, result.stderr
+    warning = (
+        "rank-4 adapters at --lr 1e-05 move the path far less than full weights at 1e-05 (the "
+        "default for rank 4 is 0.0005); the path may barely leave the teacher"
+    )
+    assert result.stderr.splitlines()[0] == f"warning: {warning}"  # before the fit check's
+    report = json.loads(result.stdout)
+    assert warning in report["warnings"]
+    teacher, node = report["nodes"]
+    assert teacher["g0_loss_vs_teacher"] == 1.0
+    assert node["g0_loss_vs_teacher"] == pytest.approx(node["g0_loss"] / teacher["g0_loss"])
+    quiet = run_cli(*args[:-1], tmp_path / "u", "--lora-rank", "4")  # at its default rate
+    assert quiet.code == 0 and "adapters" not in quiet.stderr
+
+
 def test_lora_nodes_are_small_and_move_along_the_path(lora_path, sd_path):
     manifest = read_manifest(lora_path, TrajectoryManifest)
     distances = [n.dist_to_teacher for n in manifest.nodes]

@@ -91,6 +91,9 @@ class RichReporter:
     def note(self, text: str) -> None:
         self.progress.console.print(text)
 
+    def warn(self, text: str) -> None:
+        self.progress.console.print(f"warning: {text}", markup=False, highlight=False)
+
 
 class MessageReporter:
     """No bar (not a terminal, or --json): notes only, on stderr."""
@@ -107,6 +110,9 @@ class MessageReporter:
     def note(self, text: str) -> None:
         if not self.quiet:
             console.print(text)
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr)  # one line, even with --json or --quiet
 
 
 @contextlib.contextmanager

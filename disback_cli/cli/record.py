@@ -21,6 +21,14 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def _fit(node, teacher_loss: float | None) -> float | None:
+    """A node's denoising loss on G0 relative to the teacher's: below 1, it fits G0 better
+    (`fit_warning` wants node N at 0.95 or less)."""
+    if node.g0_loss is None or not teacher_loss:
+        return None
+    return node.g0_loss / teacher_loss
+
+
 def default_out(teacher: str) -> Path:
     name = (
         teacher[len(BUILTIN_PREFIX) :] if teacher.startswith(BUILTIN_PREFIX) else Path(teacher).stem
@@ -50,6 +58,7 @@ def record(
     with reporting(quiet or json_out) as reporter:
         manifest = run_record(cfg, out, force=force, reporter=reporter)
     last = manifest.nodes[-1].dist_to_teacher or 1.0
+    teacher_loss = manifest.nodes[0].g0_loss
     where = out.absolute()
     nodes_out = [
         {
@@ -58,6 +67,7 @@ def record(
             "file": str(where / n.file) if n.file else None,
             "dist_to_teacher": n.dist_to_teacher,
             "g0_loss": n.g0_loss,
+            "g0_loss_vs_teacher": _fit(n, teacher_loss),
             "train_loss": n.train_loss,
         }
         for n in manifest.nodes
@@ -67,6 +77,7 @@ def record(
     warning = fit_warning(manifest.nodes)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
+    warnings = manifest.session.get("warnings", []) + ([warning] if warning else [])
     if json_out:
         emit_json(
             {
@@ -78,7 +89,7 @@ def record(
                 "nodes": nodes_out,
                 "config": manifest.config.model_dump(mode="json"),
                 "config_sources": manifest.config_sources,
-                "warnings": [warning] if warning else [],
+                "warnings": warnings,
             }
         )
         return
@@ -91,6 +102,7 @@ def record(
         "mean |D_node - D_teacher|",
         "share of path",
         "loss on G0",
+        "vs teacher",
         "training loss",
     )
     for column in columns:
@@ -102,6 +114,7 @@ def record(
             f"{n.dist_to_teacher:.4f}",
             f"{n.dist_to_teacher / last:.0%}",
             _number(n.g0_loss),
+            "-" if _fit(n, teacher_loss) is None else f"{_fit(n, teacher_loss):.3f}",
             _number(n.train_loss),
         )
     stdout.print(table)

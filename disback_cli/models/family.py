@@ -225,6 +225,10 @@ class TeacherFamily:
         if cfg.dsm_sigma == "discrete" and getattr(teacher.denoiser, "sigmas", None) is None:
             raise ConfigError("--dsm-sigma discrete is for discrete-time (text-to-image) teachers")
 
+    def record_warnings(self, cfg) -> list[str]:
+        """What a resolved recording config is likely to waste, said before it starts."""
+        return []
+
     def resolve_g0(self, cfg, teacher: Teacher, student_sigma: float | None, update, sources):
         """sigma_init of G0: the student file's own, else 2.5 (SiD)."""
         if student_sigma is not None:

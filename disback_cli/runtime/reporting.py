@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol
 
 
@@ -14,6 +15,10 @@ class Reporter(Protocol):
 
     def note(self, text: str) -> None: ...
 
+    def warn(self, text: str) -> None:
+        """Something likely to waste the run, said even when notes are not shown."""
+        ...
+
 
 class SilentReporter:
     def start(self, description: str, total: int, completed: int) -> None:
@@ -24,3 +29,6 @@ class SilentReporter:
 
     def note(self, text: str) -> None:
         pass
+
+    def warn(self, text: str) -> None:
+        warnings.warn(text, UserWarning, stacklevel=3)  # library callers see where

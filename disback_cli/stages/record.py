@@ -49,11 +49,16 @@ def run_record(
     teacher = open_teacher(cfg.teacher, ex.device)
     student = load_student(cfg.student, teacher) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
+    warnings = teacher.family.record_warnings(cfg)  # said before anything runs
+    for warning in warnings if ex.is_main else []:
+        reporter.warn(warning)
     torch.set_num_threads(cpu_threads(cfg.threads))
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     teacher, prompts = teacher.family.training_conditions(teacher, cfg, sources, ex.device)
     with Run(out, RECORDING, ex, reporter) as run:
-        return _record(run, cfg, sources, teacher, student, prompts, force)
+        manifest = _record(run, cfg, sources, teacher, student, prompts, force)
+    manifest.session["warnings"] = warnings
+    return manifest
 
 
 def _record(

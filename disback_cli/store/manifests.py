@@ -56,6 +56,7 @@ Step = Annotated[int, Field(ge=0, le=1 << 40)]
 Seconds = Annotated[float, Field(ge=0, le=1e12)]
 Loss = Annotated[float, Field(ge=0, le=1e30)]
 MAX_NETWORK_JSON = 1 << 16
+MAX_SOURCE_CHARS = 100  # where a resolved setting came from, e.g. "default for SDXL (DisBack SDXL)"
 
 
 def _bounded_network(value: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +160,7 @@ class _Manifest(_Record):
     updated_at: str = Field(max_length=100)
     # Where each config value came from: flag, recipe, teacher, loss, student, default, ...
     config_sources: dict[
-        Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=100)]
+        Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=MAX_SOURCE_CHARS)]
     ] = Field(default_factory=dict, max_length=200)
 
 

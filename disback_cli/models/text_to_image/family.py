@@ -33,7 +33,7 @@ from disback_cli.models.text_to_image.folder import (
     unet_tensors,
 )
 from disback_cli.models.text_to_image.guidance import guided
-from disback_cli.models.text_to_image.lora import Adapters
+from disback_cli.models.text_to_image.lora import Adapters, adapter_rate, slow_adapter_warning
 from disback_cli.models.text_to_image.sampling import open_sampling, sampling_info
 from disback_cli.models.text_to_image.text import PromptSource, TextEncoder, read_prompts
 from disback_cli.models.text_to_image.vae import LatentDecoder
@@ -142,9 +142,22 @@ class DiffusersFamily(TeacherFamily):
     def size_class(self, teacher: Teacher) -> str:
         return "text"
 
+    def _kind(self) -> str:
+        return next(k for k in TEXT_DEFAULTS if k.startswith("SDXL") == self.folder.xl)
+
+    def _own_defaults(self) -> dict[str, Any]:
+        return TEXT_DEFAULTS[self._kind()]
+
     def defaults(self, teacher: Teacher) -> dict[str, tuple[Any, str]]:
-        kind = next(k for k in TEXT_DEFAULTS if k.startswith("SDXL") == self.folder.xl)
-        return {key: (value, f"default for {kind}") for key, value in TEXT_DEFAULTS[kind].items()}
+        source = f"default for {self._kind()}"
+        return {key: (value, source) for key, value in self._own_defaults().items()}
+
+    def record_warnings(self, cfg) -> list[str]:
+        """Adapters at a rate too low to move the path (the rule of `lora.adapter_rate`)."""
+        if not cfg.lora_rank:
+            return []
+        warning = slow_adapter_warning(cfg.lr, cfg.lora_rank, self._own_defaults()["lr"])
+        return [warning] if warning else []
 
     @classmethod
     def default_help(cls, key: str) -> list[tuple[str, Any]]:
@@ -164,6 +177,12 @@ class DiffusersFamily(TeacherFamily):
         if "guidance_scale" in type(cfg).model_fields and cfg.guidance_scale is None:
             update["guidance_scale"] = self.default_guidance()
             sources["guidance_scale"] = "default for text teachers (DMD2)"
+        if getattr(cfg, "lora_rank", None) and cfg.lr is None:
+            rank = cfg.lora_rank
+            update["lr"] = adapter_rate(self._own_defaults()["lr"], rank)
+            sources["lr"] = (
+                f"default for rank-{rank} adapters (full-weight rate x 100 / sqrt({rank}), DMD2)"
+            )
         if cfg.prompts is None and (recorded is None or recorded.prompts is None):
             raise ConfigError(NEEDS_PROMPTS)
         if cfg.prompts is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +32,32 @@ FORMAT = "disback.lora"
 FORMAT_VERSION = 1
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (diffusers' LoRA default)
 ADAPTER = "default"
+
+# DMD2's LoRA SDXL run trains rank-64 adapters with alpha 8 at 100x its full-weight rate (5e-5
+# against 5e-7). From B = 0, an Adam step moves W by (alpha / r) dB A, with |dB| ~ lr and A's
+# entries ~ 1 / sqrt(fan_in): about (alpha / r) lr sqrt(r) / sqrt(fan_in). Ours (alpha = r)
+# move W as far as DMD2's at lr = full rate x 100 / sqrt(r).
+DMD2_ADAPTER_FACTOR = 100.0
+SLOW_ADAPTERS = 0.1  # below this share of the rank's default rate, warn before recording
+
+
+def adapter_rate(full_rate: float, rank: int) -> float:
+    """The learning rate of rank-`rank` adapters that moves the weights about as far per step as
+    DMD2's LoRA run does, relative to the full-weight rate `full_rate`."""
+    return full_rate * DMD2_ADAPTER_FACTOR / math.sqrt(rank)
+
+
+def slow_adapter_warning(lr: float, rank: int, full_rate: float) -> str | None:
+    """One line when adapters at `lr` would barely move the path: the nodes then stay at the
+    teacher, and backtracking along them is backtracking along the teacher."""
+    default = adapter_rate(full_rate, rank)
+    if lr >= SLOW_ADAPTERS * default:
+        return None
+    return (
+        f"rank-{rank} adapters at --lr {lr:g} move the path far less than full weights at "
+        f"{full_rate:g} (the default for rank {rank} is {default:.3g}); the path may barely "
+        "leave the teacher"
+    )
 
 
 def _peft():
