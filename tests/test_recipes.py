@@ -34,6 +34,7 @@ PAPER_SCALE = {
 # Text-to-image recipes and the diffusers folder each one distils.
 TEXT_TO_IMAGE = {
     "sd15": "stable-diffusion-v1-5",
+    "sd15-sid-lsg": "stable-diffusion-v1-5",
     "sdxl": "stable-diffusion-xl-base-1.0",
 }
 

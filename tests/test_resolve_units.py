@@ -88,6 +88,10 @@ def test_a_recording_takes_the_teachers_dropout(ring):
         ({"ratio_width": 12}, "--ratio-width is for --loss diffratio"),
         ({"lr_ratio": 1e-3}, "--lr-ratio is for --loss diffratio"),
         (
+            {"fake_guidance_scale": 2.0},
+            "--fake-guidance-scale is for text-to-image teachers (a diffusers model folder)",
+        ),
+        (
             {"loss": "diffratio", "data": "builtin:ring2d", "lr_fake": 1e-3},
             "--lr-fake is for score distillation",
         ),

@@ -105,6 +105,23 @@ def test_guidance_scale_one_is_the_unguided_target(sd_path, tmp_path):
     assert metrics(backtrack_dir(traj, "guided"))[0]["score_gap"] > 0.0
 
 
+def test_a_fake_score_guided_as_the_target_is_leaves_no_gap_at_the_start(sd_path, tmp_path):
+    """SiD-LSG's placement (--fake-guidance-scale): fake = target = teacher, both guided at 4,
+    read the same, so the first score gap is exactly zero; the fake score also trains on its
+    guided output, so its loss differs from the unguided fake's."""
+    traj = copy_of(sd_path, tmp_path)
+    first = dict(BACKTRACK, iters=1, save_every=0, no_trajectory=True, guidance_scale=4.0)
+    run_backtrack(BacktrackConfig(loss="sid", **first), traj, "unguided")
+    run_backtrack(BacktrackConfig(loss="sid", fake_guidance_scale=4.0, **first), traj, "lsg")
+    unguided, lsg = (metrics(backtrack_dir(traj, name))[0] for name in ("unguided", "lsg"))
+    assert unguided["score_gap"] > 0.0 and lsg["score_gap"] == 0.0
+    assert lsg["loss_fake"] != unguided["loss_fake"]
+    one = dict(first, guidance_scale=1.0)
+    run_backtrack(BacktrackConfig(loss="sid", fake_guidance_scale=1.0, **one), traj, "one")
+    run_backtrack(BacktrackConfig(loss="sid", **one), traj, "none")
+    assert metrics(backtrack_dir(traj, "one")) == metrics(backtrack_dir(traj, "none"))
+
+
 def test_a_crashed_run_resumes_bit_for_bit(sd_path, tmp_path):
     traj = copy_of(sd_path, tmp_path)
     cfg = BacktrackConfig(loss="dmd", **BACKTRACK)

@@ -249,6 +249,12 @@ class BacktrackConfig(_Training):
         description="classifier-free guidance of the target (text-to-image teachers; the "
         "fake score is unguided); none: 1.75 for SD 1.x/2.x (DMD2), 8 for SDXL (DMD2, DisBack)",
     )
+    fake_guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
+        None,
+        description="classifier-free guidance of the fake score, in the generator loss and in "
+        "its own training (text-to-image teachers; SiD-LSG's kappa1 = kappa2 = kappa3); none: "
+        "unguided (DMD2, DisBack)",
+    )
     sid_alpha: Annotated[float, Field(ge=-100, le=100)] = Field(
         1.2, description="alpha of the SiD loss"
     )

@@ -250,6 +250,9 @@ def backtrack(
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
     loss_fn, fit_fake, levels = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
+    # The fake score as the loss queries it and as it trains: unguided, unless guided as
+    # SiD-LSG guides it (--fake-guidance-scale, families with guidance).
+    fake_seen = teacher.family.target(fake, cfg.fake_guidance_scale)
     n, clip = ex.global_batch(cfg.batch), cfg.grad_clip or math.inf
     for step in run.iterations(
         f"backtrack {run.directory.name}",
@@ -268,12 +271,12 @@ def backtrack(
         # is not held here: at a switch the old node is freed before the next is read.)
         target = teacher.family.target(targets.at(node), cfg.guidance_scale)
         out, grad_norm_g = generator_step(
-            generator, opt_g, loss_fn, fake, target, shape, conditions, rng, clip, ex
+            generator, opt_g, loss_fn, fake_seen, target, shape, conditions, rng, clip, ex
         )
         # Eq. (5): the fake network's step(s) keep it fitted to the current generator.
         for _ in range(cfg.fake_steps):
             loss_fake, grad_norm_fake = fit_fake(
-                fake, opt_f, generator, shape, conditions, levels, rng, clip, ex
+                fake_seen, opt_f, generator, shape, conditions, levels, rng, clip, ex
             )
         run.check_finite(
             step,

@@ -83,6 +83,7 @@ class DiffusersFamily(TeacherFamily):
         "lora_rank": None,
         "gradient_checkpointing": False,
         "guidance_scale": 1.0,
+        "fake_guidance_scale": 1.0,
     }
     supports_real_data = False
 

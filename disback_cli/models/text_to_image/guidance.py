@@ -1,6 +1,7 @@
-"""Classifier-free guidance of a target denoiser (Ho & Salimans 2022), as DMD2 and the DisBack
-SDXL release apply it to the real score: D_w = D(x | uncond) + w (D(x | cond) - D(x | uncond)).
-The fake score is never guided. Conditions carry their unconditional twins under `uncond_*`
+"""Classifier-free guidance of a denoiser (Ho & Salimans 2022), as DMD2 and the DisBack SDXL
+release apply it to the real score: D_w = D(x | uncond) + w (D(x | cond) - D(x | uncond)). The
+fake score is unguided unless `--fake-guidance-scale` asks otherwise (SiD-LSG guides it in its
+training and in the generator loss). Conditions carry their unconditional twins under `uncond_*`
 names (see `models.text_to_image.text`); keys without a twin (SDXL's time ids) are shared."""
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ class Guided(nn.Module):
     def __init__(self, denoiser: nn.Module, scale: float) -> None:
         super().__init__()
         self.denoiser, self.scale = denoiser, scale
-        for name in ("sigma_data", "data_shape", "label_dim", "sigma_min", "sigma_max"):
+        for name in (
+            "sigma_data",
+            "data_shape",
+            "label_dim",
+            "sigma_min",
+            "sigma_max",
+            "loss_weight",  # a guided fake score trains with its network's own loss
+        ):
             if hasattr(denoiser, name):
                 setattr(self, name, getattr(denoiser, name))
 
