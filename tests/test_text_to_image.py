@@ -230,3 +230,91 @@ def test_adapters_default_to_dmd2s_rate_scaled_by_rank(sd, sdxl, rank, tmp_path)
 
     ours = step(adapter_rate(1e-5, 64), alpha=64, r=64)
     assert ours == pytest.approx(step(100 * 1e-5, alpha=8, r=64))  # DMD2: 100x, alpha 8
+
+
+def test_a_dropped_row_is_shown_its_unconditional_twin_and_nothing_else_changes(sdxl, tmp_path):
+    from disback_cli.models.text_to_image.folder import read_folder
+    from disback_cli.models.text_to_image.text import PromptSource
+
+    encoder = TextEncoder(read_folder(sdxl), "cpu")
+    cond = encoder.encode(PROMPTS[:4])
+    rows = torch.tensor([True, False, False, True])
+    seen = PromptSource.unconditional_rows(cond, rows)
+    assert set(seen) == set(cond)
+    for key, value in cond.items():
+        twin = cond.get("uncond_" + key)
+        if twin is None:  # keys without a twin (SDXL's time ids) and the twins themselves
+            assert torch.equal(seen[key], value)
+            continue
+        assert torch.equal(seen[key][rows], twin[rows])
+        assert torch.equal(seen[key][~rows], value[~rows])
+        assert not torch.equal(twin[~rows], value[~rows])  # a change where it is not asked
+
+
+def test_recording_shows_the_copy_a_share_of_unconditional_rows_but_g0_its_prompts(sd):
+    """G0 draws each sample for its prompt; the copy in training sees about `dropout` of them
+    with the unconditional embedding, chosen from the run's stream (the same every time)."""
+    from disback_cli.method.dsm import denoising_step
+    from disback_cli.method.noise import TrainingSigma
+    from disback_cli.models.text_to_image.folder import read_folder
+    from disback_cli.models.text_to_image.text import PromptSource
+
+    encoder = TextEncoder(read_folder(sd), "cpu")
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        """Records the text states it is given; the generator (z only) and the copy alike."""
+
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.weight = name, torch.nn.Parameter(torch.zeros(()))
+            self.sigma_data = 1.0
+
+        def forward(self, x, sigma=None, **cond):
+            seen[self.name] = cond["encoder_hidden_states"]
+            return x * self.weight
+
+    def dropped(fraction, seed=0):
+        source = PromptSource(encoder, PROMPTS, fraction)
+        denoiser = Spy("copy")
+        opt = torch.optim.SGD(denoiser.parameters(), lr=0.0)
+        rng = torch.Generator().manual_seed(seed)
+        denoising_step(
+            denoiser,
+            opt,
+            Spy("g0"),
+            (400, 4, 8, 8),
+            source,
+            TrainingSigma("lognormal", -1.2, 1.2),
+            rng,
+        )
+        empty = encoder.encode([""])["encoder_hidden_states"]
+        is_empty = (seen["copy"] == empty).flatten(1).all(dim=1)
+        assert not (seen["g0"] == empty).flatten(1).all(dim=1).any()  # G0: every prompt
+        return is_empty
+
+    assert not dropped(0.0).any()
+    share = dropped(0.1)
+    assert 0.06 < share.float().mean() < 0.14 and torch.equal(share, dropped(0.1))
+    assert not torch.equal(share, dropped(0.1, seed=1))
+
+
+def test_text_recordings_drop_a_tenth_of_prompts_by_default_and_old_ones_none(sd, tmp_path):
+    from disback_cli.config import STORED, RecordConfig
+    from disback_cli.config.resolve import resolve_record
+    from disback_cli.errors import ConfigError
+
+    prompts = str(write_prompts(tmp_path / "prompts.txt"))
+    cfg, sources = resolve_record(
+        RecordConfig(teacher="x", prompts=prompts), open_teacher(str(sd), "cpu")
+    )
+    assert (cfg.uncond_fraction, sources["uncond_fraction"]) == (
+        0.1,
+        "default for text teachers (SD's caption dropout)",
+    )
+    ring = open_teacher("builtin:ring2d", "cpu")
+    with pytest.raises(ConfigError, match=r"^--uncond-fraction is for text-to-image teachers"):
+        resolve_record(RecordConfig(teacher="x", uncond_fraction=0.1), ring)
+    stored = {"teacher": "x", "prompts": prompts}
+    old = RecordConfig.model_validate(stored, context={STORED: True})
+    assert old.uncond_fraction == 0.0 and RecordConfig(**stored).uncond_fraction is None

@@ -198,6 +198,12 @@ class RecordConfig(_Training):
         description="text-to-image teachers: record path nodes as low-rank adapters of "
         "this rank (peft) instead of full weights",
     )
+    uncond_fraction: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None,
+        description="text-to-image teachers: share of training samples the recorded copy sees "
+        "with the unconditional (empty-prompt) embedding, so the guided path nodes have a "
+        "trained unconditional branch; none: 0.1 (SD's caption dropout)",
+    )
     placement: Literal["even", "distance"] = Field(
         "even", description="nodes evenly in iterations, or evenly in distance from the teacher"
     )
@@ -211,6 +217,16 @@ class RecordConfig(_Training):
     node_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of saved path nodes (bf16 halves their disk use)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dropout_in_old_recordings(cls, data: Any, info: ValidationInfo) -> Any:
+        # Text-to-image recordings made before --uncond-fraction never dropped a prompt.
+        stored = (info.context or {}).get(STORED, False)
+        old_text = isinstance(data, dict) and data.get("prompts") is not None
+        if stored and old_text and "uncond_fraction" not in data:
+            data = {**data, "uncond_fraction": 0.0}
+        return data
 
     @model_validator(mode="after")
     def _nodes_fit(self) -> RecordConfig:

@@ -99,8 +99,12 @@ def denoising_step(
     n, z, cond = generator_inputs(shape, conditions, rng, ex)
     sigma = ex.local(levels.sample(n, rng, device))
     noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    seen, dropout = cond, getattr(conditions, "dropout", 0.0)  # sources that drop prompts
+    if dropout:  # the denoiser sees that share unconditional, as its teacher was trained
+        dropped = ex.local(torch.rand(n, generator=rng, device=device) < dropout)
+        seen = conditions.unconditional_rows(cond, dropped)
     with ex.autocast():
         with torch.no_grad(), eval_mode(generator):
             x0 = generator(ex.to_input(z), **cond)
-        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), cond)
+        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), seen)
     return loss.detach(), apply_gradients(loss, denoiser, optimizer, ex, clip)

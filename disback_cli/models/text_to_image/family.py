@@ -63,6 +63,9 @@ TEXT_DEFAULTS = {
     },
 }
 NEEDS_PROMPTS = "a text-to-image teacher needs --prompts FILE"
+# SD was trained with 10 % of its captions dropped; recording so keeps the path nodes'
+# unconditional branch fitted (docs/benchmarks.md measures it against recording without).
+UNCOND_FRACTION = 0.1
 
 
 class NeedsPrompts(Unconditional):
@@ -84,6 +87,7 @@ class DiffusersFamily(TeacherFamily):
         "gradient_checkpointing": False,
         "guidance_scale": 1.0,
         "fake_guidance_scale": 1.0,
+        "uncond_fraction": None,
     }
     supports_real_data = False
 
@@ -178,6 +182,9 @@ class DiffusersFamily(TeacherFamily):
         if "guidance_scale" in type(cfg).model_fields and cfg.guidance_scale is None:
             update["guidance_scale"] = self.default_guidance()
             sources["guidance_scale"] = "default for text teachers (DMD2)"
+        if "uncond_fraction" in type(cfg).model_fields and cfg.uncond_fraction is None:
+            update["uncond_fraction"] = UNCOND_FRACTION
+            sources["uncond_fraction"] = "default for text teachers (SD's caption dropout)"
         if getattr(cfg, "lora_rank", None) and cfg.lr is None:
             rank = cfg.lora_rank
             update["lr"] = adapter_rate(self._own_defaults()["lr"], rank)
@@ -222,7 +229,8 @@ class DiffusersFamily(TeacherFamily):
                 f"{cfg.prompts}: not the prompt file the trajectory was recorded with (sha256 "
                 "differs); pass --prompts FILE to train on other prompts"
             )
-        source = PromptSource(TextEncoder(self.folder, device), prompts)
+        dropout = getattr(cfg, "uncond_fraction", None) or 0.0  # recording only
+        source = PromptSource(TextEncoder(self.folder, device), prompts, dropout)
         ref = PromptsRef(file=str(Path(cfg.prompts).absolute()), sha256=digest, count=len(prompts))
         return teacher.with_conditions(source), ref
 

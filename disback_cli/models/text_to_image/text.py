@@ -179,10 +179,24 @@ class TextEncoder:
 
 class PromptSource:
     """Training conditions: prompts drawn uniformly from the prompt file by the run's random
-    stream (so a resumed run draws the same ones), encoded per batch."""
+    stream (so a resumed run draws the same ones), encoded per batch. With a `dropout`, that
+    share of a batch is shown to the trained denoiser with the unconditional embeddings instead
+    (its samples still drawn for their prompts), as SD was trained with dropped captions."""
 
-    def __init__(self, encoder: TextEncoder, prompts: list[str]) -> None:
-        self.encoder, self.prompts = encoder, prompts
+    def __init__(self, encoder: TextEncoder, prompts: list[str], dropout: float = 0.0) -> None:
+        self.encoder, self.prompts, self.dropout = encoder, prompts, dropout
+
+    @staticmethod
+    def unconditional_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
+        """`cond` with the conditions of `rows` (a boolean mask) replaced by their
+        unconditional twins."""
+        out = dict(cond)
+        for key, value in cond.items():
+            twin = cond.get(UNCOND_PREFIX + key)
+            if twin is not None:
+                mask = rows.reshape(-1, *[1] * (value.ndim - 1))
+                out[key] = torch.where(mask, twin, value)
+        return Conditioning(out)
 
     def draw(self, n: int, rng: torch.Generator, device: torch.device) -> Conditioning:
         index = torch.randint(len(self.prompts), (n,), generator=rng, device=device)
