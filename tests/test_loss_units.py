@@ -104,6 +104,27 @@ def test_diffratio_logs_the_mean_score_gap():
     assert isinstance(out, GeneratorLossOutput) and float(out.score_gap) == pytest.approx(2.0)
 
 
+def test_diffratios_score_weighting_does_not_grow_the_gradient_with_sigma():
+    """denoiser: gap = -sigma^2 grad d (VSD's weight); score: -sigma_data^2 grad d, the same at
+    sigma = sigma_data and not growing above it. Both reach the generator as sum(gap * x)."""
+    ratio = Ratio()
+    ratio.spec = SimpleNamespace(sigma_data=0.5)
+    x = torch.ones(3, 2, requires_grad=True)
+    sigma = torch.tensor([0.5, 2.0, 8.0])
+
+    def gaps(weighting):
+        loss = DiffRatioLoss(0.0, 1.0, weighting)
+        x.grad = None
+        loss(x, sigma, torch.zeros(3, 2), ratio, None, NO_CONDITIONS).loss.backward()
+        return x.grad * 3  # the loss is a mean over the batch
+
+    grad_d = 2 * x.detach()  # d = |x_t|^2, x_t = x
+    torch.testing.assert_close(gaps("denoiser"), -(sigma**2)[:, None] * grad_d)
+    torch.testing.assert_close(gaps("score"), -0.25 * grad_d)
+    cfg = SimpleNamespace(p_mean=-1.2, p_std=1.2, ratio_weighting="score")
+    assert DiffRatioLoss.from_config(cfg).weighting == "score"
+
+
 class Scale(nn.Module):
     """A denoiser that shrinks its input: D(x_t) = c x_t."""
 

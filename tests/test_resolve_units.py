@@ -87,6 +87,7 @@ def test_a_recording_takes_the_teachers_dropout(ring):
         ({"data": "builtin:ring2d"}, "--data is for --loss diffratio"),
         ({"ratio_width": 12}, "--ratio-width is for --loss diffratio"),
         ({"lr_ratio": 1e-3}, "--lr-ratio is for --loss diffratio"),
+        ({"ratio_weighting": "score"}, "--ratio-weighting is for --loss diffratio"),
         (
             {"fake_guidance_scale": 2.0},
             "--fake-guidance-scale is for text-to-image teachers (a diffusers model folder)",

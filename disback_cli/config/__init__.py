@@ -260,6 +260,12 @@ class BacktrackConfig(_Training):
         description="diffratio: its hidden layers (vectors) or strided conv layers "
         "(images); none: 3",
     )
+    ratio_weighting: Literal["denoiser", "score"] = Field(
+        "denoiser",
+        description="diffratio: the update's weight over noise levels; denoiser: VSD's, "
+        "sigma^2 times the ratio's gradient; score: sigma_data^2 times it, which does not "
+        "grow the classifier's noise at high sigma",
+    )
     guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
         None,
         description="classifier-free guidance of the target (text-to-image teachers; the "

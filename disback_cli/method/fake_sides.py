@@ -129,6 +129,7 @@ class RatioFake:
         "ratio_width": None,
         "ratio_depth": None,
         "lr_ratio": None,
+        "ratio_weighting": "denoiser",
     }
 
     def __init__(self) -> None:

@@ -149,14 +149,29 @@ class DiffRatioLoss(VSDLoss):
     """DiffRatio (Chen et al.): VSD's update with D_fake - D_target estimated as -sigma^2 times
     the input gradient of a density-ratio network trained on real data (`method.ratio`); `fake`
     is that network and there is no target. The paper's own weighting over noise levels was not
-    available to us: this is VSD's (weight 1 in denoiser space, log-normal sigma), so that it
-    differs from `vsd` only in how the score difference is estimated."""
+    available to us: by default this is VSD's (weight 1 in denoiser space, log-normal sigma), so
+    that it differs from `vsd` only in how the score difference is estimated.
+
+    That weighting multiplies the classifier's gradient, and its noise, by sigma^2: at high
+    noise, where the classifier knows least, its error dominates the update. `weighting="score"`
+    uses -sigma_data^2 times the gradient instead (the same at sigma = sigma_data, no growth
+    above it): the score difference weighted flat in score space (docs/benchmarks.md)."""
 
     fake_side = "ratio"
+
+    def __init__(self, p_mean: float, p_std: float, weighting: str = "denoiser") -> None:
+        super().__init__(p_mean, p_std)
+        self.weighting = weighting
+
+    @classmethod
+    def from_config(cls, cfg) -> DiffRatioLoss:
+        return cls(cfg.p_mean, cfg.p_std, cfg.ratio_weighting)
 
     def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         x_t = x.detach() + sigma_like(sigma, x) * noise
         gap = score_difference(fake, x_t, sigma, cond).detach()
+        if self.weighting == "score":
+            gap = gap * sigma_like(fake.spec.sigma_data**2 / sigma**2, x)
         loss = (gap * x).flatten(1).sum(dim=1).mean()
         return GeneratorLossOutput(loss, gap.abs().mean())
 
