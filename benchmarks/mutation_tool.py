@@ -292,6 +292,34 @@ EQUIVALENT: dict[str, str] = {
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),
     "disback_cli.evaluation.shapes.x_shapes_scores__mutmut_52": CPU_ONLY,
+    "disback_cli.evaluation.shapes.x__coverage__mutmut_52": (
+        "an (N, 1, 1) index expands to (1, N, H, W) as the (1, N, 1, 1) one does"
+    ),
+    **{
+        f"disback_cli.evaluation.shapes.x_render__mutmut_{n}": (
+            "broadcast against the (N, 1, 1) centres, a (64, 1) or (1, 64) grid gives the same "
+            "(N, 64, 1) and (N, 1, 64) offsets"
+        )
+        for n in (39, 58, 59)
+    },
+    "disback_cli.evaluation.shapes.x_render__mutmut_7": (
+        "a (2,) zero offset broadcasts over the batch as (N, 2) zeros do"
+    ),
+    **{
+        f"disback_cli.evaluation.shapes.x_render__mutmut_{n}": (
+            "arange's integers plus 0.5 are the same float32 grid"
+        )
+        for n in (27, 29)
+    },
+    "disback_cli.evaluation.shapes.x__coverage__mutmut_12": (
+        "a sample exactly on the circle needs dy^2 + dx^2 == r^2 in float32: impossible on the "
+        "lattice of odd eighths at the radii it can meet exactly (a sum of two odd squares is "
+        "2 mod 8), and of probability zero at jittered ones"
+    ),
+    "disback_cli.evaluation.shapes.x__coverage__mutmut_19": (
+        "the apex row dy = -r has zero width: only a sample at ax = 0 would lie in it, and none "
+        "does (odd eighths from the centre, or a continuous jitter)"
+    ),
 }
 
 

@@ -4,13 +4,22 @@ on hand-built sets whose answers are counted by construction."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.evaluation.shapes import (
+    BACKGROUND,
+    COLOURS,
     MODES,
+    POSITIONS,
+    RADIUS,
+    SEED,
+    SHAPES,
+    SIZE,
+    SUPERSAMPLE,
     factors,
     heldout_floor,
     nearest_mode,
@@ -158,3 +167,81 @@ def test_one_precise_sample_is_all_of_the_balance_and_of_the_label_accuracy():
     assert scores["mode_tv"] == pytest.approx(63 / 64)  # all the mass on 1 mode of 64
     assert scores["label_accuracy"] == 1.0
     assert scores["modes_total"] == 64
+
+
+# -- the rasteriser: 4 x 4 samples a pixel, at odd eighths of a pixel from a pixel's corner ----
+
+
+def covered(images: torch.Tensor, colour: int = 0, brightness: float = 1.0) -> torch.Tensor:
+    """Per image, the pixels' summed coverage, read back from the red channel."""
+    red = COLOURS[list(COLOURS)[colour]][0] * brightness
+    return ((images[:, 0] - BACKGROUND) / (red - BACKGROUND)).flatten(1).sum(dim=1)
+
+
+def first_position(n: int, **jitters) -> torch.Tensor:
+    """Every shape (n of them) in red at the top-left position."""
+    zeros = torch.zeros(n, dtype=torch.long)
+    return render(torch.arange(n), zeros, zeros, **jitters)
+
+
+@pytest.mark.parametrize("scale", [0.85, 1.0, 1.15])
+def test_each_shape_covers_its_area(scale):
+    """Square 4r^2, disc pi r^2, triangle (apex up, base and height 2r) 2r^2, cross of bars 2r/3
+    wide 20 r^2 / 9, up to the lattice's error: half a sample spacing along the outline."""
+    r, n = RADIUS * scale, len(SHAPES)
+    images = first_position(n, scale=torch.full((n,), scale))
+    areas = torch.tensor([4 * r**2, math.pi * r**2, 2 * r**2, 20 * r**2 / 9])
+    outlines = torch.tensor([8 * r, 2 * math.pi * r, (2 + 2 * math.sqrt(5)) * r, 8 * r])
+    error = (covered(images) - areas).abs()
+    assert (error <= outlines / (2 * SUPERSAMPLE)).all(), (covered(images), areas)
+
+
+def test_sample_points_on_an_edge_are_inside():
+    """At scale 7/8 the half-width is 21/8 and a cross bar's 7/8: odd eighths, where samples
+    lie. Counted on the sample lattice: the square 22 x 22 samples, the cross 2 (22 x 8) - 8 x 8,
+    the triangle 2 (1 + 1 + 2 + 2 + ... + 11) (row k from the apex holds the odd m <= k)."""
+    n = len(SHAPES)
+    images = render(
+        torch.arange(n),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+        scale=torch.full((n,), 7 / 8),
+    )
+    square, _, triangle, cross = covered(images).tolist()
+    per_pixel = SUPERSAMPLE**2
+    rows = sum(2 * ((k + 1) // 2) for k in range(22))
+    assert (square, triangle, cross) == pytest.approx(
+        (22 * 22 / per_pixel, rows / per_pixel, (2 * 22 * 8 - 8 * 8) / per_pixel), abs=1e-4
+    )
+
+
+def test_a_shape_sits_at_its_position_plus_its_offset_in_its_colour_and_brightness():
+    offset = torch.tensor([[0.5, -0.25], [0.0, 0.0]])
+    images = render(
+        torch.tensor([0, 1]),
+        torch.tensor([2, 2]),
+        torch.tensor([1, 2]),
+        offset=offset,
+        brightness=torch.tensor([0.9, 1.0]),
+    )
+    rows = torch.arange(SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    weight = images[:, 0] - BACKGROUND
+    centroid = torch.stack(
+        [(weight.sum(2) * rows).sum(1), (weight.sum(1) * rows).sum(1)], dim=1
+    ) / weight.flatten(1).sum(1, keepdim=True)
+    expected = torch.tensor(POSITIONS)[torch.tensor([1, 2])] + offset
+    assert torch.allclose(centroid, expected, atol=0.01), centroid
+    inside = images[0, :, 5, 11]  # a pixel the square covers whole
+    assert torch.allclose(inside, torch.tensor(COLOURS[list(COLOURS)[2]]) * 0.9)
+
+
+def test_the_held_out_split_is_drawn_from_the_next_seed():
+    images, labels = split("heldout")
+    shape, colour, position, offset, scale, brightness = factors(
+        len(images), torch.Generator().manual_seed(SEED + 1)
+    )
+    assert len(images) == 5000 and torch.equal(labels, shape * 4 + colour)
+    assert torch.equal(
+        images[:8],
+        render(shape[:8], colour[:8], position[:8], offset[:8], scale[:8], brightness[:8]),
+    )
