@@ -91,14 +91,26 @@ def test_diffratio_takes_no_path_and_records_why(small_trajectory):
     _, teacher = open_trajectory(small_trajectory, None, CPU)
     update, sources = {}, {}
     RatioFake().resolve(ratio_config(), teacher, update, sources)
-    assert update == {"no_trajectory": True, "lr_ratio": 1e-3, "lr_fake": None}
+    measured = "default for --loss diffratio (measured)"
+    assert update == {
+        "no_trajectory": True,
+        "lr_ratio": 1e-3,
+        "lr_fake": None,
+        "fake_steps": 5,
+        "ratio_weighting": "score",
+    }
     assert sources == {
         "no_trajectory": "loss diffratio",
         "lr_ratio": "default for a ratio network on vectors (trained from scratch)",
         "lr_fake": "not used by --loss diffratio",
+        "fake_steps": measured,
+        "ratio_weighting": measured,
     }
     update, sources = {}, {}
-    RatioFake().resolve(ratio_config(no_trajectory=True, lr_ratio=3e-4), teacher, update, sources)
+    given = ratio_config(
+        no_trajectory=True, lr_ratio=3e-4, fake_steps=2, ratio_weighting="denoiser"
+    )
+    RatioFake().resolve(given, teacher, update, sources)
     assert update == {"lr_fake": None} and sources == {"lr_fake": "not used by --loss diffratio"}
 
 

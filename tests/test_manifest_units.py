@@ -268,15 +268,17 @@ def test_a_stored_run_keeps_a_setting_refused_for_new_runs_since(template, tmp_p
 
 
 def test_a_diffratio_run_made_before_lr_ratio_trained_its_ratio_at_lr_fake(template, tmp_path):
-    """Read back as it ran: the ratio network's rate was --lr-fake's, and no fake score had one."""
+    """Read back as it ran: the ratio network's rate was --lr-fake's (and no fake score had
+    one), its gradient weighted as VSD's."""
 
     def before_lr_ratio(raw):
         raw["config"].update(loss="diffratio", data="builtin:ring2d", lr_fake=3e-4)
-        del raw["config"]["lr_ratio"]
+        del raw["config"]["lr_ratio"], raw["config"]["ratio_weighting"]
 
     edited(template / RUN, tmp_path, before_lr_ratio)
     config = read_manifest(tmp_path, BacktrackManifest).config
     assert (config.lr_ratio, config.lr_fake) == (3e-4, None)
+    assert config.ratio_weighting == "denoiser"  # the only weighting then
     current = BacktrackConfig(loss="diffratio", data="builtin:ring2d", lr_fake=3e-4)
     assert (current.lr_ratio, current.lr_fake) == (None, 3e-4)  # new settings are not moved
 

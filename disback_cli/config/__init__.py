@@ -260,11 +260,11 @@ class BacktrackConfig(_Training):
         description="diffratio: its hidden layers (vectors) or strided conv layers "
         "(images); none: 3",
     )
-    ratio_weighting: Literal["denoiser", "score"] = Field(
-        "denoiser",
+    ratio_weighting: Literal["denoiser", "score"] | None = Field(
+        None,
         description="diffratio: the update's weight over noise levels; denoiser: VSD's, "
         "sigma^2 times the ratio's gradient; score: sigma_data^2 times it, which does not "
-        "grow the classifier's noise at high sigma",
+        "grow the classifier's noise at high sigma; none: score",
     )
     guidance_scale: Annotated[float, Field(ge=0, le=100)] | None = Field(
         None,
@@ -333,11 +333,14 @@ class BacktrackConfig(_Training):
     @model_validator(mode="before")
     @classmethod
     def _ratio_rate_of_old_runs(cls, data: Any, info: ValidationInfo) -> Any:
-        # Runs made before --lr-ratio trained the ratio network at --lr-fake.
+        # Runs made before --lr-ratio trained the ratio network at --lr-fake, and weighted its
+        # gradient as VSD does.
         stored = (info.context or {}).get(STORED, False)
         old_ratio_run = isinstance(data, dict) and data.get("loss") == "diffratio"
         if stored and old_ratio_run and "lr_ratio" not in data:
             data = {**data, "lr_ratio": data.get("lr_fake"), "lr_fake": None}
+        if stored and old_ratio_run and "ratio_weighting" not in data:
+            data = {**data, "ratio_weighting": "denoiser"}  # the only one before
         return data
 
     @model_validator(mode="after")

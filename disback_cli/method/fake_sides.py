@@ -115,6 +115,7 @@ class NoTargets:
 # fine-tune a teacher copy (1e-5 for EDM U-Nets). On the ring, 1e-5 leaves it at chance and the
 # generator drifts away from the data (MMD² 0.19 -> 0.31); docs/benchmarks.md has the measurements.
 RATIO_LEARNING_RATE = {"vectors": 1e-3, "images": 1e-4}
+RATIO_STEPS = 5  # classifier steps per generator step
 
 
 class RatioFake:
@@ -129,7 +130,7 @@ class RatioFake:
         "ratio_width": None,
         "ratio_depth": None,
         "lr_ratio": None,
-        "ratio_weighting": "denoiser",
+        "ratio_weighting": None,
     }
 
     def __init__(self) -> None:
@@ -154,6 +155,11 @@ class RatioFake:
             update["lr_ratio"] = RATIO_LEARNING_RATE[kind]
             sources["lr_ratio"] = f"default for a ratio network on {kind} (trained from scratch)"
         update["lr_fake"], sources["lr_fake"] = None, "not used by --loss diffratio"
+        # Measured (docs/benchmarks.md): neither alone, but five classifier steps per generator
+        # step with the score weighting bring DiffRatio to VSD's quality on the ring and digits.
+        for key, value in (("fake_steps", RATIO_STEPS), ("ratio_weighting", "score")):
+            if getattr(cfg, key) is None:
+                update[key], sources[key] = value, "default for --loss diffratio (measured)"
 
     def learning_rate(self, cfg) -> float:
         return cfg.lr_ratio

@@ -149,13 +149,12 @@ class DiffRatioLoss(VSDLoss):
     """DiffRatio (Chen et al.): VSD's update with D_fake - D_target estimated as -sigma^2 times
     the input gradient of a density-ratio network trained on real data (`method.ratio`); `fake`
     is that network and there is no target. The paper's own weighting over noise levels was not
-    available to us: by default this is VSD's (weight 1 in denoiser space, log-normal sigma), so
-    that it differs from `vsd` only in how the score difference is estimated.
-
-    That weighting multiplies the classifier's gradient, and its noise, by sigma^2: at high
-    noise, where the classifier knows least, its error dominates the update. `weighting="score"`
-    uses -sigma_data^2 times the gradient instead (the same at sigma = sigma_data, no growth
-    above it): the score difference weighted flat in score space (docs/benchmarks.md)."""
+    available to us. `weighting="denoiser"` is VSD's (weight 1 in denoiser space, log-normal
+    sigma), so that it differs from `vsd` only in how the score difference is estimated; but it
+    multiplies the classifier's gradient, and its noise, by sigma^2: at high noise, where the
+    classifier knows least, its error dominates the update. `weighting="score"` (the default a
+    run resolves to) uses -sigma_data^2 times the gradient instead: the same at
+    sigma = sigma_data, no growth above it (docs/benchmarks.md)."""
 
     fake_side = "ratio"
 
