@@ -4,12 +4,13 @@ sampling with its verifier.
 For builtin:ring2d and builtin:digits (the settings of benchmarks/convergence.py), seeds 0-2:
 plain VSD (`--no-trajectory`), DisBack with VSD, and DiffRatio (`--loss diffratio --data
 builtin:NAME`), all from the same trajectory's G0 with the same generator rate and iterations.
-DiffRatio runs at its defaults and with each fix of its high-noise problem (5 ratio steps per
-generator step, the score weighting, both). Reported: final quality (median [min, max]),
+DiffRatio runs at the defaults before issue #28 (one ratio step, VSD's weight), with each fix of
+its high-noise problem alone (5 ratio steps per generator step; the score weighting), and at
+today's defaults (both). Reported: final quality (median [min, max]),
 wall-clock, for each DiffRatio arm the ratio network's logistic loss over the last quarter of
 the run (against chance) and the share of the final update carried by draws above sigma 3, the
 auxiliary network's parameters and training memory against the fake score's, and for the
-DiffRatio generators at their defaults the quality of samples chosen by the ratio network
+DiffRatio generators at today's defaults the quality of samples chosen by the ratio network
 (K = 1, 4, 16; importance resampling and argmax). Not part of the test suite (about 40
 minutes on one CPU core):
 
@@ -50,16 +51,16 @@ from disback_cli.store.manifests import BacktrackManifest, read_manifest
 ARMS = {  # name: (loss, no_trajectory, settings beyond the dataset's)
     "vsd (plain)": ("vsd", True, {}),
     "vsd (DisBack)": ("vsd", False, {}),
-    "diffratio": (
+    "diffratio, 1 step, VSD weight": (
         "diffratio",
         True,
-        {},
-    ),  # every default: --lr-ratio's, one ratio step, VSD's weight
-    "diffratio, 5 ratio steps": ("diffratio", True, {"fake_steps": 5}),
-    "diffratio, score weighting": ("diffratio", True, {"ratio_weighting": "score"}),
-    "diffratio, both": ("diffratio", True, {"fake_steps": 5, "ratio_weighting": "score"}),
+        {"fake_steps": 1, "ratio_weighting": "denoiser"},  # the defaults before issue #28
+    ),
+    "diffratio, 5 steps": ("diffratio", True, {"fake_steps": 5, "ratio_weighting": "denoiser"}),
+    "diffratio, score weight": ("diffratio", True, {"fake_steps": 1, "ratio_weighting": "score"}),
+    "diffratio, 5 steps + score weight (defaults)": ("diffratio", True, {}),
 }
-DEFAULT_RATIO_ARM = "diffratio"  # the arm whose generators best-of-K samples
+DEFAULT_RATIO_ARM = "diffratio, 5 steps + score weight (defaults)"  # best-of-K samples its runs
 BEST_OF = (1, 4, 16)
 RULES = ("resample", "argmax")
 HIGH_SIGMA = 3.0  # the issue's split: draws above it carry most of the squared update
