@@ -91,3 +91,34 @@ def test_float32_features_are_scored_in_float64():
         a64, b64, subsets=5
     )
     assert precision_recall(a32, b32) == precision_recall(a64, b64)
+
+
+def test_kid_at_its_default_subsets_is_a_hundred_subsets():
+    rng = np.random.default_rng(3)
+    f1, f2 = rng.normal(size=(12, 3)), rng.normal(size=(14, 3))
+    assert kernel_inception_distance(f1, f2) == kernel_inception_distance(f1, f2, subsets=100)
+
+
+def test_a_kid_subset_is_subset_size_rows_of_each_set_drawn_by_the_seed():
+    """clean-fid's procedure: per subset, m = min(sizes, subset_size) rows of the second set,
+    then of the first, drawn without replacement; KID is their unbiased MMD^2."""
+    from test_image_metrics import brute_force_unbiased_mmd2
+
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(9, 3)), rng.normal(size=(11, 3))
+    draw = np.random.default_rng(7)
+    x = f2[draw.choice(11, 3, replace=False)]
+    y = f1[draw.choice(9, 3, replace=False)]
+    expected = brute_force_unbiased_mmd2(y.tolist(), x.tolist())
+    kid = kernel_inception_distance(f1, f2, subsets=1, subset_size=3, seed=7)
+    assert kid == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_float32_covariance_is_summed_in_float64():
+    """The trace of a float32 covariance, accumulated in float32, loses 2^-30 next to 1."""
+    small = np.diag(np.array([1.0, 2.0**-30], dtype=np.float32))
+    for args in (
+        (np.zeros(2), np.zeros((2, 2)), np.zeros(2), small),
+        (np.zeros(2), small, np.zeros(2), np.zeros((2, 2))),
+    ):
+        assert frechet_distance(*args) == 1.0 + 2.0**-30
