@@ -330,8 +330,8 @@ EQUIVALENT: dict[str, str] = {
 }
 
 
-def source_digest(module: str) -> str:
-    return hashlib.sha256((ROOT / "disback_cli" / f"{module}.py").read_bytes()).hexdigest()
+def source_digest(module: str, root: Path = ROOT) -> str:
+    return hashlib.sha256((root / "disback_cli" / f"{module}.py").read_bytes()).hexdigest()
 
 
 def checkout_copy(where: Path) -> None:
@@ -380,6 +380,7 @@ def run_module(module: str) -> dict | None:
     with tempfile.TemporaryDirectory(prefix="disback-mutmut-") as folder:
         where = Path(folder)
         checkout_copy(where)
+        measured = source_digest(module, where)  # the checkout may change while mutmut runs
         guards = current_guards(module)
         configure(where, module, guards)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -399,7 +400,7 @@ def run_module(module: str) -> dict | None:
         survivors = [key for key, code in codes.items() if code in (SURVIVED, UNTESTED)]
         diffs = {key: show(where, key) for key in survivors}
     return {
-        "source_sha256": source_digest(module),
+        "source_sha256": measured,
         "tests": guards,
         "exit_codes": codes,
         "survivors": diffs,
