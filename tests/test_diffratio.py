@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,6 +81,8 @@ def test_the_ratio_network_learns_the_closed_form_log_ratio_gradient():
 class ExactLogRatio(nn.Module):
     """d(x, sigma) = log p_sigma(x) - log q_sigma(x) for the two Gaussians, exactly."""
 
+    spec = SimpleNamespace(sigma_data=0.5)  # read by the score weighting only
+
     def forward(self, x, sigma, class_labels=None):
         v = STD**2 + torch.as_tensor(sigma).reshape(-1, 1) ** 2
         return (
@@ -103,7 +106,9 @@ def test_with_the_exact_ratio_the_generator_gradient_is_vsds_with_the_exact_scor
     x = (MEAN_GEN + STD * torch.randn(64, 2, generator=gen)).requires_grad_(True)
     sigma = torch.exp(torch.randn(64, generator=gen))
     noise = torch.randn(64, 2, generator=gen)
-    ratio = DiffRatioLoss(-0.5, 1.0)(x, sigma, noise, ExactLogRatio(), None, NO_CONDITIONS)
+    ratio = DiffRatioLoss(-0.5, 1.0, "denoiser")(
+        x, sigma, noise, ExactLogRatio(), None, NO_CONDITIONS
+    )
     (grad_ratio,) = torch.autograd.grad(ratio.loss, x)
     vsd = VSDLoss(-0.5, 1.0)(
         x, sigma, noise, GaussianDenoiser(MEAN_GEN), GaussianDenoiser(MEAN_DATA), NO_CONDITIONS

@@ -12,6 +12,7 @@ from torch import nn
 
 from disback_cli.errors import DisbackError
 from disback_cli.method.losses import (
+    RATIO_WEIGHTINGS,
     AtLevels,
     DiffRatioLoss,
     DMDLoss,
@@ -99,7 +100,10 @@ class Ratio(nn.Module):
 
 def test_diffratio_logs_the_mean_score_gap():
     x = torch.ones(3, 2, requires_grad=True)
-    out = DiffRatioLoss(0.0, 1.0)(x, torch.ones(3), torch.zeros(3, 2), Ratio(), None, NO_CONDITIONS)
+    ratio = Ratio()
+    ratio.spec = SimpleNamespace(sigma_data=0.5)
+    loss = DiffRatioLoss(0.0, 1.0, "denoiser")
+    out = loss(x, torch.ones(3), torch.zeros(3, 2), ratio, None, NO_CONDITIONS)
     # gap = -sigma^2 grad d = -2 x_t at sigma 1 and x_t = x: |gap| = 2 everywhere
     assert isinstance(out, GeneratorLossOutput) and float(out.score_gap) == pytest.approx(2.0)
 
@@ -121,8 +125,14 @@ def test_diffratios_score_weighting_does_not_grow_the_gradient_with_sigma():
     grad_d = 2 * x.detach()  # d = |x_t|^2, x_t = x
     torch.testing.assert_close(gaps("denoiser"), -(sigma**2)[:, None] * grad_d)
     torch.testing.assert_close(gaps("score"), -0.25 * grad_d)
-    cfg = SimpleNamespace(p_mean=-1.2, p_std=1.2, ratio_weighting="score")
-    assert DiffRatioLoss.from_config(cfg).weighting == "score"
+    cfg = SimpleNamespace(p_mean=-0.4, p_std=0.7, ratio_weighting="score")
+    from_config = DiffRatioLoss.from_config(cfg)
+    assert from_config.weight is RATIO_WEIGHTINGS["score"]
+    draws = from_config.sample_sigma(512, seeded(2), CPU)  # VSD's levels, from the config
+    assert torch.equal(draws, VSDLoss(-0.4, 0.7).sample_sigma(512, seeded(2), CPU))
+    assert torch.equal(
+        DiffRatioLoss(-0.4, 0.7, "denoiser").sample_sigma(512, seeded(2), CPU), draws
+    )
 
 
 class Scale(nn.Module):

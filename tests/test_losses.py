@@ -170,7 +170,8 @@ def test_training_noise_levels_follow_each_losss_reference():
 
 @pytest.mark.parametrize("name", ["vsd", "dmd", "sid", "diffratio"])
 def test_losses_are_built_from_the_config(name):
-    loss = make_generator_loss(BacktrackConfig(loss=name, p_mean=-1.0, p_std=1.0, sid_alpha=1.0))
+    resolved = dict(p_mean=-1.0, p_std=1.0, sid_alpha=1.0, ratio_weighting="score")
+    loss = make_generator_loss(BacktrackConfig(loss=name, **resolved))
     assert isinstance(loss, GENERATOR_LOSSES[name])
 
 

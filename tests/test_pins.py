@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,8 @@ VAR_DATA, VAR_GEN = 0.3**2, 1.2**2  # zero-mean Gaussians of different variances
 class ExactLogRatio(nn.Module):
     """log p_sigma(x) - log q_sigma(x) of N(0, VAR_DATA) against N(0, VAR_GEN), noised."""
 
+    spec = SimpleNamespace(sigma_data=0.5)  # read by the score weighting only
+
     def forward(self, x, sigma, class_labels=None):
         s2 = torch.as_tensor(sigma).reshape(-1, 1) ** 2
         p, q = VAR_DATA + s2, VAR_GEN + s2
@@ -90,7 +93,7 @@ def test_diffratio_reads_the_score_difference_at_the_noised_point():
     x = (1.2 * torch.randn(256, 2, generator=gen)).requires_grad_(True)
     sigma = torch.exp(torch.randn(256, generator=gen))
     noise = torch.randn(256, 2, generator=gen)
-    out = DiffRatioLoss(0.0, 1.0)(x, sigma, noise, ExactLogRatio(), None, NO_CONDITIONS)
+    out = DiffRatioLoss(0.0, 1.0, "denoiser")(x, sigma, noise, ExactLogRatio(), None, NO_CONDITIONS)
     (grad,) = torch.autograd.grad(out.loss, x)
     s2 = sigma.reshape(-1, 1) ** 2
     x_t = x.detach() + sigma.reshape(-1, 1) * noise

@@ -8,6 +8,7 @@ generator. The training loop only sees `GeneratorLoss`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,9 +159,9 @@ class DiffRatioLoss(VSDLoss):
 
     fake_side = "ratio"
 
-    def __init__(self, p_mean: float, p_std: float, weighting: str = "denoiser") -> None:
+    def __init__(self, p_mean: float, p_std: float, weighting: str) -> None:
         super().__init__(p_mean, p_std)
-        self.weighting = weighting
+        self.weight = RATIO_WEIGHTINGS[weighting]
 
     @classmethod
     def from_config(cls, cfg) -> DiffRatioLoss:
@@ -168,11 +169,17 @@ class DiffRatioLoss(VSDLoss):
 
     def __call__(self, x, sigma, noise, fake, target, cond) -> GeneratorLossOutput:
         x_t = x.detach() + sigma_like(sigma, x) * noise
-        gap = score_difference(fake, x_t, sigma, cond).detach()
-        if self.weighting == "score":
-            gap = gap * sigma_like(fake.spec.sigma_data**2 / sigma**2, x)
+        gap = score_difference(fake, x_t, sigma, cond).detach()  # sigma^2 times the gradient
+        gap = gap * sigma_like(self.weight(sigma, fake.spec.sigma_data), x)
         loss = (gap * x).flatten(1).sum(dim=1).mean()
         return GeneratorLossOutput(loss, gap.abs().mean())
+
+
+# DiffRatio's weight over noise levels, relative to sigma^2 times the ratio's gradient.
+RATIO_WEIGHTINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "denoiser": lambda sigma, sigma_data: torch.ones_like(sigma),  # VSD's
+    "score": lambda sigma, sigma_data: sigma_data**2 / sigma**2,
+}
 
 
 GENERATOR_LOSSES: dict[str, type] = {
