@@ -95,6 +95,47 @@ def test_a_denoising_step_draws_in_order_from_the_run_stream_and_passes_the_cond
     assert torch.equal(loss, again) and torch.equal(norm, again_norm)
 
 
+class DroppingContext(Context):
+    """A source whose trained denoiser sees `dropout` of the rows with the context -1."""
+
+    def __init__(self, dropout: float) -> None:
+        self.dropout = dropout
+
+    @staticmethod
+    def unconditional_rows(cond, rows):
+        return Conditioning({"context": torch.where(rows[:, None], -1.0, cond["context"])})
+
+
+def test_dropped_rows_reach_the_denoiser_unconditional_and_the_generator_as_drawn():
+    """After the noise, one uniform per row from the run's stream: rows below `dropout` are
+    shown to the denoiser unconditional; the generator draws every sample for its own
+    condition. A source that drops nothing draws nothing more."""
+    denoiser, generator = Linear(0.3), Generator()
+    optimizer = torch.optim.SGD(denoiser.parameters(), lr=0.0)
+    rng = seeded(5)
+    loss, _ = denoising_step(
+        denoiser, optimizer, generator, (64, 3), DroppingContext(0.25), Levels(), rng
+    )
+    replay = seeded(5)
+    z = torch.randn(64, 3, generator=replay)
+    context = torch.rand(64, 1, generator=replay)
+    sigma = (torch.rand(64, generator=replay) + 0.5).reshape(-1, 1)
+    noise = torch.randn(64, 3, generator=replay)
+    dropped = torch.rand(64, generator=replay) < 0.25
+    assert 4 < int(dropped.sum()) < 60 and torch.equal(rng.get_state(), replay.get_state())
+    seen = torch.where(dropped[:, None], -1.0, context)
+    assert torch.equal(generator.seen[0], context) and torch.equal(denoiser.seen[0], seen)
+    x0 = 2 * z
+    expected = (edm_loss_weight(sigma, 0.5) * (0.3 * (x0 + sigma * noise) + seen - x0) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    plain, nothing_dropped = seeded(5), DroppingContext(0.0)
+    denoising_step(Linear(0.3), optimizer, Generator(), (64, 3), nothing_dropped, Levels(), plain)
+    replay = seeded(5)
+    torch.randn(64, 3, generator=replay), torch.rand(64, 1, generator=replay)  # z, context
+    torch.rand(64, generator=replay), torch.randn(64, 3, generator=replay)  # sigma, noise
+    assert torch.equal(plain.get_state(), replay.get_state())
+
+
 def test_the_global_batch_and_its_draws_follow_the_first_axis():
     n, z, cond = generator_inputs(
         (4, 3), Context(), torch.Generator().manual_seed(1), Execution(CPU)

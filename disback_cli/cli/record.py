@@ -57,10 +57,33 @@ def record(
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:
         manifest = run_record(cfg, out, force=force, reporter=reporter)
-    last = manifest.nodes[-1].dist_to_teacher or 1.0
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return
+    warning = fit_warning(manifest.nodes)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
+    warnings = manifest.session.get("warnings", []) + ([warning] if warning else [])
+    if json_out:
+        emit_json(
+            {
+                "trajectory": str(out.absolute()),
+                "status": manifest.status,
+                "teacher": manifest.teacher.source,
+                **manifest.session,
+                "elapsed_seconds": manifest.elapsed_seconds,
+                "nodes": _nodes_json(manifest, out.absolute()),
+                "config": manifest.config.model_dump(mode="json"),
+                "config_sources": manifest.config_sources,
+                "warnings": warnings,
+            }
+        )
+    elif not quiet:
+        stdout.print(_nodes_table(manifest, out))
+
+
+def _nodes_json(manifest, where: Path) -> list[dict]:
     teacher_loss = manifest.nodes[0].g0_loss
-    where = out.absolute()
-    nodes_out = [
+    return [
         {
             "index": n.index,
             "step": n.step,
@@ -72,29 +95,11 @@ def record(
         }
         for n in manifest.nodes
     ]
-    if not is_main_process():  # under torchrun, rank 0 reports
-        return
-    warning = fit_warning(manifest.nodes)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)  # one line, however wide
-    warnings = manifest.session.get("warnings", []) + ([warning] if warning else [])
-    if json_out:
-        emit_json(
-            {
-                "trajectory": str(where),
-                "status": manifest.status,
-                "teacher": manifest.teacher.source,
-                **manifest.session,
-                "elapsed_seconds": manifest.elapsed_seconds,
-                "nodes": nodes_out,
-                "config": manifest.config.model_dump(mode="json"),
-                "config_sources": manifest.config_sources,
-                "warnings": warnings,
-            }
-        )
-        return
-    if quiet:
-        return
+
+
+def _nodes_table(manifest, out: Path) -> Table:
+    last = manifest.nodes[-1].dist_to_teacher or 1.0
+    teacher_loss = manifest.nodes[0].g0_loss
     table = Table(title=f"degradation path in {out}  ({manifest.elapsed_seconds:.1f} s)")
     columns = (
         "node",
@@ -108,13 +113,14 @@ def record(
     for column in columns:
         table.add_column(column, justify="right")
     for n in manifest.nodes:
+        fit = _fit(n, teacher_loss)
         table.add_row(
             str(n.index),
             str(n.step),
             f"{n.dist_to_teacher:.4f}",
             f"{n.dist_to_teacher / last:.0%}",
             _number(n.g0_loss),
-            "-" if _fit(n, teacher_loss) is None else f"{_fit(n, teacher_loss):.3f}",
+            "-" if fit is None else f"{fit:.3f}",
             _number(n.train_loss),
         )
-    stdout.print(table)
+    return table
