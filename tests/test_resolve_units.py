@@ -159,3 +159,16 @@ def test_the_family_chooses_g0s_noise_level_for_a_recording(ring, monkeypatch):
     cfg, sources = resolve_record(RecordConfig(teacher="builtin:ring2d"), ring)
     assert seen["g0"] == (ring, None)
     assert (cfg.sigma_init, sources["sigma_init"]) == (7.0, "the family")
+
+
+def test_weight_decay_is_checked_against_the_resolved_optimiser(ring):
+    """The optimiser may come from the teacher's family (Adam for vector teachers): a decay
+    given without AdamW is refused once the optimiser is known, naming where it came from."""
+    with pytest.raises(ConfigError) as caught:
+        resolve_backtrack(BacktrackConfig(weight_decay=0.05), ring)
+    assert str(caught.value) == (
+        "--weight-decay needs --optimizer adamw (the default for vector teachers is adam)"
+    )
+    cfg, _ = resolve_backtrack(BacktrackConfig(weight_decay=0.05, optimizer="adamw"), ring)
+    assert (cfg.weight_decay, cfg.optimizer) == (0.05, "adamw")
+    assert resolve_backtrack(BacktrackConfig(), ring)[0].weight_decay == 0.0
