@@ -299,6 +299,14 @@ EQUIVALENT: dict[str, str] = {
         "the chunk size bounds memory; the nearest variant of each image is the same"
     ),
     "disback_cli.evaluation.shapes.x_shapes_scores__mutmut_52": CPU_ONLY,
+    **{f"disback_cli.method.dsm.x_denoising_step__mutmut_{n}": CPU_ONLY for n in (45, 48)},
+    "disback_cli.method.dsm.x_denoising_step__mutmut_34": (
+        "a source without a dropout drops nothing whether the default is 0.0 or None (both falsy)"
+    ),
+    "disback_cli.method.dsm.x_denoising_step__mutmut_49": (
+        "a uniform draw equals the share exactly with probability 2^-24 at most: < and <= drop "
+        "the same rows"
+    ),
     "disback_cli.evaluation.shapes.x__coverage__mutmut_52": (
         "an (N, 1, 1) index expands to (1, N, H, W) as the (1, N, 1, 1) one does"
     ),
