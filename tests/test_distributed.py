@@ -19,7 +19,7 @@ import torch
 
 from conftest import checkout_env
 from disback_cli.models.denoiser_files import load_denoiser
-from disback_cli.runtime import parallel
+from disback_cli.runtime import parallel, sharding
 from disback_cli.runtime.parallel import Execution
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, read_manifest
@@ -104,12 +104,12 @@ def fake_two_rank_world(monkeypatch) -> None:
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
 
 
-@pytest.mark.parametrize("bucket_elements", [4, parallel.BUCKET_ELEMENTS], ids=["small", "default"])
+@pytest.mark.parametrize("bucket_elements", [4, sharding.BUCKET_ELEMENTS], ids=["small", "default"])
 def test_gradients_are_averaged_over_ranks_not_summed(monkeypatch, bucket_elements):
     """Rank 0 of a (faked) 2-process world: every gradient, in every bucket, becomes the mean
     (g + h) / 2 of its own g and the other rank's h; parameters without one are left alone."""
     fake_two_rank_world(monkeypatch)
-    monkeypatch.setattr(parallel, "BUCKET_ELEMENTS", bucket_elements)
+    monkeypatch.setattr(sharding, "BUCKET_ELEMENTS", bucket_elements)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3,), (2, 2), (5,), (1,)]]
     grads = [torch.linspace(-1, 2, p.numel()).reshape(p.shape) for p in params]
     for p, g in zip(params[:3], grads, strict=False):

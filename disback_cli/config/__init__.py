@@ -245,6 +245,15 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    parallel: Literal["ddp", "fsdp", "hsdp"] = Field(
+        "ddp",
+        description="how torchrun processes hold the networks: ddp (whole copies, data "
+        "parallel), fsdp (each network sharded over all processes, PyTorch FSDP2) or hsdp "
+        "(sharded within --shard-size processes, replicated across)",
+    )
+    shard_size: Annotated[int, Field(ge=1, le=1 << 16)] | None = Field(
+        None, description="hsdp: processes each network is sharded over (none: all)"
+    )
     data: PathText | None = Field(
         None,
         description="real data for --loss diffratio: builtin:NAME, an image folder or an "
@@ -329,6 +338,11 @@ class BacktrackConfig(_Training):
         max_length=2,
         description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",
     )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the networks are sharded (the resume point is then a folder of shards)."""
+        return self.parallel != "ddp"
 
     @model_validator(mode="before")
     @classmethod

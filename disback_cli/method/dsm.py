@@ -72,7 +72,7 @@ def apply_gradients(
     ex.average_gradients(module.parameters())
     grad_norm = clip_gradients(module.parameters(), clip)
     optimizer.step()
-    return grad_norm
+    return ex.layout.local_norm(grad_norm)
 
 
 def denoising_step(

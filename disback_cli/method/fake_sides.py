@@ -26,12 +26,14 @@ from disback_cli.method.ratio import ratio_step
 from disback_cli.models.family import Teacher
 from disback_cli.models.path_nodes import Targets
 from disback_cli.models.ratio import build_ratio, ratio_spec_for, save_ratio
+from disback_cli.runtime.sharding import WHOLE
 from disback_cli.store.layout import checkpoint_file
 from disback_cli.store.manifests import DataRecord, FileRef, TrajectoryManifest
 
 
 class FakeSide(Protocol):
     description: str  # names the side in messages ("--loss diffratio")
+    shardable: bool  # whether it runs with sharded networks (--parallel fsdp|hsdp)
     options: dict[str, Any]  # config fields only this side takes -> their "not used" value
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
@@ -50,9 +52,10 @@ class FakeSide(Protocol):
     def data_record(self) -> DataRecord | None: ...
 
     def build(
-        self, cfg, trajectory, traj: TrajectoryManifest, teacher: Teacher, generator, ex
+        self, cfg, trajectory, traj: TrajectoryManifest, teacher: Teacher, generator, ex, networks
     ) -> tuple[nn.Module, Targets]:
-        """The network to train and the targets of the generator loss."""
+        """The network to train and the targets of the generator loss, made by `networks`
+        (whole or sharded, `runtime.sharding`)."""
         ...
 
     @property
@@ -69,6 +72,7 @@ class ScoreFake:
 
     description: ClassVar[str] = "score distillation"
     options: ClassVar[dict[str, Any]] = {"lr_fake": None}
+    shardable: ClassVar[bool] = True  # its network and targets run sharded (--parallel fsdp)
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         pass
@@ -84,11 +88,20 @@ class ScoreFake:
         return None
 
     def build(
-        self, cfg, trajectory, traj: TrajectoryManifest, teacher: Teacher, generator, ex
+        self,
+        cfg,
+        trajectory,
+        traj: TrajectoryManifest,
+        teacher: Teacher,
+        generator,
+        ex,
+        networks=WHOLE,
     ) -> tuple[nn.Module, Targets]:
         """The fake score to train and the targets (which take over the teacher's weights)."""
         node_format = teacher.family.node_format(traj.config)
-        targets = node_format.targets(trajectory, traj, teacher, ex.device, ex.prepare, cfg.verify)
+        targets = node_format.targets(
+            trajectory, traj, teacher, ex.device, ex.prepare, cfg.verify, networks
+        )
         return targets.copy_of(0 if cfg.no_trajectory else traj.last_node), targets
 
     @property
@@ -125,6 +138,7 @@ class RatioFake:
     verifier of best-of-K sampling."""
 
     description: ClassVar[str] = "--loss diffratio"
+    shardable: ClassVar[bool] = False  # its ratio network is whole in every process
     options: ClassVar[dict[str, Any]] = {
         "data": None,
         "ratio_width": None,
@@ -172,7 +186,7 @@ class RatioFake:
     def data_record(self) -> DataRecord:
         return DataRecord(**vars(self.data.ref))
 
-    def build(self, cfg, trajectory, traj, teacher: Teacher, generator, ex):
+    def build(self, cfg, trajectory, traj, teacher: Teacher, generator, ex, networks=WHOLE):
         teacher.denoiser = None  # nothing queries the teacher's score
         spec = ratio_spec_for(
             teacher.spec.data_shape,

@@ -67,11 +67,17 @@ def g0_spec(cfg: RecordConfig, teacher: Teacher, student: DenoiserFile | None) -
 
 
 def build_g0(
-    spec: G0Spec, teacher: Teacher, device, verify: bool = True, share: bool = False
+    spec: G0Spec,
+    teacher: Teacher,
+    device,
+    verify: bool = True,
+    share: bool = False,
+    copy_network=copy.deepcopy,
 ) -> tuple[OneStepGenerator, NetworkSpec]:
     """The frozen initial generator and its network spec (students may differ from the teacher).
     With `share`, a teacher-copy G0 runs on the teacher's own weights instead of a copy (both
-    stay frozen: recording saves a whole network's memory)."""
+    stay frozen: recording saves a whole network's memory); `copy_network` makes the copy
+    otherwise (a sharded run's copies are sharded)."""
     if spec.kind == "file":
         loaded = load_student(spec.file, teacher, device, spec.sha256, verify)
         if (loaded.spec.data_shape, loaded.spec.label_dim) != (
@@ -88,7 +94,7 @@ def build_g0(
             network = network_spec(spec.network, "the trajectory's random student")
             denoiser = build_denoiser(network).to(device)
     else:
-        denoiser = teacher.denoiser if share else copy.deepcopy(teacher.denoiser)
+        denoiser = teacher.denoiser if share else copy_network(teacher.denoiser)
         network = teacher.spec
     g0 = OneStepGenerator(denoiser, spec.sigma_init, spec.input_scale)
     g0.eval().requires_grad_(False)

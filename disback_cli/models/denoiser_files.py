@@ -23,7 +23,6 @@ from disback_cli.store.tensorfile import (
     check_weights,
     read_safetensors,
     safetensors_chunks,
-    tensors_of,
 )
 
 FORMAT = "disback.denoiser"
@@ -69,14 +68,15 @@ class DenoiserFile:
 
 def save_denoiser(
     path: str | Path,
-    denoiser: nn.Module,
+    denoiser: nn.Module | dict[str, torch.Tensor],
     spec: NetworkSpec,
     info: dict,
     dtype: torch.dtype | None = None,
 ) -> str:
-    """Write the denoiser's weights atomically (floating tensors cast to `dtype` if given);
-    return the file's sha256."""
-    tensors = tensors_of(denoiser)
+    """Write the denoiser's weights (a module, or its state dict) atomically, floating tensors
+    cast to `dtype` if given; return the file's sha256."""
+    state = denoiser.state_dict() if isinstance(denoiser, nn.Module) else denoiser
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {

@@ -27,6 +27,7 @@ from disback_cli.models.conditioning import Conditioning, ConditionSource, condi
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.path_nodes import FULL_WEIGHTS, NodeFormat
+from disback_cli.runtime.sharding import blocks_of
 from disback_cli.store.manifests import PromptsRef, TeacherRef
 
 BUILTIN_PREFIX = "builtin:"
@@ -264,6 +265,10 @@ class TeacherFamily:
     def query_levels(self, teacher: Teacher):
         """Noise levels every generator loss must query at (None: each loss's own)."""
         return None
+
+    def shard_units(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The blocks FSDP shards one by one (`--parallel fsdp`): those its architecture names."""
+        return blocks_of(denoiser)
 
     def node_format(self, record_cfg) -> NodeFormat:
         """How the path nodes of a recording with this config are stored."""

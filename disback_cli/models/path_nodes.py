@@ -13,7 +13,6 @@ kept only if it is the first target, and otherwise read again at the end.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
 from disback_cli.models.networks import NetworkSpec
+from disback_cli.runtime.sharding import WHOLE, Networks
 from disback_cli.store.fileio import parse_json
 from disback_cli.store.layout import check_no_links
 from disback_cli.store.manifests import TrajectoryManifest
@@ -70,11 +70,14 @@ class NodeFormat(Protocol):
         device: torch.device,
         prepare: Prepare,
         verify: bool,
+        networks: Networks = WHOLE,
     ) -> Targets: ...
 
 
 class FullWeights:
     """Each node a denoiser file (optionally stored in bf16)."""
+
+    shardable = True  # its targets can be sharded networks (`--parallel fsdp`)
 
     def trained(self, aux: nn.Module, cfg) -> nn.Module:
         return aux
@@ -89,8 +92,10 @@ class FullWeights:
     def describe(self, cfg) -> str:
         return f"{cfg.node_dtype} weights"
 
-    def targets(self, trajectory, manifest, teacher, device, prepare, verify) -> PathNodes:
-        return PathNodes(trajectory, manifest, teacher, device, prepare, verify)
+    def targets(
+        self, trajectory, manifest, teacher, device, prepare, verify, networks=WHOLE
+    ) -> PathNodes:
+        return PathNodes(trajectory, manifest, teacher, device, prepare, verify, networks)
 
 
 FULL_WEIGHTS = FullWeights()
@@ -101,6 +106,7 @@ def check_node_networks(trajectory: Path, manifest: TrajectoryManifest, teacher:
     (nothing loaded): a node of another network stops the run before it writes anything, not at
     its target switch hours in."""
     expected = {name: tuple(t.shape) for name, t in teacher.denoiser.state_dict().items()}
+    # (a sharded teacher's state dict holds the whole shapes)
     for node in manifest.nodes:
         if node.file is None:
             continue
@@ -135,7 +141,8 @@ class PathNodes:
     """Hands out targets in decreasing node order, prefetching the next one.
 
     Takes over the teacher's weights (`teacher.denoiser` becomes None) so that they can be freed
-    once they are not the target."""
+    once they are not the target. `networks` makes the nodes whole or sharded networks
+    (`runtime.sharding`): sharded, each process reads only its rows of a node file."""
 
     def __init__(
         self,
@@ -145,10 +152,12 @@ class PathNodes:
         device: torch.device,
         prepare: Prepare = lambda node: node,
         verify: bool = True,
+        networks: Networks = WHOLE,
     ) -> None:
         check_node_networks(trajectory, manifest, teacher)
         self.trajectory, self.manifest, self.teacher = trajectory, manifest, teacher
         self.device, self.prepare, self.verify = device, prepare, verify
+        self.networks = networks
         self.held_teacher: nn.Module | None = teacher.denoiser  # released after the first target
         teacher.denoiser = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disback-prefetch")
@@ -160,9 +169,14 @@ class PathNodes:
         if index == 0:
             if self.held_teacher is not None:
                 return self.held_teacher
-            return self.teacher.family.reopen(self.teacher, self.device)
-        return load_path_node(
-            self.trajectory, self.manifest, index, self.teacher, self.device, self.verify
+            return self.networks.adopt(self.teacher.family.reopen(self.teacher, self.device))
+        node = self.manifest.nodes[index]
+        return self.networks.load(
+            check_no_links(self.trajectory, node.file),
+            node.sha256 if self.verify else None,
+            lambda: load_path_node(
+                self.trajectory, self.manifest, index, self.teacher, self.device, self.verify
+            ),
         )
 
     def _prepare(self, index: int) -> nn.Module:
@@ -175,7 +189,7 @@ class PathNodes:
 
     def copy_of(self, index: int) -> nn.Module:
         """A copy of node `index` to train (the fake score starts from one)."""
-        return copy.deepcopy(self._load(index))
+        return self.networks.copy(self._load(index))
 
     def at(self, index: int) -> nn.Module:
         """The target node `index`: the current one again, or (at a switch) the next one, after

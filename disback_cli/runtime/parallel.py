@@ -3,10 +3,9 @@
 Data parallelism is designed so that K processes with per-rank batch B compute what one process
 with batch K*B computes: every rank draws the random numbers of the *global* batch from the shared
 stream and keeps its own slice, gradients are averaged across ranks before clipping, and logged
-values are averaged too. Only dropout (the global torch stream) is seeded per rank. Gradients are
-all-reduced in buckets after the backward pass rather than through DistributedDataParallel: the
-fake score is evaluated both inside the generator's loss (frozen) and in its own step, which DDP's
-hooks do not model.
+values are averaged too. Only dropout (the global torch stream) is seeded per rank. How the
+networks are laid over the processes (whole copies, or FSDP2 shards) is the `sharding` layout's
+to say; both compute the same numbers.
 """
 
 from __future__ import annotations
@@ -15,17 +14,17 @@ import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from disback_cli.errors import ConfigError
 from disback_cli.runtime.devices import check_fits_memory, resolve_device
 from disback_cli.runtime.reporting import Reporter, SilentReporter
-
-BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
+from disback_cli.runtime.sharding import PARALLEL, Replicated
 
 
 def launched_by_torchrun() -> bool:
@@ -45,6 +44,11 @@ class Execution:
     world_size: int = 1
     channels_last: bool | None = None  # None: on for images on CUDA
     compile: bool = False  # torch.compile the networks (in place: state-dict names unchanged)
+    layout: Replicated = field(default=None)  # type: ignore[assignment]  # None: whole copies
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", Replicated(self.device, self.world_size, None))
 
     @property
     def is_main(self) -> bool:
@@ -92,17 +96,7 @@ class Execution:
         return int(hashlib.sha256(f"{seed}:{self.rank}".encode()).hexdigest()[:15], 16)
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        if not self.distributed:
-            return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        for bucket in _buckets(grads):
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            dist.all_reduce(flat)
-            flat /= self.world_size
-            for grad, synced in zip(
-                bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True
-            ):
-                grad.copy_(synced)
+        self.layout.average_gradients(parameters)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average of a tensor over ranks (the value a single process would have computed)."""
@@ -141,19 +135,6 @@ class Execution:
             dist.barrier()
 
 
-def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for grad in grads:
-        if bucket and size + grad.numel() > BUCKET_ELEMENTS:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(grad)
-        size += grad.numel()
-    if bucket:
-        yield bucket
-
-
 def execution(cfg) -> Execution:
     """The execution of this process for a config with device and compute fields; joins the
     torchrun process group when launched by it (NCCL on CUDA, gloo on CPU, one GPU per local
@@ -175,7 +156,16 @@ def execution(cfg) -> Execution:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     torch.set_num_threads(cpu_threads(cfg.threads))
-    return Execution(resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile)
+    layout = PARALLEL[getattr(cfg, "parallel", Replicated.name)]
+    if layout is not Replicated and world_size == 1:
+        raise ConfigError(
+            f"--parallel {layout.name} shards the networks over processes: launch with torchrun "
+            "--nproc_per_node=N (N >= 2), or use --parallel ddp on one process"
+        )
+    placed = layout(resolved, world_size, getattr(cfg, "shard_size", None))
+    return Execution(
+        resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile, placed
+    )
 
 
 def cpu_threads(requested: int | None = None) -> int:

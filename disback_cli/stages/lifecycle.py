@@ -45,6 +45,7 @@ from disback_cli.store.layout import (
     check_no_links,
     refuse_foreign,
     remove_empty_folders,
+    remove_file_or_bundle,
     remove_ours,
 )
 from disback_cli.store.lock import run_lock
@@ -57,6 +58,7 @@ from disback_cli.store.manifests import (
     write_manifest,
 )
 from disback_cli.store.metrics_log import truncate_metrics
+from disback_cli.store.sharded_state import load_sharded_state, save_sharded_state
 from disback_cli.store.statefile import load_state, local_rng_state, save_state
 
 
@@ -75,6 +77,7 @@ class RunKind:
     extendable: tuple[str, ...] = ()  # config fields a resume may raise (backtrack: iters)
     final_state: bool = False  # a finished run keeps its last state (to be extended later)
     metrics_log: bool = False  # keeps metrics.jsonl, cut back to the resume point on resume
+    published: tuple[str, ...] = ()  # modules whose whole weights a resume point's files hold
 
 
 RECORDING = RunKind(
@@ -99,7 +102,45 @@ BACKTRACKING = RunKind(
     extendable=("iters",),
     final_state=True,
     metrics_log=True,
+    published=("generator", "generator_ema"),
 )
+
+
+class WholeState:
+    """A resume point as one safetensors file, written by rank 0 (`store.statefile`)."""
+
+    def name(self, layout: Layout, step: int) -> str:
+        return layout.state_file(step)
+
+    def save(self, path: Path, step: int, state: TrainingState, extra, rank_rng, ex) -> str:
+        if not ex.is_main:
+            return ""
+        return save_state(path, step, state.modules, state.optimizers, state.rng, extra, rank_rng)
+
+    def load(self, path: Path, ref: StateRef, state: TrainingState, verify: bool, ex) -> dict:
+        return load_state(
+            path, ref.sha256, ref.step, state.modules, state.optimizers, state.rng, verify, ex.rank
+        )
+
+
+class ShardedState(WholeState):
+    """A resume point as a folder of shards, one per process (`store.sharded_state`)."""
+
+    def name(self, layout: Layout, step: int) -> str:
+        return layout.sharded_state_file(step)
+
+    def save(self, path: Path, step: int, state: TrainingState, extra, rank_rng, ex) -> str:
+        return save_sharded_state(
+            path, step, state.modules, state.optimizers, state.rng, extra, rank_rng, ex
+        )
+
+    def load(self, path: Path, ref: StateRef, state: TrainingState, verify: bool, ex) -> dict:
+        return load_sharded_state(
+            path, ref.sha256, ref.step, state.modules, state.optimizers, state.rng, verify, ex
+        )
+
+
+STATE_STORES = {False: WholeState(), True: ShardedState()}  # by whether networks are sharded
 
 
 class Stateful(Protocol):
@@ -180,6 +221,8 @@ class Run:
         self.directory, self.kind, self.ex, self.reporter = Path(directory), kind, ex, reporter
         self.manifest: Any = None  # the stage's RunManifest, once `begin` has run
         self.state: TrainingState | None = None
+        self.store = STATE_STORES[ex.layout.sharded]
+        self.published: dict[str, dict[str, torch.Tensor]] = {}  # whole weights, while saving
         self._resuming = False
         self._save_requested = False
         self._clock = (0.0, time.perf_counter())  # seconds before this process, its start
@@ -268,16 +311,7 @@ class Run:
             if ref is not None:
                 step = ref.step
                 source = check_no_links(self.directory, ref.file)
-                extra = load_state(
-                    source,
-                    ref.sha256,
-                    step,
-                    state.modules,
-                    state.optimizers,
-                    state.rng,
-                    cfg.verify,
-                    self.ex.rank,
-                )
+                extra = self.store.load(source, ref, state, cfg.verify, self.ex)
                 for key, loop_state in state.loop.items():
                     loop_state.load_state_dict(extra.get(key, {}), str(self.directory / ref.file))
                 self.note(f"resuming {self.directory} from iteration {step}")
@@ -345,25 +379,20 @@ class Run:
         manifest.elapsed_seconds = self.elapsed()
         rank_rng = self.ex.gather(local_rng_state(self.ex.device))  # every rank takes part
         previous = manifest.files()
-        file, digest = self.kind.layout.state_file(step), ""  # the hash is known to rank 0
-        if self.ex.is_main:
-            if outputs is not None:
-                outputs(step)
-            extra = {key: loop_state.state_dict() for key, loop_state in state.loop.items()}
-            digest = save_state(
-                self.directory / file,
-                step,
-                state.modules,
-                state.optimizers,
-                state.rng,
-                extra,
-                rank_rng,
-            )
-        manifest.state = StateRef(file=file, sha256=digest, step=step)
+        file = self.store.name(self.kind.layout, step)
+        self.published = {  # every rank takes part (a sharded network is gathered)
+            key: self.ex.layout.full_state(state.modules[key]) for key in self.kind.published
+        }
+        if self.ex.is_main and outputs is not None:
+            outputs(step)
+        self.published = {}
+        extra = {key: loop_state.state_dict() for key, loop_state in state.loop.items()}
+        digest = self.store.save(self.directory / file, step, state, extra, rank_rng, self.ex)
+        manifest.state = StateRef(file=file, sha256=digest, step=step)  # digest: on rank 0
         if self.ex.is_main:
             write_manifest(self.directory, manifest)
             for gone in previous - manifest.files():
-                (self.directory / gone).unlink(missing_ok=True)
+                remove_file_or_bundle(self.directory, gone, self.kind.layout)
 
     def _complete(self, step: int, outputs: Callable[[int], None] | None) -> None:
         """Mark the run complete: with its last state (a run that may be extended), or as just

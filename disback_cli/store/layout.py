@@ -35,6 +35,8 @@ class Layout:
     root_files: frozenset[str]  # names directly in the run directory
     folders: dict[str, re.Pattern]  # sub-folder -> the names disback writes in it
     state_file: Callable[[int], str]  # name of the resume point at a step
+    bundles: re.Pattern | None = None  # folders in a sub-folder (sharded resume points)
+    sharded_state_file: Callable[[int], str] | None = None  # name of a sharded resume point
 
     def owns(self, relative: str) -> bool:
         """Whether `relative` (e.g. 'nodes/node-001.safetensors') is a name disback writes."""
@@ -42,7 +44,18 @@ class Layout:
         if len(parts) == 1:
             return parts[0] in self.root_files
         pattern = self.folders.get(parts[0])
+        if len(parts) == 3:
+            return self.owns_bundle(parts[0], parts[1]) and (
+                BUNDLE_FILES.fullmatch(parts[2]) is not None
+                or _temporary_of(parts[2], BUNDLE_FILES)
+            )
         return len(parts) == 2 and pattern is not None and pattern.fullmatch(parts[1]) is not None
+
+    def owns_bundle(self, folder: str, name: str) -> bool:
+        """A sharded resume point's folder, or the temporary one it is written under."""
+        if self.bundles is None or folder not in self.folders:
+            return False
+        return self.bundles.fullmatch(name) is not None or _temporary_of(name, self.bundles)
 
     def owns_temporary(self, folder: str, name: str) -> bool:
         """A temporary file of an atomic write of one of our names (a killed process left it)."""
@@ -51,6 +64,16 @@ class Layout:
             return False
         inner = match["name"] if not folder else f"{folder}/{match['name']}"
         return self.owns(inner)
+
+
+def _temporary_of(name: str, pattern: re.Pattern) -> bool:
+    match = TEMPORARY.fullmatch(name)
+    return match is not None and pattern.fullmatch(match["name"]) is not None
+
+
+# What a sharded resume point's folder holds: the shard files torch.distributed.checkpoint writes
+# (one per process, Hugging Face safetensors layout) and the loop state.
+BUNDLE_FILES = re.compile(r"shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors|extra\.json")
 
 
 def node_file(index: int) -> str:
@@ -72,10 +95,13 @@ CHECKPOINT_FILES = {
 }
 
 
-def checkpoint_file(kind: str, step: int) -> str:
-    """The file of a checkpoint kind (a value of `CHECKPOINT_FILES`) at `step`."""
+def checkpoint_file(kind: str, step: int, sharded: bool = False) -> str:
+    """The file of a checkpoint kind (a value of `CHECKPOINT_FILES`) at `step`; a sharded run's
+    state is a folder of shards (`store.sharded_state`)."""
     if kind not in CHECKPOINT_FILES.values():
         raise ValueError(f"no checkpoint file kind {kind!r}")
+    if sharded and kind == "state":
+        return f"checkpoints/state-{step:08d}.dcp"
     return f"checkpoints/{kind}-{step:08d}.safetensors"
 
 
@@ -93,6 +119,8 @@ BACKTRACK = Layout(
     frozenset({MANIFEST, METRICS, LOCK}),
     {"checkpoints": re.compile(rf"({'|'.join(CHECKPOINT_FILES.values())})-\d{{8}}\.safetensors")},
     lambda step: checkpoint_file("state", step),
+    bundles=re.compile(r"state-\d{8}\.dcp"),
+    sharded_state_file=lambda step: checkpoint_file("state", step, sharded=True),
 )
 
 
@@ -157,12 +185,23 @@ def foreign_entries(root: Path, layout: Layout, whole: bool) -> list[str]:
                 foreign.append(folder)
             continue
         for entry in sorted(path.iterdir()):
+            if entry.is_dir() and not entry.is_symlink() and layout.owns_bundle(folder, entry.name):
+                foreign += _foreign_in_bundle(entry, f"{folder}/{entry.name}", layout)
+                continue
             ours = layout.owns(f"{folder}/{entry.name}") or layout.owns_temporary(
                 folder, entry.name
             )
             if entry.is_symlink() or not entry.is_file() or not ours:
                 foreign.append(f"{folder}/{entry.name}" + ("/" if entry.is_dir() else ""))
     return foreign
+
+
+def _foreign_in_bundle(path: Path, relative: str, layout: Layout) -> list[str]:
+    return [
+        f"{relative}/{entry.name}" + ("/" if entry.is_dir() else "")
+        for entry in sorted(path.iterdir())
+        if entry.is_symlink() or not entry.is_file() or not layout.owns(f"{relative}/{entry.name}")
+    ]
 
 
 def refuse_foreign(root: Path, layout: Layout, whole: bool) -> None:
@@ -196,11 +235,41 @@ def remove_ours(root: Path, layout: Layout, keep: set[str] = frozenset()) -> lis
             candidates += [(folder, entry) for entry in sorted(path.iterdir())]
     for folder, entry in candidates:
         relative = f"{folder}/{entry.name}" if folder else entry.name
-        if entry.is_symlink() or not entry.is_file() or relative in keep or relative == LOCK:
+        if relative in keep or relative == LOCK or entry.is_symlink():
             continue
-        if layout.owns(relative) or layout.owns_temporary(folder, entry.name):
+        if entry.is_dir() and layout.owns_bundle(folder, entry.name):
+            gone += remove_bundle(root, relative, layout)
+        elif entry.is_file() and (
+            layout.owns(relative) or layout.owns_temporary(folder, entry.name)
+        ):
             entry.unlink()
             gone.append(entry)
+    return gone
+
+
+def remove_file_or_bundle(root: Path, relative: str, layout: Layout) -> None:
+    """Delete a file a manifest named (a sharded resume point is a folder of files)."""
+    folder, _, name = relative.partition("/")
+    if layout.owns_bundle(folder, name):
+        remove_bundle(root, relative, layout)
+    else:
+        (root / relative).unlink(missing_ok=True)
+
+
+def remove_bundle(root: Path, relative: str, layout: Layout) -> list[Path]:
+    """Delete a sharded resume point's folder: the files disback writes in it, then the folder
+    if that left it empty (anything else in it stays, and so does the folder)."""
+    path = root / relative
+    if path.is_symlink() or not path.is_dir():
+        return []
+    gone = []
+    for entry in sorted(path.iterdir()):
+        if not entry.is_symlink() and entry.is_file() and layout.owns(f"{relative}/{entry.name}"):
+            entry.unlink()
+            gone.append(entry)
+    if not any(path.iterdir()):
+        path.rmdir()
+        gone.append(path)
     return gone
 
 

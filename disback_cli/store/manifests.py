@@ -265,10 +265,12 @@ class BacktrackManifest(RunManifest):
         )
         if any(ref is None for _, ref in refs) and any(ref is not None for _, ref in refs):
             raise ValueError("generator, generator_ema and state are saved together")
+        sharded = self.config.sharded
         for field, kind in CHECKPOINT_FILES.items():  # every file it names, by one rule
             ref = getattr(self, field)
-            if ref is not None and ref.file != checkpoint_file(kind, self.step):
-                raise ValueError(f"{kind} file must be {checkpoint_file(kind, self.step)!r}")
+            expected = checkpoint_file(kind, self.step, sharded)
+            if ref is not None and ref.file != expected:
+                raise ValueError(f"{kind} file must be {expected!r}")
         if self.ratio is not None and self.generator is None:
             raise ValueError("a ratio network is saved with the generator")
         if self.state is not None and self.state.step != self.step:

@@ -157,6 +157,10 @@ class SongUNet(nn.Module):
                     cout, out_channels, kernel=3, **init_zero
                 )
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
+        return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -280,6 +284,10 @@ class DhariwalUNet(nn.Module):
                 )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def shard_blocks(self) -> list[nn.Module]:
+        """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
+        return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
 
     def forward(
         self,

@@ -185,6 +185,8 @@ def read_lora(
 class Adapters:
     """Path nodes stored as the auxiliary model's rank-r adapters (`record --lora-rank`)."""
 
+    shardable = False  # its targets are one whole adapted copy of the teacher
+
     def trained(self, aux: nn.Module, cfg) -> nn.Module:
         add_lora(aux, cfg.lora_rank, cfg.seed)
         return LoraFactors(aux)
@@ -198,7 +200,9 @@ class Adapters:
     def describe(self, cfg) -> str:
         return f"LoRA rank {cfg.lora_rank}"
 
-    def targets(self, trajectory, manifest, teacher, device, prepare, verify) -> LoraPathNodes:
+    def targets(
+        self, trajectory, manifest, teacher, device, prepare, verify, networks=None
+    ) -> LoraPathNodes:
         return LoraPathNodes(trajectory, manifest, teacher, prepare, verify)
 
 

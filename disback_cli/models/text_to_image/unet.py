@@ -50,6 +50,11 @@ class DiffusersUNet(nn.Module):
         self.unet = _diffusers().UNet2DConditionModel.from_config(config)
         self.text_time = self.unet.config.addition_embed_type == "text_time"
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """The UNet's down, mid and up blocks, sharded one at a time under FSDP."""
+        unet = self.unet
+        return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block else []), *unet.up_blocks]
+
     def forward(
         self,
         x: torch.Tensor,

@@ -1,0 +1,319 @@
+"""How a run's networks are laid over its processes, chosen once by `--parallel` (`PARALLEL`).
+
+* `ddp`: every process holds whole copies and averages gradients after the backward pass (data
+  parallelism; one process is the plain single-device case).
+* `fsdp`: every network is sharded over all processes with PyTorch FSDP2 (`fully_shard` on each
+  block the architecture names, then on the whole network): parameters, gradients, Adam moments,
+  the EMA, the fake score, the teacher and the path nodes each take 1/world of a copy per process;
+  gradients are reduce-scattered and averaged by FSDP itself.
+* `hsdp`: FSDP2 on a 2-D mesh, sharded within a group of `--shard-size` processes (a node's
+  GPUs) and replicated across groups (fewer bytes over the slow links between nodes).
+
+Everything that depends on the layout goes through one object: copies of the teacher's network
+(`networks`), averaging gradients, gathering a network's full weights for the files `sample`
+reads, and (through `sharded`) how a resume point is stored (`stages.lifecycle`). The sharded
+layouts never build a whole copy of a network beyond the teacher they start from: copies are
+made on the meta device,
+sharded, and filled with this process's rows (from another sharded network, or read from a
+safetensors file by slices).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from disback_cli.errors import DisbackError
+from disback_cli.store.fileio import check_sha256, hash_regular_file
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
+
+BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
+
+Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
+Networks = "WholeCopies | ShardedCopies"  # how a run makes its networks
+
+
+def blocks_of(network: nn.Module) -> list[nn.Module]:
+    """The blocks each architecture names (`shard_blocks()`), in module order: the units FSDP
+    gathers one at a time, so that a forward pass holds one block's full weights at once."""
+    found: list[nn.Module] = []
+    for module in network.modules():
+        declared = getattr(module, "shard_blocks", None)
+        if callable(declared):
+            found.extend(declared())
+    return found
+
+
+class Replicated:
+    """Whole copies in every process; gradients all-reduced in buckets after the backward pass
+    (not DistributedDataParallel: the fake score is evaluated both inside the generator's loss,
+    frozen, and in its own step, which DDP's hooks do not model)."""
+
+    name = "ddp"
+    shards = 1  # ways each network is split
+    sharded = False  # resume points as one file (True: a folder of shards)
+
+    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
+        self.world_size = world_size
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        for bucket in _buckets(grads):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for grad, synced in zip(
+                bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True
+            ):
+                grad.copy_(synced)
+
+    def networks(self, template: nn.Module, units: Units, device: torch.device) -> WholeCopies:
+        return WholeCopies()
+
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's weights as whole tensors (here: its own)."""
+        return module.state_dict()
+
+    def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
+
+    def settle(self, module: nn.Module) -> None:
+        """Leave the module's parameters as this layout keeps them between steps."""
+
+
+class FullyShard(Replicated):
+    """FSDP2 over all processes (a 1-D mesh)."""
+
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        super().__init__(device, world_size, shard_size)
+        self.shards = world_size
+        self.mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Nothing to do: FSDP reduce-scattered the mean gradient during the backward pass."""
+
+    def networks(self, template: nn.Module, units: Units, device: torch.device) -> ShardedCopies:
+        return ShardedCopies(template, units, self.mesh, device)
+
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Whole tensors gathered from every process, one at a time onto the CPU (a collective:
+        every process calls it; all of them get the full weights)."""
+        return {name: _whole(value).cpu() for name, value in module.state_dict().items()}
+
+    def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """A gradient norm over sharded gradients, as one plain number on every process."""
+        return _whole(norm)
+
+    def settle(self, module: nn.Module) -> None:
+        """Shard again what a forward pass without gradients left gathered: FSDP keeps the
+        root unit's parameters whole after the forward pass (for the backward it expects)."""
+        for unit in module.modules():
+            reshard = getattr(unit, "reshard", None)
+            if callable(reshard):
+                reshard()
+
+
+class HybridShard(FullyShard):
+    """FSDP2 sharded within groups of `shard_size` processes, replicated across groups."""
+
+    name = "hsdp"
+
+    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        Replicated.__init__(self, device, world_size, shard_size)
+        shard_size = shard_size or world_size
+        if shard_size < 1 or world_size % shard_size:
+            raise DisbackError(
+                f"--shard-size {shard_size} does not divide the {world_size} processes"
+            )
+        self.shards = shard_size
+        self.mesh = init_device_mesh(
+            device.type,
+            (world_size // shard_size, shard_size),
+            mesh_dim_names=("replicate", "shard"),
+        )
+
+
+PARALLEL: dict[str, type[Replicated]] = {
+    layout.name: layout for layout in (Replicated, FullyShard, HybridShard)
+}
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(value, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else value.detach()
+
+
+def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        if bucket and size + grad.numel() > BUCKET_ELEMENTS:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        yield bucket
+
+
+class WholeCopies:
+    """Copies of networks as whole modules."""
+
+    def adopt(self, module: nn.Module) -> nn.Module:
+        """The network as this layout holds it (here: as it is)."""
+        return module
+
+    def copy(self, module: nn.Module) -> nn.Module:
+        return copy.deepcopy(module)
+
+    def load(
+        self, path: Path, sha256: str | None, read_whole: Callable[[], nn.Module]
+    ) -> nn.Module:
+        """The network of the denoiser file `path` (here: read whole, by `read_whole`)."""
+        return read_whole()
+
+
+WHOLE = WholeCopies()
+
+
+class ShardedCopies:
+    """Sharded copies of one network: built on the meta device from a template of the teacher's,
+    sharded per block, materialised as this process's shards only and filled with its rows."""
+
+    def __init__(self, template: nn.Module, units: Units, mesh, device: torch.device) -> None:
+        self.units, self.mesh, self.device = units, mesh, device
+        meta = {
+            id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for p in template.parameters()
+        }
+        self.template = copy.deepcopy(template, meta)  # parameters on meta, buffers real
+        self.buffers = {k: v.detach().clone() for k, v in template.named_buffers()}
+
+    def adopt(self, module: nn.Module) -> nn.Module:
+        """Shard a whole network in place (its full weights are freed)."""
+        return self._shard(module)
+
+    def _shard(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in self.units(module):
+            fully_shard(unit, mesh=self.mesh)
+        fully_shard(module, mesh=self.mesh)
+        return module
+
+    def _empty(self) -> nn.Module:
+        module = self._shard(copy.deepcopy(self.template))
+        module.to_empty(device=self.device)
+        with torch.no_grad():  # buffers are not sharded; to_empty left them uninitialised
+            for name, value in self.buffers.items():
+                module.get_buffer(name).copy_(value)
+        return module
+
+    def copy(self, source: nn.Module) -> nn.Module:
+        """A sharded copy of the sharded `source` (same layout: each process copies its rows)."""
+        module = self._empty()
+        with torch.no_grad():
+            theirs = source.state_dict()
+            for name, mine in module.state_dict().items():
+                _local(mine).copy_(_local(theirs[name]))
+        return module
+
+    def load(
+        self, path: Path, sha256: str | None, read_whole: Callable[[], nn.Module]
+    ) -> nn.Module:
+        """A sharded network with this process's rows of each tensor read from the safetensors
+        file `path` (checked against `sha256` first, when given; the caller has checked its
+        network description)."""
+        from safetensors import safe_open
+
+        if sha256 is not None:
+            check_sha256(path, hash_regular_file(path, MAX_SAFETENSORS_BYTES, "node"), sha256)
+        module = self._empty()
+        expected = module.state_dict()
+        with safe_open(str(path), framework="pt") as f:
+            table = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            check_tensor_table(path, expected, table)
+            with torch.no_grad():
+                for name, value in expected.items():
+                    rows = f.get_slice(name)[local_rows(value)]
+                    if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+                        raise DisbackError(f"{path}: tensor {name} holds NaN or infinite values")
+                    _local(value).copy_(rows)
+        return module
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(value, "to_local", None)
+    return to_local() if callable(to_local) else value
+
+
+def local_rows(value: torch.Tensor) -> tuple[slice, ...] | slice:
+    """This process's part of a (sharded) tensor as a slice of the whole: FSDP2 splits dim 0 the
+    way `torch.chunk` does (chunks of ceil(n/shards) rows, the last ones shorter or empty)."""
+    placements = getattr(value, "placements", None)
+    if placements is None:
+        return slice(None)
+    start, stop = 0, value.shape[0]
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_shard():
+            if placement.dim != 0:
+                raise DisbackError(f"sharding along dimension {placement.dim} is not supported")
+            shards = value.device_mesh.size(mesh_dim)
+            index = value.device_mesh.get_local_rank(mesh_dim)
+            chunk = math.ceil((stop - start) / shards)
+            start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
+    return slice(start, stop)
+
+
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+EXACT_DTYPES = {
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.int8: "I8",
+    torch.int16: "I16",
+}
+
+
+def check_tensor_table(path: Path, expected: dict[str, torch.Tensor], found: dict) -> None:
+    """The file's tensors are exactly the network's, by name, shape and kind (a node file may
+    hold floating tensors in a narrower float type): a missing or extra key is named."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        named = [f"missing {k[:80]!r}" for k in missing[:2]] + [
+            f"unexpected {k[:80]!r}" for k in extra[:2]
+        ]
+        raise DisbackError(
+            f"{path}: tensors do not match the network ({len(missing)} missing, {len(extra)} "
+            f"unexpected: {', '.join(named)})"
+        )
+    for name, want in expected.items():
+        entry = found[name]
+        shape, dtype = tuple(entry.get_shape()), entry.get_dtype()
+        if shape != tuple(want.shape):
+            raise DisbackError(
+                f"{path}: tensor {name} has shape {shape}, the network expects {tuple(want.shape)}"
+            )
+        ok = (
+            dtype in FLOAT_DTYPES
+            if want.is_floating_point()
+            else dtype == EXACT_DTYPES.get(want.dtype)
+        )
+        if not ok:
+            raise DisbackError(f"{path}: tensor {name} is {dtype}, expected {want.dtype}")
