@@ -157,6 +157,20 @@ class _Training(_Compute):
         description="recompute activations in the backward pass of trained "
         "text-to-image UNets (less memory, ~30 % slower)",
     )
+    parallel: Literal["ddp", "fsdp", "hsdp"] = Field(
+        "ddp",
+        description="how torchrun processes hold the networks: ddp (whole copies, data "
+        "parallel), fsdp (each network sharded over all processes, PyTorch FSDP2) or hsdp "
+        "(sharded within --shard-size processes, replicated across)",
+    )
+    shard_size: Annotated[int, Field(ge=1, le=1 << 16)] | None = Field(
+        None, description="hsdp: processes each network is sharded over (none: all)"
+    )
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the networks are sharded (the resume point is then a folder of shards)."""
+        return self.parallel != "ddp"
 
     @field_validator("loss")
     @classmethod
@@ -245,15 +259,6 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
-    parallel: Literal["ddp", "fsdp", "hsdp"] = Field(
-        "ddp",
-        description="how torchrun processes hold the networks: ddp (whole copies, data "
-        "parallel), fsdp (each network sharded over all processes, PyTorch FSDP2) or hsdp "
-        "(sharded within --shard-size processes, replicated across)",
-    )
-    shard_size: Annotated[int, Field(ge=1, le=1 << 16)] | None = Field(
-        None, description="hsdp: processes each network is sharded over (none: all)"
-    )
     data: PathText | None = Field(
         None,
         description="real data for --loss diffratio: builtin:NAME, an image folder or an "
@@ -338,11 +343,6 @@ class BacktrackConfig(_Training):
         max_length=2,
         description="also send the log lines to tensorboard and/or wandb (metrics.jsonl stays)",
     )
-
-    @property
-    def sharded(self) -> bool:
-        """Whether the networks are sharded (the resume point is then a folder of shards)."""
-        return self.parallel != "ddp"
 
     @model_validator(mode="before")
     @classmethod

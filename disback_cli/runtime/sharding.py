@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.store.fileio import check_sha256, hash_regular_file
 from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
 
@@ -82,6 +82,10 @@ class Replicated:
         """The module's weights as whole tensors (here: its own)."""
         return module.state_dict()
 
+    def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
+        """What a file writer gets of the network (here: the module itself)."""
+        return module
+
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm
 
@@ -111,7 +115,12 @@ class FullyShard(Replicated):
     def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """Whole tensors gathered from every process, one at a time onto the CPU (a collective:
         every process calls it; all of them get the full weights)."""
+        self.settle(module)
         return {name: _whole(value).cpu() for name, value in module.state_dict().items()}
+
+    def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
+        """The network's whole weights (a collective, see `full_state`)."""
+        return self.full_state(module)
 
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """A gradient norm over sharded gradients, as one plain number on every process."""
@@ -151,6 +160,16 @@ class HybridShard(FullyShard):
 PARALLEL: dict[str, type[Replicated]] = {
     layout.name: layout for layout in (Replicated, FullyShard, HybridShard)
 }
+
+
+def refuse_unsupported(cfg, unsupported: list[tuple[bool, str]]) -> None:
+    """One line naming the first of `unsupported` (condition, what) that holds, for a run whose
+    networks are sharded (`--parallel fsdp|hsdp`), before anything is written."""
+    refused = [what for bad, what in unsupported if bad]
+    if cfg.sharded and refused:
+        raise ConfigError(
+            f"--parallel {cfg.parallel} does not support {refused[0]} yet; use --parallel ddp"
+        )
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:

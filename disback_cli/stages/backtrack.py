@@ -32,6 +32,7 @@ from disback_cli.models.path_nodes import Targets
 from disback_cli.models.teachers import Teacher
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
+from disback_cli.runtime.sharding import refuse_unsupported
 from disback_cli.runtime.tracking import check_tracker_folders
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
@@ -120,23 +121,18 @@ STUDENT_G0 = frozenset({"file", "random"})  # G0 kinds whose network is not the 
 
 
 def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake_side) -> None:
-    """What sharded networks (--parallel fsdp|hsdp) do not cover yet, refused in one line before
-    anything is written: the sharded copies are all made from the teacher's network, and rank 0
-    alone evaluates during training."""
-    if not cfg.sharded:
-        return
-    unsupported = [
-        (not fake_side.shardable, fake_side.description),
-        (not teacher.family.node_format(traj.config).shardable, "a path of LoRA adapters"),
-        (traj.g0.kind in STUDENT_G0, "a G0 that is not the teacher's network"),
-        (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
-        (bool(cfg.mismatch_every), "--mismatch-every"),
-    ]
-    refused = [what for bad, what in unsupported if bad]
-    if refused:
-        raise ConfigError(
-            f"--parallel {cfg.parallel} does not support {refused[0]} yet; use --parallel ddp"
-        )
+    """What sharded networks (--parallel fsdp|hsdp) do not cover yet: the sharded copies are
+    all made from the teacher's network, and rank 0 alone evaluates during training."""
+    refuse_unsupported(
+        cfg,
+        [
+            (not fake_side.shardable, fake_side.description),
+            (not teacher.family.node_format(traj.config).shardable, "a path of LoRA adapters"),
+            (traj.g0.kind in STUDENT_G0, "a G0 that is not the teacher's network"),
+            (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
+            (bool(cfg.mismatch_every), "--mismatch-every"),
+        ],
+    )
 
 
 def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:

@@ -377,6 +377,8 @@ class Run:
         only then do the files the manifest no longer names go."""
         manifest, state = self.manifest, self.state
         manifest.elapsed_seconds = self.elapsed()
+        for module in state.modules.values():  # sharded: what a forward left gathered
+            self.ex.layout.settle(module)
         rank_rng = self.ex.gather(local_rng_state(self.ex.device))  # every rank takes part
         previous = manifest.files()
         file = self.store.name(self.kind.layout, step)

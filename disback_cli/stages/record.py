@@ -7,7 +7,6 @@ node 0 is the teacher, node N fits G0.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from disback_cli.models.path_nodes import NodeFormat
 from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
+from disback_cli.runtime.sharding import WHOLE, refuse_unsupported
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
 from disback_cli.store.manifests import NodeRecord, PromptsRef, TrajectoryManifest, now
@@ -49,6 +49,13 @@ def run_record(
     teacher = open_teacher(cfg.teacher, ex.device)
     student = load_student(cfg.student, teacher) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
+    refuse_unsupported(  # the sharded copies are all made from the teacher's network
+        cfg,
+        [
+            (not teacher.family.node_format(cfg).shardable, "--lora-rank (adapter nodes)"),
+            (cfg.student is not None or cfg.student_arch_kwargs is not None, "a student G0"),
+        ],
+    )
     warnings = teacher.family.record_warnings(cfg)  # said before anything runs
     for warning in warnings if ex.is_main else []:
         reporter.warn(warning)
@@ -86,16 +93,19 @@ def _record(
         return previous
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
+    # Whole copies, or (--parallel fsdp) sharded ones made from the teacher's, sharded first.
+    networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
+    teacher.denoiser = networks.adopt(teacher.denoiser)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True)
     probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
     if plan is None:
         plan = node_steps(cfg.iters, cfg.nodes)[1:]
         if cfg.placement == "distance":
-            plan = plan_by_distance(cfg, teacher, g0, probe, ex, run.reporter)
+            plan = plan_by_distance(cfg, teacher, g0, probe, ex, run.reporter, networks)
     ex.prepare(g0.denoiser)
     node_format = teacher.family.node_format(cfg)
-    state, aux = _training_state(cfg, teacher, node_format, ex)
+    state, aux = _training_state(cfg, teacher, node_format, ex, networks)
     start = previous.state.step if previous is not None and previous.state else 0
     _check_disk(run, cfg, node_format, tensor_bytes(state.modules["aux"]), plan, start)
     if previous is None:
@@ -205,8 +215,9 @@ def save_node(
         "teacher_sha256": teacher.sha256,
     }
     digest = ""  # known to rank 0, which writes the manifest
+    saved = run.ex.layout.for_saving(aux)  # every rank takes part (a sharded network is gathered)
     if run.ex.is_main:
-        digest = node_format.save(run.directory / file, aux, teacher, info, cfg)
+        digest = node_format.save(run.directory / file, saved, teacher, info, cfg)
     distance, g0_loss = probe(aux)
     return NodeRecord(
         index=index,
@@ -220,12 +231,12 @@ def save_node(
 
 
 def _training_state(
-    cfg: RecordConfig, teacher: Teacher, node_format: NodeFormat, ex: Execution
+    cfg: RecordConfig, teacher: Teacher, node_format: NodeFormat, ex: Execution, networks=WHOLE
 ) -> tuple[TrainingState, nn.Module]:
     """The auxiliary model (a trainable teacher copy, or a frozen copy with trainable adapters,
-    as the node format wants), the state of what trains (weights, optimiser, random streams)
-    exactly as at iteration 0."""
-    aux = copy.deepcopy(teacher.denoiser).train().requires_grad_(True)
+    as the node format wants; made by `networks`, whole or sharded), the state of what trains
+    (weights, optimiser, random streams) exactly as at iteration 0."""
+    aux = networks.copy(teacher.denoiser).train().requires_grad_(True)
     set_dropout(aux, cfg.dropout)
     trained = node_format.trained(aux, cfg)
     if cfg.gradient_checkpointing:
@@ -250,12 +261,18 @@ PLAN_CHECKS = 100  # probe distances measured while planning nodes by distance
 
 
 def plan_by_distance(
-    cfg: RecordConfig, teacher: Teacher, g0, probe: PathProbe, ex: Execution, reporter
+    cfg: RecordConfig,
+    teacher: Teacher,
+    g0,
+    probe: PathProbe,
+    ex: Execution,
+    reporter,
+    networks=WHOLE,
 ) -> list[int]:
     """Node steps such that node i is the first checkpoint at >= i/N of the final distance from
     the teacher. A dry run of the (deterministic) recording measures the distances; the real run
     repeats it and saves at the planned steps."""
-    state, aux = _training_state(cfg, teacher, teacher.family.node_format(cfg), ex)
+    state, aux = _training_state(cfg, teacher, teacher.family.node_format(cfg), ex, networks)
     optimizer = state.optimizers["aux"]
     shape = (cfg.batch, *teacher.spec.data_shape)
     every = max(1, cfg.iters // max(PLAN_CHECKS, 4 * cfg.nodes))

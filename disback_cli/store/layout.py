@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from disback_cli.errors import ConfigError, DisbackError
@@ -35,7 +35,8 @@ class Layout:
     root_files: frozenset[str]  # names directly in the run directory
     folders: dict[str, re.Pattern]  # sub-folder -> the names disback writes in it
     state_file: Callable[[int], str]  # name of the resume point at a step
-    bundles: re.Pattern | None = None  # folders in a sub-folder (sharded resume points)
+    bundles: dict[str, re.Pattern] = field(default_factory=dict)  # sub-folder -> the folders
+    # disback writes in it (sharded resume points)
     sharded_state_file: Callable[[int], str] | None = None  # name of a sharded resume point
 
     def owns(self, relative: str) -> bool:
@@ -53,9 +54,10 @@ class Layout:
 
     def owns_bundle(self, folder: str, name: str) -> bool:
         """A sharded resume point's folder, or the temporary one it is written under."""
-        if self.bundles is None or folder not in self.folders:
+        pattern = self.bundles.get(folder)
+        if pattern is None:
             return False
-        return self.bundles.fullmatch(name) is not None or _temporary_of(name, self.bundles)
+        return pattern.fullmatch(name) is not None or _temporary_of(name, pattern)
 
     def owns_temporary(self, folder: str, name: str) -> bool:
         """A temporary file of an atomic write of one of our names (a killed process left it)."""
@@ -80,8 +82,8 @@ def node_file(index: int) -> str:
     return f"nodes/node-{index:03d}.safetensors"
 
 
-def record_state_file(step: int) -> str:
-    return f"state/record-{step:08d}.safetensors"
+def record_state_file(step: int, sharded: bool = False) -> str:
+    return f"state/record-{step:08d}" + (".dcp" if sharded else ".safetensors")
 
 
 # Every file a backtrack manifest names, by its field, and the kind of checkpoint file it is: the
@@ -113,13 +115,15 @@ TRAJECTORY = Layout(
         "state": re.compile(r"record-\d{8}\.safetensors"),
     },
     record_state_file,
+    bundles={"state": re.compile(r"record-\d{8}\.dcp")},
+    sharded_state_file=lambda step: record_state_file(step, sharded=True),
 )
 BACKTRACK = Layout(
     "backtrack run",
     frozenset({MANIFEST, METRICS, LOCK}),
     {"checkpoints": re.compile(rf"({'|'.join(CHECKPOINT_FILES.values())})-\d{{8}}\.safetensors")},
     lambda step: checkpoint_file("state", step),
-    bundles=re.compile(r"state-\d{8}\.dcp"),
+    bundles={"checkpoints": re.compile(r"state-\d{8}\.dcp")},
     sharded_state_file=lambda step: checkpoint_file("state", step, sharded=True),
 )
 

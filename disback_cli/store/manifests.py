@@ -228,8 +228,9 @@ class TrajectoryManifest(RunManifest):
         if self.state is not None:
             if self.status == "complete" or not 0 < self.state.step < self.config.iters:
                 raise ValueError("a resume point must lie inside a recording in progress")
-            if self.state.file != record_state_file(self.state.step):
-                raise ValueError(f"state file must be {record_state_file(self.state.step)!r}")
+            expected = record_state_file(self.state.step, self.config.sharded)
+            if self.state.file != expected:
+                raise ValueError(f"state file must be {expected!r}")
         return self
 
 

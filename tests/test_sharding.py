@@ -1,0 +1,554 @@
+"""--parallel fsdp|hsdp: PyTorch FSDP2 on CPU with gloo, launched by torchrun as users launch it.
+
+A sharded run computes what one process with the global batch computes (up to float round-off),
+resumes exactly, reads path nodes by slices with their key set checked, and leaves generator files
+that `sample` reads without a process group. The fixture teacher is an EDM pickle of a small
+DDPM++ network (blocks FSDP shards one by one), trained with dropout 0: dropout draws from each
+rank's own stream, so only without it does a K-process run equal one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from edm_fixtures import tiny_network, write_edm_snapshot
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import checkout_env
+from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
+from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
+from disback_cli.store.manifests import (
+    BacktrackManifest,
+    TrajectoryManifest,
+    read_manifest,
+    write_manifest,
+)
+from disback_cli.store.sharded_state import bundle_digest
+
+ENV = checkout_env(OMP_NUM_THREADS="1")
+COMMON = ["--seed", "1", "--device", "cpu", "--dropout", "0", "--quiet"]
+BACKTRACK_ARGS = [
+    "backtrack",
+    "-T",
+    "traj",
+    "--interval",
+    "2",  # switches at iterations 2 and 4: node 1, then the teacher
+    "--save-every",
+    "3",
+    "--log-every",
+    "3",
+    "--dsm-sigma",
+    "lognormal",  # one recording serves the three losses
+    *COMMON,
+]
+HANG = 600
+
+
+def disback(
+    *args: str, processes: int = 1, cwd: Path, check: bool = True
+) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "disback_cli"]
+    if processes > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "disback_cli",
+        ]
+    result = subprocess.run(
+        [*launcher, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=HANG
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A folder with the teacher and a 2-node trajectory recorded by one process."""
+    root = tmp_path_factory.mktemp("sharding")
+    net, init_kwargs = tiny_network("ddpmpp", "edm", label_dim=4)
+    write_edm_snapshot(root / "teacher.pkl", net, init_kwargs)
+    disback(
+        "record",
+        "--teacher",
+        "teacher.pkl",
+        "--iters",
+        "6",
+        "--nodes",
+        "2",
+        "--batch",
+        "4",
+        "--out",
+        "traj",
+        *COMMON[:-1],
+        "--quiet",
+        cwd=root,
+    )
+    return root
+
+
+RUNS: dict[tuple, Path] = {}
+
+
+def backtrack(work: Path, name: str, processes: int, *flags: str, iters: int = 6) -> Path:
+    """The run `name` (once per module): per-rank batch 4 / processes, i.e. global batch 4."""
+    key = (name, processes, flags, iters)
+    if key not in RUNS:
+        batch = str(4 // processes) if processes <= 4 else "1"
+        disback(
+            *BACKTRACK_ARGS,
+            "--iters",
+            str(iters),
+            "--batch",
+            batch,
+            "--name",
+            name,
+            *flags,
+            processes=processes,
+            cwd=work,
+        )
+        RUNS[key] = work / "traj" / "backtrack" / name
+    return RUNS[key]
+
+
+def generator_weights(run: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"generator-{step:08d}.safetensors")
+
+
+def assert_relatively_close(a: dict, b: dict, tolerance: float = 1e-5) -> float:
+    """Each tensor within `tolerance` of the largest value it holds; returns the worst ratio."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        scale = a[key].abs().max().clamp(min=1e-12)
+        worst = max(worst, ((a[key] - b[key]).abs().max() / scale).item())
+    assert worst <= tolerance, worst
+    return worst
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def state_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
+    folder = run / "checkpoints" / f"state-{step:08d}.dcp"
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                tensors[f"{file.name}:{key}"] = f.get_tensor(key)
+    return tensors
+
+
+@pytest.mark.parametrize("loss", ["vsd", "dmd", "sid"])
+def test_fsdp_on_two_processes_equals_one_process(work, loss):
+    """Generator, EMA and every logged value after 6 iterations across two target switches."""
+    one = backtrack(work, f"one-{loss}", 1, "--loss", loss)
+    two = backtrack(work, f"fsdp-{loss}", 2, "--loss", loss, "--parallel", "fsdp")
+    manifest = read_manifest(two, BacktrackManifest)
+    assert manifest.config.parallel == "fsdp" and manifest.world_size == 2
+    assert manifest.state.file == "checkpoints/state-00000006.dcp"
+    worst = assert_relatively_close(generator_weights(one), generator_weights(two))
+    ema = "checkpoints/generator-ema-00000006.safetensors"
+    assert_relatively_close(load_file(one / ema), load_file(two / ema))
+    print(f"{loss}: worst relative difference {worst:.1e}")
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert a["target_node"] == b["target_node"]
+        for key in ("loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_hsdp_on_four_processes_equals_one_process(work):
+    """Sharded over pairs and replicated across the two pairs (a 2 x 2 mesh)."""
+    one = backtrack(work, "one-vsd", 1, "--loss", "vsd")
+    four = backtrack(work, "hsdp", 4, "--loss", "vsd", "--parallel", "hsdp", "--shard-size", "2")
+    assert read_manifest(four, BacktrackManifest).world_size == 4
+    assert_relatively_close(generator_weights(one), generator_weights(four))
+
+
+def test_fsdp_resume_continues_exactly(work):
+    """Stopped at its iteration-3 resume point and extended to 6: the same generator files, bit
+    for bit, and the same sharded state, tensor for tensor."""
+    straight = backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
+    backtrack(work, "fsdp-resumed", 2, "--loss", "vsd", "--parallel", "fsdp", iters=3)
+    resumed = backtrack(work, "fsdp-resumed", 2, "--loss", "vsd", "--parallel", "fsdp")
+    for kind in ("generator", "generator-ema"):
+        file = f"checkpoints/{kind}-00000006.safetensors"
+        assert (straight / file).read_bytes() == (resumed / file).read_bytes()
+    a, b = state_tensors(straight, 6), state_tensors(resumed, 6)
+    assert a.keys() == b.keys() and len(a) > 100
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(key.endswith("exp_avg_sq") for key in a)  # Adam's moments are in it
+
+
+def test_fsdp_refuses_a_changed_layout_or_process_count(work):
+    backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
+    base = [*BACKTRACK_ARGS, "--loss", "vsd", "--name", "fsdp-vsd", "--iters", "9"]
+    ddp = disback(*base, "--batch", "2", processes=2, cwd=work, check=False)
+    # torchrun exits 1 whatever its workers' codes (2 here, printed by its agent)
+    assert ddp.returncode != 0 and "parallel: 'fsdp' -> 'ddp'" in ddp.stderr
+    alone = disback(*base, "--batch", "4", "--parallel", "fsdp", cwd=work, check=False)
+    assert alone.returncode == 2
+    assert alone.stderr.count("\n") == 1 and "launch with torchrun" in alone.stderr
+
+
+def test_a_tampered_shard_is_refused_before_it_is_read(work, tmp_path):
+    backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
+    copy = tmp_path / "work"
+    subprocess.run(["cp", "-r", str(work), str(copy)], check=True)
+    shard = next((copy / "traj/backtrack/fsdp-vsd/checkpoints/state-00000006.dcp").glob("shard-*"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    out = disback(
+        *BACKTRACK_ARGS,
+        "--loss",
+        "vsd",
+        "--name",
+        "fsdp-vsd",
+        "--iters",
+        "9",
+        "--batch",
+        "2",
+        "--parallel",
+        "fsdp",
+        processes=2,
+        cwd=copy,
+        check=False,
+    )
+    assert out.returncode != 0 and "sha256 differs from the manifest" in out.stderr
+    assert "disback_cli/" not in out.stderr  # no traceback of ours (torchrun prints its own)
+    assert not (
+        copy / "traj/backtrack/fsdp-vsd/checkpoints/generator-00000009.safetensors"
+    ).exists()
+
+
+def test_a_changed_node_changes_the_sharded_result(work, tmp_path):
+    """The nodes a sharded run reads are the ones on disk: node 1 with one tensor scaled (and the
+    manifest's sha256 updated to match) gives another generator."""
+    reference = backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
+    copy = tmp_path / "work"
+    subprocess.run(["cp", "-r", str(work), str(copy)], check=True)
+    subprocess.run(["rm", "-rf", str(copy / "traj/backtrack")], check=True)
+    node = copy / "traj/nodes/node-001.safetensors"
+    with safe_open(str(node), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(k for k in sorted(tensors) if k.endswith("weight") and "enc" in k)
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(node), metadata)
+    manifest = read_manifest(copy / "traj", TrajectoryManifest)
+    manifest.nodes[1].sha256 = hashlib.sha256(node.read_bytes()).hexdigest()
+    write_manifest(copy / "traj", manifest)
+    disback(
+        *BACKTRACK_ARGS,
+        "--loss",
+        "vsd",
+        "--name",
+        "fsdp-vsd",
+        "--iters",
+        "6",
+        "--batch",
+        "2",
+        "--parallel",
+        "fsdp",
+        processes=2,
+        cwd=copy,
+    )
+    changed = generator_weights(copy / "traj/backtrack/fsdp-vsd")
+    original = generator_weights(reference)
+    assert any(not torch.equal(changed[k], original[k]) for k in original)
+
+
+def test_sample_reads_a_sharded_run_without_a_process_group(work):
+    run = backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
+    out = disback(
+        "sample",
+        "-T",
+        "traj",
+        "--name",
+        "fsdp-vsd",
+        "-n",
+        "4",
+        "--out",
+        "fsdp.npz",
+        "--device",
+        "cpu",
+        "--quiet",
+        cwd=work,
+    )
+    assert out.returncode == 0 and (work / "fsdp.npz").exists()
+    assert read_manifest(run, BacktrackManifest).generator_ema is not None
+
+
+def test_fsdp_record_equals_one_process_record(work, tmp_path):
+    disback(
+        "record",
+        "--teacher",
+        str(work / "teacher.pkl"),
+        "--iters",
+        "6",
+        "--nodes",
+        "2",
+        "--batch",
+        "2",
+        "--save-every",
+        "3",
+        "--parallel",
+        "fsdp",
+        "--out",
+        "sharded",
+        *COMMON,
+        processes=2,
+        cwd=tmp_path,
+    )
+    for index in (1, 2):
+        file = f"nodes/node-{index:03d}.safetensors"
+        assert_relatively_close(
+            load_file(work / "traj" / file), load_file(tmp_path / "sharded" / file)
+        )
+    one = read_manifest(work / "traj", TrajectoryManifest)
+    two = read_manifest(tmp_path / "sharded", TrajectoryManifest)
+    for a, b in zip(one.nodes, two.nodes, strict=True):
+        assert b.g0_loss == pytest.approx(a.g0_loss, rel=1e-5)
+    assert not (tmp_path / "sharded" / "state").exists()  # a complete recording keeps no state
+
+
+def _saved_step(run: Path) -> int:
+    try:
+        manifest = read_manifest(run, BacktrackManifest)
+    except Exception:  # not written yet, or being replaced this instant
+        return 0
+    return manifest.state.step if manifest.state else 0
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun's workers run in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
+    """Every process (launcher and workers) SIGKILLed at a seeded moment after the first resume
+    point; the rerun resumes and ends with the uninterrupted run's files."""
+    flags = ("--loss", "vsd", "--parallel", "fsdp", "--save-every", "3")
+    straight = backtrack(work, "kill-reference", 2, *flags, iters=12)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "disback_cli",
+        *BACKTRACK_ARGS,
+        *flags,
+        "--iters",
+        "12",
+        "--batch",
+        "2",
+        "--name",
+        "killed",
+    ]
+    run = work / "traj" / "backtrack" / "killed"
+    proc = subprocess.Popen(
+        command,
+        cwd=work,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + HANG
+    while _saved_step(run) < 3:
+        assert proc.poll() is None, "the run ended before its first resume point"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(7).uniform(0, 0.5))
+    assert proc.poll() is None, "the run ended before it could be killed"
+    tree = _process_tree(proc.pid)
+    assert len(tree) >= 3  # the launcher and its two workers
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while not all(_gone(pid) for pid in tree):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    saved = read_manifest(run, BacktrackManifest)
+    assert saved.status != "complete" and saved.state.step % 3 == 0
+    assert bundle_digest(run / saved.state.file) == saved.state.sha256
+    disback(*command[7:], processes=2, cwd=work)
+    for kind in ("generator", "generator-ema"):
+        file = f"checkpoints/{kind}-00000012.safetensors"
+        assert (straight / file).read_bytes() == (run / file).read_bytes()
+    assert not list(run.rglob(".*.tmp"))
+
+
+# Units: slices, tensor tables, the folders of sharded resume points, refusals.
+
+
+class _Shard:
+    def __init__(self, dim: int = 0) -> None:
+        self.dim = dim
+
+    def is_shard(self) -> bool:
+        return True
+
+
+class _Replicate:
+    def is_shard(self) -> bool:
+        return False
+
+
+class _Mesh:
+    def __init__(self, sizes: tuple[int, ...], ranks: tuple[int, ...]) -> None:
+        self.sizes, self.ranks = sizes, ranks
+
+    def size(self, dim: int) -> int:
+        return self.sizes[dim]
+
+    def get_local_rank(self, dim: int) -> int:
+        return self.ranks[dim]
+
+
+class _Sharded:
+    """What `local_rows` reads of a DTensor: its whole shape, placements and mesh position."""
+
+    def __init__(self, rows: int, placements, mesh: _Mesh) -> None:
+        self.shape, self.placements, self.device_mesh = (rows, 3), placements, mesh
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 13])
+@pytest.mark.parametrize("shards", [2, 3, 4])
+def test_local_rows_are_torch_chunk_pieces(rows, shards):
+    """FSDP2 splits dim 0 as torch.chunk does; each process reads exactly its piece, also on a
+    2-D (replicate, shard) mesh, where the replicate coordinate does not matter."""
+    whole = torch.arange(rows * 3).reshape(rows, 3)
+    pieces = list(whole.chunk(shards)) + [whole[:0]] * shards
+    for rank in range(shards):
+        part = whole[local_rows(_Sharded(rows, [_Shard()], _Mesh((shards,), (rank,))))]
+        assert torch.equal(part, pieces[rank])
+        hybrid = _Sharded(rows, [_Replicate(), _Shard()], _Mesh((2, shards), (1, rank)))
+        assert torch.equal(whole[local_rows(hybrid)], pieces[rank])
+    assert local_rows(torch.zeros(3)) == slice(None)
+    with pytest.raises(DisbackError, match="dimension 1"):
+        local_rows(_Sharded(4, [_Shard(1)], _Mesh((2,), (0,))))
+
+
+class _Entry:
+    def __init__(self, shape, dtype: str) -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def get_shape(self):
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return self.dtype
+
+
+def test_a_node_table_must_match_the_network_key_by_key():
+    expected = {"a.weight": torch.zeros(4, 2), "steps": torch.zeros(3, dtype=torch.int64)}
+    good = {"a.weight": _Entry((4, 2), "BF16"), "steps": _Entry((3,), "I64")}
+    check_tensor_table(Path("n"), expected, good)
+    cases = [
+        ({"a.weight": good["a.weight"]}, "1 missing, 0 unexpected: missing 'steps'"),
+        ({**good, "b.bias": _Entry((1,), "F32")}, "0 missing, 1 unexpected: unexpected 'b.bias'"),
+        ({**good, "a.weight": _Entry((2, 4), "F32")}, "a.weight has shape (2, 4)"),
+        ({**good, "steps": _Entry((3,), "F32")}, "steps is F32, expected torch.int64"),
+        ({**good, "a.weight": _Entry((4, 2), "I64")}, "a.weight is I64"),
+    ]
+    for table, message in cases:
+        with pytest.raises(DisbackError, match=re.escape(message)):
+            check_tensor_table(Path("n"), expected, table)
+
+
+def test_sharded_resume_point_folders_are_ours_and_nothing_else(tmp_path):
+    shard = "shard-00001-model-00001-of-00001.safetensors"
+    assert BACKTRACK.owns(f"checkpoints/state-00000003.dcp/{shard}")
+    assert BACKTRACK.owns("checkpoints/state-00000003.dcp/extra.json")
+    assert not BACKTRACK.owns("checkpoints/state-00000003.dcp/notes.txt")
+    assert not BACKTRACK.owns(f"checkpoints/generator-00000003.dcp/{shard}")
+    assert TRAJECTORY.owns(f"state/record-00000003.dcp/{shard}")
+    assert not TRAJECTORY.owns(f"nodes/record-00000003.dcp/{shard}")
+    folder = tmp_path / "checkpoints" / "state-00000003.dcp"
+    folder.mkdir(parents=True)
+    (folder / shard).write_bytes(b"x")
+    (folder / "extra.json").write_text("{}")
+    temporary = tmp_path / "checkpoints" / ".state-00000006.dcp.ab12cd34.tmp"
+    temporary.mkdir()
+    (temporary / shard).write_bytes(b"y")
+    assert foreign_entries(tmp_path, BACKTRACK, whole=False) == []
+    (folder / "notes.txt").write_text("mine")
+    (folder / "link.json").symlink_to(folder / "extra.json")
+    assert foreign_entries(tmp_path, BACKTRACK, whole=False) == [
+        "checkpoints/state-00000003.dcp/link.json",
+        "checkpoints/state-00000003.dcp/notes.txt",
+    ]
+    with pytest.raises(DisbackError, match=r"'link\.json', which disback did not write"):
+        bundle_digest(folder)
+    gone = remove_ours(tmp_path, BACKTRACK)
+    assert not temporary.exists()  # a killed save's folder goes entirely
+    assert sorted(p.name for p in folder.iterdir()) == ["link.json", "notes.txt"]
+    assert {p.name for p in gone} >= {shard, "extra.json", temporary.name}
+
+
+def test_bundle_digest_covers_names_and_contents(tmp_path):
+    (tmp_path / "extra.json").write_text("{}")
+    shard = tmp_path / "shard-00001-model-00001-of-00001.safetensors"
+    shard.write_bytes(b"abc")
+    first = bundle_digest(tmp_path)
+    shard.write_bytes(b"abd")
+    second = bundle_digest(tmp_path)
+    shard.rename(tmp_path / "shard-00002-model-00001-of-00001.safetensors")
+    assert len({first, second, bundle_digest(tmp_path)}) == 3
+
+
+class _Cfg:
+    def __init__(self, parallel: str) -> None:
+        self.parallel, self.sharded = parallel, parallel != "ddp"
+
+
+def test_what_sharding_does_not_cover_is_refused_in_one_line():
+    unsupported = [(False, "a"), (True, "--loss diffratio"), (True, "--eval-every")]
+    with pytest.raises(ConfigError) as refused:
+        refuse_unsupported(_Cfg("fsdp"), unsupported)
+    assert str(refused.value) == (
+        "--parallel fsdp does not support --loss diffratio yet; use --parallel ddp"
+    )
+    refuse_unsupported(_Cfg("ddp"), unsupported)  # whole copies support everything
+    refuse_unsupported(_Cfg("hsdp"), [(False, "a")])
