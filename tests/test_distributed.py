@@ -19,7 +19,7 @@ import torch
 
 from conftest import checkout_env
 from disback_cli.models.denoiser_files import load_denoiser
-from disback_cli.runtime import parallel, sharding
+from disback_cli.runtime import sharding
 from disback_cli.runtime.parallel import Execution
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, read_manifest
