@@ -342,7 +342,7 @@ MUTANTS = [
         "self.best = math.inf",
     ),
     # --- data-parallel averaging --------------------------------------------------------------
-    M("runtime/parallel:gradients-summed", "            flat /= self.world_size\n", ""),
+    M("runtime/sharding:gradients-summed", "            flat /= self.world_size\n", ""),
     M(
         "runtime/parallel:same-slice-every-rank",
         "return x[self.rank * n : (self.rank + 1) * n]",

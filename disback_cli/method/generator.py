@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from disback_cli.errors import ConfigError, DisbackError, describe_validation_er
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
 from disback_cli.models.family import Teacher
 from disback_cli.models.networks import NetworkSpec, build_denoiser, network_spec
+from disback_cli.runtime.sharding import WHOLE
 from disback_cli.store.manifests import G0Spec
 
 
@@ -72,12 +72,12 @@ def build_g0(
     device,
     verify: bool = True,
     share: bool = False,
-    copy_network=copy.deepcopy,
+    networks=WHOLE,
 ) -> tuple[OneStepGenerator, NetworkSpec]:
     """The frozen initial generator and its network spec (students may differ from the teacher).
     With `share`, a teacher-copy G0 runs on the teacher's own weights instead of a copy (both
-    stay frozen: recording saves a whole network's memory); `copy_network` makes the copy
-    otherwise (a sharded run's copies are sharded)."""
+    stay frozen: recording saves a whole network's memory); `networks` makes it whole or sharded
+    (`runtime.sharding`)."""
     if spec.kind == "file":
         loaded = load_student(spec.file, teacher, device, spec.sha256, verify)
         if (loaded.spec.data_shape, loaded.spec.label_dim) != (
@@ -87,14 +87,14 @@ def build_g0(
             raise DisbackError(
                 f"{spec.file}: student data shape or classes differ from the teacher's"
             )
-        denoiser, network = loaded.denoiser, loaded.spec
+        denoiser, network = networks.adopt(loaded.denoiser), loaded.spec
     elif spec.kind == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             network = network_spec(spec.network, "the trajectory's random student")
-            denoiser = build_denoiser(network).to(device)
+            denoiser = networks.adopt(build_denoiser(network).to(device))
     else:
-        denoiser = teacher.denoiser if share else copy_network(teacher.denoiser)
+        denoiser = teacher.denoiser if share else networks.copy(teacher.denoiser)
         network = teacher.spec
     g0 = OneStepGenerator(denoiser, spec.sigma_init, spec.input_scale)
     g0.eval().requires_grad_(False)

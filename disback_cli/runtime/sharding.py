@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -211,21 +212,21 @@ WHOLE = WholeCopies()
 
 
 class ShardedCopies:
-    """Sharded copies of one network: built on the meta device from a template of the teacher's,
-    sharded per block, materialised as this process's shards only and filled with its rows."""
+    """Sharded networks: copies are built on the meta device from a template of their source's
+    network (recorded when it was sharded), sharded per block, materialised as this process's
+    shards only and filled with its rows."""
 
     def __init__(self, template: nn.Module, units: Units, mesh, device: torch.device) -> None:
         self.units, self.mesh, self.device = units, mesh, device
-        meta = {
-            id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-            for p in template.parameters()
-        }
-        self.template = copy.deepcopy(template, meta)  # parameters on meta, buffers real
-        self.buffers = {k: v.detach().clone() for k, v in template.named_buffers()}
+        self.templates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.teacher = _meta_template(template)  # what path nodes are
 
     def adopt(self, module: nn.Module) -> nn.Module:
         """Shard a whole network in place (its full weights are freed)."""
-        return self._shard(module)
+        template = _meta_template(module)
+        self._shard(module)
+        self.templates[module] = template
+        return module
 
     def _shard(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
@@ -235,17 +236,19 @@ class ShardedCopies:
         fully_shard(module, mesh=self.mesh)
         return module
 
-    def _empty(self) -> nn.Module:
-        module = self._shard(copy.deepcopy(self.template))
+    def _empty(self, template: tuple[nn.Module, dict]) -> nn.Module:
+        network, buffers = template
+        module = self._shard(copy.deepcopy(network))
         module.to_empty(device=self.device)
         with torch.no_grad():  # buffers are not sharded; to_empty left them uninitialised
-            for name, value in self.buffers.items():
+            for name, value in buffers.items():
                 module.get_buffer(name).copy_(value)
+        self.templates[module] = template
         return module
 
     def copy(self, source: nn.Module) -> nn.Module:
         """A sharded copy of the sharded `source` (same layout: each process copies its rows)."""
-        module = self._empty()
+        module = self._empty(self.templates[source])
         with torch.no_grad():
             theirs = source.state_dict()
             for name, mine in module.state_dict().items():
@@ -262,7 +265,7 @@ class ShardedCopies:
 
         if sha256 is not None:
             check_sha256(path, hash_regular_file(path, MAX_SAFETENSORS_BYTES, "node"), sha256)
-        module = self._empty()
+        module = self._empty(self.teacher)
         expected = module.state_dict()
         with safe_open(str(path), framework="pt") as f:
             table = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
@@ -274,6 +277,16 @@ class ShardedCopies:
                         raise DisbackError(f"{path}: tensor {name} holds NaN or infinite values")
                     _local(value).copy_(rows)
         return module
+
+
+def _meta_template(network: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The network with its parameters on the meta device (no memory), and its buffers."""
+    meta = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for p in network.parameters()
+    }
+    buffers = {k: v.detach().clone() for k, v in network.named_buffers()}
+    return copy.deepcopy(network, meta), buffers
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:

@@ -117,18 +117,14 @@ def check_path_noise_levels(
     reporter.note(f"--force: {message}")
 
 
-STUDENT_G0 = frozenset({"file", "random"})  # G0 kinds whose network is not the teacher's
-
-
 def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake_side) -> None:
-    """What sharded networks (--parallel fsdp|hsdp) do not cover yet: the sharded copies are
-    all made from the teacher's network, and rank 0 alone evaluates during training."""
+    """What sharded networks (--parallel fsdp|hsdp) do not cover yet: rank 0 alone evaluates
+    during training, and DiffRatio's and LoRA paths' networks are whole."""
     refuse_unsupported(
         cfg,
         [
             (not fake_side.shardable, fake_side.description),
             (not teacher.family.node_format(traj.config).shardable, "a path of LoRA adapters"),
-            (traj.g0.kind in STUDENT_G0, "a G0 that is not the teacher's network"),
             (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
             (bool(cfg.mismatch_every), "--mismatch-every"),
         ],
@@ -156,7 +152,7 @@ def _backtrack(
     force: bool,
 ) -> BacktrackManifest:
     """Set up (or restore) everything the backtracking loop needs, then run it."""
-    ex, (trajectory, traj) = run.ex, recorded
+    ex, traj = run.ex, recorded[1]
     path_sha = [node.sha256 for node in traj.nodes]
     data = fake_side.data_record
 
@@ -178,20 +174,12 @@ def _backtrack(
     if run.finished(previous, cfg):
         return previous
 
-    # Whole copies, or (--parallel fsdp) sharded ones made from the teacher's, sharded first.
-    networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
-    teacher.denoiser = networks.adopt(teacher.denoiser)
-    generator, generator_spec = build_g0(traj.g0, teacher, ex.device, copy_network=networks.copy)
-    generator.train().requires_grad_(True)
-    set_dropout(generator, cfg.dropout)
     # Noise levels from the teacher's denoiser before the targets take its weights.
     loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
     levels = TrainingSigma.of(cfg, teacher.denoiser)
-    generator_ema = OneStepGenerator(
-        networks.copy(generator.denoiser), generator.sigma_init, generator.input_scale
+    generator, generator_spec, generator_ema, fake, targets = build_networks(
+        cfg, recorded, teacher, fake_side, ex
     )
-    generator_ema.eval().requires_grad_(False)
-    fake, targets = fake_side.build(cfg, trajectory, traj, teacher, generator, ex, networks)
     try:
         fake_rate = fake_side.learning_rate(cfg)
         state = _training_state(cfg, traj, generator, generator_ema, fake, ex, fake_rate)
@@ -227,6 +215,30 @@ def _backtrack(
             log.close()
     finally:
         targets.close()
+
+
+def build_networks(
+    cfg: BacktrackConfig,
+    recorded: tuple[Path, TrajectoryManifest],
+    teacher: Teacher,
+    fake_side: FakeSide,
+    ex,
+):
+    """G0 as the generator to train, its EMA, the fake network and the targets: whole copies, or
+    (--parallel fsdp|hsdp) sharded ones, the teacher sharded first and the others made from it
+    (or from their files) without a whole copy."""
+    trajectory, traj = recorded
+    networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
+    teacher.denoiser = networks.adopt(teacher.denoiser)
+    generator, spec = build_g0(traj.g0, teacher, ex.device, cfg.verify, networks=networks)
+    generator.train().requires_grad_(True)
+    set_dropout(generator, cfg.dropout)
+    generator_ema = OneStepGenerator(
+        networks.copy(generator.denoiser), generator.sigma_init, generator.input_scale
+    )
+    generator_ema.eval().requires_grad_(False)
+    fake, targets = fake_side.build(cfg, trajectory, traj, teacher, generator, ex, networks)
+    return generator, spec, generator_ema, fake, targets
 
 
 def _training_state(

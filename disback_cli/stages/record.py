@@ -49,13 +49,8 @@ def run_record(
     teacher = open_teacher(cfg.teacher, ex.device)
     student = load_student(cfg.student, teacher) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
-    refuse_unsupported(  # the sharded copies are all made from the teacher's network
-        cfg,
-        [
-            (not teacher.family.node_format(cfg).shardable, "--lora-rank (adapter nodes)"),
-            (cfg.student is not None or cfg.student_arch_kwargs is not None, "a student G0"),
-        ],
-    )
+    node_format = teacher.family.node_format(cfg)
+    refuse_unsupported(cfg, [(not node_format.shardable, "--lora-rank (adapter nodes)")])
     warnings = teacher.family.record_warnings(cfg)  # said before anything runs
     for warning in warnings if ex.is_main else []:
         reporter.warn(warning)
@@ -96,7 +91,7 @@ def _record(
     # Whole copies, or (--parallel fsdp) sharded ones made from the teacher's, sharded first.
     networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
     teacher.denoiser = networks.adopt(teacher.denoiser)
-    g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True)
+    g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True, networks=networks)
     probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
     if plan is None:

@@ -1,0 +1,41 @@
+"""The memory a training stage needs in each process, said before it starts: weight-sized copies
+times the bytes of one fp32 copy, divided by the shards each network is split into. It is the
+arithmetic `benchmarks/memory.py` checks against measured peaks; activations come on top and are
+not estimated (they depend on the network, the batch and gradient checkpointing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    copies: dict[str, int]  # what a process holds, in weight-sized copies
+    copy_bytes: int  # one fp32 copy of the network
+    shards: int  # ways each network is split (1: whole copies)
+    read_whole: int = 0  # copies read whole before they are sharded (the teacher)
+
+    @property
+    def count(self) -> int:
+        return sum(self.copies.values())
+
+    def per_process(self) -> int:
+        """Bytes of the copies per process (the whole teacher read at the start on top)."""
+        return self.count * self.copy_bytes // self.shards + self.read_whole * self.copy_bytes
+
+    def describe(self) -> str:
+        each = self.copy_bytes / GIB
+        split = f" / {self.shards} shards" if self.shards > 1 else ""
+        whole = (
+            f", + {self.read_whole} read whole at the start ({self.read_whole * each:,.2f} GiB)"
+            if self.read_whole
+            else ""
+        )
+        held = "; ".join(f"{n} {what}" if n > 1 else what for what, n in self.copies.items())
+        return (
+            f"memory per process: {self.count} weight copies x {each:,.2f} GiB{split} = "
+            f"{self.count * self.copy_bytes / self.shards / GIB:,.2f} GiB{whole}, plus "
+            f"activations ({held})"
+        )
