@@ -44,6 +44,10 @@ class FakeSide(Protocol):
         """Its network's learning rate in a resolved config."""
         ...
 
+    def resident_copies(self, node_format) -> dict[str, int]:
+        """Weight-sized copies it holds while training (for the memory arithmetic)."""
+        ...
+
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Read and check what it learns from besides the teacher, before anything is written."""
         ...
@@ -79,6 +83,10 @@ class ScoreFake:
 
     def learning_rate(self, cfg) -> float:
         return cfg.lr_fake
+
+    def resident_copies(self, node_format) -> dict[str, int]:
+        fake = {"fake score": 1, "fake-score gradient": 1, "fake-score Adam moments": 2}
+        return {**fake, **node_format.target_copies}
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Read what the run learns from besides the teacher (nothing)."""
@@ -177,6 +185,10 @@ class RatioFake:
 
     def learning_rate(self, cfg) -> float:
         return cfg.lr_ratio
+
+    def resident_copies(self, node_format) -> dict[str, int]:
+        """None of the teacher's size: its ratio network is small, and it has no targets."""
+        return {}
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Open --data (checked before the run writes anything)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from pydantic import ValidationError
@@ -50,6 +50,10 @@ class Targets(Protocol):
 
 
 class NodeFormat(Protocol):
+    shardable: bool  # its targets can be sharded networks (`--parallel fsdp`)
+    recording_copies: dict[str, int]  # weight-sized copies `record` trains, besides the teacher
+    target_copies: dict[str, int]  # weight-sized copies of targets `backtrack` holds
+
     def trained(self, aux: nn.Module, cfg) -> nn.Module:
         """What of the auxiliary model trains (its parameters, or adapters added to it)."""
         ...
@@ -78,6 +82,13 @@ class FullWeights:
     """Each node a denoiser file (optionally stored in bf16)."""
 
     shardable = True  # its targets can be sharded networks (`--parallel fsdp`)
+    # Weight-sized copies held: while recording (besides the teacher), and as targets.
+    recording_copies: ClassVar[dict[str, int]] = {
+        "auxiliary model": 1,
+        "auxiliary-model gradient": 1,
+        "auxiliary-model Adam moments": 2,
+    }
+    target_copies: ClassVar[dict[str, int]] = {"target node": 1, "next node (prefetched)": 1}
 
     def trained(self, aux: nn.Module, cfg) -> nn.Module:
         return aux

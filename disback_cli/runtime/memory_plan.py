@@ -15,7 +15,7 @@ class MemoryPlan:
     copies: dict[str, int]  # what a process holds, in weight-sized copies
     copy_bytes: int  # one fp32 copy of the network
     shards: int  # ways each network is split (1: whole copies)
-    read_whole: int = 0  # copies read whole before they are sharded (the teacher)
+    read_whole: bool = False  # the teacher is read whole before it is sharded
 
     @property
     def count(self) -> int:
@@ -26,16 +26,17 @@ class MemoryPlan:
         return self.count * self.copy_bytes // self.shards + self.read_whole * self.copy_bytes
 
     def describe(self) -> str:
-        each = self.copy_bytes / GIB
         split = f" / {self.shards} shards" if self.shards > 1 else ""
-        whole = (
-            f", + {self.read_whole} read whole at the start ({self.read_whole * each:,.2f} GiB)"
-            if self.read_whole
-            else ""
-        )
-        held = "; ".join(f"{n} {what}" if n > 1 else what for what, n in self.copies.items())
+        whole = ""
+        if self.read_whole:
+            whole = f", + the teacher read whole at the start ({size(self.copy_bytes)})"
+        held = ", ".join(f"{n} {what}" if n > 1 else what for what, n in self.copies.items())
         return (
-            f"memory per process: {self.count} weight copies x {each:,.2f} GiB{split} = "
-            f"{self.count * self.copy_bytes / self.shards / GIB:,.2f} GiB{whole}, plus "
-            f"activations ({held})"
+            f"memory per process: {self.count} weight copies x {size(self.copy_bytes)}{split} = "
+            f"{size(self.count * self.copy_bytes // self.shards)}{whole}, plus activations "
+            f"({held})"
         )
+
+
+def size(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB"

@@ -30,6 +30,7 @@ from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import Targets
 from disback_cli.models.teachers import Teacher
+from disback_cli.runtime.memory_plan import MemoryPlan
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.runtime.sharding import refuse_unsupported
@@ -87,6 +88,7 @@ def run_backtrack(
         )
     fake_side = make_fake_side(cfg)
     check_sharding(cfg, traj, teacher, fake_side)
+    reporter.note(memory_plan(cfg, traj, teacher, fake_side, ex).describe())
     fake_side.open_inputs(cfg, teacher)  # checked before anything is written
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
@@ -128,6 +130,24 @@ def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake
             (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
             (bool(cfg.mismatch_every), "--mismatch-every"),
         ],
+    )
+
+
+def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex) -> MemoryPlan:
+    """What each process holds: generator, gradient, Adam moments and EMA, and the fake side's
+    networks and targets; sharded, the teacher is read whole before it is sharded."""
+    generator = {
+        "generator": 1,
+        "generator gradient": 1,
+        "generator Adam moments": 2,
+        "generator EMA": 1,
+    }
+    node_format = teacher.family.node_format(traj.config)
+    return MemoryPlan(
+        {**generator, **fake_side.resident_copies(node_format)},
+        4 * teacher.parameter_count,
+        ex.layout.shards,
+        read_whole=cfg.sharded,
     )
 
 

@@ -25,6 +25,7 @@ from disback_cli.models.denoiser_files import DenoiserFile
 from disback_cli.models.networks import enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import NodeFormat
 from disback_cli.models.teachers import Teacher, open_teacher
+from disback_cli.runtime.memory_plan import MemoryPlan
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.runtime.sharding import WHOLE, refuse_unsupported
@@ -51,6 +52,14 @@ def run_record(
     cfg, sources = resolve_record(cfg, teacher, student)
     node_format = teacher.family.node_format(cfg)
     refuse_unsupported(cfg, [(not node_format.shardable, "--lora-rank (adapter nodes)")])
+    g0_copies = {"G0 (the student)": 1} if student or cfg.student_arch_kwargs else {}
+    plan = MemoryPlan(
+        {"teacher": 1, **g0_copies, **node_format.recording_copies},
+        4 * teacher.parameter_count,
+        ex.layout.shards,
+        read_whole=cfg.sharded,
+    )
+    reporter.note(plan.describe())
     warnings = teacher.family.record_warnings(cfg)  # said before anything runs
     for warning in warnings if ex.is_main else []:
         reporter.warn(warning)

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -186,6 +187,8 @@ class Adapters:
     """Path nodes stored as the auxiliary model's rank-r adapters (`record --lora-rank`)."""
 
     shardable = False  # its targets are one whole adapted copy of the teacher
+    recording_copies: ClassVar[dict[str, int]] = {"auxiliary model (frozen; adapters train)": 1}
+    target_copies: ClassVar[dict[str, int]] = {"adapted teacher (every target)": 1}
 
     def trained(self, aux: nn.Module, cfg) -> nn.Module:
         add_lora(aux, cfg.lora_rank, cfg.seed)
