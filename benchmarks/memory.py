@@ -7,7 +7,18 @@ random weights (memory does not depend on what the weights learned):
 * imagenet64: ADM (DhariwalUNet), 3x64x64, 1000 classes, dropout 0.1 (edm-imagenet-64x64-cond-adm);
 * sd-like: a diffusers model folder shaped like Stable Diffusion at a tenth of its size (UNet of
   115 M parameters, 4x32x32 latents, a 4-layer CLIP text encoder), with `--lora` recording
-  low-rank nodes (rank 16): what the SD 1.5 / SDXL memory arithmetic in the README rests on.
+  low-rank nodes (rank 16): what the SD 1.5 / SDXL memory arithmetic in the README rests on;
+* sdxl-like: SDXL's UNet block structure (DownBlock2D then two cross-attention levels with 1, 2
+  and 10 transformer layers, 2 ResNet layers a block, text-time conditioning) at 0.3 of its
+  widths (96/192/384 channels: 204 M parameters, 4x16x16 latents), with SDXL-shaped text encoders
+  of toy size: what the sharding arithmetic in the README rests on.
+
+`--parallel ddp|fsdp --world N` runs `record` and `backtrack` under torchrun with N processes and
+reports the largest peak among them (per process), e.g. for the sharding table:
+
+    python benchmarks/memory.py --config sdxl-like --stages load,record --work W
+    python benchmarks/memory.py --config sdxl-like --stages backtrack --parallel fsdp \\
+        --world 4 --work W
 
 Stages: `load` (the teacher alone: the floor under every other number), `record` (2 iterations,
 1 node), `backtrack` (2 iterations) and `sample`. Reported per stage: peak host RSS (VmHWM) and,
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,8 +73,10 @@ CIFAR10 = NetworkSpec(
 IMAGENET64 = NetworkSpec(
     arch="DhariwalUNet", precond="edm", data_shape=(3, 64, 64), label_dim=1000, arch_kwargs=ADM
 )
-CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64, "sd-like": None}
+CONFIGS = {"cifar10": CIFAR10, "imagenet64": IMAGENET64, "sd-like": None, "sdxl-like": None}
 SD_LIKE = dict(widths=(192, 384, 768), latent=32, text_width=768, text_layers=4)
+SDXL_WIDTHS = (96, 192, 384)  # SDXL's 320/640/1280 x 0.3
+SDXL_LATENT = 16
 LORA_RANK = 16
 STAGES = ("load", "record", "backtrack", "sample")
 # Weight-sized tensors each stage must hold (the arithmetic beside the measurement).
@@ -137,6 +151,8 @@ def make_teacher(config: str, folder: Path) -> Path:
             write_prompts(folder / "prompts.txt")
         return path
 
+    if config == "sdxl-like":
+        return make_sdxl_like(folder)
     path = folder / f"{config}.safetensors"
     if not path.exists():
         torch.manual_seed(0)
@@ -150,8 +166,54 @@ def make_teacher(config: str, folder: Path) -> Path:
     return path
 
 
+def make_sdxl_like(folder: Path) -> Path:
+    """The tests' SDXL-shaped folder (two text encoders, text-time conditioning) with its UNet
+    replaced by one of SDXL's block structure."""
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from t2i_fixtures import make_sd_folder, write_prompts
+
+    path = folder / "sdxl-like"
+    if path.exists():
+        return path
+    make_sd_folder(path, xl=True, latent=SDXL_LATENT, text_width=64)
+    write_prompts(folder / "prompts.txt")
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=SDXL_LATENT,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=SDXL_WIDTHS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=64,  # the fixture's two 32-wide text encoders
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,
+    ).save_pretrained(path / "unet")
+    return path
+
+
+def run_name(parallel: str, world: int) -> str:
+    return "default" if (parallel, world) == ("ddp", 1) else f"{parallel}-{world}"
+
+
 def run_stage(
-    stage: str, teacher: Path, work: Path, batch: int, device: str, probe: int, lora: bool
+    stage: str,
+    teacher: Path,
+    work: Path,
+    batch: int,
+    device: str,
+    probe: int,
+    lora: bool,
+    parallel: str = "ddp",
+    world: int = 1,
 ) -> dict:
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
@@ -180,15 +242,18 @@ def run_stage(
             nodes=nodes,
             batch=batch,
             device=device,
+            parallel=parallel,
             **text,
             **lora_rank,
         )
         record_module.run_record(cfg, trajectory)
     elif stage == "backtrack":
-        cfg = BacktrackConfig(iters=2, batch=batch, save_every=0, log_every=1, device=device)
-        run_backtrack(cfg, trajectory)
+        cfg = BacktrackConfig(
+            iters=2, batch=batch, save_every=0, log_every=1, device=device, parallel=parallel
+        )
+        run_backtrack(cfg, trajectory, run_name(parallel, world))
     else:
-        run = backtrack_dir(trajectory, "default")
+        run = backtrack_dir(trajectory, run_name(parallel, world))
         manifest = read_manifest(run, BacktrackManifest)
         path = run / manifest.generator_ema.file
         generator, info = load_generator(path, torch.device(device))
@@ -199,6 +264,7 @@ def run_stage(
         write_samples_of(generator, info, cfg, work / "samples", text=parts)
     result = {
         "stage": stage,
+        "rank": int(os.environ.get("RANK", "0")),
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss_gb": peak_rss_bytes() / 1e9,
     }
@@ -217,6 +283,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the teacher and runs (kept)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--lora", action="store_true", help="sd-like: record LoRA nodes")
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--world", type=int, default=1, help="processes of record and backtrack")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
@@ -230,6 +298,8 @@ def main() -> None:
             args.device,
             args.probe_samples,
             args.lora,
+            args.parallel,
+            args.world,
         )
         print(json.dumps(result))
         return
@@ -237,24 +307,34 @@ def main() -> None:
     from disback_cli.models.networks import build_denoiser
 
     teacher = make_teacher(args.config, work)
-    if args.config == "sd-like":
+    if args.config in ("sd-like", "sdxl-like"):
         from disback_cli.models.teachers import open_teacher
 
         params = open_teacher(str(teacher)).parameter_count
     else:
         params = sum(p.numel() for p in build_denoiser(CONFIGS[args.config]).parameters())
     resident = RESIDENT_LORA if args.lora else RESIDENT
-    if args.config == "sd-like" and not args.lora:
+    if args.config in ("sd-like", "sdxl-like") and not args.lora:
         resident = RESIDENT_TEXT
     copy_gb = params * 4 / 1e9
     print(
         f"{args.config}: {params / 1e6:.1f} M parameters, {copy_gb:.3f} GB per fp32 copy; "
-        f"batch {args.batch}, probe {args.probe_samples} samples, device {args.device}"
+        f"batch {args.batch} per process, probe {args.probe_samples} samples, device "
+        f"{args.device}, --parallel {args.parallel}, {args.world} process(es)"
     )
     rows = []
     for stage in args.stages.split(","):
+        distributed = args.world > 1 and stage in ("record", "backtrack")
+        launcher = [sys.executable]
+        if distributed:
+            launcher += [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.world}",
+            ]
         command = [
-            sys.executable,
+            *launcher,
             __file__,
             "--child",
             stage,
@@ -268,19 +348,29 @@ def main() -> None:
             str(work),
             "--probe-samples",
             str(args.probe_samples),
+            "--parallel",
+            args.parallel,
+            "--world",
+            str(args.world),
         ] + (["--lora"] if args.lora else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"stage {stage} failed:\n{done.stderr}")
-        row = json.loads(done.stdout.strip().splitlines()[-1])
+        ranks = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"stage"')]
+        row = max(ranks, key=lambda r: r["peak_rss_gb"])  # the largest process
+        row["peak_rss_gb_per_rank"] = [r["peak_rss_gb"] for r in sorted(ranks, key=_rank)]
+        row["world"], row["parallel"] = (args.world, args.parallel) if distributed else (1, "ddp")
+        shards = args.world if distributed and args.parallel == "fsdp" else 1
         row["resident_copies"] = sum(resident[stage].values())
-        row["resident_gb"] = row["resident_copies"] * copy_gb
+        # sharded: every copy split over the processes, and the teacher read whole first
+        row["resident_gb"] = copy_gb * (row["resident_copies"] / shards + (shards > 1))
         rows.append(row)
         cuda = f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""
+        split = f" / {shards} shards + 1 whole teacher" if shards > 1 else ""
         print(
-            f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB{cuda}; must hold "
-            f"{row['resident_copies']} weight copies = {row['resident_gb']:.2f} GB "
-            f"({', '.join(resident[stage])}); {row['seconds']} s"
+            f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB (largest of {len(ranks)} "
+            f"process(es)){cuda}; must hold {row['resident_copies']} weight copies{split} = "
+            f"{row['resident_gb']:.2f} GB ({', '.join(resident[stage])}); {row['seconds']} s"
         )
     if args.out:
         args.out.write_text(
@@ -292,12 +382,18 @@ def main() -> None:
                     "batch": args.batch,
                     "device": args.device,
                     "probe_samples": args.probe_samples,
+                    "parallel": args.parallel,
+                    "world": args.world,
                     "stages": rows,
                 },
                 indent=2,
             )
             + "\n"
         )
+
+
+def _rank(row: dict) -> int:
+    return row["rank"]
 
 
 if __name__ == "__main__":

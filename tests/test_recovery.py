@@ -149,6 +149,7 @@ def test_divergence_from_a_huge_learning_rate_is_one_line(trajectory, cli):
         "10",
         "--log-every",
         "10",
+        "--quiet",  # no notes (the memory arithmetic) before the error
     )
     assert result.code == 1 and result.stderr.startswith("error: diverged at iteration ")
     assert "no checkpoint had been saved yet" in result.stderr

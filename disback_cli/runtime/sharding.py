@@ -117,7 +117,7 @@ class FullyShard(Replicated):
         """Whole tensors gathered from every process, one at a time onto the CPU (a collective:
         every process calls it; all of them get the full weights)."""
         self.settle(module)
-        return {name: _whole(value).cpu() for name, value in module.state_dict().items()}
+        return {name: whole_tensor(value).cpu() for name, value in module.state_dict().items()}
 
     def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
         """The network's whole weights (a collective, see `full_state`)."""
@@ -125,7 +125,7 @@ class FullyShard(Replicated):
 
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """A gradient norm over sharded gradients, as one plain number on every process."""
-        return _whole(norm)
+        return whole_tensor(norm)
 
     def settle(self, module: nn.Module) -> None:
         """Shard again what a forward pass without gradients left gathered: FSDP keeps the
@@ -173,7 +173,8 @@ def refuse_unsupported(cfg, unsupported: list[tuple[bool, str]]) -> None:
         )
 
 
-def _whole(value: torch.Tensor) -> torch.Tensor:
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A (sharded) tensor whole, on every process (a collective for a sharded one)."""
     full_tensor = getattr(value, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else value.detach()
 

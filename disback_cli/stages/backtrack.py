@@ -88,7 +88,6 @@ def run_backtrack(
         )
     fake_side = make_fake_side(cfg)
     check_sharding(cfg, traj, teacher, fake_side)
-    reporter.note(memory_plan(cfg, traj, teacher, fake_side, ex).describe())
     fake_side.open_inputs(cfg, teacher)  # checked before anything is written
     run_dir = backtrack_dir(trajectory, name)
     check_no_links(trajectory, run_dir.relative_to(trajectory))  # before creating anything
@@ -197,6 +196,7 @@ def _backtrack(
     # Noise levels from the teacher's denoiser before the targets take its weights.
     loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
     levels = TrainingSigma.of(cfg, teacher.denoiser)
+    plan = memory_plan(cfg, traj, teacher, fake_side, ex)  # before the teacher is sharded
     generator, generator_spec, generator_ema, fake, targets = build_networks(
         cfg, recorded, teacher, fake_side, ex
     )
@@ -227,6 +227,7 @@ def _backtrack(
         ex.prepare(generator.denoiser)
         ex.prepare(fake)
         log = TrainingLog(run, cfg, teacher)
+        run.note(plan.describe())  # said once every input (and tracker) has been checked
         try:
             save = generator_files(run, teacher, generator_spec, fake_side)
             losses = (loss_fn, fake_side.step, levels)

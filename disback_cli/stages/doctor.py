@@ -3,14 +3,16 @@
 Each check exercises something training relies on, on the chosen device, with a DDPM++ U-Net
 (EDM's CIFAR-10 configuration on CUDA; a small one on the CPU, so the checks take seconds): bf16
 autocast against fp32, torch.compile and channels-last against eager, the speed of one backtrack
-iteration, and a 2-process gradient all-reduce against one process. A check ends `ok`, `failed`
-(with the reason) or `skipped`; a check that raises is reported as failed and the others still run.
-The single-process checks are in `stages.doctor_checks`; the 2-process one is here because its
-rank processes start from this module (`RANK_COMMAND`).
+iteration, and 2-process gradients (whole copies all-reduced, and FSDP2-sharded) against one
+process. A check ends `ok`, `failed` (with the reason) or `skipped`; a check that raises is
+reported as failed and the others still run. The single-process checks are in
+`stages.doctor_checks`; the 2-process ones are here because their rank processes start from this
+module (`RANK_COMMAND`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from disback_cli import __version__
 from disback_cli.runtime.parallel import Execution, shutdown
+from disback_cli.runtime.sharding import PARALLEL, blocks_of, whole_tensor
 from disback_cli.stages.doctor_checks import (
     Check,
     Workload,
@@ -100,48 +103,51 @@ def _nccl_version() -> str:
 
 
 def gradients_match(
-    averaged: list[torch.Tensor], full: list[torch.Tensor], tolerance: float = ALLREDUCE_TOLERANCE
+    averaged: list[torch.Tensor],
+    full: list[torch.Tensor],
+    tolerance: float = ALLREDUCE_TOLERANCE,
+    name: str = "data-parallel",
 ) -> Check:
     """Gradients averaged over 2 processes (half the batch each) against the full-batch gradient
     of one process: equal up to round-off, as data-parallel runs are designed to be."""
     if len(averaged) != len(full) or any(
         a.shape != f.shape for a, f in zip(averaged, full, strict=True)
     ):
-        return Check("data-parallel", "failed", "averaged gradients do not match the parameters")
+        return Check(name, "failed", "averaged gradients do not match the parameters")
     return agreement(
-        "data-parallel",
+        name,
         relative_error(flattened(full), flattened(averaged)),
         tolerance,
         "2-process averaged vs 1-process gradients",
     )
 
 
-def check_data_parallel(work: Workload, device: torch.device) -> Check:
+def check_data_parallel(work: Workload, device: torch.device, parallel: str = "ddp") -> Check:
     """Two processes (NCCL on GPUs 0 and 1, gloo on the CPU) each take half of the same global
-    batch and average their gradients with `Execution.average_gradients`; rank 0 compares the
-    result with the full-batch gradient (`gradients_match`)."""
+    batch, with whole copies of the network (`ddp`) or with it sharded by FSDP2 (`fsdp`), and
+    average their gradients as a run does; rank 0 compares the (gathered) result with the
+    full-batch gradient of one process (`gradients_match`)."""
+    name = PARALLEL_CHECKS[parallel]
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda" and torch.cuda.device_count() < 2:
-        return Check(
-            "data-parallel", "skipped", f"needs 2 GPUs (found {torch.cuda.device_count()})"
-        )
+        return Check(name, "skipped", f"needs 2 GPUs (found {torch.cuda.device_count()})")
     if not (dist.is_available() and dist.is_backend_available(backend)):
-        return Check("data-parallel", "failed", f"torch.distributed has no {backend} backend")
+        return Check(name, "failed", f"torch.distributed has no {backend} backend")
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
         "OMP_NUM_THREADS": "1",
     }
-    with tempfile.TemporaryDirectory(prefix="disback-doctor-") as name:
-        folder = Path(name)
+    with tempfile.TemporaryDirectory(prefix="disback-doctor-") as folder_name:
+        folder = Path(folder_name)
         (folder / "workload.json").write_text(work.to_json())
-        ranks = []
+        ranks, settings = [], (backend, folder_name, parallel)
         for rank in range(2):
             with open(folder / f"rank-{rank}.log", "w") as log:
                 ranks.append(
                     subprocess.Popen(
-                        [sys.executable, "-c", RANK_COMMAND, str(rank), backend, name],
+                        [sys.executable, "-c", RANK_COMMAND, str(rank), *settings],
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -155,16 +161,17 @@ def check_data_parallel(work: Workload, device: torch.device) -> Check:
         ]
     errors = [report["error"] for report in reports if "error" in report]
     if errors:
-        return Check("data-parallel", "failed", errors[0])
+        return Check(name, "failed", errors[0])
     if killed:
         return Check(
-            "data-parallel",
+            name,
             "failed",
             f"2 {backend} processes did not finish within {DATA_PARALLEL_TIMEOUT:g} s",
         )
     return Check.from_json(reports[0])
 
 
+PARALLEL_CHECKS = {"ddp": "data-parallel", "fsdp": "fsdp"}  # check name of each layout
 RANK_COMMAND = (
     "import sys; from disback_cli.stages.doctor import rank_main; rank_main(*sys.argv[1:])"
 )
@@ -202,12 +209,12 @@ def _rank_report(folder: Path, rank: int, process: subprocess.Popen) -> dict[str
     return {"error": f"rank {rank} exited with code {process.returncode}: {last}"}
 
 
-def rank_main(rank: str, backend: str, folder: str) -> None:
+def rank_main(rank: str, backend: str, folder: str, parallel: str = "ddp") -> None:
     """A process of `check_data_parallel`: writes rank 0's comparison, or any rank's error, to
     FOLDER/rank-N.json, so the parent can show it in one line."""
     try:
         work = Workload.from_json(Path(folder, "workload.json").read_text())
-        check = _rank_gradients(int(rank), backend, work)
+        check = _rank_gradients(int(rank), backend, work, parallel)
         report = check.to_json() if check is not None else {}
     except Exception as exc:  # reported by the parent as the check's failure
         report = {"error": f"rank {rank}: {one_line(exc)}"}
@@ -216,7 +223,7 @@ def rank_main(rank: str, backend: str, folder: str) -> None:
         raise SystemExit(1)
 
 
-def _rank_gradients(rank: int, backend: str, work: Workload) -> Check | None:
+def _rank_gradients(rank: int, backend: str, work: Workload, parallel: str) -> Check | None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -226,19 +233,22 @@ def _rank_gradients(rank: int, backend: str, work: Workload) -> Check | None:
     try:
         with exact_fp32():
             model, inputs = work.network(device), work.inputs(device)
-            ex = Execution(device, rank=rank, world_size=2)
+            ex = Execution(
+                device, rank=rank, world_size=2, layout=PARALLEL[parallel](device, 2, None)
+            )
+            model = ex.layout.networks(model, blocks_of, device).adopt(model)
             forward_backward(model, tuple(ex.local(t) for t in inputs), ex)
             ex.average_gradients(model.parameters())
+            averaged = [whole_tensor(p.grad) for p in model.parameters() if p.grad is not None]
     except BaseException:
         dist.destroy_process_group()
         raise
     shutdown()  # its barrier: neither rank leaves the group while the other still uses it
-    averaged = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     if rank != 0:
         return None
-    with exact_fp32():
-        _, full = forward_backward(model, inputs, Execution(device))
-    return gradients_match(averaged, full)
+    with exact_fp32():  # the same network, whole, on the whole batch
+        _, full = forward_backward(work.network(device), inputs, Execution(device))
+    return gradients_match(averaged, full, name=PARALLEL_CHECKS[parallel])
 
 
 CHECKS: dict[str, Callable[[Workload, torch.device], Check]] = {
@@ -247,6 +257,7 @@ CHECKS: dict[str, Callable[[Workload, torch.device], Check]] = {
     "channels-last": check_channels_last,
     "throughput": check_throughput,
     "data-parallel": check_data_parallel,
+    "fsdp": functools.partial(check_data_parallel, parallel="fsdp"),
 }
 
 

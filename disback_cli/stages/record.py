@@ -52,14 +52,6 @@ def run_record(
     cfg, sources = resolve_record(cfg, teacher, student)
     node_format = teacher.family.node_format(cfg)
     refuse_unsupported(cfg, [(not node_format.shardable, "--lora-rank (adapter nodes)")])
-    g0_copies = {"G0 (the student)": 1} if student or cfg.student_arch_kwargs else {}
-    plan = MemoryPlan(
-        {"teacher": 1, **g0_copies, **node_format.recording_copies},
-        4 * teacher.parameter_count,
-        ex.layout.shards,
-        read_whole=cfg.sharded,
-    )
-    reporter.note(plan.describe())
     warnings = teacher.family.record_warnings(cfg)  # said before anything runs
     for warning in warnings if ex.is_main else []:
         reporter.warn(warning)
@@ -140,7 +132,20 @@ def _record(
         if manifest.state is None:  # killed before its first resume point: start over
             manifest.nodes = manifest.nodes[:1]
     step = run.begin(manifest, state, cfg, sources)
+    run.note(memory_plan(cfg, g0_of, node_format, teacher, ex).describe())  # inputs all checked
     return record_path(run, cfg, teacher, g0, probe, plan, state, aux, step, node_format)
+
+
+def memory_plan(cfg: RecordConfig, g0_of, node_format: NodeFormat, teacher, ex) -> MemoryPlan:
+    """What each process holds: the teacher (also G0 when G0 is its copy), a student G0, and
+    what the node format trains; sharded, the teacher is read whole before it is sharded."""
+    g0_copies = {} if g0_of.copies_teacher else {"G0 (the student)": 1}
+    return MemoryPlan(
+        {"teacher": 1, **g0_copies, **node_format.recording_copies},
+        4 * teacher.parameter_count,
+        ex.layout.shards,
+        read_whole=cfg.sharded,
+    )
 
 
 def _check_disk(

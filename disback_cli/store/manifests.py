@@ -144,6 +144,11 @@ class G0Spec(_Record):
     network: NetworkRecord | None = None  # kind "random": this network ...
     init_seed: Annotated[int, Field(ge=0, lt=1 << 63)] | None = None  # ... from this seed
 
+    @property
+    def copies_teacher(self) -> bool:
+        """Whether G0 is the teacher's own network (rather than a student's)."""
+        return self.kind == "teacher_copy"
+
     @model_validator(mode="after")
     def _complete(self) -> G0Spec:
         if self.kind == "file" and not (self.file and self.sha256):
