@@ -44,11 +44,12 @@ def test_the_cpu_checks_pass_and_report_strict_json(cli):
     assert list(checks) == CHECKS
     assert all(c["status"] in {"ok", "failed", "skipped"} and c["detail"] for c in checks.values())
     assert checks["compile"]["status"] == "skipped"
-    for name in ("bf16", "channels-last", "data-parallel"):
+    for name in ("bf16", "channels-last", "data-parallel", "fsdp"):
         assert checks[name]["status"] == "ok", checks[name]
         assert 0 <= checks[name]["relative_error"] <= checks[name]["tolerance"]
     assert checks["bf16"]["relative_error"] > 0  # bf16 really ran: its round-off shows
     assert checks["data-parallel"]["tolerance"] == doctor.ALLREDUCE_TOLERANCE
+    assert checks["fsdp"]["tolerance"] == doctor.ALLREDUCE_TOLERANCE
     rate = checks["throughput"]["it_per_s_fp32"]
     assert checks["throughput"]["status"] == "ok" and math.isfinite(rate) and rate > 0
 

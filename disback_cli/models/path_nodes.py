@@ -25,7 +25,7 @@ from torch import nn
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import load_denoiser, save_denoiser
 from disback_cli.models.networks import NetworkSpec
-from disback_cli.runtime.sharding import WHOLE, Networks
+from disback_cli.runtime.sharding import WHOLE, Networks, local_part
 from disback_cli.store.fileio import parse_json
 from disback_cli.store.layout import check_no_links
 from disback_cli.store.manifests import TrajectoryManifest
@@ -222,7 +222,7 @@ class PathNodes:
             current = torch.cuda.current_stream(self.device)  # be reused while still read
             current.wait_stream(self.stream)
             for tensor in node.state_dict().values():
-                tensor.record_stream(current)
+                local_part(tensor).record_stream(current)
         self.pending = (index - 1, self.worker.submit(self._prepare, index - 1)) if index else None
         return node
 

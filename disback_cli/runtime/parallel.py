@@ -82,8 +82,9 @@ class Execution:
         return x
 
     def prepare(self, denoiser: torch.nn.Module) -> torch.nn.Module:
-        """Memory format and compilation of a denoiser this run evaluates."""
-        if self._channels_last(1 + len(denoiser.data_shape)):
+        """Memory format and compilation of a denoiser this run evaluates (sharded weights keep
+        their layout: FSDP's flat shards have no channels to reorder)."""
+        if self._channels_last(1 + len(denoiser.data_shape)) and not self.layout.sharded:
             denoiser.to(memory_format=torch.channels_last)
         if self.compile:
             denoiser.compile(backend=os.environ.get("DISBACK_COMPILE_BACKEND", "inductor"))

@@ -80,7 +80,7 @@ class Replicated:
         return WholeCopies()
 
     def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The module's weights as whole tensors (here: its own)."""
+        """The module's weights as whole tensors, for rank 0 to write (here: its own)."""
         return module.state_dict()
 
     def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
@@ -114,13 +114,19 @@ class FullyShard(Replicated):
         return ShardedCopies(template, units, self.mesh, device)
 
     def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Whole tensors gathered from every process, one at a time onto the CPU (a collective:
-        every process calls it; all of them get the full weights)."""
+        """Whole tensors gathered from every process one at a time, kept on rank 0's CPU (a
+        collective: every process calls it; the others get an empty dict)."""
         self.settle(module)
-        return {name: whole_tensor(value).cpu() for name, value in module.state_dict().items()}
+        keep = dist.get_rank() == 0
+        state = {}
+        for name, value in module.state_dict().items():
+            whole = whole_tensor(value)
+            if keep:
+                state[name] = whole.cpu()
+        return state
 
     def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
-        """The network's whole weights (a collective, see `full_state`)."""
+        """The network's whole weights on rank 0 (a collective, see `full_state`)."""
         return self.full_state(module)
 
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
@@ -253,7 +259,7 @@ class ShardedCopies:
         with torch.no_grad():
             theirs = source.state_dict()
             for name, mine in module.state_dict().items():
-                _local(mine).copy_(_local(theirs[name]))
+                local_part(mine).copy_(local_part(theirs[name]))
         return module
 
     def load(
@@ -276,7 +282,7 @@ class ShardedCopies:
                     rows = f.get_slice(name)[local_rows(value)]
                     if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
                         raise DisbackError(f"{path}: tensor {name} holds NaN or infinite values")
-                    _local(value).copy_(rows)
+                    local_part(value).copy_(rows)
         return module
 
 
@@ -290,7 +296,8 @@ def _meta_template(network: nn.Module) -> tuple[nn.Module, dict[str, torch.Tenso
     return copy.deepcopy(network, meta), buffers
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
+def local_part(value: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (sharded) tensor: its local shard, or the tensor itself."""
     to_local = getattr(value, "to_local", None)
     return to_local() if callable(to_local) else value
 

@@ -363,12 +363,14 @@ def backtrack(
 def generator_files(
     run: Run, teacher: Teacher, spec: NetworkSpec, fake_side: FakeSide
 ) -> Callable[[int], None]:
-    """What a backtrack resume point writes besides the state: the generator and its EMA as
-    denoiser files that `sample` reads (with what the teacher's family needs to sample them),
+    """What a backtrack resume point writes besides the state (rank 0 writes; a sharded
+    generator is gathered whole, one network at a time): the generator and its EMA as denoiser
+    files that `sample` reads (with what the teacher's family needs to sample them),
     and the fake side's own files (DiffRatio: its ratio network, the verifier)."""
 
     def write(step: int) -> None:
-        manifest = run.manifest
+        """Called on every rank: a sharded network is gathered (one at a time) for rank 0."""
+        manifest, ex = run.manifest, run.ex
         info = {
             "role": "generator",
             "sigma_init": manifest.g0.sigma_init,
@@ -381,13 +383,16 @@ def generator_files(
         info.update(teacher.family.generator_info(teacher))
         refs = {}
         for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
-            file = checkpoint_file(key.replace("_", "-"), step)
-            whole = run.published[key]  # the generator's weights, gathered if sharded
-            tensors = {k.removeprefix("denoiser."): v for k, v in whole.items()}
-            digest = save_denoiser(
-                run.directory / file, tensors, spec, {**info, "weights": weights}
-            )
-            refs[key] = FileRef(file=file, sha256=digest)
+            whole = ex.layout.full_state(run.state.modules[key].denoiser)  # all ranks take part
+            if ex.is_main:
+                file = checkpoint_file(key.replace("_", "-"), step)
+                digest = save_denoiser(
+                    run.directory / file, whole, spec, {**info, "weights": weights}
+                )
+                refs[key] = FileRef(file=file, sha256=digest)
+            del whole  # before the next network is gathered
+        if not ex.is_main:
+            return
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
         fake = run.state.modules["fake"]
         for kind, ref in fake_side.save(run.directory, step, fake, info).items():

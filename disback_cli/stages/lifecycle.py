@@ -77,7 +77,6 @@ class RunKind:
     extendable: tuple[str, ...] = ()  # config fields a resume may raise (backtrack: iters)
     final_state: bool = False  # a finished run keeps its last state (to be extended later)
     metrics_log: bool = False  # keeps metrics.jsonl, cut back to the resume point on resume
-    published: tuple[str, ...] = ()  # modules whose whole weights a resume point's files hold
 
 
 RECORDING = RunKind(
@@ -102,7 +101,6 @@ BACKTRACKING = RunKind(
     extendable=("iters",),
     final_state=True,
     metrics_log=True,
-    published=("generator", "generator_ema"),
 )
 
 
@@ -222,7 +220,6 @@ class Run:
         self.manifest: Any = None  # the stage's RunManifest, once `begin` has run
         self.state: TrainingState | None = None
         self.store = STATE_STORES[ex.layout.sharded]
-        self.published: dict[str, dict[str, torch.Tensor]] = {}  # whole weights, while saving
         self._resuming = False
         self._save_requested = False
         self._clock = (0.0, time.perf_counter())  # seconds before this process, its start
@@ -350,7 +347,8 @@ class Run:
         """Iterations start+1 .. total; after each, a resume point when one is due: every
         `save_every` iterations, when requested, and when a stop signal arrived (checked every
         `stop_every` iterations, agreed on by all ranks), which then ends the run. `outputs(step)`
-        writes the stage's own files of a resume point (rank 0). At `total` the run is complete."""
+        writes the stage's own files of a resume point: every rank calls it, rank 0 writes. At
+        `total` the run is complete."""
         self._clock = (self.manifest.elapsed_seconds, time.perf_counter())
         self.manifest.session.update(noop=False, resumed_from=start, iterations_run=0)
         stop = self._exits.enter_context(stop_on_signals())
@@ -382,12 +380,8 @@ class Run:
         rank_rng = self.ex.gather(local_rng_state(self.ex.device))  # every rank takes part
         previous = manifest.files()
         file = self.store.name(self.kind.layout, step)
-        self.published = {  # every rank takes part (a sharded network is gathered)
-            key: self.ex.layout.full_state(state.modules[key]) for key in self.kind.published
-        }
-        if self.ex.is_main and outputs is not None:
-            outputs(step)
-        self.published = {}
+        if outputs is not None:
+            outputs(step)  # on every rank: it gathers sharded networks for rank 0 to write
         extra = {key: loop_state.state_dict() for key, loop_state in state.loop.items()}
         digest = self.store.save(self.directory / file, step, state, extra, rank_rng, self.ex)
         manifest.state = StateRef(file=file, sha256=digest, step=step)  # digest: on rank 0
