@@ -25,6 +25,7 @@ import torch
 from edm_fixtures import tiny_network, write_edm_snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from t2i_fixtures import make_sd_folder, write_prompts
 
 from conftest import checkout_env
 from disback_cli.errors import ConfigError, DisbackError
@@ -170,6 +171,37 @@ def test_fsdp_on_two_processes_equals_one_process(work, loss, trajectory):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
+def test_fsdp_on_a_stable_diffusion_folder_equals_one_process(tmp_path):
+    """A diffusers UNet sharded per ResNet block and transformer layer, with guidance on the
+    target and text conditions, across a target switch: dmd, as the SD recipes run it."""
+    make_sd_folder(tmp_path / "sd")
+    write_prompts(tmp_path / "prompts.txt")
+    disback(
+        "record",
+        "--teacher",
+        "sd",
+        "--prompts",
+        "prompts.txt",
+        "--iters",
+        "4",
+        "--nodes",
+        "2",
+        "--batch",
+        "4",
+        "--out",
+        "traj",
+        *COMMON,
+        cwd=tmp_path,
+    )
+    recorded_levels = BACKTRACK_ARGS.index("--dsm-sigma")  # the path's own (discrete) levels
+    args = [*BACKTRACK_ARGS[:recorded_levels], *BACKTRACK_ARGS[recorded_levels + 2 :]]
+    args += ["--loss", "dmd", "--iters", "4"]
+    disback(*args, "--batch", "4", "--name", "one", cwd=tmp_path)
+    disback(*args, "--batch", "2", "--name", "two", "--parallel", "fsdp", processes=2, cwd=tmp_path)
+    one, two = (tmp_path / "traj/backtrack" / name for name in ("one", "two"))
+    assert_relatively_close(generator_weights(one, 4), generator_weights(two, 4))
+
+
 def test_hsdp_on_four_processes_equals_one_process(work):
     """Sharded over pairs and replicated across the two pairs (a 2 x 2 mesh)."""
     one = backtrack(work, "one-vsd", 1, "--loss", "vsd")
@@ -184,6 +216,8 @@ def test_fsdp_refuses_a_changed_layout_or_process_count(work):
     ddp = disback(*base, "--batch", "2", processes=2, cwd=work, check=False)
     # torchrun exits 1 whatever its workers' codes (2 here, printed by its agent)
     assert ddp.returncode != 0 and "parallel: 'fsdp' -> 'ddp'" in ddp.stderr
+    four = disback(*base, "--batch", "1", "--parallel", "fsdp", processes=4, cwd=work, check=False)
+    assert four.returncode != 0 and "processes: 2 -> 4 (global batch)" in four.stderr
     alone = disback(*base, "--batch", "4", "--parallel", "fsdp", cwd=work, check=False)
     assert alone.returncode == 2
     assert alone.stderr.count("\n") == 1 and "launch with torchrun" in alone.stderr
