@@ -13,9 +13,8 @@ Everything that depends on the layout goes through one object: copies of the tea
 (`networks`), averaging gradients, gathering a network's full weights for the files `sample`
 reads, and (through `sharded`) how a resume point is stored (`stages.lifecycle`). The sharded
 layouts never build a whole copy of a network beyond the teacher they start from: copies are
-made on the meta device,
-sharded, and filled with this process's rows (from another sharded network, or read from a
-safetensors file by slices).
+made on the meta device, sharded, and filled with this process's rows (from another sharded
+network, or read from a safetensors file by slices).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,18 @@ from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
 
 Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
-Networks = "WholeCopies | ShardedCopies"  # how a run makes its networks
+
+
+class Networks(Protocol):
+    """How a run makes its networks: whole (`WholeCopies`) or sharded (`ShardedCopies`)."""
+
+    def adopt(self, module: nn.Module) -> nn.Module: ...
+
+    def copy(self, module: nn.Module) -> nn.Module: ...
+
+    def load(
+        self, path: Path, sha256: str | None, read_whole: Callable[[], nn.Module]
+    ) -> nn.Module: ...
 
 
 def blocks_of(network: nn.Module) -> list[nn.Module]:
