@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,21 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
 SMALL_RECORD = dict(teacher="builtin:ring2d", iters=60, nodes=3, batch=64, device="cpu")
+
+
+def disback_launcher(processes: int = 1) -> list[str]:
+    """`python -m disback_cli`, or as torchrun launches it with `processes` on this host."""
+    if processes == 1:
+        return [sys.executable, "-m", "disback_cli"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "disback_cli",
+    ]
 
 
 def checkout_env(*first: str | Path, **variables: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkout_env
+from conftest import checkout_env, disback_launcher
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.runtime import sharding
 from disback_cli.runtime.parallel import Execution
@@ -58,19 +58,8 @@ BACKTRACK = [
 
 
 def disback(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "disback_cli"]
-    if processes > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-            "-m",
-            "disback_cli",
-        ]
     result = subprocess.run(
-        [*launcher, *map(str, args)],
+        [*disback_launcher(processes), *map(str, args)],
         cwd=cwd,
         env=ENV,
         capture_output=True,

@@ -16,7 +16,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
 
-from conftest import checkout_env
+from conftest import checkout_env, disback_launcher
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
 from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
@@ -61,19 +60,13 @@ HANG = 600
 def disback(
     *args: str, processes: int = 1, cwd: Path, check: bool = True
 ) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "disback_cli"]
-    if processes > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-            "-m",
-            "disback_cli",
-        ]
     result = subprocess.run(
-        [*launcher, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=HANG
+        [*disback_launcher(processes), *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=HANG,
     )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -382,14 +375,9 @@ def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
     point; the rerun resumes and ends with the uninterrupted run's files and state."""
     flags = ("--loss", "vsd", "--parallel", "fsdp", "--save-every", "3")
     straight = backtrack(work, "kill-reference", 2, *flags, iters=9)
+    launcher = disback_launcher(2)
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "disback_cli",
+        *launcher,
         *BACKTRACK_ARGS,
         *flags,
         "--iters",
@@ -426,7 +414,7 @@ def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
     saved = read_manifest(run, BacktrackManifest)
     assert saved.status != "complete" and saved.state.step % 3 == 0
     assert bundle_digest(run / saved.state.file) == saved.state.sha256
-    disback(*command[7:], processes=2, cwd=work)
+    disback(*command[len(launcher) :], processes=2, cwd=work)
     for kind in ("generator", "generator-ema"):
         file = f"checkpoints/{kind}-00000009.safetensors"
         assert (straight / file).read_bytes() == (run / file).read_bytes()
