@@ -268,19 +268,8 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
     write_npz(tmp_path / "fake.npz", images_like(37, 2))
 
     def run(processes: int, *args: str) -> subprocess.CompletedProcess:
-        launcher = [sys.executable, "-m", "disback_cli"]
-        if processes > 1:
-            launcher = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={processes}",
-                "-m",
-                "disback_cli",
-            ]
         result = subprocess.run(
-            [*launcher, *args, "--batch", "4", "--device", "cpu"],
+            [*disback_launcher(processes), *args, "--batch", "4", "--device", "cpu"],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -193,12 +193,17 @@ def atomic_write_chunks(
             raise DisbackError(message) from None
         raise
     if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(path.parent)
     return digest.hexdigest()
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename inside `directory` durable (its entry survives a power loss)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def physical_memory() -> int:

@@ -22,7 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from disback_cli.errors import DisbackError
-from disback_cli.store.fileio import atomic_write_bytes, parse_json, sha256_file
+from disback_cli.store.fileio import (
+    atomic_write_bytes,
+    fsync_directory,
+    parse_json,
+    sha256_file,
+)
 from disback_cli.store.layout import BUNDLE_FILES
 
 EXTRA = "extra.json"
@@ -124,11 +129,7 @@ def save_sharded_state(
     atomic_write_bytes(temporary / EXTRA, json.dumps(record, sort_keys=True).encode())
     digest = bundle_digest(temporary)
     os.replace(temporary, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
     return digest
 
 
