@@ -73,19 +73,17 @@ def save_denoiser(
     info: dict,
     dtype: torch.dtype | None = None,
 ) -> str:
-    """Write the denoiser's weights (a module, or its state dict) atomically, floating tensors
-    cast to `dtype` if given; return the file's sha256."""
+    """Write the denoiser's weights (a module, or its state dict, possibly of sharded tensors
+    gathered one at a time) atomically, floating tensors cast to `dtype` if given; return the
+    file's sha256."""
     state = denoiser.state_dict() if isinstance(denoiser, nn.Module) else denoiser
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "network": spec.model_dump_json(),
         "info": json.dumps(info, sort_keys=True),
     }
-    return atomic_write_chunks(path, *safetensors_chunks(tensors, metadata))
+    return atomic_write_chunks(path, *safetensors_chunks(state, metadata, dtype))
 
 
 def load_denoiser(

@@ -32,11 +32,12 @@ from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.store.fileio import check_sha256, hash_regular_file
-from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES, whole_tensor
 
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
 
 Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
+Saved = nn.Module | dict[str, torch.Tensor]  # what a file writer gets of a network
 
 
 class Networks(Protocol):
@@ -73,6 +74,7 @@ class Replicated:
 
     def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
         self.world_size = world_size
+        self.rank = dist.get_rank() if world_size > 1 else 0
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         if self.world_size == 1:
@@ -90,13 +92,10 @@ class Replicated:
     def networks(self, template: nn.Module, units: Units, device: torch.device) -> WholeCopies:
         return WholeCopies()
 
-    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The module's weights as whole tensors, for rank 0 to write (here: its own)."""
-        return module.state_dict()
-
-    def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
-        """What a file writer gets of the network (here: the module itself)."""
-        return module
+    def write_whole(self, module: nn.Module, write: Callable[[Saved], str]) -> str | None:
+        """Rank 0 writes the network's whole weights with `write` and gets its result (here:
+        `write` gets the module itself); every process calls this, the others get None."""
+        return write(module) if self.rank == 0 else None
 
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm
@@ -124,21 +123,18 @@ class FullyShard(Replicated):
     def networks(self, template: nn.Module, units: Units, device: torch.device) -> ShardedCopies:
         return ShardedCopies(template, units, self.mesh, device)
 
-    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Whole tensors gathered from every process one at a time, kept on rank 0's CPU (a
-        collective: every process calls it; the others get an empty dict)."""
+    def write_whole(self, module: nn.Module, write: Callable[[Saved], str]) -> str | None:
+        """Rank 0's `write` gets the sharded state dict and reads it as `safetensors_chunks`
+        does (each tensor once, in name order), gathering each tensor whole as it writes it;
+        the other processes take part in the same gathers. No process ever holds more than one
+        whole tensor beyond its shards."""
         self.settle(module)
-        keep = dist.get_rank() == 0
-        state = {}
-        for name, value in module.state_dict().items():
-            whole = whole_tensor(value)
-            if keep:
-                state[name] = whole.cpu()
-        return state
-
-    def for_saving(self, module: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
-        """The network's whole weights on rank 0 (a collective, see `full_state`)."""
-        return self.full_state(module)
+        state = module.state_dict()
+        if self.rank == 0:
+            return write(state)
+        for name in sorted(state):
+            whole_tensor(state[name])
+        return None
 
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """A gradient norm over sharded gradients, as one plain number on every process."""
@@ -188,12 +184,6 @@ def refuse_unsupported(cfg, unsupported: list[tuple[bool, str]]) -> None:
         raise ConfigError(
             f"--parallel {cfg.parallel} does not support {refused[0]} yet; use --parallel ddp"
         )
-
-
-def whole_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A (sharded) tensor whole, on every process (a collective for a sharded one)."""
-    full_tensor = getattr(value, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else value.detach()
 
 
 def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:

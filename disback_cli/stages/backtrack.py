@@ -383,14 +383,15 @@ def generator_files(
         info.update(teacher.family.generator_info(teacher))
         refs = {}
         for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
-            whole = ex.layout.full_state(run.state.modules[key].denoiser)  # all ranks take part
-            if ex.is_main:
-                file = checkpoint_file(key.replace("_", "-"), step)
-                digest = save_denoiser(
+            file = checkpoint_file(key.replace("_", "-"), step)
+            digest = ex.layout.write_whole(  # all ranks take part
+                run.state.modules[key].denoiser,
+                lambda whole, file=file, weights=weights: save_denoiser(
                     run.directory / file, whole, spec, {**info, "weights": weights}
-                )
+                ),
+            )
+            if ex.is_main:
                 refs[key] = FileRef(file=file, sha256=digest)
-            del whole  # before the next network is gathered
         if not ex.is_main:
             return
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]

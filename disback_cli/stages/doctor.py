@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from disback_cli import __version__
 from disback_cli.runtime.parallel import Execution, shutdown
-from disback_cli.runtime.sharding import PARALLEL, blocks_of, whole_tensor
+from disback_cli.runtime.sharding import PARALLEL, blocks_of
 from disback_cli.stages.doctor_checks import (
     Check,
     Workload,
@@ -45,6 +45,7 @@ from disback_cli.stages.doctor_checks import (
     forward_backward,
     relative_error,
 )
+from disback_cli.store.tensorfile import whole_tensor
 
 ALLREDUCE_TOLERANCE = 1e-4
 """Relative error allowed between the average of two half-batch gradients and the full-batch

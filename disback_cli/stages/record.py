@@ -223,16 +223,17 @@ def save_node(
         "train_sigma": teacher.train_sigma,
         "teacher_sha256": teacher.sha256,
     }
-    digest = ""  # known to rank 0, which writes the manifest
-    saved = run.ex.layout.for_saving(aux)  # every rank takes part (a sharded network is gathered)
-    if run.ex.is_main:
-        digest = node_format.save(run.directory / file, saved, teacher, info, cfg)
+    # Every rank takes part (a sharded network is gathered as it is written); the digest is
+    # known to rank 0, which writes the manifest.
+    digest = run.ex.layout.write_whole(
+        aux, lambda whole: node_format.save(run.directory / file, whole, teacher, info, cfg)
+    )
     distance, g0_loss = probe(aux)
     return NodeRecord(
         index=index,
         step=step,
         file=file,
-        sha256=digest,
+        sha256=digest or "",  # known to rank 0 only
         dist_to_teacher=distance,
         g0_loss=g0_loss,
         train_loss=losses.take(),

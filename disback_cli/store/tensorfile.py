@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -37,21 +37,34 @@ MAX_SAFETENSORS_BYTES = 32 << 30  # far above any network we run; refused unread
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound on a header
 
 
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A (sharded) tensor whole, on every process (a collective for a sharded one)."""
+    full_tensor = getattr(value, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else value.detach()
+
+
 def safetensors_chunks(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, str],
+    float_dtype: torch.dtype | None = None,
 ) -> tuple[int, Iterator[bytes | memoryview]]:
-    """A safetensors file as (size, pieces): the header, then each tensor's bytes as a view of
-    the tensor (moved to the CPU one at a time), for `atomic_write_chunks`. The header is
-    canonical (sorted keys), so equal content gives equal sha256; the reference writer orders
-    its metadata randomly."""
+    """A safetensors file as (size, pieces): the header, then each tensor's bytes, made whole
+    (gathered, if sharded), moved to the CPU and cast (floating tensors, to `float_dtype` if
+    given) one at a time in name order, for `atomic_write_chunks`: a checkpoint never needs a
+    second copy of its network in memory. The header is canonical (sorted keys), so equal
+    content gives equal sha256; the reference writer orders its metadata randomly."""
     names = sorted(tensors)
+
+    def stored(tensor: torch.Tensor) -> torch.dtype:
+        return float_dtype if float_dtype and tensor.is_floating_point() else tensor.dtype
+
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in names:
         tensor = tensors[name]
-        end = offset + tensor.numel() * tensor.element_size()
+        end = offset + tensor.numel() * stored(tensor).itemsize
         header[name] = {
-            "dtype": _DTYPES[tensor.dtype],
+            "dtype": _DTYPES[stored(tensor)],
             "shape": list(tensor.shape),
             "data_offsets": [offset, end],
         }
@@ -62,7 +75,8 @@ def safetensors_chunks(
     def pieces() -> Iterator[bytes | memoryview]:
         yield struct.pack("<Q", len(text)) + text
         for name in names:
-            tensor = tensors[name].detach().cpu().contiguous()
+            tensor = whole_tensor(tensors[name])
+            tensor = tensor.to("cpu", stored(tensor)).contiguous()
             yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
     return 8 + len(text) + offset, pieces()
