@@ -114,6 +114,7 @@ RESIDENT_TEXT = {  # sd-like, a 2-node path: the teacher is let go once node 1 i
         "two Adam moments x2": 4,
     },
 }
+FROZEN_TARGETS = ("target node", "next node (prefetched)")  # held in bf16 by --frozen-dtype
 RESIDENT_LORA = {  # --lora: only adapters train; targets are one adapted teacher copy
     "load": {"teacher": 1},
     "record": {"teacher (also G0)": 1, "auxiliary model (frozen base)": 1},
@@ -200,8 +201,10 @@ def make_sdxl_like(folder: Path) -> Path:
     return path
 
 
-def run_name(parallel: str, world: int) -> str:
-    return "default" if (parallel, world) == ("ddp", 1) else f"{parallel}-{world}"
+def run_name(parallel: str, world: int, frozen_dtype: str = "fp32") -> str:
+    if (parallel, world, frozen_dtype) == ("ddp", 1, "fp32"):
+        return "default"
+    return f"{parallel}-{world}" + ("" if frozen_dtype == "fp32" else f"-{frozen_dtype}")
 
 
 def run_stage(
@@ -214,6 +217,7 @@ def run_stage(
     lora: bool,
     parallel: str = "ddp",
     world: int = 1,
+    frozen_dtype: str = "fp32",
 ) -> dict:
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
@@ -249,11 +253,17 @@ def run_stage(
         record_module.run_record(cfg, trajectory)
     elif stage == "backtrack":
         cfg = BacktrackConfig(
-            iters=2, batch=batch, save_every=0, log_every=1, device=device, parallel=parallel
+            iters=2,
+            batch=batch,
+            save_every=0,
+            log_every=1,
+            device=device,
+            parallel=parallel,
+            frozen_dtype=frozen_dtype,
         )
-        run_backtrack(cfg, trajectory, run_name(parallel, world))
+        run_backtrack(cfg, trajectory, run_name(parallel, world, frozen_dtype))
     else:
-        run = backtrack_dir(trajectory, run_name(parallel, world))
+        run = backtrack_dir(trajectory, run_name(parallel, world, frozen_dtype))
         manifest = read_manifest(run, BacktrackManifest)
         path = run / manifest.generator_ema.file
         generator, info = load_generator(path, torch.device(device))
@@ -285,6 +295,9 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="sd-like: record LoRA nodes")
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--world", type=int, default=1, help="processes of record and backtrack")
+    parser.add_argument(
+        "--frozen-dtype", choices=("fp32", "bf16"), default="fp32", help="backtrack's targets"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
@@ -300,8 +313,10 @@ def main() -> None:
             args.lora,
             args.parallel,
             args.world,
+            args.frozen_dtype,
         )
-        print(json.dumps(result))
+        # One write per process: the processes of a torchrun launch share this pipe.
+        os.write(sys.stdout.fileno(), (json.dumps(result) + "\n").encode())
         return
 
     from disback_cli.models.networks import build_denoiser
@@ -352,6 +367,8 @@ def main() -> None:
             args.parallel,
             "--world",
             str(args.world),
+            "--frozen-dtype",
+            args.frozen_dtype,
         ] + (["--lora"] if args.lora else [])
         done = subprocess.run(command, capture_output=True, text=True, env=child_env())
         if done.returncode:
@@ -361,7 +378,11 @@ def main() -> None:
         row["peak_rss_gb_per_rank"] = [r["peak_rss_gb"] for r in sorted(ranks, key=_rank)]
         row["world"], row["parallel"] = (args.world, args.parallel) if distributed else (1, "ddp")
         shards = args.world if distributed and args.parallel == "fsdp" else 1
-        row["resident_copies"] = sum(resident[stage].values())
+        held = dict(resident[stage])
+        if args.frozen_dtype == "bf16" and stage == "backtrack":
+            for what in FROZEN_TARGETS:
+                held[f"{what} (bf16)"] = held.pop(what) / 2
+        row["resident_copies"] = sum(held.values())
         # sharded: every copy split over the processes, and the teacher read whole first
         row["resident_gb"] = copy_gb * (row["resident_copies"] / shards + (shards > 1))
         rows.append(row)
@@ -370,7 +391,7 @@ def main() -> None:
         print(
             f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB (largest of {len(ranks)} "
             f"process(es)){cuda}; must hold {row['resident_copies']} weight copies{split} = "
-            f"{row['resident_gb']:.2f} GB ({', '.join(resident[stage])}); {row['seconds']} s"
+            f"{row['resident_gb']:.2f} GB ({', '.join(held)}); {row['seconds']} s"
         )
     if args.out:
         args.out.write_text(
@@ -384,6 +405,7 @@ def main() -> None:
                     "probe_samples": args.probe_samples,
                     "parallel": args.parallel,
                     "world": args.world,
+                    "frozen_dtype": args.frozen_dtype,
                     "stages": rows,
                 },
                 indent=2,

@@ -203,6 +203,20 @@ def test_hsdp_on_four_processes_equals_one_process(work):
     assert_relatively_close(generator_weights(one), generator_weights(four))
 
 
+def test_bf16_frozen_copies_round_the_targets_only(work):
+    """--frozen-dtype bf16 holds the teacher and targets as bf16 shards computed in float32: the
+    generator stays near the float32 run's (the targets' weights rounded to bf16's 8 bits) and
+    is not equal to it (the rounding reached the targets)."""
+    one = backtrack(work, "one-vsd", 1, "--loss", "vsd")
+    bf16 = backtrack(
+        work, "fsdp-bf16", 2, "--loss", "vsd", "--parallel", "fsdp", "--frozen-dtype", "bf16"
+    )
+    assert read_manifest(bf16, BacktrackManifest).config.frozen_dtype == "bf16"
+    worst = assert_relatively_close(generator_weights(one), generator_weights(bf16), 1e-2)
+    assert worst > 1e-6, worst
+    print(f"bf16 frozen copies: worst relative difference {worst:.1e}")
+
+
 def test_fsdp_refuses_a_changed_layout_or_process_count(work):
     backtrack(work, "fsdp-vsd", 2, "--loss", "vsd", "--parallel", "fsdp")
     base = [*BACKTRACK_ARGS, "--loss", "vsd", "--name", "fsdp-vsd", "--iters", "9"]
@@ -214,6 +228,11 @@ def test_fsdp_refuses_a_changed_layout_or_process_count(work):
     alone = disback(*base, "--batch", "4", "--parallel", "fsdp", cwd=work, check=False)
     assert alone.returncode == 2
     assert alone.stderr.count("\n") == 1 and "launch with torchrun" in alone.stderr
+    whole = [*BACKTRACK_ARGS, "--name", "whole-bf16", "--iters", "2", "--frozen-dtype", "bf16"]
+    bf16 = disback(*whole, "--batch", "4", cwd=work, check=False)
+    assert bf16.returncode == 2 and bf16.stderr.count("\n") == 1
+    assert "needs --parallel fsdp|hsdp" in bf16.stderr
+    assert not (work / "traj/backtrack/whole-bf16").exists()
 
 
 def test_a_tampered_shard_is_refused_before_it_is_read(work, tmp_path):
@@ -426,7 +445,32 @@ def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
     assert not list(run.rglob(".*.tmp"))
 
 
-# Units: slices, tensor tables, the folders of sharded resume points, refusals.
+# Units: slices, tensor tables, the folders of sharded resume points, refusals, memory plans.
+
+
+def test_the_memory_plan_counts_copies_per_shard_and_bf16_targets_at_half(work):
+    from types import SimpleNamespace
+
+    from disback_cli.config import BacktrackConfig
+    from disback_cli.method.fake_sides import make_fake_side
+    from disback_cli.stages.backtrack import memory_plan
+    from disback_cli.stages.trajectory import open_trajectory
+
+    traj, teacher = open_trajectory(work / "traj", None, "cpu")
+    copy_bytes = 4 * teacher.parameter_count
+
+    def plan(shards: int, **fields):
+        cfg = BacktrackConfig(**fields)
+        ex = SimpleNamespace(layout=SimpleNamespace(shards=shards))
+        return memory_plan(cfg, traj, teacher, make_fake_side(cfg), ex)
+
+    whole = plan(1)  # generator 5 (weights, gradient, 2 moments, EMA), fake 4, 2 targets
+    assert whole.count == 11 and whole.per_process() == 11 * copy_bytes
+    sharded = plan(4, parallel="fsdp")  # + the teacher, read whole before it is sharded
+    assert sharded.per_process() == 11 * copy_bytes // 4 + copy_bytes
+    bf16 = plan(4, parallel="fsdp", frozen_dtype="bf16")
+    assert bf16.count == 10 and bf16.copies["target node (bf16)"] == 0.5
+    assert "10 weight copies" in bf16.describe() and "0.5 target node (bf16)" in bf16.describe()
 
 
 class _Shard:

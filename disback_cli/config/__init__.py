@@ -259,6 +259,12 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    frozen_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="--parallel fsdp|hsdp: the teacher and target nodes held as bf16 shards "
+        "and gathered as float32 to compute (half their memory; nodes recorded with "
+        "--node-dtype bf16 lose nothing, the teacher is rounded)",
+    )
     data: PathText | None = Field(
         None,
         description="real data for --loss diffratio: builtin:NAME, an image folder or an "

@@ -153,7 +153,9 @@ class PathNodes:
 
     Takes over the teacher's weights (`teacher.denoiser` becomes None) so that they can be freed
     once they are not the target. `networks` makes the nodes whole or sharded networks
-    (`runtime.sharding`): sharded, each process reads only its rows of a node file."""
+    (`runtime.sharding`): sharded, each process reads only its rows of a node file. Targets are
+    made by `networks.frozen` (sharded, they may be held in bf16), the copy to train by
+    `networks` itself."""
 
     def __init__(
         self,
@@ -176,13 +178,14 @@ class PathNodes:
         self.pending: tuple[int, Future] | None = None
         self.current: tuple[int, nn.Module] | None = None
 
-    def _load(self, index: int) -> nn.Module:
+    def _load(self, index: int, networks: Networks) -> nn.Module:
         if index == 0:
             if self.held_teacher is not None:
-                return self.held_teacher
-            return self.networks.adopt(self.teacher.family.reopen(self.teacher, self.device))
+                held = self.held_teacher
+                return held if networks is self.networks else networks.copy(held)
+            return networks.adopt(self.teacher.family.reopen(self.teacher, self.device))
         node = self.manifest.nodes[index]
-        return self.networks.load(
+        return networks.load(
             check_no_links(self.trajectory, node.file),
             node.sha256 if self.verify else None,
             lambda: load_path_node(
@@ -192,15 +195,18 @@ class PathNodes:
 
     def _prepare(self, index: int) -> nn.Module:
         if self.stream is None:
-            node = self._load(index)
+            node = self._load(index, self.networks.frozen)
         else:
             with torch.cuda.stream(self.stream):
-                node = self._load(index)
+                node = self._load(index, self.networks.frozen)
         return self.prepare(node)
 
     def copy_of(self, index: int) -> nn.Module:
-        """A copy of node `index` to train (the fake score starts from one)."""
-        return self.networks.copy(self._load(index))
+        """A copy of node `index` to train (the fake score starts from one): read from its
+        file, or copied from the teacher."""
+        if index == 0 and self.held_teacher is not None:
+            return self.networks.copy(self.held_teacher)
+        return self._load(index, self.networks)
 
     def at(self, index: int) -> nn.Module:
         """The target node `index`: the current one again, or (at a switch) the next one, after
@@ -216,7 +222,7 @@ class PathNodes:
             node = self.pending[1].result()
         else:
             node = self._prepare(index)
-        if index > 0:
+        if node is not self.held_teacher:
             self.held_teacher = None  # node 0 will be read again when its turn comes
         if self.stream is not None:  # the copy must finish before use, and the memory must not
             current = torch.cuda.current_stream(self.device)  # be reused while still read

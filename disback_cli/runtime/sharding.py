@@ -35,6 +35,7 @@ from disback_cli.store.fileio import check_sha256, hash_regular_file
 from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES, whole_tensor
 
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --frozen-dtype
 
 Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
 Saved = nn.Module | dict[str, torch.Tensor]  # what a file writer gets of a network
@@ -42,6 +43,8 @@ Saved = nn.Module | dict[str, torch.Tensor]  # what a file writer gets of a netw
 
 class Networks(Protocol):
     """How a run makes its networks: whole (`WholeCopies`) or sharded (`ShardedCopies`)."""
+
+    frozen: Networks  # how it makes the networks that never train (teacher, path nodes)
 
     def adopt(self, module: nn.Module) -> nn.Module: ...
 
@@ -89,8 +92,10 @@ class Replicated:
             ):
                 grad.copy_(synced)
 
-    def networks(self, template: nn.Module, units: Units, device: torch.device) -> WholeCopies:
-        return WholeCopies()
+    def networks(
+        self, template: nn.Module, units: Units, device: torch.device, frozen_dtype=torch.float32
+    ) -> WholeCopies:
+        return WHOLE
 
     def write_whole(self, module: nn.Module, write: Callable[[Saved], str]) -> str | None:
         """Rank 0 writes the network's whole weights with `write` and gets its result (here:
@@ -120,8 +125,10 @@ class FullyShard(Replicated):
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """Nothing to do: FSDP reduce-scattered the mean gradient during the backward pass."""
 
-    def networks(self, template: nn.Module, units: Units, device: torch.device) -> ShardedCopies:
-        return ShardedCopies(template, units, self.mesh, device)
+    def networks(
+        self, template: nn.Module, units: Units, device: torch.device, frozen_dtype=torch.float32
+    ) -> ShardedCopies:
+        return ShardedCopies(template, units, self.mesh, device, frozen_dtype)
 
     def write_whole(self, module: nn.Module, write: Callable[[Saved], str]) -> str | None:
         """Rank 0's `write` gets the sharded state dict and reads it as `safetensors_chunks`
@@ -202,6 +209,10 @@ def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 class WholeCopies:
     """Copies of networks as whole modules."""
 
+    @property
+    def frozen(self) -> WholeCopies:
+        return self
+
     def adopt(self, module: nn.Module) -> nn.Module:
         """The network as this layout holds it (here: as it is)."""
         return module
@@ -224,10 +235,26 @@ class ShardedCopies:
     network (recorded when it was sharded), sharded per block, materialised as this process's
     shards only and filled with its rows."""
 
-    def __init__(self, template: nn.Module, units: Units, mesh, device: torch.device) -> None:
+    def __init__(
+        self,
+        template: nn.Module,
+        units: Units,
+        mesh,
+        device: torch.device,
+        frozen_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         self.units, self.mesh, self.device = units, mesh, device
         self.templates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.teacher = _meta_template(template)  # what path nodes are
+        self.dtype, self.policy = torch.float32, MixedPrecisionPolicy()
+        self.frozen = self
+        if frozen_dtype != torch.float32:  # stored narrow, gathered as float32 to compute
+            self.frozen = copy.copy(self)
+            self.frozen.dtype = frozen_dtype
+            self.frozen.policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+            self.frozen.frozen = self.frozen
 
     def adopt(self, module: nn.Module) -> nn.Module:
         """Shard a whole network in place (its full weights are freed)."""
@@ -237,11 +264,15 @@ class ShardedCopies:
         return module
 
     def _shard(self, module: nn.Module) -> nn.Module:
+        """Parameters in this copy's dtype, sharded per unit, then the whole network."""
         from torch.distributed.fsdp import fully_shard
 
+        for parameter in module.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(self.dtype)
         for unit in self.units(module):
-            fully_shard(unit, mesh=self.mesh)
-        fully_shard(module, mesh=self.mesh)
+            fully_shard(unit, mesh=self.mesh, mp_policy=self.policy)
+        fully_shard(module, mesh=self.mesh, mp_policy=self.policy)
         return module
 
     def _empty(self, template: tuple[nn.Module, dict]) -> nn.Module:

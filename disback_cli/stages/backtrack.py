@@ -33,7 +33,7 @@ from disback_cli.models.teachers import Teacher
 from disback_cli.runtime.memory_plan import MemoryPlan
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
-from disback_cli.runtime.sharding import refuse_unsupported
+from disback_cli.runtime.sharding import FROZEN_DTYPES, refuse_unsupported
 from disback_cli.runtime.tracking import check_tracker_folders
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
@@ -119,8 +119,13 @@ def check_path_noise_levels(
 
 
 def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake_side) -> None:
-    """What sharded networks (--parallel fsdp|hsdp) do not cover yet: rank 0 alone evaluates
-    during training, and DiffRatio's and LoRA paths' networks are whole."""
+    """What sharded networks (--parallel fsdp|hsdp) need and do not cover yet: rank 0 alone
+    evaluates during training, and DiffRatio's and LoRA paths' networks are whole."""
+    if cfg.frozen_dtype != "fp32" and not cfg.sharded:
+        raise ConfigError(
+            f"--frozen-dtype {cfg.frozen_dtype} holds the teacher and targets as sharded "
+            "networks: it needs --parallel fsdp|hsdp"
+        )
     refuse_unsupported(
         cfg,
         [
@@ -142,8 +147,12 @@ def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex)
         "generator EMA": 1,
     }
     node_format = teacher.family.node_format(traj.config)
+    resident = dict(fake_side.resident_copies(node_format))
+    if cfg.frozen_dtype == "bf16":  # the targets at half size
+        for what in [what for what in resident if what in node_format.target_copies]:
+            resident[f"{what} (bf16)"] = resident.pop(what) / 2
     return MemoryPlan(
-        {**generator, **fake_side.resident_copies(node_format)},
+        {**generator, **resident},
         4 * teacher.parameter_count,
         ex.layout.shards,
         read_whole=cfg.sharded,
@@ -249,7 +258,9 @@ def build_networks(
     (--parallel fsdp|hsdp) sharded ones, the teacher sharded first and the others made from it
     (or from their files) without a whole copy."""
     trajectory, traj = recorded
-    networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
+    networks = ex.layout.networks(
+        teacher.denoiser, teacher.family.shard_units, ex.device, FROZEN_DTYPES[cfg.frozen_dtype]
+    )
     teacher.denoiser = networks.adopt(teacher.denoiser)
     generator, spec = build_g0(traj.g0, teacher, ex.device, cfg.verify, networks=networks)
     generator.train().requires_grad_(True)
