@@ -235,7 +235,12 @@ def run_stage(
     started = time.perf_counter()
     trajectory = work / "trajectory"
     text = {"prompts": str(work / "prompts.txt")} if teacher.is_dir() else {}
-    if stage == "load":
+    if stage == "load" and world > 1:  # read and placed as record and backtrack place it
+        from disback_cli.runtime.parallel import execution
+
+        ex = execution(BacktrackConfig(device=device, parallel=parallel))
+        ex.layout.place_teacher(lambda: open_teacher(str(teacher), ex.device), ex.device)
+    elif stage == "load":
         open_teacher(str(teacher), device)
     elif stage == "record":
         lora_rank = {"lora_rank": LORA_RANK} if lora else {}
@@ -339,7 +344,7 @@ def main() -> None:
     )
     rows = []
     for stage in args.stages.split(","):
-        distributed = args.world > 1 and stage in ("record", "backtrack")
+        distributed = args.world > 1 and stage in ("load", "record", "backtrack")
         launcher = [sys.executable]
         if distributed:
             launcher += [
@@ -370,13 +375,14 @@ def main() -> None:
             "--frozen-dtype",
             args.frozen_dtype,
         ] + (["--lora"] if args.lora else [])
-        done = subprocess.run(command, capture_output=True, text=True, env=child_env())
+        done, host_peak = run_watched(command)
         if done.returncode:
             sys.exit(f"stage {stage} failed:\n{done.stderr}")
         ranks = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"stage"')]
         row = max(ranks, key=lambda r: r["peak_rss_gb"])  # the largest process
         row["peak_rss_gb_per_rank"] = [r["peak_rss_gb"] for r in sorted(ranks, key=_rank)]
         row["world"], row["parallel"] = (args.world, args.parallel) if distributed else (1, "ddp")
+        row["peak_host_rss_gb"] = host_peak / 1e9
         shards = args.world if distributed and args.parallel == "fsdp" else 1
         held = dict(resident[stage])
         if args.frozen_dtype == "bf16" and stage == "backtrack":
@@ -390,6 +396,7 @@ def main() -> None:
         split = f" / {shards} shards + 1 whole teacher" if shards > 1 else ""
         print(
             f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB (largest of {len(ranks)} "
+            f"process(es); all of them together {row['peak_host_rss_gb']:.2f} GB) "
             f"process(es)){cuda}; must hold {row['resident_copies']} weight copies{split} = "
             f"{row['resident_gb']:.2f} GB ({', '.join(held)}); {row['seconds']} s"
         )
@@ -412,6 +419,44 @@ def main() -> None:
             )
             + "\n"
         )
+
+
+def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `command` and sample the summed RSS of it and every process below it (the launcher
+    and a torchrun launch's workers) every 20 ms: the host's peak, which per-process high-water
+    marks cannot give (they need not peak at the same moment)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=child_env())
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, sum(map(_rss_bytes, _process_tree(proc.pid))))
+            time.sleep(0.02)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read()), peak
+
+
+def _process_tree(root: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+    except OSError:
+        return 0  # ended between the listing and now
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child_env() -> dict[str, str]:

@@ -445,6 +445,39 @@ def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
     assert not list(run.rglob(".*.tmp"))
 
 
+TURNS = """
+import os, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+from disback_cli.runtime.sharding import FullyShard
+
+dist.init_process_group("gloo")
+rank, folder = dist.get_rank(), Path(sys.argv[1])
+def work():
+    (folder / f"in-{rank}").touch()
+    deadline = time.monotonic() + 1.0  # long enough for another reader to show up
+    while time.monotonic() < deadline:
+        inside = [p.name for p in folder.iterdir() if p.name.startswith("in-")]
+        assert inside == [f"in-{rank}"], inside
+        time.sleep(0.01)
+    (folder / f"in-{rank}").rename(folder / f"done-{rank}")
+    return rank
+assert FullyShard(torch.device("cpu"), rank, 2, None).in_turns(work) == rank
+dist.destroy_process_group()
+"""
+
+
+def test_the_processes_of_a_host_read_the_teacher_in_turns(tmp_path):
+    """`in_turns` (how a sharded run reads its teacher) lets one process of a host work at a
+    time: each one sees no other inside for a second, and every one gets its own result."""
+    script = tmp_path / "turns.py"
+    script.write_text(TURNS)
+    launcher = [*disback_launcher(2)[:-2], str(script), str(tmp_path)]
+    done = subprocess.run(launcher, env=ENV, capture_output=True, text=True, timeout=HANG)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done-0", "done-1", "turns.py"]
+
+
 # Units: slices, tensor tables, the folders of sharded resume points, refusals, memory plans.
 
 
@@ -467,8 +500,8 @@ def test_the_memory_plan_counts_copies_per_shard_and_bf16_targets_at_half(work):
     whole = plan(1)  # generator 5 (weights, gradient, 2 moments, EMA), fake 4, 2 targets
     assert whole.count == 11 and whole.per_process() == 11 * copy_bytes
     sharded = plan(4, parallel="fsdp")  # + the teacher, read whole before it is sharded
-    assert sharded.per_process() == 11 * copy_bytes // 4 + copy_bytes
-    bf16 = plan(4, parallel="fsdp", frozen_dtype="bf16")
+    assert sharded.count == 11 and sharded.per_process() == 11 * copy_bytes // 4 + copy_bytes
+    bf16 = plan(4, parallel="fsdp", frozen_dtype="bf16")  # the two targets at half size
     assert bf16.count == 10 and bf16.copies["target node (bf16)"] == 0.5
     assert "10 weight copies" in bf16.describe() and "0.5 target node (bf16)" in bf16.describe()
 

@@ -171,7 +171,7 @@ class PathNodes:
         self.trajectory, self.manifest, self.teacher = trajectory, manifest, teacher
         self.device, self.prepare, self.verify = device, prepare, verify
         self.networks = networks
-        self.held_teacher: nn.Module | None = teacher.denoiser  # released after the first target
+        self.held_teacher: nn.Module | None = teacher.denoiser  # see `target`
         teacher.denoiser = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disback-prefetch")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -183,7 +183,7 @@ class PathNodes:
             if self.held_teacher is not None:
                 held = self.held_teacher
                 return held if networks is self.networks else networks.copy(held)
-            return networks.adopt(self.teacher.family.reopen(self.teacher, self.device))
+            return networks.reread(lambda: self.teacher.family.reopen(self.teacher, self.device))
         node = self.manifest.nodes[index]
         return networks.load(
             check_no_links(self.trajectory, node.file),
@@ -222,14 +222,15 @@ class PathNodes:
             node = self.pending[1].result()
         else:
             node = self._prepare(index)
-        if node is not self.held_teacher:
+        if index > 0:
             self.held_teacher = None  # node 0 will be read again when its turn comes
         if self.stream is not None:  # the copy must finish before use, and the memory must not
             current = torch.cuda.current_stream(self.device)  # be reused while still read
             current.wait_stream(self.stream)
             for tensor in node.state_dict().values():
                 local_part(tensor).record_stream(current)
-        self.pending = (index - 1, self.worker.submit(self._prepare, index - 1)) if index else None
+        ahead = index > 1 or (index == 1 and self.networks.frozen.rereads_in_background)
+        self.pending = (index - 1, self.worker.submit(self._prepare, index - 1)) if ahead else None
         return node
 
     def close(self) -> None:

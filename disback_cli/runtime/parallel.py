@@ -48,7 +48,9 @@ class Execution:
 
     def __post_init__(self) -> None:
         if self.layout is None:
-            object.__setattr__(self, "layout", Replicated(self.device, self.world_size, None))
+            object.__setattr__(
+                self, "layout", Replicated(self.device, self.rank, self.world_size, None)
+            )
 
     @property
     def is_main(self) -> bool:
@@ -163,7 +165,7 @@ def execution(cfg) -> Execution:
             f"--parallel {layout.name} shards the networks over processes: launch with torchrun "
             "--nproc_per_node=N (N >= 2), or use --parallel ddp on one process"
         )
-    placed = layout(resolved, world_size, getattr(cfg, "shard_size", None))
+    placed = layout(resolved, rank, world_size, getattr(cfg, "shard_size", None))
     return Execution(
         resolved, cfg.precision, rank, world_size, cfg.channels_last, cfg.compile, placed
     )

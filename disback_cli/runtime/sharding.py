@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this m
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --frozen-dtype
 
 Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
+T = TypeVar("T")
 Saved = nn.Module | dict[str, torch.Tensor]  # what a file writer gets of a network
 
 
@@ -53,6 +55,10 @@ class Networks(Protocol):
     def load(
         self, path: Path, sha256: str | None, read_whole: Callable[[], nn.Module]
     ) -> nn.Module: ...
+
+    def reread(self, read: Callable[[], nn.Module]) -> nn.Module: ...
+
+    rereads_in_background: bool  # whether `reread` may run in a prefetching thread
 
 
 def blocks_of(network: nn.Module) -> list[nn.Module]:
@@ -75,9 +81,10 @@ class Replicated:
     shards = 1  # ways each network is split
     sharded = False  # resume points as one file (True: a folder of shards)
 
-    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
-        self.world_size = world_size
-        self.rank = dist.get_rank() if world_size > 1 else 0
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, shard_size: int | None
+    ) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         if self.world_size == 1:
@@ -108,6 +115,28 @@ class Replicated:
     def settle(self, module: nn.Module) -> None:
         """Leave the module's parameters as this layout keeps them between steps."""
 
+    def place_teacher(
+        self, read: Callable[[], T], device: torch.device, frozen_dtype=torch.float32
+    ) -> tuple[T, Networks]:
+        """The teacher `read` opens, its network held as this layout holds networks, and how
+        the run makes its other networks from it. Sharded, the processes of a host read in
+        turns, each sharding the teacher before the next one reads it: a host holds one whole
+        copy of the teacher at a time, not one per process."""
+
+        def read_and_place() -> tuple[T, Networks]:
+            teacher = read()
+            networks = self.networks(
+                teacher.denoiser, teacher.family.shard_units, device, frozen_dtype
+            )
+            teacher.denoiser = networks.adopt(teacher.denoiser)
+            return teacher, networks
+
+        return self.in_turns(read_and_place)
+
+    def in_turns(self, work: Callable[[], T]) -> T:
+        """`work` in every process (here: all at once)."""
+        return work()
+
 
 class FullyShard(Replicated):
     """FSDP2 over all processes (a 1-D mesh)."""
@@ -115,10 +144,12 @@ class FullyShard(Replicated):
     name = "fsdp"
     sharded = True
 
-    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, shard_size: int | None
+    ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        super().__init__(device, world_size, shard_size)
+        super().__init__(device, rank, world_size, shard_size)
         self.shards = world_size
         self.mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
 
@@ -128,7 +159,7 @@ class FullyShard(Replicated):
     def networks(
         self, template: nn.Module, units: Units, device: torch.device, frozen_dtype=torch.float32
     ) -> ShardedCopies:
-        return ShardedCopies(template, units, self.mesh, device, frozen_dtype)
+        return ShardedCopies(template, units, self.mesh, device, frozen_dtype, self.in_turns)
 
     def write_whole(self, module: nn.Module, write: Callable[[Saved], str]) -> str | None:
         """Rank 0's `write` gets the sharded state dict and reads it as `safetensors_chunks`
@@ -155,16 +186,30 @@ class FullyShard(Replicated):
             if callable(reshard):
                 reshard()
 
+    def in_turns(self, work: Callable[[], T]) -> T:
+        """`work` in one process of each host at a time (by local rank, hosts in parallel)."""
+        turns = torch.tensor(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=self.device)
+        dist.all_reduce(turns, dist.ReduceOp.MAX)  # the same count of barriers everywhere
+        mine = int(os.environ.get("LOCAL_RANK", "0"))
+        result: T | None = None
+        for turn in range(int(turns)):
+            if turn == mine:
+                result = work()
+            dist.barrier()
+        return result
+
 
 class HybridShard(FullyShard):
     """FSDP2 sharded within groups of `shard_size` processes, replicated across groups."""
 
     name = "hsdp"
 
-    def __init__(self, device: torch.device, world_size: int, shard_size: int | None) -> None:
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, shard_size: int | None
+    ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        Replicated.__init__(self, device, world_size, shard_size)
+        Replicated.__init__(self, device, rank, world_size, shard_size)
         shard_size = shard_size or world_size
         if shard_size < 1 or world_size % shard_size:
             raise DisbackError(
@@ -226,6 +271,12 @@ class WholeCopies:
         """The network of the denoiser file `path` (here: read whole, by `read_whole`)."""
         return read_whole()
 
+    rereads_in_background = True
+
+    def reread(self, read: Callable[[], nn.Module]) -> nn.Module:
+        """The teacher's network read again when it becomes the target (here: as it is)."""
+        return read()
+
 
 WHOLE = WholeCopies()
 
@@ -241,11 +292,12 @@ class ShardedCopies:
         units: Units,
         mesh,
         device: torch.device,
-        frozen_dtype: torch.dtype = torch.float32,
+        frozen_dtype: torch.dtype,
+        in_turns: Callable[[Callable[[], nn.Module]], nn.Module],
     ) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        self.units, self.mesh, self.device = units, mesh, device
+        self.units, self.mesh, self.device, self.in_turns = units, mesh, device, in_turns
         self.templates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.teacher = _meta_template(template)  # what path nodes are
         self.dtype, self.policy = torch.float32, MixedPrecisionPolicy()
@@ -316,6 +368,13 @@ class ShardedCopies:
                         raise DisbackError(f"{path}: tensor {name} holds NaN or infinite values")
                     local_part(value).copy_(rows)
         return module
+
+    rereads_in_background = False  # the processes of a host take turns (collectives)
+
+    def reread(self, read: Callable[[], nn.Module]) -> nn.Module:
+        """The teacher's network read again when it becomes the target, sharded as it is read,
+        one process of a host at a time (as `place_teacher`): never a whole copy per process."""
+        return self.in_turns(lambda: self.adopt(read()))
 
 
 def _meta_template(network: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:

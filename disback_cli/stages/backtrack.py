@@ -29,11 +29,11 @@ from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetH
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import Targets
-from disback_cli.models.teachers import Teacher
+from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.runtime.memory_plan import MemoryPlan
 from disback_cli.runtime.parallel import check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
-from disback_cli.runtime.sharding import FROZEN_DTYPES, refuse_unsupported
+from disback_cli.runtime.sharding import FROZEN_DTYPES, Networks, refuse_unsupported
 from disback_cli.runtime.tracking import check_tracker_folders
 from disback_cli.stages.lifecycle import (
     BACKTRACKING,
@@ -43,7 +43,7 @@ from disback_cli.stages.lifecycle import (
     seed_streams,
 )
 from disback_cli.stages.training_log import TrainingLog
-from disback_cli.stages.trajectory import open_trajectory
+from disback_cli.stages.trajectory import check_node_files, completed_trajectory
 from disback_cli.store.layout import backtrack_dir, check_no_links, checkpoint_file
 from disback_cli.store.manifests import (
     BacktrackManifest,
@@ -69,7 +69,13 @@ def run_backtrack(
     Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     trajectory = Path(trajectory)
     ex, reporter = process_of(cfg, reporter)
-    traj, teacher = open_trajectory(trajectory, teacher_override, ex.device, cfg.verify)
+    traj, source = completed_trajectory(trajectory, teacher_override)
+    teacher, networks = ex.layout.place_teacher(
+        lambda: open_teacher(source, ex.device, traj.teacher.sha256, recorded_in=trajectory),
+        ex.device,
+        FROZEN_DTYPES[cfg.frozen_dtype],
+    )
+    check_node_files(trajectory, traj, cfg.verify)
     cfg, sources = resolve_backtrack(cfg, teacher, traj)
     torch.set_num_threads(cpu_threads(cfg.threads))
     teacher, conditions = teacher.family.training_conditions(
@@ -94,7 +100,15 @@ def run_backtrack(
     check_tracker_folders(cfg.log_to, run_dir)
     with Run(run_dir, BACKTRACKING, ex, reporter) as run:
         return _backtrack(
-            run, cfg, sources, (trajectory, traj), teacher, conditions, fake_side, name, force
+            run,
+            cfg,
+            sources,
+            (trajectory, traj),
+            (teacher, networks),
+            conditions,
+            fake_side,
+            name,
+            force,
         )
 
 
@@ -139,7 +153,8 @@ def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake
 
 def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex) -> MemoryPlan:
     """What each process holds: generator, gradient, Adam moments and EMA, and the fake side's
-    networks and targets; sharded, the teacher is read whole before it is sharded."""
+    networks and targets; sharded, the teacher is read whole before it is sharded (one process
+    of a host at a time, at the start and when it becomes the target)."""
     generator = {
         "generator": 1,
         "generator gradient": 1,
@@ -173,14 +188,14 @@ def _backtrack(
     cfg: BacktrackConfig,
     sources: dict[str, str],
     recorded: tuple[Path, TrajectoryManifest],
-    teacher: Teacher,
+    placed: tuple[Teacher, Networks],
     prompts: PromptsRef | None,
     fake_side: FakeSide,
     name: str,
     force: bool,
 ) -> BacktrackManifest:
     """Set up (or restore) everything the backtracking loop needs, then run it."""
-    ex, traj = run.ex, recorded[1]
+    ex, traj, teacher = run.ex, recorded[1], placed[0]
     path_sha = [node.sha256 for node in traj.nodes]
     data = fake_side.data_record
 
@@ -205,9 +220,9 @@ def _backtrack(
     # Noise levels from the teacher's denoiser before the targets take its weights.
     loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
     levels = TrainingSigma.of(cfg, teacher.denoiser)
-    plan = memory_plan(cfg, traj, teacher, fake_side, ex)  # before the teacher is sharded
+    plan = memory_plan(cfg, traj, teacher, fake_side, ex)
     generator, generator_spec, generator_ema, fake, targets = build_networks(
-        cfg, recorded, teacher, fake_side, ex
+        cfg, recorded, placed, fake_side, ex
     )
     try:
         fake_rate = fake_side.learning_rate(cfg)
@@ -250,18 +265,15 @@ def _backtrack(
 def build_networks(
     cfg: BacktrackConfig,
     recorded: tuple[Path, TrajectoryManifest],
-    teacher: Teacher,
+    placed: tuple[Teacher, Networks],
     fake_side: FakeSide,
     ex,
 ):
     """G0 as the generator to train, its EMA, the fake network and the targets: whole copies, or
-    (--parallel fsdp|hsdp) sharded ones, the teacher sharded first and the others made from it
-    (or from their files) without a whole copy."""
+    (--parallel fsdp|hsdp) sharded ones made from the sharded teacher (or from their files)
+    without a whole copy."""
     trajectory, traj = recorded
-    networks = ex.layout.networks(
-        teacher.denoiser, teacher.family.shard_units, ex.device, FROZEN_DTYPES[cfg.frozen_dtype]
-    )
-    teacher.denoiser = networks.adopt(teacher.denoiser)
+    teacher, networks = placed
     generator, spec = build_g0(traj.g0, teacher, ex.device, cfg.verify, networks=networks)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)

@@ -235,7 +235,7 @@ def _rank_gradients(rank: int, backend: str, work: Workload, parallel: str) -> C
         with exact_fp32():
             model, inputs = work.network(device), work.inputs(device)
             ex = Execution(
-                device, rank=rank, world_size=2, layout=PARALLEL[parallel](device, 2, None)
+                device, rank=rank, world_size=2, layout=PARALLEL[parallel](device, rank, 2, None)
             )
             model = ex.layout.networks(model, blocks_of, device).adopt(model)
             forward_backward(model, tuple(ex.local(t) for t in inputs), ex)

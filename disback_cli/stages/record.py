@@ -28,7 +28,7 @@ from disback_cli.models.teachers import Teacher, open_teacher
 from disback_cli.runtime.memory_plan import MemoryPlan
 from disback_cli.runtime.parallel import Execution, check_batch_fits, cpu_threads, process_of
 from disback_cli.runtime.reporting import Reporter
-from disback_cli.runtime.sharding import WHOLE, refuse_unsupported
+from disback_cli.runtime.sharding import WHOLE, Networks, refuse_unsupported
 from disback_cli.stages.lifecycle import RECORDING, Run, TrainingState, make_optimizer, seed_streams
 from disback_cli.store.layout import BACKTRACK_FOLDER, node_file
 from disback_cli.store.manifests import NodeRecord, PromptsRef, TrajectoryManifest, now
@@ -47,7 +47,10 @@ def run_record(
     Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     out = Path(out)
     ex, reporter = process_of(cfg, reporter)
-    teacher = open_teacher(cfg.teacher, ex.device)
+    # Whole, or (--parallel fsdp|hsdp) sharded as it is read; the other networks are made from it.
+    teacher, networks = ex.layout.place_teacher(
+        lambda: open_teacher(cfg.teacher, ex.device), ex.device
+    )
     student = load_student(cfg.student, teacher) if cfg.student is not None else None
     cfg, sources = resolve_record(cfg, teacher, student)
     node_format = teacher.family.node_format(cfg)
@@ -59,7 +62,7 @@ def run_record(
     check_batch_fits(cfg.batch, teacher.spec.data_shape, ex)
     teacher, prompts = teacher.family.training_conditions(teacher, cfg, sources, ex.device)
     with Run(out, RECORDING, ex, reporter) as run:
-        manifest = _record(run, cfg, sources, teacher, student, prompts, force)
+        manifest = _record(run, cfg, sources, (teacher, networks), student, prompts, force)
     manifest.session["warnings"] = warnings
     return manifest
 
@@ -68,13 +71,13 @@ def _record(
     run: Run,
     cfg: RecordConfig,
     sources: dict[str, str],
-    teacher: Teacher,
+    placed: tuple[Teacher, Networks],
     student: DenoiserFile | None,
     prompts: PromptsRef | None,
     force: bool,
 ) -> TrajectoryManifest:
     """Set up (or restore) everything the recording loop needs, then run it."""
-    ex = run.ex
+    ex, (teacher, networks) = run.ex, placed
 
     def changes(manifest: TrajectoryManifest) -> list[str]:
         found = (
@@ -89,9 +92,6 @@ def _record(
         return previous
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
-    # Whole copies, or (--parallel fsdp) sharded ones made from the teacher's, sharded first.
-    networks = ex.layout.networks(teacher.denoiser, teacher.family.shard_units, ex.device)
-    teacher.denoiser = networks.adopt(teacher.denoiser)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True, networks=networks)
     probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
@@ -138,7 +138,8 @@ def _record(
 
 def memory_plan(cfg: RecordConfig, g0_of, node_format: NodeFormat, teacher, ex) -> MemoryPlan:
     """What each process holds: the teacher (also G0 when G0 is its copy), a student G0, and
-    what the node format trains; sharded, the teacher is read whole before it is sharded."""
+    what the node format trains; sharded, the teacher is read whole before it is sharded (one
+    process of a host at a time)."""
     g0_copies = {} if g0_of.copies_teacher else {"G0 (the student)": 1}
     return MemoryPlan(
         {"teacher": 1, **g0_copies, **node_format.recording_copies},

@@ -18,6 +18,16 @@ def open_trajectory(
 ) -> tuple[TrajectoryManifest, Teacher]:
     """A completed trajectory and its teacher, verified by sha256 (node files too, up front, so
     a bad node stops the run before it writes anything rather than at its target switch)."""
+    manifest, source = completed_trajectory(trajectory, teacher_override)
+    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
+    check_node_files(trajectory, manifest, verify)
+    return manifest, teacher
+
+
+def completed_trajectory(
+    trajectory: Path, teacher_override: str | None
+) -> tuple[TrajectoryManifest, str]:
+    """A completed trajectory's manifest and where its teacher is (not read yet)."""
     manifest = read_manifest(trajectory, TrajectoryManifest)
     if manifest.status != "complete":
         step = manifest.state.step if manifest.state else 0
@@ -31,7 +41,11 @@ def open_trajectory(
             f"{trajectory}: its teacher {source} is not there any more; pass --teacher PATH "
             "(the file is checked against the recorded sha256)"
         )
-    teacher = open_teacher(source, device, manifest.teacher.sha256, recorded_in=trajectory)
+    return manifest, source
+
+
+def check_node_files(trajectory: Path, manifest: TrajectoryManifest, verify: bool) -> None:
+    """Every path node file is there, no link, and (`verify`) has its recorded sha256."""
     for node in manifest.nodes:
         if node.file is None:
             continue
@@ -42,4 +56,3 @@ def open_trajectory(
             check_sha256(
                 path, hash_regular_file(path, MAX_SAFETENSORS_BYTES, "path node"), node.sha256
             )
-    return manifest, teacher
