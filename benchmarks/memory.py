@@ -396,8 +396,8 @@ def main() -> None:
         split = f" / {shards} shards + 1 whole teacher" if shards > 1 else ""
         print(
             f"{stage:>9}: peak RSS {row['peak_rss_gb']:.2f} GB (largest of {len(ranks)} "
-            f"process(es); all of them together {row['peak_host_rss_gb']:.2f} GB) "
-            f"process(es)){cuda}; must hold {row['resident_copies']} weight copies{split} = "
+            f"process(es); all of them together {row['peak_host_rss_gb']:.2f} GB){cuda}; "
+            f"must hold {row['resident_copies']} weight copies{split} = "
             f"{row['resident_gb']:.2f} GB ({', '.join(held)}); {row['seconds']} s"
         )
     if args.out:
