@@ -481,6 +481,25 @@ def test_the_processes_of_a_host_read_the_teacher_in_turns(tmp_path):
 # Units: slices, tensor tables, the folders of sharded resume points, refusals, memory plans.
 
 
+def test_sharding_refuses_adapters_and_whole_copies_refuse_bf16_targets(work):
+    from disback_cli.config import BacktrackConfig
+    from disback_cli.method.fake_sides import make_fake_side
+    from disback_cli.stages.backtrack import check_sharding
+    from disback_cli.stages.trajectory import open_trajectory
+
+    traj, teacher = open_trajectory(work / "traj", None, "cpu")
+
+    def check(**fields):
+        cfg = BacktrackConfig(**fields)
+        check_sharding(cfg, traj, teacher, make_fake_side(cfg))
+
+    check(parallel="fsdp", frozen_dtype="bf16")
+    with pytest.raises(ConfigError, match="fsdp does not support --lora-rank"):
+        check(parallel="fsdp", lora_rank=4)
+    with pytest.raises(ConfigError, match="needs --parallel fsdp"):
+        check(frozen_dtype="bf16")
+
+
 def test_the_memory_plan_counts_copies_per_shard_and_bf16_targets_at_half(work):
     from types import SimpleNamespace
 

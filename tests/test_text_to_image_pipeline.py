@@ -5,6 +5,7 @@ guidance, and the refusals (one line, nothing written)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -298,6 +299,10 @@ def test_flags_that_do_not_fit_the_teacher_are_refused(models, sd_path, tmp_path
     ring = ["record", "--teacher", "builtin:ring2d", "--out", out, "--iters", "2", "--nodes", "1"]
     refused([*ring, "--timestep", "399"], 2, "text-to-image", out=out)
     refused([*ring, "--prompts", models["prompts"]], 2, "text-to-image", out=out)
+    ring_path = tmp_path / "ring"
+    assert run_cli(*ring[:3], "--out", ring_path, "--iters", "2", "--nodes", "1").code == 0
+    refused(["backtrack", "-T", ring_path, "--lora-rank", "4"], 2, "text-to-image")
+    assert not (ring_path / "backtrack").exists()
     traj = copy_of(sd_path, tmp_path)
     (tmp_path / "changed.txt").write_text(models["prompts"].read_text() + "one more\n")
     manifest = json.loads((traj / "manifest.json").read_text())
@@ -569,3 +574,63 @@ def test_absurd_component_configs_are_refused_before_anything_is_built(models, s
         "VAE config asks for",
         out=images,
     )
+
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
+def test_lora_backtracking_trains_saves_and_resumes_adapters_only(sd_path, models, tmp_path):
+    """`backtrack --lora-rank`: only the generator's adapted projections move (its other weights
+    stay G0's, the teacher's, bit for bit), the resume point holds the adapters alone, and a
+    crashed run resumes to the same files."""
+    from safetensors.torch import load_file
+
+    from disback_cli.models.teachers import open_teacher
+
+    traj = copy_of(sd_path, tmp_path)
+    cfg = BacktrackConfig(loss="dmd", lora_rank=4, **{**BACKTRACK, "lr_g": 1e-2, "lr_fake": 1e-2})
+    run_backtrack(cfg, traj, "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_backtrack(cfg, traj, "broken", reporter=At(5, crash))
+    broken = backtrack_dir(traj, "broken")
+    state = broken / read_manifest(broken, BacktrackManifest).state.file
+    unet = models["sd"] / "unet" / "diffusion_pytorch_model.safetensors"
+    assert state.stat().st_size < unet.stat().st_size  # full weights and Adam: 6x it
+    kept = {re.sub(r"\.\d+", ".N", key) for key in load_file(state) if not key.startswith("rng")}
+    assert kept == {  # per network, the adapters' factors and their Adam moments
+        *(f"module.{name}.factors.N" for name in ("generator", "generator_ema", "fake")),
+        *(f"optim.{n}.N.{m}" for n in ("generator", "fake") for m in ADAM_STATE),
+    }
+    run_backtrack(cfg, traj, "broken")
+    whole = backtrack_dir(traj, "whole")
+    assert file_digests(whole) == file_digests(broken)
+    assert metrics(whole) == metrics(broken)
+
+    teacher = open_teacher(str(models["sd"])).denoiser.state_dict()
+    trained = load_file(whole / "checkpoints" / "generator-00000006.safetensors")
+    assert trained.keys() == teacher.keys()  # plain weights, the adapters merged in
+    adapted = [k for k in trained if any(f".{t}.weight" in k for t in ("to_q", "to_k", "to_v"))]
+    assert adapted and all(not torch.equal(trained[k], teacher[k]) for k in adapted)
+    out = [k for k in trained if ".to_out.0." in k or any(f".{t}." in k for t in ("to_q", "to_k"))]
+    assert all(torch.equal(trained[k], teacher[k]) for k in trained if k not in [*adapted, *out])
+
+
+def test_lora_backtracking_defaults_and_memory(sd_path, models):
+    """Adapters train at the full-weight rate x 100 / sqrt(rank) (DMD2's LoRA run), and the run
+    holds four UNets: generator, fake score, target, next node."""
+    from types import SimpleNamespace
+
+    from disback_cli.config.resolve import resolve_backtrack
+    from disback_cli.method.fake_sides import make_fake_side
+    from disback_cli.stages.backtrack import memory_plan
+    from disback_cli.stages.trajectory import open_trajectory
+
+    traj, teacher = open_trajectory(sd_path, None, "cpu")
+    cfg, sources = resolve_backtrack(BacktrackConfig(lora_rank=16), teacher, traj)
+    assert cfg.lr_g == pytest.approx(1e-5 * 100 / 4) and cfg.lr_fake == cfg.lr_g
+    assert "rank-16 adapters" in sources["lr_g"]
+    one = SimpleNamespace(layout=SimpleNamespace(shards=1))
+    plan = memory_plan(cfg, traj, teacher, make_fake_side(cfg), one)
+    whole = memory_plan(BacktrackConfig(), traj, teacher, make_fake_side(cfg), one)
+    assert plan.count == 4 and whole.count == 11
+    assert "generator (frozen; adapters train)" in plan.describe()

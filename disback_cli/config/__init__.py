@@ -259,6 +259,11 @@ class BacktrackConfig(_Training):
         100, description="iterations per intermediate target node (adaptive: the maximum)"
     )
     no_trajectory: bool = Field(False, description="baseline: target = teacher, fake = teacher")
+    lora_rank: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        None,
+        description="text-to-image teachers: train rank-R adapters of the generator and the "
+        "fake score (peft, frozen weights; DMD2's --generator_lora) instead of every weight",
+    )
     frozen_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="--parallel fsdp|hsdp: the teacher and target nodes held as bf16 shards "

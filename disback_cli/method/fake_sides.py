@@ -34,6 +34,7 @@ from disback_cli.store.manifests import DataRecord, FileRef, TrajectoryManifest
 class FakeSide(Protocol):
     description: str  # names the side in messages ("--loss diffratio")
     shardable: bool  # whether it runs with sharded networks (--parallel fsdp|hsdp)
+    adapted: bool  # whether --lora-rank trains adapters of its network (a copy of the teacher's)
     options: dict[str, Any]  # config fields only this side takes -> their "not used" value
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
@@ -44,8 +45,9 @@ class FakeSide(Protocol):
         """Its network's learning rate in a resolved config."""
         ...
 
-    def resident_copies(self, node_format) -> dict[str, int]:
-        """Weight-sized copies it holds while training (for the memory arithmetic)."""
+    def resident_copies(self, node_format, weights) -> dict[str, float]:
+        """Weight-sized copies it holds while training (for the memory arithmetic), `weights`
+        training as `method.trained_weights` says."""
         ...
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
@@ -77,6 +79,7 @@ class ScoreFake:
     description: ClassVar[str] = "score distillation"
     options: ClassVar[dict[str, Any]] = {"lr_fake": None}
     shardable: ClassVar[bool] = True  # its network and targets run sharded (--parallel fsdp)
+    adapted: ClassVar[bool] = True
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         pass
@@ -84,9 +87,8 @@ class ScoreFake:
     def learning_rate(self, cfg) -> float:
         return cfg.lr_fake
 
-    def resident_copies(self, node_format) -> dict[str, int]:
-        fake = {"fake score": 1, "fake-score gradient": 1, "fake-score Adam moments": 2}
-        return {**fake, **node_format.target_copies}
+    def resident_copies(self, node_format, weights) -> dict[str, float]:
+        return {**weights.fake_copies, **node_format.target_copies}
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
         """Read what the run learns from besides the teacher (nothing)."""
@@ -147,6 +149,7 @@ class RatioFake:
 
     description: ClassVar[str] = "--loss diffratio"
     shardable: ClassVar[bool] = False  # its ratio network is whole in every process
+    adapted: ClassVar[bool] = False  # its ratio network is small and trains whole
     options: ClassVar[dict[str, Any]] = {
         "data": None,
         "ratio_width": None,
@@ -186,7 +189,7 @@ class RatioFake:
     def learning_rate(self, cfg) -> float:
         return cfg.lr_ratio
 
-    def resident_copies(self, node_format) -> dict[str, int]:
+    def resident_copies(self, node_format, weights) -> dict[str, float]:
         """None of the teacher's size: its ratio network is small, and it has no targets."""
         return {}
 

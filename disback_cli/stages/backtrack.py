@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from disback_cli.config import BacktrackConfig
 from disback_cli.config.resolve import resolve_backtrack
@@ -26,6 +27,7 @@ from disback_cli.method.generator import OneStepGenerator, build_g0
 from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
+from disback_cli.method.trained_weights import trained_weights
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import Targets
@@ -53,6 +55,9 @@ from disback_cli.store.manifests import (
     now,
 )
 from disback_cli.store.tensorfile import tensor_bytes
+
+# The generator, its EMA and the fake network, as the loop uses them.
+RunNetworks = tuple[OneStepGenerator, OneStepGenerator, nn.Module]
 
 
 def run_backtrack(
@@ -147,6 +152,7 @@ def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake
             (not teacher.family.node_format(traj.config).shardable, "a path of LoRA adapters"),
             (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
             (bool(cfg.mismatch_every), "--mismatch-every"),
+            (bool(cfg.lora_rank), "--lora-rank (adapters train on one GPU's whole networks)"),
         ],
     )
 
@@ -155,19 +161,14 @@ def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex)
     """What each process holds: generator, gradient, Adam moments and EMA, and the fake side's
     networks and targets; sharded, the teacher is read whole before it is sharded (one process
     of a host at a time, at the start and when it becomes the target)."""
-    generator = {
-        "generator": 1,
-        "generator gradient": 1,
-        "generator Adam moments": 2,
-        "generator EMA": 1,
-    }
+    weights = trained_weights(cfg)
     node_format = teacher.family.node_format(traj.config)
-    resident = dict(fake_side.resident_copies(node_format))
+    resident = dict(fake_side.resident_copies(node_format, weights))
     if cfg.frozen_dtype == "bf16":  # the targets at half size
         for what in [what for what in resident if what in node_format.target_copies]:
             resident[f"{what} (bf16)"] = resident.pop(what) / 2
     return MemoryPlan(
-        {**generator, **resident},
+        {**weights.generator_copies, **resident},
         4 * teacher.parameter_count,
         ex.layout.shards,
         read_whole=cfg.sharded,
@@ -221,16 +222,18 @@ def _backtrack(
     loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
     levels = TrainingSigma.of(cfg, teacher.denoiser)
     plan = memory_plan(cfg, traj, teacher, fake_side, ex)
-    generator, generator_spec, generator_ema, fake, targets = build_networks(
+    networks, generator_spec, trained, targets = build_networks(
         cfg, recorded, placed, fake_side, ex
     )
+    generator, _, fake = networks
     try:
         fake_rate = fake_side.learning_rate(cfg)
-        state = _training_state(cfg, traj, generator, generator_ema, fake, ex, fake_rate)
-        # Room for two checkpoints (the previous one goes once the next is complete): generator,
-        # EMA, and the state (generator, EMA, fake network, two Adam moments each for G, fake).
-        g_size, f_size = tensor_bytes(generator), tensor_bytes(fake)
-        run.ensure_space(2 * (5 * g_size + 3 * f_size), "two checkpoints")
+        state = _training_state(cfg, traj, generator, fake, trained, ex, fake_rate)
+        # Room for two checkpoints (the previous one goes once the next is complete): the
+        # generator and EMA files, and the state (what trains, the EMA, two Adam moments).
+        moments = 2 * (tensor_bytes(trained["generator"]) + tensor_bytes(trained["fake"]))
+        state_size = sum(map(tensor_bytes, trained.values())) + moments
+        run.ensure_space(2 * (2 * tensor_bytes(generator) + state_size), "two checkpoints")
         if previous is None:
             stamp = now()
             previous = BacktrackManifest(
@@ -253,9 +256,9 @@ def _backtrack(
         log = TrainingLog(run, cfg, teacher)
         run.note(plan.describe())  # said once every input (and tracker) has been checked
         try:
-            save = generator_files(run, teacher, generator_spec, fake_side)
+            save = generator_files(run, teacher, generator_spec, fake_side, networks)
             losses = (loss_fn, fake_side.step, levels)
-            return backtrack(run, cfg, teacher, state, targets, losses, log, save, step)
+            return backtrack(run, cfg, teacher, state, networks, targets, losses, log, save, step)
         finally:
             log.close()
     finally:
@@ -269,46 +272,48 @@ def build_networks(
     fake_side: FakeSide,
     ex,
 ):
-    """G0 as the generator to train, its EMA, the fake network and the targets: whole copies, or
-    (--parallel fsdp|hsdp) sharded ones made from the sharded teacher (or from their files)
-    without a whole copy."""
+    """The generator (G0), its EMA and the fake network; what of them trains and is saved
+    (every weight, or --lora-rank adapters); and the targets. Whole copies, or (--parallel
+    fsdp|hsdp) sharded ones made from the sharded teacher (or from their files) without a whole
+    copy."""
     trajectory, traj = recorded
     teacher, networks = placed
+    weights = trained_weights(cfg)
     generator, spec = build_g0(traj.g0, teacher, ex.device, cfg.verify, networks=networks)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
-    generator_ema = OneStepGenerator(
-        networks.copy(generator.denoiser), generator.sigma_init, generator.input_scale
-    )
+    trained = {"generator": weights.trained(generator, cfg.seed)}
+    generator_ema = weights.ema_of(generator, networks.copy)
     generator_ema.eval().requires_grad_(False)
+    trained["generator_ema"] = weights.kept(generator_ema)
     fake, targets = fake_side.build(cfg, trajectory, traj, teacher, generator, ex, networks)
-    return generator, spec, generator_ema, fake, targets
+    fake.train().requires_grad_(True)
+    set_dropout(fake, cfg.dropout)
+    # The fake network (score or ratio) keeps the state file's "fake" slot.
+    trained["fake"] = weights.trained(fake, cfg.seed + 1) if fake_side.adapted else fake
+    return (generator, generator_ema, fake), spec, trained, targets
 
 
 def _training_state(
-    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, generator_ema, fake, ex, fake_rate
+    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, fake, trained, ex, fake_rate
 ) -> TrainingState:
-    """What trains (generator, fake network), its optimisers (the fake network's at
-    `fake_rate`, its fake side's rate), the random streams and the switching rule, exactly as
-    at iteration 0."""
-    fake.train().requires_grad_(True)
-    set_dropout(fake, cfg.dropout)
+    """What trains (`trained`: the generator's and fake network's weights or adapters), its
+    optimisers (the fake network's at `fake_rate`, its fake side's rate), the random streams
+    and the switching rule, exactly as at iteration 0."""
     if cfg.gradient_checkpointing:
         enable_checkpointing(generator)
         enable_checkpointing(fake)
     optimizers = {
         "generator": make_optimizer(
-            generator.parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
+            trained["generator"].parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
         ),
         "fake": make_optimizer(
-            fake.parameters(), fake_rate, cfg.betas, cfg.optimizer, cfg.weight_decay
+            trained["fake"].parameters(), fake_rate, cfg.betas, cfg.optimizer, cfg.weight_decay
         ),
     }
-    # The fake network (score or ratio) keeps the state file's "fake" slot.
-    modules = {"generator": generator, "generator_ema": generator_ema, "fake": fake}
     rng = seed_streams(cfg.seed, ex)
     loop = {"schedule": make_schedule(cfg, traj.last_node), "targets": TargetHistory()}
-    return TrainingState(modules, optimizers, rng, loop)
+    return TrainingState(trained, optimizers, rng, loop)
 
 
 def backtrack(
@@ -316,6 +321,7 @@ def backtrack(
     cfg: BacktrackConfig,
     teacher: Teacher,
     state: TrainingState,
+    networks: RunNetworks,
     targets: Targets,
     losses: tuple[GeneratorLoss, Callable, TrainingSigma],
     log: TrainingLog,
@@ -324,10 +330,10 @@ def backtrack(
 ) -> BacktrackManifest:
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
     `losses`: the generator loss, the fake network's step (`fake_sides`) and the noise levels it
-    trains at."""
+    trains at; `networks`: the generator, its EMA and the fake network, of which `state` keeps
+    what trains."""
     ex, rng, schedule = run.ex, state.rng, state.loop["schedule"]
-    modules = state.modules
-    generator, generator_ema, fake = modules["generator"], modules["generator_ema"], modules["fake"]
+    generator, generator_ema, fake = networks
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
     loss_fn, fit_fake, levels = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
@@ -369,8 +375,10 @@ def backtrack(
         schedule.observe(ex.mean(out.score_gap))
         ex.layout.settle(generator)  # sharded runs: its samples for the fake step left it whole
         # The generator's EMA (EDM half-life in images) is what `sample` draws from.
-        update_ema(
-            generator_ema, generator, ema_beta(n, step * n, cfg.ema_halflife_kimg, cfg.ema_rampup)
+        update_ema(  # of what trains (weights or adapters)
+            state.modules["generator_ema"],
+            state.modules["generator"],
+            ema_beta(n, step * n, cfg.ema_halflife_kimg, cfg.ema_rampup),
         )
         log.add(
             loss_g=out.loss,
@@ -384,12 +392,18 @@ def backtrack(
 
 
 def generator_files(
-    run: Run, teacher: Teacher, spec: NetworkSpec, fake_side: FakeSide
+    run: Run,
+    teacher: Teacher,
+    spec: NetworkSpec,
+    fake_side: FakeSide,
+    networks: RunNetworks,
 ) -> Callable[[int], None]:
     """What a backtrack resume point writes besides the state (rank 0 writes; a sharded
     generator is gathered whole, one network at a time): the generator and its EMA as denoiser
     files that `sample` reads (with what the teacher's family needs to sample them),
-    and the fake side's own files (DiffRatio: its ratio network, the verifier)."""
+    and the fake side's own files (DiffRatio: its ratio network, the verifier). Adapters
+    (--lora-rank) are merged into plain weights."""
+    weights = trained_weights(run.manifest.config)
 
     def write(step: int) -> None:
         """Called on every rank: a sharded network is gathered (one at a time) for rank 0."""
@@ -405,12 +419,15 @@ def generator_files(
             info["input_scale"] = manifest.g0.input_scale
         info.update(teacher.family.generator_info(teacher))
         refs = {}
-        for key, weights in (("generator", "raw"), ("generator_ema", "ema")):
+        for key, network, kind in (
+            ("generator", networks[0], "raw"),
+            ("generator_ema", networks[1], "ema"),
+        ):
             file = checkpoint_file(key.replace("_", "-"), step)
             digest = ex.layout.write_whole(  # all ranks take part
-                run.state.modules[key].denoiser,
-                lambda whole, file=file, weights=weights: save_denoiser(
-                    run.directory / file, whole, spec, {**info, "weights": weights}
+                weights.plain(network.denoiser),
+                lambda whole, file=file, kind=kind: save_denoiser(
+                    run.directory / file, whole, spec, {**info, "weights": kind}
                 ),
             )
             if ex.is_main:
@@ -418,8 +435,7 @@ def generator_files(
         if not ex.is_main:
             return
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
-        fake = run.state.modules["fake"]
-        for kind, ref in fake_side.save(run.directory, step, fake, info).items():
+        for kind, ref in fake_side.save(run.directory, step, networks[2], info).items():
             setattr(manifest, kind, ref)
         manifest.step = step
 

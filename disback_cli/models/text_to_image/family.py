@@ -185,12 +185,14 @@ class DiffusersFamily(TeacherFamily):
         if "uncond_fraction" in type(cfg).model_fields and cfg.uncond_fraction is None:
             update["uncond_fraction"] = UNCOND_FRACTION
             sources["uncond_fraction"] = "default for text teachers (SD's caption dropout)"
-        if getattr(cfg, "lora_rank", None) and cfg.lr is None:
-            rank = cfg.lora_rank
-            update["lr"] = adapter_rate(self._own_defaults()["lr"], rank)
-            sources["lr"] = (
-                f"default for rank-{rank} adapters (full-weight rate x 100 / sqrt({rank}), DMD2)"
-            )
+        rank = getattr(cfg, "lora_rank", None)
+        for rate in ("lr", "lr_g", "lr_fake") if rank else ():
+            if rate in type(cfg).model_fields and getattr(cfg, rate) is None:
+                update[rate] = adapter_rate(self._own_defaults()[rate], rank)
+                sources[rate] = (
+                    f"default for rank-{rank} adapters (full-weight rate x 100 / sqrt({rank}), "
+                    "DMD2)"
+                )
         if cfg.prompts is None and (recorded is None or recorded.prompts is None):
             raise ConfigError(NEEDS_PROMPTS)
         if cfg.prompts is None:
