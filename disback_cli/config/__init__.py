@@ -26,19 +26,8 @@ from disback_cli.store.samples import MAX_SAMPLES
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
 
 SESSION_FIELDS = {
-    "save_every",
-    "log_every",
-    "eval_every",
-    "eval_samples",
-    "device",
-    "verify",
-    "tf32",
-    "compile",
-    "channels_last",
-    "threads",
-    "log_to",
-    "gradient_checkpointing",
-    "mismatch_every",
+    *("save_every", "log_every", "eval_every", "eval_samples", "mismatch_every", "log_to"),
+    *("device", "verify", "tf32", "compile", "channels_last", "threads", "gradient_checkpointing"),
 }
 
 # Every number a run accepts is finite and bounded: a value that cannot be written to a manifest
