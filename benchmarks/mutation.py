@@ -343,6 +343,16 @@ MUTANTS = [
     ),
     # --- data-parallel averaging --------------------------------------------------------------
     M("runtime/sharding:gradients-summed", "            flat /= self.world_size\n", ""),
+    M(  # every process of a host reads the whole teacher at once
+        "runtime/sharding:teacher-read-all-at-once",
+        "            if turn == mine:\n",
+        "            if turn == 0:\n",
+    ),
+    M(  # the targets kept in float32 whatever --frozen-dtype says
+        "runtime/sharding:frozen-dtype-ignored",
+        "            self.frozen.dtype = frozen_dtype\n",
+        "",
+    ),
     M(
         "runtime/parallel:same-slice-every-rank",
         "return x[self.rank * n : (self.rank + 1) * n]",
