@@ -9,6 +9,7 @@ rank's own stream, so only without it does a K-process run equal one process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
 
-from conftest import checkout_env, disback_launcher
+from conftest import checkout_env, disback_launcher, run_cli
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
 from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
@@ -60,14 +61,21 @@ HANG = 600
 def disback(
     *args: str, processes: int = 1, cwd: Path, check: bool = True
 ) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*disback_launcher(processes), *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=HANG,
-    )
+    """`disback ARGS` in `cwd`: one process in this one (as `run_cli`: no interpreter to start),
+    several as torchrun launches them."""
+    if processes == 1:
+        with contextlib.chdir(cwd):
+            done = run_cli(*args)
+        result = subprocess.CompletedProcess(args, done.code, done.stdout, done.stderr)
+    else:
+        result = subprocess.run(
+            [*disback_launcher(processes), *args],
+            cwd=cwd,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=HANG,
+        )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -222,9 +230,12 @@ def test_fsdp_refuses_a_changed_layout_or_process_count(work):
     base = [*BACKTRACK_ARGS, "--loss", "vsd", "--name", "fsdp-vsd", "--iters", "9"]
     ddp = disback(*base, "--batch", "4", cwd=work, check=False)
     assert ddp.returncode == 2 and "parallel: 'fsdp' -> 'ddp'" in ddp.stderr
-    four = disback(*base, "--batch", "1", "--parallel", "fsdp", processes=4, cwd=work, check=False)
+    hsdp = ("--loss", "vsd", "--parallel", "hsdp", "--shard-size", "2")
+    backtrack(work, "hsdp", 4, *hsdp)  # the 4-process run of the hsdp test
+    again = [*BACKTRACK_ARGS, *hsdp, "--name", "hsdp", "--iters", "9", "--batch", "2"]
+    two = disback(*again, processes=2, cwd=work, check=False)
     # torchrun exits 1 whatever its workers' codes (2 here, printed by its agent)
-    assert four.returncode != 0 and "processes: 2 -> 4 (global batch)" in four.stderr
+    assert two.returncode != 0 and "processes: 4 -> 2 (global batch)" in two.stderr
     alone = disback(*base, "--batch", "4", "--parallel", "fsdp", cwd=work, check=False)
     assert alone.returncode == 2
     assert alone.stderr.count("\n") == 1 and "launch with torchrun" in alone.stderr
