@@ -115,6 +115,13 @@ RESIDENT_TEXT = {  # sd-like, a 2-node path: the teacher is let go once node 1 i
     },
 }
 FROZEN_TARGETS = ("target node", "next node (prefetched)")  # held in bf16 by --frozen-dtype
+# --backtrack-lora R: generator and fake score frozen, their adapters (small) train
+BACKTRACK_LORA = {
+    "generator (frozen; adapters train)": 1,
+    "fake score (frozen; adapters train)": 1,
+    "target node": 1,
+    "next node (prefetched)": 1,
+}
 RESIDENT_LORA = {  # --lora: only adapters train; targets are one adapted teacher copy
     "load": {"teacher": 1},
     "record": {"teacher (also G0)": 1, "auxiliary model (frozen base)": 1},
@@ -201,10 +208,11 @@ def make_sdxl_like(folder: Path) -> Path:
     return path
 
 
-def run_name(parallel: str, world: int, frozen_dtype: str = "fp32") -> str:
-    if (parallel, world, frozen_dtype) == ("ddp", 1, "fp32"):
+def run_name(parallel: str, world: int, frozen_dtype: str = "fp32", lora: int = 0) -> str:
+    if (parallel, world, frozen_dtype, lora) == ("ddp", 1, "fp32", 0):
         return "default"
-    return f"{parallel}-{world}" + ("" if frozen_dtype == "fp32" else f"-{frozen_dtype}")
+    name = f"{parallel}-{world}" + ("" if frozen_dtype == "fp32" else f"-{frozen_dtype}")
+    return name + (f"-lora{lora}" if lora else "")
 
 
 def run_stage(
@@ -218,6 +226,7 @@ def run_stage(
     parallel: str = "ddp",
     world: int = 1,
     frozen_dtype: str = "fp32",
+    backtrack_lora: int = 0,
 ) -> dict:
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
@@ -265,10 +274,11 @@ def run_stage(
             device=device,
             parallel=parallel,
             frozen_dtype=frozen_dtype,
+            lora_rank=backtrack_lora or None,
         )
-        run_backtrack(cfg, trajectory, run_name(parallel, world, frozen_dtype))
+        run_backtrack(cfg, trajectory, run_name(parallel, world, frozen_dtype, backtrack_lora))
     else:
-        run = backtrack_dir(trajectory, run_name(parallel, world, frozen_dtype))
+        run = backtrack_dir(trajectory, run_name(parallel, world, frozen_dtype, backtrack_lora))
         manifest = read_manifest(run, BacktrackManifest)
         path = run / manifest.generator_ema.file
         generator, info = load_generator(path, torch.device(device))
@@ -303,6 +313,9 @@ def main() -> None:
     parser.add_argument(
         "--frozen-dtype", choices=("fp32", "bf16"), default="fp32", help="backtrack's targets"
     )
+    parser.add_argument(
+        "--backtrack-lora", type=int, default=0, help="backtrack --lora-rank (0: every weight)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="disback-memory-"))
@@ -319,6 +332,7 @@ def main() -> None:
             args.parallel,
             args.world,
             args.frozen_dtype,
+            args.backtrack_lora,
         )
         # One write per process: the processes of a torchrun launch share this pipe.
         os.write(sys.stdout.fileno(), (json.dumps(result) + "\n").encode())
@@ -374,6 +388,8 @@ def main() -> None:
             str(args.world),
             "--frozen-dtype",
             args.frozen_dtype,
+            "--backtrack-lora",
+            str(args.backtrack_lora),
         ] + (["--lora"] if args.lora else [])
         done, host_peak = run_watched(command)
         if done.returncode:
@@ -384,7 +400,9 @@ def main() -> None:
         row["world"], row["parallel"] = (args.world, args.parallel) if distributed else (1, "ddp")
         row["peak_host_rss_gb"] = host_peak / 1e9
         shards = args.world if distributed and args.parallel == "fsdp" else 1
-        held = dict(resident[stage])
+        held = dict(
+            BACKTRACK_LORA if args.backtrack_lora and stage == "backtrack" else resident[stage]
+        )
         if args.frozen_dtype == "bf16" and stage == "backtrack":
             for what in FROZEN_TARGETS:
                 held[f"{what} (bf16)"] = held.pop(what) / 2
@@ -413,6 +431,7 @@ def main() -> None:
                     "parallel": args.parallel,
                     "world": args.world,
                     "frozen_dtype": args.frozen_dtype,
+                    "backtrack_lora": args.backtrack_lora,
                     "stages": rows,
                 },
                 indent=2,
