@@ -634,3 +634,22 @@ def test_lora_backtracking_defaults_and_memory(sd_path, models):
     whole = memory_plan(BacktrackConfig(), traj, teacher, make_fake_side(cfg), one)
     assert plan.count == 4 and whole.count == 11
     assert "generator (frozen; adapters train)" in plan.describe()
+
+
+def test_merged_weights_read_one_at_a_time_equal_a_merged_copy(models):
+    """What a LoRA generator file is written from: the plain tensor names, each adapted weight
+    merged when read, equal to merging a copy of the network."""
+    from disback_cli.models.teachers import open_teacher
+    from disback_cli.models.text_to_image.lora import MergedWeights, add_lora, merged
+
+    denoiser = open_teacher(str(models["sd"])).denoiser
+    plain = denoiser.state_dict()
+    add_lora(denoiser, 4, seed=0)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B starts at zero: make the adapters count
+    lazy, copied = MergedWeights(denoiser), merged(denoiser).state_dict()
+    assert list(lazy) == list(copied) == list(plain)
+    assert all(torch.equal(lazy[k], copied[k]) for k in copied)
+    assert sum(not torch.equal(lazy[k], plain[k]) for k in plain) == len(lazy.layers)

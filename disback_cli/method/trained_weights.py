@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 
@@ -47,8 +49,8 @@ class AllWeights:
         """What a resume point keeps of the EMA."""
         return ema
 
-    def plain(self, denoiser: nn.Module) -> nn.Module:
-        """The denoiser as a generator file holds it."""
+    def plain(self, denoiser: nn.Module) -> nn.Module | Mapping[str, torch.Tensor]:
+        """The denoiser as a generator file holds it (a module, or its tensors by name)."""
         return denoiser
 
 
@@ -79,10 +81,11 @@ class LowRankAdapters:
 
         return LoraFactors(ema)
 
-    def plain(self, denoiser: nn.Module) -> nn.Module:
-        from disback_cli.models.text_to_image.lora import merged
+    def plain(self, denoiser: nn.Module) -> Mapping[str, torch.Tensor]:
+        """Its plain weights, each adapted one merged as the file writer reads it."""
+        from disback_cli.models.text_to_image.lora import MergedWeights
 
-        return merged(denoiser)
+        return MergedWeights(denoiser)
 
 
 def trained_weights(cfg) -> AllWeights | LowRankAdapters:

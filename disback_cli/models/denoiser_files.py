@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -68,7 +69,7 @@ class DenoiserFile:
 
 def save_denoiser(
     path: str | Path,
-    denoiser: nn.Module | dict[str, torch.Tensor],
+    denoiser: nn.Module | Mapping[str, torch.Tensor],
     spec: NetworkSpec,
     info: dict,
     dtype: torch.dtype | None = None,

@@ -23,7 +23,7 @@ import copy
 import math
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -40,7 +40,7 @@ FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --frozen-dtyp
 
 Units = Callable[[nn.Module], list[nn.Module]]  # the blocks FSDP shards one by one
 T = TypeVar("T")
-Saved = nn.Module | dict[str, torch.Tensor]  # what a file writer gets of a network
+Saved = nn.Module | Mapping[str, torch.Tensor]  # what a file writer gets of a network
 
 
 class Networks(Protocol):

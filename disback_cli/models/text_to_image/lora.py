@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -145,6 +146,33 @@ def merged(denoiser: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent_name), child, base)
     return plain.requires_grad_(False)
+
+
+class MergedWeights(Mapping):
+    """The plain state dict of an adapted denoiser (its network's own tensor names), each adapted
+    weight merged (W + (alpha / r) B A) only when it is read: a file writer that reads one
+    tensor at a time never holds more than one merged tensor, not a merged copy of the network."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.layers = {f"{name}.weight": layer for name, layer in _layers(denoiser).items()}
+        self.tensors = {
+            key.replace(".base_layer.", "."): value
+            for key, value in denoiser.state_dict().items()
+            if ".lora_" not in key
+        }
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        weight, layer = self.tensors[key].detach(), self.layers.get(key)
+        if layer is None:
+            return weight
+        a, b = layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
+        return weight + layer.scaling[ADAPTER] * (b @ a).reshape(weight.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def save_lora(path: Path, denoiser: nn.Module, rank: int, network_json: str, info: dict) -> str:
