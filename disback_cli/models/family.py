@@ -27,6 +27,7 @@ from disback_cli.models.conditioning import Conditioning, ConditionSource, condi
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.path_nodes import FULL_WEIGHTS, NodeFormat
+from disback_cli.models.trained_weights import ALL_WEIGHTS, AllWeights
 from disback_cli.runtime.sharding import blocks_of
 from disback_cli.store.manifests import PromptsRef, TeacherRef
 
@@ -273,6 +274,10 @@ class TeacherFamily:
     def node_format(self, record_cfg) -> NodeFormat:
         """How the path nodes of a recording with this config are stored."""
         return FULL_WEIGHTS
+
+    def trained_weights(self, backtrack_cfg) -> AllWeights:
+        """What of the generator and the fake score trains in `backtrack` (every weight)."""
+        return ALL_WEIGHTS
 
     def generator_info(self, teacher: Teacher) -> dict[str, Any]:
         """What a generator file records besides the network, for sampling it later."""

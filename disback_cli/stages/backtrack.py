@@ -27,7 +27,6 @@ from disback_cli.method.generator import OneStepGenerator, build_g0
 from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
 from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
-from disback_cli.method.trained_weights import trained_weights
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import Targets
@@ -140,7 +139,7 @@ def check_path_noise_levels(
 def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake_side) -> None:
     """What sharded networks (--parallel fsdp|hsdp) need and do not cover yet: rank 0 alone
     evaluates during training, and DiffRatio's and LoRA paths' networks are whole."""
-    if cfg.frozen_dtype != "fp32" and not cfg.sharded:
+    if FROZEN_DTYPES[cfg.frozen_dtype] != torch.float32 and not cfg.sharded:
         raise ConfigError(
             f"--frozen-dtype {cfg.frozen_dtype} holds the teacher and targets as sharded "
             "networks: it needs --parallel fsdp|hsdp"
@@ -161,12 +160,13 @@ def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex)
     """What each process holds: generator, gradient, Adam moments and EMA, and the fake side's
     networks and targets; sharded, the teacher is read whole before it is sharded (one process
     of a host at a time, at the start and when it becomes the target)."""
-    weights = trained_weights(cfg)
+    weights = teacher.family.trained_weights(cfg)
     node_format = teacher.family.node_format(traj.config)
     resident = dict(fake_side.resident_copies(node_format, weights))
-    if cfg.frozen_dtype == "bf16":  # the targets at half size
+    frozen = FROZEN_DTYPES[cfg.frozen_dtype]
+    if frozen != torch.float32:  # the targets held in a narrower type
         for what in [what for what in resident if what in node_format.target_copies]:
-            resident[f"{what} (bf16)"] = resident.pop(what) / 2
+            resident[f"{what} ({cfg.frozen_dtype})"] = resident.pop(what) * frozen.itemsize / 4
     return MemoryPlan(
         {**weights.generator_copies, **resident},
         4 * teacher.parameter_count,
@@ -278,7 +278,7 @@ def build_networks(
     copy."""
     trajectory, traj = recorded
     teacher, networks = placed
-    weights = trained_weights(cfg)
+    weights = teacher.family.trained_weights(cfg)
     generator, spec = build_g0(traj.g0, teacher, ex.device, cfg.verify, networks=networks)
     generator.train().requires_grad_(True)
     set_dropout(generator, cfg.dropout)
@@ -403,7 +403,7 @@ def generator_files(
     files that `sample` reads (with what the teacher's family needs to sample them),
     and the fake side's own files (DiffRatio: its ratio network, the verifier). Adapters
     (--lora-rank) are merged into plain weights."""
-    weights = trained_weights(run.manifest.config)
+    weights = teacher.family.trained_weights(run.manifest.config)
 
     def write(step: int) -> None:
         """Called on every rank: a sharded network is gathered (one at a time) for rank 0."""

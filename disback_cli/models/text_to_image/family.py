@@ -33,10 +33,16 @@ from disback_cli.models.text_to_image.folder import (
     unet_tensors,
 )
 from disback_cli.models.text_to_image.guidance import guided
-from disback_cli.models.text_to_image.lora import Adapters, adapter_rate, slow_adapter_warning
+from disback_cli.models.text_to_image.lora import (
+    Adapters,
+    LowRankAdapters,
+    adapter_rate,
+    slow_adapter_warning,
+)
 from disback_cli.models.text_to_image.sampling import open_sampling, sampling_info
 from disback_cli.models.text_to_image.text import PromptSource, TextEncoder, read_prompts
 from disback_cli.models.text_to_image.vae import LatentDecoder
+from disback_cli.models.trained_weights import ALL_WEIGHTS
 from disback_cli.store.manifests import PromptsRef
 from disback_cli.store.tensorfile import read_safetensors
 
@@ -262,6 +268,10 @@ class DiffusersFamily(TeacherFamily):
 
     def node_format(self, record_cfg):
         return Adapters() if record_cfg.lora_rank else FULL_WEIGHTS
+
+    def trained_weights(self, backtrack_cfg):
+        rank = backtrack_cfg.lora_rank
+        return LowRankAdapters(rank) if rank else ALL_WEIGHTS
 
     def generator_info(self, teacher: Teacher) -> dict[str, Any]:
         return {"text_to_image": sampling_info(self.folder)}

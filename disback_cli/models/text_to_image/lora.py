@@ -292,3 +292,36 @@ class LoraPathNodes:
 
     def close(self) -> None:
         pass
+
+
+class LowRankAdapters:
+    """`backtrack --lora-rank R` (DMD2's `--generator_lora`): the generator and the fake score
+    stay frozen and rank-R adapters on their attention projections train (alpha = R, B = 0, so
+    iteration 0 is G0 and node N exactly). Only the adapters have gradients, Adam moments and an
+    EMA, and only they go into resume points; the generator's EMA shares its frozen weights. An
+    SDXL backtrack then holds four UNets (generator, fake score, target, next node) instead of
+    eleven. The generator files `sample` reads hold plain weights, the adapters merged in."""
+
+    generator_copies: ClassVar[dict[str, float]] = {"generator (frozen; adapters train)": 1}
+    fake_copies: ClassVar[dict[str, float]] = {"fake score (frozen; adapters train)": 1}
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def trained(self, network: nn.Module, seed: int) -> nn.Module:
+        """Adapters added to `network` (A drawn from `seed`): their factors train, nothing else."""
+        add_lora(network, self.rank, seed)
+        return LoraFactors(network)
+
+    def ema_of(self, generator: nn.Module, copy_denoiser) -> nn.Module:
+        """A copy of the adapted generator that shares its frozen weights (the average of a
+        constant is the constant): only the adapters are copied."""
+        frozen = {id(p): p for name, p in generator.named_parameters() if "lora_" not in name}
+        return copy.deepcopy(generator, frozen)
+
+    def kept(self, ema: nn.Module) -> nn.Module:
+        return LoraFactors(ema)
+
+    def plain(self, denoiser: nn.Module) -> Mapping[str, torch.Tensor]:
+        """Its plain weights, each adapted one merged as the file writer reads it."""
+        return MergedWeights(denoiser)
