@@ -444,30 +444,17 @@ def run_watched(command: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     """Run `command` and sample the summed RSS of it and every process below it (the launcher
     and a torchrun launch's workers) every 20 ms: the host's peak, which per-process high-water
     marks cannot give (they need not peak at the same moment)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import process_tree  # the tests' own walk of /proc
+
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=child_env())
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, sum(map(_rss_bytes, _process_tree(proc.pid))))
+            peak = max(peak, sum(map(_rss_bytes, process_tree(proc.pid))))
             time.sleep(0.02)
         out.seek(0), err.seek(0)
         return subprocess.CompletedProcess(command, proc.returncode, out.read(), err.read()), peak
-
-
-def _process_tree(root: int) -> list[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
 
 
 def _rss_bytes(pid: int) -> int:

@@ -41,6 +41,23 @@ def disback_launcher(processes: int = 1) -> list[str]:
     ]
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun's workers run in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
 def checkout_env(*first: str | Path, **variables: str) -> dict[str, str]:
     """The environment for a subprocess that must run this checkout's code: os.environ with
     `variables` set and PYTHONPATH = `first` (e.g. a sitecustomize hook), the repository root,

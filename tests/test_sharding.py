@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
 
-from conftest import checkout_env, disback_launcher, run_cli
+from conftest import checkout_env, disback_launcher, process_tree, run_cli
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
 from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
@@ -375,23 +375,6 @@ def _saved_step(run: Path) -> int:
     return manifest.state.step if manifest.state else 0
 
 
-def _process_tree(root: int) -> list[int]:
-    """`root` and every process below it (torchrun's workers run in sessions of their own)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
-
-
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -433,7 +416,7 @@ def test_sigkill_of_a_sharded_run_then_resume_is_exact(work):
         time.sleep(0.01)
     time.sleep(random.Random(7).uniform(0, 0.2))  # three iterations and a save are left
     assert proc.poll() is None, "the run ended before it could be killed"
-    tree = _process_tree(proc.pid)
+    tree = process_tree(proc.pid)
     assert len(tree) >= 3  # the launcher and its two workers
     for pid in tree:
         os.kill(pid, signal.SIGKILL)
