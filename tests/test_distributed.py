@@ -7,6 +7,7 @@ averages gradients, so it must match a 1-process run with batch 2B up to float r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkout_env, disback_launcher
+from conftest import checkout_env, disback_launcher, run_cli
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.runtime import sharding
 from disback_cli.runtime.parallel import Execution
@@ -57,16 +58,26 @@ BACKTRACK = [
 ]
 
 
-def disback(*args: str, processes: int = 1, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [*disback_launcher(processes), *map(str, args)],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def disback(
+    *args: str, processes: int = 1, cwd: Path, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """`disback ARGS` in `cwd`: one process in this one (no interpreter to start) unless `fresh`
+    (files compared byte for byte with the workers': the same process setup), several as
+    torchrun launches them."""
+    if processes == 1 and not fresh:
+        with contextlib.chdir(cwd):
+            done = run_cli(*args)
+        result = subprocess.CompletedProcess(args, done.code, done.stdout, done.stderr)
+    else:
+        result = subprocess.run(
+            [*disback_launcher(processes), *map(str, args)],
+            cwd=cwd,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -226,7 +237,17 @@ def test_two_process_sampling_writes_the_same_files(tmp_path):
         "--device",
         "cpu",
     ]
-    one = disback(*sample, "--format", "png", "--out", "one", "--grid-out", "one.png", cwd=tmp_path)
+    one = disback(
+        *sample,
+        "--format",
+        "png",
+        "--out",
+        "one",
+        "--grid-out",
+        "one.png",
+        cwd=tmp_path,
+        fresh=True,
+    )
     two = disback(
         *sample,
         "--format",
@@ -242,7 +263,7 @@ def test_two_process_sampling_writes_the_same_files(tmp_path):
     assert len(list((tmp_path / "two").rglob("*.png"))) == 37
     assert (tmp_path / "one.png").read_bytes() == (tmp_path / "two.png").read_bytes()
     assert one.stdout.count("wrote 37 samples") == two.stdout.count("wrote 37 samples") == 1
-    disback(*sample, "--format", "npz", "--out", "one.npz", cwd=tmp_path)
+    disback(*sample, "--format", "npz", "--out", "one.npz", cwd=tmp_path, fresh=True)
     disback(*sample, "--format", "npz", "--out", "two.npz", processes=2, cwd=tmp_path)
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
 
