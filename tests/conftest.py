@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,32 @@ def disback_launcher(processes: int = 1) -> list[str]:
         "-m",
         "disback_cli",
     ]
+
+
+def launch(
+    cwd: Path,
+    *args,
+    processes: int = 1,
+    env: dict[str, str] | None = None,
+    fresh: bool = False,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """`disback ARGS` in `cwd`, its code, stdout and stderr: one process in this one (no
+    interpreter to start) unless `fresh` (a new interpreter, set up as torchrun's workers are),
+    several as torchrun launches them, with `env`."""
+    if processes == 1 and not fresh:
+        with contextlib.chdir(cwd):
+            done = run_cli(*args)
+        return subprocess.CompletedProcess(args, done.code, done.stdout, done.stderr)
+    return subprocess.run(
+        [*disback_launcher(processes), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def process_tree(root: int) -> list[int]:

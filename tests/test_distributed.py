@@ -7,7 +7,6 @@ averages gradients, so it must match a 1-process run with batch 2B up to float r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkout_env, disback_launcher, run_cli
+from conftest import checkout_env, launch
 from disback_cli.models.denoiser_files import load_denoiser
 from disback_cli.runtime import sharding
 from disback_cli.runtime.parallel import Execution
@@ -61,23 +60,9 @@ BACKTRACK = [
 def disback(
     *args: str, processes: int = 1, cwd: Path, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """`disback ARGS` in `cwd`: one process in this one (no interpreter to start) unless `fresh`
-    (files compared byte for byte with the workers': the same process setup), several as
-    torchrun launches them."""
-    if processes == 1 and not fresh:
-        with contextlib.chdir(cwd):
-            done = run_cli(*args)
-        result = subprocess.CompletedProcess(args, done.code, done.stdout, done.stderr)
-    else:
-        result = subprocess.run(
-            [*disback_launcher(processes), *map(str, args)],
-            cwd=cwd,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+    """`disback ARGS` in `cwd` (see `conftest.launch`; `fresh` for files compared byte for byte
+    with the workers'), checked to succeed."""
+    result = launch(cwd, *args, processes=processes, env=ENV, fresh=fresh, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -289,15 +274,9 @@ def test_two_process_evaluation_gives_the_same_report(tmp_path):
     write_npz(tmp_path / "fake.npz", images_like(37, 2))
 
     def run(processes: int, *args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [*disback_launcher(processes), *args, "--batch", "4", "--device", "cpu"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        common = ("--batch", "4", "--device", "cpu")
+        # A fresh interpreter even for one process: `env`'s sitecustomize hook trusts the stand-in.
+        result = launch(tmp_path, *args, *common, processes=processes, env=env, fresh=True)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 

@@ -9,7 +9,6 @@ rank's own stream, so only without it does a K-process run equal one process.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
 
-from conftest import checkout_env, disback_launcher, process_tree, run_cli
+from conftest import checkout_env, disback_launcher, launch, process_tree
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
 from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
@@ -61,21 +60,8 @@ HANG = 600
 def disback(
     *args: str, processes: int = 1, cwd: Path, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """`disback ARGS` in `cwd`: one process in this one (as `run_cli`: no interpreter to start),
-    several as torchrun launches them."""
-    if processes == 1:
-        with contextlib.chdir(cwd):
-            done = run_cli(*args)
-        result = subprocess.CompletedProcess(args, done.code, done.stdout, done.stderr)
-    else:
-        result = subprocess.run(
-            [*disback_launcher(processes), *args],
-            cwd=cwd,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=HANG,
-        )
+    """`disback ARGS` in `cwd` (see `conftest.launch`), checked to succeed unless not `check`."""
+    result = launch(cwd, *args, processes=processes, env=ENV, timeout=HANG)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
