@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from disback_cli.config.adversarial import AdversarialFields
 from disback_cli.store.samples import MAX_SAMPLES
 
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
@@ -240,7 +241,7 @@ class RecordConfig(_Training):
         return self
 
 
-class BacktrackConfig(_Training):
+class BacktrackConfig(_Training, AdversarialFields):
     """Distribution backtracking: train the generator along the recorded path."""
 
     iters: Iters = Field(2000, description="generator iterations")
@@ -261,8 +262,8 @@ class BacktrackConfig(_Training):
     )
     data: PathText | None = Field(
         None,
-        description="real data for --loss diffratio: builtin:NAME, an image folder or an "
-        "EDM dataset zip (labels from its dataset.json)",
+        description="real data for --loss diffratio or --adversary: builtin:NAME, an image "
+        "folder or an EDM dataset zip (labels from its dataset.json)",
     )
     ratio_width: Annotated[int, Field(ge=1, le=4096)] | None = Field(
         None,

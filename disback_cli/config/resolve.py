@@ -14,6 +14,7 @@ import os
 
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.errors import ConfigError
+from disback_cli.method.adversarial import ADVERSARIES
 from disback_cli.method.fake_sides import FAKE_SIDES, make_fake_side
 from disback_cli.method.losses import LOSS_TRAINING_SIGMA
 from disback_cli.models.denoiser_files import DenoiserFile
@@ -31,7 +32,8 @@ def refuse_foreign_options(cfg, owners: list, mine: list) -> None:
                 continue
             if getattr(cfg, field) not in (None, unused):
                 flag = "--" + field.replace("_", "-")
-                raise ConfigError(f"{flag} is for {owner.description}")
+                users = [other.description for other in owners if field in other.options]
+                raise ConfigError(f"{flag} is for {' or '.join(users)}")
 
 
 def _resolve(cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) -> tuple:
@@ -93,6 +95,7 @@ def resolve_backtrack(
     if cfg.dropout is None:
         sources["dropout"] = "each network's own"
     fake_side = make_fake_side(cfg)
-    refuse_foreign_options(cfg, list(FAKE_SIDES.values()), [fake_side])
+    owners = [*FAKE_SIDES.values(), *ADVERSARIES.values()]
+    refuse_foreign_options(cfg, owners, [fake_side, fake_side.adversary])
     fake_side.resolve(cfg, teacher, update, sources)
     return _resolve(cfg, teacher, update, sources, recorded)

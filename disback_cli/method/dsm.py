@@ -75,6 +75,36 @@ def apply_gradients(
     return ex.layout.local_norm(grad_norm)
 
 
+def generator_denoising_loss(
+    denoiser: torch.nn.Module,
+    generator: torch.nn.Module,
+    shape: tuple[int, ...],
+    conditions: ConditionSource,
+    levels: TrainingSigma,
+    rng: torch.Generator,
+    ex: Execution,
+) -> tuple:
+    """The EDM loss of `denoiser` on fresh samples x0 of `generator` (not trained here), and
+    what it was computed at: (x0, sigma, noise, the conditions the denoiser saw, loss).
+
+    The samples come from the generator in eval mode, as `disback sample` draws them (SiD and
+    Diff-Instruct do the same), so dropout in a generator being trained does not leak into
+    what the fake score learns. `shape` is this rank's batch; the random numbers are drawn for
+    the global batch (see `parallel`)."""
+    device = rng.device
+    n, z, cond = generator_inputs(shape, conditions, rng, ex)
+    sigma = ex.local(levels.sample(n, rng, device))
+    noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
+    seen, dropout = cond, getattr(conditions, "dropout", 0.0)  # sources that drop prompts
+    if dropout:  # the denoiser sees that share unconditional, as its teacher was trained
+        dropped = ex.local(torch.rand(n, generator=rng, device=device) < dropout)
+        seen = conditions.unconditional_rows(cond, dropped)
+    with torch.no_grad(), eval_mode(generator):
+        x0 = generator(ex.to_input(z), **cond)
+    noise = ex.to_input(noise)
+    return x0, sigma, noise, seen, edm_denoising_loss(denoiser, x0, sigma, noise, seen)
+
+
 def denoising_step(
     denoiser: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -86,25 +116,10 @@ def denoising_step(
     clip: float = math.inf,
     ex: Execution | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One EDM denoising step of `denoiser` on fresh samples of `generator` (not trained here).
-
-    Fits the auxiliary model to G0 while recording and the fake score to G while backtracking.
-    The samples come from the generator in eval mode, as `disback sample` draws them (SiD and
-    Diff-Instruct do the same), so dropout in a generator being trained does not leak into
-    what the fake score learns. `shape` is this rank's batch; the random numbers are drawn for
-    the global batch (see `parallel`). Returns the loss and the gradient norm (before clipping).
-    """
+    """One EDM denoising step of `denoiser` on fresh samples of `generator`: fits the auxiliary
+    model to G0 while recording and the fake score to G while backtracking. Returns the loss
+    and the gradient norm (before clipping)."""
     ex = ex or Execution(rng.device)
-    device = rng.device
-    n, z, cond = generator_inputs(shape, conditions, rng, ex)
-    sigma = ex.local(levels.sample(n, rng, device))
-    noise = ex.local(torch.randn((n, *shape[1:]), generator=rng, device=device))
-    seen, dropout = cond, getattr(conditions, "dropout", 0.0)  # sources that drop prompts
-    if dropout:  # the denoiser sees that share unconditional, as its teacher was trained
-        dropped = ex.local(torch.rand(n, generator=rng, device=device) < dropout)
-        seen = conditions.unconditional_rows(cond, dropped)
     with ex.autocast():
-        with torch.no_grad(), eval_mode(generator):
-            x0 = generator(ex.to_input(z), **cond)
-        loss = edm_denoising_loss(denoiser, x0, sigma, ex.to_input(noise), seen)
+        *_, loss = generator_denoising_loss(denoiser, generator, shape, conditions, levels, rng, ex)
     return loss.detach(), apply_gradients(loss, denoiser, optimizer, ex, clip)

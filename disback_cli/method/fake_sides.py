@@ -7,7 +7,8 @@ path. DiffRatio keeps a *density-ratio network* instead, a classifier of noised 
 noised generator samples, whose input gradient is the score difference itself: it needs real data,
 no target and no path. A fake side owns its network's building, its training step, the files it
 adds to a checkpoint and the settings it takes; the loss names the side it works with
-(`fake_side`), and the backtracking loop only calls these.
+(`fake_side`), and the backtracking loop only calls these. A score fake side may carry an
+adversary (`method.adversarial`): a discriminator made of its network, trained beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 
 from disback_cli.errors import ConfigError
+from disback_cli.method.adversarial import ADVERSARIES, NoAdversary, make_adversary
 from disback_cli.method.data import DataSource, open_data
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.losses import GENERATOR_LOSSES
@@ -36,6 +38,7 @@ class FakeSide(Protocol):
     shardable: bool  # whether it runs with sharded networks (--parallel fsdp|hsdp)
     adapted: bool  # whether --lora-rank trains adapters of its network (a copy of the teacher's)
     options: dict[str, Any]  # config fields only this side takes -> their "not used" value
+    adversary: Any  # `method.adversarial`: what it adds as a discriminator (NoAdversary: none)
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         """Its defaults and refusals for a backtrack config."""
@@ -67,6 +70,14 @@ class FakeSide(Protocol):
     @property
     def step(self) -> Callable: ...
 
+    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
+        """What trains beside its network (the adversary's head), by its state-file name."""
+        ...
+
+    def generator_loss(self, loss):
+        """The generator loss as this side serves it (with the adversary's term)."""
+        ...
+
     def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
         """Its files of a checkpoint, by the manifest field that names them."""
         ...
@@ -74,15 +85,23 @@ class FakeSide(Protocol):
 
 class ScoreFake:
     """A fake score network, started from path node N (or the teacher, without the path) and
-    trained by denoising score matching; the targets are the path's nodes."""
+    trained by denoising score matching; the targets are the path's nodes. With an adversary,
+    the network is also a discriminator of real data (`method.adversarial`)."""
 
     description: ClassVar[str] = "score distillation"
     options: ClassVar[dict[str, Any]] = {"lr_fake": None}
-    shardable: ClassVar[bool] = True  # its network and targets run sharded (--parallel fsdp)
     adapted: ClassVar[bool] = True
 
+    def __init__(self, adversary=None) -> None:
+        self.adversary = adversary or NoAdversary()
+
+    @property
+    def shardable(self) -> bool:
+        """Its network and targets run sharded (--parallel fsdp), but not its adversary."""
+        return not self.adversary.active
+
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
-        pass
+        self.adversary.resolve(cfg, teacher, update, sources)
 
     def learning_rate(self, cfg) -> float:
         return cfg.lr_fake
@@ -91,11 +110,12 @@ class ScoreFake:
         return {**weights.fake_copies, **node_format.target_copies}
 
     def open_inputs(self, cfg, teacher: Teacher) -> None:
-        """Read what the run learns from besides the teacher (nothing)."""
+        """Read what the run learns from besides the teacher (the adversary's real data)."""
+        self.adversary.open_inputs(cfg, teacher)
 
     @property
     def data_record(self) -> DataRecord | None:
-        return None
+        return self.adversary.data_record
 
     def build(
         self,
@@ -117,11 +137,17 @@ class ScoreFake:
     @property
     def step(self) -> Callable:
         """One training step of the fake network, called like `dsm.denoising_step`."""
-        return denoising_step
+        return self.adversary.fake_step(denoising_step)
+
+    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
+        return self.adversary.build(fake, cfg, ex)
+
+    def generator_loss(self, loss):
+        return self.adversary.generator_loss(loss)
 
     def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
-        """Files of a checkpoint besides the generator's (none)."""
-        return {}
+        """Files of a checkpoint besides the generator's (the adversary's head)."""
+        return self.adversary.save(run_dir, step, info)
 
 
 class NoTargets:
@@ -150,6 +176,7 @@ class RatioFake:
     description: ClassVar[str] = "--loss diffratio"
     shardable: ClassVar[bool] = False  # its ratio network is whole in every process
     adapted: ClassVar[bool] = False  # its ratio network is small and trains whole
+    adversary: ClassVar[NoAdversary] = NoAdversary()  # its network is a classifier already
     options: ClassVar[dict[str, Any]] = {
         "data": None,
         "ratio_width": None,
@@ -158,8 +185,8 @@ class RatioFake:
         "ratio_weighting": None,
     }
 
-    def __init__(self) -> None:
-        self.data: DataSource | None = None
+    def __init__(self, adversary=None) -> None:
+        self.data: DataSource | None = None  # (an --adversary is refused: `resolve`)
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         if cfg.data is None:
@@ -169,6 +196,11 @@ class RatioFake:
             )
         if not teacher.family.supports_real_data:
             raise ConfigError(f"--loss diffratio is not available for {teacher.family.description}")
+        if ADVERSARIES[cfg.adversary].active:
+            raise ConfigError(
+                "--adversary is for score distillation: diffratio's ratio network is a "
+                "classifier of real data already"
+            )
         if cfg.mismatch_every:
             raise ConfigError(
                 "--mismatch-every needs a target and a fake score; diffratio has neither"
@@ -216,6 +248,12 @@ class RatioFake:
     def step(self) -> Callable:
         return functools.partial(ratio_step, data=self.data)
 
+    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
+        return {}
+
+    def generator_loss(self, loss):
+        return loss
+
     def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
         file = checkpoint_file("ratio", step)
         digest = save_ratio(run_dir / file, fake, {"role": "verifier", "step": step, **info})
@@ -226,5 +264,5 @@ FAKE_SIDES: dict[str, type] = {"score": ScoreFake, "ratio": RatioFake}
 
 
 def make_fake_side(cfg) -> ScoreFake | RatioFake:
-    """The fake side the run's loss works with."""
-    return FAKE_SIDES[GENERATOR_LOSSES[cfg.loss].fake_side]()
+    """The fake side the run's loss works with (a score side with the run's --adversary)."""
+    return FAKE_SIDES[GENERATOR_LOSSES[cfg.loss].fake_side](make_adversary(cfg))

@@ -34,6 +34,7 @@ from disback_cli.runtime.parallel import Execution
 class GeneratorLossOutput:
     loss: torch.Tensor  # scalar to back-propagate into the generator
     score_gap: torch.Tensor  # mean |D_fake - D_target| on this batch (detached), for the logs
+    sample_scale: torch.Tensor | None = None  # a loss's per-sample normaliser (SiD's), if any
 
 
 class GeneratorLoss(Protocol):
@@ -61,6 +62,9 @@ class VSDLoss:
     """
 
     fake_side = "score"
+    # Per-sample weights of the update from the noised sample (f-distill's h(r), set by
+    # `method.adversarial`); None: every sample weighs 1.
+    weigh: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, p_mean: float, p_std: float) -> None:
         self.p_mean, self.p_std = p_mean, p_std
@@ -76,8 +80,10 @@ class VSDLoss:
         with torch.no_grad():
             x_t = x + sigma_like(sigma, x) * noise
             gap = fake(x_t, sigma, **cond) - target(x_t, sigma, **cond)
-        loss = (gap * x).flatten(1).sum(dim=1).mean()
-        return GeneratorLossOutput(loss, gap.abs().mean())
+        per_sample = (gap * x).flatten(1).sum(dim=1)
+        if self.weigh is not None:
+            per_sample = per_sample * self.weigh(x_t, sigma, cond)
+        return GeneratorLossOutput(per_sample.mean(), gap.abs().mean())
 
 
 class DMDLoss:
@@ -88,6 +94,7 @@ class DMDLoss:
     element, so DMD2's gradient clipping (10 on ImageNet) means the same here."""
 
     fake_side = "score"
+    weigh: Callable[..., torch.Tensor] | None = None  # as VSDLoss.weigh
 
     def __init__(self, low: float = 0.02, high: float = 0.98) -> None:
         self.low, self.high = low, high
@@ -107,6 +114,8 @@ class DMDLoss:
             gap = fake(x_t, sigma, **cond) - d_target
             scale = (x - d_target).abs().flatten(1).mean(dim=1).clamp(min=1e-5)
             direction = gap / sigma_like(scale, x)
+            if self.weigh is not None:
+                direction = direction * sigma_like(self.weigh(x_t, sigma, cond), x)
         loss = 0.5 * ((x - (x - direction).detach()) ** 2).mean()
         return GeneratorLossOutput(loss, gap.abs().mean())
 
@@ -143,7 +152,9 @@ class SiDLoss:
         diff = d_target - d_fake
         scale = (x - d_target).detach().abs().flatten(1).mean(dim=1).clamp(min=1e-5)
         per_sample = (diff * ((d_target - x) - self.alpha * diff)).flatten(1).sum(dim=1)
-        return GeneratorLossOutput((per_sample / scale).mean(), diff.detach().abs().mean())
+        return GeneratorLossOutput(
+            (per_sample / scale).mean(), diff.detach().abs().mean(), sample_scale=scale
+        )
 
 
 class DiffRatioLoss(VSDLoss):

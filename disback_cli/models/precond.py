@@ -67,6 +67,22 @@ class Precond(nn.Module):
         **cond: torch.Tensor,
     ) -> torch.Tensor:
         """`cond` beyond class labels (see `conditioning`) goes to the raw network as keywords."""
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, **cond)
+        return c_skip * x + c_out * f.to(torch.float32)
+
+    def features(
+        self, x: torch.Tensor, sigma, where: str, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The raw network's feature map at `where` (one of its `feature_points`) for D's input:
+        what a discriminator head reads (`method.adversarial`)."""
+        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels)
+        _, _, c_in, c_noise = self.coefficients(sigma)
+        f = self.model.features((c_in * x).to(dtype), c_noise.flatten(), class_labels, where)
+        return f.to(torch.float32)
+
+    def _inputs(self, x, sigma, class_labels) -> tuple:
         x = x.to(torch.float32)
         sigma = sigma_like(sigma, x)
         if self.label_dim and class_labels is None:
@@ -74,9 +90,7 @@ class Precond(nn.Module):
         elif class_labels is not None:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         dtype = torch.bfloat16 if self.use_fp16 and x.device.type == "cuda" else torch.float32
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, **cond)
-        return c_skip * x + c_out * f.to(torch.float32)
+        return x, sigma, class_labels, dtype
 
 
 class EDMPrecond(Precond):

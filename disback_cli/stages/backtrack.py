@@ -42,6 +42,7 @@ from disback_cli.stages.lifecycle import (
     TrainingState,
     make_optimizer,
     seed_streams,
+    warm_up,
 )
 from disback_cli.stages.training_log import TrainingLog
 from disback_cli.stages.trajectory import check_node_files, completed_trajectory
@@ -152,6 +153,7 @@ def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake
             (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
             (bool(cfg.mismatch_every), "--mismatch-every"),
             (bool(cfg.lora_rank), "--lora-rank (adapters train on one GPU's whole networks)"),
+            (fake_side.adversary.active, "--adversary (its discriminator reads whole networks)"),
         ],
     )
 
@@ -220,6 +222,7 @@ def _backtrack(
 
     # Noise levels from the teacher's denoiser before the targets take its weights.
     loss_fn = make_generator_loss(cfg, teacher.family.query_levels(teacher))
+    loss_fn = fake_side.generator_loss(loss_fn)  # with the adversary's term, if any
     levels = TrainingSigma.of(cfg, teacher.denoiser)
     plan = memory_plan(cfg, traj, teacher, fake_side, ex)
     networks, generator_spec, trained, targets = build_networks(
@@ -257,7 +260,7 @@ def _backtrack(
         run.note(plan.describe())  # said once every input (and tracker) has been checked
         try:
             save = generator_files(run, teacher, generator_spec, fake_side, networks)
-            losses = (loss_fn, fake_side.step, levels)
+            losses = (loss_fn, fake_side.step, levels, fake_side.adversary)
             return backtrack(run, cfg, teacher, state, networks, targets, losses, log, save, step)
         finally:
             log.close()
@@ -291,6 +294,7 @@ def build_networks(
     set_dropout(fake, cfg.dropout)
     # The fake network (score or ratio) keeps the state file's "fake" slot.
     trained["fake"] = weights.trained(fake, cfg.seed + 1) if fake_side.adapted else fake
+    trained.update(fake_side.attach(fake, cfg, ex))  # an adversary's head
     return (generator, generator_ema, fake), spec, trained, targets
 
 
@@ -303,13 +307,15 @@ def _training_state(
     if cfg.gradient_checkpointing:
         enable_checkpointing(generator)
         enable_checkpointing(fake)
+    fake_groups = [{"params": list(trained["fake"].parameters())}]
+    if "head" in trained:  # DMD2: one optimiser for the fake score and its head
+        head_rate = cfg.lr_head or fake_rate
+        fake_groups.append({"params": list(trained["head"].parameters()), "lr": head_rate})
     optimizers = {
         "generator": make_optimizer(
             trained["generator"].parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
         ),
-        "fake": make_optimizer(
-            trained["fake"].parameters(), fake_rate, cfg.betas, cfg.optimizer, cfg.weight_decay
-        ),
+        "fake": make_optimizer(fake_groups, fake_rate, cfg.betas, cfg.optimizer, cfg.weight_decay),
     }
     rng = seed_streams(cfg.seed, ex)
     loop = {"schedule": make_schedule(cfg, traj.last_node), "targets": TargetHistory()}
@@ -329,13 +335,13 @@ def backtrack(
     start: int,
 ) -> BacktrackManifest:
     """Algorithm 2, distribution backtracking, from iteration `start` to `cfg.iters`.
-    `losses`: the generator loss, the fake network's step (`fake_sides`) and the noise levels it
-    trains at; `networks`: the generator, its EMA and the fake network, of which `state` keeps
-    what trains."""
+    `losses`: the generator loss, the fake network's step (`fake_sides`), the noise levels it
+    trains at and the fake side's adversary; `networks`: the generator, its EMA and the fake
+    network, of which `state` keeps what trains."""
     ex, rng, schedule = run.ex, state.rng, state.loop["schedule"]
     generator, generator_ema, fake = networks
     opt_g, opt_f = state.optimizers["generator"], state.optimizers["fake"]
-    loss_fn, fit_fake, levels = losses
+    loss_fn, fit_fake, levels, adversary = losses
     shape, conditions = (cfg.batch, *teacher.spec.data_shape), teacher.conditions
     # The fake score as the loss queries it and as it trains: unguided, unless guided as
     # SiD-LSG guides it (--fake-guidance-scale, families with guidance).
@@ -353,6 +359,8 @@ def backtrack(
         # switch (every --interval iterations, or when the score gap plateaus), then node 0.
         node = schedule.target(step - 1)
         state.loop["targets"].used(step - 1, node)
+        warm_up(state.optimizers.values(), step, cfg.warmup)
+        adversary.seed_step(step)  # its draws: a stream of (seed, iteration) of its own
         # Eq. (8): a generator step on (fake - target) at noised generator samples, the target
         # as the teacher's family queries it (guided, for text-to-image teachers). (The target
         # is not held here: at a switch the old node is freed before the next is read.)
@@ -386,6 +394,7 @@ def backtrack(
             score_gap=out.score_gap,
             grad_norm_g=grad_norm_g,
             grad_norm_fake=grad_norm_fake,
+            **adversary.logged(),
         )
         log.line(step, node, generator_ema, (generator, fake, target))
     return run.manifest

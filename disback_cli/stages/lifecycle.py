@@ -172,6 +172,18 @@ def make_optimizer(
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
+def warm_up(optimizers, step: int, warmup: int) -> None:
+    """Linear learning-rate warm-up: iteration `step` (from 1) at min(1, step / warmup) of each
+    rate. A function of the iteration alone, so a resume needs no state for it. (DMD2's
+    `constant_with_warmup` scheduler starts at 0, a first step that does nothing.)"""
+    if not warmup:
+        return
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group.setdefault("peak_lr", group["lr"])
+            group["lr"] = group["peak_lr"] * min(1.0, step / warmup)
+
+
 def seed_streams(seed: int, ex: Execution) -> torch.Generator:
     """The run's random stream (the same on every rank: each draws the global batch and keeps
     its slice) and the global torch stream (dropout: one per rank)."""

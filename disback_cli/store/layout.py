@@ -93,6 +93,7 @@ CHECKPOINT_FILES = {
     "generator": "generator",
     "generator_ema": "generator-ema",
     "ratio": "ratio",  # diffratio's density-ratio network (the verifier)
+    "head": "head",  # --adversary dmd2: the discriminator's classifier head
     "state": "state",
 }
 

@@ -249,7 +249,8 @@ class BacktrackManifest(RunManifest):
     generator: FileRef | None = None
     generator_ema: FileRef | None = None
     ratio: FileRef | None = None  # diffratio: its density-ratio network (the verifier)
-    data: DataRecord | None = None  # diffratio: the real data it learned from
+    head: FileRef | None = None  # --adversary dmd2: the classifier head
+    data: DataRecord | None = None  # diffratio, --adversary: the real data it learned from
     metrics: Literal["metrics.jsonl"] = METRICS
 
     def files(self) -> set[str]:
@@ -277,8 +278,8 @@ class BacktrackManifest(RunManifest):
             expected = checkpoint_file(kind, self.step, sharded)
             if ref is not None and ref.file != expected:
                 raise ValueError(f"{kind} file must be {expected!r}")
-        if self.ratio is not None and self.generator is None:
-            raise ValueError("a ratio network is saved with the generator")
+        if (self.ratio or self.head) is not None and self.generator is None:
+            raise ValueError("a ratio network or head is saved with the generator")
         if self.state is not None and self.state.step != self.step:
             raise ValueError("the state's step must equal the run's step")
         return self

@@ -32,11 +32,20 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, self.dim))
         self.layers = nn.Sequential(*layers)
 
-    def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    feature_points = ("hidden",)  # where a discriminator head can read it: the last hidden layer
+
+    def _inputs(self, x, noise_labels, class_labels) -> torch.Tensor:
         phase = noise_labels.reshape(-1, 1) * self.noise_freqs
         parts = [x.reshape(x.shape[0], -1), phase.sin(), phase.cos()]
         if class_labels is not None:
             parts.append(class_labels.to(x.dtype))
-        return self.layers(torch.cat(parts, dim=1)).reshape(x.shape)
+        return torch.cat(parts, dim=1)
+
+    def features(self, x, noise_labels, class_labels=None, where: str = "hidden") -> torch.Tensor:
+        """The last hidden layer's activations (`method.adversarial` reads them)."""
+        return self.layers[:-1](self._inputs(x, noise_labels, class_labels))
+
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.layers(self._inputs(x, noise_labels, class_labels)).reshape(x.shape)

@@ -2,7 +2,8 @@
 
 Module names (`map_noise`, `enc["32x32_block0"]`, ...) match NVlabs/edm so that released weights
 load strictly. `forward(x, noise_labels, class_labels, augment_labels=None)` returns F; the
-preconditioning turns it into a denoiser.
+preconditioning turns it into a denoiser. `features(...)` stops at the lowest resolution, where a
+discriminator head reads the network (`method.adversarial`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from disback_cli.models.networks.layers import (
     PositionalEmbedding,
     UNetBlock,
 )
+
+UNET_FEATURE_POINTS = ("encoder", "middle")  # the encoder's output; after the middle blocks
+
+
+def _middle(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The two middle blocks (`in0`, `in1`: the decoder's first, at the lowest resolution)."""
+    for name, block in dec.items():
+        if not name.endswith(("_in0", "_in1")):
+            break
+        x = block(x, emb)
+    return x
 
 
 def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -161,13 +173,9 @@ class SongUNet(nn.Module):
         """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
         return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None,
-        augment_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    feature_points = UNET_FEATURE_POINTS
+
+    def embed(self, noise_labels, class_labels, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         emb = (
             emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
@@ -177,8 +185,10 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The encoder's output and its skip connections."""
         skips, aux = [], x
         for name, block in self.enc.items():
             if "aux_down" in name:
@@ -190,7 +200,23 @@ class SongUNet(nn.Module):
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
+        return x, skips
 
+    def features(self, x, noise_labels, class_labels, where: str = "encoder") -> torch.Tensor:
+        """The feature map at the lowest resolution (`feature_points`), without the decoder."""
+        emb = self.embed(noise_labels, class_labels)
+        x = self.encode(x, emb)[0]
+        return _middle(self.dec, x, emb) if where == "middle" else x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        x, skips = self.encode(x, emb)
         aux = normed = None
         for name, block in self.dec.items():
             if "aux_up" in name:
@@ -289,13 +315,9 @@ class DhariwalUNet(nn.Module):
         """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
         return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        noise_labels: torch.Tensor,
-        class_labels: torch.Tensor | None,
-        augment_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    feature_points = UNET_FEATURE_POINTS
+
+    def embed(self, noise_labels, class_labels, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -304,12 +326,32 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(
                 _drop_labels(class_labels, self.label_dropout, self.training)
             )
-        emb = F.silu(emb)
+        return F.silu(emb)
 
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The encoder's output and its skip connections."""
         skips = []
         for block in self.enc.values():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+        return x, skips
+
+    def features(self, x, noise_labels, class_labels, where: str = "encoder") -> torch.Tensor:
+        """The feature map at the lowest resolution (`feature_points`), without the decoder
+        (DMD2's bottleneck is the encoder's output)."""
+        emb = self.embed(noise_labels, class_labels)
+        x = self.encode(x, emb)[0]
+        return _middle(self.dec, x, emb) if where == "middle" else x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        x, skips = self.encode(x, emb)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
