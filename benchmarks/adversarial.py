@@ -1,0 +1,193 @@
+"""The adversarial family beside plain score distillation, on the DisBack path and without it.
+
+On builtin:digits (the settings of benchmarks/convergence.py, real data `--data builtin:digits`),
+seeds 0-2: DMD against DMD + DMD2's classifier head, SiD against SiDA, VSD against f-distill
+(kl and js), each as DisBack and as the `--no-trajectory` baseline, at the adversaries' default
+weights. Reported: FD-digits against iterations and against seconds (DisBack charged its
+recording), final median [min, max] over seeds, and a verdict only where the seeds' ranges do
+not overlap. Not part of the test suite (about an hour on one CPU core):
+
+    python benchmarks/adversarial.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import SETTINGS, median_curve
+
+from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.method.losses import LOSS_TRAINING_SIGMA
+from disback_cli.stages.backtrack import run_backtrack
+from disback_cli.stages.record import run_record
+
+DATASET = "digits"
+ARMS = {  # name: (loss, settings beyond the dataset's), pairs of (without, with) the new term
+    "dmd": ("dmd", {}),
+    "dmd + head (DMD2)": ("dmd", {"adversary": "dmd2"}),
+    "sid": ("sid", {}),
+    "sida": ("sid", {"adversary": "sida"}),
+    "vsd": ("vsd", {}),
+    "f-distill kl": ("vsd", {"adversary": "dmd2", "f_divergence": "kl"}),
+    "f-distill js": ("vsd", {"adversary": "dmd2", "f_divergence": "js"}),
+}
+PAIRS = [
+    ("dmd", "dmd + head (DMD2)"),
+    ("sid", "sida"),
+    ("vsd", "f-distill kl"),
+    ("vsd", "f-distill js"),
+]
+
+
+def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
+    metric, _, record, backtrack = SETTINGS[DATASET]
+    results = []
+    for seed in seeds:
+        recorded: dict[str, tuple[Path, float]] = {}
+        for arm in arms:
+            loss, extra = ARMS[arm]
+            kind = LOSS_TRAINING_SIGMA[loss]
+            if kind not in recorded:
+                trajectory = work / f"{DATASET}-{seed}-{kind}"
+                manifest = run_record(
+                    RecordConfig(**record, loss=loss, seed=seed, device="cpu"), trajectory
+                )
+                recorded[kind] = trajectory, manifest.elapsed_seconds
+            trajectory, record_seconds = recorded[kind]
+            data = {"data": f"builtin:{DATASET}"} if "adversary" in extra else {}
+            for method in ("disback", "baseline"):
+                cfg = BacktrackConfig(
+                    **backtrack,
+                    **extra,
+                    **data,
+                    loss=loss,
+                    seed=seed,
+                    device="cpu",
+                    no_trajectory=method == "baseline",
+                )
+                name = f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-{method}"
+                manifest = run_backtrack(cfg, trajectory, name)
+                lines = (trajectory / "backtrack" / name / "metrics.jsonl").read_text()
+                evals = {}
+                for line in map(json.loads, lines.splitlines()):
+                    if "eval" in line:
+                        evals[line["iteration"]] = {**line["eval"], "seconds": line["seconds"]}
+                results.append(
+                    {
+                        "arm": arm,
+                        "method": method,
+                        "seed": seed,
+                        "seconds": manifest.elapsed_seconds,
+                        "record_seconds": record_seconds if method == "disback" else 0.0,
+                        "evals": evals,
+                    }
+                )
+                final = evals[max(evals)][metric]
+                print(f"seed {seed} {arm} {method}: {metric} {final:.4g}", flush=True)
+    return results
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def verdict(a: tuple, b: tuple, names: tuple[str, str]) -> str:
+    """Lower is better; a verdict only where the seeds' ranges do not overlap."""
+    if a[2] < b[1]:
+        return f"{names[0]} better"
+    if b[2] < a[1]:
+        return f"{names[1]} better"
+    return "ranges overlap"
+
+
+def table(results: list[dict]) -> str:
+    metric = SETTINGS[DATASET][0]
+    finals = {}
+    for r in results:
+        finals.setdefault((r["arm"], r["method"]), []).append(r["evals"][max(r["evals"])][metric])
+    fmt = lambda v: f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"  # noqa: E731
+    rows = [
+        f"| without | with | method | {metric} without | {metric} with | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for without, with_ in PAIRS:
+        for method in ("disback", "baseline"):
+            a, b = finals.get((without, method)), finals.get((with_, method))
+            if not (a and b):
+                continue
+            a, b = spread(a), spread(b)
+            rows.append(
+                f"| {without} | {with_} | {method} | {fmt(a)} | {fmt(b)} | "
+                f"{verdict(a, b, (without, with_))} |"
+            )
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = SETTINGS[DATASET][0]
+    figure, axes = plt.subplots(2, len(PAIRS), figsize=(4 * len(PAIRS), 7), squeeze=False)
+    for column, pair in enumerate(PAIRS):
+        for arm, colour in zip(pair, ("C0", "C3"), strict=True):
+            for method, style in (("disback", "-"), ("baseline", "--")):
+                sel = [r for r in results if (r["arm"], r["method"]) == (arm, method)]
+                if not sel:
+                    continue
+                curve = median_curve(sel, metric)
+                xs = sorted(curve)
+                offset = statistics.median(r["record_seconds"] for r in sel)
+                seconds = [
+                    offset + statistics.median(r["evals"][x]["seconds"] for r in sel) for x in xs
+                ]
+                for axis, xvalues in ((axes[0][column], xs), (axes[1][column], seconds)):
+                    axis.plot(
+                        xvalues,
+                        [curve[x][0] for x in xs],
+                        style,
+                        color=colour,
+                        label=f"{arm} ({'DisBack' if method == 'disback' else 'no path'})",
+                    )
+                    axis.fill_between(
+                        xvalues,
+                        [curve[x][1] for x in xs],
+                        [curve[x][2] for x in xs],
+                        color=colour,
+                        alpha=0.1,
+                    )
+        axes[0][column].set(title=" vs ".join(pair), xlabel="generator iteration", ylabel=metric)
+        axes[1][column].set(xlabel="seconds (DisBack: + recording)", ylabel=metric)
+        axes[0][column].legend(fontsize=7)
+    figure.suptitle(f"{DATASET}: median and range over seeds")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="adversarial-"))
+    results = run(args.seeds, work, args.arms)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adversarial.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (args.out / "adversarial.md").write_text(text + "\n")
+    plot(results, args.out / "adversarial.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
