@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
                     device="cpu",
                     no_trajectory=method == "baseline",
                 )
-                name = f"{arm.replace(' ', '_').replace('(', '').replace(')', '')}-{method}"
+                name = f"{re.sub('[^A-Za-z0-9]+', '-', arm).strip('-')}-{method}"
                 manifest = run_backtrack(cfg, trajectory, name)
                 lines = (trajectory / "backtrack" / name / "metrics.jsonl").read_text()
                 evals = {}
