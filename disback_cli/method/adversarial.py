@@ -216,8 +216,9 @@ class _Discriminating:
         return self.ex.local(sigma), self.ex.local(noise)
 
     def frozen_fake(self):
-        """The fake network's weights left out of the generator's backward pass."""
-        return _Frozen(self.fake)
+        """The discriminator's weights (fake network and head) left out of the generator's
+        backward pass."""
+        return _Frozen(self.trained_with(self.fake))
 
     def generator_loss(self, loss):
         return _WithAdversary(loss, self)
