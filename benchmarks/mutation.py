@@ -112,8 +112,8 @@ MUTANTS = [
     ),
     M(
         "method/losses:vsd-batch-sum",
-        "target(x_t, sigma, **cond)\n        loss = (gap * x).flatten(1).sum(dim=1).mean()",
-        "target(x_t, sigma, **cond)\n        loss = (gap * x).flatten(1).sum(dim=1).sum()",
+        "return GeneratorLossOutput(per_sample.mean(), gap.abs().mean())",
+        "return GeneratorLossOutput(per_sample.sum(), gap.abs().mean())",
     ),
     M(
         "method/losses:dmd-scale-signed",

@@ -160,11 +160,17 @@ BACKTRACK_CASES = {
         lambda raw: raw.update(generator_ema=ref("generator", 20)),
         "generator-ema file must be 'checkpoints/generator-ema-00000020.safetensors'",
     ),
+    "a head without a generator": (
+        lambda raw: raw.update(
+            status="running", generator=None, generator_ema=None, state=None, head=ref("head", 20)
+        ),
+        "a ratio network or head is saved with the generator",
+    ),
     "a ratio network without a generator": (
         lambda raw: raw.update(
             status="running", generator=None, generator_ema=None, state=None, ratio=ref("ratio", 20)
         ),
-        "a ratio network is saved with the generator",
+        "a ratio network or head is saved with the generator",
     ),
     "a state of another step": (
         lambda raw: raw["state"].update(step=10, file="checkpoints/state-00000020.safetensors"),

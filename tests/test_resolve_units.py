@@ -84,7 +84,10 @@ def test_a_recording_takes_the_teachers_dropout(ring):
             {"guidance_scale": 3.0},
             "--guidance-scale is for text-to-image teachers (a diffusers model folder)",
         ),
-        ({"data": "builtin:ring2d"}, "--data is for --loss diffratio"),
+        (
+            {"data": "builtin:ring2d"},
+            "--data is for --loss diffratio or --adversary dmd2 or --adversary sida",
+        ),
         ({"ratio_width": 12}, "--ratio-width is for --loss diffratio"),
         ({"lr_ratio": 1e-3}, "--lr-ratio is for --loss diffratio"),
         ({"ratio_weighting": "score"}, "--ratio-weighting is for --loss diffratio"),

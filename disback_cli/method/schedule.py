@@ -152,3 +152,12 @@ class AdaptiveSchedule:
         self.node, self.smoothed = node, smoothed
         self.best = math.inf if best is None else float(best)
         self.since_best, self.on_node = since_best, on_node
+
+
+def make_schedule(cfg, last_node: int) -> FixedSchedule | AdaptiveSchedule:
+    """Which path node is the target: always the teacher for --no-trajectory, else the rule."""
+    if cfg.no_trajectory:
+        return FixedSchedule(last_node=1, interval=cfg.interval)  # node 0 from the start
+    if cfg.switch == "adaptive":
+        return AdaptiveSchedule(last_node, cfg.switch_patience, cfg.switch_tolerance, cfg.interval)
+    return FixedSchedule(last_node, cfg.interval)

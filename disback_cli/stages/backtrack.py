@@ -26,7 +26,7 @@ from disback_cli.method.fake_sides import FakeSide, make_fake_side
 from disback_cli.method.generator import OneStepGenerator, build_g0
 from disback_cli.method.losses import GeneratorLoss, generator_step, make_generator_loss
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.schedule import AdaptiveSchedule, FixedSchedule, TargetHistory
+from disback_cli.method.schedule import TargetHistory, make_schedule
 from disback_cli.models.denoiser_files import save_denoiser
 from disback_cli.models.networks import NetworkSpec, enable_checkpointing, set_dropout
 from disback_cli.models.path_nodes import Targets
@@ -175,15 +175,6 @@ def memory_plan(cfg, traj: TrajectoryManifest, teacher, fake_side: FakeSide, ex)
         ex.layout.shards,
         read_whole=cfg.sharded,
     )
-
-
-def make_schedule(cfg: BacktrackConfig, last_node: int) -> FixedSchedule | AdaptiveSchedule:
-    """Which path node is the target: always the teacher for --no-trajectory, else the rule."""
-    if cfg.no_trajectory:
-        return FixedSchedule(last_node=1, interval=cfg.interval)  # node 0 from the start
-    if cfg.switch == "adaptive":
-        return AdaptiveSchedule(last_node, cfg.switch_patience, cfg.switch_tolerance, cfg.interval)
-    return FixedSchedule(last_node, cfg.interval)
 
 
 def _backtrack(
