@@ -1,13 +1,15 @@
 """The adversarial family beside plain score distillation, on the DisBack path and without it.
 
-On builtin:digits (the settings of benchmarks/convergence.py, real data `--data builtin:digits`),
-seeds 0-2: DMD against DMD + DMD2's classifier head, SiD against SiDA, VSD against f-distill
-(kl and js), each as DisBack and as the `--no-trajectory` baseline, at the adversaries' default
-weights. Reported: FD-digits against iterations and against seconds (DisBack charged its
-recording), final median [min, max] over seeds, and a verdict only where the seeds' ranges do
-not overlap. Not part of the test suite (about an hour on one CPU core):
+On builtin:digits and builtin:shapes (the settings of benchmarks/regimes.py, real data `--data
+builtin:NAME`), seeds 0-2: DMD against DMD + DMD2's classifier head, SiD against SiDA, VSD
+against f-distill (kl and js), each as DisBack and as the `--no-trajectory` baseline, at the
+adversaries' default weights; for the plain losses also the baseline whose fake score starts at
+node N (`--warm-fake`), which separates the path from a warm fake score. Reported: quality
+against iterations and against seconds (DisBack and the warm baseline charged the recording),
+final median [min, max] over seeds, and a verdict only where the seeds' ranges do not overlap.
+Not part of the test suite (about an hour per data set on one CPU core):
 
-    python benchmarks/adversarial.py --out benchmarks/results
+    python benchmarks/adversarial.py --dataset digits --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import SETTINGS, median_curve
+from convergence import median_curve
+from regimes import BASE as SETTINGS
 
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.method.losses import LOSS_TRAINING_SIGMA
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 
-DATASET = "digits"
+LABELS = {"disback": "DisBack", "baseline": "no path", "warm": "no path, fake from node N"}
+METHODS = {  # name: (no_trajectory, warm_fake, charged the recording)
+    "disback": (False, False, True),
+    "baseline": (True, False, False),
+    "warm": (True, True, True),
+}
 ARMS = {  # name: (loss, settings beyond the dataset's), pairs of (without, with) the new term
     "dmd": ("dmd", {}),
     "dmd + head (DMD2)": ("dmd", {"adversary": "dmd2"}),
@@ -46,8 +54,9 @@ PAIRS = [
 ]
 
 
-def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
-    metric, _, record, backtrack = SETTINGS[DATASET]
+def run(dataset: str, seeds: list[int], work: Path, arms: list[str], methods: list[str]):
+    setting = SETTINGS[dataset]
+    metric, record, backtrack = setting["metric"], setting["record"], setting["backtrack"]
     results = []
     for seed in seeds:
         recorded: dict[str, tuple[Path, float]] = {}
@@ -55,14 +64,17 @@ def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
             loss, extra = ARMS[arm]
             kind = LOSS_TRAINING_SIGMA[loss]
             if kind not in recorded:
-                trajectory = work / f"{DATASET}-{seed}-{kind}"
+                trajectory = work / f"{dataset}-{seed}-{kind}"
                 manifest = run_record(
                     RecordConfig(**record, loss=loss, seed=seed, device="cpu"), trajectory
                 )
                 recorded[kind] = trajectory, manifest.elapsed_seconds
             trajectory, record_seconds = recorded[kind]
-            data = {"data": f"builtin:{DATASET}"} if "adversary" in extra else {}
-            for method in ("disback", "baseline"):
+            data = {"data": f"builtin:{dataset}"} if "adversary" in extra else {}
+            for method in methods:
+                no_trajectory, warm_fake, charged = METHODS[method]
+                if warm_fake and extra:  # the warm baseline is for the plain losses
+                    continue
                 cfg = BacktrackConfig(
                     **backtrack,
                     **extra,
@@ -70,7 +82,8 @@ def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
                     loss=loss,
                     seed=seed,
                     device="cpu",
-                    no_trajectory=method == "baseline",
+                    no_trajectory=no_trajectory,
+                    warm_fake=warm_fake,
                 )
                 name = f"{re.sub('[^A-Za-z0-9]+', '-', arm).strip('-')}-{method}"
                 manifest = run_backtrack(cfg, trajectory, name)
@@ -81,16 +94,17 @@ def run(seeds: list[int], work: Path, arms: list[str]) -> list[dict]:
                         evals[line["iteration"]] = {**line["eval"], "seconds": line["seconds"]}
                 results.append(
                     {
+                        "dataset": dataset,
                         "arm": arm,
                         "method": method,
                         "seed": seed,
                         "seconds": manifest.elapsed_seconds,
-                        "record_seconds": record_seconds if method == "disback" else 0.0,
+                        "record_seconds": record_seconds if charged else 0.0,
                         "evals": evals,
                     }
                 )
                 final = evals[max(evals)][metric]
-                print(f"seed {seed} {arm} {method}: {metric} {final:.4g}", flush=True)
+                print(f"{dataset} seed {seed} {arm} {method}: {metric} {final:.4g}", flush=True)
     return results
 
 
@@ -107,8 +121,7 @@ def verdict(a: tuple, b: tuple, names: tuple[str, str]) -> str:
     return "ranges overlap"
 
 
-def table(results: list[dict]) -> str:
-    metric = SETTINGS[DATASET][0]
+def table(results: list[dict], metric: str) -> str:
     finals = {}
     for r in results:
         finals.setdefault((r["arm"], r["method"]), []).append(r["evals"][max(r["evals"])][metric])
@@ -127,20 +140,29 @@ def table(results: list[dict]) -> str:
                 f"| {without} | {with_} | {method} | {fmt(a)} | {fmt(b)} | "
                 f"{verdict(a, b, (without, with_))} |"
             )
+    rows += [
+        "",
+        f"| loss | DisBack {metric} | warm-fake baseline {metric} | verdict |",
+        "|---|---|---|---|",
+    ]
+    for arm in ("dmd", "sid", "vsd"):
+        a, b = finals.get((arm, "disback")), finals.get((arm, "warm"))
+        if a and b:
+            a, b = spread(a), spread(b)
+            rows.append(f"| {arm} | {fmt(a)} | {fmt(b)} | {verdict(a, b, ('DisBack', 'warm'))} |")
     return "\n".join(rows)
 
 
-def plot(results: list[dict], out: Path) -> None:
+def plot(results: list[dict], metric: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = SETTINGS[DATASET][0]
     figure, axes = plt.subplots(2, len(PAIRS), figsize=(4 * len(PAIRS), 7), squeeze=False)
     for column, pair in enumerate(PAIRS):
         for arm, colour in zip(pair, ("C0", "C3"), strict=True):
-            for method, style in (("disback", "-"), ("baseline", "--")):
+            for method, style in (("disback", "-"), ("baseline", "--"), ("warm", ":")):
                 sel = [r for r in results if (r["arm"], r["method"]) == (arm, method)]
                 if not sel:
                     continue
@@ -156,7 +178,7 @@ def plot(results: list[dict], out: Path) -> None:
                         [curve[x][0] for x in xs],
                         style,
                         color=colour,
-                        label=f"{arm} ({'DisBack' if method == 'disback' else 'no path'})",
+                        label=f"{arm} ({LABELS[method]})",
                     )
                     axis.fill_between(
                         xvalues,
@@ -168,25 +190,33 @@ def plot(results: list[dict], out: Path) -> None:
         axes[0][column].set(title=" vs ".join(pair), xlabel="generator iteration", ylabel=metric)
         axes[1][column].set(xlabel="seconds (DisBack: + recording)", ylabel=metric)
         axes[0][column].legend(fontsize=7)
-    figure.suptitle(f"{DATASET}: median and range over seeds")
+    figure.suptitle(f"{results[0]['dataset']}: median and range over seeds")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=["digits", "shapes"], default="digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier results")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="adversarial-"))
-    results = run(args.seeds, work, args.arms)
+    results = [
+        {"dataset": args.dataset, **r} for path in args.merge for r in json.loads(path.read_text())
+    ]
+    results += run(args.dataset, args.seeds, work, args.arms, args.methods)
+    metric = SETTINGS[args.dataset]["metric"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adversarial.json").write_text(json.dumps(results, indent=1))
-    text = table(results)
-    (args.out / "adversarial.md").write_text(text + "\n")
-    plot(results, args.out / "adversarial.png")
+    stem = args.out / f"adversarial-{args.dataset}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    text = table(results, metric)
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(results, metric, stem.with_suffix(".png"))
     print(text)
 
 

@@ -305,6 +305,8 @@ def test_sida_reads_the_fake_scores_encoder_and_noises_real_data_as_its_dsm_samp
         (("--adversary", "dmd2", *RING, "--head-features", "middle"), "offers hidden"),
         (("--gan-weight-g", "1"), "--gan-weight-g is for --adversary dmd2 or --adversary sida"),
         (("--loss", "diffratio", "--adversary", "dmd2", *RING), "diffratio's ratio network"),
+        (("--warm-fake",), "--warm-fake is for --no-trajectory"),
+        (("--loss", "diffratio", *RING, "--warm-fake"), "--warm-fake is for score distillation"),
     ],
 )
 def test_bad_adversarial_settings_are_one_line_and_write_nothing(ring, flags, message):

@@ -33,16 +33,20 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 # -- the score side -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("no_trajectory", [False, True])
+@pytest.mark.parametrize(
+    ("no_trajectory", "warm_fake"), [(False, False), (True, False), (True, True)]
+)
 def test_the_fake_score_starts_as_an_own_copy_of_node_n_or_the_teacher(
-    small_trajectory, no_trajectory
+    small_trajectory, no_trajectory, warm_fake
 ):
+    """On the path at node N; without it at the teacher, or at node N with --warm-fake."""
     traj, teacher = open_trajectory(small_trajectory, None, CPU)
     teacher_weights = teacher.denoiser
-    cfg = BacktrackConfig(no_trajectory=no_trajectory)
+    cfg = BacktrackConfig(no_trajectory=no_trajectory, warm_fake=warm_fake)
     fake, targets = ScoreFake().build(cfg, small_trajectory, traj, teacher, None, EX)
     try:
-        start = teacher_weights if no_trajectory else targets.at(traj.last_node)
+        at_teacher = no_trajectory and not warm_fake
+        start = teacher_weights if at_teacher else targets.at(traj.last_node)
         others = [targets.at(i) for i in range(traj.last_node + 1)]
         assert same_weights(fake, start) and fake is not start
         assert sum(same_weights(fake, node) for node in others) == 1  # not a neighbour

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from disback_cli.config.adversarial import AdversarialFields
+from disback_cli.config.recipe_fields import RecipeFields
 from disback_cli.store.samples import MAX_SAMPLES
 
 STORED = "stored"  # validation context key: the values come from a manifest disback wrote
@@ -241,7 +241,7 @@ class RecordConfig(_Training):
         return self
 
 
-class BacktrackConfig(_Training, AdversarialFields):
+class BacktrackConfig(_Training, RecipeFields):
     """Distribution backtracking: train the generator along the recorded path."""
 
     iters: Iters = Field(2000, description="generator iterations")

@@ -89,7 +89,7 @@ class ScoreFake:
     the network is also a discriminator of real data (`method.adversarial`)."""
 
     description: ClassVar[str] = "score distillation"
-    options: ClassVar[dict[str, Any]] = {"lr_fake": None}
+    options: ClassVar[dict[str, Any]] = {"lr_fake": None, "warm_fake": False}
     adapted: ClassVar[bool] = True
 
     def __init__(self, adversary=None) -> None:
@@ -101,6 +101,10 @@ class ScoreFake:
         return not self.adversary.active
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
+        if cfg.warm_fake and not cfg.no_trajectory:
+            raise ConfigError(
+                "--warm-fake is for --no-trajectory (on the path the fake starts at node N)"
+            )
         self.adversary.resolve(cfg, teacher, update, sources)
 
     def learning_rate(self, cfg) -> float:
@@ -132,7 +136,8 @@ class ScoreFake:
         targets = node_format.targets(
             trajectory, traj, teacher, ex.device, ex.prepare, cfg.verify, networks
         )
-        return targets.copy_of(0 if cfg.no_trajectory else traj.last_node), targets
+        start = 0 if cfg.no_trajectory and not cfg.warm_fake else traj.last_node
+        return targets.copy_of(start), targets
 
     @property
     def step(self) -> Callable:

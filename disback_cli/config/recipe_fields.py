@@ -1,5 +1,6 @@
-"""The backtrack options of the adversarial term and the learning-rate warm-up
-(`method.adversarial`): declared here, as one group, and mixed into `BacktrackConfig`."""
+"""Backtrack options of the best published recipes: the adversarial term (`method.adversarial`),
+the learning-rate warm-up, and the baseline that separates the path from a warm fake score.
+Declared here, as one group, and mixed into `BacktrackConfig`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, Field
 Weight = Annotated[float, Field(ge=0, le=1e6)]
 
 
-class AdversarialFields(BaseModel):
+class RecipeFields(BaseModel):
     adversary: Literal["none", "dmd2", "sida"] = Field(
         "none",
         description="a discriminator on the fake side, trained on --data against generator "
@@ -51,4 +52,10 @@ class AdversarialFields(BaseModel):
         0,
         description="linear learning-rate warm-up of both networks over N iterations "
         "(iteration k at k/N; DMD2 and DisBack: 500)",
+    )
+    warm_fake: bool = Field(
+        False,
+        description="--no-trajectory: start the fake score at the path's node N (DisBack's "
+        "head start) instead of the teacher, so a comparison separates the path from a warm "
+        "fake score",
     )
