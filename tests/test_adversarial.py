@@ -238,7 +238,9 @@ def test_the_head_starts_from_the_seed_on_and_off_the_path(small_trajectory):
             with torch.no_grad():
                 for p in fake.parameters():
                     p.add_(1.0)
-        heads.append(DMD2Classifier(cfg).build(fake, cfg, EX)["head"].state_dict())
+        adversary = DMD2Classifier(cfg)
+        adversary.open_inputs(cfg, teacher)
+        heads.append(adversary.build(fake, cfg, EX)["head"].state_dict())
     assert_equal_tensors(heads[0], heads[1])
     assert not torch.equal(heads[0]["layers.0.weight"], heads[2]["layers.0.weight"])
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disback_cli.errors import ConfigError
-from disback_cli.method.data import DataSource, open_data
+from disback_cli.method.data import DataSource
 from disback_cli.method.dsm import apply_gradients, denoising_weight, generator_denoising_loss
 from disback_cli.method.losses import GENERATOR_LOSSES, GeneratorLossOutput
 from disback_cli.method.noise import KARRAS_LEVELS, sample_karras_index_sigma
@@ -159,11 +159,7 @@ class _Discriminating:
         if cfg.data is None:
             raise ConfigError(
                 f"{self.description} learns from real data: give --data (builtin:NAME, an "
-                "image folder or an EDM dataset zip)"
-            )
-        if not teacher.family.supports_real_data:
-            raise ConfigError(
-                f"{self.description} is not available for {teacher.family.description}"
+                "image folder, an EDM dataset zip; text-to-image teachers: captioned latents)"
             )
         points = getattr(teacher.denoiser.model, "feature_points", ())
         if not points:
@@ -184,8 +180,8 @@ class _Discriminating:
                 update[key], sources[key] = value, source
 
     def open_inputs(self, cfg, teacher) -> None:
-        """Open --data (checked before the run writes anything)."""
-        self.data = open_data(cfg.data, teacher.spec.data_shape, teacher.spec.label_dim)
+        """Open --data as the teacher's family reads it (checked before the run writes)."""
+        self.data = teacher.family.open_real_data(cfg.data, teacher)
 
     @property
     def data_record(self) -> DataRecord:
@@ -308,9 +304,10 @@ class DMD2Classifier(_Discriminating):
 
     def build(self, fake: nn.Module, cfg, ex: Execution) -> dict[str, nn.Module]:
         super().build(fake, cfg, ex)
-        probe = torch.zeros((1, *fake.data_shape), device=ex.device)
+        # The feature map's shape, from one real sample with its conditions (own stream).
+        probe, cond = self.data.draw(1, torch.Generator(ex.device).manual_seed(0), ex.device)
         with torch.no_grad(), eval_mode(fake):
-            shape = self.features(probe, torch.ones(1, device=ex.device), {}).shape[1:]
+            shape = self.features(probe, torch.ones(1, device=ex.device), cond).shape[1:]
         with torch.random.fork_rng(devices=[]):  # its own initialisation, from the seed
             torch.manual_seed(cfg.seed + 2)
             self.head = ClassifierHead(tuple(shape)).to(ex.device)

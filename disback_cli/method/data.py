@@ -52,9 +52,11 @@ class DataSource:
         read: Callable[[list[int]], tuple[torch.Tensor, list]],
         label_dim: int,
         exact: GaussianMixture | None = None,
+        conditioned: bool = False,
     ) -> None:
         self.ref, self.count, self._read, self.label_dim = ref, count, read, label_dim
         self.exact = exact
+        self.conditioned = conditioned  # `read` gives the conditions themselves (captions)
 
     def draw(self, n: int, rng: torch.Generator, device: torch.device):
         """n samples and their conditions, drawn from `rng` (the run's stream)."""
@@ -65,6 +67,8 @@ class DataSource:
             return x, NO_CONDITIONS
         index = torch.randint(self.count, (n,), generator=rng, device=device).tolist()
         x, labels = self._read(index)
+        if self.conditioned:
+            return x.to(device), labels.to(device)
         cond = NO_CONDITIONS
         if self.label_dim:
             one_hot = F.one_hot(torch.tensor(labels, device=device), self.label_dim).float()

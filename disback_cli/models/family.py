@@ -167,7 +167,8 @@ class TeacherFamily:
     # Config fields only this family takes, with the value that means "not used": another
     # family's teacher refuses them (e.g. --prompts for a class-conditional teacher).
     options: ClassVar[dict[str, Any]] = {}
-    supports_real_data: ClassVar[bool] = True  # --data (real samples) in the teacher's space
+    # --data as unconditioned samples in the teacher's space (DiffRatio's ratio network).
+    supports_real_data: ClassVar[bool] = True
 
     # -- recognising and opening teachers, and generator files ------------------------------
     @classmethod
@@ -284,6 +285,13 @@ class TeacherFamily:
         return {}
 
     # -- sampling ---------------------------------------------------------------------------
+    def open_real_data(self, spec: str, teacher: Teacher):
+        """--data for a discriminator (`method.adversarial`): samples in the teacher's space
+        with the conditions it is trained on (class labels, or captions)."""
+        from disback_cli.method.data import open_data  # the data layer sits above the models
+
+        return open_data(spec, teacher.spec.data_shape, teacher.spec.label_dim)
+
     def sample_conditions(self, denoiser: nn.Module, cfg, device) -> SampleConditions:
         """How `sample` conditions and decodes this family's generators (or its teacher)."""
         if cfg.prompts is not None:

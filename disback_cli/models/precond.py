@@ -73,14 +73,19 @@ class Precond(nn.Module):
         return c_skip * x + c_out * f.to(torch.float32)
 
     def features(
-        self, x: torch.Tensor, sigma, where: str, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma,
+        where: str,
+        class_labels: torch.Tensor | None = None,
+        **cond: torch.Tensor,
     ) -> torch.Tensor:
         """The raw network's feature map at `where` (one of its `feature_points`) for D's input:
         what a discriminator head reads (`method.adversarial`)."""
         x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels)
         _, _, c_in, c_noise = self.coefficients(sigma)
-        f = self.model.features((c_in * x).to(dtype), c_noise.flatten(), class_labels, where)
-        return f.to(torch.float32)
+        x_in, labels = (c_in * x).to(dtype), c_noise.flatten()
+        return self.model.features(x_in, labels, class_labels, where, **cond).to(torch.float32)
 
     def _inputs(self, x, sigma, class_labels) -> tuple:
         x = x.to(torch.float32)

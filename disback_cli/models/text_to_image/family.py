@@ -23,6 +23,7 @@ from disback_cli.models.denoiser_files import DenoiserFile, build_with_weights, 
 from disback_cli.models.discrete_ddpm import DiscreteSigma
 from disback_cli.models.family import EDM_DEFAULT_SIGMA, Teacher, TeacherFamily
 from disback_cli.models.path_nodes import FULL_WEIGHTS
+from disback_cli.models.text_to_image.captioned import open_captioned_latents
 from disback_cli.models.text_to_image.folder import (
     DiffusersFolder,
     hash_recorded,
@@ -95,7 +96,7 @@ class DiffusersFamily(TeacherFamily):
         "fake_guidance_scale": 1.0,
         "uncond_fraction": None,
     }
-    supports_real_data = False
+    supports_real_data = False  # its samples need captions: `open_real_data`
 
     def __init__(self, folder: DiffusersFolder, sampling=None) -> None:
         self.folder = folder
@@ -241,6 +242,11 @@ class DiffusersFamily(TeacherFamily):
         source = PromptSource(TextEncoder(self.folder, device), prompts, dropout)
         ref = PromptsRef(file=str(Path(cfg.prompts).absolute()), sha256=digest, count=len(prompts))
         return teacher.with_conditions(source), ref
+
+    def open_real_data(self, spec: str, teacher: Teacher):
+        """Captioned VAE latents (`captioned`), the captions encoded as the prompts are."""
+        encoder = teacher.conditions.encoder
+        return open_captioned_latents(spec, teacher.spec.data_shape, encoder)
 
     def g0_input_scale(self, cfg) -> float | None:
         if cfg.timestep is None:

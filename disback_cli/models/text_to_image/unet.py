@@ -60,6 +60,20 @@ class DiffusersUNet(nn.Module):
         layers = (ResnetBlock2D, BasicTransformerBlock)
         return [m for m in self.unet.modules() if isinstance(m, layers)]
 
+    # Where a discriminator reads it: after the mid block (DMD2's `classify_forward` for SD),
+    # or the last down block's output.
+    feature_points = ("middle", "encoder")
+
+    def _added(self, x, text_embeds, time_ids, others) -> dict | None:
+        unknown = [k for k in others if not k.startswith(UNCOND_PREFIX)]
+        if unknown:
+            raise TypeError(f"{ARCH} got unknown conditions {unknown}")
+        if not self.text_time:
+            return None
+        if text_embeds is None or time_ids is None:
+            raise DisbackError(f"{ARCH} (SDXL) needs text_embeds and time_ids")
+        return {"text_embeds": text_embeds.to(x.dtype), "time_ids": time_ids.to(x.dtype)}
+
     def forward(
         self,
         x: torch.Tensor,
@@ -71,14 +85,7 @@ class DiffusersUNet(nn.Module):
         time_ids: torch.Tensor | None = None,
         **others: torch.Tensor,
     ) -> torch.Tensor:
-        unknown = [k for k in others if not k.startswith(UNCOND_PREFIX)]
-        if unknown:
-            raise TypeError(f"{ARCH} got unknown conditions {unknown}")
-        added = None
-        if self.text_time:
-            if text_embeds is None or time_ids is None:
-                raise DisbackError(f"{ARCH} (SDXL) needs text_embeds and time_ids")
-            added = {"text_embeds": text_embeds.to(x.dtype), "time_ids": time_ids.to(x.dtype)}
+        added = self._added(x, text_embeds, time_ids, others)
         return self.unet(
             x,
             c_noise,
@@ -86,6 +93,43 @@ class DiffusersUNet(nn.Module):
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
+
+    def features(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        where: str = "middle",
+        *,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+        **others: torch.Tensor,
+    ) -> torch.Tensor:
+        """UNet2DConditionModel.forward's steps up to `where` (the SD / SDXL configurations:
+        no class embedding, no input centring, no adapters)."""
+        unet, added = self.unet, self._added(x, text_embeds, time_ids, others)
+        if unet.config.center_input_sample or unet.class_embedding is not None:
+            raise DisbackError(f"{ARCH}: features of a UNet with class embeddings or centring")
+        emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=c_noise))
+        text = encoder_hidden_states.to(x.dtype)
+        extra = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added)
+        emb = emb if extra is None else emb + extra
+        emb = emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+        text = unet.process_encoder_hidden_states(
+            encoder_hidden_states=text, added_cond_kwargs=added
+        )
+        h = unet.conv_in(x)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, encoder_hidden_states=text)[0]
+            else:
+                h = block(hidden_states=h, temb=emb)[0]
+        if where == "encoder" or unet.mid_block is None:
+            return h
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            return unet.mid_block(h, emb, encoder_hidden_states=text)
+        return unet.mid_block(h, emb)
 
 
 def example_conditions(config: dict[str, Any], batch: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""The adversarial family on text-to-image teachers (tiny random diffusers models): the UNet's
+features, captioned latents as real data, each component through record -> backtrack -> sample,
+and the refusals of bad latents files (one line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+
+from safetensors.torch import save_file
+from t2i_fixtures import make_sd_folder, write_prompts
+
+from conftest import run_cli
+from disback_cli.config import RecordConfig
+from disback_cli.method import probe
+from disback_cli.models.teachers import open_teacher
+from disback_cli.models.text_to_image.unet import example_conditions
+from disback_cli.stages.record import run_record
+
+CPU = torch.device("cpu")
+RUN = ["--iters", "4", "--interval", "2", "--batch", "2", "--log-every", "2", "--save-every", "4"]
+RUN += ["--fake-steps", "1"]  # the text-to-image defaults take 5 or 10: the pipeline is what counts
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i-adversarial")
+    return {
+        "sd": make_sd_folder(root / "sd"),
+        "sdxl": make_sd_folder(root / "sdxl", xl=True),
+        "prompts": write_prompts(root / "prompts.txt"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def sd_path(models):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(probe, "PROBE_SAMPLES", 16)
+        out = models["root"] / "path"
+        cfg = RecordConfig(
+            teacher=str(models["sd"]), prompts=str(models["prompts"]), iters=4, nodes=2, batch=4
+        )
+        run_record(cfg.model_copy(update={"device": "cpu"}), out)
+    return out
+
+
+def latents_file(path, shape, count=6, captions=None, **metadata) -> str:
+    """Captioned latents as a user makes them (VAE latents x scaling factor)."""
+    captions = [f"a photo number {i}" for i in range(count)] if captions is None else captions
+    tensors = {"latents": torch.randn(count, *shape, generator=torch.Generator().manual_seed(0))}
+    save_file(tensors, str(path), metadata={"captions": json.dumps(captions), **metadata})
+    return str(path)
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_unet_features_are_its_forward_pass_stopped_after_the_mid_block(models, xl):
+    teacher = open_teacher(str(models["sdxl" if xl else "sd"]), CPU)
+    denoiser, unet = teacher.denoiser, teacher.denoiser.model.unet
+    seen = {}
+
+    def keep(name, take):
+        def hook(module, inputs, output) -> None:  # returns None: the output stays as it was
+            seen[name] = take(output)
+
+        return hook
+
+    unet.down_blocks[-1].register_forward_hook(keep("encoder", lambda output: output[0]))
+    unet.mid_block.register_forward_hook(keep("middle", lambda output: output))
+    generator = torch.Generator().manual_seed(1)
+    shapes = example_conditions(dict(unet.config), 2)  # random values of the right shapes
+    cond = {key: torch.randn(v.shape, generator=generator) for key, v in shapes.items()}
+    x = torch.randn(2, *denoiser.data_shape, generator=generator)
+    sigma = torch.tensor([0.5, 3.0])
+    denoiser(x, sigma, **cond)
+    for where in ("middle", "encoder"):
+        assert torch.equal(denoiser.features(x, sigma, where, **cond), seen[where]), where
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--loss", "dmd", "--adversary", "dmd2", "--warmup", "3"),
+        ("--loss", "sid", "--adversary", "sida"),
+        ("--loss", "vsd", "--adversary", "dmd2", "--f-divergence", "js"),
+    ],
+    ids=["dmd2-warmup", "sida", "f-distill"],
+)
+def test_each_component_runs_record_backtrack_sample_on_captioned_latents(
+    sd_path, models, tmp_path, flags
+):
+    traj = tmp_path / "t"
+    shutil.copytree(sd_path, traj)
+    teacher = open_teacher(str(models["sd"]), CPU)
+    data = latents_file(tmp_path / "real.safetensors", teacher.denoiser.data_shape)
+    args = ["backtrack", "-T", traj, "--name", "run", *RUN, "--device", "cpu", "--quiet"]
+    result = run_cli(*args, *flags, "--data", data)
+    assert result.code == 0, result.stderr
+    run = traj / "backtrack" / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["source"] == data and manifest["data"]["count"] == 6
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_disc" in last and "loss_gan_g" in last
+    out = tmp_path / "images"
+    prompts = ("--prompts", models["prompts"])
+    result = run_cli(
+        "sample", "-T", traj, "--name", "run", *prompts, "-n", "1", "--out", out, "--json"
+    )
+    assert result.code == 0, result.stderr
+    assert len(list(out.glob("**/*.png"))) == json.loads(result.stdout)["n"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p, shape: latents_file(p, (shape[0], 4, 4)), "latents of shape"),
+        (lambda p, shape: latents_file(p, shape, captions=["one"]), "6 latents and 1 captions"),
+        (lambda p, shape: latents_file(p, shape, captions=[1, 2, 3, 4, 5, 6]), "list of strings"),
+        (lambda p, shape: str(p.parent), "a .safetensors file of VAE latents"),
+    ],
+    ids=["shape", "count", "captions", "folder"],
+)
+def test_bad_latents_are_refused_in_one_line_before_anything_is_written(
+    sd_path, models, tmp_path, make, message
+):
+    teacher = open_teacher(str(models["sd"]), CPU)
+    data = make(tmp_path / "real.safetensors", teacher.denoiser.data_shape)
+    args = ["backtrack", "-T", sd_path, "--name", "refused", *RUN, "--device", "cpu"]
+    result = run_cli(*args, "--adversary", "dmd2", "--data", data)
+    assert result.code != 0
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (sd_path / "backtrack" / "refused").exists()
