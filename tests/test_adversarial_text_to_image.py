@@ -122,8 +122,9 @@ def test_each_component_runs_record_backtrack_sample_on_captioned_latents(
         (lambda p, shape: latents_file(p, shape, captions=["one"]), "6 latents and 1 captions"),
         (lambda p, shape: latents_file(p, shape, captions=[1, 2, 3, 4, 5, 6]), "list of strings"),
         (lambda p, shape: str(p.parent), "a .safetensors file of VAE latents"),
+        (lambda p, shape: p.write_bytes(b"\x10" + bytes(64)) and str(p), "not a valid safetensors"),
     ],
-    ids=["shape", "count", "captions", "folder"],
+    ids=["shape", "count", "captions", "folder", "corrupt"],
 )
 def test_bad_latents_are_refused_in_one_line_before_anything_is_written(
     sd_path, models, tmp_path, make, message
