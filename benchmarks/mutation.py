@@ -54,6 +54,8 @@ TESTS = {
     "evaluation/vectors": ["test_metrics.py"],
     "method/schedule": ["test_schedule.py", "test_backtrack.py"],
     "runtime/parallel": ["test_compute.py", "test_distributed.py"],
+    "method/adversarial": ["test_adversarial.py"],
+    "stages/lifecycle": ["test_adversarial.py", "test_lifecycle_units.py"],
     "store/statefile": [
         "test_backtrack.py",
         "test_record.py",
@@ -463,6 +465,36 @@ MUTANTS = [
         "models/edm_unpickler:negative-strides",
         "all(type(v) is int and v >= 0 for v in integers)",
         "all(type(v) is int for v in integers)",
+    ),
+    M(
+        "method/adversarial:dmd2-labels-swapped",
+        "F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()",
+        "F.softplus(-fake_logits).mean() + F.softplus(real_logits).mean()",
+    ),
+    M(
+        "method/adversarial:ratio-unclipped",
+        ".clamp(-LOGIT_CLAMP, LOGIT_CLAMP).exp().clamp(*RATIO_CLIP)",
+        ".clamp(-LOGIT_CLAMP, LOGIT_CLAMP).exp()",
+    ),
+    M(
+        "method/adversarial:h-not-normalised",
+        "return h / (ex.mean(h.mean()) + 1e-6)",
+        "return h",
+    ),
+    M(
+        "method/adversarial:sida-scale-ignored",
+        "return (per_sample / scale).mean()",
+        "return per_sample.mean()",
+    ),
+    M(
+        "method/adversarial:stream-not-reseeded",
+        "self.rng.manual_seed(int(mixed[0]) >> 1)",
+        "pass",
+    ),
+    M(
+        "stages/lifecycle:warmup-from-zero",
+        'group["lr"] = group["peak_lr"] * min(1.0, step / warmup)',
+        'group["lr"] = group["peak_lr"] * min(1.0, (step - 1) / warmup)',
     ),
 ]
 
