@@ -136,3 +136,12 @@ def test_bad_latents_are_refused_in_one_line_before_anything_is_written(
     assert result.code != 0
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (sd_path / "backtrack" / "refused").exists()
+
+
+def test_the_discriminator_sees_the_teachers_own_timesteps(models):
+    """DMD2 on SD noises at randint(0, max_timestep) of the scheduler, not at EDM's levels."""
+    teacher = open_teacher(str(models["sd"]), CPU)
+    table = teacher.denoiser.sigmas
+    levels = teacher.family.discriminator_levels(teacher, 300)
+    drawn = levels.sample(4000, torch.Generator().manual_seed(0), CPU)
+    assert set(drawn.tolist()) == set(table[:300].tolist())  # all of them, and only them

@@ -39,7 +39,7 @@ from disback_cli.errors import ConfigError
 from disback_cli.method.data import DataSource
 from disback_cli.method.dsm import apply_gradients, denoising_weight, generator_denoising_loss
 from disback_cli.method.losses import GENERATOR_LOSSES, GeneratorLossOutput
-from disback_cli.method.noise import KARRAS_LEVELS, sample_karras_index_sigma
+from disback_cli.method.noise import KARRAS_LEVELS
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.networks.heads import ClassifierHead
 from disback_cli.models.precond import sigma_like
@@ -180,8 +180,10 @@ class _Discriminating:
                 update[key], sources[key] = value, source
 
     def open_inputs(self, cfg, teacher) -> None:
-        """Open --data as the teacher's family reads it (checked before the run writes)."""
+        """Open --data as the teacher's family reads it (checked before the run writes), and
+        take the noise levels the discriminator sees from the teacher."""
         self.data = teacher.family.open_real_data(cfg.data, teacher)
+        self.levels = teacher.family.discriminator_levels(teacher, cfg.gan_max_level)
 
     @property
     def data_record(self) -> DataRecord:
@@ -207,7 +209,7 @@ class _Discriminating:
 
     def draw_noise(self, n: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
         """Diffusion-GAN noise levels (a uniform index below --gan-max-level) and noise."""
-        sigma = sample_karras_index_sigma(n, self.rng, self.ex.device, 0, self.cfg.gan_max_level)
+        sigma = self.levels.sample(n, self.rng, self.ex.device)
         noise = torch.randn((n, *shape), generator=self.rng, device=self.ex.device)
         return self.ex.local(sigma), self.ex.local(noise)
 

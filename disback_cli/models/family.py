@@ -25,6 +25,7 @@ from torch import nn
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning, ConditionSource, condition_source
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
+from disback_cli.models.discrete_ddpm import DiscreteSigma
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.models.path_nodes import FULL_WEIGHTS, NodeFormat
 from disback_cli.models.trained_weights import ALL_WEIGHTS, AllWeights
@@ -267,6 +268,14 @@ class TeacherFamily:
     def query_levels(self, teacher: Teacher):
         """Noise levels every generator loss must query at (None: each loss's own)."""
         return None
+
+    def discriminator_levels(self, teacher: Teacher, high: int) -> DiscreteSigma:
+        """Where a discriminator sees noised samples: DMD2's "diffusion GAN", a uniform index
+        below `high` of 1000 Karras levels."""
+        from disback_cli.method.noise import KARRAS_LEVELS, karras_sigma  # (imports the models)
+
+        index = torch.arange(KARRAS_LEVELS, dtype=torch.float32)
+        return DiscreteSigma(karras_sigma(index / (KARRAS_LEVELS - 1)), 0, high)
 
     def shard_units(self, denoiser: nn.Module) -> list[nn.Module]:
         """The blocks FSDP shards one by one (`--parallel fsdp`): those its architecture names."""

@@ -272,6 +272,11 @@ class DiffusersFamily(TeacherFamily):
     def query_levels(self, teacher: Teacher) -> DiscreteSigma:
         return DiscreteSigma.generator_levels(teacher.denoiser.sigmas)
 
+    def discriminator_levels(self, teacher: Teacher, high: int) -> DiscreteSigma:
+        """The teacher's own timesteps below `high` (DMD2 on SD: randint(0, max_timestep))."""
+        table = teacher.denoiser.sigmas
+        return DiscreteSigma(table, 0, min(high, len(table)))
+
     def node_format(self, record_cfg):
         return Adapters() if record_cfg.lora_rank else FULL_WEIGHTS
 
