@@ -217,6 +217,15 @@ class AtLevels:
         self.loss, self.levels = loss, levels
         self.fake_side = loss.fake_side
 
+    @property
+    def weigh(self):
+        """The wrapped loss's per-sample weighting (VSD's and DMD's `weigh`)."""
+        return self.loss.weigh
+
+    @weigh.setter
+    def weigh(self, value) -> None:
+        self.loss.weigh = value
+
     def sample_sigma(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
         return self.levels.sample(n, rng, device)
 
