@@ -101,13 +101,13 @@ def sida_generator_loss(fake_logits: torch.Tensor, scale: torch.Tensor) -> torch
 class NoAdversary:
     """Score distillation alone: nothing is added, and the run is exactly what it was."""
 
-    def __init__(self, cfg=None) -> None:
-        pass
-
     description: ClassVar[str] = "--adversary"
     options: ClassVar[dict[str, Any]] = {}
     active: ClassVar[bool] = False
     data_record = None
+
+    def __init__(self, cfg=None) -> None:
+        pass
 
     def resolve(self, cfg, teacher, update: dict, sources: dict) -> None:
         if cfg.f_divergence is not None:
