@@ -110,7 +110,7 @@ def test_warm_up_is_linear_in_the_iteration_and_a_function_of_it_alone():
 
 
 def test_the_head_is_dmd2s_layer_for_layer_at_8x8_and_reduces_any_map():
-    head = ClassifierHead((64, 8, 8))
+    head = ClassifierHead((256, 8, 8))
     convs = [m for m in head.layers if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride, c.padding) for c in convs] == [
         ((4, 4), (2, 2), (1, 1)),
@@ -118,6 +118,15 @@ def test_the_head_is_dmd2s_layer_for_layer_at_8x8_and_reduces_any_map():
         ((1, 1), (1, 1), (0, 0)),
     ]
     assert [m.num_groups for m in head.layers if isinstance(m, torch.nn.GroupNorm)] == [32, 32]
+    narrow = ClassifierHead((32, 4, 4)).layers  # groups of 8 channels, not 1
+    assert [m.num_groups for m in narrow if isinstance(m, torch.nn.GroupNorm)] == [4]
+
+
+def test_a_narrow_heads_logits_depend_on_its_input():
+    """At a 1 x 1 map a GroupNorm group of one channel outputs its bias alone: every input
+    would get the same logit (the head built with 32 groups of 32 channels did)."""
+    logits = ClassifierHead((32, 4, 4))(torch.randn(8, 32, 4, 4))
+    assert logits.std() > 1e-3
     assert (
         len([m for m in ClassifierHead((32, 32, 32)).layers if isinstance(m, torch.nn.Conv2d)]) == 5
     )
@@ -200,7 +209,7 @@ def test_a_resume_with_the_head_warm_up_and_f_distill_equals_an_uninterrupted_ru
     parts = backtrack(ring, "parts", *flags, "--save-every", "10")
     for kind in ("generator", "generator-ema", "head"):
         assert_equal_tensors(weights(whole, kind), weights(parts, kind))
-    assert (whole / "metrics.jsonl").read_text().count("ratio_weight_max") == 4
+    assert (whole / "metrics.jsonl").read_text().count("ratio_weight_std") == 4
     strip = lambda run: [  # noqa: E731
         {k: v for k, v in json.loads(line).items() if k != "seconds"}
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -240,7 +249,7 @@ def test_the_head_starts_from_the_seed_on_and_off_the_path(small_trajectory):
                     p.add_(1.0)
         adversary = DMD2Classifier(cfg)
         adversary.open_inputs(cfg, teacher)
-        heads.append(adversary.build(fake, cfg, EX)["head"].state_dict())
+        heads.append(adversary.attach(fake, fake, cfg, EX)[1].state_dict())
     assert_equal_tensors(heads[0], heads[1])
     assert not torch.equal(heads[0]["layers.0.weight"], heads[2]["layers.0.weight"])
 
@@ -263,7 +272,7 @@ def test_the_discriminator_trains_fake_and_head_and_the_generator_term_only_the_
     target.requires_grad_(True)  # were a target ever reached, it would get a gradient
     adversary = DMD2Classifier(cfg)
     adversary.open_inputs(cfg, teacher)
-    head = adversary.build(fake, cfg, EX)["head"]
+    head = adversary.attach(fake, fake, cfg, EX)[1]
     adversary.seed_step(1)
     generator = torch.nn.Linear(2, 2)
     x0 = generator(torch.randn(16, 2))
@@ -286,7 +295,7 @@ def test_sida_reads_the_fake_scores_encoder_and_noises_real_data_as_its_dsm_samp
         loss="sid", adversary="sida", data="builtin:digits", head_features="encoder"
     )
     sida = SiDAEncoder(cfg)
-    assert sida.build(net, cfg, EX) == {}  # nothing of its own to train or save
+    assert sida.attach(net, net, cfg, EX) is net  # nothing of its own to train or save
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
     expected = net.features(x, sigma, "encoder").mean(dim=1, keepdim=True)
     assert torch.equal(sida.logits(x, sigma, {}), expected)

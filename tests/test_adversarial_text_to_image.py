@@ -106,7 +106,7 @@ def test_each_component_runs_record_backtrack_sample_on_captioned_latents(
     assert manifest["data"]["source"] == data and manifest["data"]["count"] == 6
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_disc" in last and "loss_gan_g" in last
-    assert ("ratio_weight_max" in last) == ("--f-divergence" in flags)  # f-distill weighed
+    assert ("ratio_weight_std" in last) == ("--f-divergence" in flags)  # f-distill weighed
     out = tmp_path / "images"
     prompts = ("--prompts", models["prompts"])
     result = run_cli(

@@ -80,7 +80,8 @@ def test_the_fake_scores_node_is_checked_by_its_sha256_unless_told_not_to(
 
 def test_the_score_side_adds_no_files_and_no_data(tmp_path):
     side = ScoreFake()
-    assert side.save(tmp_path, 5, torch.nn.Linear(1, 1), {}) == {} and side.data_record is None
+    assert side.save(tmp_path, 5, torch.nn.Linear(1, 1), {}, EX) == {}
+    assert side.data_record is None
     assert list(tmp_path.iterdir()) == []
 
 
@@ -194,7 +195,7 @@ def test_the_ratio_network_is_saved_as_the_verifier_of_its_step(tmp_path):
     spec = ratio_spec_for((2,), 0, 0.5, None, None)
     network = build_ratio(spec, seed=1)
     (tmp_path / "checkpoints").mkdir()
-    files = RatioFake().save(tmp_path, 12, network, {"teacher_sha256": "ab"})
+    files = RatioFake().save(tmp_path, 12, network, {"teacher_sha256": "ab"}, EX)
     assert list(files) == ["ratio"]
     ref = files["ratio"]
     assert ref.file == "checkpoints/ratio-00000012.safetensors"

@@ -19,9 +19,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from edm_fixtures import tiny_network, write_edm_snapshot
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
@@ -201,6 +203,31 @@ def assert_same_update(a: dict, b: dict, start: dict, tolerance: float = 1e-2) -
     difference = sum(((a[key] - b[key]).double() ** 2).sum() for key in a) ** 0.5
     update = sum(((a[key] - start[key]).double() ** 2).sum() for key in a) ** 0.5
     assert update > 0 and difference <= tolerance * update, (difference, update)
+
+
+def test_fsdp_with_the_classifier_head_and_f_distill_equals_one_process(work):
+    """The fake score's features through its sharded forward, the head sharded as one unit
+    (its gradients reduced, its file gathered), f-distill's batch mean over the processes."""
+    folder = work / "real"
+    if not folder.exists():
+        folder.mkdir()
+        generator = np.random.default_rng(0)
+        for i in range(8):
+            pixels = generator.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        labels = [[f"{i}.png", i % 4] for i in range(8)]
+        (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    flags = ("--loss", "dmd", "--adversary", "dmd2", "--data", str(folder), "--f-divergence", "kl")
+    one = backtrack(work, "head-one", 1, *flags)
+    two = backtrack(work, "head-fsdp", 2, *flags, "--parallel", "fsdp")
+    assert_relatively_close(generator_weights(one), generator_weights(two))
+    head = "checkpoints/head-00000006.safetensors"
+    assert_relatively_close(load_file(one / head), load_file(two / head))
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        for key in ("loss_disc", "loss_gan_g"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        # sqrt(mean w^2 - 1) for weights of mean 1: the difference cancels most digits
+        assert b["ratio_weight_std"] == pytest.approx(a["ratio_weight_std"], rel=1e-3)
 
 
 def test_hsdp_on_four_processes_equals_one_process(work):

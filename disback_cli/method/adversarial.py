@@ -47,7 +47,7 @@ from disback_cli.runtime.parallel import Execution
 from disback_cli.store.fileio import atomic_write_chunks
 from disback_cli.store.layout import checkpoint_file
 from disback_cli.store.manifests import DataRecord, FileRef
-from disback_cli.store.tensorfile import safetensors_chunks, tensors_of
+from disback_cli.store.tensorfile import safetensors_chunks
 
 # h(r) of f-distill for each f-divergence (r = p_data / q_G); rkl is VSD's/DMD's own weight.
 F_DIVERGENCES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -116,8 +116,14 @@ class NoAdversary:
     def open_inputs(self, cfg, teacher) -> None:
         pass
 
-    def build(self, fake: nn.Module, cfg, ex: Execution) -> dict[str, nn.Module]:
-        return {}
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex: Execution) -> nn.Module:
+        """What of the fake side trains: `trained` (its network's weights or adapters), with
+        what the adversary trains beside it (a head)."""
+        return trained
+
+    def groups(self, trained: nn.Module, rate: float, cfg) -> list[dict]:
+        """The optimiser's parameter groups of `attach`'s module."""
+        return [{"params": list(trained.parameters())}]
 
     def seed_step(self, step: int) -> None:
         pass
@@ -131,11 +137,11 @@ class NoAdversary:
     def logged(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def save(self, run_dir, step: int, info: dict) -> dict[str, FileRef]:
+    def save(self, run_dir, step: int, info: dict, ex: Execution) -> dict[str, FileRef]:
         return {}
 
 
-class _Discriminating:
+class _Discriminating(NoAdversary):
     """What both adversaries share: real data, the fake network's features, their own stream,
     the two weights, the generator-loss wrapper and the fake step."""
 
@@ -189,11 +195,11 @@ class _Discriminating:
     def data_record(self) -> DataRecord:
         return DataRecord(**vars(self.data.ref))
 
-    def build(self, fake: nn.Module, cfg, ex: Execution) -> dict[str, nn.Module]:
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex: Execution) -> nn.Module:
         self.fake, self.cfg, self.ex = fake, cfg, ex
         self.rng = torch.Generator(ex.device)
         self.weights = (cfg.gan_weight_g, cfg.gan_weight_d)
-        return {}
+        return trained
 
     def seed_step(self, step: int) -> None:
         """This iteration's stream: a function of (seed, iteration) alone."""
@@ -228,9 +234,6 @@ class _Discriminating:
         """The values since the last call, for the training log."""
         logged, self._logged = self._logged, {}
         return logged
-
-    def save(self, run_dir, step: int, info: dict) -> dict[str, FileRef]:
-        return {}  # what it trains is the fake network, saved in the state
 
     def fake_step(self, step: Callable) -> Callable:
         """The fake network's step with the discriminator's loss added (in place of `step`,
@@ -304,18 +307,28 @@ class DMD2Classifier(_Discriminating):
         if cfg.f_divergence is not None and not hasattr(GENERATOR_LOSSES[cfg.loss], "weigh"):
             raise ConfigError(f"--f-divergence weighs VSD's or DMD's update, not --loss {cfg.loss}")
 
-    def build(self, fake: nn.Module, cfg, ex: Execution) -> dict[str, nn.Module]:
-        super().build(fake, cfg, ex)
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex: Execution) -> nn.Module:
+        """The head beside the fake score's trained weights: one optimiser, one state entry."""
+        super().attach(fake, trained, cfg, ex)
         # The feature map's shape, from one real sample with its conditions (own stream).
         probe, cond = self.data.draw(1, torch.Generator(ex.device).manual_seed(0), ex.device)
         with torch.no_grad(), eval_mode(fake):
             shape = self.features(probe, torch.ones(1, device=ex.device), cond).shape[1:]
+        ex.layout.settle(fake)
         with torch.random.fork_rng(devices=[]):  # its own initialisation, from the seed
             torch.manual_seed(cfg.seed + 2)
-            self.head = ClassifierHead(tuple(shape)).to(ex.device)
-        self.head.train().requires_grad_(True)
+            head = ClassifierHead(tuple(shape)).to(ex.device)
+        self.head = ex.layout.hold_small(head.train().requires_grad_(True))
         self._trained = nn.ModuleList([fake, self.head])
-        return {"head": self.head}
+        return nn.ModuleList([trained, self.head])
+
+    def groups(self, trained: nn.Module, rate: float, cfg) -> list[dict]:
+        """The fake score's weights at its rate, the head's at --lr-head (DMD2: the same)."""
+        network, head = trained
+        return [
+            {"params": list(network.parameters())},
+            {"params": list(head.parameters()), "lr": cfg.lr_head or rate},
+        ]
 
     def generator_loss(self, loss):
         if self.cfg.f_divergence is not None:
@@ -333,7 +346,8 @@ class DMD2Classifier(_Discriminating):
         with torch.no_grad():
             logits = self.logits(x_t, sigma, cond)
         weights = f_divergence_weights(logits, self.cfg.f_divergence, self.ex)
-        self.note(ratio_weight_max=weights.max())
+        # Their spread over the global batch (their mean is 1): how unequal the samples weigh.
+        self.note(ratio_weight_std=(self.ex.mean((weights**2).mean()) - 1).clamp(min=0).sqrt())
         return weights
 
     def discriminator_loss(self, x0, cond, sigma, noise) -> torch.Tensor:
@@ -351,13 +365,17 @@ class DMD2Classifier(_Discriminating):
             logits = self.logits(x + sigma_like(level, x) * eps, level, cond)
         return dmd2_generator_loss(logits)
 
-    def save(self, run_dir, step: int, info: dict) -> dict[str, FileRef]:
+    def save(self, run_dir, step: int, info: dict, ex: Execution) -> dict[str, FileRef]:
+        """The head's file (every process takes part; rank 0 writes)."""
         file = checkpoint_file("head", step)
         metadata = {"format": "disback.head", "format_version": "1", "info": json.dumps(info)}
-        digest = atomic_write_chunks(
-            run_dir / file, *safetensors_chunks(tensors_of(self.head), metadata)
-        )
-        return {"head": FileRef(file=file, sha256=digest)}
+
+        def write(whole) -> str:
+            tensors = whole.state_dict() if isinstance(whole, nn.Module) else whole
+            return atomic_write_chunks(run_dir / file, *safetensors_chunks(tensors, metadata))
+
+        digest = ex.layout.write_whole(self.head, write)
+        return {"head": FileRef(file=file, sha256=digest)} if ex.is_main else {}
 
 
 class SiDAEncoder(_Discriminating):

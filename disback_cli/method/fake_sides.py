@@ -70,16 +70,18 @@ class FakeSide(Protocol):
     @property
     def step(self) -> Callable: ...
 
-    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
-        """What trains beside its network (the adversary's head), by its state-file name."""
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex) -> nn.Module:
+        """What of it trains: `trained` (its network's weights or adapters), with what its
+        adversary trains beside it (`method.adversarial`)."""
         ...
 
     def generator_loss(self, loss):
         """The generator loss as this side serves it (with the adversary's term)."""
         ...
 
-    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
-        """Its files of a checkpoint, by the manifest field that names them."""
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict, ex) -> dict[str, FileRef]:
+        """Its files of a checkpoint, by the manifest field that names them (called on every
+        process; rank 0 writes and gets the references)."""
         ...
 
 
@@ -95,10 +97,7 @@ class ScoreFake:
     def __init__(self, adversary=None) -> None:
         self.adversary = adversary or NoAdversary()
 
-    @property
-    def shardable(self) -> bool:
-        """Its network and targets run sharded (--parallel fsdp), but not its adversary."""
-        return not self.adversary.active
+    shardable: ClassVar[bool] = True  # its network, targets and head run sharded
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict) -> None:
         if cfg.warm_fake and not cfg.no_trajectory:
@@ -144,15 +143,15 @@ class ScoreFake:
         """One training step of the fake network, called like `dsm.denoising_step`."""
         return self.adversary.fake_step(denoising_step)
 
-    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
-        return self.adversary.build(fake, cfg, ex)
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex) -> nn.Module:
+        return self.adversary.attach(fake, trained, cfg, ex)
 
     def generator_loss(self, loss):
         return self.adversary.generator_loss(loss)
 
-    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict, ex) -> dict[str, FileRef]:
         """Files of a checkpoint besides the generator's (the adversary's head)."""
-        return self.adversary.save(run_dir, step, info)
+        return self.adversary.save(run_dir, step, info, ex)
 
 
 class NoTargets:
@@ -253,13 +252,15 @@ class RatioFake:
     def step(self) -> Callable:
         return functools.partial(ratio_step, data=self.data)
 
-    def attach(self, fake: nn.Module, cfg, ex) -> dict[str, nn.Module]:
-        return {}
+    def attach(self, fake: nn.Module, trained: nn.Module, cfg, ex) -> nn.Module:
+        return trained
 
     def generator_loss(self, loss):
         return loss
 
-    def save(self, run_dir, step: int, fake: nn.Module, info: dict) -> dict[str, FileRef]:
+    def save(self, run_dir, step: int, fake: nn.Module, info: dict, ex) -> dict[str, FileRef]:
+        if not ex.is_main:  # whole on every process: rank 0 writes
+            return {}
         file = checkpoint_file("ratio", step)
         digest = save_ratio(run_dir / file, fake, {"role": "verifier", "step": step, **info})
         return {"ratio": FileRef(file=file, sha256=digest)}

@@ -64,12 +64,17 @@ class Precond(nn.Module):
         x: torch.Tensor,
         sigma: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
+        features_at: str | None = None,
         **cond: torch.Tensor,
     ) -> torch.Tensor:
-        """`cond` beyond class labels (see `conditioning`) goes to the raw network as keywords."""
+        """`cond` beyond class labels (see `conditioning`) goes to the raw network as keywords.
+        With `features_at`, the raw network's feature map there instead (`features`)."""
         x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels, **cond)
+        x_in, labels = (c_in * x).to(dtype), c_noise.flatten()
+        if features_at is not None:
+            return self.model.features(x_in, labels, class_labels, features_at, **cond).float()
+        f = self.model(x_in, labels, class_labels, **cond)
         return c_skip * x + c_out * f.to(torch.float32)
 
     def features(
@@ -81,11 +86,9 @@ class Precond(nn.Module):
         **cond: torch.Tensor,
     ) -> torch.Tensor:
         """The raw network's feature map at `where` (one of its `feature_points`) for D's input:
-        what a discriminator head reads (`method.adversarial`)."""
-        x, sigma, class_labels, dtype = self._inputs(x, sigma, class_labels)
-        _, _, c_in, c_noise = self.coefficients(sigma)
-        x_in, labels = (c_in * x).to(dtype), c_noise.flatten()
-        return self.model.features(x_in, labels, class_labels, where, **cond).to(torch.float32)
+        what a discriminator head reads (`method.adversarial`). Through the module's call, so
+        that what wraps it (FSDP's gathering) sees it."""
+        return self(x, sigma, class_labels, features_at=where, **cond)
 
     def _inputs(self, x, sigma, class_labels) -> tuple:
         x = x.to(torch.float32)

@@ -112,6 +112,11 @@ class Replicated:
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         return norm
 
+    def hold_small(self, module: nn.Module) -> nn.Module:
+        """A small trained network of the run's own (a discriminator head) held as this layout
+        holds networks (here: whole)."""
+        return module
+
     def settle(self, module: nn.Module) -> None:
         """Leave the module's parameters as this layout keeps them between steps."""
 
@@ -177,6 +182,13 @@ class FullyShard(Replicated):
     def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """A gradient norm over sharded gradients, as one plain number on every process."""
         return whole_tensor(norm)
+
+    def hold_small(self, module: nn.Module) -> nn.Module:
+        """Sharded as one unit: its gradients are then reduced, and its norms taken, as the
+        other networks' are."""
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module, mesh=self.mesh)
 
     def settle(self, module: nn.Module) -> None:
         """Shard again what a forward pass without gradients left gathered: FSDP keeps the

@@ -153,7 +153,6 @@ def check_sharding(cfg: BacktrackConfig, traj: TrajectoryManifest, teacher, fake
             (bool(cfg.eval_every), "--eval-every (evaluate the run's files afterwards)"),
             (bool(cfg.mismatch_every), "--mismatch-every"),
             (bool(cfg.lora_rank), "--lora-rank (adapters train on one GPU's whole networks)"),
-            (fake_side.adversary.active, "--adversary (its discriminator reads whole networks)"),
         ],
     )
 
@@ -221,8 +220,7 @@ def _backtrack(
     )
     generator, _, fake = networks
     try:
-        fake_rate = fake_side.learning_rate(cfg)
-        state = _training_state(cfg, traj, generator, fake, trained, ex, fake_rate)
+        state = _training_state(cfg, traj, generator, fake, trained, ex, fake_side)
         # Room for two checkpoints (the previous one goes once the next is complete): the
         # generator and EMA files, and the state (what trains, the EMA, two Adam moments).
         moments = 2 * (tensor_bytes(trained["generator"]) + tensor_bytes(trained["fake"]))
@@ -285,23 +283,21 @@ def build_networks(
     set_dropout(fake, cfg.dropout)
     # The fake network (score or ratio) keeps the state file's "fake" slot.
     trained["fake"] = weights.trained(fake, cfg.seed + 1) if fake_side.adapted else fake
-    trained.update(fake_side.attach(fake, cfg, ex))  # an adversary's head
+    trained["fake"] = fake_side.attach(fake, trained["fake"], cfg, ex)  # an adversary's head
     return (generator, generator_ema, fake), spec, trained, targets
 
 
 def _training_state(
-    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, fake, trained, ex, fake_rate
+    cfg: BacktrackConfig, traj: TrajectoryManifest, generator, fake, trained, ex, fake_side
 ) -> TrainingState:
-    """What trains (`trained`: the generator's and fake network's weights or adapters), its
-    optimisers (the fake network's at `fake_rate`, its fake side's rate), the random streams
-    and the switching rule, exactly as at iteration 0."""
+    """What trains (`trained`: the generator's and fake network's weights or adapters, and an
+    adversary's head), its optimisers (the fake network's at its fake side's rate), the random
+    streams and the switching rule, exactly as at iteration 0."""
     if cfg.gradient_checkpointing:
         enable_checkpointing(generator)
         enable_checkpointing(fake)
-    fake_groups = [{"params": list(trained["fake"].parameters())}]
-    if "head" in trained:  # DMD2: one optimiser for the fake score and its head
-        head_rate = cfg.lr_head or fake_rate
-        fake_groups.append({"params": list(trained["head"].parameters()), "lr": head_rate})
+    fake_rate = fake_side.learning_rate(cfg)
+    fake_groups = fake_side.adversary.groups(trained["fake"], fake_rate, cfg)
     optimizers = {
         "generator": make_optimizer(
             trained["generator"].parameters(), cfg.lr_g, cfg.betas, cfg.optimizer, cfg.weight_decay
@@ -432,10 +428,11 @@ def generator_files(
             )
             if ex.is_main:
                 refs[key] = FileRef(file=file, sha256=digest)
+        side_files = fake_side.save(run.directory, step, networks[2], info, ex)  # all ranks
         if not ex.is_main:
             return
         manifest.generator, manifest.generator_ema = refs["generator"], refs["generator_ema"]
-        for kind, ref in fake_side.save(run.directory, step, networks[2], info).items():
+        for kind, ref in side_files.items():
             setattr(manifest, kind, ref)
         manifest.step = step
 

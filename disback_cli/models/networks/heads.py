@@ -9,15 +9,19 @@ its head layer for layer; vectors (an MLP's hidden layer) get Linear-SiLU-Linear
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+MIN_GROUP_CHANNELS = 8
+
 
 def _groups(channels: int) -> int:
-    """GroupNorm's groups: DMD2's 32 where the channels allow it, else their largest divisor."""
-    return math.gcd(32, channels)
+    """GroupNorm's groups: DMD2's 32 (24 channels each at its 768), fewer for narrow networks,
+    so that each group keeps at least 8 channels: after the last convolution the map is 1 x 1,
+    and a group of one channel there normalises every value to 0 (the layers below it would
+    get no gradient)."""
+    fits = [g for g in range(1, 33) if channels % g == 0 and channels // g >= MIN_GROUP_CHANNELS]
+    return max(fits, default=1)
 
 
 class ClassifierHead(nn.Module):
