@@ -208,8 +208,8 @@ MUTANTS = [
     M("models/precond:ve-c-noise", "(0.5 * sigma).log()", "sigma.log()"),
     M(
         "models/precond:c-in-skipped",
-        "f = self.model((c_in * x).to(dtype)",
-        "f = self.model(x.to(dtype)",
+        "x_in, labels = (c_in * x).to(dtype), c_noise.flatten()",
+        "x_in, labels = x.to(dtype), c_noise.flatten()",
     ),
     # --- EMA ----------------------------------------------------------------------------------
     M(

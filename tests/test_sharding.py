@@ -30,7 +30,7 @@ from t2i_fixtures import make_sd_folder, write_prompts
 
 from conftest import checkout_env, disback_launcher, launch, process_tree
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.runtime.sharding import check_tensor_table, local_rows, refuse_unsupported
+from disback_cli.runtime.sharding import local_rows, refuse_unsupported
 from disback_cli.store.layout import BACKTRACK, TRAJECTORY, foreign_entries, remove_ours
 from disback_cli.store.manifests import (
     BacktrackManifest,
@@ -39,6 +39,7 @@ from disback_cli.store.manifests import (
     write_manifest,
 )
 from disback_cli.store.sharded_state import bundle_digest
+from disback_cli.store.tensorfile import check_tensor_table
 
 ENV = checkout_env(OMP_NUM_THREADS="1")
 COMMON = ["--seed", "1", "--device", "cpu", "--dropout", "0", "--quiet"]

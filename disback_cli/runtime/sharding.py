@@ -33,7 +33,7 @@ from torch import nn
 
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.store.fileio import check_sha256, hash_regular_file
-from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES, whole_tensor
+from disback_cli.store.tensorfile import MAX_SAFETENSORS_BYTES, check_tensor_table, whole_tensor
 
 BUCKET_ELEMENTS = 32 << 20  # gradients are averaged in chunks of at most this many values
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --frozen-dtype
@@ -421,42 +421,3 @@ def local_rows(value: torch.Tensor) -> tuple[slice, ...] | slice:
             chunk = math.ceil((stop - start) / shards)
             start, stop = min(start + index * chunk, stop), min(start + (index + 1) * chunk, stop)
     return slice(start, stop)
-
-
-FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-EXACT_DTYPES = {
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.int8: "I8",
-    torch.int16: "I16",
-}
-
-
-def check_tensor_table(path: Path, expected: dict[str, torch.Tensor], found: dict) -> None:
-    """The file's tensors are exactly the network's, by name, shape and kind (a node file may
-    hold floating tensors in a narrower float type): a missing or extra key is named."""
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or extra:
-        named = [f"missing {k[:80]!r}" for k in missing[:2]] + [
-            f"unexpected {k[:80]!r}" for k in extra[:2]
-        ]
-        raise DisbackError(
-            f"{path}: tensors do not match the network ({len(missing)} missing, {len(extra)} "
-            f"unexpected: {', '.join(named)})"
-        )
-    for name, want in expected.items():
-        entry = found[name]
-        shape, dtype = tuple(entry.get_shape()), entry.get_dtype()
-        if shape != tuple(want.shape):
-            raise DisbackError(
-                f"{path}: tensor {name} has shape {shape}, the network expects {tuple(want.shape)}"
-            )
-        ok = (
-            dtype in FLOAT_DTYPES
-            if want.is_floating_point()
-            else dtype == EXACT_DTYPES.get(want.dtype)
-        )
-        if not ok:
-            raise DisbackError(f"{path}: tensor {name} is {dtype}, expected {want.dtype}")

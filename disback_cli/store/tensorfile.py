@@ -188,3 +188,42 @@ def check_finite(tensors: dict[str, torch.Tensor], source: object) -> None:
                 f"{source}: tensor {key[:80]} holds NaN or infinite values (a diverged or "
                 "corrupt file)"
             )
+
+
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+EXACT_DTYPES = {
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.int8: "I8",
+    torch.int16: "I16",
+}
+
+
+def check_tensor_table(path: Path, expected: dict[str, torch.Tensor], found: dict) -> None:
+    """The file's tensors are exactly the network's, by name, shape and kind (a node file may
+    hold floating tensors in a narrower float type): a missing or extra key is named."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        named = [f"missing {k[:80]!r}" for k in missing[:2]] + [
+            f"unexpected {k[:80]!r}" for k in extra[:2]
+        ]
+        raise DisbackError(
+            f"{path}: tensors do not match the network ({len(missing)} missing, {len(extra)} "
+            f"unexpected: {', '.join(named)})"
+        )
+    for name, want in expected.items():
+        entry = found[name]
+        shape, dtype = tuple(entry.get_shape()), entry.get_dtype()
+        if shape != tuple(want.shape):
+            raise DisbackError(
+                f"{path}: tensor {name} has shape {shape}, the network expects {tuple(want.shape)}"
+            )
+        ok = (
+            dtype in FLOAT_DTYPES
+            if want.is_floating_point()
+            else dtype == EXACT_DTYPES.get(want.dtype)
+        )
+        if not ok:
+            raise DisbackError(f"{path}: tensor {name} is {dtype}, expected {want.dtype}")
