@@ -40,6 +40,8 @@ METHODS = {  # name: (no_trajectory, warm_fake, charged the recording)
 ARMS = {  # name: (loss, settings beyond the dataset's), pairs of (without, with) the new term
     "dmd": ("dmd", {}),
     "dmd + head (DMD2)": ("dmd", {"adversary": "dmd2"}),
+    # the head weighted up, to see whether it learns at all within this budget
+    "dmd + head x100": ("dmd", {"adversary": "dmd2", "gan_weight_d": 1.0, "gan_weight_g": 0.3}),
     "sid": ("sid", {}),
     "sida": ("sid", {"adversary": "sida"}),
     "vsd": ("vsd", {}),
@@ -48,6 +50,7 @@ ARMS = {  # name: (loss, settings beyond the dataset's), pairs of (without, with
 }
 PAIRS = [
     ("dmd", "dmd + head (DMD2)"),
+    ("dmd", "dmd + head x100"),
     ("sid", "sida"),
     ("vsd", "f-distill kl"),
     ("vsd", "f-distill js"),
@@ -188,7 +191,7 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
                         alpha=0.1,
                     )
         axes[0][column].set(title=" vs ".join(pair), xlabel="generator iteration", ylabel=metric)
-        axes[1][column].set(xlabel="seconds (DisBack: + recording)", ylabel=metric)
+        axes[1][column].set(xlabel="seconds (DisBack, warm fake: + recording)", ylabel=metric)
         axes[0][column].legend(fontsize=7)
     figure.suptitle(f"{results[0]['dataset']}: median and range over seeds")
     figure.tight_layout()
