@@ -201,7 +201,7 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=["digits", "shapes"], default="digits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: report")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -209,8 +209,10 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier results")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="adversarial-"))
-    results = [
-        {"dataset": args.dataset, **r} for path in args.merge for r in json.loads(path.read_text())
+    results = [  # JSON made the iterations strings
+        {"dataset": args.dataset, **r, "evals": {int(k): v for k, v in r["evals"].items()}}
+        for path in args.merge
+        for r in json.loads(path.read_text())
     ]
     results += run(args.dataset, args.seeds, work, args.arms, args.methods)
     metric = SETTINGS[args.dataset]["metric"]
