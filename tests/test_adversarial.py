@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from edm_fixtures import tiny_network
@@ -219,6 +220,9 @@ def test_a_resume_with_the_head_warm_up_and_f_distill_equals_an_uninterrupted_ru
     steps = [key for key in state if key.startswith("optim.fake.") and key.endswith(".step")]
     last = max(steps, key=lambda key: int(key.split(".")[2]))  # the head's last parameter
     assert state[last].item() == 20
+    samples = whole / "samples.npz"  # the generator leaves through `sample` as any other
+    result = run_cli("sample", "-T", ring, "--name", "whole", "-n", "8", "--out", samples)
+    assert result.code == 0 and np.load(samples)["samples"].shape == (8, 2), result.stderr
     manifest = json.loads((whole / "manifest.json").read_text())
     head = manifest["head"]
     assert head["file"] == "checkpoints/head-00000020.safetensors"
