@@ -162,8 +162,10 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, len(PAIRS), figsize=(4 * len(PAIRS), 7), squeeze=False)
-    for column, pair in enumerate(PAIRS):
+    ran = {r["arm"] for r in results}
+    pairs = [pair for pair in PAIRS if set(pair) <= ran]  # the pairs this run measured
+    figure, axes = plt.subplots(2, len(pairs), figsize=(4 * len(pairs), 7), squeeze=False)
+    for column, pair in enumerate(pairs):
         for arm, colour in zip(pair, ("C0", "C3"), strict=True):
             for method, style in (("disback", "-"), ("baseline", "--"), ("warm", ":")):
                 sel = [r for r in results if (r["arm"], r["method"]) == (arm, method)]
