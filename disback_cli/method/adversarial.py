@@ -38,7 +38,7 @@ from torch import nn
 from disback_cli.errors import ConfigError
 from disback_cli.method.data import DataSource
 from disback_cli.method.dsm import apply_gradients, denoising_weight, generator_denoising_loss
-from disback_cli.method.losses import GENERATOR_LOSSES, GeneratorLossOutput
+from disback_cli.method.losses import GENERATOR_LOSSES, GeneratorLossOutput, SiDLoss
 from disback_cli.method.noise import KARRAS_LEVELS
 from disback_cli.models.networks import eval_mode
 from disback_cli.models.networks.heads import ClassifierHead
@@ -386,10 +386,10 @@ class SiDAEncoder(_Discriminating):
     # generator's in units of disback's SiD loss (lsg_gan / lsg).
     default_weights: ClassVar[tuple[float, float]] = (1e-4, 1.0)
     weight_source: ClassVar[str] = "SiDA (lsg_gan / lsg, lsd)"
-    losses: ClassVar[tuple[str, ...]] = ("sid",)
+    losses: ClassVar[tuple[type, ...]] = (SiDLoss,)  # its term shares their normaliser
 
     def resolve(self, cfg, teacher, update: dict, sources: dict) -> None:
-        if cfg.loss not in self.losses:
+        if GENERATOR_LOSSES[cfg.loss] not in self.losses:
             raise ConfigError(
                 f"--adversary sida is SiD's adversarial form: use --loss sid, not {cfg.loss}"
             )

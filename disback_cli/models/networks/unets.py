@@ -24,16 +24,23 @@ from disback_cli.models.networks.layers import (
     UNetBlock,
 )
 
-UNET_FEATURE_POINTS = ("encoder", "middle")  # the encoder's output; after the middle blocks
 
+class _LowestResolutionFeatures:
+    """`features`: the U-Net's forward pass stopped at its lowest resolution, where a
+    discriminator head reads it: the encoder's output (DMD2's bottleneck), or after the two
+    middle blocks (`in0`, `in1`, the decoder's first)."""
 
-def _middle(dec: nn.ModuleDict, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """The two middle blocks (`in0`, `in1`: the decoder's first, at the lowest resolution)."""
-    for name, block in dec.items():
-        if not name.endswith(("_in0", "_in1")):
-            break
-        x = block(x, emb)
-    return x
+    feature_points = ("encoder", "middle")
+
+    def features(self, x, noise_labels, class_labels, where: str = "encoder") -> torch.Tensor:
+        emb = self.embed(noise_labels, class_labels)
+        x = self.encode(x, emb)[0]
+        if where == "middle":
+            for name, block in self.dec.items():
+                if not name.endswith(("_in0", "_in1")):
+                    break
+                x = block(x, emb)
+        return x
 
 
 def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -44,7 +51,7 @@ def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor
     return labels * keep.to(labels.dtype)
 
 
-class SongUNet(nn.Module):
+class SongUNet(_LowestResolutionFeatures, nn.Module):
     """DDPM++ (positional embedding, standard encoder) and NCSN++ (Fourier embedding, residual
     encoder, [1,3,3,1] filter) of Song et al. 2021, as re-implemented in EDM."""
 
@@ -173,8 +180,6 @@ class SongUNet(nn.Module):
         """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
         return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
 
-    feature_points = UNET_FEATURE_POINTS
-
     def embed(self, noise_labels, class_labels, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         emb = (
@@ -202,12 +207,6 @@ class SongUNet(nn.Module):
                 skips.append(x)
         return x, skips
 
-    def features(self, x, noise_labels, class_labels, where: str = "encoder") -> torch.Tensor:
-        """The feature map at the lowest resolution (`feature_points`), without the decoder."""
-        emb = self.embed(noise_labels, class_labels)
-        x = self.encode(x, emb)[0]
-        return _middle(self.dec, x, emb) if where == "middle" else x
-
     def forward(
         self,
         x: torch.Tensor,
@@ -233,7 +232,7 @@ class SongUNet(nn.Module):
         return aux
 
 
-class DhariwalUNet(nn.Module):
+class DhariwalUNet(_LowestResolutionFeatures, nn.Module):
     """ADM of Dhariwal & Nichol 2021, as re-implemented in EDM."""
 
     def __init__(
@@ -315,8 +314,6 @@ class DhariwalUNet(nn.Module):
         """The U-Net blocks, sharded (and gathered) one at a time under FSDP."""
         return [m for m in (*self.enc.values(), *self.dec.values()) if isinstance(m, UNetBlock)]
 
-    feature_points = UNET_FEATURE_POINTS
-
     def embed(self, noise_labels, class_labels, augment_labels=None) -> torch.Tensor:
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
@@ -335,13 +332,6 @@ class DhariwalUNet(nn.Module):
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
         return x, skips
-
-    def features(self, x, noise_labels, class_labels, where: str = "encoder") -> torch.Tensor:
-        """The feature map at the lowest resolution (`feature_points`), without the decoder
-        (DMD2's bottleneck is the encoder's output)."""
-        emb = self.embed(noise_labels, class_labels)
-        x = self.encode(x, emb)[0]
-        return _middle(self.dec, x, emb) if where == "middle" else x
 
     def forward(
         self,
