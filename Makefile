@@ -15,7 +15,7 @@ RING   ?= runs/ring
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,wandb,diffusers]"
+	$(BIN)/pip install --quiet -e ".[dev,plot,tensorboard,wandb,diffusers,onnx]"
 	$(BIN)/pip install --quiet --no-deps "clean-fid==0.1.35"
 	touch $@
 

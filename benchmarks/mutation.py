@@ -55,6 +55,8 @@ TESTS = {
     "method/schedule": ["test_schedule.py", "test_backtrack.py"],
     "runtime/parallel": ["test_compute.py", "test_distributed.py"],
     "method/adversarial": ["test_adversarial.py"],
+    "store/export_folder": ["test_export.py"],
+    "stages/evaluation_record": ["test_export.py"],
     "stages/lifecycle": ["test_adversarial.py", "test_lifecycle_units.py"],
     "store/statefile": [
         "test_backtrack.py",
@@ -495,6 +497,16 @@ MUTANTS = [
         "stages/lifecycle:warmup-from-zero",
         'group["lr"] = group["peak_lr"] * min(1.0, step / warmup)',
         'group["lr"] = group["peak_lr"] * min(1.0, (step - 1) / warmup)',
+    ),
+    M(
+        "store/export_folder:replaces-foreign-files",
+        "if (path.exists() or path.is_symlink()) and name not in self.earlier | set(self.written):",
+        "if False:",
+    ),
+    M(
+        "stages/evaluation_record:any-weights-match",
+        'if ref is not None and ref.sha256 == sha256 and ref.file == f"{CHECKPOINTS}/{path.name}":',
+        "if ref is not None:",
     ),
 ]
 

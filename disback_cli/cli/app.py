@@ -20,6 +20,7 @@ from disback_cli.cli import (
     demo,
     doctor,
     evaluate,
+    export,
     plot,
     record,
     runs,
@@ -42,6 +43,7 @@ app.command()(record.record)
 app.command()(backtrack.backtrack)
 app.command()(sample.sample)
 app.command()(evaluate.evaluate)
+app.command()(export.export)
 app.command()(plot.plot)
 app.command()(runs.runs)
 app.command()(demo.demo)

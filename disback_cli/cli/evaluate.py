@@ -30,6 +30,7 @@ from disback_cli.stages.evaluate import (
     reference_statistics,
     seed_sets,
 )
+from disback_cli.stages.evaluation_record import remember_evaluation
 
 InputsOpt = Annotated[
     list[str] | None,
@@ -182,6 +183,8 @@ def evaluate(
             report = evaluate_samples(Path(inputs[0]), any_images, scoring, ex, reporter)
     if report is None:  # other ranks of a torchrun launch: rank 0 reports
         return
+    if inputs[:1] != ["ref"]:
+        report["recorded_in"] = remember_evaluation(report)
     if json_out:
         emit_json(report)
     elif quiet:

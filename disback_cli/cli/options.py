@@ -153,7 +153,8 @@ def _fields_in_order(model: type) -> list[str]:
 def _set_option(model: type) -> Any:
     """`--set KEY=VALUE`, with an example key of this config (one without a flag, if any)."""
     names = list(model.model_fields)
-    example = next((n for n in names if field_flags(model, n) == []), "batch")
+    fallback = "batch" if "batch" in names else names[0]
+    example = next((n for n in names if field_flags(model, n) == []), fallback)
     value = model.model_fields[example].get_default(call_default_factory=True)
     return Annotated[
         list[str] | None,

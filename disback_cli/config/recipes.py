@@ -14,7 +14,7 @@ from disback_cli.store.fileio import read_regular_file
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-RECIPE_TABLES = ("record", "backtrack", "sample", "teacher_train")
+RECIPE_TABLES = ("record", "backtrack", "sample", "export", "teacher_train")
 MAX_RECIPE_BYTES = 1 << 20
 
 

@@ -116,14 +116,21 @@ def load_student(
 def load_generator(
     path: Path, device: torch.device, expected_sha256: str | None = None, verify: bool = True
 ) -> tuple[OneStepGenerator, dict]:
+    """A generator file's generator (eval mode) and its provenance, with its "file" and
+    "sha256"."""
+    generator, info, _ = load_generator_file(path, device, expected_sha256, verify)
+    return generator, info
+
+
+def load_generator_file(
+    path: Path, device: torch.device, expected_sha256: str | None = None, verify: bool = True
+) -> tuple[OneStepGenerator, dict, NetworkSpec]:
+    """`load_generator`, and the network spec the file describes its denoiser with."""
     loaded = load_denoiser(path, device, expected_sha256, verify)
     if loaded.info.get("role") != "generator":
         raise DisbackError(f"{path}: not a generator file (role {loaded.info.get('role')!r})")
     generator = OneStepGenerator(
         loaded.denoiser, float(loaded.info["sigma_init"]), loaded.info.get("input_scale")
     )
-    return generator.eval(), {
-        **loaded.info,
-        "sha256": loaded.sha256,
-        "file": str(Path(path).absolute()),
-    }
+    info = {**loaded.info, "sha256": loaded.sha256, "file": str(Path(path).absolute())}
+    return generator.eval(), info, loaded.spec

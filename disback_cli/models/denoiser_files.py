@@ -77,6 +77,16 @@ def save_denoiser(
     """Write the denoiser's weights (a module, or its state dict, possibly of sharded tensors
     gathered one at a time) atomically, floating tensors cast to `dtype` if given; return the
     file's sha256."""
+    return atomic_write_chunks(path, *denoiser_file_chunks(denoiser, spec, info, dtype))
+
+
+def denoiser_file_chunks(
+    denoiser: nn.Module | Mapping[str, torch.Tensor],
+    spec: NetworkSpec,
+    info: dict,
+    dtype: torch.dtype | None = None,
+):
+    """A denoiser file as (size, chunks) for an atomic writer (see `save_denoiser`)."""
     state = denoiser.state_dict() if isinstance(denoiser, nn.Module) else denoiser
     metadata = {
         "format": FORMAT,
@@ -84,7 +94,7 @@ def save_denoiser(
         "network": spec.model_dump_json(),
         "info": json.dumps(info, sort_keys=True),
     }
-    return atomic_write_chunks(path, *safetensors_chunks(state, metadata, dtype))
+    return safetensors_chunks(state, metadata, dtype)
 
 
 def load_denoiser(

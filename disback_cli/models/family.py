@@ -289,6 +289,15 @@ class TeacherFamily:
         """What of the generator and the fake score trains in `backtrack` (every weight)."""
         return ALL_WEIGHTS
 
+    @classmethod
+    def exporters(cls) -> dict[str, Any]:
+        """`disback export`'s formats for this family's generators (`disback_cli.export`): the
+        self-describing file, and the one-step graph as ONNX."""
+        from disback_cli.export.onnx_graph import OnnxExport
+        from disback_cli.export.safetensors_file import SafetensorsExport
+
+        return {"safetensors": SafetensorsExport(), "onnx": OnnxExport()}
+
     def generator_info(self, teacher: Teacher) -> dict[str, Any]:
         """What a generator file records besides the network, for sampling it later."""
         return {}

@@ -62,12 +62,16 @@ def load_teacher(source: str, device: str | torch.device = "cpu") -> nn.Module:
     return open_teacher(source, device).denoiser
 
 
+def generator_family_of(info: dict) -> type[TeacherFamily]:
+    """The family a generator file with this provenance (`info`) was trained from."""
+    return next(f for f in TEACHER_FAMILIES if f.claims_generator(info))
+
+
 def generator_family(
     info: dict, device, verify: bool = True, model_folder: str | None = None
 ) -> TeacherFamily:
     """The family that samples a generator file with this provenance (`info`)."""
-    family = next(f for f in TEACHER_FAMILIES if f.claims_generator(info))
-    return family.for_generator(info, device, verify, model_folder)
+    return generator_family_of(info).for_generator(info, device, verify, model_folder)
 
 
 def describe_teacher(teacher: Teacher) -> dict[str, Any]:

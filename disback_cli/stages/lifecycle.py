@@ -38,6 +38,7 @@ from disback_cli.runtime.signals import stop_on_signals
 from disback_cli.store.fileio import ensure_free_space
 from disback_cli.store.layout import (
     BACKTRACK,
+    EVALUATIONS,
     MANIFEST,
     METRICS,
     TRAJECTORY,
@@ -328,7 +329,7 @@ class Run:
                 keep = {MANIFEST} | manifest.files()
                 if self.kind.metrics_log:
                     truncate_metrics(self.directory / METRICS, step)
-                    keep.add(METRICS)
+                    keep |= {METRICS, EVALUATIONS}  # reports name their generator by sha256
                 for path in remove_ours(self.directory, self.kind.layout, keep):
                     self.note(f"removed {path} (written after the last resume point)")
             manifest.status = self.kind.running

@@ -19,6 +19,7 @@ from disback_cli.errors import ConfigError, DisbackError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+EVALUATIONS = "evaluations.jsonl"  # `disback evaluate`'s reports on the run's generators
 LOCK = ".lock"
 BACKTRACK_FOLDER = "backtrack"
 
@@ -121,7 +122,7 @@ TRAJECTORY = Layout(
 )
 BACKTRACK = Layout(
     "backtrack run",
-    frozenset({MANIFEST, METRICS, LOCK}),
+    frozenset({MANIFEST, METRICS, EVALUATIONS, LOCK}),
     {"checkpoints": re.compile(rf"({'|'.join(CHECKPOINT_FILES.values())})-\d{{8}}\.safetensors")},
     lambda step: checkpoint_file("state", step),
     bundles={"checkpoints": re.compile(r"state-\d{8}\.dcp")},

@@ -284,6 +284,18 @@ class DiffusersFamily(TeacherFamily):
         rank = backtrack_cfg.lora_rank
         return LowRankAdapters(rank) if rank else ALL_WEIGHTS
 
+    @classmethod
+    def exporters(cls) -> dict[str, Any]:
+        """A diffusers UNet or pipeline folder, and the self-describing file (sampled with the
+        teacher's text encoders and VAE, which it names)."""
+        from disback_cli.export.safetensors_file import SafetensorsExport
+        from disback_cli.models.text_to_image.export import DiffusersExport
+
+        return {
+            "safetensors": SafetensorsExport(" --prompts PROMPTS.txt"),
+            "diffusers": DiffusersExport(),
+        }
+
     def generator_info(self, teacher: Teacher) -> dict[str, Any]:
         return {"text_to_image": sampling_info(self.folder)}
 
