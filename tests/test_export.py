@@ -218,3 +218,21 @@ def test_an_evaluations_log_that_is_a_link_is_neither_followed_nor_written(train
     refused(run_cli("evaluate", "-T", traj, "-n", "300"), "symbolic link")
     refused(export(traj, tmp_path / "e"), "symbolic link")
     assert victim.read_text() == "keep\n" and not (tmp_path / "e").exists()
+
+
+def test_the_licence_comes_from_the_teacher_folders_card_front_matter_only(tmp_path):
+    from disback_cli.export.card import teacher_licence
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    assert teacher_licence(str(folder)) is None  # no card
+    card = folder / "README.md"
+    card.write_text("---\nlibrary_name: diffusers\nlicense: creativeml-openrail-m\n---\n# SD\n")
+    assert teacher_licence(str(folder)) == "creativeml-openrail-m"
+    card.write_text("# SD\nlicense: not front matter\n")
+    assert teacher_licence(str(folder)) is None
+    card.unlink()
+    (tmp_path / "elsewhere.md").write_text("---\nlicense: mit\n---\n")
+    card.symlink_to(tmp_path / "elsewhere.md")
+    assert teacher_licence(str(folder)) is None  # a link is not followed
+    assert teacher_licence("builtin:ring2d") is None
