@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -30,7 +31,8 @@ def Flag(*names: str, **kwargs: Any) -> Any:
     return typer.Option(*names, metavar="", **kwargs)
 
 
-console = Console(stderr=True, highlight=False)  # progress and messages
+# progress and messages; in a log file (not a terminal) a message stays one line
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 # results: tables and summaries (wide when piped, so a sweep's table is not squeezed to 80)
 stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
@@ -79,14 +81,15 @@ class RichReporter:
     """Progress bar with it/s and the latest loss values, on stderr."""
 
     def __init__(self, progress: Progress) -> None:
-        self.progress, self.task = progress, None
+        self.progress, self.task, self.latest = progress, None, {}
 
     def start(self, description: str, total: int, completed: int) -> None:
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
+        self.latest = {}
 
     def advance(self, completed: int, **fields: float) -> None:
-        info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        self.progress.update(self.task, completed=completed, info=info)
+        self.latest.update(fields)  # an evaluation's metrics stay shown until the next one
+        self.progress.update(self.task, completed=completed, info=_values(self.latest))
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
@@ -115,10 +118,68 @@ class MessageReporter:
         print(f"warning: {text}", file=sys.stderr)  # one line, even with --json or --quiet
 
 
+PROGRESS_SECONDS = 30.0
+
+
+class LogReporter(MessageReporter):
+    """Not a terminal (a batch job, nohup, a log file): plain progress lines on stderr, one at
+    most every `every` seconds, one whenever a report carries values beyond the routine ones (an
+    evaluation's metrics), and a closing line with the final values; never wrapped."""
+
+    def __init__(self, every: float = PROGRESS_SECONDS, clock=time.monotonic) -> None:
+        super().__init__(quiet=False)
+        self.every, self.clock = every, clock
+        self.description, self.total, self.first = "", 0, 0
+        self.started = self.last = 0.0
+        self.latest: dict[str, float] = {}
+        self.routine: set[str] | None = None
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.description, self.total, self.first = description, total, completed
+        self.started = self.last = self.clock()
+        self.latest, self.routine = {}, None
+
+    def advance(self, completed: int, **fields: float) -> None:
+        if self.routine is None:  # what every report carries (losses); more is a measurement
+            self.routine = set(fields)
+        measured = bool(set(fields) - self.routine)
+        self.latest.update(fields)
+        now = self.clock()
+        done = completed >= self.total
+        if not (done or measured or now - self.last >= self.every):
+            return
+        self.last, seconds = now, now - self.started
+        rate = (completed - self.first) / seconds if seconds > 0 else 0.0
+        if done:
+            head = f"{self.description}: done, {completed}/{self.total} in {_duration(seconds)}"
+        else:
+            eta = (self.total - completed) / rate if rate > 0 else None
+            head = (
+                f"{self.description}: {completed}/{self.total} "
+                f"({100 * completed / max(self.total, 1):.0f}%), {rate:.3g} it/s, "
+                f"ETA {_duration(eta) if eta is not None else '?'}"
+            )
+        values = _values(self.latest)
+        print(f"{head}{', ' + values if values else ''}", file=sys.stderr, flush=True)
+
+
+def _values(fields: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 @contextlib.contextmanager
 def reporting(quiet: bool = False) -> Iterator[Reporter]:
-    if quiet or not console.is_terminal:
+    if quiet:
         yield MessageReporter(quiet)
+        return
+    if not console.is_terminal:
+        yield LogReporter()
         return
     columns = (
         TextColumn("[bold]{task.description}"),

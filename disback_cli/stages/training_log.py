@@ -72,9 +72,13 @@ class TrainingLog:
             peak = peak_memory_gib(self.run.ex.device)
             if peak is not None:  # this GPU's peak so far (rank 0's)
                 line["peak_memory_gib"] = peak
-            self.run.reporter.advance(step, loss_g=line["loss_g"], gap=line["score_gap"])
         if self.evaluate and (step % cfg.eval_every == 0 or last):
             line["eval"] = self.evaluate(generator_ema)
+        if "loss_g" in line or "eval" in line:  # progress: the losses, and metrics when measured
+            losses = (
+                {"loss_g": line["loss_g"], "gap": line["score_gap"]} if "loss_g" in line else {}
+            )
+            self.run.reporter.advance(step, **losses, **line.get("eval", {}))
         if self.mismatch and (step % cfg.mismatch_every == 0 or last):
             line["mismatch"] = self.mismatch(*networks)
         if line:

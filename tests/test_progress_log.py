@@ -1,0 +1,69 @@
+"""Progress off a terminal (issue 32, in part): a run whose stderr goes to a file logs plain
+progress lines, with the evaluation metric when one is measured, and a closing line with the
+final values; the TTY bar keeps showing the last evaluation."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+from conftest import checkout_env, launch
+from disback_cli.cli._common import LogReporter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_come_by_time_by_measurement_and_at_the_end(capsys):
+    clock = Clock()
+    reporter = LogReporter(every=30, clock=clock)
+    reporter.start("backtrack", 100, 0)
+    for step in range(10, 101, 10):
+        clock.now = step  # one second per iteration
+        fields = {"loss_g": 1 / step}
+        if step == 50:
+            fields["mmd2"] = 0.25  # an evaluation
+        reporter.advance(step, **fields)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == [
+        "30/100",
+        "50/100",
+        "80/100",
+        "done,",
+    ]
+    assert "mmd2 0.25" in lines[1] and "mmd2" not in lines[0]
+    assert "1 it/s" in lines[0] and "ETA 1m10s" in lines[0]
+    assert lines[-1].startswith("backtrack: done, 100/100 in 1m40s") and "mmd2 0.25" in lines[-1]
+
+
+def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
+    small_trajectory, tmp_path
+):
+    traj = tmp_path / "t"
+    shutil.copytree(small_trajectory, traj)
+    args = ("backtrack", "-T", traj, "--iters", "20", "--interval", "5", "--batch", "64")
+    done = launch(
+        tmp_path,
+        *args,
+        "--eval-every",
+        "10",
+        "--log-every",
+        "5",
+        "--device",
+        "cpu",
+        fresh=True,
+        env=checkout_env(OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("backtrack")]
+    measured = [line for line in progress if re.search(r"mmd2 [-0-9.e]+", line)]
+    assert any(": 10/20 (50%)" in line for line in measured), done.stderr
+    assert progress[-1].startswith("backtrack default: done, 20/20 in"), done.stderr
+    assert "loss_g" in progress[-1] and "mmd2" in progress[-1]
+    memory = next(line for line in done.stderr.splitlines() if line.startswith("memory per"))
+    assert memory.endswith("(prefetched))")  # a message is one line in a log, never wrapped
