@@ -15,6 +15,12 @@ from rich.text import Text
 from disback_cli.cli._common import Flag, JsonOpt, emit_json, stdout
 from disback_cli.errors import ConfigError, one_line
 from disback_cli.evaluation.catalog import find_runs, run_row, unique_labels
+from disback_cli.evaluation.groups import (
+    compare_to_baseline,
+    group_rows,
+    metric_keys,
+    parse_baseline,
+)
 
 SHOWN = ("run", "status", "step", "method", "loss", "interval", "seed", "seconds")
 HEADLINE = ("fd_digits", "mmd2", "fid", "precision", "classes_covered", "modes_covered")
@@ -53,12 +59,30 @@ def runs(
             "step, method, loss, interval, seed, seconds, final_*]."
         ),
     ] = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KEYS",
+            help="Comma-separated row keys, e.g. loss,method: one row per group with n and the "
+            "mean, std, min and max of every metric over its runs (seeds).",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="With --group-by: each group against the group that differs only in these "
+            "keys, e.g. method=baseline; a verdict only where the ranges do not overlap.",
+        ),
+    ] = None,
     csv_out: Annotated[bool, Flag("--csv", help="Every row key as CSV on stdout.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """One row per backtrack run: its config, progress, wall time, final and best metrics.
 
     Example: disback runs runs/ --sort final_mmd2 --where loss=dmd
+
+    Over seeds: disback runs runs/ --group-by loss,method --baseline method=baseline
     """
     for condition in where or []:
         if "=" not in condition:
@@ -75,16 +99,27 @@ def runs(
                 f"--sort {key!r}: no such key in these rows (keys: {', '.join(keys)})"
             )
         rows.sort(key=_sort_key(key), reverse=sort.startswith("-"))
+    if group_by is not None:
+        _grouped(
+            rows, [k.strip() for k in group_by.split(",") if k.strip()], baseline, json_out, csv_out
+        )
+        return
+    if baseline is not None:
+        raise ConfigError("--baseline compares groups: give --group-by too")
     if json_out:
         emit_json(rows)
     elif csv_out:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buffer.getvalue())
+        _write_csv(rows, keys)
     else:
         _print(rows, keys, columns)
+
+
+def _write_csv(rows: list[dict], keys: list[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    sys.stdout.write(buffer.getvalue())
 
 
 def _cell(value: object) -> Text:
@@ -111,3 +146,55 @@ def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
         cells = [row["label"] if c == "run" else row.get(c) for c in shown]
         table.add_row(*(_cell(v) for v in cells))
     stdout.print(table)
+
+
+def _grouped(rows, by: list[str], baseline: str | None, json_out: bool, csv_out: bool) -> None:
+    groups = group_rows(rows, by)
+    if baseline is not None:
+        compare_to_baseline(groups, parse_baseline(baseline, by))
+    if json_out:
+        emit_json(groups)
+        return
+    flat = [
+        {
+            **g["group"],
+            "n": g["n"],
+            **{f"{m}_{stat}": v for m, s in g["metrics"].items() for stat, v in s.items()},
+        }
+        for g in groups
+    ]
+    if csv_out:
+        keys = list(dict.fromkeys(k for row in flat for k in row))
+        _write_csv(flat, keys)
+        return
+    metrics = [m for m in metric_keys(rows) if m.startswith("final_")][:3] or ["seconds"]
+    compared = baseline is not None
+    table = Table(title=f"{len(rows)} backtrack runs in {len(groups)} groups")
+    for column in [*by, "n"]:
+        table.add_column(column, justify="left" if column in by else "right")
+    for metric in metrics:
+        table.add_column(Text(f"{metric} mean [min, max]"), justify="right")
+        if compared:
+            table.add_column("vs baseline", justify="right")
+    for group in groups:
+        cells: list[object] = [*group["group"].values(), group["n"]]
+        for metric in metrics:
+            stats = group["metrics"].get(metric)
+            cells.append(_spread(stats))
+            if compared:
+                cells.append(_difference(stats))
+        table.add_row(*(_cell(v) for v in cells))
+    stdout.print(table)
+
+
+def _spread(stats: dict | None) -> str | None:
+    if stats is None:
+        return None
+    return f"{stats['mean']:.4g} [{stats['min']:.4g}, {stats['max']:.4g}]"
+
+
+def _difference(stats: dict | None) -> str | None:
+    if stats is None or "vs_baseline" not in stats:
+        return None
+    verdict = f" {stats['verdict']}" if stats["verdict"] else ""
+    return f"{stats['vs_baseline']:+.3g}{verdict}"
