@@ -94,3 +94,13 @@ def test_grouping_mistakes_are_one_line(sweep):
         result = run_cli("runs", sweep, *args)
         assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
         assert phrase in result.stderr
+
+
+def test_where_compares_numbers_as_numbers_and_names_a_mistyped_key(sweep):
+    rows = json.loads(run_cli("runs", sweep, "--where", "seed=1.0", "--json").stdout)
+    assert len(rows) == 3 and {row["seed"] for row in rows} == {1}
+    lr = json.loads(run_cli("runs", sweep, "--json").stdout)[0]["lr_g"]
+    same = json.loads(run_cli("runs", sweep, "--where", f"lr_g={lr:.3e}", "--json").stdout)
+    assert len(same) == len(FINALS)
+    typo = run_cli("runs", sweep, "--where", "los=vsd")
+    assert typo.code == 2 and typo.stderr.count("\n") == 1 and "did you mean 'loss'" in typo.stderr

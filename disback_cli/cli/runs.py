@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import sys
 from pathlib import Path
@@ -27,8 +28,27 @@ HEADLINE = ("fd_digits", "mmd2", "fid", "precision", "classes_covered", "modes_c
 
 
 def _matches(row: dict, condition: str) -> bool:
+    """KEY=VALUE: numbers compare as numbers (lr_g=1e-4 matches 0.0001), text without case."""
     key, _, value = condition.partition("=")
-    return str(row.get(key)).lower() == value.lower()
+    have = row.get(key)
+    if isinstance(have, (int, float)) and not isinstance(have, bool):
+        try:
+            return float(have) == float(value)
+        except ValueError:
+            return False
+    return str(have).lower() == value.lower()
+
+
+def _check_where_keys(conditions: list[str], keys: list[str]) -> None:
+    """A --where key no row has is a typo, not an empty result."""
+    for condition in conditions:
+        key = condition.partition("=")[0]
+        if keys and key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"--where {key!r}: no such key in these rows ({hint}keys: {', '.join(keys)})"
+            )
 
 
 def _sort_key(key: str):
@@ -90,6 +110,7 @@ def runs(
     rows = [run_row(path) for path in find_runs(directories)]
     for row, label in zip(rows, unique_labels([r["run"] for r in rows]), strict=True):
         row["label"] = label
+    _check_where_keys(where or [], list(dict.fromkeys(k for row in rows for k in row)))
     rows = [row for row in rows if all(_matches(row, c) for c in where or [])]
     keys = list(dict.fromkeys(k for row in rows for k in row))
     if sort is not None:
