@@ -176,7 +176,7 @@ CASES = [
         lambda w: ["record", "--teacher", "edm.pkl"],
         "edm.pkl: no such file",
     ),
-    Case("teacher not given", lambda w: ["record", "--iters", "10"], "teacher: Field required", 2),
+    Case("teacher not given", lambda w: ["record", "--iters", "10"], "--teacher is required", 2),
     Case(
         "unknown built-in teacher",
         lambda w: ["record", "--teacher", "builtin:nope"],

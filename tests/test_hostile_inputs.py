@@ -961,7 +961,7 @@ HOSTILE = [
             "[backtrack]\nlr_g = inf\n",
             ["backtrack", "-T", "t", "--config", "r.toml"],
         ),
-        "lr-g: Input should be a finite",
+        "r.toml [backtrack] lr_g: Input should be a finite",
         2,
     ),
     Case(
@@ -1382,7 +1382,7 @@ HOSTILE = [
             '[record]\nteacher = "builtin:ring2d"\n[record.extra]\nx = 1\n',
             ["record", "--config", "r.toml"],
         ),
-        "extra: Extra inputs are not permitted",
+        "r.toml [record]: unknown key 'extra'",
         2,
     ),
     Case(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomllib
 from pydantic import BaseModel, ValidationError
 
-from disback_cli.errors import ConfigError, DisbackError, describe_validation_error
+from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.store.fileio import read_regular_file
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -88,6 +89,42 @@ def build_config(
     try:
         cfg = model.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        sources = {k: f"{recipe} [{section}]" for k in from_recipe} | dict.fromkeys(extra, "--set")
+        raise ConfigError(_explained(model, exc, sources)) from None
     cfg._recipe_keys = frozenset(from_recipe - set(given))
     return cfg
+
+
+def _flag(model: type[BaseModel], key: str) -> str:
+    """A field's flag as the user types it (see `cli.options`)."""
+    extra = model.model_fields[key].json_schema_extra if key in model.model_fields else None
+    flags = extra.get("flags") if isinstance(extra, dict) else None
+    if flags == []:
+        return f"--set {key}"
+    return flags[0] if flags else "--" + key.replace("_", "-")
+
+
+def _explained(model: type[BaseModel], exc: ValidationError, sources: dict[str, str]) -> str:
+    """A config's validation errors in the words the user typed: a missing value by its flag,
+    an unknown key with where it came from and the closest known key, any other value by the
+    name it was given as (a recipe or --set key, or a flag)."""
+    parts = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            described = model.model_fields[key].description
+            parts.append(
+                f"{_flag(model, key)} is required" + (f" ({described})" if described else "")
+            )
+        elif err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            parts.append(f"{sources.get(key, 'config')}: unknown key {key!r}{hint}")
+        else:
+            where = sources.get(key)
+            name = f"{where} {key}" if where else _flag(model, key) if key else ""
+            rest = ".".join(str(p) for p in err["loc"][1:])
+            name += f".{rest}" if rest else ""
+            parts.append(f"{name}: {message}" if name else message)
+    return "invalid configuration: " + "; ".join(parts)
