@@ -203,3 +203,10 @@ def test_config_mistakes_name_what_was_typed_and_the_fix(cli, tmp_path):
         assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
         assert expected in result.stderr, result.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_a_built_in_teachers_name_without_its_prefix_says_the_prefix(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("record", "--teacher", "ring2d", "--out", tmp_path / "t")
+    assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "say builtin:ring2d" in result.stderr and not (tmp_path / "t").exists()

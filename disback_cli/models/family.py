@@ -328,4 +328,9 @@ def teacher_location(source: str) -> Path:
     """Where a teacher source is: a built-in teacher's file, or the path given."""
     if source.startswith(BUILTIN_PREFIX):
         return builtin_path(source[len(BUILTIN_PREFIX) :])
-    return Path(source)
+    path = Path(source)
+    if source in BUILTIN_TEACHERS and not (path.exists() or path.is_symlink()):
+        raise ConfigError(
+            f"{source}: no such file; for the built-in teacher, say {BUILTIN_PREFIX}{source}"
+        )
+    return path
