@@ -24,13 +24,14 @@ from disback_cli.config.export import ExportConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.export import ExportSource, onnx_graph
 from disback_cli.export.onnx_graph import OnnxExport
-from disback_cli.method.generator import OneStepGenerator
+from disback_cli.method.generator import OneStepGenerator, load_generator
 from disback_cli.method.sampling import seeded_noise
 from disback_cli.models.conditioning import condition_source
 from disback_cli.models.networks import NetworkSpec
 from disback_cli.runtime.reporting import SilentReporter
 from disback_cli.store.export_folder import ExportFolder
 from disback_cli.store.images import to_uint8
+from disback_cli.store.manifests import generator_file_of_run
 
 CLASSES = 10
 SHAPE = (3, 8, 8)
@@ -58,21 +59,38 @@ def session(path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    source, out = edm_source(), tmp_path_factory.mktemp("onnx") / "export"
-    cfg = ExportConfig(format="onnx")
-    OnnxExport().check(cfg, source)
-    folder = ExportFolder(out, force=False)
-    usage = OnnxExport().write(cfg, source, folder, SilentReporter())
-    assert folder.finish() == ["generator.onnx"]
-    return source, out, usage
+def edm_run(tmp_path_factory, cli_module):
+    """A finished backtrack run distilled from a tiny class-conditional EDM pickle."""
+    root = tmp_path_factory.mktemp("edm-run")
+    net, init_kwargs = tiny_network("ddpmpp", "edm", label_dim=CLASSES, augment_dim=9)
+    pkl = write_edm_snapshot(root / "tiny-edm.pkl", net, init_kwargs)
+    traj, quick = root / "t", ["--batch", "2", "--device", "cpu"]
+    for args in (
+        ["record", "--teacher", pkl, "--out", traj, "--iters", "2", "--nodes", "1", *quick],
+        ["backtrack", "-T", traj, "--iters", "2", "--save-every", "0", *quick],
+    ):
+        result = cli_module(*args)
+        assert result.code == 0, (args, result.stderr)
+    return traj
+
+
+@pytest.fixture(scope="module")
+def exported(edm_run, tmp_path_factory, cli_module):
+    """The run exported once through `disback export --format onnx`: its generator (PyTorch),
+    the export folder and the card's usage (snippet and facts)."""
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    result = cli_module("export", "-T", edm_run, "--format", "onnx", "--out", out, "--json")
+    assert result.code == 0, result.stderr
+    path, sha = generator_file_of_run(edm_run, "default", "ema")
+    generator, _ = load_generator(path, torch.device("cpu"), sha)
+    return generator, out, json.loads(result.stdout)["card"]["usage"]
 
 
 def test_onnxruntime_draws_what_the_generator_draws_at_any_batch(exported):
-    source, out, _ = exported
+    generator, out, _ = exported
     z, cond = seeded_noise(range(8), SHAPE, condition_source(CLASSES))
     with torch.no_grad():
-        expected = source.generator(z, **cond).numpy()
+        expected = generator(z, **cond).numpy()
     graph = session(out / "generator.onnx")
     labels = cond["class_labels"].numpy()
     got = np.concatenate(
@@ -87,22 +105,23 @@ def test_onnxruntime_draws_what_the_generator_draws_at_any_batch(exported):
 
 
 def test_facts_describe_the_file_and_the_snippet_runs(exported, monkeypatch):
-    source, out, usage = exported
+    generator, out, usage = exported
     data = (out / "generator.onnx").read_bytes()
-    facts = usage.facts
+    facts = usage
     assert facts["sha256"] == hashlib.sha256(data).hexdigest() and facts["bytes"] == len(data)
     assert facts["opset"] == 18 and facts["dtype"] == "fp32"
     assert facts["inputs"] == {"z": ["batch", *SHAPE], "class_labels": ["batch", CLASSES]}
     assert facts["outputs"] == {"x": ["batch", *SHAPE]}
-    assert facts["fixed_in_graph"] == {"sigma_init": 2.5, "input_scale": 3.0}
+    constants = {"sigma_init": generator.sigma_init, "input_scale": generator.input_scale}
+    assert facts["fixed_in_graph"] == constants
     assert json.loads(json.dumps(facts)) == facts
     assert b"precond.py" not in data  # no stack traces naming this machine's files
     monkeypatch.chdir(out)
     scope: dict = {}
-    exec(usage.snippet, scope)  # the card's snippet, as a user would run it
+    exec(usage["snippet"], scope)  # the card's snippet, as a user would run it
     z, labels = torch.from_numpy(scope["z"]), torch.from_numpy(scope["inputs"]["class_labels"])
     with torch.no_grad():
-        expected = source.generator(z, class_labels=labels)
+        expected = generator(z, class_labels=labels)
     assert np.abs(scope["x"] - expected.numpy()).max() <= 1e-4 * expected.abs().max().item()
     assert scope["images"].shape == (16, 8, 8, 3) and scope["images"].dtype == np.uint8
 
@@ -155,26 +174,8 @@ def test_a_network_that_does_not_trace_is_refused_in_one_line(tmp_path):
     assert "\\n" not in str(refused.value) and not (tmp_path / "generator.onnx").exists()
 
 
-@pytest.fixture(scope="module")
-def edm_run(tmp_path_factory, cli_module):
-    """A finished backtrack run distilled from a tiny class-conditional EDM pickle."""
-    root = tmp_path_factory.mktemp("edm-run")
-    net, init_kwargs = tiny_network("ddpmpp", "edm", label_dim=CLASSES, augment_dim=9)
-    pkl = write_edm_snapshot(root / "tiny-edm.pkl", net, init_kwargs)
-    traj, quick = root / "t", ["--batch", "2", "--device", "cpu"]
-    for args in (
-        ["record", "--teacher", pkl, "--out", traj, "--iters", "2", "--nodes", "1", *quick],
-        ["backtrack", "-T", traj, "--iters", "2", "--save-every", "0", *quick],
-    ):
-        result = cli_module(*args)
-        assert result.code == 0, (args, result.stderr)
-    return traj
-
-
-def test_cli_export_draws_what_disback_sample_draws(edm_run, tmp_path, cli):
-    out = tmp_path / "onnx"
-    result = cli("export", "-T", edm_run, "--name", "default", "--format", "onnx", "--out", out)
-    assert result.code == 0, result.stderr
+def test_cli_export_draws_what_disback_sample_draws(edm_run, exported, tmp_path, cli):
+    _, out, _ = exported
     assert sorted(os.listdir(out)) == [".disback-export.json", "README.md", "generator.onnx"]
     assert "InferenceSession" in (out / "README.md").read_text()
     samples = tmp_path / "s.npz"
