@@ -6,7 +6,8 @@ against f-distill (kl and js), each as DisBack and as the `--no-trajectory` base
 adversaries' default weights; for the plain losses also the baseline whose fake score starts at
 node N (`--warm-fake`), which separates the path from a warm fake score. Reported: quality
 against iterations and against seconds (DisBack and the warm baseline charged the recording),
-final median [min, max] over seeds, and a verdict only where the seeds' ranges do not overlap.
+final median [min, max] (number of seeds), and a verdict only where the seeds' ranges do not
+overlap. `--collect WORK` adds the finished runs of an interrupted call from its `--work` folder.
 Not part of the test suite (about an hour per data set on one CPU core):
 
     python benchmarks/adversarial.py --dataset digits --out benchmarks/results
@@ -88,13 +89,9 @@ def run(dataset: str, seeds: list[int], work: Path, arms: list[str], methods: li
                     no_trajectory=no_trajectory,
                     warm_fake=warm_fake,
                 )
-                name = f"{re.sub('[^A-Za-z0-9]+', '-', arm).strip('-')}-{method}"
+                name = f"{slug(arm)}-{method}"
                 manifest = run_backtrack(cfg, trajectory, name)
-                lines = (trajectory / "backtrack" / name / "metrics.jsonl").read_text()
-                evals = {}
-                for line in map(json.loads, lines.splitlines()):
-                    if "eval" in line:
-                        evals[line["iteration"]] = {**line["eval"], "seconds": line["seconds"]}
+                evals = evals_of(trajectory / "backtrack" / name)
                 results.append(
                     {
                         "dataset": dataset,
@@ -111,12 +108,56 @@ def run(dataset: str, seeds: list[int], work: Path, arms: list[str], methods: li
     return results
 
 
-def spread(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
+def slug(arm: str) -> str:
+    return re.sub("[^A-Za-z0-9]+", "-", arm).strip("-")
+
+
+def evals_of(run_dir: Path) -> dict[int, dict]:
+    evals = {}
+    for line in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if "eval" in line:
+            evals[line["iteration"]] = {**line["eval"], "seconds": line["seconds"]}
+    return evals
+
+
+def collect(dataset: str, work: Path) -> list[dict]:
+    """The finished runs in the work folder of an interrupted run (`--collect`): every complete
+    backtrack run of every recorded path, as `run` reports it."""
+    arms = {slug(arm): arm for arm in ARMS}
+    results = []
+    for trajectory in sorted(work.glob(f"{dataset}-*-*")):
+        seed = int(trajectory.name.split("-")[1])
+        recorded = json.loads((trajectory / "manifest.json").read_text())
+        for run_dir in sorted((trajectory / "backtrack").iterdir()):
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            name, _, method = run_dir.name.rpartition("-")
+            if manifest["status"] != "complete" or name not in arms:
+                continue
+            charged = METHODS[method][2]
+            results.append(
+                {
+                    "dataset": dataset,
+                    "arm": arms[name],
+                    "method": method,
+                    "seed": seed,
+                    "seconds": manifest["elapsed_seconds"],
+                    "record_seconds": recorded["elapsed_seconds"] if charged else 0.0,
+                    "evals": evals_of(run_dir),
+                }
+            )
+    return results
+
+
+def spread(values: list[float]) -> tuple[float, float, float, int]:
+    """Median, min, max and the number of seeds."""
+    return statistics.median(values), min(values), max(values), len(values)
 
 
 def verdict(a: tuple, b: tuple, names: tuple[str, str]) -> str:
-    """Lower is better; a verdict only where the seeds' ranges do not overlap."""
+    """Lower is better; a verdict only where the seeds' ranges (two seeds at least) do not
+    overlap."""
+    if min(a[3], b[3]) < 2:
+        return "one seed: no verdict"
     if a[2] < b[1]:
         return f"{names[0]} better"
     if b[2] < a[1]:
@@ -128,7 +169,7 @@ def table(results: list[dict], metric: str) -> str:
     finals = {}
     for r in results:
         finals.setdefault((r["arm"], r["method"]), []).append(r["evals"][max(r["evals"])][metric])
-    fmt = lambda v: f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}]"  # noqa: E731
+    fmt = lambda v: f"{v[0]:.3g} [{v[1]:.3g}, {v[2]:.3g}] ({v[3]})"  # noqa: E731
     rows = [
         f"| without | with | method | {metric} without | {metric} with | verdict |",
         "|---|---|---|---|---|---|",
@@ -209,6 +250,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier results")
+    parser.add_argument(
+        "--collect", type=Path, nargs="*", default=[], help="work folders of interrupted runs"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="adversarial-"))
     results = [  # JSON made the iterations strings
@@ -216,6 +260,7 @@ def main() -> None:
         for path in args.merge
         for r in json.loads(path.read_text())
     ]
+    results += [r for folder in args.collect for r in collect(args.dataset, folder)]
     results += run(args.dataset, args.seeds, work, args.arms, args.methods)
     metric = SETTINGS[args.dataset]["metric"]
     args.out.mkdir(parents=True, exist_ok=True)
