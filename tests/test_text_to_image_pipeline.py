@@ -264,6 +264,7 @@ def test_pickle_weights_and_missing_components_are_refused(models, tmp_path):
         1,
         "diffusion_pytorch_model.bin",
         "pickle",
+        "save_pretrained(FOLDER, safe_serialization=True)",
         out=out,
     )
     missing = tmp_path / "missing"

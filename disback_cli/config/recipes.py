@@ -56,7 +56,7 @@ def parse_settings(settings: list[str] | None) -> dict[str, Any]:
         key, sep, text = setting.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
-            raise ConfigError(f"--set {setting!r:.80}: expected KEY=VALUE, e.g. ema_rampup=0.3")
+            raise ConfigError(f"--set {setting!r:.80}: expected KEY=VALUE, e.g. device=cpu")
         if key in values:
             raise ConfigError(f"--set {key}: given twice")
         try:

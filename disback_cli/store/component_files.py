@@ -38,6 +38,7 @@ def find_weights(folder: Path, stem: str) -> Path:
     if pickles:
         raise DisbackError(
             f"{pickles[0]}: weights stored as a pickle, which can run code when loaded; "
-            "disback reads only .safetensors (convert the file first)"
+            "disback reads only .safetensors: convert it once where you trust the file, "
+            "e.g. Model.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True)"
         )
     raise DisbackError(f"{folder}: no {stem}.safetensors weights")
