@@ -210,3 +210,17 @@ def test_a_built_in_teachers_name_without_its_prefix_says_the_prefix(cli, tmp_pa
     result = cli("record", "--teacher", "ring2d", "--out", tmp_path / "t")
     assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "say builtin:ring2d" in result.stderr and not (tmp_path / "t").exists()
+
+
+def test_a_backtrack_run_given_as_trajectory_names_the_trajectory(cli, small_trajectory, tmp_path):
+    import shutil
+
+    from disback_cli.config import BacktrackConfig
+    from disback_cli.stages.backtrack import run_backtrack
+
+    traj = tmp_path / "t"
+    shutil.copytree(small_trajectory, traj)
+    run_backtrack(BacktrackConfig(iters=2, interval=1, batch=8, device="cpu"), traj, "r1")
+    result = cli("backtrack", "-T", traj / "backtrack" / "r1", "--iters", "4")
+    assert result.code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"pass -T {traj} --name r1" in result.stderr

@@ -298,7 +298,10 @@ def read_manifest(directory: str | Path, model: type[ManifestT]) -> ManifestT:
     expected_kind = model.model_fields["kind"].default
     if not isinstance(raw, dict) or raw.get("kind") != expected_kind:
         found = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
-        raise DisbackError(f"{path}: expected a {expected_kind} manifest, found {found!r:.80}")
+        raise DisbackError(
+            f"{path}: expected a {expected_kind} manifest, found {found!r:.80}"
+            + _not_a_trajectory_hint(Path(directory))
+        )
     version = raw.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise DisbackError(f"{path}: unknown schema_version {version!r:.40}")
