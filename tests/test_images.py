@@ -117,6 +117,8 @@ def test_record_backtrack_sample_png_grid_end_to_end(cli, tmp_path):
     grid_png = decode_png((out.parent / "samples-grid.png").read_bytes())
     assert grid_png.shape == (19 * 27, 19 * 27, 3)
     assert (grid_png[:27, :27] == 128).all()  # the border, one enlarged pixel
+    again = cli("sample", "-T", trajectory, "--seeds", "0-3", "--grid", "--out", out.parent / "s2")
+    assert f"the grid is {out.parent / 's2-grid.png'}" in again.stdout.replace("\n", "")
 
     result = cli(
         "sample",

@@ -184,6 +184,11 @@ def test_sample_decodes_n_images_per_prompt_and_clip_scores_them(sd_path, models
         independent_clip_score(models["clip"], out, listing), rel=1e-4, abs=1e-4
     )
     sha = report["detector"]["sha256"]
+    default = run_cli("sample", "-T", traj, "--name", "run", "-n", "1", "--out", tmp_path / "d")
+    assert default.code == 0, default.stderr  # the trajectory's prompts, without --prompts
+    assert "the trajectory's" in default.stderr
+    drawn = json.loads((tmp_path / "d" / "prompts.json").read_text())["images"]
+    assert [e["prompt"] for e in drawn] == PROMPTS
     wrong = run_cli("evaluate", out, "--clip", models["clip"], "--clip-sha256", "0" * 64)
     assert wrong.code == 1 and wrong.stderr.count("\n") == 1 and sha not in wrong.stderr
 

@@ -11,7 +11,11 @@ from disback_cli.cli._common import Flag, JsonOpt, QuietOpt, emit_json, reportin
 from disback_cli.cli.options import config_command
 from disback_cli.config import SampleConfig
 from disback_cli.runtime.parallel import is_main_process
-from disback_cli.stages.sample import write_samples, write_teacher_samples
+from disback_cli.stages.sample import (
+    with_trajectory_prompts,
+    write_samples,
+    write_teacher_samples,
+)
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
@@ -86,6 +90,7 @@ def sample(
             if generator is None:
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
+                cfg = with_trajectory_prompts(cfg, trajectory, reporter)
             grid_out = grid_out or grid
             summary = write_samples(
                 cfg,
@@ -103,7 +108,8 @@ def sample(
     if json_out:
         emit_json({**summary, "config": cfg.model_dump(mode="json")})
     elif not quiet:
+        grid = f"; the grid is {summary['grid']}" if "grid" in summary else ""
         stdout.print(
             f"wrote {summary['n']} samples to {summary['out']} "
-            f"({summary['samples_per_second']:.0f} samples/s)"
+            f"({summary['samples_per_second']:.0f} samples/s){grid}"
         )

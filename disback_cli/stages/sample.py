@@ -30,13 +30,14 @@ from disback_cli.models.teachers import TEACHER_FAMILIES, generator_family, open
 from disback_cli.runtime.devices import check_fits_memory
 from disback_cli.runtime.parallel import Execution, execution, process_of
 from disback_cli.runtime.reporting import Reporter
-from disback_cli.store.fileio import atomic_write_bytes
+from disback_cli.store.fileio import atomic_write_bytes, hash_regular_file
 from disback_cli.store.images import encode_png, grid, to_uint8, upscale
-from disback_cli.store.manifests import verifier_of_run
+from disback_cli.store.manifests import TrajectoryManifest, read_manifest, verifier_of_run
 from disback_cli.store.sample_writers import NpzFile, PngFolder
 from disback_cli.store.samples import MAX_SAMPLES
 
 GRID_IMAGES = 64
+MAX_PROMPT_FILE_BYTES = 256 << 20  # as the text family reads them
 
 
 def sample_seeds(cfg: SampleConfig) -> list[int]:
@@ -45,6 +46,25 @@ def sample_seeds(cfg: SampleConfig) -> list[int]:
     if cfg.seeds is not None:
         return parse_seeds(cfg.seeds)
     return list(range(cfg.n if cfg.n is not None else 1000))
+
+
+def with_trajectory_prompts(
+    cfg: SampleConfig, trajectory: Path, reporter: Reporter
+) -> SampleConfig:
+    """A run's samples without --prompts are drawn for the prompts its trajectory was recorded
+    with, if that file is unchanged (sha256)."""
+    if cfg.prompts is not None:
+        return cfg
+    recorded = read_manifest(Path(trajectory), TrajectoryManifest).prompts
+    if recorded is None:
+        return cfg
+    if hash_regular_file(recorded.file, MAX_PROMPT_FILE_BYTES, "prompt file") != recorded.sha256:
+        raise DisbackError(
+            f"{recorded.file}: the trajectory's prompt file changed since it was recorded; "
+            "pass --prompts FILE"
+        )
+    reporter.note(f"prompts: {recorded.file} (the trajectory's; --prompts FILE for others)")
+    return cfg.model_copy(update={"prompts": recorded.file})
 
 
 def write_samples(
