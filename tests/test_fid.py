@@ -205,6 +205,7 @@ def test_images_need_a_reference(tmp_path, cli):
     write_npz(tmp_path / "s.npz", images_like(4, 0))
     result = cli("evaluate", tmp_path / "s.npz")
     assert result.code == 2 and "need --ref" in result.stderr
+    assert "--clip CLIP_FOLDER" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_on_the_fly_evaluation_of_a_run_matches_its_png_samples(trusted, tmp_path, cli):

@@ -313,6 +313,7 @@ def _reference(path: Path | None) -> Reference:
     if path is None:
         raise ConfigError(
             "image samples need --ref REF.npz (an EDM reference or `evaluate ref`), "
-            "or --dataset digits for the built-in digits"
+            "--dataset digits|shapes for the built-in data, or --clip CLIP_FOLDER for the CLIP "
+            "score of text-to-image samples"
         )
     return load_reference(path)
