@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disback_cli.evaluation.detectors import InceptionDetector
+from disback_cli.evaluation.detectors import INCEPTION_SHA256, InceptionDetector
 from disback_cli.evaluation.image_eval import extract_features
 from disback_cli.evaluation.image_io import folder_images, npz_images
 from disback_cli.runtime.reporting import SilentReporter
@@ -190,6 +190,7 @@ def test_missing_inception_weights_say_where_to_put_them(tmp_path, cli, monkeypa
     assert result.code == 1 and result.stderr.count("\n") == 1
     assert "inception-2015-12-05.pt not found" in result.stderr
     assert "--inception PATH" in result.stderr and "DISBACK_INCEPTION" in result.stderr
+    assert f"sha256 {INCEPTION_SHA256})" in result.stderr  # whole, to check a download against
 
 
 def test_inception_file_with_the_wrong_hash_is_refused(stand_in, tmp_path, cli):

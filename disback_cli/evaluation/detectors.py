@@ -75,7 +75,7 @@ def locate_inception(explicit: Path | None = None, download: bool = True) -> Pat
             pass
     raise DisbackError(
         f"Inception weights {INCEPTION_FILE} not found and not downloadable; put the file "
-        f"(sha256 {INCEPTION_SHA256[:12]}...) at {target}, or pass --inception PATH, "
+        f"(sha256 {INCEPTION_SHA256}) at {target}, or pass --inception PATH, "
         f"or set DISBACK_INCEPTION (source: {INCEPTION_URL})"
     )
 
@@ -97,8 +97,8 @@ class InceptionDetector:
         digest = hash_regular_file(path, MAX_DETECTOR_BYTES, "detector weights file")
         if expected_sha256 is not None and digest != expected_sha256:
             raise DisbackError(
-                f"{path}: sha256 {digest[:12]}... is not that of {INCEPTION_FILE} "
-                f"({expected_sha256[:12]}...); the file is corrupt or another network"
+                f"{path}: sha256 {digest} is not that of {INCEPTION_FILE} "
+                f"({expected_sha256}); the file is corrupt or another network"
             )
         try:
             from cleanfid.inception_torchscript import InceptionV3W
