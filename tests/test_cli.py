@@ -224,3 +224,30 @@ def test_a_backtrack_run_given_as_trajectory_names_the_trajectory(cli, small_tra
     result = cli("backtrack", "-T", traj / "backtrack" / "r1", "--iters", "4")
     assert result.code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert f"pass -T {traj} --name r1" in result.stderr
+
+
+def test_no_flag_name_is_cut_in_any_help_at_80_columns(cli, monkeypatch):
+    import click
+    import typer
+
+    from disback_cli.cli.app import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    root = typer.main.get_command(app)
+    commands = [((name,), command) for name, command in root.commands.items()]
+    for path, command in list(commands):
+        if isinstance(command, click.Group):
+            commands += [((*path, sub), c) for sub, c in command.commands.items()]
+    checked = 0
+    for path, command in commands:
+        if isinstance(command, click.Group):
+            continue
+        result = cli(*path, "--help")
+        assert result.code == 0, (path, result.stderr)
+        assert "…" not in result.stdout and max(map(len, result.stdout.splitlines())) <= 80
+        for param in command.params:
+            for flag in (*param.opts, *param.secondary_opts):
+                if flag.startswith("-"):
+                    assert flag in result.stdout, (path, flag)
+                    checked += 1
+    assert checked > 200  # every flag of every command (225 today)

@@ -37,7 +37,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,  # click's help: flag names whole at any width, plain when piped
+    context_settings={"max_content_width": 120},
 )
 app.command()(record.record)
 app.command()(backtrack.backtrack)

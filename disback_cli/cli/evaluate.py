@@ -77,7 +77,7 @@ WorkersOpt = Annotated[
     typer.Option(
         min=1,
         show_default=False,
-        help="Threads resizing images for the detector \\[default: min(4, cores)].",
+        help="Threads resizing images for the detector [default: min(4, cores)].",
     ),
 ]
 

@@ -83,11 +83,11 @@ def describe(model: type, field: str) -> str:
     by_family = {kind: value for f in families for kind, value in f.default_help(field)}
     if by_family:
         shown = ", ".join(f"{_shown(value)} {kind}" for kind, value in by_family.items())
-        return f"{info.description} \\[default by teacher: {shown}]"
+        return f"{info.description} [default by teacher: {shown}]"
     default = info.get_default(call_default_factory=True)
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     shown = extra.get("default_text", "none" if default is None else default)
-    return f"{info.description} \\[default: {shown}]"
+    return f"{info.description} [default: {shown}]"
 
 
 def _option_type(kind: Any) -> Any:

@@ -41,7 +41,7 @@ def record(
     cfg: RecordConfig,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Trajectory directory \\[default: runs/NAME]."),
+        typer.Option("--out", "-o", help="Trajectory directory [default: runs/NAME]."),
     ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,

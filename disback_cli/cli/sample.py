@@ -39,7 +39,7 @@ ModelFolderOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Output .npz or PNG folder \\[default: RUN/samples(.npz)]."),
+    typer.Option("--out", "-o", help="Output .npz or PNG folder [default: RUN/samples(.npz)]."),
 ]
 GridOpt = Annotated[
     bool,
