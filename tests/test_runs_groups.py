@@ -104,3 +104,30 @@ def test_where_compares_numbers_as_numbers_and_names_a_mistyped_key(sweep):
     assert len(same) == len(FINALS)
     typo = run_cli("runs", sweep, "--where", "los=vsd")
     assert typo.code == 2 and typo.stderr.count("\n") == 1 and "did you mean 'loss'" in typo.stderr
+
+
+def test_at_80_columns_no_number_or_run_name_is_cut(sweep):
+    import subprocess
+    import sys
+
+    from conftest import checkout_env
+
+    def shown(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "disback_cli", "runs", str(sweep), *args],
+            env=checkout_env(COLUMNS="80"),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    table = shown()
+    lines = table.stdout.splitlines()
+    assert "…" not in table.stdout and max(map(len, lines)) <= 80
+    for loss, method, seed in FINALS:
+        assert f"{loss}-{method}-{seed}" in table.stdout
+    assert table.stderr.startswith("hidden to fit 80 columns: ")
+    grouped = shown("--group-by", "loss,method", "--baseline", "method=baseline")
+    assert "…" not in grouped.stdout and "0.2 [0.1, 0.3]" in grouped.stdout
+    wide = shown("--wide")
+    assert wide.stderr == "" and max(map(len, wide.stdout.splitlines())) > 80

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -96,6 +97,9 @@ def runs(
         ),
     ] = None,
     csv_out: Annotated[bool, Flag("--csv", help="Every row key as CSV on stdout.")] = False,
+    wide: Annotated[
+        bool, Flag("--wide", help="Every column, however wide (else some are hidden to fit).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """One row per backtrack run: its config, progress, wall time, final and best metrics.
@@ -121,9 +125,8 @@ def runs(
             )
         rows.sort(key=_sort_key(key), reverse=sort.startswith("-"))
     if group_by is not None:
-        _grouped(
-            rows, [k.strip() for k in group_by.split(",") if k.strip()], baseline, json_out, csv_out
-        )
+        by = [k.strip() for k in group_by.split(",") if k.strip()]
+        _grouped(rows, by, baseline, (json_out, csv_out, wide))
         return
     if baseline is not None:
         raise ConfigError("--baseline compares groups: give --group-by too")
@@ -132,7 +135,7 @@ def runs(
     elif csv_out:
         _write_csv(rows, keys)
     else:
-        _print(rows, keys, columns)
+        _print(rows, keys, columns, wide)
 
 
 def _write_csv(rows: list[dict], keys: list[str]) -> None:
@@ -151,7 +154,7 @@ def _cell(value: object) -> Text:
     return Text(one_line(f"{value:.4g}" if isinstance(value, float) else str(value)))
 
 
-def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
+def _print(rows: list[dict], keys: list[str], columns: str | None, wide: bool) -> None:
     if columns:
         shown = [c.strip() for c in columns.split(",") if c.strip()]
         unknown = [c for c in shown if c not in keys]
@@ -160,16 +163,46 @@ def _print(rows: list[dict], keys: list[str], columns: str | None) -> None:
     else:
         finals = [f"final_{k}" for k in HEADLINE if f"final_{k}" in keys][:3]
         shown = [k for k in SHOWN if k in keys or k == "run"] + finals
-    table = Table(title=f"{len(rows)} backtrack runs")
-    for column in shown:
-        table.add_column(column, justify="left" if column == "run" else "right")
+    cells = [[_cell(row["label"] if c == "run" else row.get(c)) for c in shown] for row in rows]
+    _print_table(f"{len(rows)} backtrack runs", shown, cells, {"run"}, wide)
+
+
+# Dropped first when a table is wider than the terminal: the columns that tell runs apart least.
+DROPPED_FIRST = ("interval", "seconds", "step", "status", "seed")
+BORDER = 3  # a column's padding and rule, in characters
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Text]], left: set, wide: bool):
+    """A table whose cells are never cut: without `wide`, columns are dropped (the least telling
+    first, then from the right) until it fits the terminal, and the dropped ones are named."""
+    widths = [max([len(c), *(len(row[i].plain) for row in rows)]) for i, c in enumerate(columns)]
+    kept = list(range(len(columns)))
+    order = [i for name in DROPPED_FIRST for i, c in enumerate(columns) if c == name]
+    order += [i for i in reversed(range(1, len(columns))) if i not in order]
+    needed = lambda: sum(widths[i] + BORDER for i in kept) + 1  # noqa: E731
+    for index in order:
+        if wide or needed() <= stdout.width:
+            break
+        kept.remove(index)
+    table = Table(title=title)
+    for i in kept:
+        justify = "left" if columns[i] in left else "right"
+        table.add_column(Text(columns[i]), justify=justify, no_wrap=True)
     for row in rows:
-        cells = [row["label"] if c == "run" else row.get(c) for c in shown]
-        table.add_row(*(_cell(v) for v in cells))
-    stdout.print(table)
+        table.add_row(*(row[i] for i in kept))
+    Console(file=stdout.file, highlight=False, width=max(stdout.width, needed())).print(table)
+    dropped = [columns[i] for i in range(len(columns)) if i not in kept]
+    if dropped:
+        stdout.file.flush()
+        print(
+            f"hidden to fit {stdout.width} columns: {', '.join(dropped)} "
+            "(--wide shows every column, --columns picks them)",
+            file=sys.stderr,
+        )
 
 
-def _grouped(rows, by: list[str], baseline: str | None, json_out: bool, csv_out: bool) -> None:
+def _grouped(rows, by: list[str], baseline: str | None, outputs: tuple[bool, bool, bool]) -> None:
+    json_out, csv_out, wide = outputs
     groups = group_rows(rows, by)
     if baseline is not None:
         compare_to_baseline(groups, parse_baseline(baseline, by))
@@ -190,22 +223,18 @@ def _grouped(rows, by: list[str], baseline: str | None, json_out: bool, csv_out:
         return
     metrics = [m for m in metric_keys(rows) if m.startswith("final_")][:3] or ["seconds"]
     compared = baseline is not None
-    table = Table(title=f"{len(rows)} backtrack runs in {len(groups)} groups")
-    for column in [*by, "n"]:
-        table.add_column(column, justify="left" if column in by else "right")
+    columns = [*by, "n"]
     for metric in metrics:
-        table.add_column(Text(f"{metric} mean [min, max]"), justify="right")
-        if compared:
-            table.add_column("vs baseline", justify="right")
+        columns += [f"{metric} mean [min, max]"] + (["vs baseline"] if compared else [])
+    cells = []
     for group in groups:
-        cells: list[object] = [*group["group"].values(), group["n"]]
+        row: list[object] = [*group["group"].values(), group["n"]]
         for metric in metrics:
             stats = group["metrics"].get(metric)
-            cells.append(_spread(stats))
-            if compared:
-                cells.append(_difference(stats))
-        table.add_row(*(_cell(v) for v in cells))
-    stdout.print(table)
+            row += [_spread(stats)] + ([_difference(stats)] if compared else [])
+        cells.append([_cell(v) for v in row])
+    title = f"{len(rows)} backtrack runs in {len(groups)} groups"
+    _print_table(title, columns, cells, set(by), wide)
 
 
 def _spread(stats: dict | None) -> str | None:
