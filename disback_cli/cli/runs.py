@@ -125,6 +125,8 @@ def runs(
             )
         rows.sort(key=_sort_key(key), reverse=sort.startswith("-"))
     if group_by is not None:
+        if columns is not None or sort is not None:
+            raise ConfigError("--columns and --sort shape the per-run table; not with --group-by")
         by = [k.strip() for k in group_by.split(",") if k.strip()]
         _grouped(rows, by, baseline, (json_out, csv_out, wide))
         return
@@ -196,7 +198,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[Text]], left: s
         stdout.file.flush()
         print(
             f"hidden to fit {stdout.width} columns: {', '.join(dropped)} "
-            "(--wide shows every column, --columns picks them)",
+            "(--wide shows every column; --csv and --json hold them all)",
             file=sys.stderr,
         )
 
