@@ -131,3 +131,22 @@ def test_at_80_columns_no_number_or_run_name_is_cut(sweep):
     assert "…" not in grouped.stdout and "0.2 [0.1, 0.3]" in grouped.stdout
     wide = shown("--wide")
     assert wide.stderr == "" and max(map(len, wide.stdout.splitlines())) > 80
+
+
+def test_plot_draws_one_colour_per_group_with_its_band(sweep, tmp_path):
+    result = run_cli(
+        "plot", sweep, "--group-by", "loss,method", "--out", tmp_path / "c.png", "--json"
+    )
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["groups"] == {
+        "loss=dmd, method=disback": 2,
+        "loss=dmd, method=baseline": 2,
+        "loss=vsd, method=disback": 2,
+        "loss=vsd, method=baseline": 1,
+    }
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    typo = run_cli("plot", sweep, "--group-by", "los", "--out", tmp_path / "d.png")
+    assert (
+        typo.code == 2 and "--group-by 'los'" in typo.stderr and not (tmp_path / "d.png").exists()
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import itertools
+import statistics
 from pathlib import Path
 
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.evaluation.catalog import unique_labels
+from disback_cli.evaluation.catalog import find_runs, run_row, unique_labels
+from disback_cli.evaluation.groups import group_rows
 from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.metrics_log import read_metrics
 
@@ -39,12 +41,78 @@ def switch_iterations(lines: list[dict]) -> list[int]:
     ]
 
 
-def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dict:
+def _grouped_runs(run_dirs: list[Path], group_by: list[str] | None) -> dict[str, list[list[dict]]]:
+    """The runs' logs by legend entry: one per run, or one per group of `group_by` values
+    (e.g. loss=dmd, method=disback over its seeds)."""
+    paths = find_runs(run_dirs)
+    if not group_by:
+        labels = unique_labels([str(p.absolute()) for p in paths])
+        return {label: [read_metrics(p)] for label, p in zip(labels, paths, strict=True)}
+    rows = [run_row(p) for p in paths]
+    group_rows(rows, group_by)  # refuses a key no run has
+    groups: dict[str, list[list[dict]]] = {}
+    for path, row in zip(paths, rows, strict=True):
+        label = ", ".join(f"{k}={row.get(k)}" for k in group_by)
+        groups.setdefault(label, []).append(read_metrics(path))
+    return groups
+
+
+def _series(runs: list[list[dict]], value) -> tuple[list[int], list[list[float]]]:
+    """The iterations every run of a group logged `value` at, and the runs' values there."""
+    points = [
+        {ln["iteration"]: v for ln in lines if (v := value(ln)) is not None} for lines in runs
+    ]
+    shared = sorted(set.intersection(*(set(p) for p in points))) if points else []
+    return shared, [[p[i] for p in points] for i in shared]
+
+
+def _draw(axis, runs: list[list[dict]], value, colour, label: str) -> None:
+    """One run as a line; a group as its median line with the [min, max] band over its runs."""
+    iterations, values = _series(runs, value)
+    if not iterations:
+        return
+    if len(runs) == 1:
+        axis.plot(
+            iterations, [v[0] for v in values], color=colour, label=label, marker="o", markersize=2
+        )
+        return
+    axis.plot(
+        iterations,
+        [statistics.median(v) for v in values],
+        color=colour,
+        label=f"{label} (n={len(runs)})",
+    )
+    axis.fill_between(
+        iterations,
+        [min(v) for v in values],
+        [max(v) for v in values],
+        color=colour,
+        alpha=0.2,
+        linewidth=0,
+    )
+
+
+def _readable(axis) -> None:
+    """Plain tick labels (0.4, not 4×10⁻¹) on log axes too."""
+    from matplotlib import ticker
+
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    if axis.get_yscale() == "log":
+        axis.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(ticker.NullFormatter())
+    axis.grid(alpha=0.3)
+
+
+def plot_runs(
+    run_dirs: list[Path], out: Path, metric: str | None = None, group_by: list[str] | None = None
+) -> dict:
     """Write a two-panel PNG; return which metric was drawn. An unknown `metric` is refused with
-    the metrics these runs logged."""
-    labels = unique_labels([str(Path(r).absolute()) for r in run_dirs])
-    runs = dict(zip(labels, (read_metrics(r) for r in run_dirs), strict=True))
-    available = sorted({k for lines in runs.values() for ln in lines for k in ln.get("eval", {})})
+    the metrics these runs logged. With `group_by`, one colour per group: its median and the
+    band of its runs (seeds)."""
+    groups = _grouped_runs(run_dirs, group_by)
+    everything = [lines for runs in groups.values() for lines in runs]
+    available = sorted({k for lines in everything for ln in lines for k in ln.get("eval", {})})
     if metric is not None and metric not in available:
         known = ", ".join(available) or "none: the runs had no --eval-every"
         raise ConfigError(f"--metric {metric!r} was not logged by these runs (logged: {known})")
@@ -57,25 +125,18 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dic
         import matplotlib.pyplot as plt
     except ImportError:
         raise DisbackError("plotting needs matplotlib: pip install matplotlib") from None
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, lines), colour in zip(runs.items(), itertools.cycle(colours), strict=False):
-        evals = [
-            (ln["iteration"], ln["eval"][metric])
-            for ln in lines
-            if metric and metric in ln.get("eval", {})
-        ]
-        if evals:
-            left.plot(*zip(*evals, strict=True), marker="o", markersize=3, color=colour, label=name)
-        logged = [ln for ln in lines if "score_gap" in ln]
-        right.plot(
-            [ln["iteration"] for ln in logged],
-            [ln["score_gap"] for ln in logged],
-            color=colour,
-            label=name,
-        )
-        for x in switch_iterations(lines):
-            right.axvline(x, color=colour, linestyle=":", linewidth=0.8)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+    palette = plt.get_cmap(
+        "tab10" if len(groups) <= 10 else "tab20" if len(groups) <= 20 else "viridis"
+    )
+    count = max(len(groups), 1)
+    for index, (label, runs) in enumerate(groups.items()):
+        colour = palette(index if len(groups) <= 20 else index / max(count - 1, 1))
+        _draw(left, runs, lambda ln: ln.get("eval", {}).get(metric), colour, label)
+        _draw(right, runs, lambda ln: ln.get("score_gap"), colour, label)
+        if len(runs) == 1:
+            for x in switch_iterations(runs[0]):
+                right.axvline(x, color=colour, linestyle=":", linewidth=0.8)
     title = f"{metric} of the EMA generator" if metric else "no --eval-every in these runs"
     left.set(xlabel="generator iteration", ylabel=metric or "(not logged)", title=title)
     right.set(
@@ -86,13 +147,25 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str | None = None) -> dic
     left.set_yscale("linear" if metric in BOUNDED_METRICS else "log")
     right.set_yscale("log")
     for axis in (left, right):
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend()
-    figure.tight_layout()
+        _readable(axis)
+    handles, labels = right.get_legend_handles_labels()
+    if handles:  # below the panels, never over the curves
+        figure.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(3, len(handles)),
+            fontsize="small",
+        )
     scale = left.get_yscale()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     atomic_write_bytes(out, buffer.getvalue())
-    return {"out": str(Path(out).absolute()), "metric": metric, "runs": list(runs), "scale": scale}
+    return {
+        "out": str(Path(out).absolute()),
+        "metric": metric,
+        "runs": list(groups) if not group_by else [],
+        "groups": {label: len(runs) for label, runs in groups.items()} if group_by else {},
+        "scale": scale,
+    }
