@@ -6,6 +6,8 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 RING   ?= runs/ring
+# pytest-xdist workers for `make test`: one per core of a CI runner (each uses one thread)
+WORKERS ?= 2
 
 .PHONY: venv demo demo-ring test lint format bench mutation clean
 
@@ -40,7 +42,7 @@ demo-ring: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(WORKERS)
 
 # Does the suite catch the bugs nobody listed? mutmut over the modules whose source changed since
 # their last result (MUTATION_ALL=1: every module, about an hour), then the hand-written list

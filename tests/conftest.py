@@ -18,7 +18,10 @@ from disback_cli.cli.app import main
 from disback_cli.config import RecordConfig
 from disback_cli.stages.record import run_record
 
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker (`make test` runs one worker per core), two otherwise.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The checkout these tests belong to: its disback_cli, not an installed copy elsewhere, is what
 # they test, in this process (see test_cli) and in every subprocess (`checkout_env`).
