@@ -126,3 +126,21 @@ def test_bad_flags_are_one_line_errors(cli):
     assert unknown.code == 2 and unknown.stderr.startswith("error: --skip speed: no such check")
     device = cli("doctor", "--device", "tpu")
     assert device.code == 2 and device.stderr.startswith("error: unknown device 'tpu'")
+
+
+def test_the_compile_check_is_announced_before_it_starts(cli, monkeypatch):
+    order = []
+
+    def compile_later(*args, **kwargs):
+        order.append("compiling")
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", compile_later)
+    monkeypatch.setattr(
+        "disback_cli.cli._common.console.print", lambda text, **kw: order.append(str(text))
+    )
+    result = cli("doctor", "--device", "cpu", *skipping_all_but("compile"))
+    assert result.code == 1
+    announced = [i for i, line in enumerate(order) if line.startswith("compile: torch.compile")]
+    assert announced and announced[0] < order.index("compiling")
+    assert "--skip compile" in order[announced[0]]

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from disback_cli.cli._common import DeviceOpt, JsonOpt, emit_json, stdout
+from disback_cli.cli._common import DeviceOpt, JsonOpt, console, emit_json, stdout
 from disback_cli.errors import ConfigError
 from disback_cli.runtime.devices import resolve_device
 from disback_cli.stages.doctor import CHECKS, run_checks, versions
@@ -38,7 +38,8 @@ def doctor(
     gradients against one process. About a minute on a GPU; attach the output to bug reports.
 
     Each check prints ok, failed (with the reason) or skipped; the exit code is 1 if one failed.
-    CUDA runs EDM's CIFAR-10 network at batch 64; the CPU a small one, so that it takes seconds.
+    CUDA runs EDM's CIFAR-10 network at batch 64; the CPU a small one. torch.compile's kernel
+    build dominates: minutes on a CPU (it is announced first; --skip compile leaves it out).
 
     Example: disback doctor --device cuda --json > doctor.json
     """
@@ -51,7 +52,8 @@ def doctor(
     if not json_out:
         _show_versions({**info, "device": str(resolved), "network": work.describe()})
     checks = []
-    for check in run_checks(work, resolved, skip or ()):
+    announce = (lambda text: None) if json_out else (lambda text: console.print(text, markup=False))
+    for check in run_checks(work, resolved, skip or (), announce):
         checks.append(check)
         if not json_out:
             _show(check)

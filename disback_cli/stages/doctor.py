@@ -262,13 +262,28 @@ CHECKS: dict[str, Callable[[Workload, torch.device], Check]] = {
 }
 
 
-def run_checks(work: Workload, device: torch.device, skip: Iterable[str] = ()) -> Iterator[Check]:
-    """Every check in turn (yielded as it finishes); a check that raises is reported failed."""
+# What a check costs before it says anything, told before it starts (measured on 2 CPU cores).
+SLOW_CHECKS = {
+    "compile": "torch.compile builds its kernels first: minutes on a CPU (245 s measured), "
+    "about a minute on a GPU; --skip compile leaves it out",
+}
+
+
+def run_checks(
+    work: Workload,
+    device: torch.device,
+    skip: Iterable[str] = (),
+    announce: Callable[[str], None] = lambda text: None,
+) -> Iterator[Check]:
+    """Every check in turn (yielded as it finishes); a check that raises is reported failed. A
+    slow check is `announce`d before it starts."""
     skip = set(skip)
     for name, check in CHECKS.items():
         if name in skip:
             yield Check(name, "skipped", "left out on request")
             continue
+        if name in SLOW_CHECKS:
+            announce(f"{name}: {SLOW_CHECKS[name]}")
         try:
             with exact_fp32():
                 result = check(work, device)
