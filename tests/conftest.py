@@ -95,7 +95,13 @@ def checkout_env(*first: str | Path, **variables: str) -> dict[str, str]:
     installed copy, whatever the subprocess's working directory."""
     old = os.environ.get("PYTHONPATH", "")
     path = [*map(str, first), str(REPO), *([old] if old else [])]
-    return {**os.environ, **variables, "PYTHONPATH": os.pathsep.join(path)}
+    inherited = {k: v for k, v in os.environ.items() if k not in TERMINAL_SIZE}
+    return {**inherited, **variables, "PYTHONPATH": os.pathsep.join(path)}
+
+
+# pytest-xdist's workers run with COLUMNS=80 and LINES=24; a subprocess sees the terminal size
+# only when a test gives it, as a serial run does.
+TERMINAL_SIZE = ("COLUMNS", "LINES")
 
 
 @dataclass

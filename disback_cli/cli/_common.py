@@ -34,12 +34,16 @@ def Flag(*names: str, **kwargs: Any) -> Any:
 
 # progress and messages; in a log file (not a terminal) a message stays one line
 console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
-# results: tables and summaries (160 wide when piped, unless COLUMNS says otherwise)
-stdout = Console(
-    highlight=False,
-    soft_wrap=True,
-    width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160,
-)
+# results: tables and summaries (wide when piped, so a sweep's table is not squeezed to 80)
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def table_width() -> int:
+    """The width a table must fit: the terminal's, or COLUMNS when piped and set (160 if not)."""
+    if stdout.is_terminal or not os.environ.get("COLUMNS", "").isdigit():
+        return stdout.width
+    return int(os.environ["COLUMNS"])
+
 
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 VerifyOpt = Annotated[

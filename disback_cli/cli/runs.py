@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from disback_cli.cli._common import Flag, JsonOpt, emit_json, stdout
+from disback_cli.cli._common import Flag, JsonOpt, emit_json, stdout, table_width
 from disback_cli.errors import ConfigError, one_line
 from disback_cli.evaluation.catalog import find_runs, run_row, unique_labels
 from disback_cli.evaluation.groups import (
@@ -182,8 +182,9 @@ def _print_table(title: str, columns: list[str], rows: list[list[Text]], left: s
     order = [i for name in DROPPED_FIRST for i, c in enumerate(columns) if c == name]
     order += [i for i in reversed(range(1, len(columns))) if i not in order]
     needed = lambda: sum(widths[i] + BORDER for i in kept) + 1  # noqa: E731
+    width = table_width()
     for index in order:
-        if wide or needed() <= stdout.width:
+        if wide or needed() <= width:
             break
         kept.remove(index)
     table = Table(title=title)
@@ -192,12 +193,12 @@ def _print_table(title: str, columns: list[str], rows: list[list[Text]], left: s
         table.add_column(Text(columns[i]), justify=justify, no_wrap=True)
     for row in rows:
         table.add_row(*(row[i] for i in kept))
-    Console(file=stdout.file, highlight=False, width=max(stdout.width, needed())).print(table)
+    Console(file=stdout.file, highlight=False, width=max(width, needed())).print(table)
     dropped = [columns[i] for i in range(len(columns)) if i not in kept]
     if dropped:
         stdout.file.flush()
         print(
-            f"hidden to fit {stdout.width} columns: {', '.join(dropped)} "
+            f"hidden to fit {width} columns: {', '.join(dropped)} "
             "(--wide shows every column; --csv and --json hold them all)",
             file=sys.stderr,
         )
