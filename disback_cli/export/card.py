@@ -107,16 +107,16 @@ def _training_lines(measured: dict | None) -> list[str]:
     ]
 
 
-def _evaluation_lines(evaluation: dict | None, cfg: ExportConfig) -> list[str]:
+def _evaluation_lines(evaluation: dict | None) -> list[str]:
     if evaluation is None:
         return [
             "No evaluation of these weights is recorded. `disback evaluate -T TRAJECTORY --name "
             "NAME` (EMA weights) or `disback evaluate SAMPLES` on samples of them records one."
         ]
+    keys, rows = _numbers(evaluation)
     lines = [f"{evaluation.get('metric')} of the {evaluation['weights']} weights:", ""]
-    lines += ["| repeat | " + " | ".join(_numbers(evaluation)[0]) + " |"]
-    lines += ["|---" * (1 + len(_numbers(evaluation)[0])) + "|"]
-    for index, values in enumerate(_numbers(evaluation)[1], start=1):
+    lines += ["| repeat | " + " | ".join(keys) + " |", "|---" * (1 + len(keys)) + "|"]
+    for index, values in enumerate(rows, start=1):
         lines.append(f"| {index} | " + " | ".join(f"{v:.6g}" for v in values) + " |")
     detector = evaluation.get("detector") or {}
     provenance = {
@@ -193,7 +193,7 @@ def model_card(facts: dict[str, Any], cfg: ExportConfig, description: str) -> st
         "",
         "## Measured",
         "",
-        *_evaluation_lines(facts["evaluation"], cfg),
+        *_evaluation_lines(facts["evaluation"]),
         *_training_lines(facts["training_evaluation"]),
         "",
         "## Configuration",
