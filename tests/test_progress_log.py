@@ -65,5 +65,6 @@ def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
     assert any(": 10/20 (50%)" in line for line in measured), done.stderr
     assert progress[-1].startswith("backtrack default: done, 20/20 in"), done.stderr
     assert "loss_g" in progress[-1] and "mmd2" in progress[-1]
+    assert "complete at iteration 20" in done.stdout and "mmd2" in done.stdout  # closing line
     memory = next(line for line in done.stderr.splitlines() if line.startswith("memory per"))
     assert memory.endswith("(prefetched))")  # a message is one line in a log, never wrapped

@@ -67,7 +67,9 @@ def backtrack(
     if json_out:
         emit_json(summary)
     elif not quiet:
+        measured = next((ln["eval"] for ln in reversed(lines) if "eval" in ln), {})
+        metrics = "; " + ", ".join(f"{k} {v:.4g}" for k, v in measured.items()) if measured else ""
         stdout.print(
             f"{run_dir}: {manifest.status} at iteration {manifest.step} "
-            f"({manifest.elapsed_seconds:.1f} s); generator: {summary['generator_ema']}"
+            f"({manifest.elapsed_seconds:.1f} s); generator: {summary['generator_ema']}{metrics}"
         )
