@@ -300,7 +300,10 @@ def test_runs_tabulates_a_sweep_as_text_csv_and_json(cli, sweep):
 def test_plot_labels_runs_apart_and_marks_switches_where_they_happened(cli, sweep, tmp_path):
     runs = [sweep / "s0/backtrack/default", sweep / "s1/backtrack/default"]
     summary = json.loads(cli("plot", *runs, "--out", tmp_path / "c.png", "--json").stdout)
-    assert summary["runs"] == ["s0/backtrack/default", "s1/backtrack/default"]
+    assert summary["runs"] == [
+        "s0/backtrack/default (DisBack, vsd)",
+        "s1/backtrack/default (DisBack, vsd)",
+    ]
     assert summary["metric"] == "mmd2" and summary["scale"] == "log"
     # 2 intermediate nodes, interval 10: the target moves after 10 and 20 iterations
     assert switch_iterations(read_metrics(runs[0])) == [10, 20]

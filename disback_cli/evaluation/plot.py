@@ -15,6 +15,7 @@ from disback_cli.store.fileio import atomic_write_bytes
 from disback_cli.store.metrics_log import read_metrics
 
 PREFERRED_METRICS = ("fd_digits", "mmd2", "fid")
+METHOD_NAMES = {"disback": "DisBack", "baseline": "baseline"}
 # Metrics that live in [0, 1] (or count a few modes): drawn on a linear axis, the rest on a log one.
 BOUNDED_METRICS = {
     "precision",
@@ -45,10 +46,15 @@ def _grouped_runs(run_dirs: list[Path], group_by: list[str] | None) -> dict[str,
     """The runs' logs by legend entry: one per run, or one per group of `group_by` values
     (e.g. loss=dmd, method=disback over its seeds)."""
     paths = find_runs(run_dirs)
-    if not group_by:
-        labels = unique_labels([str(p.absolute()) for p in paths])
-        return {label: [read_metrics(p)] for label, p in zip(labels, paths, strict=True)}
     rows = [run_row(p) for p in paths]
+    if not group_by:  # a run by its name and what it is: "default (DisBack, vsd)"
+        labels = unique_labels([str(p.absolute()) for p in paths])
+        return {
+            f"{label} ({METHOD_NAMES.get(row.get('method'), '?')}, {row.get('loss', '?')})": [
+                read_metrics(p)
+            ]
+            for label, p, row in zip(labels, paths, rows, strict=True)
+        }
     group_rows(rows, group_by)  # refuses a key no run has
     groups: dict[str, list[list[dict]]] = {}
     for path, row in zip(paths, rows, strict=True):
