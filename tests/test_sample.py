@@ -108,3 +108,15 @@ def test_heun_sampler_uses_edms_18_step_schedule_and_35_evaluations():
         h = t_next - t
         factor *= 1 + h / 2 * (1 / (2 * t) + (1 + h / (2 * t)) / (2 * t_next))
     torch.testing.assert_close(out, latents.double() * 80 * factor / 2, rtol=1e-10, atol=0)
+
+
+def test_grid_of_two_dimensional_samples_is_a_scatter_plot(trained, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "ring.npz"
+    result = run_cli("sample", "-T", trained, "-n", "500", "--out", out, "--grid", "--json")
+    assert result.code == 0, result.stderr
+    picture = tmp_path / "ring-grid.png"
+    assert json.loads(result.stdout)["grid"] == str(picture)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_samples(out)[0].shape == (500, 2)  # the samples themselves are unchanged

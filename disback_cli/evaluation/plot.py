@@ -175,3 +175,23 @@ def plot_runs(
         "groups": {label: len(runs) for label, runs in groups.items()} if group_by else {},
         "scale": scale,
     }
+
+
+def scatter_png(points, title: str) -> bytes:
+    """2-D samples (the ring's) as a scatter plot, PNG bytes: the picture `sample --grid` draws
+    for vector generators."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DisbackError("plotting needs matplotlib: pip install matplotlib") from None
+    figure, axis = plt.subplots(figsize=(5, 5), layout="constrained")
+    axis.scatter(points[:, 0], points[:, 1], s=3, alpha=0.5, linewidths=0)
+    axis.set(aspect="equal", title=title, xlabel="x[0]", ylabel="x[1]")
+    axis.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -22,6 +22,7 @@ from disback_cli import __version__
 from disback_cli.config import SampleConfig
 from disback_cli.config.resolve import refuse_foreign_options
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.evaluation.plot import scatter_png
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import HeunSampler, best_of_k, parse_seeds, seeded_noise
 from disback_cli.models.family import SampleConditions
@@ -166,8 +167,8 @@ def write_samples_of(
     fmt = ("png" if is_image else "npz") if cfg.format == "auto" else cfg.format
     if fmt == "png" and not is_image:
         raise ConfigError("--format png needs an image generator; use npz for vector data")
-    if grid_out and not is_image:
-        raise ConfigError("--grid needs an image generator")
+    if grid_out and not (is_image or tuple(shape) == (2,)):
+        raise ConfigError("--grid needs an image generator or 2-D samples (a scatter plot)")
     out = out or default_dir / ("samples" if fmt == "png" else "samples.npz")
     grid_path = None  # grid_out: a path, or True for OUT-grid.png beside the output
     if grid_out:
@@ -216,7 +217,11 @@ def _write(draw, cfg, ex: Execution, reporter, seeds, items, writer, grid_path, 
     arrays = [a for a, _, _ in ordered if a is not None]
     prompts = conditions.prompts_of(items)
     summary.update(writer.finish(seeds, all_labels, items, prompts, arrays))
-    if grid_path is not None:
+    if grid_path is not None and arrays and arrays[0].ndim == 2:  # 2-D vectors: a scatter
+        points = np.concatenate(arrays)
+        atomic_write_bytes(grid_path, scatter_png(points, f"{len(points)} samples"))
+        summary["grid"] = str(grid_path.absolute())
+    elif grid_path is not None:
         grid_chunks = [g for _, _, g in ordered if g is not None and len(g)]
         atomic_write_bytes(grid_path, encode_png(upscale(grid(np.concatenate(grid_chunks)))))
         summary["grid"] = str(grid_path.absolute())
