@@ -64,7 +64,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = work / "runs" / "ring"
-    for name in ("disback.npz", "baseline.npz", "curves.png"):
+    for name in ("disback.npz", "baseline.npz", "curves.png", "disback-grid.png"):
         assert (runs / name).stat().st_size > 0, name
     out = result.stdout
     assert "(mmd2)" in out  # the plot drew the logged metric, not an empty panel
