@@ -11,6 +11,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def summary_of(exc: BaseException, limit: int = 300) -> str:
+    """A library's exception as one line: its first line, with the next one when the first only
+    introduces it ("Error(s) in loading state_dict for CLIPModel:"), at most `limit` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DisbackError(Exception):
     """A problem with the user's input or files, explained in one line (made one line here,
     whatever a file put into the message)."""

@@ -251,3 +251,19 @@ def test_no_flag_name_is_cut_in_any_help_at_80_columns(cli, monkeypatch):
                     assert flag in result.stdout, (path, flag)
                     checked += 1
     assert checked > 200  # every flag of every command (225 today)
+
+
+def test_a_library_error_that_introduces_its_detail_keeps_the_detail():
+    from disback_cli.errors import summary_of
+
+    loading = RuntimeError(
+        "Error(s) in loading state_dict for CLIPModel:\n\tUnexpected key(s) in state_dict: "
+        '"text_projection.bias".'
+    )
+    assert summary_of(loading) == (
+        "Error(s) in loading state_dict for CLIPModel: "
+        'Unexpected key(s) in state_dict: "text_projection.bias".'
+    )
+    assert summary_of(OSError("no such file\nsecond line")) == "no such file"
+    assert summary_of(RuntimeError("")) == "RuntimeError"
+    assert len(summary_of(RuntimeError("x" * 1000))) == 300

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import DisbackError, summary_of
 from disback_cli.method.sampling import MAX_SAMPLES
 from disback_cli.models.components import bounded_config, build_checked
 from disback_cli.store.component_files import MAX_CONFIG_BYTES, find_weights, read_config
@@ -52,9 +52,7 @@ class ClipScorer:
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
-            raise DisbackError(
-                f"{weights}: not CLIP weights ({str(exc).splitlines()[0]})"
-            ) from None
+            raise DisbackError(f"{weights}: not CLIP weights ({summary_of(exc)})") from None
         try:
             self.tokenizer = transformers.CLIPTokenizer.from_pretrained(
                 folder, local_files_only=True
@@ -65,7 +63,7 @@ class ClipScorer:
             )
             self.processor = processor.from_pretrained(folder, local_files_only=True)
         except Exception as exc:  # files anyone may write
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = summary_of(exc)
             raise DisbackError(
                 f"--clip {folder}: unreadable tokenizer or preprocessor ({first})"
             ) from None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import DisbackError, summary_of
 
 MAX_COMPONENT_PARAMETERS = 20 * 10**9  # text encoders, VAEs and CLIP models are far smaller
 # A component config is data from a file: its numbers, lists and nesting are bounded before a
@@ -52,7 +52,7 @@ def build_checked(
         with torch.device("meta"):
             template = build()
     except Exception as exc:  # a config anyone may write
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = summary_of(exc)
         raise DisbackError(f"{where}: the {what} config does not build ({first})") from None
     count = sum(p.numel() for p in template.parameters())
     if count > MAX_COMPONENT_PARAMETERS:

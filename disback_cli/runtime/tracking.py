@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.errors import ConfigError, DisbackError, summary_of
 from disback_cli.store.layout import check_no_links
 
 TRACKERS = ("tensorboard", "wandb")
@@ -87,7 +87,7 @@ class WandbTracker:
                 config=config,
             )
         except Exception as exc:  # no credentials, no network, a bad setting: say which
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = summary_of(exc)
             raise DisbackError(
                 f"--log-to wandb: {first} (log in with `wandb login`, or set WANDB_MODE=offline)"
             ) from None

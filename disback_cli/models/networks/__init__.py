@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import nn
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import DisbackError, summary_of
 from disback_cli.models.discrete_ddpm import DiscreteDDPMPrecond
 from disback_cli.models.networks.layers import UNetBlock
 from disback_cli.models.networks.mlp import MLP
@@ -232,7 +232,7 @@ def _construct(spec: NetworkSpec) -> nn.Module:
     except DisbackError:
         raise
     except Exception as exc:  # the spec is data from a file: any failure is a bad spec
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = summary_of(exc)
         raise DisbackError(
             f"network spec does not fit {spec.arch}/{spec.precond}: {first}"
         ) from exc
@@ -256,7 +256,7 @@ def _checked_template(spec_json: str) -> nn.Module:
         try:
             out = network(x, torch.ones(2), labels, **cond)
         except Exception as exc:  # bad kwargs show only when the network runs
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = summary_of(exc)
             raise DisbackError(f"network spec of {spec.arch} does not run: {first}") from exc
     if out.shape != x.shape:
         raise DisbackError(f"network spec of {spec.arch} maps {x.shape} to {out.shape}")

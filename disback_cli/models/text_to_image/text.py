@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.errors import ConfigError, DisbackError, summary_of
 from disback_cli.models.components import bounded_config, build_checked
 from disback_cli.models.conditioning import Conditioning
 from disback_cli.models.text_to_image.folder import DiffusersFolder
@@ -88,7 +88,7 @@ def _load_encoder(folder: DiffusersFolder, component: str, device) -> nn.Module:
     try:
         encoder.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
+        first = summary_of(exc)
         raise DisbackError(f"{folder.weights[component]}: weights do not match ({first})") from None
     return encoder.to(device).eval().requires_grad_(False)
 
@@ -101,7 +101,7 @@ def _load_tokenizer(folder: DiffusersFolder, component: str):
             folder.root / component, local_files_only=True
         )
     except Exception as exc:  # a vocabulary file anyone may write
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = summary_of(exc)
         raise DisbackError(f"{folder.root / component}: unreadable tokenizer ({first})") from None
 
 

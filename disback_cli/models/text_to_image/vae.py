@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from disback_cli.errors import DisbackError
+from disback_cli.errors import DisbackError, summary_of
 from disback_cli.models.components import build_checked
 from disback_cli.models.text_to_image.folder import DiffusersFolder
 from disback_cli.models.text_to_image.unet import _diffusers
@@ -53,7 +53,7 @@ class LatentDecoder(nn.Module):
         try:
             self.vae.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
+            first = summary_of(exc)
             raise DisbackError(f"{folder.weights['vae']}: weights do not match ({first})") from None
         self.scaling_factor = _factor(folder, "scaling_factor", 0.18215)
         self.shift_factor = _factor(folder, "shift_factor", 0.0)
