@@ -68,3 +68,14 @@ def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
     assert "complete at iteration 20" in done.stdout and "mmd2" in done.stdout  # closing line
     memory = next(line for line in done.stderr.splitlines() if line.startswith("memory per"))
     assert memory.endswith("(prefetched))")  # a message is one line in a log, never wrapped
+
+
+def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
+    from conftest import run_cli
+
+    args = ("--teacher", "builtin:ring2d", "--iters", "4", "--nodes", "2", "--batch", "16")
+    result = run_cli("record", *args, "--out", tmp_path / "t", "--device", "cpu")
+    assert result.code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    probe = next(i for i, line in enumerate(lines) if line.startswith("path probe: 512 G0"))
+    assert probe < next(i for i, line in enumerate(lines) if line.startswith("record: done"))

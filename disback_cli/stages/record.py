@@ -16,6 +16,7 @@ from torch import nn
 from disback_cli.config import RecordConfig
 from disback_cli.config.resolve import resolve_record
 from disback_cli.errors import ConfigError, DisbackError
+from disback_cli.method import probe as path_probe
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import build_g0, g0_spec, load_student
 from disback_cli.method.noise import TrainingSigma
@@ -93,6 +94,8 @@ def _record(
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True, networks=networks)
+    samples = path_probe.PROBE_SAMPLES  # the fixed probe is built before any output of its own
+    run.note(f"path probe: {samples} G0 samples through G0 and the teacher (chunks of {cfg.batch})")
     probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
     plan = previous.node_plan if previous is not None else None
     if plan is None:
