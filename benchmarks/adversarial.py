@@ -127,7 +127,10 @@ def collect(dataset: str, work: Path) -> list[dict]:
     results = []
     for trajectory in sorted(work.glob(f"{dataset}-*-*")):
         seed = int(trajectory.name.split("-")[1])
-        recorded = json.loads((trajectory / "manifest.json").read_text())
+        manifest_file = trajectory / "manifest.json"
+        if not (manifest_file.exists() and (trajectory / "backtrack").is_dir()):
+            continue  # interrupted while recording
+        recorded = json.loads(manifest_file.read_text())
         for run_dir in sorted((trajectory / "backtrack").iterdir()):
             manifest = json.loads((run_dir / "manifest.json").read_text())
             name, _, method = run_dir.name.rpartition("-")
