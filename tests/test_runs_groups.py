@@ -41,7 +41,7 @@ def sweep(small_trajectory, tmp_path_factory):
         manifest["name"] = run.name
         manifest["config"].update(loss=loss, seed=seed, no_trajectory=method == "baseline")
         (run / "manifest.json").write_text(json.dumps(manifest))
-        line = {"iteration": 4, "loss_g": 0.0, "score_gap": 0.0, "eval": {"mmd2": mmd2}}
+        line = {"iteration": 4, "loss_g": 0.0, "score_gap": 0.1, "eval": {"mmd2": mmd2}}
         (run / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     shutil.rmtree(template)
     return traj
