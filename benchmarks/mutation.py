@@ -500,13 +500,18 @@ MUTANTS = [
     ),
     M(
         "store/export_folder:replaces-foreign-files",
-        "if (path.exists() or path.is_symlink()) and name not in self.earlier | set(self.written):",
+        "if exists and name not in self.written and not self._still_ours(name, path):",
         "if False:",
     ),
     M(
         "stages/evaluation_record:any-weights-match",
         'if ref is not None and ref.sha256 == sha256 and ref.file == f"{CHECKPOINTS}/{path.name}":',
         "if ref is not None:",
+    ),
+    M(
+        "store/export_folder:deletes-changed-files",
+        "return recorded is not None and path.is_file() and sha256_file(path) == recorded",
+        "return path.is_file()",
     ),
 ]
 

@@ -151,7 +151,7 @@ def test_refusals_are_one_line_and_replace_nothing_export_did_not_write(trained,
     refused(export(trained, tmp_path / "x", "--pipeline"), "--pipeline is for --format diffusers")
     assert not (tmp_path / "x").exists()
     (out / "generator.safetensors").write_text("also mine")
-    refused(export(trained, out, "--force"), "not written by disback export")
+    refused(export(trained, out, "--force"), "is not a file disback export wrote")
     (out / "generator.safetensors").unlink()
     assert export(trained, out, "--force").code == 0
     assert (out / "notes.txt").read_text() == "mine"
@@ -173,10 +173,12 @@ def test_an_unfinished_run_is_refused(small_trajectory, tmp_path):
 @pytest.mark.parametrize(
     "record",
     [
-        {"format": "disback.export-files", "files": ["../outside.txt"]},
-        {"format": "disback.export-files", "files": ["/etc/passwd"]},
-        {"format": "disback.export-files", "files": ["a"] * 20_000},
-        {"format": "something else", "files": []},
+        {"format": "disback.export-files", "files": {"../outside.txt": None}},
+        {"format": "disback.export-files", "files": {"/etc/passwd": "0" * 64}},
+        {"format": "disback.export-files", "files": {f"a{i}": None for i in range(20_000)}},
+        {"format": "disback.export-files", "files": {"README.md": "not a sha256"}},
+        {"format": "disback.export-files", "files": ["README.md"]},
+        {"format": "something else", "files": {}},
         [1, 2],
     ],
 )
@@ -236,3 +238,23 @@ def test_the_licence_comes_from_the_teacher_folders_card_front_matter_only(tmp_p
     card.symlink_to(tmp_path / "elsewhere.md")
     assert teacher_licence(str(folder)) is None  # a link is not followed
     assert teacher_licence("builtin:ring2d") is None
+
+
+def test_force_touches_only_files_that_are_still_what_export_wrote(trained, tmp_path):
+    out = tmp_path / "e"
+    assert export(trained, out).code == 0
+    record = json.loads((out / RECORD).read_text())
+    assert set(record["files"]) == {"README.md", "generator.safetensors"}
+    # a record that claims someone's file: --force neither replaces nor deletes it
+    (out / "notes.txt").write_text("mine")
+    record["files"]["notes.txt"] = "0" * 64
+    (out / RECORD).write_text(json.dumps(record))
+    assert export(trained, out, "--force").code == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    # an exported file edited since: refused, kept as it is
+    with open(out / "README.md", "a") as card:
+        card.write("my own notes\n")
+    refused(
+        export(trained, out, "--force"), "README.md: exists and is not a file disback export wrote"
+    )
+    assert (out / "README.md").read_text().endswith("my own notes\n")
