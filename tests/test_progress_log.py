@@ -79,3 +79,22 @@ def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
     lines = result.stderr.splitlines()
     probe = next(i for i, line in enumerate(lines) if line.startswith("path probe: 512 G0"))
     assert probe < next(i for i, line in enumerate(lines) if line.startswith("record: done"))
+
+
+def test_under_torchrun_rank_0_alone_logs_progress(small_trajectory, tmp_path):
+    traj = tmp_path / "t"
+    shutil.copytree(small_trajectory, traj)
+    args = ("backtrack", "-T", traj, "--iters", "6", "--interval", "2", "--batch", "16")
+    done = launch(
+        tmp_path,
+        *args,
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+        processes=2,
+        env=checkout_env(OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    closing = [ln for ln in done.stderr.splitlines() if ln.startswith("backtrack default: done")]
+    assert len(closing) == 1, done.stderr[-3000:]
