@@ -41,25 +41,25 @@ def test_lines_come_by_time_by_measurement_and_at_the_end(capsys):
     assert lines[-1].startswith("backtrack: done, 100/100 in 1m40s") and "mmd2 0.25" in lines[-1]
 
 
+def backtrack_logged(small_trajectory, tmp_path, *flags: str, **launched):
+    """`disback backtrack` on a copy of the ring trajectory, stderr a pipe (not a terminal)."""
+    traj = tmp_path / "t"
+    shutil.copytree(small_trajectory, traj)
+    done = launch(
+        tmp_path,
+        *("backtrack", "-T", traj, "--device", "cpu", *flags),
+        env=checkout_env(OMP_NUM_THREADS="1"),
+        **launched,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
     small_trajectory, tmp_path
 ):
-    traj = tmp_path / "t"
-    shutil.copytree(small_trajectory, traj)
-    args = ("backtrack", "-T", traj, "--iters", "20", "--interval", "5", "--batch", "64")
-    done = launch(
-        tmp_path,
-        *args,
-        "--eval-every",
-        "10",
-        "--log-every",
-        "5",
-        "--device",
-        "cpu",
-        fresh=True,
-        env=checkout_env(OMP_NUM_THREADS="1"),
-    )
-    assert done.returncode == 0, done.stderr
+    flags = ("--iters", "20", "--interval", "5", "--batch", "64", "--eval-every", "10")
+    done = backtrack_logged(small_trajectory, tmp_path, *flags, "--log-every", "5", fresh=True)
     progress = [line for line in done.stderr.splitlines() if line.startswith("backtrack")]
     measured = [line for line in progress if re.search(r"mmd2 [-0-9.e]+", line)]
     assert any(": 10/20 (50%)" in line for line in measured), done.stderr
@@ -82,19 +82,7 @@ def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
 
 
 def test_under_torchrun_rank_0_alone_logs_progress(small_trajectory, tmp_path):
-    traj = tmp_path / "t"
-    shutil.copytree(small_trajectory, traj)
-    args = ("backtrack", "-T", traj, "--iters", "6", "--interval", "2", "--batch", "16")
-    done = launch(
-        tmp_path,
-        *args,
-        "--log-every",
-        "2",
-        "--device",
-        "cpu",
-        processes=2,
-        env=checkout_env(OMP_NUM_THREADS="1"),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ("--iters", "6", "--interval", "2", "--batch", "16", "--log-every", "2")
+    done = backtrack_logged(small_trajectory, tmp_path, *flags, processes=2)
     closing = [ln for ln in done.stderr.splitlines() if ln.startswith("backtrack default: done")]
     assert len(closing) == 1, done.stderr[-3000:]
