@@ -139,7 +139,7 @@ def test_a_stopped_run_exits_130_with_its_message(cli, monkeypatch):
     def stopped(*args, **kwargs):
         raise InterruptedRun(message)
 
-    monkeypatch.setattr("disback_cli.cli.record.run_record", stopped)
+    monkeypatch.setattr("disback_cli.stages.record.run_record", stopped)
     done = cli("record", "--teacher", "builtin:ring2d", "--out", "t")
     assert done.code == 130
     assert done.stderr == f"error: {message}\n"

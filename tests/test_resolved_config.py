@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from conftest import checkout_env
+from disback_cli.config.teacher_kinds import SIZE_DEFAULTS
 from disback_cli.errors import DisbackError
 from disback_cli.models.denoiser_files import save_denoiser
-from disback_cli.models.family import SIZE_DEFAULTS
 from disback_cli.models.teachers import open_teacher
 from disback_cli.stages.record import LossMeans
 from disback_cli.store.layout import backtrack_dir

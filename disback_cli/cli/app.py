@@ -29,7 +29,6 @@ from disback_cli.cli import (
 )
 from disback_cli.cli._common import Flag
 from disback_cli.errors import DisbackError, InterruptedRun, describe_validation_error, one_line
-from disback_cli.runtime.parallel import shutdown
 
 app = typer.Typer(
     name="disback",
@@ -73,6 +72,12 @@ def root(
     """
 
 
+def _shutdown() -> None:
+    """End torchrun's process group, if a command started one (`--help` never imports torch)."""
+    if "disback_cli.runtime.parallel" in sys.modules:
+        sys.modules["disback_cli.runtime.parallel"].shutdown()
+
+
 def _fail(message: str, code: int) -> None:
     sys.stderr.write(f"error: {one_line(message)}\n")
     sys.exit(code)
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--debug", *(a for a in args if a != "--debug")]
     try:
         code = app(args=args, prog_name="disback", standalone_mode=False)
-        shutdown()
+        _shutdown()
     except InterruptedRun as exc:
         _fail(str(exc), 130)
     except DisbackError as exc:

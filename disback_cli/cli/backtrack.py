@@ -10,8 +10,6 @@ import typer
 from disback_cli.cli._common import ForceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
 from disback_cli.config import BacktrackConfig
-from disback_cli.runtime.parallel import is_main_process
-from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.metrics_log import read_metrics
 
@@ -39,6 +37,9 @@ def backtrack(
 
     Example: disback backtrack --trajectory runs/t1 --iters 1500 --interval 100 --seed 0
     """
+    from disback_cli.runtime.parallel import is_main_process
+    from disback_cli.stages.backtrack import run_backtrack
+
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(
             cfg, trajectory, name, force=force, teacher_override=teacher, reporter=reporter

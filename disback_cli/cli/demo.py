@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from disback_cli.cli._common import DeviceOpt, Flag, JsonOpt, QuietOpt, emit_json, reporting, stdout
-from disback_cli.stages.demo import run_demo
 
 
 def demo(
@@ -25,6 +24,8 @@ def demo(
 
     Example: disback demo --out runs/demo
     """
+    from disback_cli.stages.demo import run_demo
+
     with reporting(quiet or json_out) as reporter:
         summary = run_demo(out, quick, device or "auto", reporter)
     if json_out:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from disback_cli.cli._common import DeviceOpt, JsonOpt, console, emit_json, stdout
 from disback_cli.errors import ConfigError
-from disback_cli.runtime.devices import resolve_device
-from disback_cli.stages.doctor import CHECKS, run_checks, versions
-from disback_cli.stages.doctor_checks import Check, Workload
+
+if TYPE_CHECKING:
+    from disback_cli.stages.doctor_checks import Check
 
 
 def _show_versions(info: dict[str, Any]) -> None:
@@ -29,7 +29,7 @@ def doctor(
     device: DeviceOpt = None,
     skip: Annotated[
         list[str] | None,
-        typer.Option(help=f"Leave out a check (repeatable): {', '.join(CHECKS)}."),
+        typer.Option(help="Leave out a check by the name doctor prints, e.g. compile; repeatable."),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -43,6 +43,10 @@ def doctor(
 
     Example: disback doctor --device cuda --json > doctor.json
     """
+    from disback_cli.runtime.devices import resolve_device
+    from disback_cli.stages.doctor import CHECKS, run_checks, versions
+    from disback_cli.stages.doctor_checks import Workload
+
     unknown = [name for name in skip or [] if name not in CHECKS]
     if unknown:
         raise ConfigError(f"--skip {unknown[0]}: no such check (known: {', '.join(CHECKS)})")

@@ -21,16 +21,7 @@ from disback_cli.cli._common import (
 )
 from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError
-from disback_cli.evaluation.detectors import MODES
-from disback_cli.runtime.parallel import execution
-from disback_cli.stages.evaluate import (
-    Scoring,
-    evaluate_run,
-    evaluate_samples,
-    reference_statistics,
-    seed_sets,
-)
-from disback_cli.stages.evaluation_record import remember_evaluation
+from disback_cli.evaluation import FID_MODES
 
 InputsOpt = Annotated[
     list[str] | None,
@@ -49,7 +40,9 @@ RefOpt = Annotated[Path | None, typer.Option(help="Reference .npz (EDM's or `eva
 
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Where `evaluate ref` writes.")]
 
-ModeOpt = Annotated[str | None, typer.Option(metavar="<" + "|".join(MODES) + ">", help="FID mode.")]
+ModeOpt = Annotated[
+    str | None, typer.Option(metavar="<" + "|".join(FID_MODES) + ">", help="FID mode.")
+]
 
 AnyImagesOpt = Annotated[
     bool,
@@ -162,6 +155,16 @@ def evaluate(
     references: disback evaluate ref cifar10-32x32.zip --out ref.npz. The default mode is
     legacy_tensorflow, which matches EDM's published numbers and reference files.
     """
+    from disback_cli.runtime.parallel import execution
+    from disback_cli.stages.evaluate import (
+        Scoring,
+        evaluate_run,
+        evaluate_samples,
+        reference_statistics,
+        seed_sets,
+    )
+    from disback_cli.stages.evaluation_record import remember_evaluation
+
     inputs = inputs or []
     scoring = Scoring(ref, dataset, mode, inception, batch, workers, repeats, clip, clip_sha256)
     ex = execution(SampleConfig(device=device or "auto"))

@@ -10,7 +10,6 @@ import typer
 from disback_cli.cli._common import Flag, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
 from disback_cli.config.export import ExportConfig
-from disback_cli.stages.export import export_run
 
 TrajectoryOpt = Annotated[Path, typer.Option("--trajectory", "-T", help="Trajectory directory.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The export folder (new or empty).")]
@@ -48,6 +47,8 @@ def export(
     diffusers.DiffusionPipeline.from_pretrained opens (one step, guidance 0); without
     --pipeline, the UNet alone. EDM-style generators: --format onnx writes x = G(z, labels).
     """
+    from disback_cli.stages.export import export_run
+
     with reporting(quiet or json_out) as reporter:
         summary = export_run(cfg, trajectory, name, out, force, reporter, model_folder)
     if json_out:

@@ -21,11 +21,10 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from disback_cli.config import field_flags
+from disback_cli.config import LOSS_NAMES, field_flags
 from disback_cli.config.recipes import build_config
+from disback_cli.config.teacher_kinds import defaults_by_kind
 from disback_cli.errors import ConfigError
-from disback_cli.method.losses import GENERATOR_LOSSES
-from disback_cli.models.teachers import TEACHER_FAMILIES
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
 TRAILING = ("force", "json_out", "quiet")  # the command's own options listed after the fields
@@ -61,7 +60,7 @@ def choices(model: type, field: str) -> str | None:
     checked by the config model, so recipes and flags get the same message)."""
     values = literal_values(model.model_fields[field].annotation)
     if field == "loss":
-        values = list(GENERATOR_LOSSES)
+        values = list(LOSS_NAMES)
     return None if values is None else "<" + "|".join(values) + ">"
 
 
@@ -79,8 +78,7 @@ def describe(model: type, field: str) -> str:
     if info.is_required():
         return f"{info.description} (required)"
     resolved = getattr(model, "resolved_by_teacher", False)
-    families = reversed(TEACHER_FAMILIES) if resolved else []  # the built-in families first
-    by_family = {kind: value for f in families for kind, value in f.default_help(field)}
+    by_family = defaults_by_kind(field) if resolved else {}
     if by_family:
         shown = ", ".join(f"{_shown(value)} {kind}" for kind, value in by_family.items())
         return f"{info.description} [default by teacher: {shown}]"

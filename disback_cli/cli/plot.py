@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from disback_cli.cli._common import JsonOpt, emit_json, stdout
-from disback_cli.evaluation.plot import plot_runs
 
 
 def plot(
@@ -38,6 +37,8 @@ def plot(
 
     Over seeds: disback plot runs/sweep-seeds --group-by loss,method --out curves.png
     """
+    from disback_cli.evaluation.plot import plot_runs
+
     by = [k.strip() for k in group_by.split(",") if k.strip()] if group_by else None
     summary = plot_runs(runs, out, metric, by)
     if json_out:

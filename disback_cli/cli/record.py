@@ -12,9 +12,7 @@ from rich.table import Table
 from disback_cli.cli._common import ForceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
 from disback_cli.config import RecordConfig
-from disback_cli.models.teachers import BUILTIN_PREFIX
-from disback_cli.runtime.parallel import is_main_process
-from disback_cli.stages.record import fit_warning, run_record
+from disback_cli.config.teacher_kinds import BUILTIN_PREFIX
 
 
 def _number(value: float | None) -> str:
@@ -54,6 +52,9 @@ def record(
 
     Example: disback record --teacher builtin:ring2d --out runs/t1 --iters 600 --nodes 6
     """
+    from disback_cli.runtime.parallel import is_main_process
+    from disback_cli.stages.record import fit_warning, run_record
+
     out = out or default_out(cfg.teacher)
     with reporting(quiet or json_out) as reporter:
         manifest = run_record(cfg, out, force=force, reporter=reporter)

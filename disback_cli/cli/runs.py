@@ -165,6 +165,9 @@ def _print(rows: list[dict], keys: list[str], columns: str | None, wide: bool) -
     else:
         finals = [f"final_{k}" for k in HEADLINE if f"final_{k}" in keys][:3]
         shown = [k for k in SHOWN if k in keys or k == "run"] + finals
+    if not rows:
+        stdout.print("no backtrack runs found", markup=False)
+        return
     cells = [[_cell(row["label"] if c == "run" else row.get(c)) for c in shown] for row in rows]
     _print_table(f"{len(rows)} backtrack runs", shown, cells, {"run"}, wide)
 
@@ -187,7 +190,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[Text]], left: s
         if wide or needed() <= width:
             break
         kept.remove(index)
-    table = Table(title=title)
+    table = Table(title=title, min_width=min(len(title), width))  # the title on one line
     for i in kept:
         justify = "left" if columns[i] in left else "right"
         table.add_column(Text(columns[i]), justify=justify, no_wrap=True)

@@ -10,12 +10,6 @@ import typer
 from disback_cli.cli._common import Flag, JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
 from disback_cli.config import SampleConfig
-from disback_cli.runtime.parallel import is_main_process
-from disback_cli.stages.sample import (
-    with_trajectory_prompts,
-    write_samples,
-    write_teacher_samples,
-)
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
@@ -82,6 +76,13 @@ def sample(
     Text-to-image: --prompts FILE draws -n images per prompt (seeds 0..n-1 for every prompt),
     decoded by the teacher's VAE; prompts.json lists each image's prompt and seed.
     """
+    from disback_cli.runtime.parallel import is_main_process
+    from disback_cli.stages.sample import (
+        with_trajectory_prompts,
+        write_samples,
+        write_teacher_samples,
+    )
+
     with reporting(quiet or json_out) as reporter:
         if teacher is not None:
             summary = write_teacher_samples(cfg, teacher, steps, out, reporter, grid_out or grid)

@@ -10,14 +10,7 @@ import typer
 from disback_cli.cli._common import JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
 from disback_cli.config import TeacherTrainConfig
-from disback_cli.models.denoiser_files import save_denoiser
-from disback_cli.models.teachers import (
-    BUILTIN_PREFIX,
-    BUILTIN_TEACHERS,
-    describe_teacher,
-    open_teacher,
-)
-from disback_cli.stages.train_teacher import train_teacher
+from disback_cli.config.teacher_kinds import BUILTIN_PREFIX, BUILTIN_TEACHERS
 
 app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
 
@@ -37,6 +30,8 @@ def inspect(teacher: TeacherArg, json_out: JsonOpt = False) -> None:
 
     Example: disback teacher inspect edm-cifar10-32x32-uncond-vp.pkl --json
     """
+    from disback_cli.models.teachers import describe_teacher, open_teacher
+
     report = describe_teacher(open_teacher(teacher))
     if json_out:
         emit_json(report)
@@ -57,6 +52,9 @@ def convert(
 
     Example: disback teacher convert edm-cifar10-32x32-uncond-vp.pkl cifar10-vp.safetensors
     """
+    from disback_cli.models.denoiser_files import save_denoiser
+    from disback_cli.models.teachers import open_teacher
+
     loaded = open_teacher(teacher)
     info = {
         **loaded.info,
@@ -95,6 +93,8 @@ def train(
 
     Example: disback teacher train --config recipes/teacher-ring2d.toml --out ring2d.safetensors
     """
+    from disback_cli.stages.train_teacher import train_teacher
+
     with reporting(quiet or json_out) as reporter:
         digest = train_teacher(cfg, out, reporter)
     if json_out:

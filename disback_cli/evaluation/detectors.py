@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from disback_cli.errors import DisbackError
+from disback_cli.evaluation import FID_MODES
 from disback_cli.store.fileio import hash_regular_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -28,7 +29,6 @@ INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e9
 INCEPTION_URL = (
     f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 )
-MODES = ("legacy_tensorflow", "clean")
 
 
 class Detector(Protocol):
@@ -92,8 +92,8 @@ class InceptionDetector:
         expected_sha256: str | None = INCEPTION_SHA256,
         workers: int = 2,
     ) -> None:
-        if mode not in MODES:
-            raise DisbackError(f"unknown FID mode {mode!r} (use {' or '.join(MODES)})")
+        if mode not in FID_MODES:
+            raise DisbackError(f"unknown FID mode {mode!r} (use {' or '.join(FID_MODES)})")
         digest = hash_regular_file(path, MAX_DETECTOR_BYTES, "detector weights file")
         if expected_sha256 is not None and digest != expected_sha256:
             raise DisbackError(

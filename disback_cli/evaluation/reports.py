@@ -16,9 +16,8 @@ samples, digits, or images against reference statistics), so that a sweep reads 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
-
-import numpy as np
 
 # Metrics where more is better; for every other one (distances, FD, TV, max class share) less is.
 HIGHER_IS_BETTER = {"precision", "recall", "modes_covered", "classes_covered", "confidence"}
@@ -35,7 +34,8 @@ def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
     for key in keys:
         values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
         if len(values) == len(results):
-            summary[key] = {"min": min(values), "mean": float(np.mean(values)), "max": max(values)}
+            mean = statistics.fmean(values)
+            summary[key] = {"min": min(values), "mean": mean, "max": max(values)}
     return summary
 
 

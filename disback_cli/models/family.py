@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from disback_cli.config.teacher_kinds import BUILTIN_PREFIX, BUILTIN_TEACHERS, SIZE_DEFAULTS
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning, ConditionSource, condition_source
 from disback_cli.models.denoiser_files import DenoiserFile, load_denoiser
@@ -32,29 +33,9 @@ from disback_cli.models.trained_weights import ALL_WEIGHTS, AllWeights
 from disback_cli.runtime.sharding import blocks_of
 from disback_cli.store.manifests import PromptsRef, TeacherRef
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_TEACHERS = {
-    "ring2d": "2-D ring of 8 Gaussians (MLP denoiser, 35k parameters)",
-    "digits": "8x8 handwritten digits, class-conditional (small SongUNet, EDM preconditioning)",
-    "shapes": "16x16 procedural shapes, 64 modes in 16 classes (small SongUNet, EDM precond.)",
-}
 EDM_DEFAULT_SIGMA = {"p_mean": -1.2, "p_std": 1.2}
 EDM_SIZE_PARAMETERS = 10_000_000  # the smallest released EDM teacher has 56 M
 DEFAULT_SIGMA_INIT = 2.5  # SiD's init_sigma
-
-# Defaults by teacher size: the toy ring wants fast rates, EDM U-Nets the rates their distillation
-# papers used (SiD: lr 1e-5 for both networks, Adam with beta1 = 0, one fake-score step per
-# generator step, EMA half-life 0.5 Mimg).
-SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lr": {"vector": 1e-4, "image": 1e-4, "edm": 1e-5},  # record
-    "lr_g": {"vector": 1e-4, "image": 5e-5, "edm": 1e-5},
-    "lr_fake": {"vector": 1e-3, "image": 1e-4, "edm": 1e-5},
-    "ema_halflife_kimg": {"vector": 10.0, "image": 10.0, "edm": 500.0},
-    "fake_steps": {"vector": 1, "image": 1, "edm": 1},
-    "optimizer": {"vector": "adam", "image": "adam", "edm": "adam"},
-    "betas": {"vector": (0.0, 0.999), "image": (0.0, 0.999), "edm": (0.0, 0.999)},
-    "weight_decay": {"vector": 0.0, "image": 0.0, "edm": 0.0},
-}
 
 
 @dataclass
@@ -217,11 +198,6 @@ class TeacherFamily:
         size = self.size_class(teacher)
         source = f"default for {size} teachers"
         return {key: (by[size], source) for key, by in SIZE_DEFAULTS.items()}
-
-    @classmethod
-    def default_help(cls, key: str) -> list[tuple[str, Any]]:
-        """(teacher kind, value) pairs that `--help` shows for a default set by teacher."""
-        return list(SIZE_DEFAULTS.get(key, {}).items())
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) -> None:
         """Family rules for a record or backtrack config: defaults and refusals (`recorded`: the

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from disback_cli.config import MAX_SAMPLES
 from disback_cli.errors import DisbackError
 from disback_cli.store.fileio import TMP_SUFFIX, atomic_write_bytes, parse_json, read_regular_file
 from disback_cli.store.images import png_name
@@ -30,7 +31,6 @@ KIND = "disback.samples"
 SUBFOLDER = re.compile(r"\d{5}")
 MAX_RECORD_BYTES = 64 << 20
 SHOWN = 3
-MAX_SAMPLES = 10**7  # seeds in one `sample` or `evaluate` call (200x EDM's 50k protocol)
 
 
 def seed_ranges(seeds: Sequence[int]) -> list[list[int]]:

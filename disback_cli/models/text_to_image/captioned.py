@@ -11,14 +11,17 @@ data in the manifest. README ("Adversarial terms") shows how to make one with di
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from disback_cli.errors import ConfigError
-from disback_cli.method.data import DataRef, DataSource
 from disback_cli.models.conditioning import Conditioning
 from disback_cli.store.fileio import parse_json
 from disback_cli.store.tensorfile import check_finite, read_safetensors
+
+if TYPE_CHECKING:
+    from disback_cli.method.data import DataSource
 
 MAX_CAPTION_CHARS = 10_000
 
@@ -26,6 +29,8 @@ MAX_CAPTION_CHARS = 10_000
 def open_captioned_latents(spec: str, latent_shape: tuple[int, ...], encoder) -> DataSource:
     """The latents file `spec`, checked (shape, finite, one caption each), or a one-line
     refusal; `encoder` turns captions into the UNet's conditions."""
+    from disback_cli.method.data import DataRef, DataSource  # method.data imports the models
+
     path = Path(spec)
     if path.suffix != ".safetensors" or not path.is_file():
         raise ConfigError(

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from disback_cli.config.teacher_kinds import TEXT_DEFAULTS
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.models.conditioning import Conditioning, Unconditional
 from disback_cli.models.denoiser_files import DenoiserFile, build_with_weights, load_denoiser
@@ -47,28 +48,6 @@ from disback_cli.models.trained_weights import ALL_WEIGHTS
 from disback_cli.store.manifests import PromptsRef
 from disback_cli.store.tensorfile import read_safetensors
 
-# Defaults by text-to-image teacher, from the runs that distilled it: DMD2's SD 1.5 run (AdamW
-# (0.9, 0.999), weight decay 0.01, both rates 1e-5, 10 fake-score steps per generator step) and
-# the DisBack SDXL release (the same optimiser, 5e-7 for every network, 5 fake-score steps).
-ADAMW = {"optimizer": "adamw", "betas": (0.9, 0.999), "weight_decay": 0.01}
-TEXT_DEFAULTS = {
-    "SD 1.x/2.x (DMD2 SD1.5)": {
-        "lr": 1e-5,
-        "lr_g": 1e-5,
-        "lr_fake": 1e-5,
-        "fake_steps": 10,
-        **ADAMW,
-        "ema_halflife_kimg": 10.0,
-    },
-    "SDXL (DisBack SDXL)": {
-        "lr": 5e-7,
-        "lr_g": 5e-7,
-        "lr_fake": 5e-7,
-        "fake_steps": 5,
-        **ADAMW,
-        "ema_halflife_kimg": 10.0,
-    },
-}
 NEEDS_PROMPTS = "a text-to-image teacher needs --prompts FILE"
 # SD was trained with 10 % of its captions dropped; recording so keeps the path nodes'
 # unconditional branch fitted (docs/benchmarks.md measures it against recording without).
@@ -170,10 +149,6 @@ class DiffusersFamily(TeacherFamily):
             return []
         warning = slow_adapter_warning(cfg.lr, cfg.lora_rank, self._own_defaults()["lr"])
         return [warning] if warning else []
-
-    @classmethod
-    def default_help(cls, key: str) -> list[tuple[str, Any]]:
-        return [(kind, values[key]) for kind, values in TEXT_DEFAULTS.items() if key in values]
 
     def resolve(self, cfg, teacher: Teacher, update: dict, sources: dict, recorded=None) -> None:
         """A discrete-time teacher knows only its own timesteps: its fake score and path nodes
