@@ -12,9 +12,9 @@ comes from a real run, recorded and backtracked for one iteration, so the export
 sd-like: the diffusers folder `benchmarks/memory.py --config sd-like` builds (the tests' fixture
 builder at SD-like sizes: a 115 M parameter UNet, 4x32x32 latents, a 4-layer CLIP text encoder;
 random weights), recorded (1 iteration, 1 node, batch 1) and backtracked (1 iteration, batch 1).
-To keep that cheap the recording's node probe is cut from 512 samples to `--probe-samples` (16)
-by setting `disback_cli.method.probe.PROBE_SAMPLES`: the probe only measures where the node
-stands; nothing exported depends on it.
+To keep that cheap the recording's node probe is cut from 512 samples to `--probe-samples` (16,
+the record option of that name): the probe only measures where the node stands; nothing
+exported depends on it.
 
 Export time is wall-clock seconds of `export_run`, the median of `--export-repeats` exports
 into fresh folders. Images/s: the same seeded batch of `--batch` images through both runtimes on
@@ -49,7 +49,6 @@ import torch
 
 from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.config.export import ExportConfig
-from disback_cli.method import probe
 from disback_cli.method.generator import load_generator
 from disback_cli.method.sampling import seeded_noise
 from disback_cli.models.conditioning import condition_source
@@ -114,9 +113,10 @@ def make_sd_run(folder: Path, probe_samples: int) -> tuple[Path, dict]:
 
     teacher = make_sd_folder(folder / "sd-like", **SD_LIKE)
     prompts = write_prompts(folder / "prompts.txt")
-    probe.PROBE_SAMPLES = probe_samples
     trajectory = folder / "t-sd"
-    record = RecordConfig(teacher=str(teacher), prompts=str(prompts), **SD_RECORD)
+    record = RecordConfig(
+        teacher=str(teacher), prompts=str(prompts), probe_samples=probe_samples, **SD_RECORD
+    )
     run_record(record, trajectory)
     run_backtrack(BacktrackConfig(**SD_BACKTRACK), trajectory)
     return trajectory, SD_LIKE

@@ -28,8 +28,9 @@ stage must hold. Not part of the test suite (CPU: tens of minutes for cifar10):
     python benchmarks/memory.py --config cifar10 --device cpu --batch 2
     python benchmarks/memory.py --config imagenet64 --device cuda --batch 16
 
-`--probe-samples` shrinks the recording's node probe (512 samples) to save time on a CPU; the
-probe runs in chunks of the batch, so only its stored inputs (a few MB) depend on it.
+`--probe-samples` shrinks the recording's node probe (512 samples; record's option of that name)
+to save time on a CPU; the probe runs in chunks of 4 batches (no gradients), so only its stored
+inputs (a few MB) depend on it.
 """
 
 from __future__ import annotations
@@ -230,7 +231,6 @@ def run_stage(
 ) -> dict:
     """One stage in this process; returns its measurements."""
     from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
-    from disback_cli.method import probe as probe_module
     from disback_cli.method.generator import load_generator
     from disback_cli.models.teachers import open_teacher
     from disback_cli.models.text_to_image.sampling import open_sampling
@@ -240,7 +240,6 @@ def run_stage(
     from disback_cli.store.layout import backtrack_dir
     from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
-    probe_module.PROBE_SAMPLES = probe
     started = time.perf_counter()
     trajectory = work / "trajectory"
     text = {"prompts": str(work / "prompts.txt")} if teacher.is_dir() else {}
@@ -259,6 +258,7 @@ def run_stage(
             iters=2,
             nodes=nodes,
             batch=batch,
+            probe_samples=probe,
             device=device,
             parallel=parallel,
             **text,

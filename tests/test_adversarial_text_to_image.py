@@ -17,7 +17,6 @@ from t2i_fixtures import make_sd_folder, write_prompts
 
 from conftest import run_cli
 from disback_cli.config import RecordConfig
-from disback_cli.method import probe
 from disback_cli.models.teachers import open_teacher
 from disback_cli.models.text_to_image.unet import example_conditions
 from disback_cli.stages.record import run_record
@@ -40,13 +39,17 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd_path(models):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(probe, "PROBE_SAMPLES", 16)
-        out = models["root"] / "path"
-        cfg = RecordConfig(
-            teacher=str(models["sd"]), prompts=str(models["prompts"]), iters=4, nodes=2, batch=4
-        )
-        run_record(cfg.model_copy(update={"device": "cpu"}), out)
+    out = models["root"] / "path"
+    cfg = RecordConfig(
+        teacher=str(models["sd"]),
+        prompts=str(models["prompts"]),
+        iters=4,
+        nodes=2,
+        batch=4,
+        probe_samples=16,
+        device="cpu",
+    )
+    run_record(cfg, out)
     return out
 
 

@@ -4,6 +4,7 @@ final values; the TTY bar keeps showing the last evaluation."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -73,12 +74,15 @@ def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
 def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
     from conftest import run_cli
 
-    args = ("--teacher", "builtin:ring2d", "--iters", "4", "--nodes", "2", "--batch", "16")
-    result = run_cli("record", *args, "--out", tmp_path / "t", "--device", "cpu")
+    args = ("--teacher", "builtin:ring2d", "--iters", "4", "--nodes", "2", "--batch", "4")
+    result = run_cli("record", *args, "--probe-samples", "40", "--out", tmp_path / "t")
     assert result.code == 0, result.stderr
     lines = result.stderr.splitlines()
-    probe = next(i for i, line in enumerate(lines) if line.startswith("path probe: 512 G0"))
-    assert probe < next(i for i, line in enumerate(lines) if line.startswith("record: done"))
+    said = lines.index("path probe: 40 G0 samples through G0 and the teacher (chunks of 16)")
+    built = next(i for i, line in enumerate(lines) if line.startswith("path probe: done, 6/6 in"))
+    assert said < built < next(i for i, ln in enumerate(lines) if ln.startswith("record: done"))
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["config"]["probe_samples"] == 40
 
 
 def test_under_torchrun_rank_0_alone_logs_progress(small_trajectory, tmp_path):

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig, TeacherTrainConfig
+from disback_cli.config import BacktrackConfig, RecordConfig, SampleConfig
 from disback_cli.config.recipes import build_config, read_recipe
+from disback_cli.config.teacher_train import TeacherTrainConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.toml"))

@@ -1,6 +1,6 @@
 import torch
 
-from disback_cli.config import TeacherTrainConfig
+from disback_cli.config.teacher_train import TeacherTrainConfig
 from disback_cli.evaluation.ground_truth import evaluate_vectors
 from disback_cli.method.generator import build_g0
 from disback_cli.method.sampling import edm_sampler, seeded_noise

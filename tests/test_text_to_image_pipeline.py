@@ -19,25 +19,16 @@ from test_backtrack import At, crash
 
 from conftest import file_digests, run_cli
 from disback_cli.config import BacktrackConfig, RecordConfig
-from disback_cli.method import probe
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import BacktrackManifest, TrajectoryManifest, read_manifest
 
-RECORD = dict(iters=8, nodes=2, batch=8, lr=1e-3, device="cpu")
+# Nodes measured on 64 probe samples, not 512: these tests check the pipeline, not the nodes.
+RECORD = dict(iters=8, nodes=2, batch=8, lr=1e-3, device="cpu", probe_samples=64)
 BACKTRACK = dict(
     iters=6, interval=2, batch=2, lr_g=1e-4, lr_fake=1e-4, save_every=2, log_every=1, device="cpu"
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def small_probe():
-    """Nodes measured on 64 probe samples instead of 512: these tests check the pipeline, not
-    where nodes stand (the probe runs a UNet forward per chunk of the batch)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(probe, "PROBE_SAMPLES", 64)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +370,8 @@ def test_adapters_too_slow_to_move_the_path_are_named_before_recording(models, t
     starts (even with --json), listed in the JSON; each node's fit is reported against the
     teacher's."""
     args = ["record", "-t", models["sd"], "--prompts", models["prompts"], "--iters", "2"]
-    args += ["--nodes", "1", "--batch", "2", "--device", "cpu", "--json", "--out", tmp_path / "t"]
+    args += ["--nodes", "1", "--batch", "2", "--probe-samples", "64", "--device", "cpu"]
+    args += ["--json", "--out", tmp_path / "t"]
     result = run_cli(*args, "--lora-rank", "4", "--lr", "1e-5")
     assert result.code == 0, result.stderr
     warning = (

@@ -9,8 +9,8 @@ import typer
 
 from disback_cli.cli._common import JsonOpt, QuietOpt, emit_json, reporting, stdout
 from disback_cli.cli.options import config_command
-from disback_cli.config import TeacherTrainConfig
 from disback_cli.config.teacher_kinds import BUILTIN_PREFIX, BUILTIN_TEACHERS
+from disback_cli.config.teacher_train import TeacherTrainConfig
 
 app = typer.Typer(help="Teachers: inspect, convert EDM pickles, list built-ins, train one.")
 

@@ -9,6 +9,7 @@ every other field defines the run, and a change to it is refused unless the run 
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -166,8 +167,12 @@ class _Training(_Compute):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        if value not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {value!r} (known: {', '.join(LOSS_NAMES)})")
+        # Losses registered from Python live in the registry, imported by whoever registered them;
+        # until it is imported it holds the built-ins alone (and a typo needs no torch).
+        registry = sys.modules.get("disback_cli.method.losses")
+        known = tuple(registry.GENERATOR_LOSSES) if registry else LOSS_NAMES
+        if value not in known:
+            raise ValueError(f"unknown loss {value!r} (known: {', '.join(known)})")
         return value
 
 
@@ -184,6 +189,11 @@ class RecordConfig(_Training):
         5, description="path nodes saved evenly over the iterations"
     )
     batch: Batch = Field(256, description="G0 samples per iteration")
+    probe_samples: Annotated[int, Field(ge=1, le=1 << 16)] = Field(
+        512,
+        description="G0 samples of the fixed probe each node is measured on (fewer: a faster, "
+        "noisier measure, for smoke tests)",
+    )
     lr: Rate | None = Field(None, description="Adam learning rate")
     betas: Betas = Field((0.9, 0.999), description="Adam betas")
     sigma_init: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
@@ -421,28 +431,3 @@ class SampleConfig(_Compute):
         description="classifier-free guidance of a text-to-image --teacher; none: the scale "
         "backtrack guides its target with (1.75 for SD 1.x/2.x, 8 for SDXL)",
     )
-
-
-class TeacherTrainConfig(_Config):
-    """Train a built-in teacher from scratch on its ground-truth data set."""
-
-    dataset: str = Field(max_length=100, description="ground-truth data set, e.g. ring2d")
-    arch: str = Field("mlp", max_length=100, description="network architecture")
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="network kwargs")
-    sigma_data: Annotated[float, Field(gt=0, le=1e3)] = Field(
-        0.5, description="data standard deviation for EDM"
-    )
-    iters: Iters = Field(10000, description="training iterations")
-    batch: Batch = Field(512, description="batch size")
-    lr: Rate = Field(2e-3, description="peak learning rate (cosine decay to 0)")
-    p_mean: PMean = Field(-1.2, description="log-normal sigma mean")
-    p_std: PStd = Field(1.2, description="log-normal sigma std")
-    conditional: bool = Field(False, description="condition on the data set's class labels")
-    warmup: Count = Field(0, description="linear learning-rate warm-up iterations")
-    ema_halflife_kimg: Annotated[float, Field(gt=0, le=1e9)] | None = Field(
-        None, description="EMA half-life (none: off)"
-    )
-    ema_rampup: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
-        0.05, description="EMA ramp-up ratio"
-    )
-    seed: Seed = Field(0, description="random seed")

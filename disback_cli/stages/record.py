@@ -16,11 +16,10 @@ from torch import nn
 from disback_cli.config import RecordConfig
 from disback_cli.config.resolve import resolve_record
 from disback_cli.errors import ConfigError, DisbackError
-from disback_cli.method import probe as path_probe
 from disback_cli.method.dsm import denoising_step
 from disback_cli.method.generator import build_g0, g0_spec, load_student
 from disback_cli.method.noise import TrainingSigma
-from disback_cli.method.probe import PathProbe
+from disback_cli.method.probe import PathProbe, probe_chunk
 from disback_cli.method.schedule import node_steps
 from disback_cli.models.denoiser_files import DenoiserFile
 from disback_cli.models.networks import enable_checkpointing, set_dropout
@@ -94,9 +93,10 @@ def _record(
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True, networks=networks)
-    samples = path_probe.PROBE_SAMPLES  # the fixed probe is built before any output of its own
-    run.note(f"path probe: {samples} G0 samples through G0 and the teacher (chunks of {cfg.batch})")
-    probe = PathProbe(teacher, g0, TrainingSigma.of(cfg, teacher.denoiser), cfg.batch, ex.device)
+    size = (cfg.probe_samples, probe_chunk(cfg.probe_samples, cfg.batch))
+    run.note(f"path probe: {size[0]} G0 samples through G0 and the teacher (chunks of {size[1]})")
+    levels = TrainingSigma.of(cfg, teacher.denoiser)
+    probe = PathProbe(teacher, g0, levels, size, ex.device, run.reporter)
     plan = previous.node_plan if previous is not None else None
     if plan is None:
         plan = node_steps(cfg.iters, cfg.nodes)[1:]

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from disback_cli import __version__
-from disback_cli.config import TeacherTrainConfig
+from disback_cli.config.teacher_train import TeacherTrainConfig
 from disback_cli.errors import ConfigError, describe_validation_error
 from disback_cli.evaluation.datasets import get_dataset
 from disback_cli.method.dsm import edm_denoising_loss
