@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SMALL_RECORD, file_digests
 from disback_cli.config import RecordConfig
-from disback_cli.errors import ConfigError
+from disback_cli.errors import ConfigError, InterruptedRun
 from disback_cli.runtime.reporting import SilentReporter
 from disback_cli.stages.record import run_record
 from disback_cli.store.manifests import TrajectoryManifest, read_manifest
@@ -115,3 +115,37 @@ def test_placement_by_distance_resumes_to_identical_nodes(tmp_path):
         run_record(cfg, tmp_path / "broken", reporter=CrashAt(45))
     run_record(cfg, tmp_path / "broken")
     assert file_digests(tmp_path / "whole") == file_digests(tmp_path / "broken")
+
+
+class InterruptAt(CrashAt):
+    """Ctrl-C raised inside a phase (as a second SIGINT or one outside the iterations does)."""
+
+    def advance(self, completed: int, **fields: float) -> None:
+        if completed == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_any_phase_says_what_was_kept(small_trajectory, tmp_path, cli, monkeypatch):
+    out = tmp_path / "t"
+    with pytest.raises(InterruptedRun, match="keeps its resume point at iteration 20; run the"):
+        run_record(RecordConfig(**SMALL_RECORD), out, reporter=InterruptAt(31))
+    resumed = run_record(RecordConfig(**SMALL_RECORD), out)  # and the rerun resumes, exactly
+    assert file_digests(out) == file_digests(small_trajectory)
+    assert resumed.status == "complete"
+
+    def probe_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("disback_cli.stages.record.PathProbe", probe_interrupted)
+    done = cli("record", "--teacher", "builtin:ring2d", "--out", tmp_path / "new")
+    assert done.code == 130
+    assert done.stderr.splitlines()[-1] == (
+        f"error: interrupted before the first resume point of the recording in {tmp_path / 'new'}"
+        ": nothing to resume; run the same command again to start it"
+    )
+    monkeypatch.setattr("disback_cli.stages.record.open_teacher", probe_interrupted)
+    done = cli("record", "--teacher", "builtin:ring2d", "--out", tmp_path / "other")
+    assert (done.code, done.stderr) == (
+        130,
+        "error: interrupted; the files disback had finished are kept (each is written whole)\n",
+    )

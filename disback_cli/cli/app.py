@@ -72,6 +72,9 @@ def root(
     """
 
 
+INTERRUPTED = "interrupted; the files disback had finished are kept (each is written whole)"
+
+
 def _shutdown() -> None:
     """End torchrun's process group, if a command started one (`--help` never imports torch)."""
     if "disback_cli.runtime.parallel" in sys.modules:
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=args, prog_name="disback", standalone_mode=False)
         _shutdown()
+        if code == 130:  # Typer's silent answer to a Ctrl-C that no stage caught
+            raise KeyboardInterrupt
     except InterruptedRun as exc:
         _fail(str(exc), 130)
     except DisbackError as exc:
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     except TyperException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except (Abort, KeyboardInterrupt):
-        _fail("interrupted", 130)
+        _fail(INTERRUPTED, 130)
     except ValidationError as exc:  # a value checked where no one-line message was written
         if debug:
             raise

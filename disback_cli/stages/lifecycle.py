@@ -231,6 +231,7 @@ class Run:
     def __init__(self, directory: Path, kind: RunKind, ex: Execution, reporter: Reporter) -> None:
         self.directory, self.kind, self.ex, self.reporter = Path(directory), kind, ex, reporter
         self.manifest: Any = None  # the stage's RunManifest, once `begin` has run
+        self._previous: Any = None  # the manifest being resumed, once read
         self.state: TrainingState | None = None
         self.store = STATE_STORES[ex.layout.sharded]
         self._resuming = False
@@ -244,8 +245,24 @@ class Run:
             self._exits.enter_context(lock)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, kind, exc, traceback) -> None:
         self._exits.close()  # stop-signal handlers first, then the lock
+        if kind is KeyboardInterrupt:  # outside the iterations, or a second stop signal
+            raise InterruptedRun(self._what_was_kept()) from None
+
+    def _what_was_kept(self) -> str:
+        """What an interruption leaves: the last resume point written, or nothing to resume."""
+        manifest = self.manifest if self.manifest is not None else self._previous
+        ref = None if manifest is None else manifest.state
+        if ref is None:
+            return (
+                f"interrupted before the first resume point of the {self.kind.noun} in "
+                f"{self.directory}: nothing to resume; run the same command again to start it"
+            )
+        return (
+            f"interrupted: {self.directory} keeps its resume point at iteration {ref.step}; "
+            "run the same command again to resume from it"
+        )
 
     def note(self, text: str) -> None:
         self.reporter.note(text)
@@ -272,7 +289,7 @@ class Run:
             for path in remove_ours(directory, layout) if self.ex.is_main else []:
                 self.note(f"removed {path} (left by a {kind.noun} killed before it started)")
             return None
-        manifest = read_manifest(directory, kind.manifest)
+        manifest = self._previous = read_manifest(directory, kind.manifest)
         refuse_foreign(directory, layout, whole=False)
         unset = dict.fromkeys(kind.extendable)
         found = config_changes({**manifest.config.identity(), **unset}, {**cfg.identity(), **unset})
