@@ -220,7 +220,7 @@ def run_arm(
                     if "eval" in ln
                 },
                 "mismatch": {ln["iteration"]: ln["mismatch"] for ln in lines if "mismatch" in ln},
-                "score_gap": {ln["iteration"]: ln["score_gap"] for ln in lines},
+                "score_gap": {ln["iteration"]: ln["score_gap"] for ln in lines if "loss_g" in ln},
             }
             with out.open("a") as f:
                 f.write(json.dumps(entry) + "\n")

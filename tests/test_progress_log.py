@@ -64,6 +64,9 @@ def test_a_backtrack_logged_to_a_file_shows_progress_and_its_final_metrics(
     progress = [line for line in done.stderr.splitlines() if line.startswith("backtrack")]
     measured = [line for line in progress if re.search(r"mmd2 [-0-9.e]+", line)]
     assert any(": 10/20 (50%)" in line for line in measured), done.stderr
+    evaluating = progress.index("backtrack default: iteration 10: evaluating the EMA generator")
+    assert ": 10/20 (50%)" in progress[evaluating + 1]  # said before, measured after
+    assert re.search(r"^G0 \(iteration 0\): mmd2 [-0-9.e]+", done.stderr, re.M), done.stderr
     assert progress[-1].startswith("backtrack default: done, 20/20 in"), done.stderr
     assert "loss_g" in progress[-1] and "mmd2" in progress[-1]
     assert "complete at iteration 20" in done.stdout and "mmd2" in done.stdout  # closing line

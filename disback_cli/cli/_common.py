@@ -100,6 +100,10 @@ class RichReporter:
         self.latest.update(fields)  # an evaluation's metrics stay shown until the next one
         self.progress.update(self.task, completed=completed, info=_values(self.latest))
 
+    def phase(self, text: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, info=text)  # until the next advance
+
     def note(self, text: str) -> None:
         self.progress.console.print(text)
 
@@ -117,6 +121,9 @@ class MessageReporter:
         pass
 
     def advance(self, completed: int, **fields: float) -> None:
+        pass
+
+    def phase(self, text: str) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -170,6 +177,9 @@ class LogReporter(MessageReporter):
             )
         values = _values(self.latest)
         print(f"{head}{', ' + values if values else ''}", file=sys.stderr, flush=True)
+
+    def phase(self, text: str) -> None:
+        print(f"{self.description}: {text}", file=sys.stderr, flush=True)
 
 
 def _values(fields: dict[str, float]) -> str:

@@ -6,17 +6,22 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from disback_cli.cli._common import ForceOpt, JsonOpt, QuietOpt, emit_json, reporting, stdout
-from disback_cli.cli.options import config_command
-from disback_cli.config import BacktrackConfig
+from disback_cli.cli.options import Recipe, config_command
+from disback_cli.config import BacktrackConfig, SampleConfig
+from disback_cli.config.recipes import recipe_table
+from disback_cli.errors import ConfigError, describe_validation_error
 from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import SampleRecipe
 from disback_cli.store.metrics_log import read_metrics
 
 
 @config_command(BacktrackConfig, "backtrack")
 def backtrack(
     cfg: BacktrackConfig,
+    recipe: Recipe,
     trajectory: Annotated[
         Path, typer.Option("--trajectory", "-T", help="Trajectory directory from `disback record`.")
     ] = Path("."),
@@ -40,9 +45,16 @@ def backtrack(
     from disback_cli.runtime.parallel import is_main_process
     from disback_cli.stages.backtrack import run_backtrack
 
+    sample_recipe = recorded_sample_recipe(recipe.path)
     with reporting(quiet or json_out) as reporter:
         manifest = run_backtrack(
-            cfg, trajectory, name, force=force, teacher_override=teacher, reporter=reporter
+            cfg,
+            trajectory,
+            name,
+            force=force,
+            teacher_override=teacher,
+            reporter=reporter,
+            sample_recipe=sample_recipe,
         )
     if not is_main_process():  # under torchrun, rank 0 reports
         return
@@ -74,3 +86,16 @@ def backtrack(
             f"{run_dir}: {manifest.status} at iteration {manifest.step} "
             f"({manifest.elapsed_seconds:.1f} s); generator: {summary['generator_ema']}{metrics}"
         )
+
+
+def recorded_sample_recipe(path: Path | None) -> SampleRecipe | None:
+    """The recipe's `[sample]` table, checked now, for the run to remember: `sample -T` then
+    draws with it without being given the recipe again."""
+    found = recipe_table(SampleConfig, path, "sample") if path is not None else None
+    if found is None:
+        return None
+    table, sha256 = found
+    try:
+        return SampleRecipe(file=str(path), sha256=sha256, table=table)
+    except ValidationError as exc:
+        raise ConfigError(f"{path} [sample]: {describe_validation_error(exc)}") from None

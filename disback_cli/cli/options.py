@@ -5,7 +5,8 @@ once, as its config field: name, help text, choices, bounds and default come fro
 Typer command with one option per field of `Model` (a field's `flags` metadata renames its flag
 or, empty, leaves it to recipes and `--set`), plus `--config` and `--set`. The function is called
 with the config built from defaults < recipe < flags (`config.build_config`) and with its own
-parameters, which keep their own Typer declarations.
+parameters, which keep their own Typer declarations; a parameter named `recipe` is given the
+command's `Recipe` instead of an option.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,16 @@ TRAILING = ("force", "json_out", "quiet")  # the command's own options listed af
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML recipe; flags override its values.")
 ]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The recipe a command was given (`path`, None without --config), and its config rebuilt
+    over a recipe table found elsewhere (`over(where, table)`: flags and --set still win), for a
+    command whose recipe defaults to one a run recorded."""
+
+    path: Path | None
+    over: Callable[[str, dict[str, Any]], Any]
 
 
 def unwrap(annotation: Any) -> Any:
@@ -170,7 +182,8 @@ def config_command(model: type, table: str) -> Callable[[Callable], Callable]:
     `--config` and `--set` (see the module docstring)."""
 
     def decorate(fn: Callable) -> Callable:
-        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "cfg"]
+        declared = inspect.signature(fn).parameters
+        own = [p for name, p in declared.items() if name not in ("cfg", "recipe")]
         hints = typing.get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=hints[p.name], kind=KEYWORD) for p in own]
         fields = [_field_parameter(model, name) for name in _fields_in_order(model)]
@@ -187,7 +200,15 @@ def config_command(model: type, table: str) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             flags = _as_config_values(model, {k: kwargs.pop(k) for k in field_names})
-            cfg = build_config(model, kwargs.pop("config"), table, flags, kwargs.pop("settings"))
+            recipe, settings = kwargs.pop("config"), kwargs.pop("settings")
+            cfg = build_config(model, recipe, table, flags, settings)
+            if "recipe" in declared:
+                kwargs["recipe"] = Recipe(
+                    recipe,
+                    lambda where, values: build_config(
+                        model, None, table, flags, settings, layer=(where, values)
+                    ),
+                )
             return fn(cfg, **kwargs)
 
         command.__signature__ = inspect.Signature(parameters)

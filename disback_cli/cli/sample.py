@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from disback_cli.cli._common import Flag, JsonOpt, QuietOpt, emit_json, reporting, stdout
-from disback_cli.cli.options import config_command
+from disback_cli.cli.options import Recipe, config_command
 from disback_cli.config import SampleConfig
+from disback_cli.errors import one_line
+from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.layout import backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
@@ -51,6 +54,7 @@ GridOutOpt = Annotated[
 @config_command(SampleConfig, "sample")
 def sample(
     cfg: SampleConfig,
+    recipe: Recipe,
     trajectory: TrajectoryOpt = Path("."),
     name: Annotated[str, typer.Option(help="Backtrack run to sample from.")] = "default",
     generator: GeneratorOpt = None,
@@ -75,6 +79,9 @@ def sample(
 
     Text-to-image: --prompts FILE draws -n images per prompt (seeds 0..n-1 for every prompt),
     decoded by the teacher's VAE; prompts.json lists each image's prompt and seed.
+
+    Without --config, a run's samples use the [sample] table of the recipe its backtrack was
+    given (flags and --set override it).
     """
     from disback_cli.runtime.parallel import is_main_process
     from disback_cli.stages.sample import (
@@ -89,6 +96,7 @@ def sample(
         else:
             expected, default_dir = None, Path(".")
             if generator is None:
+                cfg = with_recorded_recipe(recipe, cfg, trajectory, name, reporter)
                 generator, expected = generator_file_of_run(trajectory, name, cfg.weights)
                 default_dir = backtrack_dir(trajectory, name)
                 cfg = with_trajectory_prompts(cfg, trajectory, reporter)
@@ -114,3 +122,25 @@ def sample(
             f"wrote {summary['n']} samples to {summary['out']} "
             f"({summary['samples_per_second']:.0f} samples/s){grid}"
         )
+
+
+def with_recorded_recipe(
+    recipe: Recipe, cfg: SampleConfig, trajectory: Path, name: str, reporter: Reporter
+) -> SampleConfig:
+    """Without --config, the run's config over the [sample] table its backtrack recorded (see
+    `stages.sample.with_run_recipe`), said in one note, since no flag shows where it came from."""
+    from disback_cli.stages.sample import with_run_recipe
+
+    if recipe.path is not None:
+        return cfg
+    cfg, recorded = with_run_recipe(recipe.over, cfg, trajectory, name)
+    if recorded is not None:
+        reporter.note(
+            escape(
+                one_line(
+                    f"sample settings: [sample] of {recorded}, recorded by backtrack "
+                    "(--config chooses another recipe)"
+                )
+            )
+        )
+    return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,20 +20,22 @@ RECIPE_TABLES = ("record", "backtrack", "sample", "export", "teacher_train")
 MAX_RECIPE_BYTES = 1 << 20
 
 
-def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
-    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables.
+def _read_recipe_file(path: str | Path) -> tuple[dict[str, Any], bool, str]:
+    """A TOML recipe's content, whether it has command tables, and the sha256 of its bytes.
 
     Tables other than the commands' and keys outside any table are refused, so a misspelt table
     name cannot silently drop its settings."""
     try:
-        data = tomllib.loads(read_regular_file(path, MAX_RECIPE_BYTES, "recipe").decode())
+        raw = read_regular_file(path, MAX_RECIPE_BYTES, "recipe")
+        data = tomllib.loads(raw.decode())
     except DisbackError as exc:
         raise ConfigError(str(exc).replace("no such file", "recipe file not found")) from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not a valid TOML recipe ({exc})") from None
+    sha256 = hashlib.sha256(raw).hexdigest()
     tables = [k for k, v in data.items() if isinstance(v, dict)]
     if not tables:
-        return data
+        return data, False, sha256
     unknown = [k for k in tables if k not in RECIPE_TABLES]
     if unknown:
         raise ConfigError(
@@ -41,7 +44,26 @@ def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
     loose = [k for k in data if k not in tables]
     if loose:
         raise ConfigError(f"{path}: key {loose[0]!r} is outside any table; put it in one")
-    return data.get(section, {})
+    return data, True, sha256
+
+
+def read_recipe(path: str | Path, section: str) -> dict[str, Any]:
+    """The `[section]` table of a TOML recipe, or the whole file if it has no command tables."""
+    data, has_tables, _ = _read_recipe_file(path)
+    return data.get(section, {}) if has_tables else data
+
+
+def recipe_table(
+    model: type[BaseModel], path: str | Path, section: str
+) -> tuple[dict[str, Any], str] | None:
+    """A recipe's own `[section]` table (None if it has none) and the file's sha256, checked as
+    `model`'s recipe layer now: a command that records another command's table for later
+    (backtrack, its [sample]) refuses a typo at once rather than when the table is used."""
+    data, has_tables, sha256 = _read_recipe_file(path)
+    if not has_tables or section not in data:
+        return None
+    build_config(model, None, section, {}, layer=(f"{path} [{section}]", data[section]))
+    return data[section], sha256
 
 
 MAX_SETTINGS = 200  # --set options in one command
@@ -74,10 +96,17 @@ def build_config(
     section: str,
     flags: dict[str, Any],
     settings: list[str] | None = None,
+    *,
+    layer: tuple[str, dict[str, Any]] | None = None,
 ) -> ConfigT:
     """Defaults < recipe < flags and `--set KEY=VALUE` (flags left as None are not given; a key
-    set both ways is refused)."""
-    values = read_recipe(recipe, section) if recipe else {}
+    set both ways is refused). `layer`, (where it is from, table), is a recipe table found
+    elsewhere (a run's recorded [sample]), used as the recipe layer instead of `recipe`."""
+    where = f"{recipe} [{section}]"
+    if layer is not None:
+        where, values = layer[0], dict(layer[1])
+    else:
+        values = read_recipe(recipe, section) if recipe else {}
     from_recipe = set(values)
     given = {k: v for k, v in flags.items() if v is not None}
     extra = parse_settings(settings)
@@ -89,7 +118,7 @@ def build_config(
     try:
         cfg = model.model_validate(values)
     except ValidationError as exc:
-        sources = {k: f"{recipe} [{section}]" for k in from_recipe} | dict.fromkeys(extra, "--set")
+        sources = dict.fromkeys(from_recipe, where) | dict.fromkeys(extra, "--set")
         raise ConfigError(_explained(model, exc, sources)) from None
     cfg._recipe_keys = frozenset(from_recipe - set(given))
     return cfg

@@ -72,16 +72,17 @@ def _series(runs: list[list[dict]], value) -> tuple[list[int], list[list[float]]
     return shared, [[p[i] for p in points] for i in shared]
 
 
-def _draw(axis, runs: list[list[dict]], value, colour, label: str) -> None:
-    """One run as a line; a group as its median line with the [min, max] band over its runs."""
+def _draw(axis, runs: list[list[dict]], value, colour, label: str) -> list[int]:
+    """One run as a line; a group as its median line with the [min, max] band over its runs.
+    Returns the iterations drawn."""
     iterations, values = _series(runs, value)
     if not iterations:
-        return
+        return []
     if len(runs) == 1:
         axis.plot(
             iterations, [v[0] for v in values], color=colour, label=label, marker="o", markersize=2
         )
-        return
+        return iterations
     axis.plot(
         iterations,
         [statistics.median(v) for v in values],
@@ -96,6 +97,7 @@ def _draw(axis, runs: list[list[dict]], value, colour, label: str) -> None:
         alpha=0.2,
         linewidth=0,
     )
+    return iterations
 
 
 def _readable(axis) -> None:
@@ -131,14 +133,19 @@ def plot_runs(
         import matplotlib.pyplot as plt
     except ImportError:
         raise DisbackError("plotting needs matplotlib: pip install matplotlib") from None
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+    # One iteration axis for both panels: the score gap (first logged after training began)
+    # lines up with the metric curve, which starts at G0 (iteration 0).
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained", sharex=True)
     palette = plt.get_cmap(
         "tab10" if len(groups) <= 10 else "tab20" if len(groups) <= 20 else "viridis"
     )
     count = max(len(groups), 1)
+    drawn = {}  # label: [first, last] iteration of its metric curve
     for index, (label, runs) in enumerate(groups.items()):
         colour = palette(index if len(groups) <= 20 else index / max(count - 1, 1))
-        _draw(left, runs, lambda ln: ln.get("eval", {}).get(metric), colour, label)
+        iterations = _draw(left, runs, lambda ln: ln.get("eval", {}).get(metric), colour, label)
+        if iterations:
+            drawn[label] = [iterations[0], iterations[-1]]
         _draw(right, runs, lambda ln: ln.get("score_gap"), colour, label)
         if len(runs) == 1:
             for x in switch_iterations(runs[0]):
@@ -174,6 +181,7 @@ def plot_runs(
         "runs": list(groups) if not group_by else [],
         "groups": {label: len(runs) for label, runs in groups.items()} if group_by else {},
         "scale": scale,
+        "eval_iterations": drawn,
     }
 
 

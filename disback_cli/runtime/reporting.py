@@ -13,6 +13,10 @@ class Reporter(Protocol):
 
     def advance(self, completed: int, **fields: float) -> None: ...
 
+    def phase(self, text: str) -> None:
+        """What the loop does between two advances when that takes long (an evaluation)."""
+        ...
+
     def note(self, text: str) -> None: ...
 
     def warn(self, text: str) -> None:
@@ -25,6 +29,9 @@ class SilentReporter:
         pass
 
     def advance(self, completed: int, **fields: float) -> None:
+        pass
+
+    def phase(self, text: str) -> None:
         pass
 
     def note(self, text: str) -> None:

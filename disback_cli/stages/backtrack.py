@@ -51,6 +51,7 @@ from disback_cli.store.manifests import (
     BacktrackManifest,
     FileRef,
     PromptsRef,
+    SampleRecipe,
     TrajectoryManifest,
     now,
 )
@@ -68,8 +69,10 @@ def run_backtrack(
     force: bool = False,
     teacher_override: str | None = None,
     reporter: Reporter | None = None,
+    sample_recipe: SampleRecipe | None = None,
 ) -> BacktrackManifest:
-    """Train (or resume, or extend) the backtrack run `name` of `trajectory`.
+    """Train (or resume, or extend) the backtrack run `name` of `trajectory`; a new run records
+    `sample_recipe` (its recipe's [sample] table, for `sample -T`), a resumed one keeps its own.
 
     Under torchrun every process calls this; rank 0 alone writes files and reports progress."""
     trajectory = Path(trajectory)
@@ -112,7 +115,7 @@ def run_backtrack(
             (teacher, networks),
             conditions,
             fake_side,
-            name,
+            {"name": name, "sample_recipe": sample_recipe},
             force,
         )
 
@@ -184,7 +187,7 @@ def _backtrack(
     placed: tuple[Teacher, Networks],
     prompts: PromptsRef | None,
     fake_side: FakeSide,
-    name: str,
+    named: dict[str, object],  # the new manifest's name and sample_recipe
     force: bool,
 ) -> BacktrackManifest:
     """Set up (or restore) everything the backtracking loop needs, then run it."""
@@ -232,7 +235,7 @@ def _backtrack(
                 created_at=stamp,
                 updated_at=stamp,
                 status="running",
-                name=name,
+                **named,
                 teacher=teacher.reference(),
                 g0=traj.g0,
                 prompts=prompts,
@@ -248,6 +251,7 @@ def _backtrack(
         log = TrainingLog(run, cfg, teacher)
         run.note(plan.describe())  # said once every input (and tracker) has been checked
         try:
+            log.first(step, networks[1])  # --eval-every: G0 measured at iteration 0
             save = generator_files(run, teacher, generator_spec, fake_side, networks)
             losses = (loss_fn, fake_side.step, levels, fake_side.adversary)
             return backtrack(run, cfg, teacher, state, networks, targets, losses, log, save, step)

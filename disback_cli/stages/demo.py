@@ -29,7 +29,7 @@ from disback_cli.runtime.reporting import Reporter, SilentReporter
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.store.fileio import atomic_write_bytes
-from disback_cli.store.images import encode_png, grid, to_uint8
+from disback_cli.store.images import caption_above, encode_png, grid, to_uint8
 from disback_cli.store.layout import MANIFEST, backtrack_dir
 from disback_cli.store.manifests import generator_file_of_run
 
@@ -104,6 +104,18 @@ def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
+def labelled_side_by_side(
+    grids: list[np.ndarray], labels: list[str], gap: int = 4, factor: int = 4
+) -> np.ndarray:
+    """`side_by_side` enlarged `factor` times, each grid under its label (what drew it) in a
+    margin above, so the picture says which panel is which; the grids' pixels are unchanged."""
+    spans, left = [], 0
+    for g, label in zip(grids, labels, strict=True):
+        spans.append((left * factor, (left + g.shape[1]) * factor, label))
+        left += g.shape[1] + gap
+    return caption_above(_upscale(side_by_side(grids, gap), factor), spans)
+
+
 def run_demo(
     out: Path, quick: bool = False, device: str = "auto", reporter: Reporter | None = None
 ) -> dict:
@@ -141,7 +153,8 @@ def run_demo(
             }
         )
         grids.append(grid(_images(sampler, GRID_SEEDS, torch_device)))
-    atomic_write_bytes(out / "grids.png", encode_png(_upscale(side_by_side(grids), 4)))
+    picture = labelled_side_by_side(grids, list(samplers))  # "teacher, 18 Heun steps" | ...
+    atomic_write_bytes(out / "grids.png", encode_png(picture))
     run_dir = backtrack_dir(out, "default")
     plot_runs([run_dir], out / "curves.png")
     summary = {

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +34,14 @@ from disback_cli.runtime.devices import check_fits_memory
 from disback_cli.runtime.parallel import Execution, execution, process_of
 from disback_cli.runtime.reporting import Reporter
 from disback_cli.store.fileio import atomic_write_bytes, hash_regular_file
-from disback_cli.store.images import encode_png, grid, to_uint8, upscale
-from disback_cli.store.manifests import TrajectoryManifest, read_manifest, verifier_of_run
+from disback_cli.store.images import encode_png, prompt_grid, to_uint8
+from disback_cli.store.layout import MANIFEST, backtrack_dir
+from disback_cli.store.manifests import (
+    TrajectoryManifest,
+    read_manifest,
+    read_run,
+    verifier_of_run,
+)
 from disback_cli.store.sample_writers import NpzFile, PngFolder
 from disback_cli.store.samples import MAX_SAMPLES
 
@@ -66,6 +74,24 @@ def with_trajectory_prompts(
         )
     reporter.note(f"prompts: {recorded.file} (the trajectory's; --prompts FILE for others)")
     return cfg.model_copy(update={"prompts": recorded.file})
+
+
+def with_run_recipe(
+    rebuild: Callable[[str, dict[str, Any]], SampleConfig],
+    cfg: SampleConfig,
+    trajectory: Path,
+    name: str,
+) -> tuple[SampleConfig, str | None]:
+    """A run's samples drawn without --config take the [sample] table of the recipe its backtrack
+    was given (`rebuild(where, table)`: flags and --set still win), so that table is not silently
+    dropped when the recipe is not given again; also the recipe's file as given (None: the run
+    recorded no table). The table comes from a file anyone may edit: it is validated as a
+    recipe's table is."""
+    recorded = read_run(trajectory, name).sample_recipe
+    if recorded is None:
+        return cfg, None
+    where = f"{backtrack_dir(trajectory, name) / MANIFEST} sample_recipe"
+    return rebuild(where, recorded.table), recorded.file
 
 
 def write_samples(
@@ -223,7 +249,9 @@ def _write(draw, cfg, ex: Execution, reporter, seeds, items, writer, grid_path, 
         summary["grid"] = str(grid_path.absolute())
     elif grid_path is not None:
         grid_chunks = [g for _, _, g in ordered if g is not None and len(g)]
-        atomic_write_bytes(grid_path, encode_png(upscale(grid(np.concatenate(grid_chunks)))))
+        tiles = np.concatenate(grid_chunks)  # the first GRID_IMAGES, captioned with prompts
+        picture = prompt_grid(tiles, prompts[: len(tiles)] if prompts else None)
+        atomic_write_bytes(grid_path, encode_png(picture))
         summary["grid"] = str(grid_path.absolute())
     return summary
 

@@ -40,7 +40,8 @@ class TrainingLog:
         self.mismatch = None
         if cfg.mismatch_every and run.ex.is_main:
             self.mismatch = ScoreMismatch(get_dataset(teacher.dataset), run.ex.device)
-        self.log = MetricsLog(check_no_links(run.directory, METRICS), run.ex.is_main)
+        self.path = check_no_links(run.directory, METRICS)
+        self.log = MetricsLog(self.path, run.ex.is_main)
         self.trackers = []
         if run.ex.is_main:
             self.trackers = open_trackers(
@@ -59,6 +60,22 @@ class TrainingLog:
         self.sums, self.count = {}, 0
         return dict(zip(keys, values.tolist(), strict=True))
 
+    def first(self, start: int, generator_ema) -> None:
+        """With `eval_every`, the line of iteration 0: G0 measured (the EMA before the first
+        step is G0), so curves start where training did. Only when the run starts at iteration
+        0 and its log has no line yet (a resumed run keeps its line 0), so that a resumed run's
+        metrics.jsonl equals an uninterrupted one."""
+        if start or not self.evaluate or self.path.stat().st_size:
+            return
+        # `seconds` as on every log line (of training: none yet), for readers that expect it
+        line = {"seconds": self.run.manifest.elapsed_seconds, "eval": self.evaluate(generator_ema)}
+        self.run.note(
+            "G0 (iteration 0): " + ", ".join(f"{k} {v:.4g}" for k, v in line["eval"].items())
+        )
+        self.log.write(0, line)
+        for tracker in self.trackers:
+            tracker.log(0, line)
+
     def line(self, step: int, target_node: int, generator_ema, networks: tuple) -> None:
         """The log line of `step`, if one is due; `networks`: (generator, fake, target) for the
         score-mismatch diagnostics."""
@@ -73,6 +90,7 @@ class TrainingLog:
             if peak is not None:  # this GPU's peak so far (rank 0's)
                 line["peak_memory_gib"] = peak
         if self.evaluate and (step % cfg.eval_every == 0 or last):
+            self.run.reporter.phase(f"iteration {step}: evaluating the EMA generator")
             line["eval"] = self.evaluate(generator_ema)
         if "loss_g" in line or "eval" in line:  # progress: the losses, and metrics when measured
             losses = (

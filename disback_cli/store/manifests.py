@@ -68,6 +68,27 @@ def _bounded_network(value: dict[str, Any]) -> dict[str, Any]:
 # A network's description as `models.networks.NetworkSpec` writes it, kept as it is here: the
 # models check it (bounds, known architecture) before they build anything from it.
 NetworkRecord = Annotated[dict[str, Any], AfterValidator(_bounded_network)]
+MAX_TABLE_JSON = 1 << 16
+MAX_TABLE_KEYS = 200
+
+
+def _bounded_table(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("a recipe table of JSON values only") from None
+    if len(text) > MAX_TABLE_JSON:
+        raise ValueError(f"a recipe table longer than {MAX_TABLE_JSON} characters")
+    return value
+
+
+# A recipe table as the recipe gave it, kept as it is here: whoever uses it validates it as it
+# validates a recipe's (see `SampleRecipe`).
+RecipeTable = Annotated[
+    dict[Annotated[str, Field(max_length=100)], Any],
+    Field(max_length=MAX_TABLE_KEYS),
+    AfterValidator(_bounded_table),
+]
 
 
 def now() -> str:
@@ -128,6 +149,16 @@ class DataRecord(_Record):
     source: str = Field(max_length=4096)
     sha256: Sha256
     count: Annotated[int, Field(ge=0, le=1 << 40)]
+
+
+class SampleRecipe(_Record):
+    """The `[sample]` table of the recipe a backtrack run was started with, so that `sample -T`
+    uses it without being given the recipe again. The table is checked only as far as its size
+    here; `sample` validates it as a recipe's before using any of it."""
+
+    file: str = Field(max_length=4096)  # as given to --config
+    sha256: Sha256  # of the recipe file when the run started
+    table: RecipeTable
 
 
 class G0Spec(_Record):
@@ -251,6 +282,7 @@ class BacktrackManifest(RunManifest):
     ratio: FileRef | None = None  # diffratio: its density-ratio network (the verifier)
     head: FileRef | None = None  # --adversary dmd2: the classifier head
     data: DataRecord | None = None  # diffratio, --adversary: the real data it learned from
+    sample_recipe: SampleRecipe | None = None  # its --config recipe's [sample] table, if any
     metrics: Literal["metrics.jsonl"] = METRICS
 
     def files(self) -> set[str]:
@@ -361,8 +393,8 @@ def _not_a_trajectory_hint(trajectory: Path) -> str:
     return ""
 
 
-def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
-    """Latest generator file of a backtrack run and the sha256 its manifest gives for it."""
+def read_run(trajectory: Path, name: str) -> BacktrackManifest:
+    """The manifest of the backtrack run `name` of `trajectory`, or which runs there are."""
     trajectory = Path(trajectory)
     run_dir = backtrack_dir(trajectory, name)
     manifest_path = check_no_links(trajectory, run_dir.relative_to(trajectory) / MANIFEST)
@@ -373,7 +405,13 @@ def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Pa
             f"{run_dir}: no backtrack run named {name!r} ({listed}; run `disback backtrack`)"
             + _not_a_trajectory_hint(trajectory)
         )
-    manifest = read_manifest(run_dir, BacktrackManifest)
+    return read_manifest(run_dir, BacktrackManifest)
+
+
+def generator_file_of_run(trajectory: Path, name: str, weights: str) -> tuple[Path, str]:
+    """Latest generator file of a backtrack run and the sha256 its manifest gives for it."""
+    run_dir = backtrack_dir(trajectory, name)
+    manifest = read_run(trajectory, name)
     ref = manifest.generator_ema if weights == "ema" else manifest.generator
     if ref is None:
         raise DisbackError(f"{run_dir}: the run has not saved a generator yet")
