@@ -93,3 +93,27 @@ def test_under_torchrun_rank_0_alone_logs_progress(small_trajectory, tmp_path):
     done = backtrack_logged(small_trajectory, tmp_path, *flags, processes=2)
     closing = [ln for ln in done.stderr.splitlines() if ln.startswith("backtrack default: done")]
     assert len(closing) == 1, done.stderr[-3000:]
+
+
+def test_the_terminal_bar_shows_each_phase_until_the_loop_moves_on():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from disback_cli.cli._common import RichReporter
+
+    console = Console(file=io.StringIO(), force_terminal=True)
+    with Progress(TextColumn("{task.description}"), console=console) as progress:
+        reporter = RichReporter(progress)
+        reporter.phase("opening the teacher builtin:ring2d")  # before any loop: a bar of its own
+        assert [(t.description, t.total) for t in progress.tasks] == [
+            ("opening the teacher builtin:ring2d", None)
+        ]
+        reporter.start("backtrack", 20, 0)  # ...which the loop's bar replaces
+        assert [t.description for t in progress.tasks] == ["backtrack"]
+        reporter.advance(10, loss_g=0.5)
+        reporter.phase("iteration 10: evaluating the EMA generator")
+        assert progress.tasks[0].fields["info"] == "iteration 10: evaluating the EMA generator"
+        reporter.advance(10, loss_g=0.5, mmd2=0.25)
+        assert progress.tasks[0].fields["info"] == "loss_g 0.5  mmd2 0.25"

@@ -91,10 +91,17 @@ class RichReporter:
 
     def __init__(self, progress: Progress) -> None:
         self.progress, self.task, self.latest = progress, None, {}
+        self.waiting = None  # a phase before the first loop (opening a teacher): a bar of no length
 
     def start(self, description: str, total: int, completed: int) -> None:
+        self.end_waiting()
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
         self.latest = {}
+
+    def end_waiting(self) -> None:
+        if self.waiting is not None:
+            self.progress.remove_task(self.waiting)
+            self.waiting = None
 
     def advance(self, completed: int, **fields: float) -> None:
         self.latest.update(fields)  # an evaluation's metrics stay shown until the next one
@@ -103,6 +110,9 @@ class RichReporter:
     def phase(self, text: str) -> None:
         if self.task is not None:
             self.progress.update(self.task, info=text)  # until the next advance
+            return
+        self.end_waiting()
+        self.waiting = self.progress.add_task(text, total=None, info="")
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
@@ -179,7 +189,10 @@ class LogReporter(MessageReporter):
         print(f"{head}{', ' + values if values else ''}", file=sys.stderr, flush=True)
 
     def phase(self, text: str) -> None:
-        print(f"{self.description}: {text}", file=sys.stderr, flush=True)
+        """Said once a loop has started; before, a log gets the loop's own lines only (a refusal
+        while a teacher opens stays the one line it is)."""
+        if self.description:
+            print(f"{self.description}: {text}", file=sys.stderr, flush=True)
 
 
 def _values(fields: dict[str, float]) -> str:
@@ -210,4 +223,8 @@ def reporting(quiet: bool = False) -> Iterator[Reporter]:
         TextColumn("{task.fields[info]}"),
     )
     with Progress(*columns, console=console) as progress:
-        yield RichReporter(progress)
+        reporter = RichReporter(progress)
+        try:
+            yield reporter
+        finally:
+            reporter.end_waiting()

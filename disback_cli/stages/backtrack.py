@@ -78,6 +78,7 @@ def run_backtrack(
     trajectory = Path(trajectory)
     ex, reporter = process_of(cfg, reporter)
     traj, source = completed_trajectory(trajectory, teacher_override)
+    reporter.phase(f"opening the teacher {source}")
     teacher, networks = ex.layout.place_teacher(
         lambda: open_teacher(source, ex.device, traj.teacher.sha256, recorded_in=trajectory),
         ex.device,

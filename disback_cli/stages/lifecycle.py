@@ -392,6 +392,7 @@ class Run:
             if last:
                 self._complete(step, outputs)
             elif periodic or stopping or self._save_requested:
+                self.reporter.phase(f"saving the resume point of iteration {step}")
                 self.save(step, outputs)
             self._save_requested = False
             if stopping and not last:

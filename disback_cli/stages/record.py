@@ -48,6 +48,7 @@ def run_record(
     out = Path(out)
     ex, reporter = process_of(cfg, reporter)
     # Whole, or (--parallel fsdp|hsdp) sharded as it is read; the other networks are made from it.
+    reporter.phase(f"opening the teacher {cfg.teacher}")
     teacher, networks = ex.layout.place_teacher(
         lambda: open_teacher(cfg.teacher, ex.device), ex.device
     )
@@ -218,6 +219,7 @@ def save_node(
 ) -> NodeRecord:
     """Path node `index`: the auxiliary model's weights or adapters, as `node_format` stores
     them (rank 0 writes them), and where it stands on the probe."""
+    run.reporter.phase(f"saving path node {index}")
     file = node_file(index)
     info = {
         "role": "path_node",
