@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_backtrack import At, crash
 
 from disback_cli.config import BacktrackConfig
 from disback_cli.evaluation.plot import plot_runs
-from disback_cli.runtime.reporting import SilentReporter
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.demo import _upscale, labelled_side_by_side, side_by_side
 from disback_cli.store.images import grid, prompt_grid, upscale
@@ -31,17 +31,6 @@ RUN = dict(
     eval_samples=200,
     device="cpu",
 )
-
-
-class CrashAt(SilentReporter):
-    """Raises when the loop reports iteration `step` (before that line is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def advance(self, completed: int, **fields: float) -> None:
-        if completed == self.step:
-            raise RuntimeError("simulated crash")
 
 
 def lines_of(trajectory, name: str = "default") -> list[dict]:
@@ -78,7 +67,7 @@ def test_a_resumed_run_logs_what_an_uninterrupted_one_does(
     shutil.copytree(small_trajectory, traj)
     cfg = BacktrackConfig(**{**RUN, "save_every": 20}) if crash_at == 10 else BacktrackConfig(**RUN)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_backtrack(cfg, traj, reporter=CrashAt(crash_at))
+        run_backtrack(cfg, traj, reporter=At(crash_at, crash))
     assert lines_of(traj)[0]["iteration"] == 0
     run_backtrack(cfg, traj)
     assert lines_of(traj) == lines_of(whole)

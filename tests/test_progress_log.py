@@ -81,8 +81,8 @@ def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
     result = run_cli("record", *args, "--probe-samples", "40", "--out", tmp_path / "t")
     assert result.code == 0, result.stderr
     lines = result.stderr.splitlines()
-    said = lines.index("path probe: 40 G0 samples through G0 and the teacher (chunks of 16)")
-    built = next(i for i, line in enumerate(lines) if line.startswith("path probe: done, 6/6 in"))
+    said = lines.index("path probe: 40 G0 samples through G0 and the teacher (chunks of 4)")
+    built = next(i for i, line in enumerate(lines) if line.startswith("path probe: done, 20/20 in"))
     assert said < built < next(i for i, ln in enumerate(lines) if ln.startswith("record: done"))
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["config"]["probe_samples"] == 40

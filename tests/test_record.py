@@ -14,14 +14,21 @@ from disback_cli.store.manifests import TrajectoryManifest, read_manifest
 
 
 class CrashAt(SilentReporter):
-    """Raises inside the loop after iteration `step`, like a killed process."""
+    """Raises inside the loop after iteration `step`, like a killed process (not while the path
+    probe, which reports its own progress, is built)."""
 
     def __init__(self, step: int) -> None:
-        self.step = step
+        self.step, self.loop = step, True
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.loop = description != "path probe"
 
     def advance(self, completed: int, **fields: float) -> None:
-        if completed == self.step:
-            raise RuntimeError("simulated crash")
+        if self.loop and completed == self.step:
+            self.crash()
+
+    def crash(self) -> None:
+        raise RuntimeError("simulated crash")
 
 
 def test_nodes_are_distinct_and_move_away_from_the_teacher(small_trajectory):
@@ -120,9 +127,8 @@ def test_placement_by_distance_resumes_to_identical_nodes(tmp_path):
 class InterruptAt(CrashAt):
     """Ctrl-C raised inside a phase (as a second SIGINT or one outside the iterations does)."""
 
-    def advance(self, completed: int, **fields: float) -> None:
-        if completed == self.step:
-            raise KeyboardInterrupt
+    def crash(self) -> None:
+        raise KeyboardInterrupt
 
 
 def test_ctrl_c_in_any_phase_says_what_was_kept(small_trajectory, tmp_path, cli, monkeypatch):

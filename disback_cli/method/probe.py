@@ -17,13 +17,17 @@ from disback_cli.runtime.reporting import Reporter, SilentReporter
 PROBE_SEED = 20240828  # fixed, so node distances compare across runs and seeds
 # A probe forward keeps no activations for a backward pass, where a training step keeps every
 # layer's (tens of them in a U-Net): four training batches at a time stay within the memory of a
-# step, and larger calls run faster (a CPU at batch 2 is mostly per-call overhead).
+# step, and on a GPU larger calls run faster. On a CPU the cost per sample is flat up to about 8
+# and grows beyond (benchmarks/probe_chunk.py: a CIFAR-10 DDPM++ forward takes 290 ms a sample
+# at 2 and 8, 346 ms at 32), so there the chunk stays small.
 CHUNK_BATCHES = 4
+CPU_CHUNK = 8
 
 
-def probe_chunk(samples: int, batch: int) -> int:
+def probe_chunk(samples: int, batch: int, device: torch.device) -> int:
     """Samples per network call while the probe is built and measured."""
-    return min(samples, CHUNK_BATCHES * batch)
+    per_call = CHUNK_BATCHES * batch if device.type == "cuda" else min(batch, CPU_CHUNK)
+    return min(samples, per_call)
 
 
 class PathProbe:

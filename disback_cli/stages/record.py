@@ -94,7 +94,7 @@ def _record(
 
     g0_of = previous.g0 if previous is not None else g0_spec(cfg, teacher, student)
     g0, _ = build_g0(g0_of, teacher, ex.device, cfg.verify, share=True, networks=networks)
-    size = (cfg.probe_samples, probe_chunk(cfg.probe_samples, cfg.batch))
+    size = (cfg.probe_samples, probe_chunk(cfg.probe_samples, cfg.batch, ex.device))
     run.note(f"path probe: {size[0]} G0 samples through G0 and the teacher (chunks of {size[1]})")
     levels = TrainingSigma.of(cfg, teacher.denoiser)
     probe = PathProbe(teacher, g0, levels, size, ex.device, run.reporter)
