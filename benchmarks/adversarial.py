@@ -28,6 +28,7 @@ from convergence import median_curve
 from regimes import BASE as SETTINGS
 
 from disback_cli.config import BacktrackConfig, RecordConfig
+from disback_cli.evaluation.groups import range_verdict
 from disback_cli.method.losses import LOSS_TRAINING_SIGMA
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
@@ -157,15 +158,14 @@ def spread(values: list[float]) -> tuple[float, float, float, int]:
 
 
 def verdict(a: tuple, b: tuple, names: tuple[str, str]) -> str:
-    """Lower is better; a verdict only where the seeds' ranges (two seeds at least) do not
-    overlap."""
+    """A verdict (`runs --baseline`'s rule, a distance: lower is better) only where the seeds'
+    ranges, two seeds at least, do not overlap."""
     if min(a[3], b[3]) < 2:
         return "one seed: no verdict"
-    if a[2] < b[1]:
-        return f"{names[0]} better"
-    if b[2] < a[1]:
-        return f"{names[1]} better"
-    return "ranges overlap"
+    found = range_verdict("distance", {"min": a[1], "max": a[2]}, {"min": b[1], "max": b[2]})
+    if found is None:
+        return "ranges overlap"
+    return f"{names[0] if found == 'better' else names[1]} better"
 
 
 def table(results: list[dict], metric: str) -> str:

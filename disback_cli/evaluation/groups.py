@@ -105,7 +105,7 @@ def compare_to_baseline(groups: list[dict], baseline: dict[str, str]) -> None:
             if theirs is None:
                 continue
             ours["vs_baseline"] = ours["mean"] - theirs["mean"]
-            ours["verdict"] = _verdict(metric, ours, theirs)
+            ours["verdict"] = range_verdict(metric, ours, theirs)
 
 
 def _case_of(groups: list[dict], baseline: dict[str, str]) -> dict[str, str]:
@@ -118,7 +118,9 @@ def _case_of(groups: list[dict], baseline: dict[str, str]) -> dict[str, str]:
     return spelled
 
 
-def _verdict(metric: str, ours: dict, theirs: dict) -> str | None:
+def range_verdict(metric: str, ours: dict, theirs: dict) -> str | None:
+    """Whether `ours` is "better" or "worse" than `theirs` ({"min", "max"} over seeds), by the
+    direction of `metric`; None where the ranges overlap."""
     if ours["min"] > theirs["max"]:
         higher = True
     elif ours["max"] < theirs["min"]:

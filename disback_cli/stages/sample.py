@@ -37,6 +37,7 @@ from disback_cli.store.fileio import atomic_write_bytes, hash_regular_file
 from disback_cli.store.images import encode_png, prompt_grid, to_uint8
 from disback_cli.store.layout import MANIFEST, backtrack_dir
 from disback_cli.store.manifests import (
+    MAX_PROMPT_FILE_BYTES,
     TrajectoryManifest,
     read_manifest,
     read_run,
@@ -46,7 +47,6 @@ from disback_cli.store.sample_writers import NpzFile, PngFolder
 from disback_cli.store.samples import MAX_SAMPLES
 
 GRID_IMAGES = 64
-MAX_PROMPT_FILE_BYTES = 256 << 20  # as the text family reads them
 
 
 def sample_seeds(cfg: SampleConfig) -> list[int]:

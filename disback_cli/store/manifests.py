@@ -133,6 +133,9 @@ class TeacherRef(_Record):
     dataset: str | None = Field(max_length=100)
 
 
+MAX_PROMPT_FILE_BYTES = 256 << 20  # a prompt file, read whole (by the family, or to check it)
+
+
 class PromptsRef(_Record):
     """The prompt file a text-to-image run trained on (outside the run directory: read only,
     checked by sha256)."""

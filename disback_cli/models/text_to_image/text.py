@@ -26,9 +26,9 @@ from disback_cli.models.text_to_image.folder import DiffusersFolder
 from disback_cli.models.text_to_image.unet import UNCOND_PREFIX
 from disback_cli.store.component_files import read_config
 from disback_cli.store.fileio import parse_json, read_regular_file
+from disback_cli.store.manifests import MAX_PROMPT_FILE_BYTES
 from disback_cli.store.tensorfile import check_finite, read_safetensors
 
-MAX_PROMPT_FILE_BYTES = 256 << 20
 MAX_PROMPTS = 10**7
 MAX_PROMPT_CHARS = 10_000
 IGNORED_ENCODER_KEYS = {"text_model.embeddings.position_ids"}  # a buffer older files carry
