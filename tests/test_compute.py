@@ -19,6 +19,7 @@ from disback_cli.models.networks.layers import Conv2d
 from disback_cli.models.path_nodes import PathNodes
 from disback_cli.models.teachers import open_teacher
 from disback_cli.runtime.parallel import Execution
+from disback_cli.runtime.reporting import SilentReporter
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
 from disback_cli.store.layout import backtrack_dir
@@ -62,10 +63,23 @@ def test_bf16_autocast_runs_the_networks_in_bf16_and_keeps_fp32_weights(trajecto
     assert 0 < difference < 0.02 * scale  # bf16 round-off shows, but it is the same training
 
 
+class Phases(SilentReporter):
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def phase(self, text: str) -> None:
+        self.said.append(text)
+
+
 def test_compiled_networks_give_the_same_run(trajectory, monkeypatch):
     monkeypatch.setenv("DISBACK_COMPILE_BACKEND", "aot_eager")  # inductor needs minutes here
-    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}), trajectory, "eager")
-    run_backtrack(BacktrackConfig(**{**SMALL, "iters": 20}, compile=True), trajectory, "compiled")
+    phases = {"eager": Phases(), "compiled": Phases()}
+    cfg = BacktrackConfig(**{**SMALL, "iters": 20})
+    run_backtrack(cfg, trajectory, "eager", reporter=phases["eager"])
+    compiled = cfg.model_copy(update={"compile": True})
+    run_backtrack(compiled, trajectory, "compiled", reporter=phases["compiled"])
+    said = "compiling the networks (torch.compile: minutes on a CPU)"
+    assert said in phases["compiled"].said and said not in phases["eager"].said  # said first
     a, b = final_generator(trajectory, "eager"), final_generator(trajectory, "compiled")
     assert a.keys() == b.keys()  # compiled in place: file layout unchanged
     for key in a:

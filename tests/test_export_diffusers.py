@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 
 from t2i_fixtures import make_sd_folder, write_prompts
-from test_text_to_image_pipeline import BACKTRACK, RECORD, small_probe  # noqa: F401
+from test_text_to_image_pipeline import BACKTRACK, RECORD
 
 from conftest import run_cli
 from disback_cli.config import BacktrackConfig, RecordConfig

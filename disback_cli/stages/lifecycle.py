@@ -383,6 +383,8 @@ class Run:
         self.manifest.session.update(noop=False, resumed_from=start, iterations_run=0)
         stop = self._exits.enter_context(stop_on_signals())
         self.reporter.start(description, total, start)
+        if self.ex.compile:  # the first forward builds the kernels, long before any report
+            self.reporter.phase("compiling the networks (torch.compile: minutes on a CPU)")
         for step in range(start + 1, total + 1):
             yield step
             self.manifest.session["iterations_run"] = step - start
