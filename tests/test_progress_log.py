@@ -81,6 +81,8 @@ def test_record_says_what_it_builds_before_its_first_iteration(tmp_path):
     result = run_cli("record", *args, "--probe-samples", "40", "--out", tmp_path / "t")
     assert result.code == 0, result.stderr
     lines = result.stderr.splitlines()
+    progress = [line for line in lines if line.startswith("record")]
+    assert progress[-1].startswith("record: done, 4/4 in")  # the closing line, after the nodes
     said = lines.index("path probe: 40 G0 samples through G0 and the teacher (chunks of 4)")
     built = next(i for i, line in enumerate(lines) if line.startswith("path probe: done, 20/20 in"))
     assert said < built < next(i for i, ln in enumerate(lines) if ln.startswith("record: done"))
@@ -117,3 +119,6 @@ def test_the_terminal_bar_shows_each_phase_until_the_loop_moves_on():
         assert progress.tasks[0].fields["info"] == "iteration 10: evaluating the EMA generator"
         reporter.advance(10, loss_g=0.5, mmd2=0.25)
         assert progress.tasks[0].fields["info"] == "loss_g 0.5  mmd2 0.25"
+        reporter.advance(20, loss_g=0.25)
+        reporter.phase("saving path node 2")  # after the end: the bar keeps its final values
+        assert progress.tasks[0].fields["info"] == "loss_g 0.25  mmd2 0.25"

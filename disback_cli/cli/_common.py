@@ -109,7 +109,9 @@ class RichReporter:
 
     def phase(self, text: str) -> None:
         if self.task is not None:
-            self.progress.update(self.task, info=text)  # until the next advance
+            task = next(t for t in self.progress.tasks if t.id == self.task)
+            if not task.finished:  # a finished bar keeps its final values
+                self.progress.update(self.task, info=text)  # until the next advance
             return
         self.end_waiting()
         self.waiting = self.progress.add_task(text, total=None, info="")
@@ -159,11 +161,12 @@ class LogReporter(MessageReporter):
         self.started = self.last = 0.0
         self.latest: dict[str, float] = {}
         self.routine: set[str] | None = None
+        self.closed = False  # the closing line is written
 
     def start(self, description: str, total: int, completed: int) -> None:
         self.description, self.total, self.first = description, total, completed
         self.started = self.last = self.clock()
-        self.latest, self.routine = {}, None
+        self.latest, self.routine, self.closed = {}, None, False
 
     def advance(self, completed: int, **fields: float) -> None:
         if self.routine is None:  # what every report carries (losses); more is a measurement
@@ -176,6 +179,7 @@ class LogReporter(MessageReporter):
             return
         self.last, seconds = now, now - self.started
         rate = (completed - self.first) / seconds if seconds > 0 else 0.0
+        self.closed = done
         if done:
             head = f"{self.description}: done, {completed}/{self.total} in {_duration(seconds)}"
         else:
@@ -189,9 +193,9 @@ class LogReporter(MessageReporter):
         print(f"{head}{', ' + values if values else ''}", file=sys.stderr, flush=True)
 
     def phase(self, text: str) -> None:
-        """Said once a loop has started; before, a log gets the loop's own lines only (a refusal
-        while a teacher opens stays the one line it is)."""
-        if self.description:
+        """Said while a loop runs: before, a log gets the loop's own lines only (a refusal while
+        a teacher opens stays the one line it is), and after, its closing line stays the last."""
+        if self.description and not self.closed:
             print(f"{self.description}: {text}", file=sys.stderr, flush=True)
 
 
