@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_backtrack import At, crash
+from test_backtrack import At, crash, metrics
 
 from disback_cli.config import BacktrackConfig
 from disback_cli.evaluation.plot import plot_runs
@@ -31,12 +31,6 @@ RUN = dict(
     eval_samples=200,
     device="cpu",
 )
-
-
-def lines_of(trajectory, name: str = "default") -> list[dict]:
-    """A run's metrics lines without their timings (which differ from run to run)."""
-    lines = read_metrics(backtrack_dir(trajectory, name))
-    return [{k: v for k, v in ln.items() if k != "seconds"} for ln in lines]
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +62,9 @@ def test_a_resumed_run_logs_what_an_uninterrupted_one_does(
     cfg = BacktrackConfig(**{**RUN, "save_every": 20}) if crash_at == 10 else BacktrackConfig(**RUN)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_backtrack(cfg, traj, reporter=At(crash_at, crash))
-    assert lines_of(traj)[0]["iteration"] == 0
+    assert metrics(backtrack_dir(traj, "default"))[0]["iteration"] == 0
     run_backtrack(cfg, traj)
-    assert lines_of(traj) == lines_of(whole)
+    assert metrics(backtrack_dir(traj, "default")) == metrics(backtrack_dir(whole, "default"))
 
 
 def test_the_curves_start_at_iteration_0(whole, tmp_path):
