@@ -5,21 +5,27 @@ and the refusals of bad latents files (one line, nothing written)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from t2i_fixtures import make_sd_folder, write_prompts
+from test_backtrack import At, crash
 
-from conftest import run_cli
-from disback_cli.config import RecordConfig
+from conftest import file_digests, run_cli
+from disback_cli.config import BacktrackConfig, RecordConfig
 from disback_cli.models.teachers import open_teacher
 from disback_cli.models.text_to_image.unet import example_conditions
+from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.record import run_record
+from disback_cli.store.layout import backtrack_dir
+from disback_cli.store.manifests import BacktrackManifest, read_manifest
 
 CPU = torch.device("cpu")
 RUN = ["--iters", "4", "--interval", "2", "--batch", "2", "--log-every", "2", "--save-every", "4"]
@@ -149,3 +155,68 @@ def test_the_discriminator_sees_the_teachers_own_timesteps(models):
     levels = teacher.family.discriminator_levels(teacher, 300)
     drawn = levels.sample(4000, torch.Generator().manual_seed(0), CPU)
     assert set(drawn.tolist()) == set(table[:300].tolist())  # all of them, and only them
+
+
+@pytest.fixture(scope="module")
+def lora_path(models):
+    """A 2-node path recorded as rank-4 adapters (`record --lora-rank 4`)."""
+    out = models["root"] / "lora-path"
+    cfg = RecordConfig(
+        teacher=str(models["sd"]),
+        prompts=str(models["prompts"]),
+        lora_rank=4,
+        iters=4,
+        nodes=2,
+        batch=4,
+        lr=1e-2,
+        probe_samples=16,
+        device="cpu",
+    )
+    run_record(cfg, out)
+    return out
+
+
+def test_the_head_beside_lora_adapters_trains_and_resumes_exactly(lora_path, models, tmp_path):
+    """`--adversary dmd2 --lora-rank 4` on a path of adapters: the fake score's adapters and the
+    head train with one optimiser, the resume point holds them (no full weights), and a run
+    crashed after its resume point at iteration 2 ends with the uninterrupted run's files and
+    log. peft is not asked to add a second set of adapters to the fake score (node N merged)."""
+    traj = tmp_path / "t"
+    shutil.copytree(lora_path, traj)
+    teacher = open_teacher(str(models["sd"]), CPU)
+    data = latents_file(tmp_path / "real.safetensors", teacher.denoiser.data_shape)
+    run = dict(iters=4, interval=2, batch=2, log_every=1, save_every=2, fake_steps=1)
+    adversarial = dict(adversary="dmd2", data=data, f_divergence="js")
+    cfg = BacktrackConfig(loss="dmd", lora_rank=4, device="cpu", **run, **adversarial)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_backtrack(cfg, traj, "whole")
+    assert not [w for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_backtrack(cfg, traj, "broken", reporter=At(3, crash))
+    broken = backtrack_dir(traj, "broken")
+    assert read_manifest(broken, BacktrackManifest).state.step == 2
+    early = load_file(broken / "checkpoints" / "state-00000002.safetensors")
+    run_backtrack(cfg, traj, "broken")
+    whole = backtrack_dir(traj, "whole")
+    assert file_digests(whole) == file_digests(broken)
+    timeless = lambda run: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert timeless(whole) == timeless(broken)
+    assert all("loss_disc" in line and "ratio_weight_std" in line for line in timeless(whole))
+
+    final = load_file(whole / "checkpoints" / "state-00000004.safetensors")
+    kept = {re.sub(r"\.\d+\.", ".N.", re.sub(r"\.\d+$", ".N", key)) for key in final}
+    modules = {key for key in kept if key.startswith("module.")}
+    assert modules == {  # adapters of each network, then the head's layers (no full weights)
+        *(f"module.{name}.factors.N" for name in ("generator", "generator_ema", "fake.N")),
+        "module.fake.N.layers.N.weight",
+        "module.fake.N.layers.N.bias",
+    }
+    head = load_file(whole / "checkpoints" / "head-00000004.safetensors")
+    assert all(torch.equal(head[k], final[f"module.fake.1.{k}"]) for k in head)
+    for prefix in ("module.fake.0.factors.", "module.fake.1."):  # adapters and head trained
+        moved = [k for k in final if k.startswith(prefix) and not torch.equal(final[k], early[k])]
+        assert moved, prefix

@@ -206,9 +206,8 @@ def assert_same_update(a: dict, b: dict, start: dict, tolerance: float = 1e-2) -
     assert update > 0 and difference <= tolerance * update, (difference, update)
 
 
-def test_fsdp_with_the_classifier_head_and_f_distill_equals_one_process(work):
-    """The fake score's features through its sharded forward, the head sharded as one unit
-    (its gradients reduced, its file gathered), f-distill's batch mean over the processes."""
+def head_flags(work: Path) -> tuple[str, ...]:
+    """DMD2's head with f-distill on a folder of 8 labelled random images (made once)."""
     folder = work / "real"
     if not folder.exists():
         folder.mkdir()
@@ -218,7 +217,13 @@ def test_fsdp_with_the_classifier_head_and_f_distill_equals_one_process(work):
             Image.fromarray(pixels).save(folder / f"{i}.png")
         labels = [[f"{i}.png", i % 4] for i in range(8)]
         (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
-    flags = ("--loss", "dmd", "--adversary", "dmd2", "--data", str(folder), "--f-divergence", "kl")
+    return ("--loss", "dmd", "--adversary", "dmd2", "--data", str(folder), "--f-divergence", "kl")
+
+
+def test_fsdp_with_the_classifier_head_and_f_distill_equals_one_process(work):
+    """The fake score's features through its sharded forward, the head sharded as one unit
+    (its gradients reduced, its file gathered), f-distill's batch mean over the processes."""
+    flags = head_flags(work)
     one = backtrack(work, "head-one", 1, *flags)
     two = backtrack(work, "head-fsdp", 2, *flags, "--parallel", "fsdp")
     assert_relatively_close(generator_weights(one), generator_weights(two))
@@ -229,6 +234,34 @@ def test_fsdp_with_the_classifier_head_and_f_distill_equals_one_process(work):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         # sqrt(mean w^2 - 1) for weights of mean 1: the difference cancels most digits
         assert b["ratio_weight_std"] == pytest.approx(a["ratio_weight_std"], rel=1e-3)
+
+
+def test_a_sharded_run_with_the_head_resumed_at_a_resume_point_equals_one_run(work):
+    """Stopped at iteration 3 (a resume point between the two target switches) and extended to
+    6 on two processes: the head's shards and Adam moments come back from the sharded state, so
+    generator, EMA, head, the state's tensors and every logged value are the uninterrupted
+    sharded run's, bit for bit."""
+    flags = (*head_flags(work), "--parallel", "fsdp")
+    straight = backtrack(work, "head-fsdp", 2, *flags)
+    resumed = backtrack(work, "head-resumed", 2, *flags, iters=3)
+    assert read_manifest(resumed, BacktrackManifest).state.file.endswith("00000003.dcp")
+    again = [*BACKTRACK_ARGS, *flags, "--iters", "6", "--batch", "2", "--name", "head-resumed"]
+    summary = json.loads(disback(*again, "--json", processes=2, cwd=work).stdout)
+    assert summary["resumed_from"] == 3 and summary["iterations_run"] == 3
+    manifest = read_manifest(resumed, BacktrackManifest)
+    assert manifest.state.file == "checkpoints/state-00000006.dcp"
+    assert manifest.head.file == "checkpoints/head-00000006.safetensors"
+    for kind in ("generator", "generator-ema", "head"):
+        file = f"checkpoints/{kind}-00000006.safetensors"
+        assert (straight / file).read_bytes() == (resumed / file).read_bytes(), kind
+    a, b = state_tensors(straight, 6), state_tensors(resumed, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timeless = lambda run: [  # noqa: E731
+        {k: v for k, v in line.items() if k != "seconds"} for line in metrics(run)
+    ]
+    lines = timeless(resumed)
+    assert lines == timeless(straight) and [line["iteration"] for line in lines] == [3, 6]
+    assert all("loss_disc" in line and "ratio_weight_std" in line for line in lines)
 
 
 def test_hsdp_on_four_processes_equals_one_process(work):

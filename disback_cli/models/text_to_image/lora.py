@@ -138,6 +138,9 @@ def set_lora(denoiser: nn.Module, tensors: dict[str, torch.Tensor] | None, sourc
 def merged(denoiser: nn.Module) -> nn.Module:
     """A plain copy of an adapted denoiser with its current adapters merged into the weights."""
     plain = copy.deepcopy(denoiser)
+    # peft's record of the adapters goes too: adapters added to the copy (backtrack --lora-rank
+    # on the fake score) would otherwise be added beside it, with peft's warning of two.
+    vars(plain).pop("peft_config", None)
     for name, layer in _layers(plain).items():
         base = layer.base_layer
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
