@@ -43,20 +43,18 @@ def models(tmp_path_factory):
     }
 
 
+def record_path(models, name: str, **extra):
+    """A 2-node path of the tiny SD teacher, measured on a 16-sample probe."""
+    out = models["root"] / name
+    sd, prompts = str(models["sd"]), str(models["prompts"])
+    common = dict(iters=4, nodes=2, batch=4, probe_samples=16, device="cpu")
+    run_record(RecordConfig(teacher=sd, prompts=prompts, **common, **extra), out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def sd_path(models):
-    out = models["root"] / "path"
-    cfg = RecordConfig(
-        teacher=str(models["sd"]),
-        prompts=str(models["prompts"]),
-        iters=4,
-        nodes=2,
-        batch=4,
-        probe_samples=16,
-        device="cpu",
-    )
-    run_record(cfg, out)
-    return out
+    return record_path(models, "path")
 
 
 def latents_file(path, shape, count=6, captions=None, **metadata) -> str:
@@ -160,20 +158,7 @@ def test_the_discriminator_sees_the_teachers_own_timesteps(models):
 @pytest.fixture(scope="module")
 def lora_path(models):
     """A 2-node path recorded as rank-4 adapters (`record --lora-rank 4`)."""
-    out = models["root"] / "lora-path"
-    cfg = RecordConfig(
-        teacher=str(models["sd"]),
-        prompts=str(models["prompts"]),
-        lora_rank=4,
-        iters=4,
-        nodes=2,
-        batch=4,
-        lr=1e-2,
-        probe_samples=16,
-        device="cpu",
-    )
-    run_record(cfg, out)
-    return out
+    return record_path(models, "lora-path", lora_rank=4, lr=1e-2)
 
 
 def test_the_head_beside_lora_adapters_trains_and_resumes_exactly(lora_path, models, tmp_path):
