@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -158,6 +159,17 @@ def small_trajectory(tmp_path_factory) -> Path:
     """A 3-node ring2d trajectory (60 iterations); treat as read-only, copy it to modify."""
     out = tmp_path_factory.mktemp("traj") / "t"
     run_record(RecordConfig(**SMALL_RECORD), out)
+    return out
+
+
+def backtracked_copy(trajectory: Path, folder: Path, **config) -> Path:
+    """A copy of `trajectory` in `folder/t` with its `default` run backtracked with `config`."""
+    from disback_cli.config import BacktrackConfig
+    from disback_cli.stages.backtrack import run_backtrack
+
+    out = folder / "t"
+    shutil.copytree(trajectory, out)
+    run_backtrack(BacktrackConfig(**config), out)
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_backtrack import At, crash
 
-from conftest import run_cli
+from conftest import backtracked_copy, run_cli
 from disback_cli.config import BacktrackConfig
 from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.store.export_folder import RECORD
@@ -28,10 +28,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 @pytest.fixture(scope="module")
 def trained(small_trajectory, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "t"
-    shutil.copytree(small_trajectory, out)
-    run_backtrack(BacktrackConfig(**BACKTRACK), out)
-    return out
+    return backtracked_copy(small_trajectory, tmp_path_factory.mktemp("export"), **BACKTRACK)
 
 
 def export(traj, out, *extra: str):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from test_backtrack import At, crash, metrics
 
+from conftest import backtracked_copy
 from disback_cli.config import BacktrackConfig
 from disback_cli.evaluation.plot import plot_runs
 from disback_cli.stages.backtrack import run_backtrack
@@ -36,10 +37,7 @@ RUN = dict(
 @pytest.fixture(scope="module")
 def whole(small_trajectory, tmp_path_factory):
     """An uninterrupted 30-iteration run evaluated every 10 iterations."""
-    out = tmp_path_factory.mktemp("whole") / "t"
-    shutil.copytree(small_trajectory, out)
-    run_backtrack(BacktrackConfig(**RUN), out)
-    return out
+    return backtracked_copy(small_trajectory, tmp_path_factory.mktemp("whole"), **RUN)
 
 
 def test_a_fresh_run_measures_g0_at_iteration_0(whole):

@@ -1,15 +1,14 @@
 import itertools
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from disback_cli.config import BacktrackConfig, SampleConfig
+from conftest import backtracked_copy
+from disback_cli.config import SampleConfig
 from disback_cli.errors import ConfigError, DisbackError
 from disback_cli.method.sampling import edm_sampler, parse_seeds, seeded_noise
-from disback_cli.stages.backtrack import run_backtrack
 from disback_cli.stages.sample import write_samples
 from disback_cli.store.manifests import generator_file_of_run
 from disback_cli.store.samples import read_samples
@@ -17,10 +16,10 @@ from disback_cli.store.samples import read_samples
 
 @pytest.fixture(scope="module")
 def trained(small_trajectory, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sample") / "t"
-    shutil.copytree(small_trajectory, out)
-    run_backtrack(BacktrackConfig(iters=20, interval=5, batch=64, save_every=10, device="cpu"), out)
-    return out
+    folder = tmp_path_factory.mktemp("sample")
+    return backtracked_copy(
+        small_trajectory, folder, iters=20, interval=5, batch=64, save_every=10, device="cpu"
+    )
 
 
 def test_parse_seeds():
